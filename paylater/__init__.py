@@ -1,0 +1,1 @@
+"""paylater-risk: shared settings, time semantics and the command line."""

@@ -1,0 +1,76 @@
+"""One settings module: every backend is chosen by a URL, read from the environment when code runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where every backend lives; unset URLs point at embedded defaults under `home`."""
+
+    model_config = SettingsConfigDict(env_prefix="PAYLATER_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("var"),
+        description="Git-ignored folder holding every embedded default (databases, datasets, MLflow).",
+    )
+    source_url: str | None = Field(
+        default=None,
+        description="Operational database, SQLAlchemy-style: sqlite:///path or postgresql://…",
+    )
+    warehouse_url: str | None = Field(
+        default=None,
+        description="Warehouse: duckdb:///path or bigquery://project/dataset.",
+    )
+    dataset_url: str | None = Field(
+        default=None,
+        description="Where feature datasets are written: file:///path, gs://bucket/prefix, s3://bucket/prefix.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "PAYLATER_MLFLOW_TRACKING_URI"),
+        description="MLflow tracking and registry server; the standard MLFLOW_TRACKING_URI.",
+    )
+    timezone: str = Field(
+        default="Asia/Tokyo",
+        description="Business time zone: `as_of` dates and day boundaries are taken in it.",
+    )
+    seed: int = Field(default=20261127, description="Default seed of the synthetic data generator.")
+
+    @property
+    def home_dir(self) -> Path:
+        """The embedded-defaults folder as an absolute path."""
+        return self.home.expanduser().resolve()
+
+    @property
+    def source(self) -> str:
+        """The operational database URL."""
+        return self.source_url or f"sqlite:///{self.home_dir / 'source.db'}"
+
+    @property
+    def warehouse(self) -> str:
+        """The warehouse URL."""
+        return self.warehouse_url or f"duckdb:///{self.home_dir / 'warehouse.duckdb'}"
+
+    @property
+    def datasets(self) -> str:
+        """The dataset storage URL."""
+        return self.dataset_url or (self.home_dir / "datasets").as_uri()
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def truth_dir(self) -> Path:
+        """Where the generator keeps evaluation-only ground truth."""
+        return self.home_dir / "truth"
+
+
+def get_settings() -> Settings:
+    """Read settings from the environment now (never cached at import)."""
+    return Settings()

@@ -1,0 +1,65 @@
+"""The warehouse interface: SQL is written once in BigQuery Standard SQL and bound with @params."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse URL, table or statement the adapter cannot serve."""
+
+
+class Warehouse(Protocol):
+    """What the pipeline needs from a warehouse; every SQL string is BigQuery Standard SQL."""
+
+    dialect: str
+
+    def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        """Run a query (BigQuery SQL, @name parameters) and return its rows as Arrow."""
+        ...
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run a statement (BigQuery SQL, @name parameters) for its effect."""
+        ...
+
+    def table_exists(self, table: str) -> bool:
+        """Whether `table` exists."""
+        ...
+
+    def replace_table(self, table: str, data: pa.Table) -> None:
+        """Atomically replace `table` with `data` (created if missing)."""
+        ...
+
+    def replace_partition(
+        self, table: str, partition_column: str, partition_value: date, data: pa.Table
+    ) -> None:
+        """Atomically replace one date partition of `table` with `data` (table created if missing)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def open_warehouse(url: str) -> Warehouse:
+    """Open the warehouse named by `url`: duckdb:///path or bigquery://project/dataset."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise WarehouseError(
+            f"warehouse URL {url!r} has no scheme: use duckdb:///path or bigquery://project/dataset"
+        )
+    if scheme == "duckdb":
+        from tasks.warehouse.duckdb import DuckDBWarehouse
+
+        return DuckDBWarehouse.from_url(url)
+    if scheme == "bigquery":
+        from tasks.warehouse.bigquery import BigQueryWarehouse
+
+        return BigQueryWarehouse.from_url(url)  # type: ignore[return-value]
+    raise WarehouseError(
+        f"warehouse URL {url!r} is of unknown kind {scheme!r}: use duckdb:///path or bigquery://project/dataset"
+    )

@@ -1,0 +1,65 @@
+"""Shared fixtures: a real PostgreSQL server, an isolated PAYLATER_HOME, the Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_BACKEND_VARS = (
+    "PAYLATER_SOURCE_URL",
+    "PAYLATER_WAREHOUSE_URL",
+    "PAYLATER_DATASET_URL",
+    "MLFLOW_TRACKING_URI",
+    "PAYLATER_MLFLOW_TRACKING_URI",
+)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """URL of the real PostgreSQL server that `make test` starts (scripts/ensure_postgres.sh)."""
+    url = os.environ.get("PAYLATER_TEST_PG_URL")
+    if not url:
+        pytest.fail(
+            "PAYLATER_TEST_PG_URL is unset: run `make test`, or `make postgres && source var/postgres.env`"
+        )
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the real server, dropped after the test."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = pg_server_url.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def paylater_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty PAYLATER_HOME with every backend URL unset, so embedded defaults land in tmp."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PAYLATER_HOME", str(home))
+    for var in _BACKEND_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One ephemeral Prefect API for the whole session; request it from flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

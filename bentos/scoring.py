@@ -1,0 +1,227 @@
+"""Scoring shared by the HTTP service and the asynchronous worker: model, features, reason codes."""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
+    import numpy as np
+    import psycopg
+
+MODEL_NAME = "paylater-default"
+"""Registered model name in MLflow and model name in the BentoML model store."""
+
+REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
+"""Features that come from the request itself; every other model feature is a user feature."""
+
+DEFAULT_CUTOFF = 0.5
+"""Decision cutoff when the model version carries none."""
+
+N_REASON_CODES = 3
+
+# Readable codes for the features whose names alone would not tell an operator much.
+_READABLE_CODES = {
+    "request_amount_jpy": "REQUESTED_AMOUNT_HIGH",
+    "request_fee_jpy": "REQUEST_FEE_HIGH",
+}
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class Score(NamedTuple):
+    """One scored request: probability of default, decision at the cutoff, model version, reasons."""
+
+    default_probability: float
+    decision: str  # 'approve' | 'decline'
+    model_version: str
+    reason_codes: list[str]
+
+
+class UnknownUser(LookupError):
+    """A user id with no row in user_features_latest."""
+
+    def __init__(self, user_ids: Sequence[int]) -> None:
+        self.user_ids = list(user_ids)
+        super().__init__(f"no features for user_id {', '.join(map(str, self.user_ids))}")
+
+
+def reason_code(feature_name: str) -> str:
+    """The readable code of a feature pushing the score up."""
+    return _READABLE_CODES.get(feature_name, feature_name.upper())
+
+
+class Scorer:
+    """A LightGBM Booster from the BentoML model store plus what scoring needs around it."""
+
+    def __init__(
+        self,
+        booster: lgb.Booster,
+        *,
+        model_version: str,
+        feature_names: Sequence[str],
+        cutoff: float = DEFAULT_CUTOFF,
+    ) -> None:
+        self.booster = booster
+        self.model_version = str(model_version)
+        self.feature_names = list(feature_names)
+        self.cutoff = float(cutoff)
+        self.user_feature_names = [f for f in self.feature_names if f not in REQUEST_FEATURES]
+        self._reason_codes = [reason_code(f) for f in self.feature_names]
+        # For a binary objective, sigmoid(sum of contributions) is the probability, so one
+        # pred_contrib call gives both the score and its reasons (half the work of two calls).
+        objective = str(booster.dump_model(num_iteration=0).get("objective", ""))
+        self._contrib_is_logit = objective.startswith(("binary", "cross_entropy"))
+
+    @classmethod
+    def from_store(cls, tag: str, cutoff: float | None = None) -> Scorer:
+        """Load `paylater-default:<version>` from the (current) BentoML model store."""
+        import bentoml
+        import bentoml.lightgbm
+
+        model = bentoml.models.get(tag)
+        booster = bentoml.lightgbm.load_model(model)
+        meta: dict[str, Any] = dict(model.info.metadata)
+        return cls(
+            booster,
+            model_version=str(meta.get("registry_version", model.tag.version)),
+            feature_names=list(meta.get("feature_names") or booster.feature_name()),
+            cutoff=float(cutoff if cutoff is not None else meta.get("cutoff", DEFAULT_CUTOFF)),
+        )
+
+    @classmethod
+    def load(
+        cls, stage: str | None = None, version: str | None = None, cutoff: float | None = None
+    ) -> Scorer:
+        """Load the registry version named by `version` or `stage` (default production); import it if missing."""
+        from bentos.build import ensure_imported
+
+        tag = ensure_imported(version or stage or "production")
+        return cls.from_store(tag, cutoff=cutoff)
+
+    def request_row(
+        self, amount_jpy: int, user_features: Mapping[str, float | None]
+    ) -> dict[str, float | None]:
+        """The model row of one request: its amount and fee plus the user's features."""
+        from paylater.product import fee_for
+
+        row: dict[str, float | None] = {
+            "request_amount_jpy": float(amount_jpy),
+            "request_fee_jpy": float(fee_for(amount_jpy)),
+        }
+        for name in self.user_feature_names:
+            row[name] = user_features.get(name)
+        return row
+
+    def missing_features(self, row: Mapping[str, Any]) -> list[str]:
+        """Model features absent from `row` (None counts as present: it means NULL)."""
+        return [f for f in self.feature_names if f not in row]
+
+    def matrix(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """A float64 matrix in model feature order; None becomes NaN (LightGBM's missing value)."""
+        import numpy as np
+
+        nan = math.nan
+        names = self.feature_names
+        for row in rows:
+            missing = self.missing_features(row)
+            if missing:
+                raise ValueError(f"row lacks model features: {', '.join(missing)}")
+        flat = [nan if (v := row[f]) is None else v for row in rows for f in names]
+        return np.asarray(flat, dtype=np.float64).reshape(len(rows), len(names))
+
+    def score_matrix(self, x: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+        """Probabilities and reason codes for every row of `x` (one thread: servers own the cores)."""
+        import numpy as np
+
+        contrib = np.asarray(self.booster.predict(x, pred_contrib=True, num_threads=1))
+        if self._contrib_is_logit:
+            proba = 1.0 / (1.0 + np.exp(-contrib.sum(axis=1)))
+        else:
+            proba = np.asarray(self.booster.predict(x, num_threads=1))
+        per_feature = contrib[:, :-1]  # the last column is the bias
+        top = np.argsort(-per_feature, axis=1)[:, :N_REASON_CODES]
+        codes = self._reason_codes
+        reasons = [
+            [codes[j] for j in top_row if per_feature[i, j] > 0] for i, top_row in enumerate(top)
+        ]
+        return proba, reasons
+
+    def score_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Score]:
+        """Score model rows (dicts keyed by feature name; extra keys are ignored)."""
+        if not rows:
+            return []
+        proba, reasons = self.score_matrix(self.matrix(rows))
+        return [
+            Score(p, "decline" if p >= self.cutoff else "approve", self.model_version, r)
+            for p, r in zip(proba.tolist(), reasons, strict=True)
+        ]
+
+
+class FeatureStore:
+    """Looks users up in `user_features_latest` (the online table), one connection per process."""
+
+    def __init__(self, pg_url: str, feature_names: Iterable[str] | None = None) -> None:
+        self.pg_url = pg_url
+        self.feature_names = list(feature_names) if feature_names is not None else None
+        for name in self.feature_names or []:
+            if not _IDENTIFIER.match(name):
+                raise ValueError(f"invalid feature name {name!r}")
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+        self._sql = resources.files("bentos").joinpath("sql/user_features_lookup.sql").read_text()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The open connection, reopened after a failure or server restart."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.pg_url, autocommit=True, row_factory=dict_row)
+        return self._conn
+
+    def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Feature rows by user id for those users that have one (absent ids are simply missing)."""
+        if not user_ids:
+            return {}
+        with self._lock:
+            try:
+                rows = (
+                    self._connection().execute(self._sql, {"user_ids": list(user_ids)}).fetchall()
+                )
+            except Exception:
+                # A broken connection must not poison every later request: reopen next time.
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                raise
+        return {int(r["user_id"]): self._features_of(r) for r in rows}
+
+    def _features_of(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The row's feature columns as floats or None."""
+        names = self.feature_names
+        if names is None:
+            names = [k for k in row if k not in ("user_id", "as_of", "updated_at")]
+        absent = [n for n in names if n not in row]
+        if absent:
+            raise ValueError(f"user_features_latest lacks feature columns: {', '.join(absent)}")
+        return {n: (None if (v := row[n]) is None else float(v)) for n in names}
+
+    def get(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Like lookup, but raises UnknownUser naming every id without a row."""
+        found = self.lookup(user_ids)
+        missing = [u for u in user_ids if u not in found]
+        if missing:
+            raise UnknownUser(missing)
+        return found
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

@@ -1,0 +1,72 @@
+"""Scorer and FeatureStore against a real model store, registry and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from bentos.scoring import FeatureStore, Scorer, UnknownUser, reason_code
+
+
+@pytest.fixture(scope="module")
+def scorer(serving_env: dict[str, str]) -> Scorer:
+    """The production version, imported from the registry on first load."""
+    return Scorer.load(stage="production")
+
+
+def test_load_resolves_alias_and_carries_metadata(
+    scorer: Scorer, serving_env: dict[str, str], catalog: SimpleNamespace
+) -> None:
+    assert scorer.model_version == serving_env["production_version"]
+    assert scorer.feature_names == catalog.features
+    assert scorer.cutoff == pytest.approx(0.4)
+    staging = Scorer.load(stage="staging")
+    assert staging.model_version == serving_env["staging_version"]
+
+
+def test_probability_equals_native_predict(scorer: Scorer, catalog: SimpleNamespace) -> None:
+    users = catalog.users
+    rows = [scorer.request_row(a, users[u]) for u in users for a in (1_000, 50_000, 100_000)]
+    scores = scorer.score_rows(rows)
+    expected = scorer.booster.predict(scorer.matrix(rows))
+    for score, p in zip(scores, expected, strict=True):
+        assert score.default_probability == pytest.approx(p, abs=1e-9)
+        assert score.decision == ("decline" if p >= 0.4 else "approve")
+        assert score.model_version == scorer.model_version
+        assert len(score.reason_codes) <= 3
+
+
+def test_reason_codes_name_features_pushing_up(scorer: Scorer, catalog: SimpleNamespace) -> None:
+    FEATURES = catalog.features
+    risky = scorer.request_row(100_000, catalog.users[2])
+    (score,) = scorer.score_rows([risky])
+    assert score.reason_codes, "a high-risk request must carry reasons"
+    x = scorer.matrix([risky])
+    contrib = scorer.booster.predict(x, pred_contrib=True)[0][:-1]
+    top = max(range(len(FEATURES)), key=lambda j: contrib[j])
+    assert score.reason_codes[0] == reason_code(FEATURES[top])
+
+
+def test_missing_feature_is_an_error_and_none_is_nan(
+    scorer: Scorer, catalog: SimpleNamespace
+) -> None:
+    row = scorer.request_row(5_000, catalog.users[3])
+    assert math.isnan(scorer.matrix([row])[0][catalog.features.index("topups_30d")])
+    del row["card_spend_30d_jpy"]
+    with pytest.raises(ValueError, match="card_spend_30d_jpy"):
+        scorer.score_rows([row])
+
+
+def test_feature_store_lookup(
+    online_features: str, scorer: Scorer, catalog: SimpleNamespace
+) -> None:
+    store = FeatureStore(online_features, scorer.user_feature_names)
+    found = store.lookup([1, 3, 99])
+    assert set(found) == {1, 3}
+    assert found[3]["topups_30d"] is None
+    assert found[1] == catalog.users[1]
+    with pytest.raises(UnknownUser, match="99"):
+        store.get([1, 99])
+    store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from datetime import date
 from typing import Any, Protocol
 
@@ -30,14 +31,32 @@ class Warehouse(Protocol):
         """Whether `table` exists."""
         ...
 
-    def replace_table(self, table: str, data: pa.Table) -> None:
+    def replace_table(self, table: str, data: pa.Table | pa.RecordBatchReader) -> None:
         """Atomically replace `table` with `data` (created if missing)."""
         ...
 
     def replace_partition(
-        self, table: str, partition_column: str, partition_value: date, data: pa.Table
+        self,
+        table: str,
+        partition_column: str,
+        partition_value: date,
+        data: pa.Table | pa.RecordBatchReader,
     ) -> None:
         """Atomically replace one date partition of `table` with `data` (table created if missing)."""
+        ...
+
+    def create_table_if_missing(
+        self, table: str, schema: pa.Schema, partition_column: str | None = None
+    ) -> None:
+        """Create an empty `table` of this Arrow schema unless it exists (never alters one)."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Statements inside commit together or not at all.
+
+        DuckDB: loads and statements alike. BigQuery: the DML statements (a multi-statement
+        transaction in a session); load jobs run on their own, each atomic per partition.
+        """
         ...
 
     def close(self) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,7 @@ class DuckDBWarehouse:
         self.path = path
         self.conn = duckdb.connect(path)
         self.conn.execute("SET TimeZone = 'UTC'")
+        self._in_transaction = False
 
     @classmethod
     def from_url(cls, url: str) -> DuckDBWarehouse:
@@ -58,8 +60,11 @@ class DuckDBWarehouse:
         return cls(path)
 
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-        """Run BigQuery SQL on DuckDB and return Arrow."""
-        return self.conn.execute(transpile(sql), dict(params or {})).to_arrow_table()
+        """Run BigQuery SQL on DuckDB and return Arrow (the relation API: no extra copy)."""
+        relation = self.conn.sql(transpile(sql), params=dict(params or {}))
+        if relation is None:
+            raise WarehouseError("query_arrow was given a statement that returns no rows")
+        return relation.to_arrow_table()
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
         """Run BigQuery SQL statements on DuckDB."""
@@ -72,41 +77,63 @@ class DuckDBWarehouse:
         ).fetchone()
         return bool(row and row[0])
 
-    def replace_table(self, table: str, data: pa.Table) -> None:
-        """Replace `table` with `data` in one transaction."""
-        check_identifier(table)
-        self.conn.register("_incoming", data)
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One DuckDB transaction; loads and statements inside commit together."""
+        if self._in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        self._in_transaction = True
         try:
-            self.conn.execute("BEGIN")
-            self.conn.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _incoming')
-            self.conn.execute("COMMIT")
-        except Exception:
+            yield
+        except BaseException:
+            self._in_transaction = False
             self.conn.execute("ROLLBACK")
             raise
+        self._in_transaction = False
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def _incoming(self, data: pa.Table | pa.RecordBatchReader) -> Iterator[str]:
+        """Expose Arrow data (a reader streams: DuckDB writes while it is still produced)."""
+        self.conn.register("_incoming", data)
+        try:
+            yield "_incoming"
         finally:
             self.conn.unregister("_incoming")
 
+    def create_table_if_missing(
+        self, table: str, schema: pa.Schema, partition_column: str | None = None
+    ) -> None:
+        """Create an empty table of this Arrow schema unless it exists."""
+        check_identifier(table)
+        with self._incoming(schema.empty_table()) as incoming:
+            self.conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM {incoming}')
+
+    def replace_table(self, table: str, data: pa.Table | pa.RecordBatchReader) -> None:
+        """Replace `table` with `data` in one transaction."""
+        check_identifier(table)
+        with self.transaction(), self._incoming(data) as incoming:
+            self.conn.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM {incoming}')
+
     def replace_partition(
-        self, table: str, partition_column: str, partition_value: date, data: pa.Table
+        self,
+        table: str,
+        partition_column: str,
+        partition_value: date,
+        data: pa.Table | pa.RecordBatchReader,
     ) -> None:
         """Delete then insert one partition in one transaction (created from `data` if missing)."""
         check_identifier(table)
         check_identifier(partition_column)
-        self.conn.register("_incoming", data)
-        try:
-            self.conn.execute("BEGIN")
-            if not self.table_exists(table):
-                self.conn.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _incoming LIMIT 0')
+        with self.transaction():
+            self.create_table_if_missing(table, data.schema, partition_column)
             self.conn.execute(
                 f'DELETE FROM "{table}" WHERE "{partition_column}" = ?', [partition_value]
             )
-            self.conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM _incoming')
-            self.conn.execute("COMMIT")
-        except Exception:
-            self.conn.execute("ROLLBACK")
-            raise
-        finally:
-            self.conn.unregister("_incoming")
+            with self._incoming(data) as incoming:
+                self.conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {incoming}')
 
     def close(self) -> None:
         """Close the connection."""

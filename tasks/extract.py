@@ -1,0 +1,471 @@
+"""Arrow-native extraction from the operational database (PostgreSQL or SQLite) through ADBC.
+
+Every read of one table happens in one snapshot (REPEATABLE READ on PostgreSQL, a read
+transaction on SQLite) together with the counts it is checked against. Large reads are split
+over several PostgreSQL connections that share the snapshot (pg_export_snapshot), and batches
+stream out as they arrive so the warehouse writes while the source is still being read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.sync_config import ConfigError, SourceUnavailable, TableSpec, check_identifier
+
+# Below this many rows one reader is faster than coordinating several.
+PARALLEL_MIN_ROWS = 200_000
+# SQLite infers a column's Arrow type from its first values, so NULLs ahead of text would make
+# it an integer column; non-integer columns are read through COALESCE with this sentinel.
+_SQLITE_NULL = "\x00"
+
+_PG_TYPES: dict[str, str | None] = {
+    "bigint": "int64",
+    "integer": "int64",
+    "smallint": "int64",
+    "text": "string",
+    "character varying": "string",
+    "character": "string",
+    "timestamp with time zone": "timestamp",
+    "timestamp without time zone": "timestamp",
+    "date": "date",
+    "boolean": "bool",
+    "double precision": "float64",
+    "real": "float64",
+}
+_SQLITE_TYPES: dict[str, str | None] = {
+    "INTEGER": "int64",
+    "INT": "int64",
+    "BIGINT": "int64",
+    "REAL": "float64",
+    "TEXT": "string",
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """The change-time window of one sync: start <= cursor < end; start None is -infinity."""
+
+    start: datetime | None
+    end: datetime
+
+
+@dataclass(frozen=True)
+class SourceCounts:
+    """Counts taken in the read's snapshot, the figures a sync is checked against."""
+
+    in_window: int
+    before_end: int
+    total: int
+
+
+class ExtractStream:
+    """A typed RecordBatchReader over one extract that counts the rows it has handed out."""
+
+    def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
+        self.rows = 0
+        self.reader = pa.RecordBatchReader.from_batches(schema, self._counted(batches))
+
+    def _counted(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """Pass batches through, adding up their rows."""
+        for batch in batches:
+            self.rows += batch.num_rows
+            yield batch
+
+
+class Snapshot(Protocol):
+    """One consistent view of the source."""
+
+    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
+        """Rows in the window, rows before its end, and all rows, in this snapshot."""
+        ...
+
+    def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
+        """The window's rows (all rows in full mode), typed as the warehouse table."""
+        ...
+
+
+class Source(Protocol):
+    """An operational database the sync reads."""
+
+    url: str
+
+    def column_types(self, table: str) -> dict[str, str | None] | None:
+        """Source columns -> Arrow type name (None: undeclared); None when the table is missing."""
+        ...
+
+    def snapshot(self) -> AbstractContextManager[Snapshot]:
+        """Open a consistent read snapshot for counts and reads."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def quote(name: str) -> str:
+    """A validated identifier, double-quoted for PostgreSQL and SQLite."""
+    return '"' + check_identifier(name, "identifier") + '"'
+
+
+def open_source(url: str) -> Source:
+    """Open the operational database named by a SQLAlchemy-style URL."""
+    scheme = url.partition("://")[0].split("+")[0]
+    if scheme in ("postgresql", "postgres"):
+        return PostgresSource(url)
+    if scheme == "sqlite":
+        return SqliteSource(url)
+    raise ConfigError(
+        f"source URL {redact(url)!r} is of unknown kind {scheme!r}: use postgresql://… or sqlite:///path"
+    )
+
+
+def window_sql(
+    spec: TableSpec, window: Window, placeholder: Callable[[int], str]
+) -> tuple[str, list]:
+    """WHERE clause and parameters selecting the window (full mode: everything)."""
+    if spec.mode == "full" or spec.cursor is None:
+        return "TRUE", []
+    cursor = quote(spec.cursor)
+    if window.start is None:
+        return f"{cursor} < {placeholder(1)}", [window.end]
+    return f"{cursor} >= {placeholder(1)} AND {cursor} < {placeholder(2)}", [
+        window.start,
+        window.end,
+    ]
+
+
+def to_schema(
+    batch: pa.RecordBatch, schema: pa.Schema, sentinel_nulls: bool = False
+) -> pa.RecordBatch:
+    """Cast one source batch to the warehouse schema (text times parsed, sentinel NULLs restored)."""
+    arrays = []
+    for target in schema:
+        column = batch.column(target.name)
+        if sentinel_nulls and pa.types.is_string(column.type):
+            column = pc.if_else(pc.equal(column, _SQLITE_NULL), None, column)
+        arrays.append(column.cast(target.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _interleave(
+    schema: pa.Schema, slices: list[Callable[[], Iterator[pa.RecordBatch]]]
+) -> Iterator[pa.RecordBatch]:
+    """Run each slice's reader in its own thread and yield batches as they arrive."""
+    if len(slices) == 1:
+        for batch in slices[0]():
+            yield to_schema(batch, schema)
+        return
+    arrived: queue.Queue[Any] = queue.Queue(maxsize=4 * len(slices))
+    stop = threading.Event()
+    done = object()
+
+    def pump(read: Callable[[], Iterator[pa.RecordBatch]]) -> None:
+        try:
+            for batch in read():
+                while not stop.is_set():
+                    try:
+                        arrived.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            arrived.put(done)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            arrived.put(exc)
+
+    threads = [threading.Thread(target=pump, args=(s,), daemon=True) for s in slices]
+    for thread in threads:
+        thread.start()
+    try:
+        finished = 0
+        while finished < len(slices):
+            item = arrived.get()
+            if item is done:
+                finished += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield to_schema(item, schema)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+
+
+def _adbc_batches(cursor: Any, sql: str, params: list) -> Iterator[pa.RecordBatch]:
+    """Execute on an ADBC cursor and stream its record batches."""
+    cursor.execute(sql, params or None)
+    for batch in cursor.fetch_record_batch():
+        # An empty batch carries the driver's guessed types, which need not cast.
+        if batch.num_rows:
+            yield batch
+
+
+class PostgresSource:
+    """PostgreSQL through adbc_driver_postgresql (binary COPY under the hood)."""
+
+    def __init__(self, url: str, readers: int = 2) -> None:
+        import adbc_driver_postgresql.dbapi as pg
+
+        self.url = url
+        self.readers = readers
+        self._uri = "postgresql://" + url.partition("://")[2]
+        self._connect = pg.connect
+        self.conn = self._open()
+
+    def _open(self) -> Any:
+        """A new autocommit connection, or SourceUnavailable."""
+        try:
+            return self._connect(self._uri, autocommit=True)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SourceUnavailable(
+                f"source database {redact(self.url)} unreachable: {reason}"
+            ) from exc
+
+    def column_types(self, table: str) -> dict[str, str | None] | None:
+        """Columns of `table` in the current schema with their Arrow type names."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+                [table],
+            )
+            rows = cur.fetch_arrow_table().to_pylist()
+        if not rows:
+            return None
+        return {r["column_name"]: _PG_TYPES.get(r["data_type"]) for r in rows}
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PostgresSnapshot]:
+        """A REPEATABLE READ, READ ONLY transaction whose snapshot extra readers can join."""
+        with self.conn.cursor() as cur:
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                cur.execute("SELECT pg_export_snapshot() AS id")
+                snapshot_id = cur.fetch_arrow_table().column("id")[0].as_py()
+                yield PostgresSnapshot(self, snapshot_id)
+            finally:
+                cur.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+class PostgresSnapshot:
+    """Counts and reads inside one exported PostgreSQL snapshot."""
+
+    def __init__(self, source: PostgresSource, snapshot_id: str) -> None:
+        self.source = source
+        self.snapshot_id = snapshot_id
+
+    def _scalar_row(self, sql: str, params: list) -> dict[str, Any]:
+        """Run a one-row query on the snapshot's own connection."""
+        with self.source.conn.cursor() as cur:
+            cur.execute(sql, params or None)
+            rows = cur.fetch_arrow_table().to_pylist()
+        return rows[0]
+
+    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
+        """Rows in the window, before its end and in total (index ranges plus one count)."""
+        table = quote(spec.name)
+        total = self._scalar_row(f"SELECT count(*) AS n FROM {table}", [])["n"]
+        if spec.mode == "full" or spec.cursor is None:
+            return SourceCounts(total, total, total)
+        where, params = window_sql(spec, window, lambda i: f"${i}")
+        in_window = self._scalar_row(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)[
+            "n"
+        ]
+        # Rows at or after the end are few (today's changes), so this is an index range, and
+        # the lower bound costs no second full scan.
+        after = self._scalar_row(
+            f"SELECT count(*) AS n FROM {table} WHERE {quote(spec.cursor)} >= $1", [window.end]
+        )["n"]
+        return SourceCounts(in_window, total - after, total)
+
+    def _key_ranges(self, spec: TableSpec, window: Window, rows: int) -> list[tuple[int, int]]:
+        """Split a large read over the integer key range, one slice per reader."""
+        readers = self.source.readers
+        if readers < 2 or rows < PARALLEL_MIN_ROWS or len(spec.primary_key) != 1:
+            return []
+        if spec.columns.get(spec.primary_key[0]) != "int64":
+            return []
+        key = quote(spec.primary_key[0])
+        where, params = window_sql(spec, window, lambda i: f"${i}")
+        bounds = self._scalar_row(
+            f"SELECT min({key}) AS lo, max({key}) AS hi FROM {quote(spec.name)} WHERE {where}",
+            params,
+        )
+        lo, hi = bounds["lo"], bounds["hi"]
+        if lo is None or hi - lo < readers:
+            return []
+        step = (hi - lo + 1) // readers
+        edges = [lo + i * step for i in range(readers)] + [hi + 1]
+        return list(itertools.pairwise(edges))
+
+    def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
+        """Stream the window's rows, over several snapshot-sharing connections when large."""
+        schema = spec.arrow_schema()
+        columns = ", ".join(quote(c) for c in schema.names)
+        where, params = window_sql(spec, window, lambda i: f"${i}")
+        sql = f"SELECT {columns} FROM {quote(spec.name)} WHERE {where}"
+        ranges = self._key_ranges(spec, window, expected_rows)
+        if not ranges:
+            return ExtractStream(schema, self._slice_on_main(sql, params, schema))
+        key = quote(spec.primary_key[0])
+        n = len(params)
+        ranged = f"{sql} AND {key} >= ${n + 1} AND {key} < ${n + 2}"
+        slices = [self._slice_reader(ranged, [*params, lo, hi]) for lo, hi in ranges[1:]]
+        slices.insert(0, lambda: self._main_batches(ranged, [*params, *ranges[0]]))
+        return ExtractStream(schema, _interleave(schema, slices))
+
+    def _slice_on_main(self, sql: str, params: list, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+        """Read on the snapshot's own connection."""
+        for batch in self._main_batches(sql, params):
+            yield to_schema(batch, schema)
+
+    def _main_batches(self, sql: str, params: list) -> Iterator[pa.RecordBatch]:
+        """Raw batches of a query on the snapshot's own connection."""
+        with self.source.conn.cursor() as cur:
+            yield from _adbc_batches(cur, sql, params)
+
+    def _slice_reader(self, sql: str, params: list) -> Callable[[], Iterator[pa.RecordBatch]]:
+        """A reader on a new connection that joins this snapshot first."""
+
+        def read() -> Iterator[pa.RecordBatch]:
+            conn = self.source._open()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
+                    check_snapshot_id(self.snapshot_id)
+                    cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+                    yield from _adbc_batches(cur, sql, params)
+                    cur.execute("ROLLBACK")
+            finally:
+                conn.close()
+
+        return read
+
+
+def check_snapshot_id(snapshot_id: str) -> str:
+    """A snapshot id as pg_export_snapshot returns it (hex digits and dashes)."""
+    if not snapshot_id or any(ch not in "0123456789ABCDEFabcdef-" for ch in snapshot_id):
+        raise SourceUnavailable(f"unexpected snapshot id {snapshot_id!r}")
+    return snapshot_id
+
+
+def sqlite_text(value: datetime) -> str:
+    """A UTC instant in the text form the SQLite source stores (so text order is time order)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+class SqliteSource:
+    """The embedded SQLite source through adbc_driver_sqlite, opened read-only."""
+
+    def __init__(self, url: str) -> None:
+        import adbc_driver_sqlite.dbapi as sqlite
+
+        self.url = url
+        path = Path(url.partition("://")[2].removeprefix("/"))
+        if not path.is_file():
+            raise SourceUnavailable(f"source database {url} unreachable: {path} does not exist")
+        try:
+            self.conn = sqlite.connect(f"file:{path.resolve()}?mode=ro", autocommit=True)
+        except Exception as exc:
+            raise SourceUnavailable(f"source database {url} unreachable: {exc}") from exc
+
+    def column_types(self, table: str) -> dict[str, str | None] | None:
+        """Columns of `table` with Arrow type names from their declared SQLite types."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT name, type FROM pragma_table_info(?)", [table])
+            rows = cur.fetch_arrow_table().to_pylist()
+        if not rows:
+            return None
+        return {r["name"]: _SQLITE_TYPES.get(str(r["type"]).upper()) for r in rows}
+
+    @contextmanager
+    def snapshot(self) -> Iterator[SqliteSnapshot]:
+        """One read transaction: SQLite keeps its view stable until it ends."""
+        with self.conn.cursor() as cur:
+            cur.execute("BEGIN")
+            try:
+                yield SqliteSnapshot(self)
+            finally:
+                cur.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+class SqliteSnapshot:
+    """Counts and reads inside the SQLite read transaction."""
+
+    def __init__(self, source: SqliteSource) -> None:
+        self.source = source
+
+    def _params(self, params: list) -> list:
+        """Times become the stored text form, so comparisons are text comparisons."""
+        return [sqlite_text(p) if isinstance(p, datetime) else p for p in params]
+
+    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
+        """Rows in the window, before its end and in total, in one scan."""
+        table = quote(spec.name)
+        if spec.mode == "full" or spec.cursor is None:
+            sql = f"SELECT count(*) AS a, count(*) AS b, count(*) AS c FROM {table}"
+            params: list = []
+        else:
+            where, params = window_sql(spec, window, lambda i: "?")
+            sql = (
+                f"SELECT count(*) FILTER (WHERE {where}) AS a,"
+                f" count(*) FILTER (WHERE {quote(spec.cursor)} < ?) AS b, count(*) AS c FROM {table}"
+            )
+            params = [*params, window.end]
+        with self.source.conn.cursor() as cur:
+            cur.execute(sql, self._params(params))
+            row = cur.fetch_arrow_table().to_pylist()[0]
+        return SourceCounts(row["a"], row["b"], row["c"])
+
+    def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
+        """Stream the window's rows typed as the warehouse table."""
+        schema = spec.arrow_schema()
+        selected = []
+        for field in schema:
+            name = quote(field.name)
+            if pa.types.is_integer(field.type):
+                selected.append(name)
+            else:
+                selected.append(f"COALESCE({name}, char(0)) AS {name}")
+        where, params = window_sql(spec, window, lambda i: "?")
+        sql = f"SELECT {', '.join(selected)} FROM {quote(spec.name)} WHERE {where}"
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with self.source.conn.cursor() as cur:
+                for batch in _adbc_batches(cur, sql, self._params(params)):
+                    yield to_schema(batch, schema, sentinel_nulls=True)
+
+        return ExtractStream(schema, batches())

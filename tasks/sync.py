@@ -1,0 +1,380 @@
+"""The daily sync: copy each configured source table into the warehouse for one `as_of`.
+
+Incremental tables: the rows with watermark_from <= updated_at < watermark_to, where
+watermark_to = day_end_utc(as_of) and watermark_from is the watermark of the latest earlier as_of
+that succeeded, land in `<table>__changes` (partition as_of, replaced on rerun) and are merged
+into `<table>` by primary key, the newer updated_at winning. Full tables are replaced whole.
+On DuckDB the load, the merge and the ledger row commit in one transaction.
+
+Checks (a failure rolls the table back and records a failed ledger row), all counted in the
+same source snapshot as the read:
+  rows_extracted == source rows in the window;  rows_loaded == rows_extracted;
+  incremental: source rows with updated_at < watermark_to <= warehouse_rows <= source rows.
+Why those bounds: rows are never deleted at the source and the windows of successive as_of
+values tile (-inf, watermark_to), so every key whose current version is older than the
+watermark has been loaded (lower bound); every warehouse key is a source key (upper bound).
+Rows updated after the watermark sit between the two: their older version is in the warehouse.
+Full tables: warehouse_rows == source rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from string import Template
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from paylater.settings import get_settings
+from paylater.timeutil import day_end_utc
+from tasks.extract import Source, SourceCounts, Window, open_source
+from tasks.sync_config import (
+    ConfigError,
+    CountMismatch,
+    SourceUnavailable,
+    SyncError,
+    TableSpec,
+    load_config,
+    resolve_columns,
+)
+from tasks.warehouse import Warehouse, WarehouseError, open_warehouse
+
+__all__ = [
+    "ConfigError",
+    "CountMismatch",
+    "SourceUnavailable",
+    "SyncError",
+    "SyncIncomplete",
+    "SyncReport",
+    "TableResult",
+    "TableSpec",
+    "check_ledger",
+    "configured_tables",
+    "ledger_watermark",
+    "sync_table",
+    "validate_tables",
+]
+
+SQL_DIR = Path(__file__).with_name("sql")
+LEDGER = "sync_ledger"
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("table_name", pa.string()),
+        ("as_of", pa.date32()),
+        ("mode", pa.string()),
+        ("watermark_from", pa.timestamp("us", tz="UTC")),
+        ("watermark_to", pa.timestamp("us", tz="UTC")),
+        ("rows_extracted", pa.int64()),
+        ("rows_loaded", pa.int64()),
+        ("warehouse_rows", pa.int64()),
+        ("duration_seconds", pa.float64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+class SyncIncomplete(SyncError):
+    """The ledger does not show every configured table synced for an as_of."""
+
+
+class TableResult(BaseModel):
+    """One table's sync for one as_of: the ledger row."""
+
+    table_name: str
+    as_of: date
+    mode: Literal["full", "incremental"]
+    watermark_from: datetime | None = Field(description="Start of the window; None: -infinity.")
+    watermark_to: datetime = Field(description="End of the window (exclusive).")
+    rows_extracted: int | None = None
+    rows_loaded: int | None = None
+    warehouse_rows: int | None = None
+    duration_seconds: float
+    status: Literal["succeeded", "failed"]
+    error: str | None = None
+    finished_at: datetime
+
+
+class SyncReport(BaseModel):
+    """What one daily_sync run did, per table."""
+
+    as_of: date
+    tables: list[TableResult]
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether every table succeeded."""
+        return all(t.status == "succeeded" for t in self.tables)
+
+
+@dataclass
+class _Counts:
+    """Figures of one table's load, filled in as the load goes."""
+
+    extracted: int = 0
+    loaded: int = 0
+    warehouse: int = 0
+
+
+def sql_text(name: str) -> str:
+    """A statement from tasks/sql by file name."""
+    return (SQL_DIR / name).read_text()
+
+
+def configured_tables() -> list[TableSpec]:
+    """The tables the sync copies, as configured (PAYLATER_SYNC_TABLES or tasks/sync_tables.yaml)."""
+    return load_config()
+
+
+def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
+    """Check every configured table and column against the source; resolve column types."""
+    resolved = []
+    for spec in specs:
+        source_types = source.column_types(spec.name)
+        if source_types is None:
+            raise ConfigError(
+                f"sync config: table {spec.name} does not exist in the source database"
+            )
+        resolved.append(resolve_columns(spec, source_types))
+    return resolved
+
+
+def ensure_ledger(warehouse: Warehouse) -> None:
+    """Create the sync_ledger table unless it exists."""
+    warehouse.create_table_if_missing(LEDGER, LEDGER_SCHEMA)
+
+
+def previous_watermark(warehouse: Warehouse, table: str, as_of: date) -> datetime | None:
+    """The start of as_of's window: the latest earlier succeeded watermark (None: -infinity)."""
+    rows = warehouse.query_arrow(
+        sql_text("sync_previous_watermark.sql"), {"table_name": table, "as_of": as_of}
+    ).to_pylist()
+    value = rows[0]["watermark_from"] if rows else None
+    return value.astimezone(UTC) if value is not None else None
+
+
+def _bq(name: str) -> str:
+    """A validated identifier, backquoted for BigQuery SQL."""
+    return f"`{name}`"
+
+
+def merge_sql(spec: TableSpec) -> str:
+    """The MERGE applying one as_of's changes partition to the current table."""
+    columns = list(spec.columns)
+    cursor = spec.cursor or "updated_at"
+    non_key = [c for c in columns if c not in spec.primary_key]
+    return Template(sql_text("sync_merge.sql")).substitute(
+        table=_bq(spec.name),
+        changes=_bq(spec.changes_table),
+        columns=", ".join(_bq(c) for c in columns),
+        source_columns=", ".join(f"source.{_bq(c)}" for c in columns),
+        key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),
+        cursor=_bq(cursor),
+        update_set=", ".join(f"{_bq(c)} = source.{_bq(c)}" for c in non_key),
+    )
+
+
+def _count(warehouse: Warehouse, table: str, where: str = "", params: dict | None = None) -> int:
+    """count(*) of a warehouse table (identifier validated by the caller's TableSpec)."""
+    sql = f"SELECT COUNT(*) AS n FROM {_bq(table)} {where}"
+    return int(warehouse.query_arrow(sql, params).column("n")[0].as_py())
+
+
+def _with_as_of(reader: pa.RecordBatchReader, as_of: date) -> pa.RecordBatchReader:
+    """The extract with its as_of partition column appended, still streaming."""
+    schema = reader.schema.append(pa.field("as_of", pa.date32()))
+    day = pa.scalar(as_of, pa.date32())
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in reader:
+            yield batch.append_column("as_of", pa.repeat(day, batch.num_rows).cast(pa.date32()))
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def _check(condition: bool, table: str, message: str) -> None:
+    """Fail the table's sync with a CountMismatch unless `condition` holds."""
+    if not condition:
+        raise CountMismatch(f"sync of {table}: {message}")
+
+
+def load_incremental(
+    warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
+) -> _Counts:
+    """Replace the as_of partition of the changes table, then merge it (call in a transaction)."""
+    counts = _Counts()
+    warehouse.replace_partition(
+        spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
+    )
+    counts.extracted = stream.rows
+    _check(
+        counts.extracted == source.in_window,
+        spec.name,
+        f"extracted {counts.extracted} rows but the source holds {source.in_window} in the window",
+    )
+    counts.loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
+    _check(
+        counts.loaded == counts.extracted,
+        spec.name,
+        f"loaded {counts.loaded} rows but extracted {counts.extracted}",
+    )
+    merge_changes(warehouse, spec, as_of)
+    counts.warehouse = _count(warehouse, spec.name)
+    _check(
+        source.before_end <= counts.warehouse <= source.total,
+        spec.name,
+        f"warehouse holds {counts.warehouse} rows, outside [{source.before_end}, {source.total}] "
+        "(source rows older than the watermark, all source rows)",
+    )
+    return counts
+
+
+def merge_changes(warehouse: Warehouse, spec: TableSpec, as_of: date) -> None:
+    """MERGE the as_of changes partition into the current table."""
+    warehouse.execute(merge_sql(spec), {"as_of": as_of})
+
+
+def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: SourceCounts) -> _Counts:
+    """Replace the whole table (call in a transaction)."""
+    counts = _Counts()
+    warehouse.replace_table(spec.name, stream.reader)
+    counts.extracted = stream.rows
+    counts.loaded = counts.warehouse = _count(warehouse, spec.name)
+    _check(
+        counts.extracted == source.total == counts.loaded,
+        spec.name,
+        f"extracted {counts.extracted}, loaded {counts.loaded}, source holds {source.total}",
+    )
+    return counts
+
+
+def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
+    """Replace the ledger row of (table, as_of) with `result`."""
+    row = result.model_dump()
+    warehouse.execute(
+        sql_text("sync_ledger_delete.sql"),
+        {"table_name": result.table_name, "as_of": result.as_of},
+    )
+    warehouse.execute(sql_text("sync_ledger_insert.sql"), row)
+
+
+def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date) -> TableResult:
+    """Sync one table for one as_of; on failure roll back, record a failed row, and raise."""
+    started = time.monotonic()
+    ensure_ledger(warehouse)
+    window = Window(
+        previous_watermark(warehouse, spec.name, as_of) if spec.mode == "incremental" else None,
+        day_end_utc(as_of),
+    )
+
+    def result(status: Literal["succeeded", "failed"], counts: _Counts | None, error: str | None):
+        return TableResult(
+            table_name=spec.name,
+            as_of=as_of,
+            mode=spec.mode,
+            watermark_from=window.start,
+            watermark_to=window.end,
+            rows_extracted=counts.extracted if counts else None,
+            rows_loaded=counts.loaded if counts else None,
+            warehouse_rows=counts.warehouse if counts else None,
+            duration_seconds=round(time.monotonic() - started, 3),
+            status=status,
+            error=error,
+            finished_at=datetime.now(UTC),
+        )
+
+    schema = spec.arrow_schema()
+    try:
+        warehouse.create_table_if_missing(spec.name, schema)
+        if spec.mode == "incremental":
+            warehouse.create_table_if_missing(
+                spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
+            )
+        with source.snapshot() as snapshot, warehouse.transaction():
+            source_counts = snapshot.counts(spec, window)
+            stream = snapshot.read(spec, window, source_counts.in_window)
+            if spec.mode == "incremental":
+                counts = load_incremental(warehouse, spec, as_of, stream, source_counts)
+            else:
+                counts = load_full(warehouse, spec, stream, source_counts)
+            done = result("succeeded", counts, None)
+            write_ledger(warehouse, done)
+        return done
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
+        with contextlib.suppress(Exception):
+            write_ledger(warehouse, result("failed", None, message))
+        raise
+
+
+def sync_one(spec: TableSpec, as_of: date) -> TableResult:
+    """Open the configured source and warehouse, and sync one (validated) table."""
+    settings = get_settings()
+    source = open_source(settings.source)
+    if hasattr(source, "readers"):
+        source.readers = settings.sync_readers
+    try:
+        warehouse = open_warehouse(settings.warehouse)
+        try:
+            return sync_table(source, warehouse, spec, as_of)
+        finally:
+            warehouse.close()
+    finally:
+        source.close()
+
+
+def validate_configured_tables() -> list[TableSpec]:
+    """Parse the configuration, check it against the source and the warehouse URL; write nothing."""
+    settings = get_settings()
+    specs = configured_tables()
+    warehouse_kind = settings.warehouse.partition("://")[0]
+    if warehouse_kind not in ("duckdb", "bigquery"):
+        raise WarehouseError(
+            f"warehouse URL {settings.warehouse!r} is of unknown kind {warehouse_kind!r}: "
+            "use duckdb:///path or bigquery://project/dataset"
+        )
+    source = open_source(settings.source)
+    try:
+        return validate_tables(source, specs)
+    finally:
+        source.close()
+
+
+def _ledger_rows(warehouse: Warehouse, as_of: date) -> dict[str, dict[str, Any]]:
+    """Ledger rows of one as_of by table name (empty when the ledger does not exist yet)."""
+    if not warehouse.table_exists(LEDGER):
+        return {}
+    rows = warehouse.query_arrow(sql_text("sync_ledger_for_day.sql"), {"as_of": as_of})
+    return {r["table_name"]: r for r in rows.to_pylist()}
+
+
+def check_ledger(warehouse: Warehouse, as_of: date) -> None:
+    """Raise SyncIncomplete unless every configured table succeeded for `as_of`."""
+    rows = _ledger_rows(warehouse, as_of)
+    problems = []
+    for spec in configured_tables():
+        row = rows.get(spec.name)
+        if row is None:
+            problems.append(f"{spec.name} (not synced)")
+        elif row["status"] != "succeeded":
+            problems.append(f"{spec.name} ({row['status']}: {row['error']})")
+    if problems:
+        raise SyncIncomplete(f"sync for as_of {as_of} is incomplete: {'; '.join(problems)}")
+
+
+def ledger_watermark(warehouse: Warehouse, as_of: date) -> datetime:
+    """The watermark_to of `as_of` (every table shares it); SyncIncomplete if not synced."""
+    check_ledger(warehouse, as_of)
+    rows = _ledger_rows(warehouse, as_of)
+    watermarks = {r["watermark_to"] for r in rows.values() if r["status"] == "succeeded"}
+    if not watermarks:
+        raise SyncIncomplete(f"sync for as_of {as_of}: no table has a watermark")
+    return max(watermarks).astimezone(UTC)

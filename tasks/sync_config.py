@@ -1,0 +1,162 @@
+"""What the daily sync copies: the table configuration, its validation and the sync errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import yaml
+
+from paylater.settings import get_settings
+
+DEFAULT_CONFIG = Path(__file__).with_name("sync_tables.yaml")
+
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+    "string": pa.string(),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SyncError(RuntimeError):
+    """A sync that cannot proceed; the message is the one line a person needs."""
+
+
+class ConfigError(SyncError):
+    """The sync configuration names something that does not exist or makes no sense."""
+
+
+class SourceUnavailable(SyncError):
+    """The operational database cannot be reached (transient: the task retries it)."""
+
+
+class CountMismatch(SyncError):
+    """Rows extracted, loaded or held by the warehouse disagree with the source."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One configured table: how it is identified, read and typed."""
+
+    name: str
+    primary_key: tuple[str, ...]
+    mode: Literal["full", "incremental"]
+    cursor: str | None = "updated_at"
+    columns: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changes_table(self) -> str:
+        """The warehouse table holding each as_of's increment (partitioned by as_of)."""
+        return f"{self.name}__changes"
+
+    def arrow_schema(self) -> pa.Schema:
+        """The warehouse Arrow schema of this table (columns must be resolved)."""
+        return pa.schema([pa.field(c, ARROW_TYPES[t]) for c, t in self.columns.items()])
+
+
+def check_identifier(name: Any, what: str) -> str:
+    """A plain SQL identifier, or a ConfigError naming it."""
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise ConfigError(f"sync config: {what} {name!r} is not a plain identifier")
+    return name
+
+
+def config_path() -> Path:
+    """The table configuration file: PAYLATER_SYNC_TABLES or the packaged default."""
+    return get_settings().sync_tables or DEFAULT_CONFIG
+
+
+def _parse_table(raw: Any, where: str) -> TableSpec:
+    """One `tables:` entry -> TableSpec, or a ConfigError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sync config {where}: each table must be a mapping")
+    unknown = sorted(set(raw) - {"name", "primary_key", "mode", "cursor", "columns"})
+    if unknown:
+        raise ConfigError(f"sync config {where}: unknown key(s) {', '.join(unknown)}")
+    name = check_identifier(raw.get("name"), "table")
+    key = raw.get("primary_key")
+    keys = [key] if isinstance(key, str) else key
+    if not keys or not isinstance(keys, list):
+        raise ConfigError(f"sync config: table {name} needs a primary_key")
+    mode = raw.get("mode", "incremental")
+    if mode not in ("full", "incremental"):
+        raise ConfigError(f"sync config: table {name} has mode {mode!r}; use full or incremental")
+    cursor = raw.get("cursor", "updated_at" if mode == "incremental" else None)
+    if cursor is not None:
+        check_identifier(cursor, f"cursor of table {name}:")
+    columns = raw.get("columns") or {}
+    if not isinstance(columns, dict):
+        raise ConfigError(f"sync config: columns of table {name} must map column -> type")
+    for column, type_name in columns.items():
+        check_identifier(column, f"column of table {name}:")
+        if type_name not in ARROW_TYPES:
+            raise ConfigError(
+                f"sync config: column {name}.{column} has type {type_name!r}; "
+                f"use one of {', '.join(ARROW_TYPES)}"
+            )
+    return TableSpec(
+        name=name,
+        primary_key=tuple(check_identifier(k, f"primary key of {name}:") for k in keys),
+        mode=mode,
+        cursor=cursor,
+        columns=dict(columns),
+    )
+
+
+def load_config(path: Path | None = None) -> list[TableSpec]:
+    """Parse the table configuration file (syntax only; `validate_against_source` checks names)."""
+    path = path or config_path()
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"sync config {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sync config {path} is not valid YAML: {exc}") from exc
+    tables = (document or {}).get("tables") if isinstance(document, dict) else None
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"sync config {path} has no `tables:` list")
+    specs = [_parse_table(raw, f"{path} entry {i}") for i, raw in enumerate(tables)]
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"sync config {path} lists table(s) twice: {', '.join(duplicates)}")
+    return specs
+
+
+def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> TableSpec:
+    """Check every configured column exists in the source; fill in types when none are listed.
+
+    `source_types` maps each source column to its Arrow type name, or None when the source's
+    declared type does not say (SQLite text holding times).
+    """
+    wanted = [*spec.columns, *spec.primary_key, *([spec.cursor] if spec.cursor else [])]
+    for column in wanted:
+        if column not in source_types:
+            raise ConfigError(
+                f"sync config: column {spec.name}.{column} does not exist in the source table"
+            )
+    if spec.columns:
+        missing_keys = [k for k in spec.primary_key if k not in spec.columns]
+        if missing_keys or (spec.cursor and spec.cursor not in spec.columns):
+            absent = [*missing_keys, *([spec.cursor] if spec.cursor not in spec.columns else [])]
+            raise ConfigError(
+                f"sync config: table {spec.name} lists columns but not {', '.join(map(str, absent))}"
+            )
+        return spec
+    columns: dict[str, str] = {}
+    for column, type_name in source_types.items():
+        if type_name is None:
+            raise ConfigError(
+                f"sync config: source column {spec.name}.{column} has no type the sync can infer; "
+                "list the table's columns with their types"
+            )
+        columns[column] = type_name
+    return TableSpec(spec.name, spec.primary_key, spec.mode, spec.cursor, columns)

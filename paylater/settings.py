@@ -39,6 +39,30 @@ class Settings(BaseSettings):
         description="Business time zone: `as_of` dates and day boundaries are taken in it.",
     )
     seed: int = Field(default=20261127, description="Default seed of the synthetic data generator.")
+    # --- daily sync and alerts (owner: sync) ---
+    sync_tables: Path | None = Field(
+        default=None,
+        description="YAML file listing the tables the daily sync copies (tasks/sync_tables.yaml when unset).",
+    )
+    sync_readers: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Parallel source readers for a large extract (each reads a slice of the key range).",
+    )
+    alert_slack_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect SlackWebhook block that receives every alert.",
+    )
+    alert_pagerduty_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect PagerDutyWebHook block that receives critical alerts.",
+    )
+    alert_webhook_url: str | None = Field(
+        default=None,
+        description="A plain Slack-compatible incoming-webhook URL that receives every alert (JSON POST).",
+    )
+    # --- end daily sync and alerts ---
 
     @property
     def home_dir(self) -> Path:

@@ -2,16 +2,206 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
 import typer
 
+from worker.scoring import ScoringBackend
 
-def run_worker() -> None:
-    """Drain the scoring job table (not built yet)."""
-    typer.echo("the scoring worker is not built yet", err=True)
-    raise typer.Exit(2)
+log = logging.getLogger(__name__)
+
+SHADOW_REFRESH_SECONDS = 60.0
+"""How often the worker asks the registry which version is in Staging."""
 
 
-def enqueue() -> None:
-    """Enqueue a scoring job (not built yet)."""
-    typer.echo("the scoring worker is not built yet", err=True)
-    raise typer.Exit(2)
+def load_scorer(spec: str) -> Any:
+    """A Scorer for 'production', 'staging', a registry version, or a model store tag (name:version)."""
+    from bentos.scoring import Scorer
+
+    if ":" in spec:
+        return Scorer.from_store(spec)
+    if spec.strip().isdigit():
+        return Scorer.load(version=spec.strip())
+    return Scorer.load(stage=spec.strip().lower())
+
+
+def inprocess_backend(spec: str, database_url: str) -> ScoringBackend:
+    """The model `spec` scored in this process with features from user_features_latest."""
+    from bentos.scoring import FeatureStore
+    from worker.scoring import InProcessBackend
+
+    scorer = load_scorer(spec)
+    return InProcessBackend(scorer, FeatureStore(database_url, scorer.user_feature_names))
+
+
+def resolve_shadow_version(spec: str) -> str | None:
+    """The registry version (or store tag) `spec` names now; None when it names nothing."""
+    if ":" in spec or spec.strip().isdigit():
+        return spec.strip()
+    from bentos.build import resolve_version
+
+    try:
+        return resolve_version(spec)
+    except Exception as exc:  # no alias 'staging' is the normal state between candidates
+        log.debug("no %s version: %r", spec, exc)
+        return None
+
+
+class ShadowLoader:
+    """The shadow backend for the version `spec` names, re-resolved every SHADOW_REFRESH_SECONDS."""
+
+    def __init__(self, spec: str, primary_version: str, database_url: str) -> None:
+        self.spec = spec
+        self.primary_version = primary_version
+        self.database_url = database_url
+        self._lock = threading.Lock()
+        self._checked = -float("inf")
+        self._version: str | None = None
+        self._backend: ScoringBackend | None = None
+
+    def __call__(self) -> ScoringBackend | None:
+        """The current shadow backend, or None (no such version, or it is the primary)."""
+        with self._lock:
+            if time.monotonic() - self._checked >= SHADOW_REFRESH_SECONDS:
+                self._checked = time.monotonic()
+                self._refresh()
+            return self._backend
+
+    def _refresh(self) -> None:
+        """Load the named version when it changed."""
+        version = resolve_shadow_version(self.spec)
+        if version == self._version:
+            return
+        if self._backend is not None:
+            self._backend.close()
+        self._version, self._backend = version, None
+        if version is None:
+            return
+        backend = inprocess_backend(version, self.database_url)
+        if backend.model_version == self.primary_version:
+            backend.close()
+            return
+        log.info("shadow scoring with model version %s", backend.model_version)
+        self._backend = backend
+
+
+def run_worker(
+    concurrency: int = typer.Option(
+        None, help="Claim-score-write loops (threads) in this process."
+    ),
+    batch_size: int = typer.Option(None, help="Jobs claimed per round trip."),
+    backend: str = typer.Option(None, help="'inprocess' (model store) or 'http' (the bento)."),
+    url: str = typer.Option(None, help="Bento base URL for --backend http."),
+    model: str = typer.Option(None, help="production | staging | <version> | <store tag>."),
+    shadow_model: str = typer.Option(
+        None, help="Shadow model (default 'staging'); '' disables. In process only."
+    ),
+    metrics_port: int = typer.Option(None, help="Serve Prometheus /metrics on this port."),
+    metrics_host: str = typer.Option("0.0.0.0", help="Address of the metrics server."),
+    lease_seconds: float = typer.Option(None, help="Lease of a claimed batch (crash recovery)."),
+    max_attempts: int = typer.Option(None, help="Attempts before dead-lettering."),
+    poll_seconds: float = typer.Option(None, help="Idle poll interval (NOTIFY wakes sooner)."),
+    database_url: str = typer.Option(None, help="Queue database (default: settings)."),
+) -> None:
+    """Score queued jobs until SIGTERM/SIGINT, which finishes the batch in hand first."""
+    from paylater.settings import get_settings
+    from worker.metrics import WorkerMetrics, serve_metrics
+    from worker.queue import NotPostgres, connect, ensure_schema, queue_url, require_postgres
+    from worker.runner import ShadowSource, Worker, WorkerConfig
+    from worker.scoring import HttpBackend
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    try:
+        db_url = require_postgres(database_url) if database_url else queue_url()
+    except NotPostgres as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    config = WorkerConfig.from_settings(
+        concurrency=concurrency,
+        batch_size=batch_size,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        poll_seconds=poll_seconds,
+    )
+    kind = (backend or settings.worker_backend).lower()
+    shadow: ShadowSource | None = None
+    scoring: ScoringBackend
+    if kind == "http":
+        scoring_url = url or settings.worker_scoring_url
+        if not scoring_url:
+            typer.echo("--backend http needs --url (or PAYLATER_WORKER_SCORING_URL)", err=True)
+            raise typer.Exit(2)
+        scoring = HttpBackend(scoring_url)
+    elif kind == "inprocess":
+        scoring = inprocess_backend(model or settings.worker_model, db_url)
+        spec = settings.worker_shadow_model if shadow_model is None else shadow_model
+        if spec:
+            shadow = ShadowLoader(spec, scoring.model_version, db_url)
+    else:
+        typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
+        raise typer.Exit(2)
+
+    with connect(db_url) as conn:
+        ensure_schema(conn)
+    metrics = WorkerMetrics()
+    port = metrics_port if metrics_port is not None else settings.worker_metrics_port
+    if port is not None:
+        serve_metrics(metrics, db_url, port, metrics_host)
+        log.info("metrics on http://%s:%d/metrics", metrics_host, port)
+    worker = Worker(db_url, scoring, config, shadow=shadow, metrics=metrics)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    log.info(
+        "worker started: model %s, %d loops x %d jobs, lease %.0fs",
+        scoring.model_version,
+        config.concurrency,
+        config.batch_size,
+        config.lease_seconds,
+    )
+    totals = worker.run()
+    scoring.close()
+    typer.echo(f"worker stopped: {totals.summary()}", err=True)
+
+
+def enqueue(
+    user_id: int = typer.Option(..., help="The user asking to defer a top-up."),
+    amount_jpy: int = typer.Option(..., help="Requested amount in yen."),
+    idempotency_key: str = typer.Option(None, help="Same key, same job (safe to retry)."),
+    wait: bool = typer.Option(False, help="Wait for the job to finish and print its result."),
+    timeout: float = typer.Option(30.0, help="Seconds --wait waits."),
+    database_url: str = typer.Option(None, help="Queue database (default: settings)."),
+) -> None:
+    """Enqueue one scoring job and print its id (and, with --wait, its result as JSON)."""
+    from worker import queue
+
+    try:
+        db_url = queue.require_postgres(database_url) if database_url else queue.queue_url()
+    except queue.NotPostgres as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    with queue.connect(db_url) as conn:
+        queue.ensure_schema(conn)
+        job_id, created = queue.enqueue(conn, user_id, amount_jpy, idempotency_key)
+        typer.echo(job_id)
+        if not created:
+            typer.echo(
+                f"idempotency key {idempotency_key!r} already enqueued as job {job_id}", err=True
+            )
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            status = queue.job_status(conn, job_id) or {}
+            if status.get("status") in ("done", "failed", "dead"):
+                typer.echo(json.dumps(status, default=str))
+                raise typer.Exit(0 if status["status"] == "done" else 1)
+            if time.monotonic() >= deadline:
+                typer.echo(f"job {job_id} still {status.get('status')} after {timeout}s", err=True)
+                raise typer.Exit(3)
+            time.sleep(0.05)

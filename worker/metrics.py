@@ -1,0 +1,99 @@
+"""Prometheus metrics of the worker: throughput, failures, latency, and the queue's backlog."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# Enqueue-to-result latency: the app waits on this, so the buckets are fine below a second.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class WorkerMetrics:
+    """The worker's counters and histograms, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.processed = Counter(
+            "paylater_worker_jobs_processed",
+            "Jobs scored and written to scoring_results.",
+            registry=r,
+        )
+        self.failed = Counter(
+            "paylater_worker_jobs_failed",
+            "Failed attempts: reason=invalid (the request, never retried) or error (retried).",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "paylater_worker_jobs_dead_lettered", "Jobs that ran out of attempts.", registry=r
+        )
+        self.lease_lost = Counter(
+            "paylater_worker_lease_lost",
+            "Scores dropped because another worker had re-claimed the job (lease ran out).",
+            registry=r,
+        )
+        self.shadow_failed = Counter(
+            "paylater_worker_shadow_failed", "Batches the shadow model failed to score.", registry=r
+        )
+        self.latency = Histogram(
+            "paylater_worker_job_latency_seconds",
+            "Enqueue-to-result latency of scored jobs.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "paylater_worker_batch_size",
+            "Jobs per claimed batch.",
+            buckets=(1, 5, 25, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
+
+
+class QueueCollector(Collector):
+    """Queue depth and oldest queued age, read from the table at scrape time."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One query per scrape; a failed query reports nothing rather than stale numbers."""
+        from worker.queue import connect, queue_stats
+
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.url)
+                depth, oldest = queue_stats(self._conn)
+            except Exception as exc:  # a scrape must never take the worker down
+                log.warning("queue stats unavailable: %s", exc)
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                return
+        yield GaugeMetricFamily(
+            "paylater_worker_queue_depth", "Jobs queued (due or backing off).", value=depth
+        )
+        yield GaugeMetricFamily(
+            "paylater_worker_oldest_queued_age_seconds",
+            "Age of the oldest queued job that is due now (0 when none).",
+            value=oldest,
+        )
+
+
+def serve_metrics(metrics: WorkerMetrics, url: str, port: int, addr: str = "0.0.0.0") -> Any:
+    """Start the /metrics HTTP server (a daemon thread) with the queue gauges; returns the server."""
+    metrics.registry.register(QueueCollector(url))
+    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    return server

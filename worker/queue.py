@@ -1,0 +1,207 @@
+"""The scoring job table: schema, enqueue, claim under a lease, finish, fail (SQL in worker/sql)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+NOTIFY_CHANNEL = "scoring_jobs"
+"""The channel the INSERT trigger of scoring_jobs notifies (worker/schema.sql)."""
+
+_SCHEMA_LOCK_KEY = 7_262_011
+"""Advisory lock serialising schema application when several workers start at once."""
+
+
+class NotPostgres(ValueError):
+    """The queue database URL does not name a PostgreSQL database."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job: what the worker needs to score it and to prove it still holds it."""
+
+    id: int
+    user_id: int
+    payload: Any
+    attempt: int
+    created_at: datetime
+    previous_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A job's score as written to scoring_results."""
+
+    job_id: int
+    attempt: int
+    probability: float
+    decision: str
+    model_version: str
+    reason_codes: list[str]
+
+
+@dataclass(frozen=True)
+class ShadowScored:
+    """The shadow model's score of a job, written to shadow_results."""
+
+    job_id: int
+    model_version: str
+    probability: float
+    decision: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A failed attempt: permanent (the request is invalid) or retryable."""
+
+    job_id: int
+    attempt: int
+    error: str
+    permanent: bool
+
+
+@cache
+def sql(name: str) -> str:
+    """The text of worker/sql/<name>.sql."""
+    return resources.files("worker").joinpath(f"sql/{name}.sql").read_text()
+
+
+def schema_sql() -> str:
+    """The DDL of the contract (worker/schema.sql)."""
+    return resources.files("worker").joinpath("schema.sql").read_text()
+
+
+def require_postgres(url: str) -> str:
+    """`url` itself when it names PostgreSQL; NotPostgres with the reason otherwise."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
+        # psycopg takes libpq URLs; a SQLAlchemy driver suffix is dropped.
+        return "postgresql" + url[len(scheme) :]
+    raise NotPostgres(
+        "the scoring queue needs PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY); "
+        f"got {url.split('://', 1)[0]}://…. Set PAYLATER_WORKER_DATABASE_URL (or PAYLATER_SOURCE_URL) "
+        "to a postgresql:// URL."
+    )
+
+
+def queue_url() -> str:
+    """The queue database from settings: worker_database_url, else the source database."""
+    from paylater.settings import get_settings
+
+    settings = get_settings()
+    return require_postgres(settings.worker_database_url or settings.source)
+
+
+def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """A connection to the queue database."""
+    import psycopg
+
+    return psycopg.connect(require_postgres(url), autocommit=autocommit)
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> None:
+    """Create the tables, index and trigger if missing (safe to call from many workers at once)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        conn.execute(schema_sql())
+
+
+def enqueue(
+    conn: psycopg.Connection[Any],
+    user_id: int,
+    amount_jpy: Any,
+    idempotency_key: str | None = None,
+) -> tuple[int, bool]:
+    """Enqueue one job; returns (job id, created). A known idempotency key returns its job."""
+    from psycopg.types.json import Jsonb
+
+    params = {
+        "idempotency_key": idempotency_key,
+        "user_id": user_id,
+        "payload": Jsonb({"amount_jpy": amount_jpy}),
+    }
+    with conn.transaction():
+        row = conn.execute(sql("enqueue"), params).fetchone()
+        if row is not None:
+            return int(row[0]), True
+        found = conn.execute(sql("job_by_key"), params).fetchone()
+    if found is None:  # the key's job was deleted between the two statements
+        raise RuntimeError(f"idempotency key {idempotency_key!r} conflicted but its job is gone")
+    return int(found[0]), False
+
+
+def claim(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -> list[Job]:
+    """Claim up to `limit` due jobs (queued and due, or running with an expired lease)."""
+    rows = conn.execute(sql("claim"), {"limit": limit, "lease_seconds": lease_seconds}).fetchall()
+    return [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def finish(
+    conn: psycopg.Connection[Any],
+    scored: Sequence[Scored],
+    shadows: Sequence[ShadowScored] = (),
+) -> list[int]:
+    """Write results (and shadow results) and mark the jobs done; returns the job ids written."""
+    if not scored:
+        return []
+    params = {
+        "job_ids": [s.job_id for s in scored],
+        "attempts": [s.attempt for s in scored],
+        "probabilities": [s.probability for s in scored],
+        "decisions": [s.decision for s in scored],
+        "model_versions": [s.model_version for s in scored],
+        "reason_codes": [json.dumps(s.reason_codes) for s in scored],
+        "shadow_job_ids": [s.job_id for s in shadows],
+        "shadow_model_versions": [s.model_version for s in shadows],
+        "shadow_probabilities": [s.probability for s in shadows],
+        "shadow_decisions": [s.decision for s in shadows],
+    }
+    return [r[0] for r in conn.execute(sql("finish"), params).fetchall()]
+
+
+def fail(
+    conn: psycopg.Connection[Any],
+    failures: Sequence[Failed],
+    *,
+    max_attempts: int,
+    backoff_seconds: float,
+    backoff_max_seconds: float,
+) -> dict[int, str]:
+    """Record failed attempts; returns the new status of each job still held ('queued'|'failed'|'dead')."""
+    if not failures:
+        return {}
+    params = {
+        "job_ids": [f.job_id for f in failures],
+        "attempts": [f.attempt for f in failures],
+        "errors": [f.error for f in failures],
+        "permanent": [f.permanent for f in failures],
+        "max_attempts": max_attempts,
+        "backoff_seconds": backoff_seconds,
+        "backoff_max_seconds": backoff_max_seconds,
+    }
+    return {int(r[0]): str(r[1]) for r in conn.execute(sql("fail"), params).fetchall()}
+
+
+def job_status(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:
+    """The job's status, attempts, error and result (None when no such job)."""
+    cur = conn.execute(sql("job_status"), {"job_id": job_id})
+    row = cur.fetchone()
+    if row is None:
+        return None
+    names = [d.name for d in cur.description or []]
+    return dict(zip(names, row, strict=True))
+
+
+def queue_stats(conn: psycopg.Connection[Any]) -> tuple[int, float]:
+    """(queued jobs, age in seconds of the oldest due queued job)."""
+    row = conn.execute(sql("queue_stats")).fetchone()
+    assert row is not None  # an aggregate always returns a row
+    return int(row[0]), float(row[1])

@@ -1,0 +1,339 @@
+"""The worker loop: claim a batch, score it, write results and job states in one round trip."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from worker import queue
+from worker.scoring import (
+    BackendUnavailable,
+    InvalidRequest,
+    Outcome,
+    ScoreOutcome,
+    ScoreRequest,
+    ScoringBackend,
+    parse_request,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker claims, retries and waits (defaults: paylater.settings worker_* fields)."""
+
+    batch_size: int = 500
+    concurrency: int = 2
+    lease_seconds: float = 30.0
+    max_attempts: int = 5
+    backoff_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+    poll_seconds: float = 1.0
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> WorkerConfig:
+        """The settings' values, with any non-None override applied."""
+        from paylater.settings import get_settings
+
+        s = get_settings()
+        values: dict[str, Any] = {
+            "batch_size": s.worker_batch_size,
+            "concurrency": s.worker_concurrency,
+            "lease_seconds": s.worker_lease_seconds,
+            "max_attempts": s.worker_max_attempts,
+            "backoff_seconds": s.worker_backoff_seconds,
+            "backoff_max_seconds": s.worker_backoff_max_seconds,
+            "poll_seconds": s.worker_poll_seconds,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Totals:
+    """What a worker process did, for its exit line and the tests."""
+
+    claimed: int = 0
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead: int = 0
+    lease_lost: int = 0
+    batches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        """Add counts atomically (several loops share one Totals)."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (
+            f"claimed={self.claimed} processed={self.processed} failed={self.failed} "
+            f"retried={self.retried} dead={self.dead} lease_lost={self.lease_lost} batches={self.batches}"
+        )
+
+
+ShadowSource = Callable[[], ScoringBackend | None]
+"""Returns the shadow backend to use now (the Staging model), or None when there is none."""
+
+
+class Worker:
+    """Claims and scores jobs on `concurrency` loops until stopped; one NOTIFY listener wakes them."""
+
+    def __init__(
+        self,
+        url: str,
+        backend: ScoringBackend,
+        config: WorkerConfig | None = None,
+        *,
+        shadow: ShadowSource | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.url = queue.require_postgres(url)
+        self.backend = backend
+        self.config = config or WorkerConfig()
+        self.shadow = shadow
+        self.metrics = metrics
+        self.totals = Totals()
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+
+    # ---- one batch -------------------------------------------------------------------------
+
+    def run_once(self, conn: psycopg.Connection[Any]) -> int:
+        """Claim, score and record one batch; returns how many jobs were claimed."""
+        jobs = queue.claim(conn, self.config.batch_size, self.config.lease_seconds)
+        if not jobs:
+            return 0
+        scored, shadows, failures = self.process(jobs)
+        # A single statement is atomic on its own; a transaction only when there are two.
+        if failures and scored:
+            with conn.transaction():
+                written = queue.finish(conn, scored, shadows)
+                statuses = self._fail(conn, failures)
+        else:
+            written = queue.finish(conn, scored, shadows)
+            statuses = self._fail(conn, failures)
+        self._account(jobs, scored, written, failures, statuses)
+        return len(jobs)
+
+    def process(
+        self, jobs: Sequence[queue.Job]
+    ) -> tuple[list[queue.Scored], list[queue.ShadowScored], list[queue.Failed]]:
+        """Validate and score the jobs: (scores, shadow scores, failed attempts)."""
+        failures: list[queue.Failed] = []
+        requests: list[ScoreRequest] = []
+        attempt_of = {job.id: job.attempt for job in jobs}
+        for job in jobs:
+            if job.attempt > self.config.max_attempts:
+                # Claimed again after its worker died on every attempt: dead-letter, do not try again.
+                error = job.previous_error or "lease expired"
+                failures.append(queue.Failed(job.id, job.attempt, error, permanent=False))
+                continue
+            try:
+                requests.append(parse_request(job))
+            except InvalidRequest as exc:
+                failures.append(queue.Failed(job.id, job.attempt, f"invalid request: {exc}", True))
+        scored: list[queue.Scored] = []
+        ok: list[ScoreRequest] = []
+        for request, outcome in zip(requests, self.score(self.backend, requests), strict=True):
+            attempt = attempt_of[request.job_id]
+            if isinstance(outcome, ScoreOutcome):
+                scored.append(
+                    queue.Scored(
+                        request.job_id,
+                        attempt,
+                        outcome.default_probability,
+                        outcome.decision,
+                        outcome.model_version,
+                        outcome.reason_codes,
+                    )
+                )
+                ok.append(request)
+            elif isinstance(outcome, InvalidRequest):
+                failures.append(
+                    queue.Failed(request.job_id, attempt, f"invalid request: {outcome}", True)
+                )
+            else:
+                error = f"scoring failed: {type(outcome).__name__}: {outcome}"
+                failures.append(queue.Failed(request.job_id, attempt, error, False))
+        return scored, self.score_shadow(ok), failures
+
+    def score(
+        self, backend: ScoringBackend, requests: Sequence[ScoreRequest]
+    ) -> list[Outcome | Exception]:
+        """The backend's outcomes; when the batch call fails, halves are retried to isolate the job at fault."""
+        if not requests:
+            return []
+        try:
+            outcomes: list[Outcome | Exception] = list(backend.score(requests))
+        except BackendUnavailable as exc:
+            return [exc] * len(requests)  # nobody's fault: every job retries later
+        except Exception as exc:
+            if len(requests) == 1:
+                log.warning("job %s failed to score: %r", requests[0].job_id, exc)
+                return [exc]
+            middle = len(requests) // 2
+            return self.score(backend, requests[:middle]) + self.score(backend, requests[middle:])
+        if len(outcomes) != len(requests):
+            raise RuntimeError(
+                f"backend returned {len(outcomes)} outcomes for {len(requests)} requests"
+            )
+        return outcomes
+
+    def score_shadow(self, requests: Sequence[ScoreRequest]) -> list[queue.ShadowScored]:
+        """The shadow model's scores of the primary's successes; its failures never touch the jobs."""
+        backend = self._shadow_backend()
+        if backend is None or not requests:
+            return []
+        try:
+            outcomes = backend.score(requests)
+        except Exception as exc:
+            log.warning("shadow model %s failed on a batch: %r", backend.model_version, exc)
+            if self.metrics:
+                self.metrics.shadow_failed.inc()
+            return []
+        return [
+            queue.ShadowScored(r.job_id, o.model_version, o.default_probability, o.decision)
+            for r, o in zip(requests, outcomes, strict=True)
+            if isinstance(o, ScoreOutcome)
+        ]
+
+    def _shadow_backend(self) -> ScoringBackend | None:
+        """The current shadow backend; a failing lookup means no shadow this batch."""
+        if self.shadow is None:
+            return None
+        try:
+            return self.shadow()
+        except Exception as exc:
+            log.warning("shadow model unavailable: %r", exc)
+            return None
+
+    def _fail(self, conn: psycopg.Connection[Any], failures: list[queue.Failed]) -> dict[int, str]:
+        """Record failed attempts with this worker's retry policy."""
+        return queue.fail(
+            conn,
+            failures,
+            max_attempts=self.config.max_attempts,
+            backoff_seconds=self.config.backoff_seconds,
+            backoff_max_seconds=self.config.backoff_max_seconds,
+        )
+
+    def _account(
+        self,
+        jobs: Sequence[queue.Job],
+        scored: Sequence[queue.Scored],
+        written: Sequence[int],
+        failures: Sequence[queue.Failed],
+        statuses: dict[int, str],
+    ) -> None:
+        """Update totals and metrics after a batch committed."""
+        new_status = list(statuses.values())
+        lost = len(scored) - len(written) + len(failures) - len(statuses)
+        counts = {
+            "claimed": len(jobs),
+            "processed": len(written),
+            "failed": new_status.count("failed"),
+            "retried": new_status.count("queued"),
+            "dead": new_status.count("dead"),
+            "lease_lost": lost,
+            "batches": 1,
+        }
+        self.totals.add(**counts)
+        if lost:
+            log.warning("%d jobs of this batch had been re-claimed by another worker", lost)
+        m = self.metrics
+        if m is None:
+            return
+        m.batch_size.observe(len(jobs))
+        m.processed.inc(len(written))
+        m.failed.labels("invalid").inc(counts["failed"])
+        m.failed.labels("error").inc(counts["retried"] + counts["dead"])
+        m.dead_lettered.inc(counts["dead"])
+        m.lease_lost.inc(lost)
+        now = datetime.now(UTC)
+        created = {job.id: job.created_at for job in jobs}
+        for job_id in written:
+            m.latency.observe((now - created[job_id]).total_seconds())
+
+    # ---- the loops -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask every loop to finish the batch in hand and return."""
+        self.stop_event.set()
+        self.wake.set()
+
+    def run(self) -> Totals:
+        """Run the loops and the listener until stop(); returns the totals."""
+        threads = [
+            threading.Thread(target=self._listen, name="notify-listener", daemon=True),
+            *(
+                threading.Thread(target=self.loop, name=f"worker-{i}")
+                for i in range(self.config.concurrency)
+            ),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join()
+        log.info("worker stopped: %s", self.totals.summary())
+        return self.totals
+
+    def loop(self) -> None:
+        """Claim batches until stopped; idle, wait for a NOTIFY or the poll interval."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = queue.connect(self.url)
+                    self.wake.clear()
+                    claimed = self.run_once(conn)
+                except Exception as exc:
+                    # The database went away or a statement failed: the claimed jobs' leases will
+                    # run out and another attempt picks them up. Back off, reconnect, go on.
+                    log.exception("batch failed; reconnecting: %r", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    self.stop_event.wait(min(self.config.poll_seconds, 1.0))
+                    continue
+                if claimed < self.config.batch_size:
+                    self.wake.wait(self.config.poll_seconds)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _listen(self) -> None:
+        """LISTEN for new jobs and wake the loops; polling covers the gaps while reconnecting."""
+        while not self.stop_event.is_set():
+            try:
+                with queue.connect(self.url) as conn:
+                    conn.execute(f"LISTEN {queue.NOTIFY_CHANNEL}")
+                    while not self.stop_event.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            self.wake.set()
+            except Exception as exc:
+                log.warning("NOTIFY listener lost its connection (%r); polling meanwhile", exc)
+                self.stop_event.wait(1.0)
+
+
+def wait_for_stop(worker: Worker, deadline: float | None = None) -> None:
+    """Block the calling thread until the worker is stopped or `deadline` (monotonic) passes."""
+    while not worker.stop_event.wait(0.2):
+        if deadline is not None and time.monotonic() >= deadline:
+            worker.stop()

@@ -1,0 +1,177 @@
+"""How the worker scores a batch: request validation and the backends (in process, or the bento over HTTP)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
+
+if TYPE_CHECKING:
+    from bentos.scoring import FeatureStore, Scorer
+    from worker.queue import Job
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """The job's request can never be scored as it stands (bad payload, unknown user): not retried."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The scoring backend cannot be reached at all: retry the batch later, do not blame one job."""
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A validated request: whom to score and for what amount."""
+
+    job_id: int
+    user_id: int
+    amount_jpy: int
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    """One request's score (the same fields the bento answers with)."""
+
+    default_probability: float
+    decision: str
+    model_version: str
+    reason_codes: list[str]
+
+
+Outcome = ScoreOutcome | InvalidRequest
+"""Per request: a score, or the reason this request is invalid."""
+
+
+class ScoringBackend(Protocol):
+    """Scores a batch; raises for a failure of the whole call (the worker then isolates the cause)."""
+
+    model_version: str
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """One outcome per request, in order."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def parse_request(job: Job) -> ScoreRequest:
+    """The job's validated request; InvalidRequest naming exactly what is wrong."""
+    payload = job.payload
+    if not isinstance(payload, dict):
+        raise InvalidRequest(
+            f'payload must be a JSON object like {{"amount_jpy": 30000}}, got {type(payload).__name__}'
+        )
+    if "amount_jpy" not in payload:
+        raise InvalidRequest("payload lacks amount_jpy (integer yen)")
+    amount = payload["amount_jpy"]
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidRequest(
+            f"amount_jpy must be an integer number of yen, got {type(amount).__name__} {amount!r}"
+        )
+    if not MIN_AMOUNT_JPY <= amount <= MAX_AMOUNT_JPY:
+        raise InvalidRequest(
+            f"amount_jpy {amount} is outside the product's limits {MIN_AMOUNT_JPY}..{MAX_AMOUNT_JPY}"
+        )
+    return ScoreRequest(job.id, int(job.user_id), amount)
+
+
+def unknown_user(user_id: int) -> InvalidRequest:
+    """The error of a user with no online features."""
+    return InvalidRequest(f"unknown user_id {user_id}: no row in user_features_latest")
+
+
+class InProcessBackend:
+    """A Scorer (model from the BentoML store) fed from user_features_latest, in this process."""
+
+    def __init__(self, scorer: Scorer, features: FeatureStore) -> None:
+        self.scorer = scorer
+        self.features = features
+        self.model_version = scorer.model_version
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """Look the users up in one query, score the known ones in one predict call."""
+        found = self.features.lookup(sorted({r.user_id for r in requests}))
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        rows, positions = [], []
+        for i, request in enumerate(requests):
+            user_features = found.get(request.user_id)
+            if user_features is None:
+                outcomes[i] = unknown_user(request.user_id)
+                continue
+            rows.append(self.scorer.request_row(request.amount_jpy, user_features))
+            positions.append(i)
+        for i, s in zip(positions, self.scorer.score_rows(rows), strict=True):
+            outcomes[i] = ScoreOutcome(
+                s.default_probability, s.decision, s.model_version, list(s.reason_codes)
+            )
+        return [o for o in outcomes if o is not None]
+
+    def close(self) -> None:
+        """Close the feature store's connection."""
+        self.features.close()
+
+
+class HttpBackend:
+    """The bento's batch API: POST {url}/v2/score_batch; the service looks the features up itself."""
+
+    def __init__(self, url: str, timeout_seconds: float = 10.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(timeout=timeout_seconds)
+        self.model_version = "unknown"
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """One POST for the whole batch; per-item errors become InvalidRequest."""
+        import httpx
+
+        body = {
+            "requests": [
+                {"user_id": r.user_id, "amount_jpy": r.amount_jpy, "features": None}
+                for r in requests
+            ]
+        }
+        try:
+            response = self._client.post(f"{self.url}/v2/score_batch", json=body)
+        except (httpx.ConnectError, httpx.TimeoutException) as exc:
+            raise BackendUnavailable(f"scoring service {self.url} unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            raise RuntimeError(
+                f"scoring service answered {response.status_code}: {response.text[:300]}"
+            )
+        if response.status_code != 200:
+            raise InvalidRequest(
+                f"scoring service rejected the request ({response.status_code}): {response.text[:300]}"
+            )
+        return [self._outcome(item) for item in _results_of(response.json(), len(requests))]
+
+    def _outcome(self, item: dict[str, Any]) -> Outcome:
+        """A result item or its error as an outcome."""
+        if item.get("error"):
+            return InvalidRequest(str(item["error"]))
+        self.model_version = str(item["model_version"])
+        return ScoreOutcome(
+            float(item["default_probability"]),
+            str(item["decision"]),
+            str(item["model_version"]),
+            [str(c) for c in item.get("reason_codes") or []],
+        )
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._client.close()
+
+
+def _results_of(body: Any, expected: int) -> list[dict[str, Any]]:
+    """The per-request items of a score_batch answer, checked for count."""
+    items = body.get("results") if isinstance(body, dict) else body
+    if not isinstance(items, list) or len(items) != expected:
+        raise RuntimeError(f"score_batch answered {type(items).__name__} for {expected} requests")
+    return items

@@ -1,0 +1,25 @@
+-- Claim up to %(limit)s due jobs for this worker: queued ones whose run_after has passed and
+-- running ones whose lease ran out (their worker died). SKIP LOCKED lets workers claim side by
+-- side without waiting on each other; attempts + 1 is the fencing token the finish statements check.
+WITH picked AS (
+    SELECT id
+    FROM scoring_jobs
+    WHERE status IN ('queued', 'running')
+      AND (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END) <= now()
+    ORDER BY (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE scoring_jobs AS j
+SET status = 'running',
+    attempts = j.attempts + 1,
+    lease_until = now() + make_interval(secs => %(lease_seconds)s),
+    error = CASE
+        WHEN j.status = 'running'
+            THEN 'lease expired: the worker running attempt ' || j.attempts || ' was lost'
+        ELSE j.error
+    END,
+    updated_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.user_id, j.payload, j.attempts, j.created_at, j.error

@@ -64,6 +64,45 @@ class Settings(BaseSettings):
     )
     # --- end daily sync and alerts ---
 
+    # --- worker (owner: worker; worker/, `paylater worker`) ---
+    # The job queue lives in PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY): no SQLite fallback.
+    worker_database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL holding scoring_jobs/results and user_features_latest; defaults to source_url.",
+    )
+    worker_backend: str = Field(
+        default="inprocess",
+        description="How jobs are scored: 'inprocess' (model store + user_features_latest) or 'http' (the bento).",
+    )
+    worker_scoring_url: str | None = Field(
+        default=None, description="Base URL of the bento for the http backend (POST {url}/v2/score_batch)."
+    )
+    worker_model: str = Field(
+        default="production",
+        description="Model scored in process: 'production', 'staging', a registry version or a model store tag.",
+    )
+    worker_shadow_model: str = Field(
+        default="staging",
+        description="Shadow model scored into shadow_results when it exists and differs; '' disables shadowing.",
+    )
+    worker_concurrency: int = Field(default=2, ge=1, description="Claim-score-write loops (threads) per process.")
+    worker_batch_size: int = Field(default=500, ge=1, description="Jobs claimed per round trip.")
+    worker_lease_seconds: float = Field(
+        default=30.0, gt=0, description="A claimed job is re-claimable this long after its claim (crash recovery)."
+    )
+    worker_max_attempts: int = Field(default=5, ge=1, description="Attempts before a job is dead-lettered.")
+    worker_backoff_seconds: float = Field(
+        default=1.0, ge=0, description="Retry delay after the first failed attempt; doubles per attempt."
+    )
+    worker_backoff_max_seconds: float = Field(default=300.0, ge=0, description="Cap on the retry delay.")
+    worker_poll_seconds: float = Field(
+        default=1.0, gt=0, description="Idle poll interval: the fallback when a NOTIFY is missed."
+    )
+    worker_metrics_port: int | None = Field(
+        default=None, description="Port of the Prometheus /metrics server (unset: no server)."
+    )
+    # --- end worker ---
+
     @property
     def home_dir(self) -> Path:
         """The embedded-defaults folder as an absolute path."""

@@ -29,6 +29,38 @@ class Settings(BaseSettings):
         default=None,
         description="Where feature datasets are written: file:///path, gs://bucket/prefix, s3://bucket/prefix.",
     )
+    # --- features (owner: features; tasks/features.py, tasks/datasets.py, tasks/storage.py) ---
+    # Point the feature build at your own tables: the SQL names the logical tables (users,
+    # card_transactions, topups, deferred_charges, app_events); this maps them to yours.
+    feature_tables: dict[str, str] = Field(
+        default_factory=dict,
+        description='Logical -> warehouse table, JSON: {"card_transactions": "mydataset.card_tx"}.',
+    )
+    feature_sql_dir: Path | None = Field(
+        default=None,
+        description="Folder of the feature SQL (requests, layers NN_*.sql, label); defaults to tasks/sql.",
+    )
+    feature_label_sql: str = Field(
+        default="label.sql",
+        description="Label query (file in the SQL folder, or a path): charge_id, label_default as of @as_of.",
+    )
+    online_features_table: str = Field(
+        default="user_features_latest",
+        description="Online feature table in the source database, replaced atomically on each publish.",
+    )
+    dataset_s3_block: str | None = Field(
+        default=None,
+        description="prefect-aws S3Bucket block for s3:// datasets; unset: boto3 credentials from the environment.",
+    )
+    dataset_gcs_block: str | None = Field(
+        default=None,
+        description="prefect-gcp GcsBucket block for gs:// datasets; unset: google-cloud-storage from the environment.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, moto) when not AWS itself.",
+    )
+    # --- end features ---
     mlflow_tracking_uri: str | None = Field(
         default=None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "PAYLATER_MLFLOW_TRACKING_URI"),

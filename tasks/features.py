@@ -1,0 +1,288 @@
+"""Point-in-time features in warehouse SQL: training rows (matured charges) and scoring rows (active users).
+
+The SQL lives in .sql files (BigQuery Standard SQL): two request populations, a label query and
+feature layers `NN_name.sql`, each returning one row per `request_id` from a `requests` relation.
+This module assembles them into one query per dataset, so training and scoring share every line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import sqlglot
+from sqlglot.tokens import TokenType
+
+from paylater.product import GRACE_DAYS
+from paylater.settings import Settings, get_settings
+from tasks.warehouse.base import Warehouse
+
+LOGICAL_TABLES = ("users", "card_transactions", "topups", "deferred_charges", "app_events")
+"""The source tables the feature SQL names; settings.feature_tables maps them to real tables."""
+
+TRAINING_HEAD = ("charge_id", "user_id", "requested_at", "request_date")
+REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
+SCORING_HEAD = ("user_id", "as_of")
+
+_LAYER_FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
+_PARAM = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A warehouse table: table, dataset.table or project.dataset.table (project ids allow hyphens).
+_TABLE_REF = re.compile(r"^([A-Za-z0-9_-]+\.){0,2}[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class FeatureSqlError(ValueError):
+    """The feature SQL folder, a layer or the table mapping is unusable."""
+
+
+@dataclass(frozen=True)
+class FeatureSql:
+    """The feature SQL as loaded from a folder, with the hash that identifies it."""
+
+    requests_training: str
+    requests_scoring: str
+    label: str
+    layers: tuple[tuple[str, str, tuple[str, ...]], ...]
+    """(layer name, SQL, feature columns) in file order."""
+    sql_hash: str
+
+    @property
+    def user_features(self) -> list[str]:
+        """User feature names in layer order (the scoring dataset's features)."""
+        return [name for _, _, columns in self.layers for name in columns]
+
+    @property
+    def training_features(self) -> list[str]:
+        """The model's inputs: the request's own fields, then the user features."""
+        return [*REQUEST_FEATURES, *self.user_features]
+
+
+def default_sql_dir() -> Path:
+    """The feature SQL shipped with the project (tasks/sql)."""
+    return Path(__file__).resolve().parent / "sql"
+
+
+def sql_dir(settings: Settings | None = None) -> Path:
+    """The configured feature SQL folder."""
+    settings = settings or get_settings()
+    return (settings.feature_sql_dir or default_sql_dir()).expanduser().resolve()
+
+
+def selected_columns(sql: str, origin: str) -> list[str]:
+    """The output column names of a query, checked to be plain identifiers."""
+    try:
+        tree = sqlglot.parse_one(sql, read="bigquery")
+    except sqlglot.errors.ParseError as exc:
+        raise FeatureSqlError(f"{origin} does not parse as BigQuery Standard SQL: {exc}") from exc
+    names = list(tree.named_selects)
+    bad = [n for n in names if not _IDENT.match(n)]
+    if bad or not names:
+        raise FeatureSqlError(f"{origin} must select named columns; bad: {bad or 'none selected'}")
+    return names
+
+
+def _read(path: Path) -> str:
+    """One SQL file's text, or a clear error naming it."""
+    if not path.is_file():
+        raise FeatureSqlError(f"feature SQL file {path} does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def load_feature_sql(settings: Settings | None = None) -> FeatureSql:
+    """Load requests, label and layers from the configured folder and hash them."""
+    settings = settings or get_settings()
+    folder = sql_dir(settings)
+    if not folder.is_dir():
+        raise FeatureSqlError(f"feature SQL folder {folder} does not exist")
+    label_path = Path(settings.feature_label_sql).expanduser()
+    label_path = label_path if label_path.is_absolute() else folder / label_path
+    files = {
+        "requests_training.sql": _read(folder / "requests_training.sql"),
+        "requests_scoring.sql": _read(folder / "requests_scoring.sql"),
+        f"label:{label_path.name}": _read(label_path),
+    }
+    layers = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _LAYER_FILE.match(path.name)
+        if not match:
+            continue
+        text = _read(path)
+        files[path.name] = text
+        columns = selected_columns(text, path.name)
+        if columns[0] != "request_id":
+            raise FeatureSqlError(f"{path.name} must select request_id first, got {columns[0]!r}")
+        layers.append((f"layer_{match.group(1)}_{match.group(2)}", text, tuple(columns[1:])))
+    if not layers:
+        raise FeatureSqlError(f"no feature layers (NN_name.sql) in {folder}")
+    _check_unique([c for _, _, cols in layers for c in cols])
+    label_columns = selected_columns(files[f"label:{label_path.name}"], str(label_path))
+    if not {"charge_id", "label_default"} <= set(label_columns):
+        raise FeatureSqlError(f"{label_path} must select charge_id and label_default")
+    return FeatureSql(
+        requests_training=files["requests_training.sql"],
+        requests_scoring=files["requests_scoring.sql"],
+        label=files[f"label:{label_path.name}"],
+        layers=tuple(layers),
+        sql_hash=sql_hash(files),
+    )
+
+
+def _check_unique(names: list[str]) -> None:
+    """Two layers producing the same feature name would shadow each other."""
+    seen: set[str] = set()
+    duplicated = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
+    if duplicated:
+        raise FeatureSqlError(f"feature names produced by more than one layer: {duplicated}")
+
+
+def sql_hash(files: Mapping[str, str]) -> str:
+    """sha256 over the SQL files (name and text) that build a dataset."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return digest.hexdigest()
+
+
+def table_mapping(settings: Settings | None = None) -> dict[str, str]:
+    """The configured logical -> warehouse table names, validated."""
+    settings = settings or get_settings()
+    mapping = dict(settings.feature_tables)
+    unknown = sorted(set(mapping) - set(LOGICAL_TABLES))
+    if unknown:
+        raise FeatureSqlError(
+            f"feature_tables maps unknown tables {unknown}; known: {list(LOGICAL_TABLES)}"
+        )
+    for logical, physical in mapping.items():
+        if not _TABLE_REF.match(physical):
+            raise FeatureSqlError(
+                f"feature_tables[{logical!r}] = {physical!r} is not a table name "
+                "(table, dataset.table or project.dataset.table)"
+            )
+    return mapping
+
+
+def map_tables(sql: str, mapping: Mapping[str, str]) -> str:
+    """Rewrite logical table names after FROM/JOIN to the configured ones, leaving the rest as written.
+
+    Token-level on purpose: regenerating the SQL from sqlglot's tree would rewrite some BigQuery
+    time-zone expressions into forms its DuckDB transpiler then gets wrong.
+    """
+    if not mapping:
+        return sql
+    tokens = sqlglot.tokenize(sql, read="bigquery")
+    edits = []
+    for before, token in itertools.pairwise(tokens):
+        if before.token_type in (TokenType.FROM, TokenType.JOIN) and token.text in mapping:
+            physical = mapping[token.text]
+            edits.append((token.start, token.end, f"`{physical}`" if "-" in physical else physical))
+    for start, end, text in reversed(edits):
+        sql = sql[:start] + text + sql[end + 1 :]
+    return sql
+
+
+def assemble(
+    requests_sql: str,
+    layers: tuple[tuple[str, str, tuple[str, ...]], ...],
+    head: tuple[str, ...],
+    label_sql: str | None = None,
+) -> str:
+    """One query: requests, (label,) every layer as a CTE, joined on request_id."""
+    ctes = [f"requests AS (\n{requests_sql.strip()}\n)"]
+    if label_sql is not None:
+        ctes.append(f"labels AS (\n{label_sql.strip()}\n)")
+    ctes += [f"{name} AS (\n{sql.strip()}\n)" for name, sql, _ in layers]
+    columns = [f"r.{c}" for c in head]
+    joins = []
+    if label_sql is not None:
+        columns.insert(len(TRAINING_HEAD), "l.label_default")
+        columns += [f"r.{c}" for c in REQUEST_FEATURES]
+        joins.append("JOIN labels AS l ON l.charge_id = r.charge_id")
+    for i, (name, _, features) in enumerate(layers):
+        columns += [f"f{i}.{c}" for c in features]
+        joins.append(f"LEFT JOIN {name} AS f{i} ON f{i}.request_id = r.request_id")
+    return (
+        "WITH "
+        + ",\n".join(ctes)
+        + "\nSELECT\n  "
+        + ",\n  ".join(columns)
+        + "\nFROM requests AS r\n"
+        + "\n".join(joins)
+    )
+
+
+def query_params(sql: str, as_of: date, settings: Settings | None = None) -> dict[str, Any]:
+    """The parameters `sql` uses, out of those feature SQL may use (@as_of, @tz, @grace_days)."""
+    settings = settings or get_settings()
+    available: dict[str, Any] = {"as_of": as_of, "tz": settings.timezone, "grace_days": GRACE_DAYS}
+    used = set(_PARAM.findall(sql))
+    unknown = sorted(used - set(available))
+    if unknown:
+        raise FeatureSqlError(
+            f"feature SQL uses unknown parameters {unknown}; have {sorted(available)}"
+        )
+    # Engines reject parameters a statement does not use (DuckDB does), so bind only those.
+    return {name: value for name, value in available.items() if name in used}
+
+
+def normalize_types(table: pa.Table) -> pa.Table:
+    """Integer-valued decimals (DuckDB's COUNT_IF and SUM widen to int128) and booleans -> int64."""
+    fields = []
+    for field in table.schema:
+        if (pa.types.is_decimal(field.type) and field.type.scale == 0) or pa.types.is_boolean(
+            field.type
+        ):
+            fields.append(pa.field(field.name, pa.int64()))
+        else:
+            fields.append(field)
+    return table.cast(pa.schema(fields))
+
+
+def training_sql(feature_sql: FeatureSql, mapping: Mapping[str, str]) -> str:
+    """The full training-set query with tables mapped."""
+    return map_tables(
+        assemble(
+            feature_sql.requests_training, feature_sql.layers, TRAINING_HEAD, feature_sql.label
+        ),
+        mapping,
+    )
+
+
+def scoring_sql(feature_sql: FeatureSql, mapping: Mapping[str, str]) -> str:
+    """The full scoring-set query with tables mapped."""
+    return map_tables(
+        assemble(feature_sql.requests_scoring, feature_sql.layers, SCORING_HEAD), mapping
+    )
+
+
+def build_training_table(
+    warehouse: Warehouse, as_of: date, settings: Settings | None = None
+) -> tuple[pa.Table, FeatureSql]:
+    """Training rows (one per matured charge) as of `as_of`, sorted by charge_id."""
+    settings = settings or get_settings()
+    feature_sql = load_feature_sql(settings)
+    sql = training_sql(feature_sql, table_mapping(settings))
+    table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
+    table = table.set_column(
+        table.schema.get_field_index("label_default"),
+        "label_default",
+        table["label_default"].cast(pa.int8()),
+    )
+    return table.sort_by("charge_id"), feature_sql
+
+
+def build_scoring_table(
+    warehouse: Warehouse, as_of: date, settings: Settings | None = None
+) -> tuple[pa.Table, FeatureSql]:
+    """Scoring rows (one per active user) with data up to the end of `as_of`, sorted by user_id."""
+    settings = settings or get_settings()
+    feature_sql = load_feature_sql(settings)
+    sql = scoring_sql(feature_sql, table_mapping(settings))
+    table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
+    return table.sort_by("user_id"), feature_sql

@@ -96,6 +96,52 @@ class Settings(BaseSettings):
     )
     # --- end daily sync and alerts ---
 
+    # --- monitoring (owner: monitoring; tasks/monitoring.py, flows/monitor.py) ---
+    # Each check has a warning level (Slack) and a critical level (PagerDuty); a value at or
+    # above the level opens an incident, alerted once until it clears.
+    monitor_window_minutes: int = Field(
+        default=15, description="Window over which failure and dead-letter rates are computed."
+    )
+    monitor_min_jobs: int = Field(
+        default=20, description="Fewer finished jobs than this in the window: rates are not judged."
+    )
+    monitor_queue_depth_warning: int = Field(default=5_000, description="Queued jobs: warning.")
+    monitor_queue_depth_critical: int = Field(default=50_000, description="Queued jobs: critical.")
+    monitor_oldest_queued_warning_seconds: float = Field(
+        default=60.0, description="Age of the oldest runnable queued job: warning."
+    )
+    monitor_oldest_queued_critical_seconds: float = Field(
+        default=300.0, description="Age of the oldest runnable queued job: critical."
+    )
+    monitor_failure_rate_warning: float = Field(
+        default=0.02, description="Share of jobs that failed an attempt in the window: warning."
+    )
+    monitor_failure_rate_critical: float = Field(
+        default=0.10, description="Share of jobs that failed an attempt in the window: critical."
+    )
+    monitor_dead_letter_rate_warning: float = Field(
+        default=0.001, description="Share of finished jobs dead-lettered in the window: warning."
+    )
+    monitor_dead_letter_rate_critical: float = Field(
+        default=0.01, description="Share of finished jobs dead-lettered in the window: critical."
+    )
+    monitor_sync_age_warning_hours: float = Field(
+        default=30.0, description="Hours since the last successful sync finished: warning."
+    )
+    monitor_sync_age_critical_hours: float = Field(
+        default=54.0, description="Hours since the last successful sync finished: critical."
+    )
+    monitor_feature_age_warning_hours: float = Field(
+        default=30.0, description="Hours since the newest scoring dataset was built: warning."
+    )
+    monitor_feature_age_critical_hours: float = Field(
+        default=54.0, description="Hours since the newest scoring dataset was built: critical."
+    )
+    monitor_psi_warning: float = Field(default=0.10, description="PSI of a feature or the score: warning.")
+    monitor_psi_critical: float = Field(default=0.25, description="PSI of a feature or the score: critical.")
+    monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
+    # --- end monitoring ---
+
     # --- worker (owner: worker; worker/, `paylater worker`) ---
     # The job queue lives in PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY): no SQLite fallback.
     worker_database_url: str | None = Field(

@@ -1,0 +1,74 @@
+"""Every 5 minutes: queue, worker failures, sync and feature freshness; alert once per incident."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from paylater.settings import get_settings
+from tasks.monitoring import (
+    CheckResult,
+    Notification,
+    ensure_incident_table,
+    judge,
+    measure_all,
+    open_queue_db,
+    reconcile,
+    status_json,
+    utc_now,
+)
+
+
+def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """The monitor's own failure pages like any other flow's (tasks.alerts hook)."""
+    from tasks.alerts import alert_on_failure as hook
+
+    hook(flow, flow_run, state)
+
+
+@task
+def run_checks(now: datetime) -> list[CheckResult]:
+    """Measure everything and judge it against the configured thresholds."""
+    settings = get_settings()
+    engine = open_queue_db(settings)
+    try:
+        return judge(measure_all(settings, engine, now), settings)
+    finally:
+        engine.dispose()
+
+
+@task
+def update_incidents(results: list[CheckResult], now: datetime) -> list[Notification]:
+    """Open, escalate or resolve incidents; returns only the notifications this run owes."""
+    engine = open_queue_db(get_settings())
+    try:
+        ensure_incident_table(engine)
+        return reconcile(engine, results, now)
+    finally:
+        engine.dispose()
+
+
+@task
+def send(notifications: list[Notification]) -> int:
+    """Deliver through tasks.alerts.notify (Slack for warnings, PagerDuty too for critical)."""
+    from tasks.alerts import notify
+
+    for n in notifications:
+        notify(n.subject, n.body, severity=n.severity, dedup_key=n.dedup_key)
+    return len(notifications)
+
+
+@flow(name="monitor", on_failure=[alert_on_failure])
+def monitor() -> list[CheckResult]:
+    """Check the system, update incident state, and alert on what opened or cleared."""
+    now = utc_now()
+    results = run_checks(now)
+    sent = send(update_incidents(results, now))
+    get_run_logger().info("%d notification(s) sent; checks:\n%s", sent, status_json(results))
+    return results
+
+
+if __name__ == "__main__":
+    monitor()

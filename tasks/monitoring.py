@@ -1,0 +1,353 @@
+"""Operational checks (queue, worker failures, sync and feature freshness) and incident state.
+
+A check turns a measurement into a level ('ok', 'warning', 'critical', or 'unknown' when it could
+not be measured) against thresholds from settings. Incidents live in the `monitor_incidents`
+table of the queue database, so deduplication holds across runs and across processes: an alert
+goes out when an incident opens (or escalates to critical), a RESOLVED notice when it clears, and
+nothing while it lasts. An 'unknown' level leaves the incident as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from paylater.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).parent / "sql" / "monitoring"
+LEVELS = ("ok", "warning", "critical")
+
+
+@cache
+def load_sql(name: str) -> str:
+    """The text of tasks/sql/monitoring/<name>.sql."""
+    return (SQL_DIR / f"{name}.sql").read_text()
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Warning and critical levels of one check (a value at or above a level reaches it)."""
+
+    warning: float
+    critical: float
+    unit: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured value; `value` None when it could not be measured (`detail` says why)."""
+
+    check: str
+    value: float | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A measurement judged against its threshold."""
+
+    check: str
+    level: str  # 'ok' | 'warning' | 'critical' | 'unknown'
+    value: float | None
+    threshold: Threshold
+    summary: str
+
+
+@dataclass(frozen=True)
+class Notification:
+    """What to send through tasks.alerts.notify."""
+
+    subject: str
+    body: str
+    severity: str  # 'critical' (PagerDuty), 'warning' (Slack), 'resolved'
+    dedup_key: str
+
+
+def thresholds(settings: Settings) -> dict[str, Threshold]:
+    """Every check's thresholds, read from settings (hours shown as seconds internally)."""
+    s = settings
+    return {
+        "queue_depth": Threshold(
+            s.monitor_queue_depth_warning, s.monitor_queue_depth_critical, "jobs"
+        ),
+        "oldest_queued_age": Threshold(
+            s.monitor_oldest_queued_warning_seconds, s.monitor_oldest_queued_critical_seconds, "s"
+        ),
+        "failure_rate": Threshold(
+            s.monitor_failure_rate_warning, s.monitor_failure_rate_critical, "ratio"
+        ),
+        "dead_letter_rate": Threshold(
+            s.monitor_dead_letter_rate_warning, s.monitor_dead_letter_rate_critical, "ratio"
+        ),
+        "sync_age": Threshold(
+            s.monitor_sync_age_warning_hours * 3600, s.monitor_sync_age_critical_hours * 3600, "s"
+        ),
+        "feature_build_age": Threshold(
+            s.monitor_feature_age_warning_hours * 3600,
+            s.monitor_feature_age_critical_hours * 3600,
+            "s",
+        ),
+    }
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """A value for humans: seconds as minutes/hours, ratios as percent."""
+    if value is None:
+        return "unknown"
+    if unit == "s":
+        return f"{value / 3600:.1f} h" if value >= 3600 else f"{value:.0f} s"
+    if unit == "ratio":
+        return f"{value:.2%}"
+    return f"{value:g} {unit}"
+
+
+def evaluate(measurement: Measurement, threshold: Threshold) -> CheckResult:
+    """Judge one measurement: the highest level whose threshold the value reaches."""
+    value = measurement.value
+    if value is None:
+        level = "unknown"
+    elif value >= threshold.critical:
+        level = "critical"
+    elif value >= threshold.warning:
+        level = "warning"
+    else:
+        level = "ok"
+    limit = {"critical": threshold.critical, "warning": threshold.warning}.get(level)
+    summary = f"{measurement.check} = {format_value(value, threshold.unit)}"
+    if limit is not None:
+        summary += f" (>= {level} threshold {format_value(limit, threshold.unit)})"
+    if measurement.detail:
+        summary += f"; {measurement.detail}"
+    return CheckResult(measurement.check, level, value, threshold, summary)
+
+
+# --- measurements -------------------------------------------------------------------------
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A database URL SQLAlchemy opens with psycopg 3 (postgresql://…) or the stdlib (sqlite:///…)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def open_queue_db(settings: Settings) -> sa.Engine:
+    """The database holding the job queue and the incident table (the worker's queue database)."""
+    url = settings.worker_database_url or settings.source
+    return sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
+
+
+def measure_queue(
+    engine: sa.Engine, now: datetime, window_minutes: int, min_jobs: int
+) -> list[Measurement]:
+    """Queue depth, oldest runnable queued job's age, and failure/dead-letter rates over a window."""
+    checks = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
+    if not sa.inspect(engine).has_table("scoring_jobs"):
+        return [Measurement(c, None, "no scoring_jobs table in the queue database") for c in checks]
+    since = now - timedelta(minutes=window_minutes)
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(load_sql("queue_stats")), {"now": now, "since": since}).one()
+    oldest = row.oldest_queued_at
+    age = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0
+    finished = int(row.finished_in_window or 0)
+    window = f"{finished} jobs finished in the last {window_minutes} min"
+    if finished < min_jobs:
+        reason = f"only {window} (< {min_jobs}): rate not judged"
+        failure = Measurement("failure_rate", None, reason)
+        dead = Measurement("dead_letter_rate", None, reason)
+    else:
+        failure = Measurement("failure_rate", int(row.failed_in_window) / finished, window)
+        dead = Measurement("dead_letter_rate", int(row.dead_in_window) / finished, window)
+    return [
+        Measurement("queue_depth", float(row.queue_depth or 0)),
+        Measurement("oldest_queued_age", age, "" if oldest is not None else "queue empty"),
+        failure,
+        dead,
+    ]
+
+
+def as_utc(moment: datetime | str) -> datetime:
+    """A timestamp from PostgreSQL, SQLite (ISO text) or DuckDB as an aware UTC datetime."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def measure_sync_age(warehouse_url: str, now: datetime) -> Measurement:
+    """Seconds since the newest fully successful sync (every ledger row of its as_of succeeded)."""
+    from tasks.warehouse import open_warehouse
+
+    try:
+        warehouse = open_warehouse(warehouse_url)
+    except Exception as exc:  # a warehouse busy with a sync must not crash the monitor
+        return Measurement("sync_age", None, f"warehouse not readable: {exc}")
+    try:
+        if not warehouse.table_exists("sync_ledger"):
+            return Measurement("sync_age", None, "no sync_ledger table yet (no sync has run)")
+        rows = warehouse.query_arrow(load_sql("sync_last_success")).to_pylist()
+    finally:
+        warehouse.close()
+    if not rows or rows[0]["finished_at"] is None:
+        return Measurement("sync_age", None, "no fully successful sync in the ledger")
+    finished = as_utc(rows[0]["finished_at"])
+    return Measurement(
+        "sync_age",
+        (now - finished).total_seconds(),
+        f"last successful sync as_of {rows[0]['as_of']} finished {finished:%Y-%m-%d %H:%M} UTC",
+    )
+
+
+def measure_feature_age(
+    newest_manifest: Callable[[], dict[str, Any] | None], now: datetime
+) -> Measurement:
+    """Seconds since the newest scoring dataset was built (manifest's build time or watermark)."""
+    try:
+        manifest = newest_manifest()
+    except Exception as exc:
+        return Measurement("feature_build_age", None, f"dataset manifests not readable: {exc}")
+    if manifest is None:
+        return Measurement("feature_build_age", None, "no scoring dataset built yet")
+    built = manifest_built_at(manifest)
+    if built is None:
+        return Measurement("feature_build_age", None, "newest manifest has no build time")
+    return Measurement(
+        "feature_build_age",
+        (now - built).total_seconds(),
+        f"newest scoring dataset as_of {manifest.get('as_of')} built {built:%Y-%m-%d %H:%M} UTC",
+    )
+
+
+def manifest_built_at(manifest: dict[str, Any]) -> datetime | None:
+    """When a dataset was built: its created/built time, else its source watermark."""
+    for key in ("created_at", "built_at", "written_at", "source_watermark"):
+        value = manifest.get(key)
+        if value:
+            return as_utc(value if isinstance(value, datetime) else str(value))
+    return None
+
+
+# --- incidents ----------------------------------------------------------------------------
+
+
+def ensure_incident_table(engine: sa.Engine) -> None:
+    """Create monitor_incidents when missing."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(load_sql("incidents_ddl")))
+
+
+def open_incidents(engine: sa.Engine) -> list[dict[str, Any]]:
+    """Every open incident, as dicts."""
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.text(load_sql("incidents_open")))]
+
+
+def dedup_key(check: str) -> str:
+    """The key an incident keeps in PagerDuty/Slack from opening to resolution."""
+    return f"paylater-monitor/{check}"
+
+
+def reconcile(
+    engine: sa.Engine, results: Iterable[CheckResult], now: datetime
+) -> list[Notification]:
+    """Update incident state from check results; return the notifications this run owes."""
+    owed: list[Notification] = []
+    for result in results:
+        if result.level == "unknown":
+            continue
+        params = {
+            "check_name": result.check,
+            "severity": result.level,
+            "value": result.value,
+            "summary": result.summary,
+            "now": now,
+        }
+        with engine.begin() as conn:
+            if result.level == "ok":
+                gone = conn.execute(sa.text(load_sql("incident_resolve")), params).first()
+                if gone is not None:
+                    owed.append(resolved_notice(result, as_utc(gone.opened_at), now))
+                continue
+            opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
+            escalated = None
+            if opened is None:
+                escalated = conn.execute(sa.text(load_sql("incident_escalate")), params).first()
+                conn.execute(sa.text(load_sql("incident_touch")), params)
+            if opened is not None or escalated is not None:
+                owed.append(firing_notice(result, escalated=escalated is not None))
+    return owed
+
+
+def firing_notice(result: CheckResult, escalated: bool = False) -> Notification:
+    """The alert sent when an incident opens or escalates."""
+    tag = "ESCALATED" if escalated else "FIRING"
+    return Notification(
+        subject=f"[{tag}] paylater {result.level}: {result.check}",
+        body=result.summary,
+        severity=result.level,
+        dedup_key=dedup_key(result.check),
+    )
+
+
+def resolved_notice(result: CheckResult, opened_at: datetime, now: datetime) -> Notification:
+    """The notice sent once when an incident clears."""
+    lasted = max(0.0, (now - opened_at).total_seconds())
+    return Notification(
+        subject=f"[RESOLVED] paylater: {result.check}",
+        body=f"{result.summary}; open for {format_value(lasted, 's')}",
+        severity="resolved",
+        dedup_key=dedup_key(result.check),
+    )
+
+
+def status_json(results: Iterable[CheckResult]) -> str:
+    """Check results as JSON (for logs and artifacts)."""
+    return json.dumps(
+        [
+            {"check": r.check, "level": r.level, "value": r.value, "summary": r.summary}
+            for r in results
+        ],
+        indent=1,
+    )
+
+
+def utc_now() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+def newest_scoring_manifest(settings: Settings) -> dict[str, Any] | None:
+    """The manifest of the newest complete scoring dataset, as a dict (None when there is none)."""
+    from dataclasses import asdict
+
+    from tasks.datasets import available_as_ofs, read_manifest
+    from tasks.storage import open_storage
+
+    storage = open_storage(settings.datasets, settings)
+    dates = available_as_ofs(storage, "scoring")
+    return asdict(read_manifest(storage, "scoring", dates[-1])) if dates else None
+
+
+def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Measurement]:
+    """Every operational measurement the monitor judges."""
+    return [
+        *measure_queue(engine, now, settings.monitor_window_minutes, settings.monitor_min_jobs),
+        measure_sync_age(settings.warehouse, now),
+        measure_feature_age(lambda: newest_scoring_manifest(settings), now),
+    ]
+
+
+def judge(measurements: Iterable[Measurement], settings: Settings) -> list[CheckResult]:
+    """Evaluate each measurement against its configured thresholds."""
+    limits = thresholds(settings)
+    return [evaluate(m, limits[m.check]) for m in measurements]

@@ -1,0 +1,2 @@
+SELECT check_name, severity, peak_severity, value, summary, opened_at, last_seen_at
+FROM monitor_incidents ORDER BY check_name

@@ -1,0 +1,2 @@
+-- Production scores of the last day(s), the current side of the daily score PSI.
+SELECT probability FROM scoring_results WHERE scored_at >= :since

@@ -1,0 +1,208 @@
+"""Checks against a real PostgreSQL queue and a DuckDB ledger; incident deduplication across engines."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+
+from paylater.settings import Settings
+from tasks.monitoring import (
+    CheckResult,
+    Measurement,
+    Threshold,
+    ensure_incident_table,
+    evaluate,
+    judge,
+    manifest_built_at,
+    measure_feature_age,
+    measure_queue,
+    measure_sync_age,
+    open_incidents,
+    reconcile,
+    sqlalchemy_url,
+    thresholds,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+
+
+def engine_for(url: str) -> sa.Engine:
+    """A NullPool engine like the monitor's."""
+    return sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
+
+
+def add_job(conn: psycopg.Connection, status: str, created: datetime, **cols: object) -> None:
+    """One scoring job with explicit times (the worker's DDL defaults them to now())."""
+    values = {"status": status, "created_at": created, "updated_at": created, "run_after": created}
+    values.update(cols)
+    names = ", ".join(["user_id", "payload", *values])
+    marks = ", ".join(["1", "'{\"amount_jpy\": 5000}'", *["%s"] * len(values)])
+    conn.execute(f"INSERT INTO scoring_jobs ({names}) VALUES ({marks})", list(values.values()))
+
+
+def test_evaluate_levels_and_summary() -> None:
+    limit = Threshold(60, 300, "s")
+    assert evaluate(Measurement("oldest_queued_age", 59.0), limit).level == "ok"
+    assert evaluate(Measurement("oldest_queued_age", 60.0), limit).level == "warning"
+    critical = evaluate(Measurement("oldest_queued_age", 400.0), limit)
+    assert critical.level == "critical" and ">= critical threshold 300 s" in critical.summary
+    assert evaluate(Measurement("oldest_queued_age", None, "why"), limit).level == "unknown"
+    s = Settings(monitor_sync_age_warning_hours=2, monitor_sync_age_critical_hours=3)
+    assert thresholds(s)["sync_age"] == Threshold(7200, 10800, "s")
+
+
+def test_measure_queue_on_the_worker_tables(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        add_job(conn, "queued", NOW - timedelta(seconds=90))  # due, oldest
+        add_job(
+            conn, "queued", NOW - timedelta(hours=2), run_after=NOW + timedelta(minutes=1)
+        )  # backoff
+        add_job(
+            conn, "running", NOW - timedelta(seconds=30), lease_until=NOW - timedelta(seconds=1)
+        )
+        for _ in range(16):
+            add_job(conn, "done", NOW - timedelta(minutes=1))
+        add_job(conn, "failed", NOW - timedelta(minutes=2))
+        add_job(conn, "dead", NOW - timedelta(minutes=3))
+        add_job(conn, "dead", NOW - timedelta(hours=3))  # outside the window
+    engine = engine_for(pg_url)
+    got = {m.check: m for m in measure_queue(engine, NOW, window_minutes=15, min_jobs=10)}
+    assert got["queue_depth"].value == 2
+    assert got["oldest_queued_age"].value == pytest.approx(90.0)
+    assert got["failure_rate"].value == pytest.approx(2 / 18)
+    assert got["dead_letter_rate"].value == pytest.approx(1 / 18)
+    sparse = {m.check: m for m in measure_queue(engine, NOW, window_minutes=15, min_jobs=100)}
+    assert sparse["failure_rate"].value is None and "not judged" in sparse["failure_rate"].detail
+    engine.dispose()
+
+
+def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:
+    engine = engine_for(pg_url)
+    assert {m.value for m in measure_queue(engine, NOW, 15, 1)} == {None}
+    engine.dispose()
+
+
+def ledger(rows: list[tuple[str, date, str, datetime]]) -> pa.Table:
+    """sync_ledger rows with the contract's columns."""
+    n = len(rows)
+    return pa.table(
+        {
+            "table_name": [r[0] for r in rows],
+            "as_of": pa.array([r[1] for r in rows], pa.date32()),
+            "mode": ["incremental"] * n,
+            "watermark_from": pa.array([None] * n, pa.timestamp("us", tz="UTC")),
+            "watermark_to": pa.array([r[3] for r in rows], pa.timestamp("us", tz="UTC")),
+            "rows_extracted": pa.array([1] * n, pa.int64()),
+            "rows_loaded": pa.array([1] * n, pa.int64()),
+            "warehouse_rows": pa.array([1] * n, pa.int64()),
+            "duration_seconds": pa.array([0.5] * n, pa.float64()),
+            "status": [r[2] for r in rows],
+            "error": pa.array([None] * n, pa.string()),
+            "finished_at": pa.array([r[3] for r in rows], pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+def test_sync_age_is_the_newest_fully_successful_day(tmp_path: Path) -> None:
+    from tasks.warehouse import open_warehouse
+
+    url = f"duckdb:///{tmp_path / 'wh.duckdb'}"
+    assert measure_sync_age(url, NOW).value is None  # no ledger yet
+    wh = open_warehouse(url)
+    ok_at = NOW - timedelta(hours=40)
+    wh.replace_table(
+        "sync_ledger",
+        ledger(
+            [
+                ("users", date(2026, 11, 25), "succeeded", ok_at - timedelta(minutes=5)),
+                ("topups", date(2026, 11, 25), "succeeded", ok_at),
+                ("users", date(2026, 11, 26), "succeeded", NOW - timedelta(hours=2)),
+                ("topups", date(2026, 11, 26), "failed", NOW - timedelta(hours=2)),
+            ]
+        ),
+    )
+    wh.close()
+    got = measure_sync_age(url, NOW)
+    assert got.value == pytest.approx(40 * 3600) and "2026-11-25" in got.detail
+
+
+def test_feature_age_from_the_newest_manifest() -> None:
+    built = {"as_of": "2026-11-26", "built_at": (NOW - timedelta(hours=3)).isoformat()}
+    assert measure_feature_age(lambda: built, NOW).value == pytest.approx(3 * 3600)
+    assert manifest_built_at({"source_watermark": "2026-11-26T15:00:00+00:00"}) == datetime(
+        2026, 11, 26, 15, tzinfo=UTC
+    )
+    assert measure_feature_age(lambda: None, NOW).value is None
+
+    def broken() -> None:
+        raise OSError("bucket unreachable")
+
+    assert "bucket unreachable" in measure_feature_age(broken, NOW).detail
+
+
+def result(level: str, value: float = 1.0, check: str = "oldest_queued_age") -> CheckResult:
+    """A judged check at `level`."""
+    return CheckResult(check, level, value, Threshold(60, 300, "s"), f"{check} {level}")
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_incident_alerts_once_escalates_once_and_resolves_once(
+    backend: str, pg_url: str, tmp_path: Path
+) -> None:
+    url = pg_url if backend == "postgres" else f"sqlite:///{tmp_path / 'source.db'}"
+    engine = engine_for(url)
+    ensure_incident_table(engine)
+    ensure_incident_table(engine)  # idempotent
+    first = reconcile(engine, [result("warning"), result("ok", check="queue_depth")], NOW)
+    assert [(n.subject, n.severity) for n in first] == [
+        ("[FIRING] paylater warning: oldest_queued_age", "warning")
+    ]
+    assert reconcile(engine, [result("warning")], NOW + timedelta(minutes=5)) == []
+    assert reconcile(engine, [result("unknown")], NOW + timedelta(minutes=6)) == []
+    escalated = reconcile(engine, [result("critical")], NOW + timedelta(minutes=10))
+    assert [n.severity for n in escalated] == ["critical"] and "ESCALATED" in escalated[0].subject
+    assert reconcile(engine, [result("warning")], NOW + timedelta(minutes=15)) == []  # silent
+    assert reconcile(engine, [result("critical")], NOW + timedelta(minutes=20)) == []
+    assert open_incidents(engine)[0]["severity"] == "critical"
+    resolved = reconcile(engine, [result("ok")], NOW + timedelta(minutes=25))
+    assert [n.severity for n in resolved] == ["resolved"]
+    assert "open for 1500 s" in resolved[0].body
+    assert resolved[0].dedup_key == first[0].dedup_key
+    assert reconcile(engine, [result("ok")], NOW + timedelta(minutes=30)) == []
+    assert open_incidents(engine) == []
+    engine.dispose()
+
+
+def test_concurrent_monitors_alert_once(pg_url: str) -> None:
+    ensure_incident_table(engine_for(pg_url))
+    barrier = threading.Barrier(4)
+    sent: list[int] = []
+
+    def one_monitor() -> None:
+        engine = engine_for(pg_url)  # own engine and connection, like another process
+        barrier.wait()
+        sent.append(len(reconcile(engine, [result("critical")], NOW)))
+        barrier.wait()
+        sent.append(len(reconcile(engine, [result("ok")], NOW + timedelta(minutes=5))))
+        engine.dispose()
+
+    threads = [threading.Thread(target=one_monitor) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(sent) == 2  # one FIRING, one RESOLVED among four racing monitors
+
+
+def test_judge_uses_settings_thresholds() -> None:
+    settings = Settings(monitor_queue_depth_warning=10, monitor_queue_depth_critical=20)
+    (got,) = judge([Measurement("queue_depth", 15.0)], settings)
+    assert got.level == "warning"

@@ -2,6 +2,72 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="Synthetic source data: generate, advance.")
+
+
+def _fail(message: str) -> None:
+    """One clear error line, exit code 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command("generate")
+def generate_command(
+    users: int = typer.Option(1000, "--users", min=1, help="Users in the simulated world."),
+    months: int = typer.Option(12, "--months", min=1, help="Months of history to simulate."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: PAYLATER_SEED)."),
+    end_date: str | None = typer.Option(
+        None,
+        "--end-date",
+        help="Last simulated business day, YYYY-MM-DD (default: yesterday in Tokyo).",
+    ),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a source that holds data."),
+) -> None:
+    """Simulate M months of history for N users into the source DB, the warehouse and the truth folder."""
+    from datagen.load import SourceNotEmpty
+    from datagen.pipeline import generate_into
+    from paylater.settings import get_settings
+    from paylater.timeutil import resolve_as_of
+
+    settings = get_settings()
+    try:
+        last_day: date = resolve_as_of(end_date)
+        report = generate_into(
+            users=users,
+            months=months,
+            seed=settings.seed if seed is None else seed,
+            end_date=last_day,
+            zone=settings.timezone,
+            source_url=settings.source,
+            warehouse_url=settings.warehouse,
+            truth_dir=settings.truth_dir,
+            replace=replace,
+        )
+    except (SourceNotEmpty, ValueError) as exc:
+        _fail(str(exc))
+        return
+    for line in report.lines():
+        typer.echo(line)
+
+
+@app.command("advance")
+def advance_command(
+    days: int = typer.Option(1, "--days", min=1, help="Business days to add after the latest one."),
+) -> None:
+    """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
+    from datagen.load import SourceNotEmpty
+    from datagen.pipeline import advance_into
+    from paylater.settings import get_settings
+
+    settings = get_settings()
+    try:
+        report = advance_into(days, settings.source, settings.warehouse, settings.truth_dir)
+    except (SourceNotEmpty, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    for line in report.lines():
+        typer.echo(line)

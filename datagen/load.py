@@ -1,0 +1,232 @@
+"""Bulk loading of generated rows: COPY into PostgreSQL, Arrow ingest into SQLite, partitions into the warehouse."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+from datetime import date
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from datagen.tables import SOURCE_SCHEMAS
+
+_ROOT = Path(__file__).resolve().parent
+_SCHEMA_DIR = _ROOT.parent / "schema"
+_SQL_DIR = _ROOT / "sql"
+SOURCE_TABLES = ("users", "card_transactions", "topups", "deferred_charges")
+_COPY_BATCH_ROWS = 250_000
+
+
+class SourceNotEmpty(RuntimeError):
+    """The source database already holds data and replacing it was not asked for."""
+
+
+def _sql(name: str) -> str:
+    """A statement from datagen/sql (positional `?` parameters), comments stripped."""
+    text = (_SQL_DIR / f"{name}.sql").read_text()
+    return "\n".join(line for line in text.splitlines() if not line.startswith("--")).strip()
+
+
+def _check_table(table: str) -> str:
+    """Only the four known source tables may be spliced into SQL."""
+    if table not in SOURCE_SCHEMAS:
+        raise ValueError(f"{table!r} is not a source table ({', '.join(SOURCE_TABLES)})")
+    return table
+
+
+class SourceDB(Protocol):
+    """What the generator needs from the operational database."""
+
+    url: str
+
+    def ensure_schema(self) -> None: ...
+    def row_counts(self) -> dict[str, int]: ...
+    def clear(self) -> None: ...
+    def append(self, table: str, data: pa.Table) -> None: ...
+    def update(self, table: str, data: pa.Table) -> None: ...
+    def commit(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_source(url: str) -> SourceDB:
+    """Connect to sqlite:///path or postgresql://... (SQLAlchemy-style URLs)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError(
+            f"source URL {url!r} has no scheme: use sqlite:///path or postgresql://..."
+        )
+    kind = scheme.split("+", 1)[0]
+    if kind == "sqlite":
+        return SqliteSource(url)
+    if kind in ("postgresql", "postgres"):
+        return PostgresSource(url)
+    raise ValueError(f"source URL {url!r} is of unknown kind {scheme!r}: use sqlite or postgresql")
+
+
+def _to_sqlite_types(data: pa.Table) -> pa.Table:
+    """Timestamps to fixed-width ISO-8601 UTC text and dates to 'YYYY-MM-DD', as source_sqlite.sql says."""
+    columns = []
+    for col, fld in zip(data.columns, data.schema, strict=True):
+        if pa.types.is_timestamp(fld.type):
+            col = pc.strftime(col, format="%Y-%m-%dT%H:%M:%S+00:00")
+        elif pa.types.is_date(fld.type):
+            col = col.cast(pa.string())
+        columns.append(col)
+    return pa.Table.from_arrays(columns, names=data.column_names)
+
+
+class SqliteSource:
+    """The embedded SQLite source, written through ADBC (Arrow in, no per-row Python)."""
+
+    def __init__(self, url: str) -> None:
+        import adbc_driver_sqlite.dbapi
+
+        path = url.split("://", 1)[1]
+        path = path[1:] if path.startswith("/") else path  # sqlite:///rel, sqlite:////abs
+        if not path:
+            raise ValueError(f"source URL {url!r} names no SQLite file")
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.conn = adbc_driver_sqlite.dbapi.connect(path)
+
+    def ensure_schema(self) -> None:
+        """Create the source tables if missing."""
+        script = (_SCHEMA_DIR / "source_sqlite.sql").read_text()
+        with self.conn.cursor() as cur:
+            for statement in _statements(script):
+                cur.execute(statement)
+        self.conn.commit()
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per source table."""
+        counts = {}
+        with self.conn.cursor() as cur:
+            for table in SOURCE_TABLES:
+                cur.execute(f"SELECT count(*) FROM {_check_table(table)}")
+                row = cur.fetchone()
+                counts[table] = int(row[0]) if row else 0
+        return counts
+
+    def clear(self) -> None:
+        """Delete every row of the source tables (same transaction as the load that follows)."""
+        with self.conn.cursor() as cur:
+            for table in SOURCE_TABLES:
+                cur.execute(f"DELETE FROM {_check_table(table)}")
+
+    def append(self, table: str, data: pa.Table) -> None:
+        """Bulk insert Arrow rows."""
+        if data.num_rows:
+            with self.conn.cursor() as cur:
+                cur.adbc_ingest(_check_table(table), _to_sqlite_types(data), mode="append")
+
+    def update(self, table: str, data: pa.Table) -> None:
+        """Apply status changes: `data` columns in the order of datagen/sql/update_<table>.sql."""
+        if data.num_rows:
+            with self.conn.cursor() as cur:
+                cur.executemany(_sql(f"update_{_check_table(table)}"), _to_sqlite_types(data))
+
+    def commit(self) -> None:
+        """Commit the open transaction."""
+        self.conn.commit()
+
+    def close(self) -> None:
+        """Close the connection (uncommitted work is rolled back)."""
+        self.conn.close()
+
+
+class PostgresSource:
+    """PostgreSQL through psycopg: COPY (CSV written by Arrow) for inserts, batched updates."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        rest = url.split("://", 1)[1]
+        self.url = url
+        self.conn = psycopg.connect("postgresql://" + rest)
+
+    def ensure_schema(self) -> None:
+        """Create the source tables if missing."""
+        self.conn.execute((_SCHEMA_DIR / "source_postgres.sql").read_text())
+        self.conn.commit()
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per source table."""
+        counts = {}
+        for table in SOURCE_TABLES:
+            row = self.conn.execute(f"SELECT count(*) FROM {_check_table(table)}").fetchone()
+            counts[table] = int(row[0]) if row else 0
+        return counts
+
+    def clear(self) -> None:
+        """Empty the source tables (same transaction as the load that follows)."""
+        self.conn.execute("TRUNCATE " + ", ".join(_check_table(t) for t in SOURCE_TABLES))
+
+    def append(self, table: str, data: pa.Table) -> None:
+        """COPY Arrow rows in as CSV, a batch at a time (memory stays flat)."""
+        if not data.num_rows:
+            return
+        columns = ", ".join(data.column_names)
+        options = pacsv.WriteOptions(include_header=False, batch_size=_COPY_BATCH_ROWS)
+        statement = f"COPY {_check_table(table)} ({columns}) FROM STDIN (FORMAT csv)"
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
+            for batch in data.to_batches(max_chunksize=_COPY_BATCH_ROWS):
+                buffer = io.BytesIO()
+                pacsv.write_csv(batch, buffer, options)
+                copy.write(buffer.getbuffer())
+
+    def update(self, table: str, data: pa.Table) -> None:
+        """Apply status changes: `data` columns in the order of datagen/sql/update_<table>.sql."""
+        if data.num_rows:
+            statement = _sql(f"update_{_check_table(table)}").replace("?", "%s")
+            with self.conn.cursor() as cur:
+                cur.executemany(statement, _rows(data))
+
+    def commit(self) -> None:
+        """Commit the open transaction."""
+        self.conn.commit()
+
+    def close(self) -> None:
+        """Close the connection (uncommitted work is rolled back)."""
+        self.conn.close()
+
+
+def _rows(data: pa.Table) -> list[tuple[Any, ...]]:
+    """Rows as tuples (only for the small daily update sets)."""
+    return list(zip(*(col.to_pylist() for col in data.columns), strict=True))
+
+
+def _statements(script: str) -> Iterable[str]:
+    """Split a DDL script on semicolons (the schema files hold no procedural code)."""
+    without_comments = re.sub(r"--[^\n]*", "", script)
+    return [s.strip() for s in without_comments.split(";") if s.strip()]
+
+
+def write_app_event_days(warehouse: Any, days: Iterable[tuple[date, pa.Table]]) -> int:
+    """Replace the app_events partition of each business day (idempotent); returns rows written."""
+    written = 0
+    for day, table in days:
+        warehouse.replace_partition("app_events", "event_date", day, table)
+        written += table.num_rows
+    return written
+
+
+def split_by_day(app_events: pa.Table) -> list[tuple[date, pa.Table]]:
+    """One table per event_date."""
+    if app_events.num_rows == 0:
+        return []
+    days = pc.unique(app_events.column("event_date")).to_pylist()
+    return [
+        (
+            day,
+            app_events.filter(
+                pc.equal(app_events.column("event_date"), pa.scalar(day, pa.date32()))
+            ),
+        )
+        for day in sorted(days)
+    ]

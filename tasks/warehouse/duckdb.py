@@ -72,10 +72,10 @@ class DuckDBWarehouse:
 
     def table_exists(self, table: str) -> bool:
         """Whether `table` exists in the main schema."""
-        row = self.conn.execute(
+        rows = self.conn.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-        ).fetchone()
-        return bool(row and row[0])
+        ).fetchall()  # fetchall: DuckDB 2 keeps a half-read result open and refuses other work
+        return bool(rows and rows[0][0])
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -1,0 +1,422 @@
+"""Daily sync on a real PostgreSQL and a SQLite source into DuckDB: windows, merges, idempotency,
+crash recovery, count checks and configuration errors."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from tasks import sync
+from tasks.extract import open_source
+from tasks.sync import (
+    ConfigError,
+    CountMismatch,
+    SourceUnavailable,
+    SyncIncomplete,
+    check_ledger,
+    configured_tables,
+    ledger_watermark,
+    sync_table,
+    validate_configured_tables,
+    validate_tables,
+)
+from tasks.warehouse import Warehouse, WarehouseError, open_warehouse
+
+ROOT = Path(__file__).resolve().parents[2]
+D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
+
+
+def utc(text: str) -> datetime:
+    """A UTC instant from 'YYYY-MM-DD HH:MM'."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def user(uid: int, at: str) -> dict[str, Any]:
+    """A users row updated at `at`."""
+    return {
+        "user_id": uid,
+        "signed_up_at": utc(at),
+        "birth_year": 1990,
+        "prefecture": "Tokyo",
+        "identity_verified_at": None,
+        "status": "active",
+        "updated_at": utc(at),
+    }
+
+
+def charge(cid: int, at: str, status: str = "outstanding", repaid: str | None = None):
+    """A deferred_charges row requested (and last updated) at `at`."""
+    return {
+        "charge_id": cid,
+        "user_id": 1,
+        "requested_at": utc(at),
+        "amount_jpy": 3000,
+        "fee_jpy": 300,
+        "due_date": date(2026, 12, 27),
+        "status": status,
+        "repaid_at": utc(repaid) if repaid else None,
+        "days_late": 0 if repaid else None,
+        "updated_at": utc(repaid or at),
+    }
+
+
+def txn(tid: int, at: str) -> dict[str, Any]:
+    """A card_transactions row."""
+    return {
+        "transaction_id": tid,
+        "user_id": 1,
+        "authorized_at": utc(at),
+        "amount_jpy": 500,
+        "merchant_id": 7,
+        "merchant_category": "grocery",
+        "channel": "in_store",
+        "status": "settled",
+        "updated_at": utc(at),
+    }
+
+
+def topup(tid: int, at: str) -> dict[str, Any]:
+    """A topups row."""
+    return {
+        "topup_id": tid,
+        "user_id": 1,
+        "topped_up_at": utc(at),
+        "amount_jpy": 10000,
+        "method": "bank",
+        "updated_at": utc(at),
+    }
+
+
+class SourceDB:
+    """A real source database of either kind, written with plain SQL for the tests."""
+
+    def __init__(self, kind: str, url: str, path: Path | None = None) -> None:
+        self.kind, self.url, self.path = kind, url, path
+        ddl = (ROOT / f"schema/source_{kind}.sql").read_text()
+        if kind == "postgres":
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(ddl)
+        else:
+            with sqlite3.connect(str(path)) as conn:
+                conn.executescript(ddl)
+
+    def _value(self, value: Any) -> Any:
+        """SQLite stores times as ISO-8601 UTC text and dates as text."""
+        if self.kind == "sqlite" and isinstance(value, datetime):
+            return value.astimezone(UTC).isoformat(timespec="microseconds")
+        if self.kind == "sqlite" and isinstance(value, date):
+            return value.isoformat()
+        return value
+
+    def run(self, sql: str, rows: list[tuple]) -> None:
+        """Execute a statement for each parameter row."""
+        if self.kind == "postgres":
+            with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+        else:
+            with sqlite3.connect(str(self.path)) as conn:
+                conn.executemany(sql, rows)
+
+    def insert(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows (dicts with every column)."""
+        columns = list(rows[0])
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        self.run(sql, [tuple(self._value(r[c]) for c in columns) for r in rows])
+
+    def repay(self, charge_id: int, at: str) -> None:
+        """The application repaying a charge: status, repaid_at and updated_at change."""
+        self.run(
+            "UPDATE deferred_charges SET status = 'repaid', repaid_at = ?, days_late = 3, updated_at = ? WHERE charge_id = ?",
+            [(self._value(utc(at)), self._value(utc(at)), charge_id)],
+        )
+
+
+def seed(db: SourceDB) -> None:
+    """Two days of activity (business days D1 and D2 in Tokyo: 15:00 UTC boundaries)."""
+    db.insert("users", [user(1, "2026-11-19 02:00"), user(2, "2026-11-20 16:00")])
+    db.insert(
+        "deferred_charges",
+        [
+            charge(10, "2026-11-19 03:00"),
+            charge(11, "2026-11-20 14:59"),
+            charge(12, "2026-11-21 01:00"),
+        ],
+    )
+    db.insert("card_transactions", [txn(100, "2026-11-19 05:00"), txn(101, "2026-11-21 05:00")])
+    db.insert("topups", [topup(200, "2026-11-20 15:00")])
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def source_db(request: pytest.FixtureRequest, tmp_path: Path) -> SourceDB:
+    """An empty source database with the project schema: real PostgreSQL, or a SQLite file."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return SourceDB("postgres", url)
+    path = tmp_path / "source.db"
+    return SourceDB("sqlite", f"sqlite:///{path}", path)
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Iterator[Warehouse]:
+    """A DuckDB warehouse file."""
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'wh.duckdb'}")
+    yield wh
+    wh.close()
+
+
+def sync_all(db: SourceDB, wh: Warehouse, as_of: date) -> list[sync.TableResult]:
+    """Validate the default configuration against the source and sync every table."""
+    source = open_source(db.url)
+    try:
+        specs = validate_tables(source, configured_tables())
+        return [sync_table(source, wh, spec, as_of) for spec in specs]
+    finally:
+        source.close()
+
+
+def rows(wh: Warehouse, table: str, key: str) -> list[dict[str, Any]]:
+    """A warehouse table's rows ordered by key."""
+    return wh.query_arrow(f"SELECT * FROM {table} ORDER BY {key}").to_pylist()
+
+
+def digest(wh: Warehouse) -> str:
+    """A hash of every warehouse table's full contents (ledger without its timings)."""
+    h = hashlib.sha256()
+    listed = wh.conn.execute(  # type: ignore[attr-defined]
+        "SELECT table_name FROM information_schema.tables ORDER BY table_name"
+    ).fetchall()
+    for (name,) in listed:
+        data = wh.query_arrow(f"SELECT * FROM {name}")
+        if name == "sync_ledger":
+            data = data.drop_columns(["duration_seconds", "finished_at"])
+        data = data.sort_by([(c, "ascending") for c in data.column_names])
+        h.update(name.encode())
+        h.update(repr(data.to_pylist()).encode())
+    return h.hexdigest()
+
+
+def test_full_history_then_increments_bring_updates_of_old_rows(source_db, warehouse) -> None:
+    seed(source_db)
+    first = {r.table_name: r for r in sync_all(source_db, warehouse, D1)}
+    assert first["deferred_charges"].watermark_from is None
+    assert first["deferred_charges"].watermark_to == utc("2026-11-20 15:00")
+    # Up to 15:00 UTC on D1: charges 10 and 11 (14:59 is inside), not 12.
+    assert [r["charge_id"] for r in rows(warehouse, "deferred_charges", "charge_id")] == [10, 11]
+    assert first["topups"].rows_extracted == 0  # 15:00 exactly belongs to D2
+
+    source_db.insert("deferred_charges", [charge(13, "2026-11-21 10:00")])
+    source_db.repay(10, "2026-11-21 12:00")  # an old charge repaid during D2
+    second = {r.table_name: r for r in sync_all(source_db, warehouse, D2)}
+    assert second["deferred_charges"].watermark_from == utc("2026-11-20 15:00")
+    assert second["deferred_charges"].rows_extracted == 3  # 12, 13 new; 10 updated
+    assert second["deferred_charges"].warehouse_rows == 4
+    charges = {r["charge_id"]: r for r in rows(warehouse, "deferred_charges", "charge_id")}
+    assert charges[10]["status"] == "repaid"
+    assert charges[10]["repaid_at"] == utc("2026-11-21 12:00")
+    assert charges[11]["repaid_at"] is None
+    assert charges[10]["due_date"] == date(2026, 12, 27)
+    assert {r["user_id"] for r in rows(warehouse, "users", "user_id")} == {1, 2}
+    schema = warehouse.query_arrow("SELECT * FROM deferred_charges").schema
+    assert schema.field("updated_at").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("due_date").type == pa.date32()
+    assert schema.field("days_late").type == pa.int64()
+    assert all(r.status == "succeeded" for r in second.values())
+    check_ledger(warehouse, D2)
+    assert ledger_watermark(warehouse, D2) == utc("2026-11-21 15:00")
+    changes = warehouse.query_arrow(
+        "SELECT as_of, COUNT(*) AS n FROM deferred_charges__changes GROUP BY as_of ORDER BY as_of"
+    ).to_pylist()
+    assert changes == [{"as_of": D1, "n": 2}, {"as_of": D2, "n": 3}]
+
+
+def test_rerun_is_idempotent_and_older_as_of_never_regresses(source_db, warehouse) -> None:
+    seed(source_db)
+    sync_all(source_db, warehouse, D1)
+    sync_all(source_db, warehouse, D2)
+    before = digest(warehouse)
+    sync_all(source_db, warehouse, D2)
+    assert digest(warehouse) == before
+
+    source_db.repay(11, "2026-11-22 01:00")
+    sync_all(source_db, warehouse, D3)
+    repaid = rows(warehouse, "deferred_charges", "charge_id")
+    sync_all(source_db, warehouse, D2)  # a backfill of an older day after a newer one
+    assert rows(warehouse, "deferred_charges", "charge_id") == repaid
+    assert next(r for r in repaid if r["charge_id"] == 11)["status"] == "repaid"
+
+
+def test_crash_half_way_through_a_table_then_rerun(
+    source_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed(source_db)
+    clean = open_warehouse(f"duckdb:///{tmp_path / 'clean.duckdb'}")
+    crashed = open_warehouse(f"duckdb:///{tmp_path / 'crashed.duckdb'}")
+    for wh in (clean, crashed):
+        sync_all(source_db, wh, D1)
+    source_db.repay(10, "2026-11-21 12:00")
+    sync_all(source_db, clean, D2)
+
+    before = digest(crashed)
+    real_merge = sync.merge_changes
+
+    def crash_after_partition(wh: Warehouse, spec, as_of: date) -> None:
+        if spec.name == "deferred_charges":
+            n = wh.query_arrow(
+                "SELECT COUNT(*) AS n FROM deferred_charges__changes WHERE as_of = @d", {"d": as_of}
+            )
+            assert n.column("n")[0].as_py() == 2  # the partition was written ...
+            raise OSError("killed half way")  # ... and then the process died
+        real_merge(wh, spec, as_of)
+
+    monkeypatch.setattr(sync, "merge_changes", crash_after_partition)
+    with pytest.raises(OSError, match="killed half way"):
+        sync_all(source_db, crashed, D2)
+    ledger = crashed.query_arrow(
+        "SELECT table_name, status, error FROM sync_ledger WHERE as_of = @d", {"d": D2}
+    ).to_pylist()
+    # Tables before it finished; it failed and its partition rolled back with it.
+    failed = next(r for r in ledger if r["table_name"] == "deferred_charges")
+    assert failed["status"] == "failed" and "killed half way" in failed["error"]
+    assert (
+        crashed.query_arrow(
+            "SELECT COUNT(*) AS n FROM deferred_charges__changes WHERE as_of = @d", {"d": D2}
+        )
+        .column("n")[0]
+        .as_py()
+        == 0
+    )
+    with pytest.raises(SyncIncomplete, match="deferred_charges"):
+        check_ledger(crashed, D2)
+    assert digest(crashed) != before  # the failure is recorded ...
+
+    monkeypatch.setattr(sync, "merge_changes", real_merge)
+    sync_all(source_db, crashed, D2)
+    assert digest(crashed) == digest(clean)  # ... and the rerun converges to the clean run
+    clean.close()
+    crashed.close()
+
+
+def test_count_mismatch_fails_and_rolls_back(source_db, warehouse, monkeypatch) -> None:
+    seed(source_db)
+    sync_all(source_db, warehouse, D1)
+    before = rows(warehouse, "deferred_charges", "charge_id")
+    source_db.insert("deferred_charges", [charge(14, "2026-11-21 03:00")])
+    real = sync._with_as_of
+
+    def lose_a_row(reader: pa.RecordBatchReader, as_of: date) -> pa.RecordBatchReader:
+        """A loader that silently drops the first row of every batch."""
+        return real(
+            pa.RecordBatchReader.from_batches(reader.schema, (b.slice(1) for b in reader)), as_of
+        )
+
+    monkeypatch.setattr(sync, "_with_as_of", lose_a_row)
+    source = open_source(source_db.url)
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    with pytest.raises(CountMismatch, match="deferred_charges: loaded 1 rows but extracted 2"):
+        sync_table(source, warehouse, charges, D2)
+    source.close()
+    assert rows(warehouse, "deferred_charges", "charge_id") == before
+    status = warehouse.query_arrow(
+        "SELECT status FROM sync_ledger WHERE table_name = 'deferred_charges' AND as_of = @d",
+        {"d": D2},
+    )
+    assert status.to_pylist() == [{"status": "failed"}]
+
+
+def test_full_mode_replaces_the_table(source_db, warehouse, tmp_path, monkeypatch) -> None:
+    seed(source_db)
+    config = tmp_path / "tables.yaml"
+    config.write_text(
+        "tables:\n  - {name: users, primary_key: user_id, mode: full, columns: "
+        "{user_id: int64, status: string, signed_up_at: timestamp, updated_at: timestamp}}\n"
+    )
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
+    (result,) = sync_all(source_db, warehouse, D1)
+    assert result.mode == "full" and result.rows_extracted == 2 and result.warehouse_rows == 2
+    source_db.insert("users", [user(3, "2026-11-23 00:00")])
+    (result,) = sync_all(source_db, warehouse, D1)
+    assert [r["user_id"] for r in rows(warehouse, "users", "user_id")] == [1, 2, 3]
+    assert warehouse.query_arrow("SELECT * FROM users").column_names == [
+        "user_id",
+        "status",
+        "signed_up_at",
+        "updated_at",
+    ]
+    assert not warehouse.table_exists("users__changes")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        (
+            "tables:\n  - {name: loans, primary_key: id}\n",
+            "table loans does not exist in the source",
+        ),
+        (
+            "tables:\n  - {name: users, primary_key: user_id, columns: {user_id: int64, nickname: string, updated_at: timestamp}}\n",
+            "column users.nickname does not exist",
+        ),
+        ("tables:\n  - {name: users, primary_key: uid}\n", "column users.uid does not exist"),
+        ("tables:\n  - {name: users, primary_key: user_id, mode: weekly}\n", "mode 'weekly'"),
+        ("tables:\n  - {name: 'users; drop', primary_key: user_id}\n", "not a plain identifier"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error_and_writes_nothing(
+    paylater_home: Path, tmp_path: Path, monkeypatch, yaml_text: str, message: str
+) -> None:
+    db = SourceDB("sqlite", f"sqlite:///{tmp_path / 'src.db'}", tmp_path / "src.db")
+    seed(db)
+    config = tmp_path / "tables.yaml"
+    config.write_text(yaml_text)
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", db.url)
+    with pytest.raises(ConfigError, match=message) as err:
+        validate_configured_tables()
+    assert "\n" not in str(err.value)
+    assert not list(paylater_home.iterdir())  # no warehouse file was created
+
+
+def test_unreachable_database_and_unknown_warehouse(paylater_home: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://sync:s3cret@127.0.0.1:1/nowhere")
+    with pytest.raises(SourceUnavailable, match=r"127\.0\.0\.1:1/nowhere unreachable") as err:
+        validate_configured_tables()
+    assert "s3cret" not in str(err.value) and "\n" not in str(err.value)
+
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", f"sqlite:///{paylater_home / 'missing.db'}")
+    with pytest.raises(SourceUnavailable, match="does not exist"):
+        validate_configured_tables()
+    assert not (paylater_home / "missing.db").exists()
+
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", "snowflake://acct/db")
+    with pytest.raises(WarehouseError, match="unknown kind 'snowflake'"):
+        validate_configured_tables()
+
+
+def test_default_config_agrees_with_the_postgres_catalogue(pg_url: str) -> None:
+    db = SourceDB("postgres", pg_url)
+    source = open_source(db.url)
+    try:
+        for spec in configured_tables():
+            catalogue = source.column_types(spec.name)
+            assert catalogue == spec.columns, spec.name
+    finally:
+        source.close()
+
+
+def test_check_ledger_names_missing_tables(warehouse) -> None:
+    with pytest.raises(
+        SyncIncomplete, match=r"users \(not synced\).*deferred_charges \(not synced\)"
+    ):
+        check_ledger(warehouse, D1)
+    with pytest.raises(SyncIncomplete):
+        ledger_watermark(warehouse, D1)

@@ -14,6 +14,7 @@ Usual reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -269,4 +270,74 @@ def vintage_rows(vintages: Sequence[Vintage], as_of: date, model_version: str) -
             "auc": pa.array([v.auc for v in vintages], pa.float64()),
             "in_sample": pa.array([v.in_sample for v in vintages], pa.bool_()),
         }
+    )
+
+
+# --- loading (datasets, the production model, production scores) -----------------------------
+
+_AS_OF_IN_URI = re.compile(r"as_of=(\d{4}-\d{2}-\d{2})")
+
+
+@dataclass
+class ProductionModel:
+    """The production version's booster, its features and the dataset day it was trained on."""
+
+    version: str
+    booster: Any
+    features: list[str]
+    trained_as_of: date | None
+
+
+def production_model() -> ProductionModel | None:
+    """The version behind the `production` alias (None while there is none)."""
+    from registry.policy import alias_version, get_version
+    from registry.runs import load_booster, version_features
+    from registry.store import client
+
+    mlflow_client = client()
+    version = alias_version(mlflow_client, "production")
+    if version is None:
+        return None
+    tags = get_version(mlflow_client, version).tags or {}
+    found = _AS_OF_IN_URI.search(tags.get("dataset_uri", ""))
+    trained = date.fromisoformat(found.group(1)) if found else None
+    return ProductionModel(version, load_booster(version), version_features(version), trained)
+
+
+def model_scores(model: ProductionModel, table: pa.Table) -> np.ndarray:
+    """The model's default probabilities for every row of a training-shaped table."""
+    from tasks.training import feature_matrix, predict
+
+    return predict(model.booster, feature_matrix(table, model.features))
+
+
+def last_trained_month(request_dates: Sequence[date], trained_as_of: date | None) -> date | None:
+    """The newest request month already matured when the model's training dataset was built."""
+    from tasks.training import month_matured
+
+    if trained_as_of is None:
+        return None
+    months = {d.replace(day=1) for d in request_dates}
+    seen = [m for m in months if month_matured(m, trained_as_of)]
+    return max(seen, default=None)
+
+
+def production_vintages(training: pa.Table, as_of: date, model: ProductionModel) -> list[Vintage]:
+    """Vintage performance of the production model on every charge matured by `as_of`.
+
+    The features of a charge are those the service saw at request time (same point-in-time SQL),
+    so the model's score here is the production score; months the model had already seen at
+    training are flagged in_sample, later months are its true out-of-sample record.
+    """
+    from tasks.training import labels, matured_charges
+
+    matured = matured_charges(training, as_of)
+    if matured.num_rows == 0:
+        return []
+    days = matured.column("request_date").to_pylist()
+    return vintage_performance(
+        days,
+        labels(matured),
+        model_scores(model, matured),
+        cutoff=last_trained_month(days, model.trained_as_of),
     )

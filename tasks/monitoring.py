@@ -97,6 +97,8 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
             s.monitor_feature_age_critical_hours * 3600,
             "s",
         ),
+        "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
+        "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
     }
 
 
@@ -108,6 +110,8 @@ def format_value(value: float | None, unit: str) -> str:
         return f"{value / 3600:.1f} h" if value >= 3600 else f"{value:.0f} s"
     if unit == "ratio":
         return f"{value:.2%}"
+    if unit == "PSI":
+        return f"{value:.3f}"
     return f"{value:g} {unit}"
 
 

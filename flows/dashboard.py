@@ -1,0 +1,97 @@
+"""Daily: drift (PSI) and vintage performance, drift alerts, and the HTML monitoring report."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.monitor import alert_on_failure, send
+from paylater.settings import get_settings
+from tasks.dashboard import (
+    DailyMonitoring,
+    artifact_markdown,
+    daily_monitoring,
+    drift_measurements,
+    gather_dashboard,
+    render_dashboard,
+    store_daily,
+    write_dashboard,
+)
+from tasks.monitoring import (
+    Notification,
+    ensure_incident_table,
+    judge,
+    open_queue_db,
+    reconcile,
+    utc_now,
+)
+from tasks.warehouse import open_warehouse
+
+
+@task
+def compute_daily(now: datetime) -> DailyMonitoring:
+    """PSI of the latest scoring inputs against training, score PSI, vintages."""
+    engine = open_queue_db(get_settings())
+    try:
+        return daily_monitoring(engine, now)
+    finally:
+        engine.dispose()
+
+
+@task(retries=2, retry_delay_seconds=30)
+def store(daily: DailyMonitoring) -> None:
+    """Keep the day's numbers in the warehouse (monitoring_drift, monitoring_vintage)."""
+    warehouse = open_warehouse(get_settings().warehouse)
+    try:
+        store_daily(warehouse, daily)
+    finally:
+        warehouse.close()
+
+
+@task
+def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]:
+    """Open or resolve the drift incidents (same dedup table as the 5-minute monitor)."""
+    settings = get_settings()
+    engine = open_queue_db(settings)
+    try:
+        ensure_incident_table(engine)
+        return reconcile(engine, judge(drift_measurements(daily), settings), now)
+    finally:
+        engine.dispose()
+
+
+@task
+def build_report(now: datetime, as_of: date, notes: list[str]) -> tuple[Path, str]:
+    """Render the HTML report under PAYLATER_HOME/reports; returns its path and a summary."""
+    settings = get_settings()
+    engine = open_queue_db(settings)
+    warehouse = open_warehouse(settings.warehouse)
+    try:
+        data = gather_dashboard(engine, warehouse, settings, now, notes)
+    finally:
+        warehouse.close()
+        engine.dispose()
+    path = write_dashboard(render_dashboard(data), settings.home_dir / "reports", as_of)
+    return path, artifact_markdown(data, path)
+
+
+@flow(name="monitoring-report", on_failure=[alert_on_failure])
+def monitoring_report() -> Path:
+    """Daily drift and vintage numbers, drift alerts, and the dashboard as a Prefect artifact."""
+    now = utc_now()
+    daily = compute_daily(now)
+    store(daily)
+    send(drift_incidents(daily, now))
+    path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
+    create_markdown_artifact(
+        key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"
+    )
+    get_run_logger().info("monitoring report written to %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    monitoring_report()

@@ -1,0 +1,390 @@
+"""The monitoring dashboard: one self-contained HTML file with inline SVG plots (no CDN, no JS).
+
+Plots (each an <svg> inside <figure id="plot-…">): score distribution over time, approval rate,
+PSI per feature, queue latency, vintage AUC. Data comes from the queue database (scoring_results,
+scoring_jobs) and the warehouse tables the daily drift run writes (monitoring_drift,
+monitoring_vintage). Gathering and rendering are separate so rendering is a pure function.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from paylater.settings import Settings
+from tasks.drift import (
+    DriftReport,
+    Vintage,
+    drift_report,
+    drift_rows,
+    model_scores,
+    production_model,
+    production_vintages,
+    vintage_rows,
+)
+from tasks.monitoring import Measurement, load_sql, open_incidents
+
+PLOT_IDS = (
+    "plot-score-distribution",
+    "plot-approval-rate",
+    "plot-psi",
+    "plot-queue-latency",
+    "plot-vintage-auc",
+)
+
+
+@dataclass
+class DashboardData:
+    """Everything the dashboard shows, already aggregated."""
+
+    generated_at: datetime
+    daily: list[dict[str, Any]] = field(default_factory=list)  # dashboard_daily.sql rows
+    psi: list[dict[str, Any]] = field(default_factory=list)  # feature, psi (newest drift run)
+    vintages: list[dict[str, Any]] = field(default_factory=list)  # vintage_latest.sql rows
+    incidents: list[dict[str, Any]] = field(default_factory=list)  # open monitor_incidents
+    psi_warning: float = 0.10
+    psi_critical: float = 0.25
+    notes: list[str] = field(default_factory=list)
+
+
+def daily_scoring(engine: sa.Engine, days: int, tz: str, now: datetime) -> list[dict[str, Any]]:
+    """Per business day: volume, score quantiles, approval rate, latency (empty without a queue)."""
+    if not sa.inspect(engine).has_table("scoring_results"):
+        return []
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(load_sql("dashboard_daily")), {"since": now - timedelta(days=days), "tz": tz}
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+def warehouse_rows(warehouse: Any, table: str, sql_name: str) -> list[dict[str, Any]]:
+    """Rows of one of the monitoring tables in the warehouse ([] until the first daily run)."""
+    if not warehouse.table_exists(table):
+        return []
+    return list(warehouse.query_arrow(load_sql(sql_name)).to_pylist())
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _figure(title: str) -> tuple[Any, Any]:
+    """A small matplotlib figure on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=100)
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _svg(fig: Any, plot_id: str) -> str:
+    """The figure as inline SVG markup whose root element carries `plot_id`-svg."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.id": f"{plot_id}-svg"}):
+        fig.tight_layout()
+        fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    markup = buffer.getvalue()
+    # RDF metadata (creator, date) names external vocabularies; the report needs none of it.
+    markup = re.sub(r"<metadata>.*?</metadata>", "", markup, flags=re.S)
+    return markup[markup.index("<svg") :]
+
+
+def _no_data(ax: Any, message: str) -> None:
+    """Mark an empty plot so a reader sees why it is empty."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#777")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_score_distribution(daily: list[dict[str, Any]]) -> str:
+    """Median score with its 10-90% band, per day."""
+    fig, ax = _figure("Score distribution by day (p10-p90 band, median)")
+    if daily:
+        days = [r["day"] for r in daily]
+        ax.fill_between(
+            days, [r["score_p10"] for r in daily], [r["score_p90"] for r in daily], alpha=0.25
+        )
+        ax.plot(days, [r["score_p50"] for r in daily], marker="o", ms=3)
+        ax.set_ylabel("probability of default")
+        fig.autofmt_xdate()
+    else:
+        _no_data(ax, "no production scores yet")
+    return _svg(fig, "plot-score-distribution")
+
+
+def plot_approval_rate(daily: list[dict[str, Any]]) -> str:
+    """Share of approved requests per day."""
+    fig, ax = _figure("Approval rate by day")
+    if daily:
+        ax.plot(
+            [r["day"] for r in daily], [float(r["approval_rate"]) for r in daily], marker="o", ms=3
+        )
+        ax.set_ylim(0, 1)
+        fig.autofmt_xdate()
+    else:
+        _no_data(ax, "no production decisions yet")
+    return _svg(fig, "plot-approval-rate")
+
+
+def plot_psi(psi_rows: list[dict[str, Any]], warning: float, critical: float) -> str:
+    """PSI per feature (and the score) of the newest drift run, with the alert levels."""
+    title = "PSI per feature, latest scoring inputs vs training reference"
+    if psi_rows:
+        title += f" (as_of {psi_rows[0]['as_of']})"
+    fig, ax = _figure(title)
+    if psi_rows:
+        names = [("score" if r["feature"] == "__score__" else r["feature"]) for r in psi_rows]
+        values = [float(r["psi"]) for r in psi_rows]
+        colors = [
+            "#c0392b" if v >= critical else "#e67e22" if v >= warning else "#2e86c1" for v in values
+        ]
+        ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        ax.axvline(warning, color="#e67e22", ls="--", lw=1)
+        ax.axvline(critical, color="#c0392b", ls="--", lw=1)
+        ax.tick_params(axis="y", labelsize=7)
+    else:
+        _no_data(ax, "no drift run yet")
+    return _svg(fig, "plot-psi")
+
+
+def plot_queue_latency(daily: list[dict[str, Any]]) -> str:
+    """Enqueue-to-result latency p50 and p99 per day."""
+    fig, ax = _figure("Queue latency, enqueue to result (seconds)")
+    if daily:
+        days = [r["day"] for r in daily]
+        ax.plot(days, [float(r["latency_p50_s"]) for r in daily], marker="o", ms=3, label="p50")
+        ax.plot(days, [float(r["latency_p99_s"]) for r in daily], marker="o", ms=3, label="p99")
+        ax.legend(fontsize=8)
+        fig.autofmt_xdate()
+    else:
+        _no_data(ax, "no scored jobs yet")
+    return _svg(fig, "plot-queue-latency")
+
+
+def plot_vintage_auc(vintages: list[dict[str, Any]]) -> str:
+    """AUC of the production model and default rate by request month (matured labels only)."""
+    fig, ax = _figure("Vintage performance by request month (matured charges)")
+    if vintages:
+        months = [r["request_month"] for r in vintages]
+        aucs = [r["auc"] if r["auc"] is not None else float("nan") for r in vintages]
+        ax.plot(months, aucs, marker="o", ms=4, label="AUC")
+        ax.plot(
+            months,
+            [float(r["default_rate"]) for r in vintages],
+            marker="s",
+            ms=3,
+            label="default rate",
+        )
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.autofmt_xdate()
+    else:
+        _no_data(ax, "no matured vintages yet")
+    return _svg(fig, "plot-vintage-auc")
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """An escaped HTML table."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    """A table cell's text."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}
+h1{font-size:20px} h2{font-size:15px;margin-top:28px}
+figure{max-width:800px;margin:12px 0;border:1px solid #ddd;padding:6px;background:#fff}
+figure svg{width:100%;height:auto;display:block}
+table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:3px 8px}
+.muted{color:#777;font-size:12px}
+"""
+
+
+def render_dashboard(data: DashboardData) -> str:
+    """The whole report as one self-contained HTML document."""
+    plots = {
+        "plot-score-distribution": plot_score_distribution(data.daily),
+        "plot-approval-rate": plot_approval_rate(data.daily),
+        "plot-psi": plot_psi(data.psi, data.psi_warning, data.psi_critical),
+        "plot-queue-latency": plot_queue_latency(data.daily),
+        "plot-vintage-auc": plot_vintage_auc(data.vintages),
+    }
+    figures = "\n".join(f'<figure id="{pid}">{svg}</figure>' for pid, svg in plots.items())
+    incidents = (
+        _table(data.incidents, ["check_name", "severity", "summary", "opened_at"])
+        if data.incidents
+        else "<p>None.</p>"
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in data.notes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>paylater-risk monitoring</title>
+<style>{STYLE}</style></head><body>
+<h1>paylater-risk monitoring</h1>
+<p class="muted">Generated {data.generated_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC.</p>
+<h2>Open incidents</h2>{incidents}
+<h2>Plots</h2>
+{figures}
+<h2>Vintages</h2>{_table(data.vintages, ["request_month", "charges", "default_rate", "auc", "in_sample"])}
+<ul class="muted">{notes}</ul>
+</body></html>
+"""
+
+
+def write_dashboard(document: str, reports_dir: Path, as_of: date) -> Path:
+    """Write the report as reports/monitoring-<as_of>.html and reports/monitoring-latest.html."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    path = reports_dir / f"monitoring-{as_of.isoformat()}.html"
+    for target in (path, reports_dir / "monitoring-latest.html"):
+        partial = target.with_suffix(".html.partial")
+        partial.write_text(document, encoding="utf-8")
+        partial.replace(target)  # readers never see a half-written report
+    return path
+
+
+def artifact_markdown(data: DashboardData, path: Path) -> str:
+    """A short markdown summary for the Prefect artifact, pointing at the HTML file."""
+    lines = ["# paylater-risk monitoring", "", f"Report: `{path}`", ""]
+    if data.psi:
+        lines += ["| feature | PSI |", "|---|---|"]
+        lines += [f"| {r['feature']} | {float(r['psi']):.4f} |" for r in data.psi]
+        lines.append("")
+    if data.vintages:
+        lines += ["| request month | charges | default rate | AUC |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['request_month']} | {r['charges']} | {float(r['default_rate']):.3f} | "
+            f"{_cell(r['auc'])} |"
+            for r in data.vintages
+        ]
+        lines.append("")
+    lines.append(f"Open incidents: {len(data.incidents)}")
+    return "\n".join(lines)
+
+
+# --- the daily run: drift, vintages, their storage and the report's data ----------------------
+
+
+@dataclass
+class DailyMonitoring:
+    """What one daily monitoring run computed (None/empty where inputs are not there yet)."""
+
+    as_of: date | None
+    drift: DriftReport | None = None
+    vintages: list[Vintage] = field(default_factory=list)
+    model_version: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def recent_production_scores(engine: sa.Engine, since: datetime) -> list[float]:
+    """Probabilities the production worker wrote since `since` ([] without a queue)."""
+    if not sa.inspect(engine).has_table("scoring_results"):
+        return []
+    with engine.connect() as conn:
+        return [
+            float(r[0]) for r in conn.execute(sa.text(load_sql("recent_scores")), {"since": since})
+        ]
+
+
+def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
+    """PSI of the latest scoring inputs (and production scores) vs training; vintage performance."""
+    from tasks.datasets import DatasetError, load_scoring_dataset, load_training_dataset
+
+    try:
+        scoring, scoring_manifest = load_scoring_dataset()
+        training, training_manifest = load_training_dataset()
+    except DatasetError as exc:
+        return DailyMonitoring(None, notes=[f"drift skipped: {exc}"])
+    out = DailyMonitoring(scoring_manifest.as_of)
+    try:
+        model = production_model()
+    except Exception as exc:  # a registry outage must not hide the feature drift
+        model = None
+        out.notes.append(f"production model not loadable: {exc}")
+    reference_scores = current_scores = None
+    if model is None:
+        out.notes.append("no production model: no score PSI or vintages")
+    else:
+        out.model_version = model.version
+        reference_scores = model_scores(model, training)
+        current_scores = recent_production_scores(engine, now - timedelta(days=1)) or None
+        if current_scores is None:
+            out.notes.append("no production scores in the last day: no score PSI")
+        out.vintages = production_vintages(training, training_manifest.as_of, model)
+    out.drift = drift_report(training, scoring, None, reference_scores, current_scores)
+    out.notes.append(
+        f"drift: scoring as_of {scoring_manifest.as_of} ({scoring.num_rows} users) vs training "
+        f"as_of {training_manifest.as_of} ({training.num_rows} charges)"
+    )
+    return out
+
+
+def store_daily(warehouse: Any, daily: DailyMonitoring) -> None:
+    """Write the day's PSI and vintages to monitoring_drift / monitoring_vintage (rerun-safe)."""
+    if daily.as_of is None:
+        return
+    if daily.drift is not None:
+        warehouse.replace_partition(
+            "monitoring_drift", "as_of", daily.as_of, drift_rows(daily.drift, daily.as_of)
+        )
+    if daily.vintages and daily.model_version is not None:
+        warehouse.replace_partition(
+            "monitoring_vintage",
+            "as_of",
+            daily.as_of,
+            vintage_rows(daily.vintages, daily.as_of, daily.model_version),
+        )
+
+
+def drift_measurements(daily: DailyMonitoring) -> list[Measurement]:
+    """The drift checks the incident machinery judges: the worst feature PSI and the score PSI."""
+    drift = daily.drift
+    if drift is None:
+        return []
+    worst = sorted(drift.feature_psi.items(), key=lambda kv: -kv[1])[:3]
+    detail = "worst: " + ", ".join(f"{k}={v:.3f}" for k, v in worst)
+    return [
+        Measurement("feature_psi_max", drift.max_feature_psi, detail),
+        Measurement("score_psi", drift.score_psi, "production scores, last day, vs training"),
+    ]
+
+
+def gather_dashboard(
+    engine: sa.Engine, warehouse: Any, settings: Settings, now: datetime, notes: list[str]
+) -> DashboardData:
+    """Read everything the report plots."""
+    return DashboardData(
+        generated_at=now,
+        daily=daily_scoring(engine, settings.monitor_report_days, settings.timezone, now),
+        psi=warehouse_rows(warehouse, "monitoring_drift", "drift_latest"),
+        vintages=warehouse_rows(warehouse, "monitoring_vintage", "vintage_latest"),
+        incidents=open_incidents(engine)
+        if sa.inspect(engine).has_table("monitor_incidents")
+        else [],
+        psi_warning=settings.monitor_psi_warning,
+        psi_critical=settings.monitor_psi_critical,
+        notes=notes,
+    )

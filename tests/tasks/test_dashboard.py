@@ -1,0 +1,131 @@
+"""The HTML report is self-contained and its plots render in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.dashboard import PLOT_IDS, DashboardData, render_dashboard, write_dashboard
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium missing (apt-get install chromium; scripts/ensure_test_tools.sh does it)",
+)
+NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+
+
+def sample_data() -> DashboardData:
+    """Two weeks of production scoring, a drift run with one drifted feature, three vintages."""
+    days = [date(2026, 11, 13) + timedelta(days=i) for i in range(14)]
+    daily = [
+        {
+            "day": d,
+            "scored": 1000 + i,
+            "score_p10": 0.02,
+            "score_p50": 0.05 + i * 0.002,
+            "score_p90": 0.2,
+            "approval_rate": 0.9 - i * 0.01,
+            "latency_p50_s": 0.01,
+            "latency_p99_s": 0.04 + i * 0.001,
+        }
+        for i, d in enumerate(days)
+    ]
+    psi = [
+        {"as_of": date(2026, 11, 26), "feature": "spend_30d", "psi": 0.31},
+        {"as_of": date(2026, 11, 26), "feature": "__score__", "psi": 0.12},
+        {"as_of": date(2026, 11, 26), "feature": "tx_count_30d", "psi": 0.02},
+    ]
+    vintages = [
+        {
+            "request_month": date(2026, m, 1),
+            "charges": 500,
+            "default_rate": 0.08,
+            "auc": 0.7 + m / 100,
+            "in_sample": m < 8,
+        }
+        for m in (6, 7, 8)
+    ]
+    incidents = [
+        {
+            "check_name": "sync_age",
+            "severity": "warning",
+            "summary": "<b>late</b>",
+            "opened_at": NOW,
+        }
+    ]
+    return DashboardData(NOW, daily, psi, vintages, incidents, notes=["note & more"])
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium with no network chatter and a fresh profile."""
+    assert CHROMIUM is not None
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    document = render_dashboard(sample_data())
+    for plot_id in PLOT_IDS:
+        assert re.search(rf'<figure id="{plot_id}"><svg[^>]*id="{plot_id}-svg"', document)
+    # nothing to fetch: no scripts, no external links or images (SVG namespaces are only names)
+    assert "<script" not in document and "https://" not in document
+    assert not re.search(r'(src|href)="(?!#|data:)', document)
+    assert "http://" not in re.sub(r'xmlns(:\w+)?="http://www\.w3\.org/[^"]*"', "", document)
+    assert "&lt;b&gt;late&lt;/b&gt;" in document and "note &amp; more" in document
+    path = write_dashboard(document, tmp_path / "reports", date(2026, 11, 26))
+    assert path.name == "monitoring-2026-11-26.html"
+    assert (tmp_path / "reports" / "monitoring-latest.html").read_text() == document
+
+
+def test_empty_report_says_why_each_plot_is_empty() -> None:
+    document = render_dashboard(DashboardData(NOW))
+    for message in ("no production scores yet", "no drift run yet", "no matured vintages yet"):
+        assert message in document
+
+
+@needs_chromium
+def test_plots_render_in_headless_chromium(tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = write_dashboard(
+        render_dashboard(sample_data()), tmp_path / "reports", date(2026, 11, 26)
+    )
+    dom = chromium(["--dump-dom", path.as_uri()], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for plot_id in PLOT_IDS:
+        figure = re.search(rf'<figure id="{plot_id}">(.*?)</figure>', dom.stdout, re.S)
+        assert figure is not None, f"{plot_id} missing from the rendered DOM"
+        assert f'id="{plot_id}-svg"' in figure.group(1) and "<path" in figure.group(1)
+
+    shot = tmp_path / "shot.png"
+    run = chromium(
+        ["--window-size=1200,3200", "--hide-scrollbars", f"--screenshot={shot}", path.as_uri()],
+        tmp_path / "profile-shot",
+    )
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    non_white = (pixels.sum(axis=1) < 740).mean()
+    assert non_white > 0.02, f"screenshot nearly blank ({non_white:.3%} non-white pixels)"
+
+    def share_near(rgb: tuple[int, int, int]) -> float:
+        return float((np.abs(pixels - np.array(rgb)).sum(axis=1) < 30).mean())
+
+    assert share_near((0x1F, 0x77, 0xB4)) > 1e-4, "matplotlib's line colour not drawn"
+    assert share_near((0xC0, 0x39, 0x2B)) > 1e-4, "the critical PSI bar not drawn"

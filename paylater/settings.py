@@ -142,6 +142,58 @@ class Settings(BaseSettings):
     monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
     # --- end monitoring ---
 
+    # --- retrain / registry (owner: retrain; tasks/training.py, registry/, flows/monthly_retrain.py) ---
+    # Training is deterministic for the same data, these params and the seed (fixed thread count,
+    # deterministic=True, force_col_wise), so `paylater registry reproduce` can match predictions exactly.
+    mlflow_artifact_location: str | None = Field(
+        default=None,
+        description="Artifact root of new MLflow experiments on an embedded (sqlite/file) store; default <home>/mlartifacts.",
+    )
+    train_learning_rate: float = Field(default=0.05, description="LightGBM learning_rate.")
+    train_num_leaves: int = Field(default=15, description="LightGBM num_leaves.")
+    train_min_data_in_leaf: int = Field(default=200, description="LightGBM min_data_in_leaf.")
+    train_feature_fraction: float = Field(default=0.9, description="LightGBM feature_fraction.")
+    train_lambda_l2: float = Field(default=1.0, description="LightGBM lambda_l2.")
+    train_max_bin: int = Field(default=255, description="LightGBM max_bin.")
+    train_num_boost_round: int = Field(default=2000, description="Upper bound on boosting rounds.")
+    train_early_stopping_rounds: int = Field(
+        default=50, description="Stop when the early-stopping log loss has not improved for this many rounds."
+    )
+    train_early_stopping_share: int = Field(
+        default=10,
+        description="1 in N in-time charges (charge_id % N == 0) form the early-stopping set; the OOT month is never seen.",
+    )
+    train_num_threads: int = Field(
+        default=2, description="LightGBM threads; part of the params, since results depend on it."
+    )
+    train_seed: int = Field(default=42, description="LightGBM seed (all of its random seeds derive from it).")
+    decision_cutoff: float = Field(
+        default=0.2,
+        description="Default probability at or above which a request is declined (tag `cutoff` on each version).",
+    )
+    golden_request_count: int = Field(
+        default=20, description="OOT rows stored with each version as golden requests for staging checks."
+    )
+    gate_min_auc: float = Field(default=0.65, description="Absolute gate: OOT AUC at least this.")
+    gate_max_ece: float = Field(
+        default=0.02, description="Absolute gate: OOT expected calibration error (10 equal-mass bins) at most this."
+    )
+    gate_max_auc_drop: float = Field(
+        default=0.01, description="Relative gate: production OOT AUC minus candidate OOT AUC at most this."
+    )
+    gate_max_score_psi: float = Field(
+        default=0.25, description="Relative gate: PSI of candidate vs production scores on the OOT month at most this."
+    )
+    gate_allow_feature_changes: bool = Field(
+        default=False,
+        description="Accept a candidate whose feature set differs from production's (the online table must follow).",
+    )
+    registry_build_bento: bool = Field(
+        default=True,
+        description="After staging or promoting, import the version into BentoML and build its bento (bentos.build).",
+    )
+    # --- end retrain / registry ---
+
     # --- worker (owner: worker; worker/, `paylater worker`) ---
     # The job queue lives in PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY): no SQLite fallback.
     worker_database_url: str | None = Field(

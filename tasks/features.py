@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 import sqlglot
+from sqlglot import exp
 from sqlglot.tokens import TokenType
 
 from paylater.product import GRACE_DAYS
@@ -81,6 +82,8 @@ def selected_columns(sql: str, origin: str) -> list[str]:
         tree = sqlglot.parse_one(sql, read="bigquery")
     except sqlglot.errors.ParseError as exc:
         raise FeatureSqlError(f"{origin} does not parse as BigQuery Standard SQL: {exc}") from exc
+    if not isinstance(tree, exp.Query):
+        raise FeatureSqlError(f"{origin} must be a single SELECT query")
     names = list(tree.named_selects)
     bad = [n for n in names if not _IDENT.match(n)]
     if bad or not names:

@@ -1,0 +1,149 @@
+"""Publish the scoring features to the online table (`user_features_latest`) in the source database.
+
+The service and the worker look users up there by id. A publish loads a new table and swaps it
+in within one transaction, so readers see either the old features or the new ones, never a mix.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sqlite3
+from datetime import UTC, datetime
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from paylater.settings import Settings, get_settings
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class PublishError(RuntimeError):
+    """The online table cannot be published to this database."""
+
+
+def _ident(name: str) -> str:
+    """A validated plain identifier."""
+    if not _IDENT.match(name):
+        raise PublishError(f"{name!r} is not a valid table or column name")
+    return name
+
+
+def sql_type(arrow_type: pa.DataType, dialect: str) -> str:
+    """The column type for an Arrow type in PostgreSQL or SQLite."""
+    if pa.types.is_integer(arrow_type):
+        return "bigint" if dialect == "postgresql" else "INTEGER"
+    if pa.types.is_floating(arrow_type):
+        return "double precision" if dialect == "postgresql" else "REAL"
+    if pa.types.is_date(arrow_type):
+        return "date" if dialect == "postgresql" else "TEXT"
+    raise PublishError(f"no online column type for Arrow type {arrow_type}")
+
+
+def _columns(scoring: pa.Table, dialect: str) -> list[tuple[str, str]]:
+    """(name, SQL type) of every column, user_id and as_of first."""
+    if scoring.column_names[:2] != ["user_id", "as_of"]:
+        raise PublishError(
+            f"scoring table must start with user_id, as_of; got {scoring.column_names[:2]}"
+        )
+    return [(_ident(f.name), sql_type(f.type, dialect)) for f in scoring.schema]
+
+
+def publish_user_features(
+    scoring: pa.Table, source_url: str | None = None, settings: Settings | None = None
+) -> int:
+    """Replace the online feature table with `scoring`; returns the rows published."""
+    settings = settings or get_settings()
+    url = source_url or settings.source
+    table = _ident(settings.online_features_table)
+    scheme = urlparse(url).scheme.split("+")[0]
+    if scheme in ("postgresql", "postgres"):
+        return _publish_postgres(scoring, url, table)
+    if scheme == "sqlite":
+        return _publish_sqlite(scoring, url, table)
+    raise PublishError(
+        f"cannot publish online features to {url!r}: use postgresql:// or sqlite:///"
+    )
+
+
+def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
+    """COPY into a new table, then drop the old one and rename, all in one transaction."""
+    import psycopg
+    from psycopg import sql
+
+    scheme, rest = url.split("://", 1)
+    conninfo = f"postgresql://{rest}" if "+" in scheme else url
+    columns = _columns(scoring, "postgresql")
+    staging = f"{table}__new"
+    column_defs: list[sql.Composable] = [
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in columns
+    ]
+    column_defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
+    csv = io.BytesIO()
+    pacsv.write_csv(scoring, csv, pacsv.WriteOptions(include_header=False))
+    with psycopg.connect(conninfo) as conn, conn.transaction():
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(staging)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} ({})").format(
+                sql.Identifier(staging), sql.SQL(", ").join(column_defs)
+            )
+        )
+        copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+            sql.Identifier(staging), sql.SQL(", ").join(sql.Identifier(n) for n, _ in columns)
+        )
+        with conn.cursor().copy(copy_sql) as copy:
+            copy.write(csv.getvalue())
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY (user_id)").format(
+                sql.Identifier(staging), sql.Identifier(f"{staging}_pkey")
+            )
+        )
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                sql.Identifier(staging), sql.Identifier(table)
+            )
+        )
+        conn.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(f"{staging}_pkey"), sql.Identifier(f"{table}_pkey")
+            )
+        )
+    return scoring.num_rows
+
+
+def _publish_sqlite(scoring: pa.Table, url: str, table: str) -> int:
+    """Insert into a new table, then drop the old one and rename, all in one transaction."""
+    path = url.removeprefix("sqlite:///")
+    columns = _columns(scoring, "sqlite")
+    staging = f"{table}__new"
+    definitions = ", ".join(
+        f'"{name}" {kind}{" PRIMARY KEY" if name == "user_id" else ""}' for name, kind in columns
+    )
+    placeholders = ", ".join("?" for _ in range(len(columns) + 1))
+    names = ", ".join(f'"{name}"' for name, _ in columns)
+    updated_at = datetime.now(UTC).isoformat()
+    rows = (
+        (*(v.isoformat() if hasattr(v, "isoformat") else v for v in row.values()), updated_at)
+        for row in scoring.to_pylist()
+    )
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f'DROP TABLE IF EXISTS "{staging}"')
+        conn.execute(f'CREATE TABLE "{staging}" ({definitions}, "updated_at" TEXT NOT NULL)')
+        conn.executemany(
+            f'INSERT INTO "{staging}" ({names}, "updated_at") VALUES ({placeholders})', rows
+        )
+        conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        conn.execute(f'ALTER TABLE "{staging}" RENAME TO "{table}"')
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    return scoring.num_rows

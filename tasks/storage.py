@@ -1,0 +1,239 @@
+"""Dataset storage chosen by URL: file:// (local folder), s3:// (prefect-aws or boto3), gs:// (prefect-gcp or google-cloud-storage).
+
+Every write is atomic per object: a local file is written beside its target and renamed over it;
+an S3 or GCS object appears whole on a single PUT. Datasets write their manifest last, so a
+dataset is complete exactly when its manifest exists.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from paylater.settings import Settings, get_settings
+
+
+class StorageError(RuntimeError):
+    """A storage URL that cannot be served, or an object that is missing."""
+
+
+class DatasetStorage(Protocol):
+    """Objects under one root, addressed by relative keys like `training/as_of=2026-11-26/part-0.parquet`."""
+
+    url: str
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing it atomically."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The bytes under `key` (StorageError when missing)."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether `key` exists."""
+        ...
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of `prefix` (sorted)."""
+        ...
+
+
+def _check_key(key: str) -> str:
+    """Reject keys that could escape the root."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+def join_uri(root: str, key: str) -> str:
+    """The full URL of `key` under `root`."""
+    return f"{root.rstrip('/')}/{key}"
+
+
+class LocalStorage:
+    """A local folder (file:// URL)."""
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write to a temporary file in the target folder, fsync, then rename over the target."""
+        target = self.root / _check_key(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        """The file's bytes."""
+        path = self.root / _check_key(key)
+        if not path.is_file():
+            raise StorageError(f"{join_uri(self.url, key)} does not exist")
+        return path.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        """Whether the file exists."""
+        return (self.root / _check_key(key)).is_file()
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Sub-folder names."""
+        folder = self.root / _check_key(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+class S3Storage:
+    """An S3 bucket and prefix, through a boto3 client."""
+
+    def __init__(self, url: str, client: Any, bucket: str, prefix: str) -> None:
+        self.url = url
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def _key(self, key: str) -> str:
+        """The object key under the prefix."""
+        return f"{self.prefix}{_check_key(key)}"
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """One PUT: the object appears whole or not at all."""
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def read_bytes(self, key: str) -> bytes:
+        """GET the object."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey as exc:
+            raise StorageError(f"{join_uri(self.url, key)} does not exist") from exc
+        return bytes(response["Body"].read())
+
+    def exists(self, key: str) -> bool:
+        """HEAD the object."""
+        response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        return any(o["Key"] == self._key(key) for o in response.get("Contents", []))
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Common prefixes one level below `prefix`."""
+        base = self._key(prefix).rstrip("/") + "/"
+        names: set[str] = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.add(common["Prefix"][len(base) :].rstrip("/"))
+        return sorted(names)
+
+
+class GcsStorage:
+    """A Cloud Storage bucket and prefix, through a google-cloud-storage Bucket."""
+
+    def __init__(self, url: str, bucket: Any, prefix: str) -> None:
+        self.url = url
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def _key(self, key: str) -> str:
+        """The object name under the prefix."""
+        return f"{self.prefix}{_check_key(key)}"
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """One upload: the object appears whole or not at all."""
+        self.bucket.blob(self._key(key)).upload_from_string(
+            data, content_type="application/octet-stream"
+        )
+
+    def read_bytes(self, key: str) -> bytes:
+        """Download the object."""
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return bytes(self.bucket.blob(self._key(key)).download_as_bytes())
+        except NotFound as exc:
+            raise StorageError(f"{join_uri(self.url, key)} does not exist") from exc
+
+    def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+        return bool(self.bucket.blob(self._key(key)).exists())
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Prefixes one level below `prefix`."""
+        base = self._key(prefix).rstrip("/") + "/"
+        blobs = self.bucket.client.list_blobs(self.bucket, prefix=base, delimiter="/")
+        for _ in blobs:  # the prefixes are filled in as the pages are read
+            pass
+        return sorted(p[len(base) :].rstrip("/") for p in blobs.prefixes)
+
+
+def _bucket_and_prefix(url: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix/")."""
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise StorageError(f"storage URL {url!r} names no bucket")
+    prefix = parsed.path.strip("/")
+    return parsed.netloc, f"{prefix}/" if prefix else ""
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client: from the configured prefect-aws S3Bucket block, else from the environment."""
+    if settings.dataset_s3_block:
+        from prefect_aws import S3Bucket
+
+        block: Any = S3Bucket.load(settings.dataset_s3_block)
+        return block.credentials.get_s3_client()
+    import boto3
+
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url)
+
+
+def gcs_client(settings: Settings) -> Any:
+    """A google-cloud-storage client: from the configured prefect-gcp GcsBucket block, else the environment."""
+    if settings.dataset_gcs_block:
+        from prefect_gcp.cloud_storage import GcsBucket
+
+        block: Any = GcsBucket.load(settings.dataset_gcs_block)
+        return block.gcp_credentials.get_cloud_storage_client()
+    from google.cloud import storage  # type: ignore[attr-defined]
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        # An emulator (fake-gcs-server, gcp-storage-emulator) takes no credentials.
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
+            credentials=AnonymousCredentials(),
+        )
+    return storage.Client()
+
+
+def open_storage(url: str | None = None, settings: Settings | None = None) -> DatasetStorage:
+    """Open dataset storage at `url` (default: settings.datasets)."""
+    settings = settings or get_settings()
+    url = url or settings.datasets
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"file URL {url!r} must be file:///absolute/path")
+        return LocalStorage(url, Path(unquote(parsed.path)))
+    if scheme == "s3":
+        bucket, prefix = _bucket_and_prefix(url)
+        return S3Storage(url, s3_client(settings), bucket, prefix)
+    if scheme == "gs":
+        bucket_name, prefix = _bucket_and_prefix(url)
+        return GcsStorage(url, gcs_client(settings).bucket(bucket_name), prefix)
+    raise StorageError(
+        f"dataset URL {url!r} is of unknown kind: use file:///path, s3://bucket/prefix or gs://bucket/prefix"
+    )

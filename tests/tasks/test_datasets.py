@@ -1,0 +1,148 @@
+"""Datasets: Parquet + manifest under as_of folders, stable digest across rebuilds, lineage, loading."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from paylater.timeutil import day_end_utc
+from tasks import datasets
+from tasks.datasets import DatasetError, load_training_dataset
+from tasks.storage import open_storage
+from tasks.sync import configured_tables
+from tasks.warehouse import open_warehouse
+
+ROOT = Path(__file__).resolve().parents[2]
+AS_OF = date(2026, 7, 15)
+
+ROWS = """
+INSERT INTO users VALUES
+  (1, '2026-01-05 01:00:00+00', 1990, 'Tokyo', '2026-01-06 00:00:00+00', 'active', '2026-07-01 00:00:00+00'),
+  (2, '2026-02-05 01:00:00+00', 1985, 'Osaka', NULL, 'active', '2026-07-01 00:00:00+00'),
+  (3, '2026-02-05 01:00:00+00', 1970, 'Osaka', NULL, 'closed', '2026-07-01 00:00:00+00');
+INSERT INTO card_transactions VALUES
+  (1, 1, '2026-03-01 13:00:00+00', 1200, 7, 'grocery', 'in_store', 'settled', '2026-03-01 13:00:00+00'),
+  (2, 1, '2026-03-20 02:00:00+00', 5400, 8, 'dining', 'online', 'refunded', '2026-03-21 00:00:00+00'),
+  (3, 2, '2026-03-02 10:00:00+00', 800, 9, 'transport', 'contactless', 'declined', '2026-03-02 10:00:00+00'),
+  (4, 2, '2026-07-10 10:00:00+00', 3300, 9, 'convenience', 'contactless', 'settled', '2026-07-10 10:00:00+00');
+INSERT INTO topups VALUES
+  (1, 1, '2026-02-28 00:00:00+00', 10000, 'bank', '2026-02-28 00:00:00+00'),
+  (2, 2, '2026-07-01 00:00:00+00', 3000, 'convenience_store', '2026-07-01 00:00:00+00');
+INSERT INTO deferred_charges VALUES
+  (10, 1, '2026-03-25 03:00:00+00', 10000, 400, '2026-04-27', 'repaid', '2026-04-20 00:00:00+00', 0, '2026-04-20 00:00:00+00'),
+  (11, 2, '2026-04-02 03:00:00+00', 3000, 200, '2026-05-27', 'defaulted', NULL, NULL, '2026-06-27 00:00:00+00'),
+  (12, 1, '2026-07-01 03:00:00+00', 3000, 200, '2026-08-27', 'outstanding', NULL, NULL, '2026-07-01 03:00:00+00');
+INSERT INTO app_events VALUES
+  (1, 1, '2026-03-24 00:00:00+00', '2026-03-24', 5, 'session_start', NULL),
+  (2, 1, '2026-03-24 00:00:05+00', '2026-03-24', 5, 'screen_view', 'deferred');
+"""
+
+
+@pytest.fixture
+def env(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A DuckDB warehouse file holding a few source rows, datasets in a local folder."""
+    warehouse_path = paylater_home / "warehouse.duckdb"
+    warehouse = open_warehouse(f"duckdb:///{warehouse_path}")
+    warehouse.conn.execute((ROOT / "schema" / "source_postgres.sql").read_text())  # type: ignore[attr-defined]
+    warehouse.execute((ROOT / "schema" / "warehouse_app_events.sql").read_text())
+    warehouse.conn.execute(ROWS)  # type: ignore[attr-defined]
+    warehouse.close()
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{warehouse_path}")
+    return paylater_home / "datasets"
+
+
+def write_ledger(status: str = "succeeded") -> datetime:
+    """Sync ledger rows (the contract's columns) for every configured table; returns the watermark."""
+    watermark = day_end_utc(AS_OF)
+    names = [spec.name for spec in configured_tables()]
+    n = len(names)
+    ledger = pa.table(
+        {
+            "table_name": pa.array(names, pa.string()),
+            "as_of": pa.array([AS_OF] * n, pa.date32()),
+            "mode": pa.array(["incremental"] * n, pa.string()),
+            "watermark_from": pa.array([None] * n, pa.timestamp("us", tz="UTC")),
+            "watermark_to": pa.array([watermark] * n, pa.timestamp("us", tz="UTC")),
+            "rows_extracted": pa.array([1] * n, pa.int64()),
+            "rows_loaded": pa.array([1] * n, pa.int64()),
+            "warehouse_rows": pa.array([1] * n, pa.int64()),
+            "duration_seconds": pa.array([0.1] * n, pa.float64()),
+            "status": pa.array([status] * n, pa.string()),
+            "error": pa.array([None] * n, pa.string()),
+            "finished_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    from paylater.settings import get_settings
+
+    warehouse = open_warehouse(get_settings().warehouse)
+    warehouse.replace_table("sync_ledger", ledger)
+    warehouse.close()
+    return watermark
+
+
+def test_training_dataset_layout_manifest_and_lineage(env: Path) -> None:
+    watermark = write_ledger()
+    manifest = datasets.build_training_dataset(AS_OF)
+    folder = env / "training" / "as_of=2026-07-15"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-0.parquet"]
+    assert manifest.rows == 2  # charges 10 and 11 matured; 12 did not
+    assert manifest.source_watermark == watermark.isoformat()
+    assert manifest.uri == f"{env.as_uri()}/training/as_of=2026-07-15/part-0.parquet"
+    assert manifest.features[:2] == ["request_amount_jpy", "request_fee_jpy"]
+    assert len(manifest.sql_hash) == 64 and len(manifest.sha256) == 64
+    assert [c["name"] for c in manifest.schema][:5] == [
+        "charge_id",
+        "user_id",
+        "requested_at",
+        "request_date",
+        "label_default",
+    ]
+    table, loaded = load_training_dataset()
+    assert loaded == manifest
+    assert table["charge_id"].to_pylist() == [10, 11]
+    assert table["label_default"].to_pylist() == [0, 1]
+    assert table.schema.field("label_default").type == pa.int8()
+
+
+def test_rebuild_is_idempotent(env: Path) -> None:
+    first = datasets.build_training_dataset(AS_OF)
+    part = env / "training" / "as_of=2026-07-15" / "part-0.parquet"
+    first_bytes = part.read_bytes()
+    second = datasets.build_training_dataset(AS_OF)
+    assert second == first  # every field but built_at
+    assert part.read_bytes() == first_bytes
+    scoring_a = datasets.build_scoring_dataset(AS_OF)
+    scoring_b = datasets.build_scoring_dataset(AS_OF)
+    assert scoring_a == scoring_b and scoring_a.rows == 2  # user 3 is closed
+    assert scoring_a.source_watermark is None  # no ledger in this warehouse
+    assert scoring_a.features == [f for f in first.features if not f.startswith("request_")]
+
+
+def test_latest_as_of_and_explicit_as_of(env: Path) -> None:
+    older = datasets.build_training_dataset(date(2026, 6, 30))
+    newer = datasets.build_training_dataset(AS_OF)
+    assert load_training_dataset()[1].as_of == newer.as_of
+    assert load_training_dataset(date(2026, 6, 30))[1] == older
+    assert datasets.available_as_ofs(open_storage(), "training") == [date(2026, 6, 30), AS_OF]
+
+
+def test_missing_incomplete_and_tampered_datasets(env: Path) -> None:
+    with pytest.raises(DatasetError, match="run feature_build first"):
+        load_training_dataset()
+    datasets.build_training_dataset(AS_OF)
+    folder = env / "training" / "as_of=2026-07-15"
+    part = folder / "part-0.parquet"
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    with pytest.raises(DatasetError, match="manifest says"):
+        load_training_dataset(AS_OF)
+    (folder / "manifest.json").unlink()  # a crash before the manifest: not a dataset
+    with pytest.raises(DatasetError, match="run feature_build first"):
+        load_training_dataset()
+
+
+def test_failed_ledger_records_no_watermark(env: Path) -> None:
+    write_ledger(status="failed")
+    assert datasets.build_scoring_dataset(AS_OF).source_watermark is None

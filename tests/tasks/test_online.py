@@ -1,0 +1,87 @@
+"""Publishing user_features_latest to the source database: real PostgreSQL and SQLite, atomic replace."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import date
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from tasks.online import PublishError, publish_user_features
+
+
+def scoring(users: list[int], as_of: date, spend: float) -> pa.Table:
+    """A scoring table shaped like the real one (user_id, as_of, int and float features)."""
+    n = len(users)
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.int64()),
+            "as_of": pa.array([as_of] * n, pa.date32()),
+            "card_count_30d": pa.array(list(range(n)), pa.int64()),
+            "card_mean_30d": pa.array([spend] * (n - 1) + [None], pa.float64()),
+            "topup_days_since_last": pa.array([None] + [3] * (n - 1), pa.int64()),
+        }
+    )
+
+
+@pytest.mark.postgres
+def test_publish_to_postgres_replaces_atomically(pg_url: str, paylater_home: Path) -> None:
+    assert publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 10.5), pg_url) == 3
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("BEGIN")
+        # A reader holding the old table blocks the swap, then sees old or new whole, never a mix.
+        old = conn.execute("SELECT user_id, as_of FROM user_features_latest ORDER BY 1").fetchall()
+        publisher = threading.Thread(
+            target=publish_user_features,
+            args=(scoring([2, 4], date(2026, 7, 15), 99.0), pg_url),
+        )
+        publisher.start()
+        publisher.join(timeout=1)
+        assert publisher.is_alive()  # waiting for our lock: the old table is still intact
+        assert old == [(1, date(2026, 7, 14)), (2, date(2026, 7, 14)), (3, date(2026, 7, 14))]
+        conn.execute("COMMIT")
+        publisher.join(timeout=30)
+        rows = conn.execute(
+            "SELECT user_id, as_of, card_count_30d, card_mean_30d, topup_days_since_last, "
+            "updated_at IS NOT NULL FROM user_features_latest ORDER BY 1"
+        ).fetchall()
+        assert rows == [
+            (2, date(2026, 7, 15), 0, 99.0, None, True),
+            (4, date(2026, 7, 15), 1, None, 3, True),
+        ]
+        pk = conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'user_features_latest'::regclass "
+            "AND i.indisprimary"
+        ).fetchall()
+        assert pk == [("user_id",)]
+        leftovers = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'user_features_latest__%'"
+        ).fetchone()
+        assert leftovers == (0,)
+
+
+def test_publish_to_sqlite(tmp_path: Path, paylater_home: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    publish_user_features(scoring([1, 2], date(2026, 7, 14), 1.0), url)
+    publish_user_features(scoring([5, 6, 7], date(2026, 7, 15), 2.5), url)
+    with sqlite3.connect(tmp_path / "source.db") as conn:
+        rows = conn.execute(
+            "SELECT user_id, as_of, card_mean_30d FROM user_features_latest ORDER BY 1"
+        ).fetchall()
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert rows == [(5, "2026-07-15", 2.5), (6, "2026-07-15", 2.5), (7, "2026-07-15", None)]
+    assert tables == ["user_features_latest"]
+
+
+def test_bad_input_is_one_clear_error(tmp_path: Path, paylater_home: Path) -> None:
+    with pytest.raises(PublishError, match="must start with user_id, as_of"):
+        publish_user_features(
+            pa.table({"as_of": [date(2026, 1, 1)], "user_id": [1]}), "sqlite:///x"
+        )
+    with pytest.raises(PublishError, match="cannot publish"):
+        publish_user_features(scoring([1, 2], date(2026, 1, 1), 1.0), "mysql://h/db")

@@ -1,0 +1,149 @@
+"""Dataset storage by URL: a local folder, S3 on a real moto server, GCS on gcp-storage-emulator."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from paylater.settings import Settings
+from tasks import storage
+from tasks.storage import DatasetStorage, StorageError, open_storage
+
+
+def free_port() -> int:
+    """A free loopback TCP port, chosen now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def exercise(store: DatasetStorage) -> None:
+    """The contract every backend keeps: write, replace, read, exists, list sub-folders."""
+    key = "training/as_of=2026-07-01/part-0.parquet"
+    assert not store.exists(key)
+    store.write_bytes(key, b"first")
+    store.write_bytes(key, b"second")
+    store.write_bytes("training/as_of=2026-07-02/manifest.json", b"{}")
+    assert store.read_bytes(key) == b"second"
+    assert store.exists(key)
+    assert store.list_dirs("training") == ["as_of=2026-07-01", "as_of=2026-07-02"]
+    assert store.list_dirs("scoring") == []
+    with pytest.raises(StorageError, match="does not exist"):
+        store.read_bytes("training/as_of=2026-07-03/manifest.json")
+    with pytest.raises(StorageError, match="invalid storage key"):
+        store.write_bytes("../escape", b"x")
+
+
+def test_local_folder(tmp_path: Path, paylater_home: Path) -> None:
+    store = open_storage((tmp_path / "datasets").as_uri())
+    exercise(store)
+    # Atomic replace leaves no temporary files behind.
+    assert sorted(p.name for p in (tmp_path / "datasets/training/as_of=2026-07-01").iterdir()) == [
+        "part-0.parquet"
+    ]
+
+
+def test_default_url_is_under_home(paylater_home: Path) -> None:
+    store = open_storage()
+    assert isinstance(store, storage.LocalStorage)
+    assert store.root == paylater_home.resolve() / "datasets"
+
+
+def test_unknown_scheme_is_one_clear_error(paylater_home: Path) -> None:
+    with pytest.raises(StorageError, match="unknown kind"):
+        open_storage("ftp://host/x")
+    with pytest.raises(StorageError, match="names no bucket"):
+        open_storage("s3:///prefix")
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real moto S3 server on a free loopback port, with dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]:
+        monkeypatch.setenv(name, value)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def test_s3_from_environment(
+    moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="risk-data")
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", moto_endpoint)
+    store = open_storage("s3://risk-data/paylater/v1")
+    exercise(store)
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=moto_endpoint).list_objects_v2(Bucket="risk-data")[
+            "Contents"
+        ]
+    ]
+    assert "paylater/v1/training/as_of=2026-07-01/part-0.parquet" in keys
+
+
+def test_s3_through_prefect_aws_block(
+    moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a block name configured, credentials and endpoint come from the S3Bucket block."""
+    import boto3
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="blocked")
+    block = S3Bucket(
+        bucket_name="blocked",
+        credentials=AwsCredentials(
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+            aws_client_parameters=AwsClientParameters(endpoint_url=moto_endpoint),
+        ),
+    )
+    monkeypatch.setattr(S3Bucket, "load", classmethod(lambda cls, name: block))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # the block, not the environment, must be used
+    monkeypatch.setenv("PAYLATER_DATASET_S3_BLOCK", "datasets")
+    store = open_storage("s3://blocked/ds", Settings())
+    exercise(store)
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """gcp-storage-emulator in memory on a free loopback port, reached via STORAGE_EMULATOR_HOST."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="risk-gcs")
+    server.start()
+    host = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+    try:
+        yield host
+    finally:
+        server.stop()
+
+
+def test_gcs_against_emulator(gcs_emulator: str, paylater_home: Path) -> None:
+    store = open_storage("gs://risk-gcs/paylater")
+    exercise(store)
+    from google.cloud import storage as gcs
+
+    assert isinstance(store, storage.GcsStorage)
+    client: gcs.Client = store.bucket.client
+    names = [b.name for b in client.list_blobs("risk-gcs")]
+    assert "paylater/training/as_of=2026-07-01/part-0.parquet" in names

@@ -1,0 +1,119 @@
+"""Audit history of registry transitions, kept in the MLflow backend itself.
+
+Each transition is one run in the experiment `paylater-default-registry-audit`, its fields as tags.
+Chosen over a JSON list tag on the registered model because runs are append-only (two people acting at
+once cannot overwrite each other's entry, which a read-modify-write tag would allow), have no size
+limit, survive restarts with the backend, and can be searched and filtered in the MLflow UI and API.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from registry.store import AUDIT_EXPERIMENT, MODEL_NAME, ensure_experiment, normalise_version
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+_PREFIX = "registry."
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One registry event: version, stage before and after, who, when, why and what kind."""
+
+    version: str
+    from_stage: str
+    to_stage: str
+    actor: str
+    at: str
+    reason: str
+    action: str
+    seq: int
+
+    def as_dict(self) -> dict[str, str | int]:
+        """Plain dict for JSON output."""
+        return asdict(self)
+
+
+def default_actor() -> str:
+    """Who is acting: $USER, else the login name, else 'unknown'."""
+    user = os.environ.get("USER") or os.environ.get("USERNAME")
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def record(
+    mlflow_client: MlflowClient,
+    version: str,
+    from_stage: str,
+    to_stage: str,
+    action: str,
+    actor: str,
+    reason: str,
+) -> Transition:
+    """Append one transition to the audit history."""
+    experiment_id = ensure_experiment(mlflow_client, AUDIT_EXPERIMENT)
+    seq = time.time_ns()
+    entry = Transition(
+        version=normalise_version(version),
+        from_stage=from_stage,
+        to_stage=to_stage,
+        actor=actor,
+        at=datetime.fromtimestamp(seq / 1e9, UTC).isoformat(timespec="microseconds"),
+        reason=reason,
+        action=action,
+        seq=seq,
+    )
+    tags = {f"{_PREFIX}{k}": str(v) for k, v in entry.as_dict().items()}
+    tags[f"{_PREFIX}model"] = MODEL_NAME
+    run = mlflow_client.create_run(
+        experiment_id,
+        start_time=seq // 1_000_000,
+        tags=tags,
+        run_name=f"v{entry.version} {action}: {from_stage} -> {to_stage}",
+    )
+    mlflow_client.set_terminated(run.info.run_id, end_time=seq // 1_000_000)
+    return entry
+
+
+def read(mlflow_client: MlflowClient, version: str | None = None) -> list[Transition]:
+    """Every recorded transition (of one version, when given), oldest first."""
+    found = mlflow_client.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if found is None:
+        return []
+    query = f"tags.`{_PREFIX}model` = '{MODEL_NAME}'"
+    if version is not None:
+        query += f" and tags.`{_PREFIX}version` = '{normalise_version(version)}'"
+    entries: list[Transition] = []
+    token: str | None = None
+    while True:
+        page = mlflow_client.search_runs(
+            [found.experiment_id], filter_string=query, max_results=1000, page_token=token
+        )
+        for run in page:
+            tags = run.data.tags
+            entries.append(
+                Transition(
+                    version=tags[f"{_PREFIX}version"],
+                    from_stage=tags.get(f"{_PREFIX}from_stage", ""),
+                    to_stage=tags.get(f"{_PREFIX}to_stage", ""),
+                    actor=tags.get(f"{_PREFIX}actor", ""),
+                    at=tags.get(f"{_PREFIX}at", ""),
+                    reason=tags.get(f"{_PREFIX}reason", ""),
+                    action=tags.get(f"{_PREFIX}action", ""),
+                    seq=int(tags.get(f"{_PREFIX}seq", "0")),
+                )
+            )
+        token = page.token
+        if not token:
+            return sorted(entries, key=lambda e: e.seq)

@@ -1,0 +1,362 @@
+"""Registry policy: gates, stages and aliases kept in step, promotion, rollback; every change audited."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from paylater.settings import get_settings
+from registry import history
+from registry.store import MODEL_NAME, RegistryError, client, normalise_version
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+    from paylater.settings import Settings
+
+STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
+"""Stages are deprecated upstream; each is mirrored by an alias that always points at the same version."""
+VERIFICATION_TAG = "staging_verification"
+
+
+# ---- gates --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Configured limits a candidate must meet (settings gate_*)."""
+
+    min_auc: float
+    max_ece: float
+    max_auc_drop: float
+    max_score_psi: float
+    allow_feature_changes: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> GateThresholds:
+        """Thresholds from the configuration."""
+        s = settings or get_settings()
+        return cls(
+            min_auc=s.gate_min_auc,
+            max_ece=s.gate_max_ece,
+            max_auc_drop=s.gate_max_auc_drop,
+            max_score_psi=s.gate_max_score_psi,
+            allow_feature_changes=s.gate_allow_feature_changes,
+        )
+
+
+@dataclass(frozen=True)
+class ProductionBaseline:
+    """The production version scored on the candidate's OOT rows (probs None: it could not be)."""
+
+    version: str
+    features: list[str]
+    probs: npt.NDArray[np.float64] | None
+    problem: str = ""
+
+
+@dataclass
+class GateDecision:
+    """Whether a candidate may be staged, why not, and the figures compared."""
+
+    passed: bool
+    reasons: list[str]
+    checks: dict[str, float] = field(default_factory=dict)
+    production_version: str | None = None
+
+
+def evaluate_gates(
+    labels: npt.ArrayLike,
+    candidate_probs: npt.ArrayLike,
+    candidate_features: Sequence[str],
+    thresholds: GateThresholds,
+    baseline: ProductionBaseline | None = None,
+) -> GateDecision:
+    """Absolute gates always; against production (same OOT rows) when there is one."""
+    from tasks.evaluation import classification_metrics as metrics_of
+    from tasks.evaluation import expected_calibration_error, population_stability_index
+
+    cand = metrics_of(labels, candidate_probs)
+    checks = {"candidate_auc": cand["auc"], "candidate_ece": cand["ece"]}
+    reasons: list[str] = []
+    if cand["auc"] < thresholds.min_auc:
+        reasons.append(f"AUC {cand['auc']:.4f} below the minimum {thresholds.min_auc}")
+    if cand["ece"] > thresholds.max_ece:
+        reasons.append(
+            f"calibration error {cand['ece']:.4f} above the maximum {thresholds.max_ece}"
+        )
+    if baseline is None:
+        return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
+    added = sorted(set(candidate_features) - set(baseline.features))
+    removed = sorted(set(baseline.features) - set(candidate_features))
+    if (added or removed) and not thresholds.allow_feature_changes:
+        reasons.append(
+            f"feature set differs from production v{baseline.version}: added {added or '[]'}, "
+            f"removed {removed or '[]'} (set gate_allow_feature_changes once serving follows)"
+        )
+    if baseline.probs is None:
+        reasons.append(
+            f"production v{baseline.version} could not be scored on this OOT month: {baseline.problem}"
+        )
+    else:
+        prod_auc = metrics_of(labels, baseline.probs)["auc"]
+        drop = prod_auc - cand["auc"]
+        psi = population_stability_index(baseline.probs, candidate_probs)
+        checks |= {
+            "production_auc": prod_auc,
+            "production_ece": expected_calibration_error(labels, baseline.probs),
+            "auc_drop": drop,
+            "score_psi": psi,
+        }
+        if drop > thresholds.max_auc_drop:
+            reasons.append(
+                f"AUC {cand['auc']:.4f} is {drop:.4f} below production v{baseline.version} "
+                f"({prod_auc:.4f}); allowed drop {thresholds.max_auc_drop}"
+            )
+        if psi > thresholds.max_score_psi:
+            reasons.append(
+                f"score PSI {psi:.4f} against production v{baseline.version} above {thresholds.max_score_psi}"
+            )
+    return GateDecision(
+        passed=not reasons,
+        reasons=reasons,
+        checks=checks,
+        production_version=baseline.version,
+    )
+
+
+# ---- lookups ------------------------------------------------------------------------------------
+
+
+def get_version(mlflow_client: MlflowClient, version: object) -> ModelVersion:
+    """A registered version, or RegistryError naming it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        number = normalise_version(version)
+    except ValueError as exc:
+        raise RegistryError(f"not a version number: {version!r}") from exc
+    try:
+        return mlflow_client.get_model_version(MODEL_NAME, number)
+    except MlflowException as exc:
+        raise RegistryError(f"{MODEL_NAME} has no version {number}") from exc
+
+
+def alias_version(mlflow_client: MlflowClient, alias: str) -> str | None:
+    """The version an alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return normalise_version(
+            mlflow_client.get_model_version_by_alias(MODEL_NAME, alias).version
+        )
+    except MlflowException:
+        return None
+
+
+def resolve_version(stage_or_version: str, mlflow_client: MlflowClient | None = None) -> str:
+    """'production', 'staging' (case-insensitive) or a version number -> an existing version number."""
+    c = mlflow_client or client()
+    value = str(stage_or_version).strip()
+    if value.lower() in STAGE_ALIASES.values():
+        found = alias_version(c, value.lower())
+        if found is None:
+            raise RegistryError(f"no version of {MODEL_NAME} is in {value.lower()}")
+        return found
+    if not value.isdigit():
+        raise RegistryError(
+            f"expected production, staging or a version number, got {stage_or_version!r}"
+        )
+    return normalise_version(get_version(c, value).version)
+
+
+def all_versions(mlflow_client: MlflowClient) -> list[ModelVersion]:
+    """Every version of the registered model, newest first."""
+    found = mlflow_client.search_model_versions(f"name='{MODEL_NAME}'")
+    return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+# ---- transitions --------------------------------------------------------------------------------
+
+
+def _require_reason(reason: str | None) -> str:
+    """A non-blank reason, or RegistryError."""
+    if reason is None or not reason.strip():
+        raise RegistryError("a reason is required (--reason TEXT): it goes into the audit history")
+    return reason.strip()
+
+
+def move(
+    mlflow_client: MlflowClient,
+    version: str,
+    to_stage: str,
+    action: str,
+    actor: str,
+    reason: str,
+) -> history.Transition:
+    """Set a version's stage, keep the stage aliases in step, and record the transition."""
+    mv = get_version(mlflow_client, version)
+    number = normalise_version(mv.version)
+    from_stage = str(mv.current_stage or "None")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still the UI's view
+        mlflow_client.transition_model_version_stage(
+            MODEL_NAME, number, to_stage, archive_existing_versions=False
+        )
+    old_alias = STAGE_ALIASES.get(from_stage)
+    if (
+        old_alias
+        and old_alias != STAGE_ALIASES.get(to_stage)
+        and alias_version(mlflow_client, old_alias) == number
+    ):
+        mlflow_client.delete_registered_model_alias(MODEL_NAME, old_alias)
+    new_alias = STAGE_ALIASES.get(to_stage)
+    if new_alias:
+        mlflow_client.set_registered_model_alias(MODEL_NAME, new_alias, number)
+    return history.record(mlflow_client, number, from_stage, to_stage, action, actor, reason)
+
+
+def _others_in_stage(mlflow_client: MlflowClient, stage: str, keep: str) -> list[str]:
+    """Versions other than `keep` in `stage` (by stage or by alias)."""
+    found = {
+        normalise_version(mv.version)
+        for mv in all_versions(mlflow_client)
+        if mv.current_stage == stage
+    }
+    aliased = alias_version(mlflow_client, STAGE_ALIASES[stage])
+    if aliased:
+        found.add(aliased)
+    return sorted(found - {keep}, key=int)
+
+
+def stage_candidate(version: str, actor: str, reason: str) -> list[history.Transition]:
+    """Move a gated candidate to Staging (alias staging); an earlier staged candidate is archived."""
+    c = client()
+    number = normalise_version(get_version(c, version).version)
+    changes = [
+        move(c, old, "Archived", "supersede", actor, f"superseded in Staging by v{number}")
+        for old in _others_in_stage(c, "Staging", number)
+    ]
+    changes.append(move(c, number, "Staging", "stage", actor, reason))
+    return changes
+
+
+def record_gate(version: str, decision: GateDecision, actor: str) -> None:
+    """Write the gate outcome on the version; a rejection is tagged and audited, its stage unchanged."""
+    c = client()
+    number = normalise_version(version)
+    status = "passed" if decision.passed else "rejected"
+    tags = {
+        "gate_status": status,
+        "gate_reasons": json.dumps(decision.reasons),
+        "gate_checks": json.dumps({k: round(v, 6) for k, v in decision.checks.items()}),
+        "gate_production_version": decision.production_version or "",
+    }
+    if not decision.passed:
+        tags |= {"rejected": "true", "rejected_reasons": "; ".join(decision.reasons)}
+    for key, value in tags.items():
+        c.set_model_version_tag(MODEL_NAME, number, key, value)
+    if not decision.passed:
+        stage = str(get_version(c, number).current_stage or "None")
+        history.record(c, number, stage, stage, "reject", actor, "; ".join(decision.reasons))
+
+
+def promote(version: str, to: str, reason: str | None, actor: str) -> list[history.Transition]:
+    """Staging -> Production after a passed staging verification; the old production is archived."""
+    if str(to).strip().lower() != "production":
+        raise RegistryError(
+            f"--to must be production, got {to!r} (candidates reach staging through monthly_retrain)"
+        )
+    why = _require_reason(reason)
+    c = client()
+    number = resolve_version(version, c)
+    mv = get_version(c, number)
+    if mv.current_stage != "Staging":
+        raise RegistryError(
+            f"version {number} is in stage {mv.current_stage}, not Staging: only a staged version can be promoted"
+        )
+    verification = (mv.tags or {}).get(VERIFICATION_TAG)
+    if verification != "passed":
+        raise RegistryError(
+            f"version {number} has no passed staging verification (status: {verification or 'never run'}); "
+            "run `paylater registry verify --stage staging --url URL` against the staging service first"
+        )
+    changes = [
+        move(c, old, "Archived", "archive", actor, f"replaced in production by v{number}: {why}")
+        for old in _others_in_stage(c, "Production", number)
+    ]
+    changes.append(move(c, number, "Production", "promote", actor, why))
+    return changes
+
+
+def rollback_target(entries: Sequence[history.Transition], current: str) -> list[str]:
+    """Earlier production versions to restore, most recently demoted first; rolled-back ones excluded."""
+    left_at: dict[str, int] = {}
+    rolled_back: set[str] = set()
+    for entry in entries:
+        if entry.from_stage == "Production" and entry.to_stage != "Production":
+            left_at[entry.version] = entry.seq
+            if entry.action == "rollback":
+                rolled_back.add(entry.version)
+        if entry.to_stage == "Production" and entry.action == "promote":
+            rolled_back.discard(entry.version)  # promoted again on purpose: trusted again
+    candidates = [v for v in left_at if v != current and v not in rolled_back]
+    return sorted(candidates, key=lambda v: left_at[v], reverse=True)
+
+
+def rollback(reason: str | None, actor: str) -> list[history.Transition]:
+    """Restore the most recent earlier production version; the current one is archived."""
+    why = _require_reason(reason)
+    c = client()
+    current = alias_version(c, "production")
+    if current is None:
+        raise RegistryError("nothing is in production: there is nothing to roll back")
+    target = None
+    for candidate in rollback_target(history.read(c), current):
+        try:
+            get_version(c, candidate)
+        except RegistryError:
+            continue  # deleted since: try the one before
+        target = candidate
+        break
+    if target is None:
+        raise RegistryError(f"no earlier production version to roll back to from v{current}")
+    return [
+        move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}"),
+        move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}"),
+    ]
+
+
+def record_verification(version: str, passed: bool, url: str, detail: str, at: str) -> None:
+    """Store the staging verification outcome on the version (what promote checks)."""
+    c = client()
+    number = normalise_version(get_version(c, version).version)
+    for key, value in {
+        VERIFICATION_TAG: "passed" if passed else "failed",
+        f"{VERIFICATION_TAG}_at": at,
+        f"{VERIFICATION_TAG}_url": url,
+        f"{VERIFICATION_TAG}_detail": detail[:5000],
+    }.items():
+        c.set_model_version_tag(MODEL_NAME, number, key, value)
+
+
+def version_summary(mv: ModelVersion, aliases: dict[str, str]) -> dict[str, Any]:
+    """One row of `registry list`."""
+    tags = mv.tags or {}
+    number = normalise_version(mv.version)
+    return {
+        "version": number,
+        "stage": mv.current_stage,
+        "aliases": ",".join(a for a, v in aliases.items() if v == number),
+        "gate": tags.get("gate_status", ""),
+        "verification": tags.get(VERIFICATION_TAG, ""),
+        "created": mv.creation_timestamp,
+        "run_id": mv.run_id,
+    }

@@ -1,0 +1,69 @@
+"""The MLflow backend of the registry: client, experiments, names; configured when code runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from paylater.settings import get_settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+MODEL_NAME = "paylater-default"
+"""The registered model (contracts.md)."""
+TRAINING_EXPERIMENT = "paylater-default-training"
+AUDIT_EXPERIMENT = "paylater-default-registry-audit"
+"""One run per registry transition: the append-only audit history."""
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be carried out; nothing was changed."""
+
+
+def normalise_version(version: object) -> str:
+    """Version numbers arrive as int (SQL store) or str (HTTP): always compare them as text."""
+    return str(int(str(version).strip()))
+
+
+def tracking_uri() -> str:
+    """The configured MLflow tracking (and registry) URI."""
+    return get_settings().tracking_uri
+
+
+def configure_mlflow() -> str:
+    """Point the mlflow fluent API at the configured backend (at run time, never at import)."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def client() -> MlflowClient:
+    """An MLflow client on the configured tracking and registry URI."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _local_artifact_root() -> str | None:
+    """Artifact root for experiments on an embedded store (else MLflow would write ./mlruns in the cwd)."""
+    settings = get_settings()
+    if settings.mlflow_artifact_location:
+        return settings.mlflow_artifact_location
+    if tracking_uri().split(":", 1)[0] in {"sqlite", "file"}:
+        return (Path(settings.home_dir) / "mlartifacts").as_uri()
+    return None  # a tracking server decides (proxied mlflow-artifacts:)
+
+
+def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created on first use."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    root = _local_artifact_root()
+    location = f"{root.rstrip('/')}/{name}" if root else None
+    return str(mlflow_client.create_experiment(name, artifact_location=location))

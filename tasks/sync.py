@@ -29,6 +29,7 @@ from string import Template
 from typing import Any, Literal
 
 import pyarrow as pa
+from prefect import task
 from pydantic import BaseModel, Field
 
 from paylater.settings import get_settings
@@ -378,3 +379,62 @@ def ledger_watermark(warehouse: Warehouse, as_of: date) -> datetime:
     if not watermarks:
         raise SyncIncomplete(f"sync for as_of {as_of}: no table has a watermark")
     return max(watermarks).astimezone(UTC)
+
+
+# --- Prefect tasks (the logic above knows nothing of Prefect) ---
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the database was unreachable or dropped the connection, not bad config."""
+    if isinstance(exc, SourceUnavailable):
+        return True
+    if isinstance(exc, SyncError | WarehouseError):
+        return False
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, ConnectionError | TimeoutError) or "OperationalError" in names
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry_condition_fn: retry only transient errors."""
+    try:
+        state.result()
+    except BaseException as exc:
+        return is_transient(exc)
+    return False
+
+
+@task(
+    name="validate-sync-config",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_transient,
+)
+def validate_sync_config() -> list[TableSpec]:
+    """Check the table configuration against the source before anything is written."""
+    return validate_configured_tables()
+
+
+@task(
+    name="sync-table",
+    task_run_name="sync-{spec.name}-{as_of}",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=retry_transient,
+)
+def sync_table_task(spec: TableSpec, as_of: date) -> TableResult:
+    """Sync one configured table for one as_of."""
+    return sync_one(spec, as_of)
+
+
+def sync_report(as_of: date, states: list[Any]) -> SyncReport:
+    """Collect the table tasks' results; raise a SyncError naming every table that failed."""
+    results, failures = [], []
+    for state in states:
+        outcome = state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            failures.append(str(outcome).splitlines()[0] if str(outcome) else repr(outcome))
+        else:
+            results.append(outcome)
+    if failures:
+        raise SyncError(f"daily sync for as_of {as_of} failed: {'; '.join(failures)}")
+    return SyncReport(as_of=as_of, tables=results)

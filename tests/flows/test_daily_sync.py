@@ -1,0 +1,90 @@
+"""daily_sync end to end under the Prefect test harness: a SQLite source into a DuckDB warehouse,
+then a failing run that alerts a real local HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flows.daily_sync import daily_sync
+from tasks.sync import ConfigError, check_ledger, ledger_watermark
+from tasks.warehouse import open_warehouse
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_source(path: Path) -> None:
+    """A SQLite source with one row per table, all on business day 2026-11-20."""
+    with sqlite3.connect(path) as db:
+        db.executescript((ROOT / "schema/source_sqlite.sql").read_text())
+        at = "2026-11-20T03:00:00.000000+00:00"
+        db.execute("INSERT INTO users VALUES (1, ?, 1990, 'Tokyo', NULL, 'active', ?)", (at, at))
+        db.execute(
+            "INSERT INTO card_transactions VALUES (1, 1, ?, 500, 7, 'grocery', 'online', 'settled', ?)",
+            (at, at),
+        )
+        db.execute("INSERT INTO topups VALUES (1, 1, ?, 10000, 'bank', ?)", (at, at))
+        db.execute(
+            "INSERT INTO deferred_charges VALUES (1, 1, ?, 3000, 300, '2026-12-27', 'outstanding', NULL, NULL, ?)",
+            (at, at),
+        )
+
+
+@pytest.fixture
+def alerts_received(monkeypatch: pytest.MonkeyPatch):
+    """A loopback HTTP receiver on a free port, set as the alert webhook; yields the bodies."""
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/"
+    )
+    yield bodies
+    server.shutdown()
+    server.server_close()
+
+
+def test_daily_sync_flow_then_failure_alert(
+    prefect_harness, paylater_home: Path, tmp_path: Path, monkeypatch, alerts_received
+) -> None:
+    make_source(paylater_home / "source.db")
+    as_of = date(2026, 11, 20)
+    report = daily_sync(as_of=as_of)
+    assert [t.table_name for t in report.tables] == [
+        "users",
+        "card_transactions",
+        "topups",
+        "deferred_charges",
+    ]
+    assert all(t.status == "succeeded" and t.warehouse_rows == 1 for t in report.tables)
+    warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    check_ledger(warehouse, as_of)
+    assert ledger_watermark(warehouse, as_of).isoformat() == "2026-11-20T15:00:00+00:00"
+    warehouse.close()
+    assert alerts_received == []
+
+    bad = tmp_path / "tables.yaml"
+    bad.write_text("tables:\n  - {name: loans, primary_key: loan_id}\n")
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(bad))
+    with pytest.raises(ConfigError, match="table loans does not exist in the source database"):
+        daily_sync(as_of="2026-11-21")
+    (alert,) = alerts_received
+    assert alert["subject"].endswith("of 'daily-sync' failed")
+    assert "table loans does not exist" in alert["text"]
+    assert "as_of=2026-11-21" in alert["body"]

@@ -69,7 +69,7 @@ class Notification:
 
     subject: str
     body: str
-    severity: str  # 'critical' (PagerDuty), 'warning' (Slack), 'resolved'
+    severity: str  # 'critical' (Slack + PagerDuty), 'warning' (Slack), 'info' (RESOLVED, Slack)
     dedup_key: str
 
 
@@ -309,7 +309,7 @@ def resolved_notice(result: CheckResult, opened_at: datetime, now: datetime) -> 
     return Notification(
         subject=f"[RESOLVED] paylater: {result.check}",
         body=f"{result.summary}; open for {format_value(lasted, 's')}",
-        severity="resolved",
+        severity="info",
         dedup_key=dedup_key(result.check),
     )
 

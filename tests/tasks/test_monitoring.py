@@ -173,7 +173,7 @@ def test_incident_alerts_once_escalates_once_and_resolves_once(
     assert reconcile(engine, [result("critical")], NOW + timedelta(minutes=20)) == []
     assert open_incidents(engine)[0]["severity"] == "critical"
     resolved = reconcile(engine, [result("ok")], NOW + timedelta(minutes=25))
-    assert [n.severity for n in resolved] == ["resolved"]
+    assert [n.severity for n in resolved] == ["info"] and "RESOLVED" in resolved[0].subject
     assert "open for 1500 s" in resolved[0].body
     assert resolved[0].dedup_key == first[0].dedup_key
     assert reconcile(engine, [result("ok")], NOW + timedelta(minutes=30)) == []

@@ -1,0 +1,169 @@
+"""End to end: monitor() alerts a real HTTP receiver once per incident, then once when it clears."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psycopg
+import pytest
+
+WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+
+
+class Receiver:
+    """A Slack-compatible webhook on a free loopback port that keeps every JSON body it gets."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict] = []
+        received = self.payloads
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def take(self) -> list[dict]:
+        """The payloads received since the last take."""
+        got = list(self.payloads)
+        self.payloads.clear()
+        return got
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A running receiver, stopped after the test."""
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def write_ledger(warehouse_url: str, finished_at: datetime) -> None:
+    """A sync_ledger (contract columns) whose newest fully successful day finished at `finished_at`."""
+    import pyarrow as pa
+
+    from tasks.warehouse import open_warehouse
+
+    ts = pa.timestamp("us", tz="UTC")
+    table = pa.table(
+        {
+            "table_name": ["users", "deferred_charges"],
+            "as_of": pa.array([date(2026, 11, 26)] * 2, pa.date32()),
+            "mode": ["full", "incremental"],
+            "watermark_from": pa.array([None, None], ts),
+            "watermark_to": pa.array([finished_at] * 2, ts),
+            "rows_extracted": pa.array([1, 1], pa.int64()),
+            "rows_loaded": pa.array([1, 1], pa.int64()),
+            "warehouse_rows": pa.array([1, 1], pa.int64()),
+            "duration_seconds": [0.1, 0.1],
+            "status": ["succeeded", "succeeded"],
+            "error": pa.array([None, None], pa.string()),
+            "finished_at": pa.array([finished_at] * 2, ts),
+        }
+    )
+    warehouse = open_warehouse(warehouse_url)
+    warehouse.replace_table("sync_ledger", table)
+    warehouse.close()
+
+
+def write_scoring_manifest(home: Path, built_at: datetime) -> None:
+    """A complete (manifest-bearing) scoring dataset folder built at `built_at`."""
+    folder = home / "datasets" / "scoring" / "as_of=2026-11-26"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "kind": "scoring",
+        "as_of": "2026-11-26",
+        "rows": 0,
+        "schema": [],
+        "sha256": "",
+        "source_watermark": None,
+        "sql_hash": "",
+        "features": [],
+        "uri": (folder / "part-0.parquet").as_uri(),
+        "built_at": built_at.isoformat(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_monitor_alerts_once_per_incident_and_resolves(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.monitor import monitor
+
+    warehouse_url = f"duckdb:///{paylater_home / 'warehouse.duckdb'}"
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    now = datetime.now(UTC)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
+            [now - timedelta(minutes=10), now - timedelta(minutes=10)],
+        )
+    write_ledger(warehouse_url, now - timedelta(hours=40))  # warning (30 h), not critical (54 h)
+    write_scoring_manifest(paylater_home, now - timedelta(hours=60))  # critical
+
+    monitor()
+    fired = {p["subject"]: p for p in receiver.take()}
+    assert set(fired) == {
+        "[FIRING] paylater critical: oldest_queued_age",
+        "[FIRING] paylater warning: sync_age",
+        "[FIRING] paylater critical: feature_build_age",
+    }
+    assert fired["[FIRING] paylater warning: sync_age"]["severity"] == "warning"
+    assert fired["[FIRING] paylater critical: oldest_queued_age"]["dedup_key"] == (
+        "paylater-monitor/oldest_queued_age"
+    )
+
+    monitor()  # the conditions last: nothing new
+    assert receiver.take() == []
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=1))
+    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1))
+    results = {r.check: r.level for r in monitor()}
+    resolved = receiver.take()
+    assert sorted(p["subject"] for p in resolved) == [
+        "[RESOLVED] paylater: feature_build_age",
+        "[RESOLVED] paylater: oldest_queued_age",
+        "[RESOLVED] paylater: sync_age",
+    ]
+    assert {p["severity"] for p in resolved} == {"info"}
+    assert results["queue_depth"] == "ok" and results["failure_rate"] == "unknown"  # too few jobs
+
+    monitor()
+    assert receiver.take() == []

@@ -31,8 +31,10 @@ def _client() -> Any:
 
 
 def resolve_version(stage_or_version: str) -> str:
-    """'production', 'staging' (registry aliases) or a version number -> the version number as text."""
+    """'production', 'staging' (aliases), a version number or paylater-default:<v> -> the version as text."""
     value = str(stage_or_version).strip().lower()
+    if value.startswith(f"{MODEL_NAME}:"):  # a model store tag names its registry version
+        value = value.partition(":")[2]
     if value.isdigit():
         return str(int(value))
     if value not in _STAGES:

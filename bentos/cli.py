@@ -5,3 +5,37 @@ from __future__ import annotations
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="BentoML: import a registry version, build its bento.")
+
+
+def _target(stage: str | None, version: str | None) -> str:
+    """The one of --stage / --version given (production when neither)."""
+    if stage and version:
+        raise typer.BadParameter("give --stage or --version, not both")
+    if stage and stage not in ("production", "staging"):
+        raise typer.BadParameter(f"--stage must be production or staging, got {stage!r}")
+    return version or stage or "production"
+
+
+@app.command("import")
+def import_cmd(
+    stage: str | None = typer.Option(None, help="Registry stage: production or staging."),
+    version: str | None = typer.Option(None, help="Registry version number."),
+) -> None:
+    """Save a registry version into the BentoML model store as paylater-default:<version>."""
+    from bentos.build import import_version, resolve_version
+
+    tag = import_version(resolve_version(_target(stage, version)))
+    typer.echo(tag)
+
+
+@app.command("build")
+def build_cmd(
+    stage: str | None = typer.Option(None, help="Registry stage: production or staging."),
+    version: str | None = typer.Option(None, help="Registry version number."),
+) -> None:
+    """Build paylater-scorer:<version> (importing the model first when missing)."""
+    from bentos.build import build_bento
+
+    tag = build_bento(_target(stage, version))
+    typer.echo(tag)
+    typer.echo(f"serve it with: bentoml serve {tag} --host 127.0.0.1 --port 3000")

@@ -1,0 +1,357 @@
+"""The scoring service: `bentoml serve bentos.service:PaylaterScorer` or `bentoml serve paylater-scorer:<v>`.
+
+The scoring routes are a lean ASGI app mounted inside the service instead of `@bentoml.api` methods:
+BentoML's per-request API machinery (input IO model, thread hop, output schema, tracing span) cost
+more CPU than scoring itself, and it answers bad input with 400 where this API promises 422.
+The routes still run inside BentoML's server (its workers, metrics middleware, /readyz, /metrics).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from bentos.scoring import FeatureStore, Score, Scorer
+
+log = logging.getLogger("paylater.serving")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+HOT_PATHS = ["/v1/score", "/v2/score", "/v2/score_batch"]
+MAX_BODY_BYTES = 4 * 1024 * 1024
+_JSON = [(b"content-type", b"application/json")]
+
+
+class Reply(Exception):
+    """An answer other than 200, raised from anywhere in a handler."""
+
+    def __init__(self, status: int, error: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, "detail": detail, **extra}
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as the field path a client would write: `[3].features.x`."""
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def invalid(exc: Exception) -> Reply:
+    """A 422 naming every field pydantic rejected."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return Reply(
+            422, "invalid_request", str(exc), fields=[{"field": "body", "message": str(exc)}]
+        )
+    fields = [{"field": _field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+    detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return Reply(422, "invalid_request", detail, fields=fields)
+
+
+class Engine:
+    """Everything a request needs, loaded once per worker; filled in by the service's __init__."""
+
+    def __init__(self) -> None:
+        self.scorer: Scorer | None = None
+        self.features: FeatureStore | None = None
+        self.token: bytes | None = None
+        self.max_batch = 1000
+        self.load_error: str | None = None
+
+    def ready_scorer(self) -> Scorer:
+        """The scorer, or a 503 while the model is still loading (or failed to)."""
+        if self.scorer is None:
+            detail = self.load_error or "model is loading"
+            raise Reply(503, "not_ready", detail)
+        return self.scorer
+
+    def check_token(self, scope: Scope) -> None:
+        """401 unless the bearer token matches (when one is configured)."""
+        if self.token is None:
+            return
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                if hmac.compare_digest(value, b"Bearer " + self.token):
+                    return
+                break
+        raise Reply(401, "unauthorized", "missing or wrong bearer token")
+
+    def _user_features(
+        self, scorer: Scorer, features: dict[str, float | None], at: str
+    ) -> dict[str, Any]:
+        """An explicit feature vector, checked against the model's user features by name."""
+        names = scorer.user_feature_names
+        unknown = [k for k in features if k not in names]
+        missing = [n for n in names if n not in features]
+        if unknown or missing:
+            fields = [{"field": f"{at}features.{k}", "message": "unknown feature"} for k in unknown]
+            fields += [
+                {
+                    "field": f"{at}features.{n}",
+                    "message": "missing feature (send null when unknown)",
+                }
+                for n in missing
+            ]
+            raise Reply(
+                422,
+                "invalid_request",
+                "; ".join(f"{f['field']}: {f['message']}" for f in fields),
+                fields=fields,
+            )
+        return features
+
+    def score_requests(self, requests: list[Any], batch: bool) -> list[Score]:
+        """Look up features for user ids (one query), then score every request in one call."""
+        scorer = self.ready_scorer()
+        user_ids = [r.user_id for r in requests if r.user_id is not None]
+        found: dict[int, dict[str, Any]] = {}
+        if user_ids:
+            if self.features is None:
+                raise Reply(503, "no_feature_store", "PAYLATER_SOURCE_URL is not a PostgreSQL URL")
+            found = self.features.lookup(user_ids)
+            missing = sorted({u for u in user_ids if u not in found})
+            if missing:
+                raise Reply(
+                    404,
+                    "unknown_user",
+                    f"no features for user_id {', '.join(map(str, missing))}",
+                    user_ids=missing,
+                )
+        rows = []
+        for i, r in enumerate(requests):
+            at = f"[{i}]." if batch else ""
+            feats = (
+                found[r.user_id]
+                if r.user_id is not None
+                else self._user_features(scorer, r.features, at)
+            )
+            rows.append(scorer.request_row(r.amount_jpy, feats))
+        return scorer.score_rows(rows)
+
+    def v2_score(self, body: bytes) -> Any:
+        """POST /v2/score."""
+        from bentos.models import ScoreRequestV2
+
+        try:
+            request = ScoreRequestV2.model_validate_json(body)
+        except ValueError as exc:
+            raise invalid(exc) from None
+        return _v2_answer(self.score_requests([request], batch=False)[0])
+
+    def v2_score_batch(self, body: bytes) -> Any:
+        """POST /v2/score_batch."""
+        from bentos.models import ScoreBatchV2
+
+        try:
+            requests = ScoreBatchV2.model_validate_json(body).root
+        except ValueError as exc:
+            raise invalid(exc) from None
+        if len(requests) > self.max_batch:
+            detail = f"batch of {len(requests)} requests exceeds the limit of {self.max_batch}"
+            raise Reply(
+                422, "invalid_request", detail, fields=[{"field": "body", "message": detail}]
+            )
+        return [_v2_answer(s) for s in self.score_requests(requests, batch=True)]
+
+    def v1_score(self, body: bytes) -> Any:
+        """POST /v1/score: the previous schema, adapted to v2 and answered in the old shape."""
+        from bentos.models import ScoreRequestV1
+
+        try:
+            old = ScoreRequestV1.model_validate_json(body)
+        except ValueError as exc:
+            raise invalid(exc) from None
+        score = self.score_requests([old.to_v2()], batch=False)[0]
+        return {
+            "customer_id": old.customer_id,
+            "risk_score": score.default_probability,
+            "approved": score.decision == "approve",
+            "model_version": score.model_version,
+            "reasons": score.reason_codes,
+        }
+
+
+def _v2_answer(score: Score) -> dict[str, Any]:
+    """The v2 response body of one score."""
+    return {
+        "default_probability": score.default_probability,
+        "decision": score.decision,
+        "model_version": score.model_version,
+        "reason_codes": score.reason_codes,
+    }
+
+
+ENGINE = Engine()
+
+
+class ScoringRoutes:
+    """A raw ASGI app: read the body, dispatch by path, answer JSON; never lets an error escape."""
+
+    def __init__(self, engine: Engine, routes: dict[str, Callable[[bytes], Any]]) -> None:
+        self.engine = engine
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request (lifespan events are acknowledged and ignored)."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        from pydantic_core import to_json
+
+        status, payload = 200, None
+        try:
+            handler = self.routes.get(scope["path"]) or self.routes.get(
+                scope.get("root_path", "") + scope["path"]
+            )
+            if handler is None:
+                raise Reply(404, "not_found", f"no route {scope['path']}")
+            if scope["method"] != "POST":
+                raise Reply(405, "method_not_allowed", "use POST")
+            self.engine.check_token(scope)
+            payload = handler(await _read_body(receive))
+        except Reply as reply:
+            status, payload = reply.status, reply.body
+        except Exception:
+            log.exception("scoring request failed")
+            status, payload = 500, {"error": "internal", "detail": "internal error, logged"}
+        body = to_json(payload)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*_JSON, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body, refusing bodies over MAX_BODY_BYTES."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise Reply(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge lifespan startup/shutdown for servers that send them to mounted apps."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+V2 = ScoringRoutes(ENGINE, {"/v2/score": ENGINE.v2_score, "/v2/score_batch": ENGINE.v2_score_batch})
+V1 = ScoringRoutes(ENGINE, {"/v1/score": ENGINE.v1_score})
+
+
+class ModelInfo(BaseModel):
+    """Which model this service scores with."""
+
+    model_version: str
+    feature_names: list[str]
+    cutoff: float
+
+
+@bentoml.service(
+    name="paylater-scorer",
+    # Two workers for two cores, like the gunicorn baseline; more only add contention.
+    workers=2,
+    traffic={"timeout": 30},
+    # Per-request access logs and tracing spans cost more CPU than a score: metrics stay on.
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": HOT_PATHS, "sample_rate": 0.0},
+)
+@bentoml.asgi_app(V2, path="/v2", name="v2")
+@bentoml.asgi_app(V1, path="/v1", name="v1")
+class PaylaterScorer:
+    """Scores pay-later requests with a registry version of paylater-default."""
+
+    def __init__(self) -> None:
+        from paylater.settings import get_settings
+
+        settings = get_settings()
+        ENGINE.token = settings.api_token.encode() if settings.api_token else None
+        ENGINE.max_batch = settings.serve_max_batch
+        # Loading runs beside the server so /readyz can say "not yet" instead of hanging.
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        """Load the model (embedded in the bento, or by stage from the registry) and the feature store."""
+        try:
+            ENGINE.scorer = scorer = _load_scorer()
+            ENGINE.features = _feature_store(scorer)
+            log.info("serving %s model version %s", scorer.feature_names, scorer.model_version)
+        except Exception as exc:  # keep serving /readyz=false and 503s with the reason
+            log.exception("model load failed")
+            ENGINE.load_error = f"model load failed: {exc}"
+
+    def __is_ready__(self) -> bool:
+        """Ready once the model and feature store are loaded."""
+        return ENGINE.scorer is not None
+
+    @bentoml.api(route="/model_info")
+    def model_info(self) -> ModelInfo:
+        """The served model version, its features and cutoff."""
+        scorer = ENGINE.ready_scorer()
+        return ModelInfo(
+            model_version=scorer.model_version,
+            feature_names=scorer.feature_names,
+            cutoff=scorer.cutoff,
+        )
+
+
+def _load_scorer() -> Scorer:
+    """The model embedded in the served bento, else the one PAYLATER_SERVE_STAGE names."""
+    from bentoml._internal.context import server_context
+
+    from bentos.build import BENTO_NAME, model_tag
+    from bentos.scoring import Scorer
+    from paylater.settings import get_settings
+
+    settings = get_settings()
+    if server_context.bento_name == BENTO_NAME and server_context.bento_version not in (
+        "",
+        "not available",
+    ):
+        return Scorer.from_store(
+            model_tag(server_context.bento_version), cutoff=settings.serve_cutoff
+        )
+    return Scorer.load(stage=settings.serve_stage, cutoff=settings.serve_cutoff)
+
+
+def _feature_store(scorer: Scorer) -> FeatureStore | None:
+    """The online feature store in the source PostgreSQL (None when the source is not PostgreSQL)."""
+    from bentos.scoring import FeatureStore
+    from paylater.settings import get_settings
+
+    url = get_settings().source
+    if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        log.warning("source %s is not PostgreSQL: user_id lookups answer 503", url)
+        return None
+    return FeatureStore(
+        url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names
+    )

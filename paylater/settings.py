@@ -233,6 +233,22 @@ class Settings(BaseSettings):
     )
     # --- end worker ---
 
+    # --- serving (owner: serving; bentos/) ---
+    serve_stage: str = Field(
+        default="production",
+        description="Registry stage (alias) or version `bentoml serve bentos.service:PaylaterScorer` serves.",
+    )
+    serve_cutoff: float | None = Field(
+        default=None, description="Override the model version's decision cutoff (tag `cutoff`)."
+    )
+    serve_max_batch: int = Field(
+        default=1000, ge=1, description="Most requests one /v2/score_batch call may carry."
+    )
+    api_token: str | None = Field(
+        default=None, description="Bearer token the scoring APIs require (unset: open, e.g. on loopback)."
+    )
+    # --- end serving ---
+
     @property
     def home_dir(self) -> Path:
         """The embedded-defaults folder as an absolute path."""

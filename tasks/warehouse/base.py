@@ -78,7 +78,7 @@ def open_warehouse(url: str) -> Warehouse:
     if scheme == "bigquery":
         from tasks.warehouse.bigquery import BigQueryWarehouse
 
-        return BigQueryWarehouse.from_url(url)  # type: ignore[return-value]
+        return BigQueryWarehouse.from_url(url)
     raise WarehouseError(
         f"warehouse URL {url!r} is of unknown kind {scheme!r}: use duckdb:///path or bigquery://project/dataset"
     )

@@ -1,0 +1,259 @@
+"""The BigQuery adapter at the client boundary (no BigQuery is reachable from here).
+
+A fake client stands where google.cloud.bigquery.Client would: it records every query job (SQL and
+QueryJobConfig) and load job (destination and LoadJobConfig), parses every SQL with sqlglot's
+BigQuery dialect (a fallback to an unparsed Command fails the test), and, so that the sync's count
+checks see real numbers, carries the work out on an in-memory DuckDB with BigQuery's load semantics
+(WRITE_TRUNCATE of a table, or of one partition through the `table$YYYYMMDD` decorator).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, date, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlglot
+from google.api_core.exceptions import NotFound
+from google.cloud import bigquery
+from sqlglot import exp
+
+from tasks.extract import open_source
+from tasks.sync import configured_tables, sync_table, validate_tables
+from tasks.warehouse import WarehouseError, open_warehouse
+from tasks.warehouse.bigquery import BigQueryWarehouse
+
+ROOT = Path(__file__).resolve().parents[3]
+_DUCK_TYPES = {
+    "INT64": "BIGINT",
+    "FLOAT64": "DOUBLE",
+    "BOOL": "BOOLEAN",
+    "STRING": "VARCHAR",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMPTZ",
+}
+
+
+class FakeJob:
+    """What a finished QueryJob or LoadJob offers the adapter."""
+
+    def __init__(self, rows: pa.Table | None = None, session_id: str | None = None) -> None:
+        self.rows = rows
+        self.session_info = SimpleNamespace(session_id=session_id)
+
+    def result(self) -> FakeJob:
+        return self
+
+    def to_arrow(self) -> pa.Table:
+        assert self.rows is not None
+        return self.rows
+
+
+class FakeBigQueryClient:
+    """Records the jobs the adapter sends; runs them on DuckDB so their results are real."""
+
+    def __init__(self, project: str = "paylater-prod", dataset: str = "warehouse") -> None:
+        self.prefix = f"{project}.{dataset}."
+        self.queries: list[tuple[str, bigquery.QueryJobConfig]] = []
+        self.loads: list[tuple[str, bigquery.LoadJobConfig, pa.Table]] = []
+        self.created: list[bigquery.Table] = []
+        self.db = duckdb.connect()
+        self.db.execute("SET TimeZone = 'UTC'")
+
+    def _table(self, ref: str) -> str:
+        assert ref.startswith(self.prefix), ref
+        return ref.removeprefix(self.prefix)
+
+    def _exists(self, table: str) -> bool:
+        found = self.db.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+        ).fetchall()
+        return found[0][0] > 0
+
+    def get_table(self, ref: str) -> Any:
+        if not self._exists(self._table(ref)):
+            raise NotFound(ref)
+        return SimpleNamespace(table_id=self._table(ref))
+
+    def create_table(self, table: bigquery.Table, exists_ok: bool = False) -> bigquery.Table:
+        self.created.append(table)
+        name = self._table(f"{table.project}.{table.dataset_id}.{table.table_id}")
+        columns = ", ".join(f'"{f.name}" {_DUCK_TYPES[f.field_type]}' for f in table.schema)
+        self.db.execute(f'CREATE TABLE {"IF NOT EXISTS " if exists_ok else ""}"{name}" ({columns})')
+        return table
+
+    def query(self, sql: str, job_config: bigquery.QueryJobConfig, location: Any = None) -> FakeJob:
+        statements = sqlglot.parse(sql, read="bigquery")
+        assert not any(isinstance(s, exp.Command) for s in statements), sql
+        self.queries.append((sql, job_config))
+        assert job_config.default_dataset.dataset_id == self.prefix.split(".")[1]
+        if isinstance(statements[0], exp.Transaction):
+            assert job_config.create_session
+            self.db.execute("BEGIN")
+            return FakeJob(session_id="session-1")
+        if isinstance(statements[0], exp.Commit | exp.Rollback):
+            self.db.execute("COMMIT" if isinstance(statements[0], exp.Commit) else "ROLLBACK")
+            return FakeJob()
+        params = {p.name: p.value for p in job_config.query_parameters}
+        duck = ";".join(sqlglot.transpile(sql, read="bigquery", write="duckdb"))
+        relation = self.db.sql(duck, params=params)
+        return FakeJob(relation.to_arrow_table() if relation is not None else None)
+
+    def load_table_from_file(
+        self, file: Any, destination: str, job_config: bigquery.LoadJobConfig, location: Any = None
+    ) -> FakeJob:
+        data = pq.read_table(file)
+        self.loads.append((destination, job_config, data))
+        assert job_config.source_format == "PARQUET"
+        assert job_config.write_disposition == "WRITE_TRUNCATE"
+        name, _, partition = self._table(destination).partition("$")
+        self.db.register("_load", data)
+        if partition:
+            column = job_config.time_partitioning.field
+            day = datetime.strptime(partition, "%Y%m%d").date()
+            # BigQuery rejects a row outside the decorated partition; so does the fake.
+            assert set(data.column(column).to_pylist()) <= {day}
+            self.db.execute(f'DELETE FROM "{name}" WHERE "{column}" = ?', [day])
+            self.db.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM _load')
+        else:
+            self.db.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM _load')
+        self.db.unregister("_load")
+        return FakeJob()
+
+
+def make_source(path: Path) -> str:
+    """A SQLite source with two charges (one repaid on the second day) and one row elsewhere."""
+    with sqlite3.connect(path) as db:
+        db.executescript((ROOT / "schema/source_sqlite.sql").read_text())
+        t1, t2 = "2026-11-20T03:00:00.000000+00:00", "2026-11-21T03:00:00.000000+00:00"
+        db.execute("INSERT INTO users VALUES (1, ?, 1990, 'Tokyo', NULL, 'active', ?)", (t1, t1))
+        db.execute("INSERT INTO topups VALUES (1, 1, ?, 10000, 'bank', ?)", (t1, t1))
+        db.execute(
+            "INSERT INTO card_transactions VALUES (1, 1, ?, 500, 7, 'grocery', 'online', 'settled', ?)",
+            (t1, t1),
+        )
+        db.executemany(
+            "INSERT INTO deferred_charges VALUES (?, 1, ?, 3000, 300, '2026-12-27', 'outstanding', NULL, NULL, ?)",
+            [(1, t1, t1), (2, t2, t2)],
+        )
+    return f"sqlite:///{path}"
+
+
+def test_sync_through_bigquery_jobs(tmp_path: Path) -> None:
+    client = FakeBigQueryClient()
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    specs = validate_tables(source, configured_tables())
+    charges = next(s for s in specs if s.name == "deferred_charges")
+    first = sync_table(source, warehouse, charges, date(2026, 11, 20))
+    assert (first.rows_extracted, first.warehouse_rows) == (1, 1)
+    with sqlite3.connect(tmp_path / "src.db") as db:
+        db.execute(
+            "UPDATE deferred_charges SET status = 'repaid', repaid_at = ?, updated_at = ? WHERE charge_id = 1",
+            ("2026-11-21T05:00:00.000000+00:00", "2026-11-21T05:00:00.000000+00:00"),
+        )
+    second = sync_table(source, warehouse, charges, date(2026, 11, 21))
+    assert (second.rows_extracted, second.rows_loaded, second.warehouse_rows) == (2, 2, 2)
+    assert second.watermark_from == datetime(2026, 11, 20, 15, tzinfo=UTC)
+    current = warehouse.query_arrow("SELECT charge_id, status FROM deferred_charges ORDER BY 1")
+    assert current.to_pylist() == [
+        {"charge_id": 1, "status": "repaid"},
+        {"charge_id": 2, "status": "outstanding"},
+    ]
+    source.close()
+
+    # Load jobs: one WRITE_TRUNCATE per day partition of the change table, through the decorator.
+    destinations = [d for d, _, _ in client.loads]
+    assert destinations == [
+        "paylater-prod.warehouse.deferred_charges__changes$20261120",
+        "paylater-prod.warehouse.deferred_charges__changes$20261121",
+    ]
+    _, config, data = client.loads[1]
+    assert config.time_partitioning.field == "as_of"
+    assert config.time_partitioning.type_ == "DAY"
+    assert data.schema.field("updated_at").type == pa.timestamp("us", tz="UTC")
+    assert data.column("as_of").to_pylist() == [date(2026, 11, 21)] * 2
+
+    # The change table is created day-partitioned on as_of; the current table is not partitioned.
+    created = {t.table_id: t for t in client.created}
+    assert created["deferred_charges__changes"].time_partitioning.field == "as_of"
+    assert created["deferred_charges"].time_partitioning is None
+    assert {f.name: f.field_type for f in created["sync_ledger"].schema}[
+        "watermark_to"
+    ] == "TIMESTAMP"
+
+    # MERGE and ledger writes run in one session transaction, with typed parameters.
+    sqls = [sql for sql, _ in client.queries]
+    begin = max(i for i, s in enumerate(sqls) if s == "BEGIN TRANSACTION")
+    commit = max(i for i, s in enumerate(sqls) if s == "COMMIT TRANSACTION")
+    inside = client.queries[begin + 1 : commit]
+    merge_sql, merge_config = next((s, c) for s, c in inside if s.lstrip("-\n ").find("MERGE") >= 0)
+    assert isinstance(sqlglot.parse(merge_sql, read="bigquery")[0], exp.Merge)
+    assert merge_config.connection_properties[0].value == "session-1"
+    assert [(p.name, p.type_, p.value) for p in merge_config.query_parameters] == [
+        ("as_of", "DATE", date(2026, 11, 21))
+    ]
+    assert any("INSERT INTO sync_ledger" in s for s, _ in inside)
+    ledger = warehouse.query_arrow("SELECT as_of, status FROM sync_ledger ORDER BY as_of")
+    assert ledger.column("status").to_pylist() == ["succeeded", "succeeded"]
+
+
+def test_failure_rolls_back_the_session_transaction(tmp_path: Path, monkeypatch) -> None:
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+
+    def crash(*args: Any) -> None:
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(sync, "merge_changes", crash)
+    with pytest.raises(OSError, match="connection reset"):
+        sync_table(source, warehouse, charges, date(2026, 11, 20))
+    source.close()
+    sqls = [sql for sql, _ in client.queries]
+    assert "ROLLBACK TRANSACTION" in sqls and "COMMIT TRANSACTION" not in sqls
+    assert warehouse.query_arrow("SELECT COUNT(*) AS n FROM deferred_charges").to_pylist() == [
+        {"n": 0}
+    ]
+    failed = warehouse.query_arrow("SELECT status, error FROM sync_ledger").to_pylist()
+    assert failed == [{"status": "failed", "error": "OSError: connection reset"}]
+
+
+def test_full_table_load_and_parameters(tmp_path: Path) -> None:
+    client = FakeBigQueryClient()
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    warehouse.replace_table("users", pa.table({"user_id": [1, 2]}))
+    destination, config, _ = client.loads[0]
+    assert destination == "paylater-prod.warehouse.users"
+    assert config.time_partitioning is None
+    rows = warehouse.query_arrow(
+        "SELECT COUNT(*) AS n FROM users WHERE user_id >= @lo AND @flag AND @name = 'x' AND @none IS NULL",
+        {"lo": 1, "flag": True, "name": "x", "none": None},
+    )
+    assert rows.to_pylist() == [{"n": 2}]
+    typed = [(p.name, p.type_) for p in client.queries[-1][1].query_parameters]
+    assert typed == [("lo", "INT64"), ("flag", "BOOL"), ("name", "STRING"), ("none", "STRING")]
+    assert warehouse.table_exists("users") and not warehouse.table_exists("nothing")
+
+
+def test_urls() -> None:
+    client = FakeBigQueryClient("my-proj", "dw")
+    wh = BigQueryWarehouse.from_url("bigquery://my-proj/dw?location=asia-northeast1", client=client)
+    assert (wh.project, wh.dataset, wh.location) == ("my-proj", "dw", "asia-northeast1")
+    with pytest.raises(WarehouseError, match="bigquery://project/dataset"):
+        BigQueryWarehouse.from_url("bigquery://my-proj", client=client)
+    with pytest.raises(WarehouseError, match="not a valid table or column name"):
+        BigQueryWarehouse.from_url("bigquery://my-proj/dw; drop", client=client)
+    with pytest.raises(WarehouseError, match="unknown kind 'redshift'"):
+        open_warehouse("redshift://cluster/db")

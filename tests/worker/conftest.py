@@ -103,12 +103,25 @@ def enqueue_many(url: str, n: int, amount: int = 30_000) -> list[int]:
     return [r[0] for r in rows]
 
 
+_CONNECTIONS: dict[str, Any] = {}
+
+
 def query(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Rows of one statement on a fresh connection."""
+    """Rows of one statement, on one reused connection per database (tests poll a lot)."""
     from worker.queue import connect
 
-    with connect(url) as conn:
-        return conn.execute(sql, params).fetchall()
+    conn = _CONNECTIONS.get(url)
+    if conn is None or conn.closed:
+        conn = _CONNECTIONS[url] = connect(url)
+    return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture(autouse=True)
+def _close_query_connections() -> Iterator[None]:
+    """Close the polling connections before pg_url drops its database."""
+    yield
+    while _CONNECTIONS:
+        _CONNECTIONS.popitem()[1].close()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -117,7 +130,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     while not check():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -1,0 +1,195 @@
+"""`paylater worker` / `paylater enqueue` as real processes: concurrency, kill -9, SIGTERM, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+COUNT = "SELECT count(*) FROM scoring_jobs WHERE status = %s"
+
+
+@pytest.fixture
+def launch(queue_db: str, model_store: Path, tmp_path: Path) -> Iterator[Any]:
+    """Start `paylater worker` processes on the test model; every one left running is killed."""
+    started: list[tuple[subprocess.Popen[bytes], Path]] = []
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(model_store),
+        "PAYLATER_HOME": str(tmp_path),
+        "PAYLATER_WORKER_DATABASE_URL": queue_db,
+        "PAYLATER_WORKER_SHADOW_MODEL": "",
+    }
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        log = tmp_path / f"worker-{len(started)}.log"
+        cmd = [sys.executable, "-m", "paylater.cli", "worker", "--model", "paylater-default:7"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen([*cmd, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        started.append((proc, log))
+        return proc
+
+    start.env = env  # type: ignore[attr-defined]
+    start.logs = lambda: {p.pid: log.read_text() for p, log in started}  # type: ignore[attr-defined]
+    yield start
+    for proc, _ in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def features_locked(url: str) -> Iterator[None]:
+    """Hold user_features_latest so workers block right after claiming (a batch in hand)."""
+    import psycopg
+
+    conn = psycopg.connect(url)
+    conn.execute("LOCK TABLE user_features_latest IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def count(kit: Any, url: str, status: str) -> int:
+    """Jobs in `status`."""
+    return int(kit.query(url, COUNT, (status,))[0][0])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM and the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+def processed(log: str) -> int:
+    """The processed count of a worker's exit line."""
+    found = re.search(r"worker stopped: .*processed=(\d+)", log)
+    assert found, log[-2000:]
+    return int(found.group(1))
+
+
+def free_port() -> int:
+    """A port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_four_workers_never_double_score_and_sigterm_drains(
+    queue_db: str, launch: Any, kit: Any
+) -> None:
+    """Four processes each hold a batch at once; one gets SIGTERM then: it writes that batch and
+    exits 0 without claiming more, and the other three score the rest, every job exactly once."""
+    kit.enqueue_many(queue_db, 2_000)
+    port = free_port()
+    with features_locked(queue_db):
+        procs = [
+            launch("--batch-size", "25", "--concurrency", "1", *extra)
+            for extra in (["--metrics-port", str(port), "--metrics-host", "127.0.0.1"], [], [], [])
+        ]
+        kit.wait_until(lambda: count(kit, queue_db, "running") == 100, 90, "4 workers x 25 claimed")
+        drained = procs[3]
+        drained.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert drained.poll() is None  # still blocked on its batch
+    assert drained.wait(timeout=30) == 0
+    assert processed(launch.logs()[drained.pid]) == 25
+    kit.wait_until(lambda: count(kit, queue_db, "done") == 2_000, 60, "all jobs done")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "paylater_worker_queue_depth 0.0" in metrics
+    assert re.search(r"paylater_worker_jobs_processed_total [1-9]", metrics)
+    assert "paylater_worker_job_latency_seconds_bucket" in metrics
+    assert [stop(p) for p in procs[:3]] == [0, 0, 0]
+    per_worker = [processed(log) for log in launch.logs().values()]
+    assert sum(per_worker) == 2_000 and min(per_worker) > 0, per_worker
+    assert kit.query(queue_db, "SELECT count(*), count(DISTINCT job_id) FROM scoring_results") == [
+        (2_000, 2_000)
+    ]
+    assert kit.query(queue_db, "SELECT max(attempts) FROM scoring_jobs") == [(1,)]
+
+
+def test_kill_9_mid_batch_every_job_still_scored_once(queue_db: str, launch: Any, kit: Any) -> None:
+    """A worker killed holding a batch loses nothing: its lease runs out and another scores it."""
+    kit.enqueue_many(queue_db, 300)
+    args = ("--batch-size", "100", "--concurrency", "1", "--lease-seconds", "2")
+    with features_locked(queue_db):
+        victim, survivor = launch(*args), launch(*args)
+        kit.wait_until(lambda: count(kit, queue_db, "running") == 200, 60, "two claimed batches")
+        victim_jobs = {
+            r[0]
+            for r in kit.query(queue_db, "SELECT id FROM scoring_jobs WHERE status = 'running'")
+        }
+        victim.kill()
+        victim.wait()
+    kit.wait_until(lambda: count(kit, queue_db, "done") == 300, 60, "all jobs done")
+
+    # `paylater enqueue --wait` against the live worker.
+    enqueue = [sys.executable, "-m", "paylater.cli", "enqueue", "--user-id", "5"]
+    answer = subprocess.run(
+        [*enqueue, "--amount-jpy", "20000", "--wait", "--timeout", "20"],
+        env=launch.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert answer.returncode == 0, answer.stderr
+    job_line, result_line = answer.stdout.strip().splitlines()
+    result = json.loads(result_line)
+    assert result["id"] == int(job_line) and result["status"] == "done"
+    assert result["decision"] in ("approve", "decline") and result["model_version"] == "7"
+
+    assert stop(survivor) == 0
+    assert processed(launch.logs()[survivor.pid]) == 301
+    rows = kit.query(
+        queue_db,
+        """SELECT j.id, j.attempts, j.error, count(r.job_id) FROM scoring_jobs j
+           LEFT JOIN scoring_results r ON r.job_id = j.id GROUP BY j.id""",
+    )
+    assert len(rows) == 301 and all(r[3] == 1 for r in rows)
+    retried = {r[0] for r in rows if r[1] == 2}
+    assert len(retried) == 100 and retried < victim_jobs  # exactly the killed worker's batch
+    assert all("lease expired" in r[2] for r in rows if r[0] in retried)
+    assert all(r[1] == 1 and r[2] is None for r in rows if r[0] not in retried)
+
+
+def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, kit: Any) -> None:
+    """The same key twice prints the same job id; a SQLite queue URL is a clear error."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "paylater.cli",
+        "enqueue",
+        "--user-id",
+        "3",
+        "--amount-jpy",
+        "5000",
+    ]
+    runs = [
+        subprocess.run(
+            [*cmd, "--idempotency-key", "order-9"], env=launch.env, capture_output=True, text=True
+        )
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [0, 0]
+    assert runs[0].stdout == runs[1].stdout and "already enqueued" in runs[1].stderr
+    assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]
+    sqlite = subprocess.run(
+        [*cmd, "--database-url", "sqlite:///x.db"], env=launch.env, capture_output=True, text=True
+    )
+    assert sqlite.returncode == 2 and "needs PostgreSQL" in sqlite.stderr

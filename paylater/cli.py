@@ -17,6 +17,44 @@ app.command("worker")(run_worker)
 app.command("enqueue")(enqueue)
 
 
+@app.command("backfill")
+def backfill_command(
+    start: str = typer.Option(..., "--start", help="First as_of, YYYY-MM-DD."),
+    end: str = typer.Option(..., "--end", help="Last as_of, YYYY-MM-DD (included)."),
+    deployment: bool = typer.Option(
+        False,
+        "--deployment/--in-process",
+        help="Run each day through the daily-pipeline deployment (a worker must be running) or here.",
+    ),
+    concurrency: int = typer.Option(
+        1,
+        "--concurrency",
+        help="Days in flight at once. Keep 1 on a DuckDB warehouse (one writer process).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Rerun days that are already complete."),
+) -> None:
+    """Run the daily pipeline for every day from --start to --end; rerun to resume."""
+    from paylater import backfill as bf
+    from paylater.timeutil import resolve_as_of
+
+    try:
+        first, last = resolve_as_of(start), resolve_as_of(end)
+        run_day = bf.run_through_deployment if deployment else bf.run_in_process
+        outcomes = bf.backfill(
+            first,
+            last,
+            run_day,
+            concurrency=concurrency,
+            force=force,
+            report=lambda o: typer.echo(f"{o.as_of} {o.status} {o.detail}".rstrip()),
+        )
+    except (ValueError, bf.BackfillError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    done = sum(o.status == "completed" for o in outcomes)
+    typer.echo(f"backfill {first}..{last}: {done} run, {len(outcomes) - done} already complete")
+
+
 @app.command("settings")
 def show_settings() -> None:
     """Print the backends this environment resolves to."""

@@ -1,0 +1,89 @@
+"""Backfill: oldest first, skips completed days, stops on failure, resumes, respects concurrency."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import date
+
+import pytest
+
+from paylater.backfill import BackfillError, backfill, days
+
+D1, D5 = date(2026, 11, 1), date(2026, 11, 5)
+
+
+def test_days_inclusive_and_empty_range_rejected() -> None:
+    assert list(days(D1, date(2026, 11, 3))) == [D1, date(2026, 11, 2), date(2026, 11, 3)]
+    with pytest.raises(ValueError, match="before --start"):
+        list(days(D5, D1))
+
+
+def test_runs_incomplete_days_in_order_and_skips_complete_ones() -> None:
+    done = {date(2026, 11, 2)}
+    ran: list[date] = []
+
+    def run(day: date) -> str:
+        ran.append(day)
+        done.add(day)
+        return "ok"
+
+    outcomes = backfill(D1, D5, run, is_complete=lambda d: d in done)
+    assert ran == [D1, date(2026, 11, 3), date(2026, 11, 4), D5]
+    assert [o.status for o in outcomes] == [
+        "completed",
+        "skipped",
+        "completed",
+        "completed",
+        "completed",
+    ]
+
+
+def test_failure_stops_and_rerun_resumes_from_the_failed_day() -> None:
+    done: set[date] = set()
+    broken = {date(2026, 11, 3)}
+    ran: list[date] = []
+
+    def run(day: date) -> str:
+        ran.append(day)
+        if day in broken:
+            raise RuntimeError("warehouse unreachable")
+        done.add(day)
+        return "ok"
+
+    with pytest.raises(BackfillError, match=r"2026-11-03 failed .*warehouse unreachable.*resume"):
+        backfill(D1, D5, run, is_complete=lambda d: d in done)
+    assert ran == [D1, date(2026, 11, 2), date(2026, 11, 3)]  # nothing after the failure
+
+    broken.clear()
+    ran.clear()
+    outcomes = backfill(D1, D5, run, is_complete=lambda d: d in done)
+    assert ran == [date(2026, 11, 3), date(2026, 11, 4), D5]
+    assert [o.status for o in outcomes][:2] == ["skipped", "skipped"]
+
+
+def test_concurrency_limit_is_respected() -> None:
+    lock = threading.Lock()
+    in_flight = peak = 0
+
+    def run(day: date) -> str:
+        nonlocal in_flight, peak
+        with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        time.sleep(0.05)
+        with lock:
+            in_flight -= 1
+        return "ok"
+
+    outcomes = backfill(D1, date(2026, 11, 10), run, concurrency=3, is_complete=lambda d: False)
+    assert len(outcomes) == 10
+    assert peak == 3
+
+
+def test_force_reruns_complete_days() -> None:
+    ran: list[date] = []
+    backfill(D1, D1, lambda d: ran.append(d) or "ok", force=True, is_complete=lambda d: True)
+    assert ran == [D1]
+    with pytest.raises(ValueError, match="concurrency"):
+        backfill(D1, D1, lambda d: "ok", concurrency=0)

@@ -127,8 +127,6 @@ def backfill(
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for day in days(start, end):
-            if failed:
-                break
             if not force and is_complete(day):
                 outcome = DayOutcome(day, "skipped", "already complete")
                 outcomes.append(outcome)
@@ -137,6 +135,8 @@ def backfill(
             while len(pending) >= concurrency:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 settle(done)
+            if failed:
+                break
             pending[pool.submit(run_day, day)] = day
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)

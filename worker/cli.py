@@ -137,7 +137,9 @@ def run_worker(
         if not scoring_url:
             typer.echo("--backend http needs --url (or PAYLATER_WORKER_SCORING_URL)", err=True)
             raise typer.Exit(2)
-        scoring = HttpBackend(scoring_url)
+        scoring = HttpBackend(
+            scoring_url, token=settings.api_token, max_batch=settings.serve_max_batch
+        )
     elif kind == "inprocess":
         scoring = inprocess_backend(model or settings.worker_model, db_url)
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model

@@ -75,6 +75,8 @@ def parse_request(job: Job) -> ScoreRequest:
         raise InvalidRequest(
             f"amount_jpy must be an integer number of yen, got {type(amount).__name__} {amount!r}"
         )
+    if job.user_id is None or job.user_id < 1:
+        raise InvalidRequest(f"user_id must be a positive integer, got {job.user_id!r}")
     if not MIN_AMOUNT_JPY <= amount <= MAX_AMOUNT_JPY:
         raise InvalidRequest(
             f"amount_jpy {amount} is outside the product's limits {MIN_AMOUNT_JPY}..{MAX_AMOUNT_JPY}"
@@ -119,43 +121,70 @@ class InProcessBackend:
 
 
 class HttpBackend:
-    """The bento's batch API: POST {url}/v2/score_batch; the service looks the features up itself."""
+    """The bento's batch API (POST {url}/v2/score_batch); the service looks the features up itself."""
 
-    def __init__(self, url: str, timeout_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        max_batch: int = 1000,
+        timeout_seconds: float = 10.0,
+    ) -> None:
         import httpx
 
         self.url = url.rstrip("/")
-        self._client = httpx.Client(timeout=timeout_seconds)
-        self.model_version = "unknown"
+        self.max_batch = max_batch
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(timeout=timeout_seconds, headers=headers)
+        self.model_version = "unknown"  # learnt from the first answer
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
-        """One POST for the whole batch; per-item errors become InvalidRequest."""
+        """Score in calls of at most max_batch (the service's limit)."""
+        outcomes: list[Outcome] = []
+        for start in range(0, len(requests), self.max_batch):
+            outcomes += self._score_chunk(requests[start : start + self.max_batch])
+        return outcomes
+
+    def _score_chunk(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """One POST; users the service does not know are failed and the rest asked again."""
+        status, body = self._post(requests)
+        if status == 404 and isinstance(body, dict) and body.get("error") == "unknown_user":
+            unknown = {int(u) for u in body.get("user_ids", [])}
+            known = [r for r in requests if r.user_id not in unknown]
+            if not unknown or len(known) == len(requests):
+                raise RuntimeError(f"score_batch answered 404 without usable user_ids: {body}")
+            scored = iter(self._score_chunk(known) if known else [])
+            return [
+                unknown_user(r.user_id) if r.user_id in unknown else next(scored) for r in requests
+            ]
+        if status == 422 and len(requests) == 1:
+            detail = body.get("detail") if isinstance(body, dict) else body
+            return [InvalidRequest(f"scoring service rejected the request: {detail}")]
+        if status in (401, 403, 502, 503, 504):
+            raise BackendUnavailable(f"scoring service {self.url} answered {status}: {body}")
+        if status != 200:
+            # A 422 or 500 for a batch: the worker splits it to find the request at fault.
+            raise RuntimeError(f"scoring service answered {status}: {body}")
+        return [self._outcome(item) for item in _results_of(body, len(requests))]
+
+    def _post(self, requests: Sequence[ScoreRequest]) -> tuple[int, Any]:
+        """(status, decoded body) of one score_batch call."""
         import httpx
 
-        body = {
-            "requests": [
-                {"user_id": r.user_id, "amount_jpy": r.amount_jpy, "features": None}
-                for r in requests
-            ]
-        }
+        payload = [{"user_id": r.user_id, "amount_jpy": r.amount_jpy} for r in requests]
         try:
-            response = self._client.post(f"{self.url}/v2/score_batch", json=body)
+            response = self._client.post(f"{self.url}/v2/score_batch", json=payload)
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
             raise BackendUnavailable(f"scoring service {self.url} unreachable: {exc}") from exc
-        if response.status_code >= 500:
-            raise RuntimeError(
-                f"scoring service answered {response.status_code}: {response.text[:300]}"
-            )
-        if response.status_code != 200:
-            raise InvalidRequest(
-                f"scoring service rejected the request ({response.status_code}): {response.text[:300]}"
-            )
-        return [self._outcome(item) for item in _results_of(response.json(), len(requests))]
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text[:300]
+        return response.status_code, body
 
     def _outcome(self, item: dict[str, Any]) -> Outcome:
-        """A result item or its error as an outcome."""
-        if item.get("error"):
-            return InvalidRequest(str(item["error"]))
+        """A v2 answer as an outcome."""
         self.model_version = str(item["model_version"])
         return ScoreOutcome(
             float(item["default_probability"]),
@@ -171,7 +200,6 @@ class HttpBackend:
 
 def _results_of(body: Any, expected: int) -> list[dict[str, Any]]:
     """The per-request items of a score_batch answer, checked for count."""
-    items = body.get("results") if isinstance(body, dict) else body
-    if not isinstance(items, list) or len(items) != expected:
-        raise RuntimeError(f"score_batch answered {type(items).__name__} for {expected} requests")
-    return items
+    if not isinstance(body, list) or len(body) != expected:
+        raise RuntimeError(f"score_batch answered {type(body).__name__} for {expected} requests")
+    return body

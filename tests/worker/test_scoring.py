@@ -1,0 +1,98 @@
+"""The HTTP backend against the bento's real /v2 routes (served by uvicorn on a free port)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from worker import queue
+from worker.runner import Worker, WorkerConfig
+from worker.scoring import BackendUnavailable, HttpBackend, InvalidRequest, ScoreRequest
+
+
+@pytest.fixture
+def bento_v2(queue_db: str, booster: Any, kit: Any) -> Iterator[str]:
+    """bentos.service's /v2 ASGI routes with the test model and feature store, over real HTTP."""
+    import uvicorn
+
+    from bentos.scoring import FeatureStore
+    from bentos.service import ENGINE, V2
+
+    scorer = kit.make_scorer(booster, "7")
+    saved = (ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token)
+    ENGINE.scorer, ENGINE.features = scorer, FeatureStore(queue_db, scorer.user_feature_names)
+    ENGINE.max_batch, ENGINE.token = 1000, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(V2, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    kit.wait_until(lambda: server.started, 10, "uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        ENGINE.features.close()
+        ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token = saved
+
+
+def test_http_backend_scores_like_in_process_and_fails_unknown_users_alone(
+    queue_db: str, bento_v2: str, booster: Any, kit: Any
+) -> None:
+    """Known users are scored as the Scorer would; an unknown one becomes that request's error."""
+    from bentos.scoring import FeatureStore
+
+    scorer = kit.make_scorer(booster, "7")
+    requests = [ScoreRequest(i, u, 5_000 + 700 * i) for i, u in enumerate([3, 999_999, 8, 3])]
+    backend = HttpBackend(bento_v2, max_batch=2)  # two calls: the chunking path too
+    outcomes = backend.score(requests)
+    assert isinstance(outcomes[1], InvalidRequest) and "unknown user_id 999999" in str(outcomes[1])
+    features = FeatureStore(queue_db, scorer.user_feature_names).get([3, 8])
+    for request, outcome in zip(requests, outcomes, strict=True):
+        if request.user_id == 999_999:
+            continue
+        [expected] = scorer.score_rows(
+            [scorer.request_row(request.amount_jpy, features[request.user_id])]
+        )
+        assert outcome.default_probability == pytest.approx(expected.default_probability)
+        assert (outcome.decision, outcome.model_version) == (expected.decision, "7")
+    assert backend.model_version == "7"
+    backend.close()
+
+
+def test_worker_over_http_and_an_unreachable_service_retries(
+    queue_db: str, bento_v2: str, kit: Any
+) -> None:
+    """The worker scores through the bento; with the bento gone, jobs back off instead of failing."""
+    kit.enqueue_many(queue_db, 20)
+    config = WorkerConfig(batch_size=50, concurrency=1, backoff_seconds=60)
+    worker = Worker(queue_db, HttpBackend(bento_v2), config)
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 20
+    assert kit.query(
+        queue_db, "SELECT count(*) FROM scoring_results WHERE model_version = '7'"
+    ) == [(20,)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    unreachable = HttpBackend(dead_url)
+    with pytest.raises(BackendUnavailable):
+        unreachable.score([ScoreRequest(1, 1, 5_000)])
+    [job_id] = kit.enqueue_many(queue_db, 1)
+    started = time.monotonic()
+    with queue.connect(queue_db) as conn:
+        assert Worker(queue_db, unreachable, config).run_once(conn) == 1
+    assert time.monotonic() - started < 5
+    [(status, error)] = kit.query(
+        queue_db, "SELECT status, error FROM scoring_jobs WHERE id = %s", (job_id,)
+    )
+    assert status == "queued" and "unreachable" in error

@@ -236,9 +236,10 @@ class PostgresSource:
         self.conn = self._open()
 
     def _open(self) -> Any:
-        """A new autocommit connection, or SourceUnavailable."""
+        """A new connection (not autocommit: ADBC commits bound statements itself in autocommit
+        mode, which would end a snapshot), or SourceUnavailable."""
         try:
-            return self._connect(self._uri, autocommit=True)
+            return self._connect(self._uri, autocommit=False)
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceUnavailable(
@@ -254,6 +255,7 @@ class PostgresSource:
                 [table],
             )
             rows = cur.fetch_arrow_table().to_pylist()
+        self.conn.rollback()  # leave no transaction idle
         if not rows:
             return None
         return {r["column_name"]: _PG_TYPES.get(r["data_type"]) for r in rows}
@@ -261,14 +263,15 @@ class PostgresSource:
     @contextmanager
     def snapshot(self) -> Iterator[PostgresSnapshot]:
         """A REPEATABLE READ, READ ONLY transaction whose snapshot extra readers can join."""
-        with self.conn.cursor() as cur:
-            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            try:
+        self.conn.rollback()  # the driver opens the next transaction; set it up before any query
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 cur.execute("SELECT pg_export_snapshot() AS id")
                 snapshot_id = cur.fetch_arrow_table().column("id")[0].as_py()
-                yield PostgresSnapshot(self, snapshot_id)
-            finally:
-                cur.execute("ROLLBACK")
+            yield PostgresSnapshot(self, snapshot_id)
+        finally:
+            self.conn.rollback()
 
     def close(self) -> None:
         """Close the connection."""
@@ -359,12 +362,12 @@ class PostgresSnapshot:
             conn = self.source._open()
             try:
                 with conn.cursor() as cur:
-                    cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
                     check_snapshot_id(self.snapshot_id)
                     cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
                     yield from _adbc_batches(cur, sql, params)
-                    cur.execute("ROLLBACK")
+                conn.rollback()
             finally:
                 conn.close()
 
@@ -394,7 +397,8 @@ class SqliteSource:
         if not path.is_file():
             raise SourceUnavailable(f"source database {url} unreachable: {path} does not exist")
         try:
-            self.conn = sqlite.connect(f"file:{path.resolve()}?mode=ro", autocommit=True)
+            # Not autocommit: the driver keeps a read transaction open, so one view holds.
+            self.conn = sqlite.connect(f"file:{path.resolve()}?mode=ro", autocommit=False)
         except Exception as exc:
             raise SourceUnavailable(f"source database {url} unreachable: {exc}") from exc
 
@@ -403,6 +407,7 @@ class SqliteSource:
         with self.conn.cursor() as cur:
             cur.execute("SELECT name, type FROM pragma_table_info(?)", [table])
             rows = cur.fetch_arrow_table().to_pylist()
+        self.conn.rollback()
         if not rows:
             return None
         return {r["name"]: _SQLITE_TYPES.get(str(r["type"]).upper()) for r in rows}
@@ -410,12 +415,11 @@ class SqliteSource:
     @contextmanager
     def snapshot(self) -> Iterator[SqliteSnapshot]:
         """One read transaction: SQLite keeps its view stable until it ends."""
-        with self.conn.cursor() as cur:
-            cur.execute("BEGIN")
-            try:
-                yield SqliteSnapshot(self)
-            finally:
-                cur.execute("ROLLBACK")
+        self.conn.rollback()  # start a fresh read transaction
+        try:
+            yield SqliteSnapshot(self)
+        finally:
+            self.conn.rollback()
 
     def close(self) -> None:
         """Close the connection."""

@@ -1,0 +1,87 @@
+"""Arrow-native extraction: snapshot-sharing parallel readers on PostgreSQL, typed SQLite reads."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from tasks import extract
+from tasks.extract import Window, open_source, redact
+from tasks.sync import configured_tables, validate_tables
+
+ROOT = Path(__file__).resolve().parents[2]
+END = datetime(2026, 11, 21, 15, tzinfo=UTC)
+
+
+def charges_spec(source):
+    """The configured deferred_charges table, validated against `source`."""
+    return next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+
+
+def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute((ROOT / "schema/source_postgres.sql").read_text())
+        conn.execute(
+            "INSERT INTO deferred_charges SELECT g, g % 7, '2026-11-20T00:00Z', 1000 + g, 100,"
+            " '2026-12-27', 'outstanding', CASE WHEN g % 3 = 0 THEN '2026-11-20T05:00Z'::timestamptz END,"
+            " NULL, '2026-11-20T01:00Z'::timestamptz + g * interval '1 second' FROM generate_series(1, 5000) g"
+        )
+    monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
+    source = open_source(pg_url)
+    source.readers = 3  # type: ignore[attr-defined]
+    spec = charges_spec(source)
+    window = Window(None, END)
+    with source.snapshot() as snapshot:
+        counts = snapshot.counts(spec, window)
+        # Committed after the snapshot began: no reader may see these.
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO deferred_charges SELECT g, 1, now(), 1, 1, '2026-12-27', 'outstanding',"
+                " NULL, NULL, '2026-11-20T02:00Z' FROM generate_series(5001, 5100) g"
+            )
+            conn.execute("UPDATE deferred_charges SET amount_jpy = -1 WHERE charge_id <= 10")
+        assert len(snapshot._key_ranges(spec, window, counts.in_window)) == 3  # type: ignore[attr-defined]
+        stream = snapshot.read(spec, window, counts.in_window)
+        table = stream.reader.read_all()
+    source.close()
+    assert counts.in_window == stream.rows == table.num_rows == 5000
+    assert table.schema == spec.arrow_schema()
+    assert sorted(table.column("charge_id").to_pylist()) == list(range(1, 5001))
+    assert min(table.column("amount_jpy").to_pylist()) == 1001
+    assert table.column("repaid_at").null_count == 5000 - 5000 // 3
+
+
+def test_sqlite_text_times_typed_even_after_many_nulls(tmp_path: Path) -> None:
+    path = tmp_path / "src.db"
+    with sqlite3.connect(path) as db:
+        db.executescript((ROOT / "schema/source_sqlite.sql").read_text())
+        at = "2026-11-20T03:04:05.123456+00:00"
+        # SQLite's ADBC driver guesses a column's type from its first rows: 3000 NULLs first.
+        db.executemany(
+            "INSERT INTO deferred_charges VALUES (?, 1, ?, 100, 10, '2026-12-27', 'repaid', ?, ?, ?)",
+            [(i, at, None if i < 3000 else at, None if i < 3000 else 2, at) for i in range(3100)],
+        )
+    source = open_source(f"sqlite:///{path}")
+    spec = charges_spec(source)
+    with source.snapshot() as snapshot:
+        table = snapshot.read(spec, Window(None, END)).reader.read_all()
+    source.close()
+    assert table.schema == spec.arrow_schema()
+    assert table.column("repaid_at").null_count == 3000
+    assert table.column("repaid_at")[3050].as_py() == datetime(
+        2026, 11, 20, 3, 4, 5, 123456, tzinfo=UTC
+    )
+    assert table.column("due_date").type == pa.date32()
+
+
+def test_unknown_source_kind_and_redaction() -> None:
+    with pytest.raises(extract.ConfigError, match="unknown kind 'mysql'"):
+        open_source("mysql://u:pw@h/db")
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"

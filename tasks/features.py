@@ -264,13 +264,30 @@ def scoring_sql(feature_sql: FeatureSql, mapping: Mapping[str, str]) -> str:
     )
 
 
+def require_tables(warehouse: Warehouse, mapping: Mapping[str, str]) -> None:
+    """One clear error naming every source table the warehouse lacks (before any SQL runs)."""
+    missing = [
+        mapping.get(name, name)
+        for name in LOGICAL_TABLES
+        if "." not in mapping.get(name, name)
+        and not warehouse.table_exists(mapping.get(name, name))
+    ]
+    if missing:
+        raise FeatureSqlError(
+            f"the warehouse lacks source table(s) {missing}: run daily_sync (and load app_events), "
+            "or map them with PAYLATER_FEATURE_TABLES"
+        )
+
+
 def build_training_table(
     warehouse: Warehouse, as_of: date, settings: Settings | None = None
 ) -> tuple[pa.Table, FeatureSql]:
     """Training rows (one per matured charge) as of `as_of`, sorted by charge_id."""
     settings = settings or get_settings()
     feature_sql = load_feature_sql(settings)
-    sql = training_sql(feature_sql, table_mapping(settings))
+    mapping = table_mapping(settings)
+    require_tables(warehouse, mapping)
+    sql = training_sql(feature_sql, mapping)
     table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
     table = table.set_column(
         table.schema.get_field_index("label_default"),
@@ -286,6 +303,8 @@ def build_scoring_table(
     """Scoring rows (one per active user) with data up to the end of `as_of`, sorted by user_id."""
     settings = settings or get_settings()
     feature_sql = load_feature_sql(settings)
-    sql = scoring_sql(feature_sql, table_mapping(settings))
+    mapping = table_mapping(settings)
+    require_tables(warehouse, mapping)
+    sql = scoring_sql(feature_sql, mapping)
     table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
     return table.sort_by("user_id"), feature_sql

@@ -1,0 +1,52 @@
+"""The daily chain: sync the warehouse, then build features only from a complete sync."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import flow, get_run_logger, task
+
+from flows.daily_sync import daily_sync
+from flows.feature_build import FeatureBuildResult, feature_build
+from paylater.settings import get_settings
+from paylater.timeutil import resolve_as_of
+from tasks.alerts import alert_on_failure
+from tasks.sync import SyncIncomplete, check_ledger
+from tasks.warehouse import open_warehouse
+
+
+class SyncNotComplete(RuntimeError):
+    """The daily sync failed or left its ledger incomplete: features are not built."""
+
+
+@task
+def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
+    """Raise, naming the tables and the reason, unless the sync ran and its ledger is complete."""
+    warehouse = open_warehouse(get_settings().warehouse)
+    try:
+        check_ledger(warehouse, as_of)
+        ledger_problem = None
+    except SyncIncomplete as exc:
+        ledger_problem = str(exc)
+    finally:
+        warehouse.close()
+    reasons = [f"daily_sync failed: {sync_failure}"] if sync_failure else []
+    reasons += [ledger_problem] if ledger_problem else []
+    if reasons:
+        raise SyncNotComplete(f"feature build for {as_of} not started: {'; '.join(reasons)}")
+
+
+@flow(name="daily-pipeline", on_failure=[alert_on_failure])
+def daily_pipeline(as_of: date | None = None) -> FeatureBuildResult:
+    """Sync for `as_of`, check its ledger, then build features; a failed sync stops the chain."""
+    day = resolve_as_of(as_of)
+    sync_state = daily_sync(day, return_state=True)
+    require_complete_sync(day, sync_state.message if sync_state.is_failed() else None)
+    get_run_logger().info("sync for %s complete; building features", day)
+    return feature_build(day)
+
+
+if __name__ == "__main__":
+    import sys
+
+    daily_pipeline(sys.argv[1] if len(sys.argv) > 1 else None)  # type: ignore[arg-type]

@@ -1,0 +1,87 @@
+"""daily_pipeline: sync, then features only from a complete sync; otherwise it stops and says why."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.daily_pipeline import SyncNotComplete, daily_pipeline, require_complete_sync
+from tasks.datasets import load_scoring_dataset
+from tasks.sync import LEDGER
+from tasks.warehouse import open_warehouse
+
+ROOT = Path(__file__).resolve().parents[2]
+AS_OF = date(2026, 7, 15)
+AT = "2026-07-10T03:00:00.000000+00:00"
+
+
+def make_source(path: Path, bad_topup: bool = False) -> None:
+    """A SQLite source with one user, a card transaction, a top-up and a matured charge."""
+    with sqlite3.connect(path) as db:
+        db.executescript((ROOT / "schema/source_sqlite.sql").read_text())
+        db.execute(
+            "INSERT INTO users VALUES (1, '2026-01-05T00:00:00+00:00', 1990, 'Tokyo', NULL, 'active', ?)",
+            (AT,),
+        )
+        db.execute(
+            "INSERT INTO card_transactions VALUES (1, 1, ?, 500, 7, 'grocery', 'online', 'settled', ?)",
+            (AT, AT),
+        )
+        db.execute(
+            "INSERT INTO topups VALUES (1, 1, ?, 10000, 'bank', ?)",
+            ("not a time" if bad_topup else AT, AT),
+        )
+        db.execute(
+            "INSERT INTO deferred_charges VALUES (1, 1, '2026-03-03T03:00:00+00:00', 3000, 200, "
+            "'2026-04-27', 'repaid', '2026-04-25T03:00:00+00:00', 0, ?)",
+            (AT,),
+        )
+
+
+def make_events_table(home: Path) -> None:
+    """app_events lands in the warehouse directly (not synced): create it empty."""
+    warehouse = open_warehouse(f"duckdb:///{home / 'warehouse.duckdb'}")
+    warehouse.execute((ROOT / "schema" / "warehouse_app_events.sql").read_text())
+    warehouse.close()
+
+
+def test_pipeline_syncs_then_builds(prefect_harness: None, paylater_home: Path) -> None:
+    make_source(paylater_home / "source.db")
+    make_events_table(paylater_home)
+    result = daily_pipeline(as_of=AS_OF)
+    assert (result.training_rows, result.scoring_rows, result.online_rows) == (1, 1, 1)
+    _, manifest = load_scoring_dataset(AS_OF)
+    assert manifest.source_watermark == "2026-07-15T15:00:00+00:00"  # end of as_of in Tokyo
+
+
+def test_pipeline_stops_when_the_sync_fails(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.daily_sync
+
+    # The sync retries a failed table after 10 s and 60 s; a deterministic failure need not wait.
+    task = flows.daily_sync.sync_table_task
+    monkeypatch.setattr(flows.daily_sync, "sync_table_task", task.with_options(retries=0))
+    make_source(paylater_home / "source.db", bad_topup=True)
+    make_events_table(paylater_home)
+    with pytest.raises(SyncNotComplete, match="not started: daily_sync failed") as failure:
+        daily_pipeline(as_of=AS_OF)
+    # The ledger, read after the failure, names the table that did not sync.
+    assert "topups (failed" in str(failure.value) or "topups (not synced)" in str(failure.value)
+    assert not (paylater_home / "datasets").exists()
+
+
+def test_incomplete_ledger_blocks_the_feature_build(paylater_home: Path) -> None:
+    make_source(paylater_home / "source.db")
+    make_events_table(paylater_home)
+    from flows.daily_sync import daily_sync
+
+    daily_sync.fn(as_of=AS_OF)
+    warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    warehouse.execute(f"DELETE FROM {LEDGER} WHERE table_name = 'deferred_charges'")
+    warehouse.close()
+    with pytest.raises(SyncNotComplete, match=r"not started.*deferred_charges \(not synced\)"):
+        require_complete_sync.fn(AS_OF)

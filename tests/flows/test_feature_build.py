@@ -1,0 +1,62 @@
+"""feature_build end to end under the Prefect test harness: warehouse -> datasets -> online table."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from flows.feature_build import feature_build
+from tasks.datasets import load_scoring_dataset, load_training_dataset
+from tasks.features import FeatureSqlError
+from tasks.warehouse import open_warehouse
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_warehouse(path: Path, with_events: bool = True) -> None:
+    """Source-shaped tables with a matured charge, an unmatured one and two active users."""
+    warehouse = open_warehouse(f"duckdb:///{path}")
+    conn = warehouse.conn  # type: ignore[attr-defined]
+    conn.execute((ROOT / "schema" / "source_postgres.sql").read_text())
+    if with_events:
+        warehouse.execute((ROOT / "schema" / "warehouse_app_events.sql").read_text())
+    conn.execute(
+        """
+        INSERT INTO users VALUES
+          (1, '2026-01-05 01:00:00+00', 1990, 'Tokyo', NULL, 'active', '2026-01-05 01:00:00+00'),
+          (2, '2026-02-05 01:00:00+00', 1991, 'Chiba', NULL, 'active', '2026-02-05 01:00:00+00');
+        INSERT INTO card_transactions VALUES
+          (1, 1, '2026-03-01 13:00:00+00', 1200, 7, 'grocery', 'in_store', 'settled', '2026-03-01 13:00:00+00');
+        INSERT INTO deferred_charges VALUES
+          (10, 1, '2026-03-25 03:00:00+00', 10000, 400, '2026-04-27', 'repaid', '2026-04-20 00:00:00+00', 0, '2026-04-20 00:00:00+00'),
+          (12, 2, '2026-07-01 03:00:00+00', 3000, 200, '2026-08-27', 'outstanding', NULL, NULL, '2026-07-01 03:00:00+00');
+        """
+    )
+    warehouse.close()
+
+
+def test_feature_build_writes_datasets_and_online_table(
+    prefect_harness: None, paylater_home: Path
+) -> None:
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    result = feature_build(as_of="2026-07-15")  # type: ignore[arg-type]  # UI/trigger style
+    assert result.as_of == date(2026, 7, 15)
+    assert (result.training_rows, result.scoring_rows, result.online_rows) == (1, 2, 2)
+    training, manifest = load_training_dataset()
+    assert training["charge_id"].to_pylist() == [10] and manifest.sha256 == result.training_sha256
+    scoring, _ = load_scoring_dataset(date(2026, 7, 15))
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        online = db.execute(
+            "SELECT user_id, as_of, card_count_90d FROM user_features_latest"
+        ).fetchall()
+    assert online == [(1, "2026-07-15", 0), (2, "2026-07-15", 0)]
+    assert scoring.num_rows == 2
+
+
+def test_feature_build_names_missing_tables(prefect_harness: None, paylater_home: Path) -> None:
+    make_warehouse(paylater_home / "warehouse.duckdb", with_events=False)
+    with pytest.raises(FeatureSqlError, match=r"lacks source table\(s\) \['app_events'\]"):
+        feature_build(as_of=date(2026, 7, 15))

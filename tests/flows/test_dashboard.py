@@ -1,0 +1,195 @@
+"""End to end: the daily monitoring report on real datasets, a registered production model and a
+real queue: PSI and vintages stored, a drift alert delivered, the HTML report and the artifact."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+FIRST_MONTH = date(2026, 1, 1)
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict]]]:
+    """A webhook on a free loopback port keeping every JSON body; (url, payloads)."""
+    payloads: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            payloads.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", payloads
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def register_production_model(training: pa.Table, features: list[str], trained_as_of: date) -> str:
+    """Train a small booster on the first months and register it as production (contract tags)."""
+    import lightgbm as lgb
+    import mlflow
+
+    from registry.store import MODEL_NAME, client, configure_mlflow
+    from tasks.training import feature_matrix, labels
+
+    configure_mlflow()
+    early = training.filter(pc.less(training["request_date"], pa.scalar(date(2026, 5, 1))))
+    booster = lgb.train(
+        {"objective": "binary", "verbose": -1, "num_threads": 1, "num_leaves": 7, "seed": 1},
+        lgb.Dataset(feature_matrix(early, features), labels(early), feature_name=features),
+        num_boost_round=40,
+    )
+    experiment = mlflow.create_experiment("t", artifact_location=(Path.cwd() / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.lightgbm.log_model(
+            booster, name="model", registered_model_name=MODEL_NAME, pip_requirements=["lightgbm"]
+        )
+    version = str(info.registered_model_version)
+    c = client()
+    c.set_model_version_tag(MODEL_NAME, version, "feature_names", json.dumps(features))
+    c.set_model_version_tag(
+        MODEL_NAME,
+        version,
+        "dataset_uri",
+        f"file:///x/training/as_of={trained_as_of}/part-0.parquet",
+    )
+    c.set_registered_model_alias(MODEL_NAME, "production", version)
+    return version
+
+
+def test_monitoring_report_end_to_end(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.dashboard import monitoring_report
+    from registry.testing import (
+        USER_FEATURES,
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+    )
+    from registry.testing import write_dataset as write_training
+    from tasks.datasets import write_dataset
+    from tasks.storage import open_storage
+    from tasks.warehouse import open_warehouse
+
+    url, payloads = receiver
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+    # six request months, all matured; the model saw the first four
+    training, _ = synthetic_training_table(3000, FIRST_MONTH, 6, seed=3)
+    as_of = as_of_after(FIRST_MONTH, 6)
+    write_training(training, as_of)
+    features = ["request_amount_jpy", "request_fee_jpy", *USER_FEATURES]
+    version = register_production_model(training, features, as_of_after(FIRST_MONTH, 4))
+    # the latest scoring inputs: users transact much more than in training (drift on one feature)
+    scoring = training.select(["user_id", *USER_FEATURES]).slice(0, 800)
+    shifted = pc.add(scoring["txn_count_30d"], 25)
+    scoring = scoring.set_column(1, "txn_count_30d", shifted).append_column(
+        "as_of", pa.array([as_of] * scoring.num_rows, pa.date32())
+    )
+    write_dataset(
+        open_storage(),
+        "scoring",
+        as_of,
+        scoring,
+        features=list(USER_FEATURES),
+        sql_hash="x",
+        source_watermark=None,
+    )
+    # production scores of the last hours in the queue
+    rng = np.random.default_rng(5)
+    now = datetime.now(UTC)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        for i in range(60):
+            created = now - timedelta(minutes=i)
+            job = conn.execute(
+                "INSERT INTO scoring_jobs (user_id, payload, status, created_at) VALUES (%s, '{}', 'done', %s) RETURNING id",
+                [i, created],
+            ).fetchone()
+            p = float(rng.uniform(0.0, 0.6))
+            conn.execute(
+                "INSERT INTO scoring_results (job_id, probability, decision, model_version, reason_codes, scored_at)"
+                " VALUES (%s, %s, %s, %s, '[]', %s)",
+                [
+                    job[0],
+                    p,
+                    "approve" if p < 0.2 else "decline",
+                    version,
+                    created + timedelta(milliseconds=30),
+                ],
+            )
+
+    path = monitoring_report()
+
+    document = path.read_text()
+    for plot_id in (
+        "plot-score-distribution",
+        "plot-approval-rate",
+        "plot-psi",
+        "plot-queue-latency",
+        "plot-vintage-auc",
+    ):
+        assert f'<figure id="{plot_id}"><svg' in document
+    assert "no production scores yet" not in document and "no matured vintages yet" not in document
+    assert (paylater_home / "reports" / "monitoring-latest.html").exists()
+
+    warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    drift = {
+        r["feature"]: r["psi"]
+        for r in warehouse.query_arrow("SELECT feature, psi FROM monitoring_drift").to_pylist()
+    }
+    vintages = warehouse.query_arrow(
+        "SELECT * FROM monitoring_vintage ORDER BY request_month"
+    ).to_pylist()
+    warehouse.close()
+    assert set(drift) == {*USER_FEATURES, "__score__"}
+    assert drift["txn_count_30d"] > 0.25 > drift["days_since_signup"]
+    assert [v["in_sample"] for v in vintages] == [True] * 4 + [False] * 2
+    assert all(v["model_version"] == version and v["auc"] > 0.6 for v in vintages)
+    assert sum(v["charges"] for v in vintages) == 3000
+
+    subjects = [p["subject"] for p in payloads]
+    assert "[FIRING] paylater critical: feature_psi_max" in subjects
+    assert "txn_count_30d" in next(p["body"] for p in payloads if "feature_psi_max" in p["subject"])
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitoring-dashboard"]))
+        )
+    assert artifacts and str(path) in str(artifacts[-1].data)

@@ -2,8 +2,246 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
 import typer
 
 app = typer.Typer(
-    no_args_is_help=True, help="Model registry: list, show, promote, rollback, history."
+    no_args_is_help=True,
+    help="Model registry: list, show, promote, rollback, history, compare, reproduce, verify.",
 )
+T = TypeVar("T")
+ACTOR_HELP = "Who is acting (recorded in the history); default $USER."
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run a registry action; a RegistryError becomes one clear line on stderr and exit code 1."""
+    from registry.store import RegistryError
+
+    try:
+        return action()
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _actor(actor: str | None) -> str:
+    """The explicit actor or $USER."""
+    from registry.history import default_actor
+
+    return actor or default_actor()
+
+
+def _when(millis: int | None) -> str:
+    """An MLflow millisecond timestamp as ISO UTC."""
+    if not millis:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _metrics(run_id: str | None) -> dict[str, float]:
+    """A run's metrics (empty when the run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import client
+
+    if not run_id:
+        return {}
+    try:
+        return dict(client().get_run(run_id).data.metrics)
+    except MlflowException:
+        return {}
+
+
+def _print_transitions(transitions: list[Any]) -> None:
+    """One line per transition."""
+    for t in transitions:
+        typer.echo(
+            f"v{t.version}: {t.from_stage or '-'} -> {t.to_stage} ({t.action}) by {t.actor}: {t.reason}"
+        )
+
+
+@app.command("list")
+def list_versions() -> None:
+    """Every version: stage, aliases, OOT AUC/ECE, gate and staging verification."""
+    from registry.policy import STAGE_ALIASES, alias_version, all_versions
+    from registry.store import client
+
+    c = client()
+    aliases = {a: alias_version(c, a) for a in STAGE_ALIASES.values()}
+    typer.echo(
+        f"{'version':>7}  {'stage':10} {'alias':10} {'auc':>7} {'ece':>7}  {'gate':8} {'verified':8} created"
+    )
+    for mv in all_versions(c):
+        m = _metrics(mv.run_id)
+        number = str(mv.version)
+        alias = ",".join(a for a, v in aliases.items() if v == number)
+        tags = mv.tags or {}
+        typer.echo(
+            f"{number:>7}  {mv.current_stage:10} {alias:10} {m.get('auc', float('nan')):7.4f} "
+            f"{m.get('ece', float('nan')):7.4f}  {tags.get('gate_status', ''):8} "
+            f"{tags.get('staging_verification', ''):8} {_when(mv.creation_timestamp)}"
+        )
+
+
+@app.command("show")
+def show(
+    version: str = typer.Argument(..., help="Version number, or production / staging."),
+) -> None:
+    """One version: stage, aliases, lineage tags, gate outcome, metrics."""
+    from registry.policy import get_version, resolve_version
+    from registry.store import client
+
+    def load() -> Any:
+        c = client()
+        return get_version(c, resolve_version(version, c))
+
+    mv = _run(load)
+    typer.echo(
+        f"version   {mv.version}\nstage     {mv.current_stage}\naliases   {', '.join(mv.aliases or [])}"
+    )
+    typer.echo(
+        f"created   {_when(mv.creation_timestamp)}\nrun       {mv.run_id}\nsource    {mv.source}"
+    )
+    for key, value in sorted((mv.tags or {}).items()):
+        typer.echo(f"tag       {key} = {value}")
+    for key, value in sorted(_metrics(mv.run_id).items()):
+        typer.echo(f"metric    {key} = {value:.6f}")
+
+
+@app.command("promote")
+def promote(
+    version: str = typer.Argument(..., help="Version number (or staging)."),
+    to: str = typer.Option(..., "--to", help="Target stage: production."),
+    reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
+    actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+) -> None:
+    """Staging -> Production (needs a passed staging verification); the old production is archived."""
+    from registry import policy
+    from registry.hooks import build_bento
+
+    changes = _run(lambda: policy.promote(version, to, reason, _actor(actor)))
+    _print_transitions(changes)
+    typer.echo(f"bento: {build_bento(changes[-1].version)}")
+
+
+@app.command("rollback")
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
+    actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+) -> None:
+    """Restore the most recent earlier production version; archive the current one."""
+    from registry import policy
+    from registry.hooks import build_bento
+
+    changes = _run(lambda: policy.rollback(reason, _actor(actor)))
+    _print_transitions(changes)
+    typer.echo(f"bento: {build_bento(changes[-1].version)}")
+
+
+@app.command("history")
+def show_history(
+    version: str | None = typer.Option(None, "--version", help="Only this version."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table."),
+) -> None:
+    """Every transition: version, from, to, who, when, why (kept in the MLflow backend)."""
+    from registry import history
+    from registry.store import client
+
+    entries = history.read(client(), version)
+    for e in entries:
+        if as_json:
+            typer.echo(json.dumps(e.as_dict()))
+        else:
+            typer.echo(
+                f"{e.at}  v{e.version:<4} {e.from_stage or '-':10} -> {e.to_stage:10} "
+                f"{e.action:9} {e.actor:16} {e.reason}"
+            )
+
+
+@app.command("compare")
+def compare(
+    a: str = typer.Argument(..., help="First version (or production / staging)."),
+    b: str = typer.Argument(..., help="Second version (or production / staging)."),
+) -> None:
+    """Two versions side by side: metrics, params, lineage and feature sets."""
+    from registry.policy import get_version, resolve_version
+    from registry.store import client
+
+    def load() -> tuple[Any, Any]:
+        c = client()
+        return get_version(c, resolve_version(a, c)), get_version(c, resolve_version(b, c))
+
+    va, vb = _run(load)
+    c = client()
+    runs = [c.get_run(mv.run_id).data if mv.run_id else None for mv in (va, vb)]
+    typer.echo(f"{'':28} {'v' + str(va.version):>24} {'v' + str(vb.version):>24}")
+    typer.echo(f"{'stage':28} {va.current_stage:>24} {vb.current_stage:>24}")
+    ma, mb = (r.metrics if r else {} for r in runs)
+    for key in sorted(set(ma) | set(mb)):
+        x, y = ma.get(key), mb.get(key)
+        delta = f"{y - x:+.4f}" if x is not None and y is not None else ""
+        typer.echo(
+            f"{key:28} {x if x is not None else '-':>24} {y if y is not None else '-':>24} {delta}"
+        )
+    pa_, pb = (r.params if r else {} for r in runs)
+    for key in sorted(k for k in set(pa_) | set(pb) if pa_.get(k) != pb.get(k)):
+        typer.echo(f"param {key:22} {pa_.get(key, '-'):>24} {pb.get(key, '-'):>24}")
+    ta, tb = va.tags or {}, vb.tags or {}
+    for key in ("dataset_digest", "feature_sql_hash", "git_commit", "as_of", "issue"):
+        same = "same" if ta.get(key) == tb.get(key) else "DIFFERENT"
+        typer.echo(
+            f"{key:28} {str(ta.get(key, '-'))[:24]:>24} {str(tb.get(key, '-'))[:24]:>24} {same}"
+        )
+    fa = set(json.loads(ta.get("feature_names", "[]")))
+    fb = set(json.loads(tb.get("feature_names", "[]")))
+    typer.echo(
+        f"features only in v{va.version}: {sorted(fa - fb) or '-'}; only in v{vb.version}: {sorted(fb - fa) or '-'}"
+    )
+
+
+@app.command("reproduce")
+def reproduce(
+    version: str = typer.Argument(..., help="Version number (or production / staging)."),
+) -> None:
+    """Retrain from the logged dataset, params and seed; exit 1 unless predictions match exactly."""
+    from registry.reproduce import reproduce as run_reproduce
+
+    result = _run(lambda: run_reproduce(version))
+    typer.echo(result.summary())
+    if not result.identical:
+        raise typer.Exit(1)
+
+
+@app.command("verify")
+def verify(
+    url: str = typer.Option(
+        ..., "--url", help="Base URL of the served bento, e.g. http://127.0.0.1:3000."
+    ),
+    stage: str | None = typer.Option(None, "--stage", help="staging or production."),
+    version: str | None = typer.Option(
+        None, "--version", help="A version number instead of a stage."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", envvar="PAYLATER_API_TOKEN", help="Bearer token."
+    ),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request."),
+    actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+) -> None:
+    """Replay the version's golden requests against {url}/v2/score; record passed/failed on the version."""
+    from registry.store import RegistryError
+    from registry.verification import verify as run_verify
+
+    def check() -> Any:
+        if (stage is None) == (version is None):
+            raise RegistryError("give exactly one of --stage or --version")
+        return run_verify(str(stage or version), url, _actor(actor), token=token, timeout=timeout)
+
+    result = _run(check)
+    typer.echo(f"v{result.version} against {result.url}: {'PASSED' if result.passed else 'FAILED'}")
+    typer.echo(result.detail())
+    if not result.passed:
+        raise typer.Exit(1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ USER_FEATURES = (
     "balance_avg_30d_jpy",
 )
 SQL_HASH = "synthetic-sql-hash"
+_TEMPLATE_DIR = Path(tempfile.gettempdir()) / "paylater-mlflow-templates"
 
 
 def _fees(amounts: np.ndarray) -> np.ndarray:
@@ -52,13 +56,13 @@ def synthetic_training_table(
         (rng.lognormal(9.3, 0.7, rows) // 100) * 100, MIN_AMOUNT_JPY, MAX_AMOUNT_JPY
     ).astype(np.int64)
     logit = (
-        -1.9
-        + 0.8 * late
-        - 0.45 * np.log1p(balance / 1000.0)
-        - 0.25 * np.log1p(tenure / 100.0)
-        + 0.5 * (amount / 20_000.0)
-        - 0.08 * np.minimum(topups, 8)
-        + 0.3 * (txn_count < 3)
+        -2.2
+        + 1.0 * late
+        - 0.8 * np.log1p(balance / 1000.0)
+        - 0.4 * np.log1p(tenure / 100.0)
+        + 0.9 * (amount / 20_000.0)
+        - 0.15 * np.minimum(topups, 8)
+        + 0.6 * (txn_count < 8)
     )
     truth = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(rows) < truth).astype(np.int8)
@@ -107,13 +111,13 @@ def scramble_labels_before(table: pa.Table, month: date, seed: int = 1) -> pa.Ta
     return table.set_column(index, "label_default", pa.array(label, pa.int8()))
 
 
-def write_dataset(table: pa.Table, as_of: date) -> Any:
-    """Store `table` as the training dataset of `as_of` where the settings point (tasks.datasets)."""
+def write_dataset(table: pa.Table, as_of: date, url: str | None = None) -> Any:
+    """Store `table` as the training dataset of `as_of` at `url` (default: the settings') via tasks.datasets."""
     from tasks.datasets import write_dataset as store
     from tasks.storage import open_storage
 
     return store(
-        open_storage(),
+        open_storage(url),
         "training",
         as_of,
         table,
@@ -131,3 +135,20 @@ def write_truth(table: pa.Table, truth: np.ndarray, home: Path) -> Path:
         pa.table({"charge_id": table["charge_id"], "default_probability": pa.array(truth)}), path
     )
     return path
+
+
+def empty_mlflow_db(target: Path) -> str:
+    """A migrated, empty MLflow sqlite store at `target`: migrations (~10 s) run once, then copies."""
+    import mlflow
+
+    template = _TEMPLATE_DIR / f"mlflow-{mlflow.__version__}.db"
+    if not template.is_file():
+        from mlflow import MlflowClient
+
+        _TEMPLATE_DIR.mkdir(parents=True, exist_ok=True)
+        scratch = _TEMPLATE_DIR / f"building-{os.getpid()}.db"
+        MlflowClient(tracking_uri=f"sqlite:///{scratch}").search_experiments()
+        os.replace(scratch, template)  # atomic: concurrent builders each publish a whole file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"

@@ -1,0 +1,142 @@
+"""Registry fixtures: a trained good and a deliberately worse candidate (once per module), a fresh MLflow store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIRST_MONTH = date(2025, 1, 1)
+MONTHS = 4
+
+
+@dataclass
+class Candidate:
+    """Everything monthly_retrain's register/gate tasks take, trained once."""
+
+    table: Any
+    dataset: Any
+    params: Any
+    split: Any
+    booster: Any
+    evaluation: Any
+
+
+def _train(table: Any, url: str, truth_dir: Path | None) -> Candidate:
+    """Store the dataset, split, train and evaluate as the flow does."""
+    from registry.testing import as_of_after, write_dataset
+    from tasks.evaluation import evaluate_candidate
+    from tasks.training import (
+        DatasetRef,
+        TrainingParams,
+        frozen,
+        predict,
+        split_out_of_time,
+        train_booster,
+    )
+
+    as_of = as_of_after(FIRST_MONTH, MONTHS)
+    dataset = DatasetRef.from_manifest(write_dataset(table, as_of, url))
+    params = TrainingParams(
+        learning_rate=0.1,
+        num_leaves=7,
+        min_data_in_leaf=40,
+        feature_fraction=0.9,
+        lambda_l2=1.0,
+        max_bin=63,
+        num_boost_round=300,
+        early_stopping_rounds=20,
+        early_stopping_share=5,
+        num_threads=1,
+        seed=3,
+    )
+    split = split_out_of_time(table, dataset.model_features(), as_of, params.early_stopping_share)
+    booster = frozen(train_booster(split, params))
+    truth = truth_dir / "deferred_charges.parquet" if truth_dir else None
+    evaluation = evaluate_candidate(
+        split.y_oot, predict(booster, split.x_oot), split.oot_rows["charge_id"], truth
+    )
+    return Candidate(table, dataset, params, split, booster, evaluation)
+
+
+@pytest.fixture(scope="module")
+def good_candidate(tmp_path_factory: pytest.TempPathFactory) -> Candidate:
+    """A model with real signal, trained on a tiny synthetic dataset."""
+    from registry.testing import synthetic_training_table
+
+    root = tmp_path_factory.mktemp("good")
+    table, _ = synthetic_training_table(12_000, FIRST_MONTH, MONTHS, seed=11)
+    return _train(table, (root / "datasets").as_uri(), None)
+
+
+@pytest.fixture(scope="module")
+def worse_candidate(
+    good_candidate: Candidate, tmp_path_factory: pytest.TempPathFactory
+) -> Candidate:
+    """Same OOT month, but trained on shuffled labels: it learned nothing."""
+    from registry.testing import scramble_labels_before
+
+    root = tmp_path_factory.mktemp("worse")
+    table = scramble_labels_before(good_candidate.table, good_candidate.split.oot_month)
+    return _train(table, (root / "datasets").as_uri(), None)
+
+
+@pytest.fixture
+def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off."""
+    from registry.testing import empty_mlflow_db
+
+    empty_mlflow_db(paylater_home / "mlflow.db")
+    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
+    monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")  # tiny OOT month: ECE is mostly noise
+    return paylater_home
+
+
+@pytest.fixture
+def register() -> Callable[..., str]:
+    """Register a candidate through the flow's register task; returns the version."""
+    from flows.monthly_retrain import register as register_task
+
+    def run(candidate: Candidate, issue: str | None = "4") -> str:
+        result = register_task.fn(
+            candidate.booster,
+            candidate.split,
+            candidate.params,
+            candidate.dataset,
+            candidate.evaluation,
+            issue,
+        )
+        return str(result.version)
+
+    return run
+
+
+@pytest.fixture
+def gate_and_stage() -> Callable[[Candidate, str], Any]:
+    """Run the flow's gate task, then stage a passing candidate (as monthly_retrain does)."""
+    from flows.monthly_retrain import gate, stage
+
+    def run(candidate: Candidate, version: str) -> Any:
+        decision = gate.fn(version, candidate.split, candidate.evaluation)
+        if decision.passed:
+            stage.fn(version, decision)
+        return decision
+
+    return run
+
+
+@pytest.fixture
+def mark_verified() -> Callable[[str], None]:
+    """Record a passed staging verification (what `registry verify` writes)."""
+    from registry.policy import record_verification
+
+    def run(version: str) -> None:
+        record_verification(
+            version, True, "http://127.0.0.1:1", "test", "2026-11-27T00:00:00+00:00"
+        )
+
+    return run

@@ -1,0 +1,163 @@
+"""`paylater registry` commands, including a round trip against a real `mlflow server` (SQL backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from paylater.cli import app
+from registry import policy
+from registry.store import client
+
+
+@pytest.fixture
+def mlflow_server(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts; stopped after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_home = registry_home / "server"
+    backend = server_home / "backend.db"
+    from registry.testing import empty_mlflow_db
+
+    empty_mlflow_db(backend)
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = (server_home / "server.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{backend}",
+            "--artifacts-destination",
+            str(server_home / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(server_home / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def test_round_trip_through_a_real_mlflow_server(
+    mlflow_server: str,
+    good_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    assert client().tracking_uri == mlflow_server
+    versions = []
+    for _ in range(2):
+        version = register(good_candidate)
+        assert gate_and_stage(good_candidate, version).passed
+        mark_verified(version)
+        versions.append(version)
+    v1, v2 = versions
+    assert isinstance(v1, str) and v1 == "1"
+    runner = CliRunner()
+    assert (
+        runner.invoke(
+            app, ["registry", "promote", v2, "--to", "production", "--reason", "r2"]
+        ).exit_code
+        == 0
+    )
+    rolled = runner.invoke(app, ["registry", "rollback", "--reason", "no earlier one"])
+    assert rolled.exit_code == 1 and "no earlier production version" in rolled.output
+
+    listing = runner.invoke(app, ["registry", "list"])
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.splitlines()
+    assert any(line.split()[:3] == [v2, "Production", "production"] for line in lines), (
+        listing.output
+    )
+    assert any(line.split()[:2] == [v1, "Archived"] for line in lines), listing.output
+
+    shown = runner.invoke(app, ["registry", "show", "production"])
+    assert (
+        shown.exit_code == 0
+        and f"version   {v2}" in shown.output
+        and "metric    auc" in shown.output
+    )
+
+    compared = runner.invoke(app, ["registry", "compare", v1, v2])
+    assert compared.exit_code == 0 and "dataset_digest" in compared.output
+
+    entries = [
+        json.loads(line)
+        for line in runner.invoke(app, ["registry", "history", "--json"]).output.splitlines()
+    ]
+    transitions = [(e["version"], e["from_stage"], e["to_stage"], e["action"]) for e in entries]
+    assert (v1, "Staging", "Archived", "supersede") in transitions
+    assert transitions[-1] == (v2, "Staging", "Production", "promote")
+    assert all(e["actor"] and e["at"] for e in entries)
+
+
+def test_cli_errors_are_clear_and_change_nothing(registry_home: Path) -> None:
+    runner = CliRunner()
+    cases = [
+        (
+            ["registry", "promote", "3", "--to", "production", "--reason", "x"],
+            1,
+            "has no version 3",
+        ),
+        (["registry", "promote", "3", "--to", "production"], 2, "--reason"),
+        (["registry", "rollback", "--reason", ""], 1, "reason is required"),
+        (["registry", "show", "staging"], 1, "no version of paylater-default is in staging"),
+        (["registry", "reproduce", "abc"], 1, "expected production, staging or a version number"),
+        (
+            ["registry", "verify", "--url", "http://127.0.0.1:9"],
+            1,
+            "exactly one of --stage or --version",
+        ),
+    ]
+    for args, code, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert policy.all_versions(client()) == []
+    assert runner.invoke(app, ["registry", "history"]).output == ""

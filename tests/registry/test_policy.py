@@ -1,0 +1,189 @@
+"""Gates, staging, promotion, rollback and the audit history on a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from registry import history, policy
+from registry.store import MODEL_NAME, RegistryError, client
+
+
+def _state() -> dict[str, Any]:
+    """Stages, aliases and history length: what 'no change' must leave alone."""
+    c = client()
+    return {
+        "stages": {str(mv.version): mv.current_stage for mv in policy.all_versions(c)},
+        "aliases": {a: policy.alias_version(c, a) for a in ("staging", "production")},
+        "history": len(history.read(c)),
+    }
+
+
+def test_gates_without_production_use_absolute_thresholds() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < 0.2).astype(int)
+    good = np.clip(0.2 + 0.3 * (y - 0.2) + rng.normal(0, 0.05, 4000), 0.01, 0.99)
+    thresholds = policy.GateThresholds(0.6, 0.5, 0.01, 0.25, False)
+    assert policy.evaluate_gates(y, good, ["a"], thresholds).passed
+    noise = rng.random(4000)
+    decision = policy.evaluate_gates(y, noise, ["a"], thresholds)
+    assert not decision.passed
+    assert "below the minimum" in decision.reasons[0]
+
+
+def test_gates_flag_feature_changes_and_unscorable_production() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random(2000) < 0.3).astype(int)
+    p = np.clip(0.3 + 0.4 * (y - 0.3) + rng.normal(0, 0.1, 2000), 0.01, 0.99)
+    thresholds = policy.GateThresholds(0.5, 1.0, 0.01, 0.25, False)
+    baseline = policy.ProductionBaseline("3", ["a", "old"], None, "lacks old")
+    decision = policy.evaluate_gates(y, p, ["a", "new"], thresholds, baseline)
+    assert not decision.passed
+    assert any("added ['new'], removed ['old']" in r for r in decision.reasons)
+    assert any("could not be scored" in r for r in decision.reasons)
+
+
+def test_first_candidate_staged_worse_one_rejected_production_unchanged(
+    registry_home: Path,
+    good_candidate: Any,
+    worse_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    first = register(good_candidate)
+    decision = gate_and_stage(good_candidate, first)
+    assert decision.passed and decision.production_version is None
+    c = client()
+    mv = c.get_model_version(MODEL_NAME, first)
+    assert mv.current_stage == "Staging"
+    assert policy.alias_version(c, "staging") == first
+    for tag in (
+        "dataset_digest",
+        "dataset_uri",
+        "feature_sql_hash",
+        "git_commit",
+        "issue",
+        "feature_names",
+        "cutoff",
+    ):
+        assert mv.tags.get(tag), tag
+    assert json.loads(mv.tags["feature_names"])[:2] == ["request_amount_jpy", "request_fee_jpy"]
+    assert mv.tags["dataset_digest"] == good_candidate.dataset.digest
+
+    mark_verified(first)
+    policy.promote(first, "production", "first model", "alice")
+    before = _state()
+
+    worse = register(worse_candidate)
+    decision = gate_and_stage(worse_candidate, worse)
+    assert not decision.passed
+    assert decision.production_version == first
+    assert any(f"below production v{first}" in r for r in decision.reasons)
+    after = _state()
+    assert after["aliases"] == before["aliases"] == {"staging": None, "production": first}
+    assert after["stages"][first] == "Production"
+    assert after["stages"][worse] == "None"
+    tags = c.get_model_version(MODEL_NAME, worse).tags
+    assert tags["rejected"] == "true" and tags["gate_status"] == "rejected"
+    assert "below production" in tags["rejected_reasons"]
+    assert [e.action for e in history.read(c, worse)] == ["register", "reject"]
+
+
+def test_promote_rollback_history_round_trip(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    versions = []
+    for n in range(3):
+        version = register(good_candidate)
+        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        mark_verified(version)
+        policy.promote(version, "Production", f"release {n}", "alice")
+        versions.append(version)
+    v1, v2, v3 = versions
+    c = client()
+    assert policy.resolve_version("production") == v3
+    assert {v: c.get_model_version(MODEL_NAME, v).current_stage for v in versions} == {
+        v1: "Archived",
+        v2: "Archived",
+        v3: "Production",
+    }
+
+    changes = policy.rollback("v3 misbehaves", "bob")
+    assert [(t.version, t.to_stage) for t in changes] == [(v3, "Archived"), (v2, "Production")]
+    assert policy.resolve_version("production") == v2
+    changes = policy.rollback("v2 too", "bob")
+    assert changes[-1].version == v1, "a rolled-back version is never restored by the next rollback"
+    assert c.get_model_version(MODEL_NAME, v1).current_stage == "Production"
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        policy.rollback("again", "bob")
+
+    entries = history.read(c)
+    promotions = [
+        (e.version, e.from_stage, e.to_stage, e.actor, e.reason)
+        for e in entries
+        if e.action == "promote"
+    ]
+    assert promotions == [
+        (v1, "Staging", "Production", "alice", "release 0"),
+        (v2, "Staging", "Production", "alice", "release 1"),
+        (v3, "Staging", "Production", "alice", "release 2"),
+    ]
+    rollbacks = [(e.version, e.to_stage, e.actor) for e in entries if e.action == "rollback"]
+    assert rollbacks == [
+        (v3, "Archived", "bob"),
+        (v2, "Production", "bob"),
+        (v2, "Archived", "bob"),
+        (v1, "Production", "bob"),
+    ]
+    assert all(e.at for e in entries) and entries == sorted(entries, key=lambda e: e.seq)
+
+
+def test_wrong_requests_change_nothing(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    staged = register(good_candidate)
+    policy.stage_candidate(staged, "monthly-retrain", "gates passed")
+    unstaged = register(good_candidate)
+    before = _state()
+    cases = [
+        (lambda: policy.promote("99", "production", "x", "a"), "has no version 99"),
+        (lambda: policy.promote(unstaged, "production", "x", "a"), "not Staging"),
+        (lambda: policy.promote(staged, "production", "x", "a"), "no passed staging verification"),
+        (lambda: policy.promote(staged, "staging", "x", "a"), "--to must be production"),
+        (lambda: policy.promote(staged, "production", "  ", "a"), "reason is required"),
+        (lambda: policy.rollback("x", "a"), "nothing is in production"),
+        (lambda: policy.resolve_version("latest"), "expected production, staging or a version"),
+    ]
+    for action, message in cases:
+        with pytest.raises(RegistryError, match=message):
+            action()
+    assert _state() == before
+    mark_verified(staged)
+    policy.promote("staging", "production", "verified", "a")
+    assert policy.resolve_version("PRODUCTION") == staged
+    assert policy.alias_version(client(), "staging") is None
+
+
+def test_new_staged_candidate_archives_the_previous_one(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    first, second = register(good_candidate), register(good_candidate)
+    policy.stage_candidate(first, "monthly-retrain", "gates passed")
+    policy.stage_candidate(second, "monthly-retrain", "gates passed")
+    c = client()
+    assert c.get_model_version(MODEL_NAME, first).current_stage == "Archived"
+    assert c.get_model_version(MODEL_NAME, second).current_stage == "Staging"
+    assert policy.alias_version(c, "staging") == second
+    assert [e.action for e in history.read(c, first)] == ["register", "stage", "supersede"]

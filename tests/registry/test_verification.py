@@ -1,0 +1,167 @@
+"""Staging verification against a small real HTTP service that answers like the bento's /v2/score."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from paylater.cli import app
+from paylater.product import fee_for
+from registry import history, policy
+from registry.store import MODEL_NAME, client
+from tasks.training import predict
+
+
+@contextmanager
+def scoring_service(
+    booster: Any, features: list[str], version: str, bias: float = 0.0
+) -> Iterator[str]:
+    """POST /v2/score computed with `booster` (plus `bias`) on 127.0.0.1 at a free port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path != "/v2/score":
+                self.send_error(404)
+                return
+            amount = body["amount_jpy"]
+            row = {"request_amount_jpy": amount, "request_fee_jpy": fee_for(amount)} | body[
+                "features"
+            ]
+            x = np.array([[np.nan if row[n] is None else row[n] for n in features]], dtype=float)
+            answer = {
+                "default_probability": float(predict(booster, x)[0]) + bias,
+                "decision": "approve",
+                "model_version": version,
+                "reason_codes": [],
+            }
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_verify_passes_for_the_right_model_then_promote_accepts(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    features = good_candidate.split.feature_names
+    runner = CliRunner()
+
+    with scoring_service(good_candidate.booster, features, version, bias=1e-6) as url:
+        result = runner.invoke(
+            app, ["registry", "verify", "--stage", "staging", "--url", url, "--actor", "carol"]
+        )
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and "expected" in result.output
+    refused = runner.invoke(
+        app, ["registry", "promote", version, "--to", "production", "--reason", "ok"]
+    )
+    assert refused.exit_code == 1 and "no passed staging verification" in refused.output
+    assert policy.alias_version(client(), "production") is None
+
+    with scoring_service(good_candidate.booster, features, "999") as url:
+        result = runner.invoke(app, ["registry", "verify", "--version", version, "--url", url])
+    assert result.exit_code == 1 and "model_version '999'" in result.output
+
+    with scoring_service(good_candidate.booster, features, version) as url:
+        result = runner.invoke(app, ["registry", "verify", "--stage", "staging", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert "20/20 golden requests matched" in result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert tags["staging_verification"] == "passed" and tags["staging_verification_url"] == url
+
+    promoted = runner.invoke(
+        app,
+        [
+            "registry",
+            "promote",
+            version,
+            "--to",
+            "production",
+            "--reason",
+            "verified on staging",
+            "--actor",
+            "carol",
+        ],
+    )
+    assert promoted.exit_code == 0, promoted.output
+    assert policy.resolve_version("production") == version
+    actions = [(e.action, e.actor) for e in history.read(client(), version)]
+    assert ("verify", "carol") in actions and actions[-1] == ("promote", "carol")
+
+
+def test_verify_against_nothing_listening_fails_cleanly(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    import socket
+
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(
+        app,
+        [
+            "registry",
+            "verify",
+            "--stage",
+            "staging",
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--timeout",
+            "2",
+        ],
+    )
+    assert result.exit_code == 1
+    assert client().get_model_version(MODEL_NAME, version).tags["staging_verification"] == "failed"
+
+
+def test_golden_requests_are_the_models_own_answers(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    from registry.runs import load_booster, load_golden
+
+    version = register(good_candidate)
+    golden = load_golden(version)
+    assert len(golden) == 20
+    features = good_candidate.split.feature_names
+    loaded = load_booster(version)
+    for case in golden:
+        request = case["request"]
+        assert set(request) == {"amount_jpy", "features"}
+        assert set(request["features"]) == set(features[2:])
+        row = {
+            "request_amount_jpy": request["amount_jpy"],
+            "request_fee_jpy": fee_for(request["amount_jpy"]),
+        }
+        row |= request["features"]
+        x = np.array([[row[n] for n in features]], dtype=float)
+        assert float(predict(loaded, x)[0]) == case["expected"]["default_probability"]
+    with pytest.raises(Exception, match="has no version"):
+        load_golden("42")

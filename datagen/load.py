@@ -45,6 +45,7 @@ class SourceDB(Protocol):
     url: str
 
     def ensure_schema(self) -> None: ...
+    def drop_indexes(self) -> None: ...
     def row_counts(self) -> dict[str, int]: ...
     def clear(self) -> None: ...
     def append(self, table: str, data: pa.Table) -> None: ...
@@ -73,11 +74,18 @@ def _to_sqlite_types(data: pa.Table) -> pa.Table:
     columns = []
     for col, fld in zip(data.columns, data.schema, strict=True):
         if pa.types.is_timestamp(fld.type):
-            col = pc.strftime(col, format="%Y-%m-%dT%H:%M:%S+00:00")
+            col = iso_utc_text(col)
         elif pa.types.is_date(fld.type):
             col = col.cast(pa.string())
         columns.append(col)
     return pa.Table.from_arrays(columns, names=data.column_names)
+
+
+def iso_utc_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """UTC timestamps as '2026-11-26T03:04:05.123456+00:00' (Arrow's zone-aware cast is ~40x slower)."""
+    naive = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us")).cast(pa.string())
+    with_t = pc.utf8_replace_slice(naive, start=10, stop=11, replacement="T")
+    return pc.binary_join_element_wise(with_t, pa.scalar("+00:00"), pa.scalar(""))
 
 
 class SqliteSource:
@@ -101,7 +109,12 @@ class SqliteSource:
         with self.conn.cursor() as cur:
             for statement in _statements(script):
                 cur.execute(statement)
-        self.conn.commit()
+
+    def drop_indexes(self) -> None:
+        """Drop the updated_at indexes before a bulk load (ensure_schema builds them again)."""
+        with self.conn.cursor() as cur:
+            for name in _secondary_indexes("source_sqlite.sql"):
+                cur.execute(f"DROP INDEX IF EXISTS {name}")
 
     def row_counts(self) -> dict[str, int]:
         """Rows per source table."""
@@ -153,7 +166,11 @@ class PostgresSource:
     def ensure_schema(self) -> None:
         """Create the source tables if missing."""
         self.conn.execute((_SCHEMA_DIR / "source_postgres.sql").read_text())
-        self.conn.commit()
+
+    def drop_indexes(self) -> None:
+        """Drop the updated_at indexes before a bulk load (ensure_schema builds them again)."""
+        for name in _secondary_indexes("source_postgres.sql"):
+            self.conn.execute(f"DROP INDEX IF EXISTS {name}")
 
     def row_counts(self) -> dict[str, int]:
         """Rows per source table."""
@@ -174,8 +191,9 @@ class PostgresSource:
         columns = ", ".join(data.column_names)
         options = pacsv.WriteOptions(include_header=False, batch_size=_COPY_BATCH_ROWS)
         statement = f"COPY {_check_table(table)} ({columns}) FROM STDIN (FORMAT csv)"
+        text = _with_text_timestamps(data)
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
-            for batch in data.to_batches(max_chunksize=_COPY_BATCH_ROWS):
+            for batch in text.to_batches(max_chunksize=_COPY_BATCH_ROWS):
                 buffer = io.BytesIO()
                 pacsv.write_csv(batch, buffer, options)
                 copy.write(buffer.getbuffer())
@@ -196,9 +214,24 @@ class PostgresSource:
         self.conn.close()
 
 
+def _with_text_timestamps(data: pa.Table) -> pa.Table:
+    """Timestamps pre-rendered as ISO text with an explicit UTC offset (fast, zone-proof COPY input)."""
+    columns = [
+        iso_utc_text(col) if pa.types.is_timestamp(fld.type) else col
+        for col, fld in zip(data.columns, data.schema, strict=True)
+    ]
+    return pa.Table.from_arrays(columns, names=data.column_names)
+
+
 def _rows(data: pa.Table) -> list[tuple[Any, ...]]:
     """Rows as tuples (only for the small daily update sets)."""
     return list(zip(*(col.to_pylist() for col in data.columns), strict=True))
+
+
+def _secondary_indexes(schema_file: str) -> list[str]:
+    """Names of the indexes a schema file creates (plain identifiers by construction)."""
+    text = (_SCHEMA_DIR / schema_file).read_text()
+    return re.findall(r"CREATE INDEX IF NOT EXISTS ([A-Za-z_][A-Za-z0-9_]*)", text)
 
 
 def _statements(script: str) -> Iterable[str]:

@@ -68,9 +68,12 @@ def load(source_url: str, data: SourceData, replace: bool = False) -> dict[str, 
     source = open_source(source_url)
     try:
         source.ensure_schema()
+        source.commit()
         _refuse_or_clear(source, replace)
+        source.drop_indexes()
         for table, rows in data.source_tables().items():
             source.append(table, rows)
+        source.ensure_schema()
         source.commit()
         return source.row_counts()
     finally:
@@ -119,7 +122,10 @@ def generate_into(
     warehouse = open_warehouse(warehouse_url)
     try:
         source.ensure_schema()
+        source.commit()
         _refuse_or_clear(source, replace)
+        # Indexes are built once at the end: cheaper than maintaining them row by row.
+        source.drop_indexes()
         if replace and warehouse.table_exists("app_events"):
             warehouse.execute("DROP TABLE app_events")
         sim, plan = Simulation.begin(users, months, seed, end_date, zone)
@@ -131,6 +137,7 @@ def generate_into(
         users_rows = sim.users_table(end_date)
         source.append("users", users_rows)
         report.inserted = {"users": users_rows.num_rows, **report.inserted}
+        source.ensure_schema()
         source.commit()
         state = truth_dir / STATE_FOLDER
         if state.exists():

@@ -62,7 +62,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-DEFAULT_INTERCEPT = -3.3
+DEFAULT_INTERCEPT = -2.9
 
 
 def default_logit(
@@ -85,16 +85,16 @@ def default_logit(
     """
     return (
         DEFAULT_INTERCEPT
-        + 2.0 * stress
-        + 0.9 * impulsiveness
-        - 1.2 * engagement
-        + 1.0 * shocked
-        + 1.3 * np.clip(spend_to_income - 0.35, -0.35, 1.0)
-        + 0.65 * np.minimum(late_count, 3)
-        + 1.5 * np.minimum(amount_to_income, 0.6)
-        - 0.6 * np.minimum(topups_30d, 6.0) / 6.0
-        - 0.5 * np.minimum(sessions_14d, 10.0) / 10.0
-        + 0.5 * np.minimum(declines_14d, 5.0) / 5.0
+        + 1.3 * stress
+        + 0.6 * impulsiveness
+        - 0.8 * engagement
+        + 0.8 * shocked
+        + 1.0 * np.clip(spend_to_income - 0.35, -0.35, 1.0)
+        + 1.2 * np.minimum(late_count, 3)
+        + 1.0 * np.minimum(amount_to_income, 0.6)
+        - 1.3 * np.minimum(topups_30d, 5.0) / 5.0
+        - 0.7 * np.minimum(sessions_14d, 10.0) / 10.0
+        + 1.6 * np.minimum(declines_14d, 6.0) / 6.0
     )
 
 
@@ -339,7 +339,7 @@ class DaySimulator:
             "fee_jpy": c_fee,
             "due_day": due,
             "repaid_us": repaid_us,
-            "days_late": np.where(has_repay, repay_day - due, -1).clip(-1, None),
+            "days_late": np.where(has_repay, np.maximum(repay_day - due, 0), -1),
             "default_us": default_us,
             "default_probability": probability,
         }
@@ -393,7 +393,7 @@ class DaySimulator:
         rate = (
             (0.04 + 0.5 * engagement**1.5)
             * np.where(is_payday, 1.3, 1.0)
-            * np.where(worried, 1.6, 1.0)
+            * np.where(worried, 1.2, 1.0)
         )
         counts = rng.poisson(rate)
         s_local = np.repeat(np.arange(n), counts)
@@ -401,7 +401,13 @@ class DaySimulator:
         # The session in which a deferred charge is asked for starts a little before the request.
         s_local = np.concatenate([s_local, requesters])
         starts = np.concatenate(
-            [starts, requested_us - rng.integers(30_000_000, 100_000_000, len(requesters))]
+            [
+                starts,
+                np.maximum(
+                    requested_us - rng.integers(30_000_000, 100_000_000, len(requesters)),
+                    self.clock.start_us(ordinal),
+                ),
+            ]
         )
         forced_deferred = np.concatenate(
             [np.zeros(len(starts) - len(requesters), bool), np.ones(len(requesters), bool)]

@@ -215,6 +215,10 @@ class Settings(BaseSettings):
         default="staging",
         description="Shadow model scored into shadow_results when it exists and differs; '' disables shadowing.",
     )
+    worker_reason_codes: str = Field(
+        default="all",
+        description="In process: 'all' (reasons on every score, like the HTTP API) or 'declines' (only there).",
+    )
     worker_concurrency: int = Field(default=2, ge=1, description="Claim-score-write loops (threads) per process.")
     worker_batch_size: int = Field(default=500, ge=1, description="Jobs claimed per round trip.")
     worker_lease_seconds: float = Field(

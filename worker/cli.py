@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from worker.scoring import ScoringBackend
+from worker.scoring import REASON_CODE_MODES, ScoringBackend
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,14 @@ def load_scorer(spec: str) -> Any:
     return Scorer.load(stage=spec.strip().lower())
 
 
-def inprocess_backend(spec: str, database_url: str) -> ScoringBackend:
+def inprocess_backend(spec: str, database_url: str, reason_codes: str = "all") -> ScoringBackend:
     """The model `spec` scored in this process with features from user_features_latest."""
     from bentos.scoring import FeatureStore
     from worker.scoring import InProcessBackend
 
     scorer = load_scorer(spec)
-    return InProcessBackend(scorer, FeatureStore(database_url, scorer.user_feature_names))
+    features = FeatureStore(database_url, scorer.user_feature_names)
+    return InProcessBackend(scorer, features, reason_codes)
 
 
 def resolve_shadow_version(spec: str) -> str | None:
@@ -101,6 +102,10 @@ def run_worker(
     shadow_model: str = typer.Option(
         None, help="Shadow model (default 'staging'); '' disables. In process only."
     ),
+    reason_codes: str = typer.Option(
+        None,
+        help="In process: 'all' (like the HTTP API) or 'declines' (TreeSHAP only for declines).",
+    ),
     metrics_port: int = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     metrics_host: str = typer.Option("0.0.0.0", help="Address of the metrics server."),
     lease_seconds: float = typer.Option(None, help="Lease of a claimed batch (crash recovery)."),
@@ -141,7 +146,13 @@ def run_worker(
             scoring_url, token=settings.api_token, max_batch=settings.serve_max_batch
         )
     elif kind == "inprocess":
-        scoring = inprocess_backend(model or settings.worker_model, db_url)
+        reasons = reason_codes or settings.worker_reason_codes
+        if reasons not in REASON_CODE_MODES:
+            typer.echo(
+                f"--reason-codes must be one of {REASON_CODE_MODES}, got {reasons!r}", err=True
+            )
+            raise typer.Exit(2)
+        scoring = inprocess_backend(model or settings.worker_model, db_url, reasons)
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model
         if spec:
             shadow = ShadowLoader(spec, scoring.model_version, db_url)

@@ -96,3 +96,29 @@ def test_worker_over_http_and_an_unreachable_service_retries(
         queue_db, "SELECT status, error FROM scoring_jobs WHERE id = %s", (job_id,)
     )
     assert status == "queued" and "unreachable" in error
+
+
+def test_declines_mode_matches_all_mode_except_approvals_reasons(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """'declines' gives the same probabilities and decisions, and the same reasons on declines."""
+    from bentos.scoring import FeatureStore
+    from worker.scoring import InProcessBackend
+
+    scorer = kit.make_scorer(booster, "7")
+    features = FeatureStore(queue_db, scorer.user_feature_names)
+    requests = [
+        ScoreRequest(i, 1 + i % kit.n_users, amount)
+        for i, amount in enumerate(range(1_000, 100_001, 1_650))
+    ]
+    full = InProcessBackend(scorer, features, "all").score(requests)
+    lean = InProcessBackend(scorer, features, "declines").score(requests)
+    decisions = {o.decision for o in full}  # type: ignore[union-attr]
+    assert decisions == {"approve", "decline"}, "the sample must exercise both decisions"
+    for a, b in zip(full, lean, strict=True):
+        assert b.default_probability == pytest.approx(a.default_probability, abs=1e-12)  # type: ignore[union-attr]
+        assert b.decision == a.decision  # type: ignore[union-attr]
+        assert b.reason_codes == (a.reason_codes if a.decision == "decline" else [])  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="reason_codes must be one of"):
+        InProcessBackend(scorer, features, "some")
+    features.close()

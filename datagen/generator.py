@@ -212,7 +212,9 @@ class Simulation:
             raise ValueError(f"generator state version {meta.version} is not {STATE_VERSION}")
         pop = Population.from_arrow(pq.read_table(folder / "population.parquet"))
         charges_t = pq.read_table(folder / "charges.parquet")
-        charges = {c: charges_t.column(c).to_numpy() for c in charges_t.column_names}
+        charges = {
+            c: np.array(charges_t.column(c).to_numpy(), copy=True) for c in charges_t.column_names
+        }
         refunds = pq.read_table(folder / "pending_refunds.parquet")
         return cls(meta, pop, charges if len(charges_t) else {}, refunds)
 

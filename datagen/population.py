@@ -116,11 +116,16 @@ class Population:
         kwargs = {}
         for f in fields(cls):
             if f.name == "category_cum":
-                parts = [table.column(f"{f.name}_{j}").to_numpy() for j in range(len(CATEGORIES))]
+                parts = [_writable(table, f"{f.name}_{j}") for j in range(len(CATEGORIES))]
                 kwargs[f.name] = np.column_stack(parts)
             else:
-                kwargs[f.name] = table.column(f.name).to_numpy()
+                kwargs[f.name] = _writable(table, f.name)
         return cls(**kwargs)
+
+
+def _writable(table: pa.Table, name: str) -> np.ndarray:
+    """A column as a numpy array the simulation may modify in place (Arrow buffers are read-only)."""
+    return np.array(table.column(name).to_numpy(), copy=True)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,39 @@
+"""`paylater demo-data` through Typer's runner on the embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from datagen.cli import app
+
+runner = CliRunner()
+
+
+def test_generate_refuses_to_overwrite_then_advance_adds_a_day(paylater_home: Path) -> None:
+    args = ["generate", "--users", "80", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "card_transactions" in first.output and "2026-06-30" in first.output
+    assert (paylater_home / "source.db").exists()
+    truth = pq.read_table(paylater_home / "truth" / "deferred_charges.parquet")
+    assert truth.column_names == ["charge_id", "default_probability"]
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1
+    assert "already holds data" in again.output and "--replace" in again.output
+
+    advanced = runner.invoke(app, ["advance", "--days", "1"])
+    assert advanced.exit_code == 0, advanced.output
+    assert "2026-07-01" in advanced.output and "inserted" in advanced.output
+
+    replaced = runner.invoke(app, [*args, "--replace"])
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_advance_without_generate_fails_clearly(paylater_home: Path) -> None:
+    result = runner.invoke(app, ["advance"])
+    assert result.exit_code == 1
+    assert "demo-data generate" in result.output

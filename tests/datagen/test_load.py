@@ -1,0 +1,89 @@
+"""Bulk loading into real SQLite and PostgreSQL, and app events into the DuckDB warehouse."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import date
+from pathlib import Path
+
+import psycopg
+import pyarrow.compute as pc
+import pytest
+
+from datagen import SourceData, SourceNotEmpty, generate, load, write_app_events
+from tasks.warehouse import open_warehouse
+
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}\+00:00$")
+
+
+@pytest.fixture(scope="module")
+def small_world() -> SourceData:
+    """A small world: enough rows of every kind, including repaid and defaulted charges."""
+    return generate(150, 3, seed=5, end_date=date(2026, 9, 30))
+
+
+def test_sqlite_load_matches_the_schema_and_keeps_iso_utc_text(
+    tmp_path: Path, small_world: SourceData
+) -> None:
+    path = tmp_path / "source.db"
+    counts = load(f"sqlite:///{path}", small_world)
+    assert counts == {k: v.num_rows for k, v in small_world.source_tables().items()}
+    with sqlite3.connect(path) as conn:
+        for table, data in small_world.source_tables().items():
+            columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+            assert columns == data.column_names
+        row = conn.execute(
+            "SELECT requested_at, due_date, updated_at FROM deferred_charges ORDER BY charge_id LIMIT 1"
+        ).fetchone()
+        assert ISO_UTC.match(row[0]) and ISO_UTC.match(row[2])
+        assert re.match(r"^\d{4}-\d{2}-\d{2}$", row[1])
+        first = small_world.deferred_charges.column("requested_at")[0].as_py()
+        assert row[0] == first.isoformat(timespec="microseconds")
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "card_transactions_updated_at" in indexes
+    with pytest.raises(SourceNotEmpty, match="--replace"):
+        load(f"sqlite:///{path}", small_world)
+
+
+@pytest.mark.postgres
+def test_postgres_load_copies_every_row_with_types_intact(
+    pg_url: str, small_world: SourceData
+) -> None:
+    counts = load(pg_url, small_world)
+    assert counts == {k: v.num_rows for k, v in small_world.source_tables().items()}
+    charges = small_world.deferred_charges
+    with psycopg.connect(pg_url) as conn:
+        got = conn.execute(
+            "SELECT charge_id, requested_at, due_date, status, repaid_at, days_late, updated_at"
+            " FROM deferred_charges ORDER BY charge_id"
+        ).fetchall()
+        statuses = conn.execute("SELECT DISTINCT status FROM card_transactions").fetchall()
+        index = conn.execute(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'deferred_charges_updated_at'"
+        ).fetchone()
+    expected = charges.select(
+        ["charge_id", "requested_at", "due_date", "status", "repaid_at", "days_late", "updated_at"]
+    ).to_pylist()
+    assert [tuple(r.values()) for r in expected] == got
+    assert {s for (s,) in statuses} <= {"settled", "declined", "refunded"}
+    assert index == (1,)
+    # --replace empties the tables first, so a second load gives the same counts.
+    assert load(pg_url, small_world, replace=True) == counts
+
+
+def test_app_events_replace_their_day_partitions_idempotently(
+    tmp_path: Path, small_world: SourceData
+) -> None:
+    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    assert write_app_events(url, small_world.app_events) == small_world.app_events.num_rows
+    write_app_events(url, small_world.app_events)
+    warehouse = open_warehouse(url)
+    try:
+        got = warehouse.query_arrow(
+            "SELECT count(*) AS n, count(DISTINCT event_date) AS days FROM app_events"
+        ).to_pylist()[0]
+    finally:
+        warehouse.close()
+    days = pc.count_distinct(small_world.app_events.column("event_date")).as_py()
+    assert got == {"n": small_world.app_events.num_rows, "days": days}

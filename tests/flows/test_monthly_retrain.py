@@ -1,0 +1,57 @@
+"""monthly_retrain end to end on a tiny synthetic dataset: trained, logged, registered, gated, staged."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+
+def test_monthly_retrain_stages_the_first_model(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.monthly_retrain import monthly_retrain
+    from registry.store import MODEL_NAME, TRAINING_EXPERIMENT, client
+    from registry.testing import (
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+        write_dataset,
+        write_truth,
+    )
+
+    empty_mlflow_db(paylater_home / "mlflow.db")
+    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
+    monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")
+    monkeypatch.setenv("PAYLATER_TRAIN_NUM_THREADS", "1")
+    table, truth = synthetic_training_table(10_000, date(2025, 1, 1), 4, seed=21)
+    as_of = as_of_after(date(2025, 1, 1), 4)
+    manifest = write_dataset(table, as_of)
+    write_truth(table, truth, paylater_home)
+
+    report = monthly_retrain(as_of=as_of, issue="4")
+
+    assert report.status == "staged", report.reasons
+    assert report.oot_month == date(2025, 4, 1)
+    assert {"auc", "pr_auc", "ks", "log_loss", "brier", "ece", "oracle_auc", "oracle_ece"} <= set(
+        report.metrics
+    )
+    assert report.metrics["oracle_rows_share"] == 1.0
+    assert report.bento.startswith("skipped")
+    c = client()
+    mv = c.get_model_version(MODEL_NAME, report.version)
+    assert mv.current_stage == "Staging" and mv.tags["issue"] == "4"
+    assert mv.tags["dataset_digest"] == manifest.sha256
+    run = c.get_run(report.run_id)
+    assert run.data.tags["issue"] == "4" and run.data.params["oot_month"] == "2025-04-01"
+    assert run.info.experiment_id == c.get_experiment_by_name(TRAINING_EXPERIMENT).experiment_id
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest.sha256[:32]]
+    artifacts = {a.path for a in c.list_artifacts(report.run_id, "plots")}
+    assert artifacts == {
+        f"plots/{n}.png" for n in ("roc", "calibration", "feature_importance", "score_distribution")
+    }
+    assert {a.path for a in c.list_artifacts(report.run_id, "golden")} == {"golden/requests.json"}
+    assert (paylater_home / "mlartifacts").is_dir(), (
+        "artifacts stay under PAYLATER_HOME, not ./mlruns"
+    )

@@ -114,7 +114,9 @@ def test_vintage_performance_by_request_month() -> None:
 def test_log_drift_to_mlflow_logs_metrics_and_artifact(tmp_path: Path) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from registry.testing import empty_mlflow_db  # a migrated template copy: no 10 s migration
+
+    mlflow.set_tracking_uri(empty_mlflow_db(tmp_path / "mlflow.db"))
     try:
         experiment = mlflow.create_experiment(
             "drift", artifact_location=(tmp_path / "art").as_uri()

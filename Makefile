@@ -39,6 +39,7 @@ fmt: install
 	$(BIN)/ruff check --fix .
 
 test: install postgres
+	@bash scripts/ensure_test_tools.sh
 	$(MAKE) --no-print-directory lint
 	source var/postgres.env && $(BIN)/pytest -q -p no:cacheprovider tests
 

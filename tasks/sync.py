@@ -166,12 +166,12 @@ def _bq(name: str) -> str:
     return f"`{name}`"
 
 
-def merge_sql(spec: TableSpec) -> str:
+def merge_sql(spec: TableSpec, template: str = "sync_merge.sql") -> str:
     """The MERGE applying one as_of's changes partition to the current table."""
     columns = list(spec.columns)
     cursor = spec.cursor or "updated_at"
     non_key = [c for c in columns if c not in spec.primary_key]
-    return Template(sql_text("sync_merge.sql")).substitute(
+    return Template(sql_text(template)).substitute(
         table=_bq(spec.name),
         changes=_bq(spec.changes_table),
         columns=", ".join(_bq(c) for c in columns),
@@ -238,8 +238,11 @@ def load_incremental(
 
 
 def merge_changes(warehouse: Warehouse, spec: TableSpec, as_of: date) -> None:
-    """MERGE the as_of changes partition into the current table."""
-    warehouse.execute(merge_sql(spec), {"as_of": as_of})
+    """MERGE the as_of changes partition into the current table (INSERT while it is empty)."""
+    if _count(warehouse, spec.name) == 0:
+        warehouse.execute(merge_sql(spec, "sync_insert_first.sql"), {"as_of": as_of})
+    else:
+        warehouse.execute(merge_sql(spec), {"as_of": as_of})
 
 
 def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: SourceCounts) -> _Counts:

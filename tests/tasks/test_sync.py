@@ -237,7 +237,8 @@ def test_full_history_then_increments_bring_updates_of_old_rows(source_db, wareh
     assert changes == [{"as_of": D1, "n": 2}, {"as_of": D2, "n": 3}]
 
 
-def test_rerun_is_idempotent_and_older_as_of_never_regresses(source_db, warehouse) -> None:
+def test_rerun_is_idempotent_and_older_as_of_never_regresses(pg_url, warehouse) -> None:
+    source_db = SourceDB("postgres", pg_url)
     seed(source_db)
     sync_all(source_db, warehouse, D1)
     sync_all(source_db, warehouse, D2)
@@ -304,7 +305,8 @@ def test_crash_half_way_through_a_table_then_rerun(
     crashed.close()
 
 
-def test_count_mismatch_fails_and_rolls_back(source_db, warehouse, monkeypatch) -> None:
+def test_count_mismatch_fails_and_rolls_back(tmp_path, warehouse, monkeypatch) -> None:
+    source_db = SourceDB("sqlite", f"sqlite:///{tmp_path / 'src.db'}", tmp_path / "src.db")
     seed(source_db)
     sync_all(source_db, warehouse, D1)
     before = rows(warehouse, "deferred_charges", "charge_id")
@@ -333,7 +335,8 @@ def test_count_mismatch_fails_and_rolls_back(source_db, warehouse, monkeypatch) 
     assert status.to_pylist() == [{"status": "failed"}]
 
 
-def test_full_mode_replaces_the_table(source_db, warehouse, tmp_path, monkeypatch) -> None:
+def test_full_mode_replaces_the_table(pg_url, warehouse, tmp_path, monkeypatch) -> None:
+    source_db = SourceDB("postgres", pg_url)
     seed(source_db)
     config = tmp_path / "tables.yaml"
     config.write_text(

@@ -1,0 +1,244 @@
+"""Sync of card_transactions from PostgreSQL into the DuckDB warehouse, beside two baselines.
+
+In one run, on a table of N rows in its own database `bench_sync`:
+  (b) COPY (SELECT ...) TO STDOUT (FORMAT binary) into nothing: the server's own export rate;
+  (a) pandas.read_sql + DataFrame.to_parquet: the obvious alternative;
+  the project: tasks.sync.sync_table, first sync (whole history into an empty warehouse: change
+  partition + merge + ledger, counts checked) and then one incremental day with 1% new rows and
+  0.1% updates of old rows.
+Sizes: PAYLATER_BENCH_SYNC_ROWS (comma separated, default 1000000,10000000). The PostgreSQL server
+is PAYLATER_TEST_PG_URL's (`source var/postgres.env`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import psycopg
+
+from paylater.timeutil import day_end_utc
+
+DATABASE = "bench_sync"
+FIRST_DAY = date(2025, 11, 1)
+LAST_DAY = date(2026, 10, 31)  # the full sync's as_of; the incremental day is the next one
+COLUMNS = (
+    "transaction_id, user_id, authorized_at, amount_jpy, merchant_id, merchant_category,"
+    " channel, status, updated_at"
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def server_url() -> str:
+    """The benchmark server (the test server: `source var/postgres.env`)."""
+    url = os.environ.get("PAYLATER_TEST_PG_URL")
+    if not url:
+        raise SystemExit("PAYLATER_TEST_PG_URL is unset: run `source var/postgres.env` first")
+    return url
+
+
+def fresh_database(url: str) -> str:
+    """Drop and create the benchmark database; its URL."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    return f"{url.rpartition('/')[0]}/{DATABASE}"
+
+
+def fill(url: str, rows: int) -> None:
+    """card_transactions with `rows` rows over a year (ids increase with time), in one statement."""
+    start = day_end_utc(FIRST_DAY - timedelta(days=1))
+    span = (day_end_utc(LAST_DAY) - start).total_seconds()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute((ROOT / "schema/source_postgres.sql").read_text())
+        conn.execute("ALTER TABLE card_transactions DROP CONSTRAINT card_transactions_pkey")
+        conn.execute("DROP INDEX card_transactions_updated_at")
+        conn.execute("SET synchronous_commit = off")
+        conn.execute(
+            f"""
+            INSERT INTO card_transactions ({COLUMNS})
+            SELECT g, 1 + mod(g * 7919, 100000), t, 100 + mod(g * 31, 20000), 1 + mod(g * 13, 5000),
+                   (ARRAY['grocery','convenience','dining','transport','online','travel'])[1 + mod(g, 6)],
+                   (ARRAY['in_store','online','contactless'])[1 + mod(g, 3)],
+                   CASE WHEN mod(g, 50) = 0 THEN 'refunded' WHEN mod(g, 97) = 0 THEN 'declined' ELSE 'settled' END,
+                   t
+            FROM generate_series(1::bigint, %(rows)s::bigint) AS g,
+                 LATERAL (SELECT %(start)s::timestamptz
+                          + make_interval(secs => (g - 0.5) * %(span)s / %(rows)s) AS t) AS at
+            """,
+            {"rows": rows, "start": start, "span": span},
+        )
+        conn.execute("ALTER TABLE card_transactions ADD PRIMARY KEY (transaction_id)")
+        conn.execute("CREATE INDEX card_transactions_updated_at ON card_transactions (updated_at)")
+        conn.execute("VACUUM ANALYZE card_transactions")
+
+
+def next_day(url: str, rows: int) -> None:
+    """One more business day: 1% new rows and 0.1% updates of old rows (refunds)."""
+    day_start = day_end_utc(LAST_DAY)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"""
+            INSERT INTO card_transactions ({COLUMNS})
+            SELECT %(base)s + g, 1 + mod(g, 100000), t, 500, 1, 'grocery', 'online', 'settled', t
+            FROM generate_series(1::bigint, %(new)s::bigint) AS g,
+                 LATERAL (SELECT %(start)s::timestamptz + make_interval(secs => g * 80000.0 / %(new)s) AS t) AS at
+            """,
+            {"base": rows, "new": rows // 100, "start": day_start},
+        )
+        conn.execute(
+            "UPDATE card_transactions SET status = 'refunded', updated_at = %(at)s"
+            " WHERE mod(transaction_id, 1000) = 7 AND transaction_id <= %(rows)s",
+            {"at": day_start + timedelta(hours=3), "rows": rows},
+        )
+        conn.execute("VACUUM ANALYZE card_transactions")
+
+
+def timed(run: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def copy_binary(url: str) -> None:
+    """(b) The server's binary export, read and thrown away."""
+    with (
+        psycopg.connect(url) as conn,
+        conn.cursor() as cur,
+        cur.copy(
+            f"COPY (SELECT {COLUMNS} FROM card_transactions) TO STDOUT (FORMAT binary)"
+        ) as copy,
+    ):
+        for _ in copy:
+            pass
+
+
+def pandas_parquet(url: str, out: Path) -> None:
+    """(a) pandas.read_sql over SQLAlchemy, then to_parquet."""
+    import pandas as pd
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine("postgresql+psycopg://" + url.partition("://")[2])
+    try:
+        frame = pd.read_sql(f"SELECT {COLUMNS} FROM card_transactions", engine)
+        frame.to_parquet(out)
+    finally:
+        engine.dispose()
+
+
+def project_sync(
+    url: str,
+    warehouse_path: Path,
+    as_of: date,
+    mode: Literal["full", "incremental"] = "incremental",
+) -> int:
+    """The project's sync of card_transactions for `as_of`; rows extracted."""
+    from dataclasses import replace
+
+    from tasks.extract import open_source
+    from tasks.sync import configured_tables, sync_table, validate_tables
+    from tasks.warehouse import open_warehouse
+
+    source = open_source(url)
+    warehouse = open_warehouse(f"duckdb:///{warehouse_path}")
+    try:
+        spec = next(
+            s for s in validate_tables(source, configured_tables()) if s.name == "card_transactions"
+        )
+        result = sync_table(source, warehouse, replace(spec, mode=mode), as_of)
+        return result.rows_extracted or 0
+    finally:
+        warehouse.close()
+        source.close()
+
+
+def bench_size(url: str, rows: int, workdir: Path) -> dict[str, float]:
+    """Fill, then time (b), (a), the first sync, a full-mode sync and one incremental day."""
+    import tasks.sync  # noqa: F401  (imported before the clock starts: a deployment has it loaded)
+
+    started = time.perf_counter()
+    fill(url, rows)
+    print(f"  filled {rows:,} rows in {time.perf_counter() - started:.1f} s", flush=True)
+    repeats = 2 if rows <= 2_000_000 else 1
+    figures = {"copy_binary": min(timed(lambda: copy_binary(url)) for _ in range(repeats))}
+    full_runs = []
+    for attempt in range(repeats):
+        warehouse = workdir / f"full_{rows}_{attempt}.duckdb"
+        full_runs.append(timed(partial(project_sync, url, warehouse, LAST_DAY)))
+    figures["sync_full"] = min(full_runs)
+    replaced = workdir / f"replace_{rows}.duckdb"
+    figures["sync_replace"] = timed(lambda: project_sync(url, replaced, LAST_DAY, "full"))
+    replaced.unlink()
+    figures["pandas"] = timed(lambda: pandas_parquet(url, workdir / "pandas.parquet"))
+    next_day(url, rows)
+    figures["sync_day"] = timed(lambda: project_sync(url, warehouse, LAST_DAY + timedelta(days=1)))
+    for path in workdir.glob("*.duckdb"):
+        path.unlink()
+    return figures
+
+
+def report(rows: int, f: dict[str, float]) -> list[str]:
+    """Printed lines (and the markdown table row) for one size."""
+    rate = lambda seconds: rows / seconds / 1e6  # noqa: E731
+    print(
+        f"  (b) COPY binary -> /dev/null : {f['copy_binary']:7.2f} s  {rate(f['copy_binary']):5.2f} M rows/s"
+    )
+    print(
+        f"  (a) pandas read_sql+parquet  : {f['pandas']:7.2f} s  {rate(f['pandas']):5.2f} M rows/s"
+    )
+    print(
+        f"  project full sync -> DuckDB  : {f['sync_full']:7.2f} s  {rate(f['sync_full']):5.2f} M rows/s"
+    )
+    print(
+        f"  project full-mode replace    : {f['sync_replace']:7.2f} s  {rate(f['sync_replace']):5.2f} M rows/s"
+    )
+    print(f"  project incremental day (1%) : {f['sync_day']:7.2f} s")
+    vs_copy = f["copy_binary"] / f["sync_full"]
+    vs_pandas = f["pandas"] / f["sync_full"]
+    day_share = f["sync_day"] / f["sync_full"]
+    print(f"  ratio full sync vs (b): {vs_copy:.2f}x   (goal >= 0.70x)")
+    print(f"  ratio full sync vs (a): {vs_pandas:.1f}x   (goal >= 10x)")
+    print(f"  incremental day / full sync: {day_share:.1%}   (goal <= 5%)")
+    return [
+        f"| {rows:,} | {f['copy_binary']:.2f} s | {f['pandas']:.2f} s | {f['sync_full']:.2f} s "
+        f"| {f['sync_replace']:.2f} s | {f['sync_day']:.2f} s | {vs_copy:.2f}x "
+        f"| {f['copy_binary'] / f['sync_replace']:.2f}x | {vs_pandas:.1f}x | {day_share:.1%} |"
+    ]
+
+
+def main() -> None:
+    """Run every size and print the markdown rows for docs/benchmarks.md."""
+    sizes = [
+        int(s) for s in os.environ.get("PAYLATER_BENCH_SYNC_ROWS", "1000000,10000000").split(",")
+    ]
+    url = fresh_database(server_url())
+    rows_md = []
+    with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
+        for rows in sizes:
+            print(
+                f"card_transactions, {rows:,} rows ({datetime.now(UTC):%H:%M:%S} UTC)", flush=True
+            )
+            rows_md += report(rows, bench_size(url, rows, Path(tmp)))
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(
+                    "DROP TABLE IF EXISTS card_transactions, users, topups, deferred_charges"
+                )
+    with psycopg.connect(server_url(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
+    print(
+        "\n| rows | (b) COPY binary | (a) pandas+parquet | first sync | full-mode sync "
+        "| incremental day | first vs (b) | full-mode vs (b) | first vs (a) | day/first |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows_md))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,14 @@ def _deployments() -> dict[str, dict[str, Any]]:
 
 def test_expected_deployments_and_schedules() -> None:
     deps = _deployments()
-    assert set(deps) == {"daily-sync", "feature-build", "daily-pipeline", "monthly-retrain", "monitor"}
+    assert set(deps) == {
+        "daily-sync",
+        "feature-build",
+        "daily-pipeline",
+        "monthly-retrain",
+        "monitoring-report",
+        "monitor",
+    }
     assert deps["daily-sync"]["schedules"] == [{"cron": "0 1 * * *", "timezone": "Asia/Tokyo"}]
     assert deps["monthly-retrain"]["schedules"] == [{"cron": "0 3 1 * *", "timezone": "Asia/Tokyo"}]
     assert deps["monitor"]["schedules"] == [{"interval": 300}]
@@ -62,7 +69,10 @@ def test_container_pool_job_variables_fit_worker_template(pool: str, worker: str
     variables = _load()["definitions"]["work_pools"][pool]["job_variables"]
     unknown = set(variables) - set(template["variables"]["properties"])
     assert not unknown, f"job variables unknown to {cls}: {unknown}"
-    resolved = {k: ("registry.example/paylater:1" if v == "{{ $PAYLATER_IMAGE }}" else v) for k, v in variables.items()}
+    resolved = {
+        k: ("registry.example/paylater:1" if v == "{{ $PAYLATER_IMAGE }}" else v)
+        for k, v in variables.items()
+    }
     errors = validate(resolved, template["variables"], ignore_required=True)
     assert not errors, [e.message for e in errors]
 
@@ -70,4 +80,3 @@ def test_container_pool_job_variables_fit_worker_template(pool: str, worker: str
 def test_no_credentials_in_file() -> None:
     text = (ROOT / "prefect.yaml").read_text()
     assert not re.search(r"(?i)(password|secret|token|api_key|access_key)\s*:\s*\S", text)
-

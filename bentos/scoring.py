@@ -225,3 +225,73 @@ class FeatureStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class CoalescingFeatureStore:
+    """Async lookups for the HTTP service: requests arriving while a query is in flight share the next one.
+
+    One query at a time per worker, over one async connection: at low load every request gets its
+    own query at once (no batching delay); under load a round trip serves many requests, and the
+    event loop keeps parsing and scoring meanwhile instead of blocking on the socket.
+    """
+
+    def __init__(self, pg_url: str, feature_names: Iterable[str]) -> None:
+        self._rows = FeatureStore(pg_url, feature_names)  # validated names, SQL and row mapping
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._waiting: list[tuple[Sequence[int], Any]] = []
+        self._busy = False
+
+    async def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Feature rows by user id for those users that have one."""
+        import asyncio
+
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((user_ids, future))
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        result: dict[int, dict[str, Any]] = await future
+        return result
+
+    async def _drain(self) -> None:
+        """Answer every waiting lookup, one query per round, until none wait."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                ids = list({u for user_ids, _ in batch for u in user_ids})
+                try:
+                    found = await self._query(ids)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for user_ids, future in batch:
+                    if not future.done():
+                        future.set_result({u: found[u] for u in user_ids if u in found})
+        finally:
+            self._busy = False
+
+    async def _query(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """One round trip for `ids`, reconnecting after a broken connection."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._rows.pg_url, autocommit=True, row_factory=dict_row
+            )
+        try:
+            cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
+            rows = await cursor.fetchall()
+        except Exception:
+            await self._conn.close()
+            self._conn = None
+            raise
+        return {int(r["user_id"]): self._rows._features_of(r) for r in rows}
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None

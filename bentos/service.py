@@ -18,7 +18,7 @@ import bentoml
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from bentos.scoring import FeatureStore, Score, Scorer
+    from bentos.scoring import CoalescingFeatureStore, Score, Scorer
 
 log = logging.getLogger("paylater.serving")
 
@@ -28,6 +28,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 HOT_PATHS = ["/v1/score", "/v2/score", "/v2/score_batch"]
 MAX_BODY_BYTES = 4 * 1024 * 1024
+LOAD_WAIT_SECONDS = 60.0
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -66,7 +67,7 @@ class Engine:
 
     def __init__(self) -> None:
         self.scorer: Scorer | None = None
-        self.features: FeatureStore | None = None
+        self.features: CoalescingFeatureStore | None = None
         self.token: bytes | None = None
         self.max_batch = 1000
         self.load_error: str | None = None
@@ -77,6 +78,18 @@ class Engine:
             detail = self.load_error or "model is loading"
             raise Reply(503, "not_ready", detail)
         return self.scorer
+
+    async def loaded_scorer(self) -> Scorer:
+        """The scorer, waiting for a load in progress: a worker still loading must not fail requests
+        that the other (ready) worker's /readyz let through."""
+        import asyncio
+
+        deadline = asyncio.get_running_loop().time() + LOAD_WAIT_SECONDS
+        while self.scorer is None and self.load_error is None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        return self.ready_scorer()
 
     def check_token(self, scope: Scope) -> None:
         """401 unless the bearer token matches (when one is configured)."""
@@ -113,15 +126,15 @@ class Engine:
             )
         return features
 
-    def score_requests(self, requests: list[Any], batch: bool) -> list[Score]:
+    async def score_requests(self, requests: list[Any], batch: bool) -> list[Score]:
         """Look up features for user ids (one query), then score every request in one call."""
-        scorer = self.ready_scorer()
+        scorer = self.scorer or await self.loaded_scorer()
         user_ids = [r.user_id for r in requests if r.user_id is not None]
         found: dict[int, dict[str, Any]] = {}
         if user_ids:
             if self.features is None:
                 raise Reply(503, "no_feature_store", "PAYLATER_SOURCE_URL is not a PostgreSQL URL")
-            found = self.features.lookup(user_ids)
+            found = await self.features.lookup(user_ids)
             missing = sorted({u for u in user_ids if u not in found})
             if missing:
                 raise Reply(
@@ -141,7 +154,7 @@ class Engine:
             rows.append(scorer.request_row(r.amount_jpy, feats))
         return scorer.score_rows(rows)
 
-    def v2_score(self, body: bytes) -> Any:
+    async def v2_score(self, body: bytes) -> Any:
         """POST /v2/score."""
         from bentos.models import ScoreRequestV2
 
@@ -149,9 +162,9 @@ class Engine:
             request = ScoreRequestV2.model_validate_json(body)
         except ValueError as exc:
             raise invalid(exc) from None
-        return _v2_answer(self.score_requests([request], batch=False)[0])
+        return _v2_answer((await self.score_requests([request], batch=False))[0])
 
-    def v2_score_batch(self, body: bytes) -> Any:
+    async def v2_score_batch(self, body: bytes) -> Any:
         """POST /v2/score_batch."""
         from bentos.models import ScoreBatchV2
 
@@ -164,9 +177,9 @@ class Engine:
             raise Reply(
                 422, "invalid_request", detail, fields=[{"field": "body", "message": detail}]
             )
-        return [_v2_answer(s) for s in self.score_requests(requests, batch=True)]
+        return [_v2_answer(s) for s in await self.score_requests(requests, batch=True)]
 
-    def v1_score(self, body: bytes) -> Any:
+    async def v1_score(self, body: bytes) -> Any:
         """POST /v1/score: the previous schema, adapted to v2 and answered in the old shape."""
         from bentos.models import ScoreRequestV1
 
@@ -174,7 +187,7 @@ class Engine:
             old = ScoreRequestV1.model_validate_json(body)
         except ValueError as exc:
             raise invalid(exc) from None
-        score = self.score_requests([old.to_v2()], batch=False)[0]
+        score = (await self.score_requests([old.to_v2()], batch=False))[0]
         return {
             "customer_id": old.customer_id,
             "risk_score": score.default_probability,
@@ -200,7 +213,9 @@ ENGINE = Engine()
 class ScoringRoutes:
     """A raw ASGI app: read the body, dispatch by path, answer JSON; never lets an error escape."""
 
-    def __init__(self, engine: Engine, routes: dict[str, Callable[[bytes], Any]]) -> None:
+    def __init__(
+        self, engine: Engine, routes: dict[str, Callable[[bytes], Awaitable[Any]]]
+    ) -> None:
         self.engine = engine
         self.routes = routes
 
@@ -221,7 +236,7 @@ class ScoringRoutes:
             if scope["method"] != "POST":
                 raise Reply(405, "method_not_allowed", "use POST")
             self.engine.check_token(scope)
-            payload = handler(await _read_body(receive))
+            payload = await handler(await _read_body(receive))
         except Reply as reply:
             status, payload = reply.status, reply.body
         except Exception:
@@ -343,15 +358,15 @@ def _load_scorer() -> Scorer:
     return Scorer.load(stage=settings.serve_stage, cutoff=settings.serve_cutoff)
 
 
-def _feature_store(scorer: Scorer) -> FeatureStore | None:
+def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | None:
     """The online feature store in the source PostgreSQL (None when the source is not PostgreSQL)."""
-    from bentos.scoring import FeatureStore
+    from bentos.scoring import CoalescingFeatureStore
     from paylater.settings import get_settings
 
     url = get_settings().source
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         log.warning("source %s is not PostgreSQL: user_id lookups answer 503", url)
         return None
-    return FeatureStore(
+    return CoalescingFeatureStore(
         url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names
     )

@@ -128,8 +128,8 @@ def _reset_bentoml_home(home: Path | None) -> None:
     from bentoml._internal.models import ModelStore
 
     base = home or Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-    (base / "models").mkdir(parents=True, exist_ok=True)
-    (base / "bentos").mkdir(parents=True, exist_ok=True)
+    for sub in ("models", "bentos", "tmp", "envs"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
     BentoMLContainer.bentoml_home.set(str(base))
     BentoMLContainer.model_store.set(ModelStore(str(base / "models")))
     BentoMLContainer.bento_store.set(BentoStore(str(base / "bentos")))
@@ -165,3 +165,9 @@ def online_features(pg_url: str) -> str:
 def catalog() -> SimpleNamespace:
     """The tiny model's feature names and the known users' online features."""
     return SimpleNamespace(features=FEATURES, user_features=USER_FEATURES, users=KNOWN_USERS)
+
+
+@pytest.fixture(scope="session")
+def fill_online_features() -> Any:
+    """create_online_features, for module-scoped fixtures that make their own database."""
+    return create_online_features

@@ -70,3 +70,43 @@ def test_feature_store_lookup(
     with pytest.raises(UnknownUser, match="99"):
         store.get([1, 99])
     store.close()
+
+
+def test_serve_stage_picks_the_alias(
+    serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bentos.service import _load_scorer
+
+    monkeypatch.setenv("PAYLATER_SERVE_STAGE", "staging")
+    assert _load_scorer().model_version == serving_env["staging_version"]
+    monkeypatch.setenv("PAYLATER_SERVE_STAGE", "production")
+    assert _load_scorer().model_version == serving_env["production_version"]
+
+
+def test_field_names_read_like_client_paths() -> None:
+    from bentos.service import _field_name
+
+    assert _field_name(("amount_jpy",)) == "amount_jpy"
+    assert _field_name((3, "features", "x")) == "[3].features.x"
+    assert _field_name(()) == "body"
+
+
+async def _lookup_concurrently(url: str) -> list[dict[int, dict[str, float | None]]]:
+    """Many lookups at once through one coalescing store."""
+    import asyncio
+
+    from bentos.scoring import CoalescingFeatureStore
+
+    store = CoalescingFeatureStore(url, ["days_since_signup", "topups_30d"])
+    try:
+        return await asyncio.gather(*(store.lookup([u]) for u in (1, 2, 3, 99, 1)))
+    finally:
+        await store.close()
+
+
+def test_coalescing_lookup_answers_each_caller(online_features: str) -> None:
+    import asyncio
+
+    results = asyncio.run(_lookup_concurrently(online_features))
+    assert [sorted(r) for r in results] == [[1], [2], [3], [], [1]]
+    assert results[2][3] == {"days_since_signup": 90.0, "topups_30d": None}

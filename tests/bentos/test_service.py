@@ -1,0 +1,253 @@
+"""The built bento served by `bentoml serve` on loopback, exercised over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+TOKEN = "s3cret-token"
+MAX_BATCH = 5
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    """A port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(
+    base: str, path: str, body: Any = None, token: str | None = TOKEN, raw: bytes | None = None
+) -> tuple[int, Any]:
+    """POST (or GET when body and raw are None) and return (status, decoded JSON or text)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(base + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+@pytest.fixture(scope="module")
+def served(
+    serving_env: dict[str, str],
+    pg_server_url: str,
+    fill_online_features: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SimpleNamespace]:
+    """paylater-scorer:<production version> built and served with online features and a token."""
+    import psycopg
+
+    from bentos.build import build_bento
+
+    version = serving_env["production_version"]
+    bento = build_bento(version)
+    db = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    db_url = f"{pg_server_url.rpartition('/')[0]}/{db}"
+    fill_online_features(db_url)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PAYLATER_SOURCE_URL": db_url,
+        "PAYLATER_API_TOKEN": TOKEN,
+        "PAYLATER_SERVE_MAX_BATCH": str(MAX_BATCH),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    log = tmp_path_factory.mktemp("bento") / "serve.log"
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [bentoml, "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if call(base, "/readyz", token=None)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"bento not ready: {log.read_text()[-3000:]}")
+        yield SimpleNamespace(base=base, version=version, bento=bento, log=log)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def test_ready_and_serves_the_bento_model_version(served: SimpleNamespace) -> None:
+    assert call(served.base, "/readyz", token=None)[0] == 200
+    status, body = call(served.base, "/v2/score", {"user_id": 1, "amount_jpy": 20_000})
+    assert status == 200, body
+    assert body["model_version"] == served.version
+    assert body["decision"] in ("approve", "decline")
+    assert 0.0 < body["default_probability"] < 1.0
+    assert isinstance(body["reason_codes"], list)
+    assert call(served.base, "/model_info", {})[1]["model_version"] == served.version
+
+
+def test_v1_and_v2_agree(served: SimpleNamespace, catalog: SimpleNamespace) -> None:
+    for user_id in catalog.users:
+        for amount in (1_000, 30_000, 100_000):
+            s2, v2 = call(served.base, "/v2/score", {"user_id": user_id, "amount_jpy": amount})
+            s1, v1 = call(
+                served.base, "/v1/score", {"customer_id": str(user_id), "requested_yen": amount}
+            )
+            assert (s1, s2) == (200, 200), (v1, v2)
+            assert v1["risk_score"] == v2["default_probability"]
+            assert v1["approved"] == (v2["decision"] == "approve")
+            assert v1["reasons"] == v2["reason_codes"]
+            assert v1["model_version"] == v2["model_version"]
+
+
+def test_batch_equals_single_and_explicit_features_equal_lookup(
+    served: SimpleNamespace, catalog: SimpleNamespace
+) -> None:
+    requests: list[dict[str, Any]] = [
+        {"user_id": 1, "amount_jpy": 5_000},
+        {"user_id": 2, "amount_jpy": 90_000},
+        {"amount_jpy": 90_000, "features": catalog.users[2]},
+        {"user_id": 3, "amount_jpy": 12_345},
+    ]
+    status, batch = call(served.base, "/v2/score_batch", requests)
+    assert status == 200, batch
+    singles = [call(served.base, "/v2/score", r)[1] for r in requests]
+    assert batch == singles
+    assert batch[1] == batch[2], "explicit features must score like the looked-up user"
+
+
+BAD_INPUTS = [
+    ("/v2/score", {"user_id": 1}, "amount_jpy"),
+    ("/v2/score", {"user_id": 1, "amount_jpy": 5_000, "channel": "app"}, "channel"),
+    ("/v2/score", {"user_id": 1, "amount_jpy": -5_000}, "amount_jpy"),
+    ("/v2/score", {"user_id": 1, "amount_jpy": 10**12}, "amount_jpy"),
+    ("/v2/score", {"user_id": 1, "amount_jpy": "5000"}, "amount_jpy"),
+    ("/v2/score", {"user_id": "one", "amount_jpy": 5_000}, "user_id"),
+    ("/v2/score", {"amount_jpy": 5_000}, "body"),
+    ("/v2/score", {"user_id": 1, "amount_jpy": 5_000, "features": {}}, "body"),
+    (
+        "/v2/score",
+        {"amount_jpy": 5_000, "features": {"days_since_signup": 1.0}},
+        "features.topups_30d",
+    ),
+    (
+        "/v2/score",
+        {
+            "amount_jpy": 5_000,
+            "features": {
+                "days_since_signup": 1.0,
+                "topups_30d": 1.0,
+                "card_spend_30d_jpy": 1.0,
+                "late_repayments_365d": 0.0,
+                "shoe_size": 1.0,
+            },
+        },
+        "features.shoe_size",
+    ),
+    ("/v2/score_batch", [{"user_id": 1, "amount_jpy": 5_000}] * (MAX_BATCH + 1), "body"),
+    (
+        "/v2/score_batch",
+        [{"user_id": 1, "amount_jpy": 5_000}, {"user_id": 1, "amount_jpy": 0}],
+        "[1].amount_jpy",
+    ),
+    ("/v2/score_batch", {"user_id": 1, "amount_jpy": 5_000}, "body"),
+    ("/v1/score", {"customer_id": 1, "requested_yen": 5_000}, "customer_id"),
+    ("/v1/score", {"customer_id": "1", "amount_jpy": 5_000}, "requested_yen"),
+]
+NON_FINITE = [
+    (
+        b'{"amount_jpy": 5000, "features": {"days_since_signup": NaN, "topups_30d": 1, "card_spend_30d_jpy": 1, "late_repayments_365d": 0}}',
+        "features.days_since_signup",
+    ),
+    (
+        b'{"amount_jpy": 5000, "features": {"days_since_signup": 1, "topups_30d": Infinity, "card_spend_30d_jpy": 1, "late_repayments_365d": 0}}',
+        "features.topups_30d",
+    ),
+    (b'{"user_id": 1, "amount_jpy": 5000', "body"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), BAD_INPUTS)
+def test_bad_input_is_422_naming_the_field(
+    served: SimpleNamespace, path: str, body: Any, field: str
+) -> None:
+    status, answer = call(served.base, path, body)
+    assert status == 422, answer
+    assert field in [f["field"] for f in answer["fields"]], answer
+
+
+@pytest.mark.parametrize(("raw", "field"), NON_FINITE)
+def test_non_finite_and_malformed_json_are_422(
+    served: SimpleNamespace, raw: bytes, field: str
+) -> None:
+    status, answer = call(served.base, "/v2/score", raw=raw)
+    assert status == 422, answer
+    assert field in [f["field"] for f in answer["fields"]], answer
+
+
+def test_unknown_user_is_404_naming_it(served: SimpleNamespace) -> None:
+    status, answer = call(served.base, "/v2/score", {"user_id": 424242, "amount_jpy": 5_000})
+    assert status == 404
+    assert answer["error"] == "unknown_user" and answer["user_ids"] == [424242]
+    status, answer = call(
+        served.base,
+        "/v2/score_batch",
+        [{"user_id": 1, "amount_jpy": 5_000}, {"user_id": 77, "amount_jpy": 5_000}],
+    )
+    assert (status, answer["user_ids"]) == (404, [77])
+
+
+def test_token_protects_scoring(served: SimpleNamespace) -> None:
+    request = {"user_id": 1, "amount_jpy": 5_000}
+    assert call(served.base, "/v2/score", request, token=None)[0] == 401
+    assert call(served.base, "/v2/score", request, token="wrong")[0] == 401
+    assert call(served.base, "/v2/score_batch", [request], token=None)[0] == 401
+    assert (
+        call(served.base, "/v1/score", {"customer_id": "1", "requested_yen": 5_000}, token=None)[0]
+        == 401
+    )
+
+
+def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> None:
+    call(served.base, "/v2/score", raw=b"\xff\xfe garbage")
+    status, text = call(served.base, "/metrics", token=None)
+    assert status == 200 and "request_total" in text
+    assert call(served.base, "/v2/score", {"user_id": 1, "amount_jpy": 5_000})[0] == 200
+    assert "Traceback" not in served.log.read_text()

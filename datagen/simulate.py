@@ -239,7 +239,10 @@ class DaySimulator:
         counts = rng.poisson(rate)
         tx_local = np.repeat(np.arange(n), counts)
         m = len(tx_local)
-        cat = (rng.random(m)[:, None] > pop.category_cum[idx[tx_local]]).sum(axis=1)
+        cumulative = pop.category_cum[idx]
+        if _month_end(ordinal):
+            cumulative = _bill_season(cumulative)
+        cat = (rng.random(m)[:, None] > cumulative[tx_local]).sum(axis=1)
         cat = np.minimum(cat, len(CATEGORIES) - 1).astype(np.int8)
         amount = CATEGORY_MEDIAN_JPY[cat] * pop.ticket_scale[idx[tx_local]]
         amount = amount * np.exp(CATEGORY_SIGMA[cat] * rng.standard_normal(m))
@@ -439,6 +442,25 @@ class DaySimulator:
         }
         sessions = np.bincount(s_local, minlength=n)
         return events, sessions
+
+
+_UTILITIES = CATEGORIES.index("utilities")
+
+
+def _month_end(ordinal: int) -> bool:
+    """Utility bills and subscriptions cluster around the turn of the month."""
+    dom = date.fromordinal(ordinal).day
+    return dom >= 26 or dom <= 2
+
+
+def _bill_season(cumulative: np.ndarray) -> np.ndarray:
+    """Category mix with utilities three times as likely (bills due at month end)."""
+    probs = np.diff(cumulative, axis=1, prepend=0.0)
+    probs[:, _UTILITIES] *= 3.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    out = np.cumsum(probs, axis=1)
+    out[:, -1] = 1.0
+    return out
 
 
 def _group_offsets(running: np.ndarray, values: np.ndarray, counts: np.ndarray) -> np.ndarray:

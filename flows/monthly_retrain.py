@@ -60,6 +60,14 @@ def load_training_data(as_of: date | None) -> tuple[pa.Table, DatasetRef]:
 
 
 @task(cache_policy=NONE)
+def warm_up_tracking() -> None:
+    """Load MLflow, plotting and metrics code while the booster trains."""
+    from registry.runs import warm_up
+
+    warm_up()
+
+
+@task(cache_policy=NONE)
 def prepare_split(table: pa.Table, dataset: DatasetRef, params: TrainingParams) -> TrainingSplit:
     """Matured charges split into fitting, early-stopping and out-of-time rows."""
     return split_out_of_time(
@@ -171,7 +179,9 @@ def monthly_retrain(as_of: date | None = None, issue: str | None = None) -> Retr
     params = TrainingParams.from_settings(get_settings())
     table, dataset = load_training_data(resolve_as_of(as_of) if as_of is not None else None)
     split = prepare_split(table, dataset, params)
+    warming = warm_up_tracking.submit()  # overlaps training; see registry.runs.warm_up
     booster = train(split, params)
+    warming.wait()
     evaluation = evaluate(booster, split)
     candidate = register(booster, split, params, dataset, evaluation, issue)
     decision = gate(candidate.version, split, evaluation)

@@ -208,6 +208,25 @@ def log_candidate(
     return CandidateRun(run_id=run.info.run_id, version=version)
 
 
+def warm_up() -> None:
+    """Import and open what logging needs (MLflow store, plotting, metrics) ahead of time.
+
+    The flow runs this in a thread while LightGBM trains (its C++ loop releases the GIL), so the
+    first-use cost of these imports (seconds on a cold process) overlaps training instead of following it.
+    """
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import mlflow.lightgbm  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+    ensure_experiment(client(), TRAINING_EXPERIMENT)
+    try:  # private, best effort: mlflow maps installed packages on first log_model (seconds)
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
+    except Exception as exc:
+        log.debug("mlflow package map warm-up skipped: %r", exc)
+
+
 def load_booster(version: str) -> lgb.Booster:
     """The registered version's native LightGBM booster."""
     import mlflow.lightgbm

@@ -164,7 +164,7 @@ def to_schema(
         column = batch.column(target.name)
         if sentinel_nulls and pa.types.is_string(column.type):
             column = pc.if_else(pc.equal(column, _SQLITE_NULL), None, column)
-        arrays.append(column.cast(target.type))
+        arrays.append(column if column.type == target.type else column.cast(target.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 

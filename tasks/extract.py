@@ -128,11 +128,14 @@ def quote(name: str) -> str:
     return '"' + check_identifier(name, "identifier") + '"'
 
 
-def open_source(url: str) -> Source:
-    """Open the operational database named by a SQLAlchemy-style URL."""
+def open_source(url: str, readers: int = 2) -> Source:
+    """Open the operational database named by a SQLAlchemy-style URL.
+
+    `readers`: how many PostgreSQL connections may split one large read (SQLite reads with one).
+    """
     scheme = url.partition("://")[0].split("+")[0]
     if scheme in ("postgresql", "postgres"):
-        return PostgresSource(url)
+        return PostgresSource(url, readers)
     if scheme == "sqlite":
         return SqliteSource(url)
     raise ConfigError(

@@ -322,9 +322,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
 def sync_one(spec: TableSpec, as_of: date) -> TableResult:
     """Open the configured source and warehouse, and sync one (validated) table."""
     settings = get_settings()
-    source = open_source(settings.source)
-    if hasattr(source, "readers"):
-        source.readers = settings.sync_readers
+    source = open_source(settings.source, settings.sync_readers)
     try:
         warehouse = open_warehouse(settings.warehouse)
         try:

@@ -34,8 +34,7 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
             " NULL, '2026-11-20T01:00Z'::timestamptz + g * interval '1 second' FROM generate_series(1, 5000) g"
         )
     monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
-    source = open_source(pg_url)
-    source.readers = 3  # type: ignore[attr-defined]
+    source = open_source(pg_url, readers=3)
     spec = charges_spec(source)
     window = Window(None, END)
     with source.snapshot() as snapshot:

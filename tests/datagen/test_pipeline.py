@@ -13,7 +13,7 @@ from datagen import advance_into, generate_into
 from paylater.product import GRACE_DAYS
 from paylater.timeutil import day_end_utc, day_start_utc
 
-END = date(2026, 8, 31)
+END = date(2026, 8, 23)  # advancing into the 24th-25th: repayments cluster before the 27th
 
 
 @pytest.mark.postgres

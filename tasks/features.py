@@ -12,9 +12,10 @@ import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import sqlglot
@@ -221,9 +222,14 @@ def assemble(
 
 
 def query_params(sql: str, as_of: date, settings: Settings | None = None) -> dict[str, Any]:
-    """The parameters `sql` uses, out of those feature SQL may use (@as_of, @tz, @grace_days)."""
+    """The parameters `sql` uses, out of @as_of, @tz, @grace_days and @utc_offset_us."""
     settings = settings or get_settings()
-    available: dict[str, Any] = {"as_of": as_of, "tz": settings.timezone, "grace_days": GRACE_DAYS}
+    available: dict[str, Any] = {
+        "as_of": as_of,
+        "tz": settings.timezone,
+        "grace_days": GRACE_DAYS,
+        "utc_offset_us": fixed_utc_offset_us(settings.timezone, as_of),
+    }
     used = set(_PARAM.findall(sql))
     unknown = sorted(used - set(available))
     if unknown:
@@ -232,6 +238,27 @@ def query_params(sql: str, as_of: date, settings: Settings | None = None) -> dic
         )
     # Engines reject parameters a statement does not use (DuckDB does), so bind only those.
     return {name: value for name, value in available.items() if name in used}
+
+
+def fixed_utc_offset_us(zone_name: str, around: date) -> int:
+    """The business zone's UTC offset in microseconds; FeatureSqlError if it is not fixed.
+
+    Event-level SQL takes local days as epoch arithmetic (see tasks/sql/10_card.sql), exact only
+    for a zone without daylight saving (Asia/Tokyo has had none since 1951).
+    """
+    zone = ZoneInfo(zone_name)
+    offsets = {
+        datetime(around.year + years, month, 1, tzinfo=zone).utcoffset()
+        for years in (-3, -2, -1, 0, 1)
+        for month in range(1, 13)
+    }
+    if len(offsets) != 1:
+        raise FeatureSqlError(
+            f"business time zone {zone_name} has daylight saving; the feature SQL needs a fixed UTC offset"
+        )
+    (offset,) = offsets
+    assert offset is not None
+    return int(offset.total_seconds()) * 1_000_000
 
 
 def normalize_types(table: pa.Table) -> pa.Table:

@@ -1,70 +1,93 @@
--- Card spending before the request day D (local dates D-90 .. D-1, and the three calendar months
+-- Card spending before the request day D (local days D-90 .. D-1, and the three calendar months
 -- before D's month). "Spent" means not declined: refunded transactions count at their
 -- authorization, because the source has no refund timestamp and using today's refunded status
 -- would leak a later event into an earlier request. Declined ones are counted on their own
 -- (a decline is known the moment it happens).
-WITH card AS (
+-- Local days and hours are integer arithmetic on epoch microseconds shifted by the business
+-- zone's fixed UTC offset (@utc_offset_us): per-row time-zone conversion costs more than the
+-- whole aggregation, and tasks/features.py refuses a zone whose offset is not fixed.
+WITH request_days AS (
+  SELECT
+    request_id,
+    user_id,
+    UNIX_DATE(request_date) AS request_day,
+    -- The first local day of D's month and of the three months before it (lags 1..3).
+    UNIX_DATE(DATE_TRUNC(request_date, MONTH)) AS month0_day,
+    UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 1 MONTH)) AS month1_day,
+    UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 2 MONTH)) AS month2_day,
+    UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 3 MONTH)) AS month3_day
+  FROM requests
+),
+card AS (
   SELECT
     user_id,
-    DATE(authorized_at, @tz) AS local_date,
-    EXTRACT(HOUR FROM authorized_at AT TIME ZONE @tz) AS local_hour,
-    amount_jpy,
+    DIV((UNIX_MICROS(authorized_at) + @utc_offset_us), 86400000000) AS local_day,
+    MOD(DIV((UNIX_MICROS(authorized_at) + @utc_offset_us), 3600000000), 24) AS local_hour,
+    -- FLOAT64 sums are exact for yen (< 2^53) and much cheaper than wide-integer sums on DuckDB.
+    CAST(amount_jpy AS FLOAT64) AS amount_jpy,
     merchant_id,
-    merchant_category,
-    status != 'declined' AS spent,
-    status = 'declined' AS declined
+    -- A small code instead of the category text: the join carries it for every transaction.
+    CASE merchant_category
+      WHEN 'grocery' THEN 1 WHEN 'convenience' THEN 2 WHEN 'dining' THEN 3 WHEN 'transport' THEN 4
+      ELSE 0
+    END AS category_code,
+    status != 'declined' AS spent
   FROM card_transactions
 ),
 joined AS (
+  -- Each transaction in a request's look-back, projected once into per-window values (NULL
+  -- outside the window), so the aggregates below are plain column aggregates.
   SELECT
     r.request_id,
-    c.amount_jpy,
-    c.merchant_id,
-    c.merchant_category,
-    c.spent,
-    c.declined,
-    DATE_DIFF(r.request_date, c.local_date, DAY) AS age_days,
-    DATE_DIFF(DATE_TRUNC(r.request_date, MONTH), DATE_TRUNC(c.local_date, MONTH), MONTH) AS month_lag,
-    (c.local_hour >= 22 OR c.local_hour < 5) AS at_night,
-    -- 1970-01-04 was a Sunday: 0 = Sunday, 6 = Saturday, whatever the engine's DAYOFWEEK base.
-    MOD(DATE_DIFF(c.local_date, DATE '1970-01-04', DAY), 7) IN (0, 6) AS on_weekend
-  FROM requests AS r
+    IF(c.spent AND c.local_day >= r.request_day - 7, c.amount_jpy, NULL) AS spent_7d,
+    IF(c.spent AND c.local_day >= r.request_day - 30, c.amount_jpy, NULL) AS spent_30d,
+    IF(c.spent AND c.local_day >= r.request_day - 90, c.amount_jpy, NULL) AS spent_90d,
+    IF(NOT c.spent AND c.local_day >= r.request_day - 30, 1, NULL) AS declined_30d,
+    IF(c.spent AND c.local_day >= r.request_day - 90, c.merchant_id, NULL) AS merchant_90d,
+    IF(c.spent AND c.local_day >= r.request_day - 90, c.category_code, NULL) AS category_90d,
+    IF(c.spent AND c.local_day >= r.request_day - 90 AND (c.local_hour >= 22 OR c.local_hour < 5), 1, NULL)
+      AS night_90d,
+    -- Day 0 (1970-01-01) was a Thursday: MOD(day + 4, 7) is 0 on Sundays and 6 on Saturdays.
+    IF(c.spent AND c.local_day >= r.request_day - 90 AND MOD(c.local_day + 4, 7) IN (0, 6), 1, NULL)
+      AS weekend_90d,
+    IF(c.spent AND c.local_day >= r.month1_day AND c.local_day < r.month0_day, c.amount_jpy, NULL) AS lag1,
+    IF(c.spent AND c.local_day >= r.month2_day AND c.local_day < r.month1_day, c.amount_jpy, NULL) AS lag2,
+    IF(c.spent AND c.local_day >= r.month3_day AND c.local_day < r.month2_day, c.amount_jpy, NULL) AS lag3
+  FROM request_days AS r
   JOIN card AS c
     ON c.user_id = r.user_id
-    AND c.local_date < r.request_date
-    AND c.local_date >= LEAST(
-      DATE_SUB(r.request_date, INTERVAL 90 DAY),
-      DATE_SUB(DATE_TRUNC(r.request_date, MONTH), INTERVAL 3 MONTH))
+    AND c.local_day < r.request_day
+    AND c.local_day >= LEAST(r.request_day - 90, r.month3_day)
 ),
 per_request AS (
   SELECT
     request_id,
-    COUNTIF(spent AND age_days <= 7) AS card_count_7d,
-    CAST(SUM(IF(spent AND age_days <= 7, amount_jpy, NULL)) AS INT64) AS card_sum_7d,
-    AVG(IF(spent AND age_days <= 7, amount_jpy, NULL)) AS card_mean_7d,
-    MAX(IF(spent AND age_days <= 7, amount_jpy, NULL)) AS card_max_7d,
-    STDDEV_SAMP(IF(spent AND age_days <= 7, amount_jpy, NULL)) AS card_std_7d,
-    COUNTIF(spent AND age_days <= 30) AS card_count_30d,
-    CAST(SUM(IF(spent AND age_days <= 30, amount_jpy, NULL)) AS INT64) AS card_sum_30d,
-    AVG(IF(spent AND age_days <= 30, amount_jpy, NULL)) AS card_mean_30d,
-    MAX(IF(spent AND age_days <= 30, amount_jpy, NULL)) AS card_max_30d,
-    STDDEV_SAMP(IF(spent AND age_days <= 30, amount_jpy, NULL)) AS card_std_30d,
-    COUNTIF(spent AND age_days <= 90) AS card_count_90d,
-    CAST(SUM(IF(spent AND age_days <= 90, amount_jpy, NULL)) AS INT64) AS card_sum_90d,
-    AVG(IF(spent AND age_days <= 90, amount_jpy, NULL)) AS card_mean_90d,
-    MAX(IF(spent AND age_days <= 90, amount_jpy, NULL)) AS card_max_90d,
-    STDDEV_SAMP(IF(spent AND age_days <= 90, amount_jpy, NULL)) AS card_std_90d,
-    COUNTIF(declined AND age_days <= 30) AS card_declined_count_30d,
-    COUNT(DISTINCT IF(spent AND age_days <= 90, merchant_id, NULL)) AS card_distinct_merchants_90d,
-    CAST(SUM(IF(spent AND age_days <= 90 AND merchant_category = 'grocery', amount_jpy, NULL)) AS INT64) AS grocery_90d,
-    CAST(SUM(IF(spent AND age_days <= 90 AND merchant_category = 'convenience', amount_jpy, NULL)) AS INT64) AS convenience_90d,
-    CAST(SUM(IF(spent AND age_days <= 90 AND merchant_category = 'dining', amount_jpy, NULL)) AS INT64) AS dining_90d,
-    CAST(SUM(IF(spent AND age_days <= 90 AND merchant_category = 'transport', amount_jpy, NULL)) AS INT64) AS transport_90d,
-    COUNTIF(spent AND age_days <= 90 AND at_night) AS night_count_90d,
-    COUNTIF(spent AND age_days <= 90 AND on_weekend) AS weekend_count_90d,
-    CAST(SUM(IF(spent AND month_lag = 1, amount_jpy, NULL)) AS INT64) AS lag1,
-    CAST(SUM(IF(spent AND month_lag = 2, amount_jpy, NULL)) AS INT64) AS lag2,
-    CAST(SUM(IF(spent AND month_lag = 3, amount_jpy, NULL)) AS INT64) AS lag3
+    COUNT(spent_7d) AS card_count_7d,
+    CAST(SUM(spent_7d) AS INT64) AS card_sum_7d,
+    AVG(spent_7d) AS card_mean_7d,
+    CAST(MAX(spent_7d) AS INT64) AS card_max_7d,
+    STDDEV_SAMP(spent_7d) AS card_std_7d,
+    COUNT(spent_30d) AS card_count_30d,
+    CAST(SUM(spent_30d) AS INT64) AS card_sum_30d,
+    AVG(spent_30d) AS card_mean_30d,
+    CAST(MAX(spent_30d) AS INT64) AS card_max_30d,
+    STDDEV_SAMP(spent_30d) AS card_std_30d,
+    COUNT(spent_90d) AS card_count_90d,
+    CAST(SUM(spent_90d) AS INT64) AS card_sum_90d,
+    AVG(spent_90d) AS card_mean_90d,
+    CAST(MAX(spent_90d) AS INT64) AS card_max_90d,
+    STDDEV_SAMP(spent_90d) AS card_std_90d,
+    COUNT(declined_30d) AS card_declined_count_30d,
+    COUNT(DISTINCT merchant_90d) AS card_distinct_merchants_90d,
+    SUM(IF(category_90d = 1, spent_90d, NULL)) AS grocery_90d,
+    SUM(IF(category_90d = 2, spent_90d, NULL)) AS convenience_90d,
+    SUM(IF(category_90d = 3, spent_90d, NULL)) AS dining_90d,
+    SUM(IF(category_90d = 4, spent_90d, NULL)) AS transport_90d,
+    COUNT(night_90d) AS night_count_90d,
+    COUNT(weekend_90d) AS weekend_count_90d,
+    CAST(SUM(lag1) AS INT64) AS lag1,
+    CAST(SUM(lag2) AS INT64) AS lag2,
+    CAST(SUM(lag3) AS INT64) AS lag3
   FROM joined
   GROUP BY request_id
 )

@@ -1,7 +1,11 @@
 -- Top-ups before the request day D: how the user funds the card (by method) over the last 30 and
--- 90 days, and how long since the last one (all history before D).
+-- 90 days, and how long since the last one (all history before D). Local days as in 10_card.sql.
 WITH topup AS (
-  SELECT user_id, DATE(topped_up_at, @tz) AS local_date, amount_jpy, method
+  SELECT
+    user_id,
+    DIV((UNIX_MICROS(topped_up_at) + @utc_offset_us), 86400000000) AS local_day,
+    CAST(amount_jpy AS FLOAT64) AS amount_jpy,
+    method
   FROM topups
 ),
 joined AS (
@@ -9,18 +13,18 @@ joined AS (
     r.request_id,
     t.amount_jpy,
     t.method,
-    DATE_DIFF(r.request_date, t.local_date, DAY) AS age_days
+    UNIX_DATE(r.request_date) - t.local_day AS age_days
   FROM requests AS r
   JOIN topup AS t
     ON t.user_id = r.user_id
-    AND t.local_date < r.request_date
+    AND t.local_day < UNIX_DATE(r.request_date)
 ),
 per_request AS (
   SELECT
     request_id,
-    COUNTIF(age_days <= 30) AS topup_count_30d,
+    COUNT(IF(age_days <= 30, 1, NULL)) AS topup_count_30d,
     CAST(SUM(IF(age_days <= 30, amount_jpy, NULL)) AS INT64) AS topup_sum_30d,
-    COUNTIF(age_days <= 90) AS topup_count_90d,
+    COUNT(IF(age_days <= 90, 1, NULL)) AS topup_count_90d,
     CAST(SUM(IF(age_days <= 90, amount_jpy, NULL)) AS INT64) AS topup_sum_90d,
     CAST(SUM(IF(age_days <= 30 AND method = 'convenience_store', amount_jpy, NULL)) AS INT64) AS cs_30d,
     CAST(SUM(IF(age_days <= 30 AND method = 'bank', amount_jpy, NULL)) AS INT64) AS bank_30d,

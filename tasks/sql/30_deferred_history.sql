@@ -1,20 +1,22 @@
 -- The user's earlier deferred charges as they stood at the end of D-1. A repayment is only known
 -- if it happened before D: a charge repaid later was still unpaid then (evaluating today's
 -- status or repaid_at instead is the classic leakage trap). An unpaid charge whose due date has
--- passed (due_date < D) is late, by the days elapsed so far.
+-- passed (due_date < D) is late, by the days elapsed so far. Local days as in 10_card.sql.
 WITH prior AS (
   SELECT
     r.request_id,
-    d.amount_jpy + d.fee_jpy AS owed_jpy,
-    DATE_DIFF(r.request_date, DATE(d.requested_at, @tz), DAY) AS age_days,
-    d.repaid_at IS NOT NULL AND DATE(d.repaid_at, @tz) < r.request_date AS repaid_known,
+    CAST(d.amount_jpy + d.fee_jpy AS FLOAT64) AS owed_jpy,
+    UNIX_DATE(r.request_date) - DIV((UNIX_MICROS(d.requested_at) + @utc_offset_us), 86400000000) AS age_days,
+    d.repaid_at IS NOT NULL
+      AND DIV((UNIX_MICROS(d.repaid_at) + @utc_offset_us), 86400000000) < UNIX_DATE(r.request_date)
+      AS repaid_known,
     d.due_date < r.request_date AS past_due,
     d.days_late,
     DATE_DIFF(r.request_date, d.due_date, DAY) AS days_past_due
   FROM requests AS r
   JOIN deferred_charges AS d
     ON d.user_id = r.user_id
-    AND DATE(d.requested_at, @tz) < r.request_date
+    AND DIV((UNIX_MICROS(d.requested_at) + @utc_offset_us), 86400000000) < UNIX_DATE(r.request_date)
 ),
 state AS (
   SELECT
@@ -34,9 +36,9 @@ per_request AS (
   SELECT
     request_id,
     COUNT(*) AS dc_count,
-    COUNTIF(days_late_known > 0) AS dc_late_count,
-    MAX(days_late_known) AS dc_max_days_late,
-    SAFE_DIVIDE(COUNTIF(settled_or_due AND days_late_known = 0), COUNTIF(settled_or_due)) AS dc_on_time_ratio,
+    COUNT(IF(days_late_known > 0, 1, NULL)) AS dc_late_count,
+    CAST(MAX(days_late_known) AS INT64) AS dc_max_days_late,
+    SAFE_DIVIDE(COUNT(IF(settled_or_due AND days_late_known = 0, 1, NULL)), COUNT(IF(settled_or_due, 1, NULL))) AS dc_on_time_ratio,
     CAST(SUM(IF(repaid_known, 0, owed_jpy)) AS INT64) AS dc_outstanding_jpy,
     MIN(age_days) AS dc_days_since_last
   FROM state

@@ -1,29 +1,38 @@
--- App engagement before the request day D: sessions, events and active days over 7 and 30
--- days, and days since the last session within 90 days (NULL: none in 90 days). The filter
--- on event_date (the partition column) keeps BigQuery from scanning the whole history.
-WITH joined AS (
+-- App engagement before the request day D: sessions (session_start events), events and active
+-- days over 7 and 30 days, and days since the last session within 90 days (NULL: none in 90
+-- days). Events are first rolled up per user and day (event_date is the business date), so the
+-- point-in-time join touches one row per active day instead of one per event.
+WITH daily AS (
+  SELECT
+    user_id,
+    UNIX_DATE(event_date) AS event_day,
+    CAST(COUNT(*) AS FLOAT64) AS events,
+    CAST(COUNT(IF(event_name = 'session_start', 1, NULL)) AS FLOAT64) AS sessions
+  FROM app_events
+  GROUP BY user_id, event_date
+),
+joined AS (
   SELECT
     r.request_id,
-    e.session_id,
-    e.event_name,
-    e.event_date,
-    DATE_DIFF(r.request_date, e.event_date, DAY) AS age_days
+    d.events,
+    d.sessions,
+    UNIX_DATE(r.request_date) - d.event_day AS age_days
   FROM requests AS r
-  JOIN app_events AS e
-    ON e.user_id = r.user_id
-    AND e.event_date < r.request_date
-    AND e.event_date >= DATE_SUB(r.request_date, INTERVAL 90 DAY)
+  JOIN daily AS d
+    ON d.user_id = r.user_id
+    AND d.event_day < UNIX_DATE(r.request_date)
+    AND d.event_day >= UNIX_DATE(r.request_date) - 90
 ),
 per_request AS (
   SELECT
     request_id,
-    COUNT(DISTINCT IF(age_days <= 7, session_id, NULL)) AS app_sessions_7d,
-    COUNT(DISTINCT IF(age_days <= 30, session_id, NULL)) AS app_sessions_30d,
-    COUNTIF(age_days <= 7) AS app_events_7d,
-    COUNTIF(age_days <= 30) AS app_events_30d,
-    COUNT(DISTINCT IF(age_days <= 7, event_date, NULL)) AS app_active_days_7d,
-    COUNT(DISTINCT IF(age_days <= 30, event_date, NULL)) AS app_active_days_30d,
-    MIN(IF(event_name = 'session_start', age_days, NULL)) AS app_days_since_last_session
+    CAST(SUM(IF(age_days <= 7, sessions, 0)) AS INT64) AS app_sessions_7d,
+    CAST(SUM(IF(age_days <= 30, sessions, 0)) AS INT64) AS app_sessions_30d,
+    CAST(SUM(IF(age_days <= 7, events, 0)) AS INT64) AS app_events_7d,
+    CAST(SUM(IF(age_days <= 30, events, 0)) AS INT64) AS app_events_30d,
+    COUNT(IF(age_days <= 7, 1, NULL)) AS app_active_days_7d,
+    COUNT(IF(age_days <= 30, 1, NULL)) AS app_active_days_30d,
+    MIN(IF(sessions > 0, age_days, NULL)) AS app_days_since_last_session
   FROM joined
   GROUP BY request_id
 )

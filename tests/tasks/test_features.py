@@ -313,7 +313,7 @@ def ref_features(src: dict[str, list[dict[str, Any]]], user: int, day: date) -> 
     ]
     for w in (7, 30):
         window = [e for e, a in events if a <= w]
-        out[f"app_sessions_{w}d"] = len({e["session_id"] for e in window})
+        out[f"app_sessions_{w}d"] = sum(1 for e in window if e["event_name"] == "session_start")
         out[f"app_events_{w}d"] = len(window)
         out[f"app_active_days_{w}d"] = len({e["event_date"] for e in window})
     out["app_days_since_last_session"] = min(

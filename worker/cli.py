@@ -32,12 +32,10 @@ def load_scorer(spec: str) -> Any:
 
 def inprocess_backend(spec: str, database_url: str, reason_codes: str = "all") -> ScoringBackend:
     """The model `spec` scored in this process with features from user_features_latest."""
-    from bentos.scoring import FeatureStore
     from worker.scoring import InProcessBackend
 
     scorer = load_scorer(spec)
-    features = FeatureStore(database_url, scorer.user_feature_names)
-    return InProcessBackend(scorer, features, reason_codes)
+    return InProcessBackend(scorer, database_url, reason_codes)
 
 
 def resolve_shadow_version(spec: str) -> str | None:

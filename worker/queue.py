@@ -153,16 +153,8 @@ def finish(
     if not scored:
         return []
     params = {
-        "job_ids": [s.job_id for s in scored],
-        "attempts": [s.attempt for s in scored],
-        "probabilities": [s.probability for s in scored],
-        "decisions": [s.decision for s in scored],
-        "model_versions": [s.model_version for s in scored],
-        "reason_codes": [json.dumps(s.reason_codes) for s in scored],
-        "shadow_job_ids": [s.job_id for s in shadows],
-        "shadow_model_versions": [s.model_version for s in shadows],
-        "shadow_probabilities": [s.probability for s in shadows],
-        "shadow_decisions": [s.decision for s in shadows],
+        "scored": json.dumps([vars(s) for s in scored]),
+        "shadows": json.dumps([vars(s) for s in shadows]),
     }
     return [r[0] for r in conn.execute(sql("finish"), params).fetchall()]
 

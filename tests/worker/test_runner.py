@@ -17,14 +17,13 @@ FAST = WorkerConfig(batch_size=50, concurrency=2, lease_seconds=30, poll_seconds
 
 
 def backend_for(url: str, scorer: Any) -> InProcessBackend:
-    """The in-process backend: the serving Scorer fed by the serving FeatureStore."""
-    from bentos.scoring import FeatureStore
-
-    return InProcessBackend(scorer, FeatureStore(url, scorer.user_feature_names))
+    """The in-process backend: the serving Scorer fed from user_features_latest."""
+    return InProcessBackend(scorer, url)
 
 
 def test_batch_scores_match_the_scorer(queue_db: str, booster: Any, kit: Any) -> None:
-    """One run_once scores every job exactly as the Scorer scores the same rows, in one batch."""
+    """One run_once scores every job exactly as the service would (Scorer.score_rows on rows
+    built by the serving FeatureStore and Scorer.request_row), in one batch."""
     from bentos.scoring import FeatureStore
 
     scorer = kit.make_scorer(booster, "7")

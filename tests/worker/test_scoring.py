@@ -20,12 +20,13 @@ def bento_v2(queue_db: str, booster: Any, kit: Any) -> Iterator[str]:
     """bentos.service's /v2 ASGI routes with the test model and feature store, over real HTTP."""
     import uvicorn
 
-    from bentos.scoring import FeatureStore
+    from bentos.scoring import CoalescingFeatureStore
     from bentos.service import ENGINE, V2
 
     scorer = kit.make_scorer(booster, "7")
     saved = (ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token)
-    ENGINE.scorer, ENGINE.features = scorer, FeatureStore(queue_db, scorer.user_feature_names)
+    features = CoalescingFeatureStore(queue_db, scorer.user_feature_names)
+    ENGINE.scorer, ENGINE.features = scorer, features
     ENGINE.max_batch, ENGINE.token = 1000, None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,8 +41,7 @@ def bento_v2(queue_db: str, booster: Any, kit: Any) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
-        ENGINE.features.close()
+        thread.join(timeout=10)  # the feature connection dies with the test database
         ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token = saved
 
 
@@ -102,17 +102,15 @@ def test_declines_mode_matches_all_mode_except_approvals_reasons(
     queue_db: str, booster: Any, kit: Any
 ) -> None:
     """'declines' gives the same probabilities and decisions, and the same reasons on declines."""
-    from bentos.scoring import FeatureStore
     from worker.scoring import InProcessBackend
 
     scorer = kit.make_scorer(booster, "7")
-    features = FeatureStore(queue_db, scorer.user_feature_names)
     requests = [
         ScoreRequest(i, 1 + i % kit.n_users, amount)
         for i, amount in enumerate(range(1_000, 100_001, 1_650))
     ]
-    full = InProcessBackend(scorer, features, "all").score(requests)
-    lean = InProcessBackend(scorer, features, "declines").score(requests)
+    full = InProcessBackend(scorer, queue_db, "all").score(requests)
+    lean = InProcessBackend(scorer, queue_db, "declines").score(requests)
     decisions = {o.decision for o in full}  # type: ignore[union-attr]
     assert decisions == {"approve", "decline"}, "the sample must exercise both decisions"
     for a, b in zip(full, lean, strict=True):
@@ -120,5 +118,4 @@ def test_declines_mode_matches_all_mode_except_approvals_reasons(
         assert b.decision == a.decision  # type: ignore[union-attr]
         assert b.reason_codes == (a.reason_codes if a.decision == "decline" else [])  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="reason_codes must be one of"):
-        InProcessBackend(scorer, features, "some")
-    features.close()
+        InProcessBackend(scorer, queue_db, "some")

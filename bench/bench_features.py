@@ -88,12 +88,14 @@ SELECT i AS event_id, CAST(1 + hash(i // 3, 17) % $users AS BIGINT) AS user_id,
 FROM range(0, $events) t(i);
 """
 
+# Reading every table once: one grouped aggregate per table over the columns the features use.
 SCAN_SQL = [
-    "SELECT user_id, count(*), sum(amount_jpy), max(authorized_at), count(DISTINCT merchant_id) FROM card_transactions GROUP BY user_id",
+    "SELECT user_id, count(*), sum(amount_jpy), max(authorized_at), max(merchant_id), "
+    "count(CASE WHEN status = 'declined' THEN 1 END) FROM card_transactions GROUP BY user_id",
     "SELECT user_id, count(*), sum(amount_jpy), max(topped_up_at) FROM topups GROUP BY user_id",
-    "SELECT user_id, count(*), sum(amount_jpy), max(repaid_at) FROM deferred_charges GROUP BY user_id",
-    "SELECT user_id, count(*), count(DISTINCT session_id) FROM app_events GROUP BY user_id",
-    "SELECT count(*), max(signed_up_at) FROM users",
+    "SELECT user_id, count(*), sum(amount_jpy), max(repaid_at), max(due_date) FROM deferred_charges GROUP BY user_id",
+    "SELECT user_id, count(*), max(event_date), max(session_id) FROM app_events GROUP BY user_id",
+    "SELECT count(*), max(signed_up_at), max(identity_verified_at) FROM users",
 ]
 
 
@@ -380,10 +382,14 @@ def compare(sql: pa.Table, frame: pd.DataFrame, names: list[str]) -> int:
     return mismatches
 
 
-def timed(fn: Any) -> tuple[float, Any]:
-    """Wall seconds of one call and its result."""
-    started = time.perf_counter()
+CPU_SECONDS: dict[str, float] = {}
+
+
+def timed(fn: Any, label: str = "") -> tuple[float, Any]:
+    """Wall seconds of one call and its result; its process CPU seconds (all threads) under `label`."""
+    started, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    CPU_SECONDS[label] = time.process_time() - cpu
     return time.perf_counter() - started, result
 
 
@@ -394,29 +400,32 @@ def main() -> None:
     warehouse = DuckDBWarehouse(":memory:")
     seconds, sizes = timed(lambda: synthesise(warehouse, tx))
     print(f"synthesised {sizes} in {seconds:.1f} s", flush=True)
-    scan_s, _ = timed(lambda: [warehouse.conn.execute(q).fetchall() for q in SCAN_SQL])
+    scan_s, _ = timed(lambda: [warehouse.conn.execute(q).fetchall() for q in SCAN_SQL], "scan")
     sql_s, (table, feature_sql) = timed(
-        lambda: features.build_training_table(warehouse, AS_OF, settings)
+        lambda: features.build_training_table(warehouse, AS_OF, settings), "sql"
     )
-    print(
-        f"SQL build: {table.num_rows} rows x {len(feature_sql.training_features)} features",
-        flush=True,
-    )
+    names = feature_sql.training_features
+    print(f"SQL build: {table.num_rows} rows x {len(names)} features", flush=True)
     frames = {
         name: warehouse.conn.sql(f"SELECT * FROM {name}").to_arrow_table().to_pandas()
         for name in features.LOGICAL_TABLES
     }
-    pandas_s, frame = timed(lambda: pandas_training(frames, AS_OF))
-    mismatches = compare(table, frame, ["label_default", *feature_sql.training_features])
+    pandas_s, frame = timed(lambda: pandas_training(frames, AS_OF), "pandas")
+    mismatches = compare(table, frame, ["label_default", *names])
     warehouse.close()
-    print(f"aggregate scan of the same tables : {scan_s:8.2f} s")
-    print(f"training set, warehouse SQL       : {sql_s:8.2f} s")
-    print(f"training set, pandas (data in RAM): {pandas_s:8.2f} s")
-    print(f"speed-up over pandas              : {pandas_s / sql_s:8.1f}x (goal >= 5x)")
-    print(f"SQL build / one aggregate scan    : {sql_s / scan_s:8.1f}x")
+    cpu = CPU_SECONDS
+    print(f"{'':36}{'wall s':>9}{'CPU s':>9}")
+    print(f"{'aggregate scan of the same tables':36}{scan_s:9.2f}{cpu['scan']:9.2f}")
+    print(f"{'training set, warehouse SQL':36}{sql_s:9.2f}{cpu['sql']:9.2f}")
+    print(f"{'training set, pandas (data in RAM)':36}{pandas_s:9.2f}{cpu['pandas']:9.2f}")
     print(
-        f"value mismatches                  : {mismatches} of {table.num_rows * (len(feature_sql.training_features) + 1)}"
+        f"speed-up over pandas: {pandas_s / sql_s:.1f}x wall, "
+        f"{cpu['pandas'] / cpu['sql']:.1f}x CPU (goal >= 5x)"
     )
+    print(
+        f"SQL build / one aggregate scan: {sql_s / scan_s:.1f}x wall, {cpu['sql'] / cpu['scan']:.1f}x CPU"
+    )
+    print(f"value mismatches: {mismatches} of {table.num_rows * (len(names) + 1)}")
     if mismatches:
         raise AssertionError(f"SQL and pandas disagree on {mismatches} values")
 

@@ -59,24 +59,24 @@ joined AS (
     AND c.local_day < r.request_day
     AND c.local_day >= LEAST(r.request_day - 90, r.month3_day)
 ),
+-- Means and standard deviations come from exact sums (integer-valued FLOAT64 sums, then INT64
+-- arithmetic), not AVG/STDDEV_SAMP: parallel floating-point accumulation differs in the last bit
+-- from run to run, and the dataset digest must not.
 per_request AS (
   SELECT
     request_id,
     COUNT(spent_7d) AS card_count_7d,
     CAST(SUM(spent_7d) AS INT64) AS card_sum_7d,
-    AVG(spent_7d) AS card_mean_7d,
     CAST(MAX(spent_7d) AS INT64) AS card_max_7d,
-    STDDEV_SAMP(spent_7d) AS card_std_7d,
+    SUM(spent_7d * spent_7d) AS sumsq_7d,
     COUNT(spent_30d) AS card_count_30d,
     CAST(SUM(spent_30d) AS INT64) AS card_sum_30d,
-    AVG(spent_30d) AS card_mean_30d,
     CAST(MAX(spent_30d) AS INT64) AS card_max_30d,
-    STDDEV_SAMP(spent_30d) AS card_std_30d,
+    SUM(spent_30d * spent_30d) AS sumsq_30d,
     COUNT(spent_90d) AS card_count_90d,
     CAST(SUM(spent_90d) AS INT64) AS card_sum_90d,
-    AVG(spent_90d) AS card_mean_90d,
     CAST(MAX(spent_90d) AS INT64) AS card_max_90d,
-    STDDEV_SAMP(spent_90d) AS card_std_90d,
+    SUM(spent_90d * spent_90d) AS sumsq_90d,
     COUNT(declined_30d) AS card_declined_count_30d,
     COUNT(DISTINCT merchant_90d) AS card_distinct_merchants_90d,
     SUM(IF(category_90d = 1, spent_90d, NULL)) AS grocery_90d,
@@ -95,19 +95,31 @@ SELECT
   r.request_id,
   COALESCE(p.card_count_7d, 0) AS card_count_7d,
   COALESCE(p.card_sum_7d, 0) AS card_sum_7d,
-  p.card_mean_7d,
+  SAFE_DIVIDE(p.card_sum_7d, p.card_count_7d) AS card_mean_7d,
   p.card_max_7d,
-  p.card_std_7d,
+  IF(
+    p.card_count_7d >= 2,
+    SQRT((p.card_count_7d * CAST(p.sumsq_7d AS INT64) - p.card_sum_7d * p.card_sum_7d)
+      / (p.card_count_7d * (p.card_count_7d - 1))),
+    NULL) AS card_std_7d,
   COALESCE(p.card_count_30d, 0) AS card_count_30d,
   COALESCE(p.card_sum_30d, 0) AS card_sum_30d,
-  p.card_mean_30d,
+  SAFE_DIVIDE(p.card_sum_30d, p.card_count_30d) AS card_mean_30d,
   p.card_max_30d,
-  p.card_std_30d,
+  IF(
+    p.card_count_30d >= 2,
+    SQRT((p.card_count_30d * CAST(p.sumsq_30d AS INT64) - p.card_sum_30d * p.card_sum_30d)
+      / (p.card_count_30d * (p.card_count_30d - 1))),
+    NULL) AS card_std_30d,
   COALESCE(p.card_count_90d, 0) AS card_count_90d,
   COALESCE(p.card_sum_90d, 0) AS card_sum_90d,
-  p.card_mean_90d,
+  SAFE_DIVIDE(p.card_sum_90d, p.card_count_90d) AS card_mean_90d,
   p.card_max_90d,
-  p.card_std_90d,
+  IF(
+    p.card_count_90d >= 2,
+    SQRT((p.card_count_90d * CAST(p.sumsq_90d AS INT64) - p.card_sum_90d * p.card_sum_90d)
+      / (p.card_count_90d * (p.card_count_90d - 1))),
+    NULL) AS card_std_90d,
   COALESCE(p.card_declined_count_30d, 0) AS card_declined_count_30d,
   COALESCE(p.card_distinct_merchants_90d, 0) AS card_distinct_merchants_90d,
   SAFE_DIVIDE(COALESCE(p.grocery_90d, 0), p.card_sum_90d) AS card_share_grocery_90d,

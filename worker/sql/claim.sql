@@ -1,15 +1,7 @@
 -- Claim up to %(limit)s due jobs for this worker: queued ones whose run_after has passed and
 -- running ones whose lease ran out (their worker died). SKIP LOCKED lets workers claim side by
 -- side without waiting on each other; attempts + 1 is the fencing token the finish statements check.
-WITH picked AS (
-    SELECT id
-    FROM scoring_jobs
-    WHERE status IN ('queued', 'running')
-      AND (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END) <= now()
-    ORDER BY (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
+-- `id = ANY(ARRAY(...))` keeps the update on primary-key lookups (a join here hashes the table).
 UPDATE scoring_jobs AS j
 SET status = 'running',
     attempts = j.attempts + 1,
@@ -20,6 +12,13 @@ SET status = 'running',
         ELSE j.error
     END,
     updated_at = now()
-FROM picked
-WHERE j.id = picked.id
+WHERE j.id = ANY (ARRAY(
+    SELECT id
+    FROM scoring_jobs
+    WHERE status IN ('queued', 'running')
+      AND (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END) <= now()
+    ORDER BY (CASE WHEN status = 'queued' THEN run_after ELSE lease_until END)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+))
 RETURNING j.id, j.user_id, j.payload, j.attempts, j.created_at, j.error

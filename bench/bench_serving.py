@@ -70,13 +70,14 @@ def train_model(rows: int = 20_000) -> Any:
     return lgb.train(params, lgb.Dataset(x, label, feature_name=names), num_boost_round=300)
 
 
-def register_model(booster: Any) -> str:
+def register_model(booster: Any, artifacts: Path) -> str:
     """Register the model as paylater-default with the contract's tags and alias production."""
     import mlflow
     import mlflow.lightgbm
     from mlflow import MlflowClient
 
-    mlflow.set_experiment("bench-serving")
+    experiment = mlflow.create_experiment("bench-serving", artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
     with mlflow.start_run():
         info = mlflow.lightgbm.log_model(
             booster,
@@ -374,7 +375,7 @@ def main() -> None:
         from bentos.build import build_bento, model_tag
         from bentos.scoring import Scorer
 
-        version = register_model(train_model())
+        version = register_model(train_model(), tmp / "artifacts")
         bento = build_bento(version)
         scorer = Scorer.from_store(model_tag(version))
         script = wrk_script(tmp / "score.lua", users)

@@ -71,6 +71,7 @@ class Scorer:
         self.feature_names = list(feature_names)
         self.cutoff = float(cutoff)
         self.user_feature_names = [f for f in self.feature_names if f not in REQUEST_FEATURES]
+        self.user_feature_set = frozenset(self.user_feature_names)
         self._reason_codes = [reason_code(f) for f in self.feature_names]
         # For a binary objective, sigmoid(sum of contributions) is the probability, so one
         # pred_contrib call gives both the score and its reasons (half the work of two calls).

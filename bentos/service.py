@@ -107,25 +107,18 @@ class Engine:
         self, scorer: Scorer, features: dict[str, float | None], at: str
     ) -> dict[str, Any]:
         """An explicit feature vector, checked against the model's user features by name."""
-        names = scorer.user_feature_names
-        unknown = [k for k in features if k not in names]
-        missing = [n for n in names if n not in features]
-        if unknown or missing:
-            fields = [{"field": f"{at}features.{k}", "message": "unknown feature"} for k in unknown]
-            fields += [
-                {
-                    "field": f"{at}features.{n}",
-                    "message": "missing feature (send null when unknown)",
-                }
-                for n in missing
-            ]
-            raise Reply(
-                422,
-                "invalid_request",
-                "; ".join(f"{f['field']}: {f['message']}" for f in fields),
-                fields=fields,
-            )
-        return features
+        known = scorer.user_feature_set
+        if len(features) == len(known) and known.issuperset(features):
+            return features
+        unknown = [k for k in features if k not in known]
+        missing = [n for n in scorer.user_feature_names if n not in features]
+        fields = [{"field": f"{at}features.{k}", "message": "unknown feature"} for k in unknown]
+        fields += [
+            {"field": f"{at}features.{n}", "message": "missing feature (send null when unknown)"}
+            for n in missing
+        ]
+        detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        raise Reply(422, "invalid_request", detail, fields=fields)
 
     async def score_requests(self, requests: list[Any], batch: bool) -> list[Score]:
         """Look up features for user ids (one query), then score every request in one call."""
@@ -135,7 +128,13 @@ class Engine:
         if user_ids:
             if self.features is None:
                 raise Reply(503, "no_feature_store", "PAYLATER_SOURCE_URL is not a PostgreSQL URL")
-            found = await self.features.lookup(user_ids)
+            try:
+                found = await self.features.lookup(user_ids)
+            except Exception as exc:
+                log.exception("feature lookup failed")
+                raise Reply(
+                    503, "feature_store_unavailable", f"feature lookup failed: {exc}"
+                ) from None
             missing = sorted({u for u in user_ids if u not in found})
             if missing:
                 raise Reply(

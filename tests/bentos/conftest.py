@@ -90,34 +90,69 @@ def register(booster: Any, cutoff: float = 0.4, alias: str | None = None) -> str
     return version
 
 
+@pytest.fixture(scope="session")
+def registry_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An MLflow sqlite registry holding versions 1 (production) and 2 (staging), built once.
+
+    Creating an MLflow database runs its migrations (seconds); modules copy this file instead.
+    Artifacts live beside it (never in the working directory's ./mlruns).
+    """
+    import mlflow
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        experiment = mlflow.create_experiment(
+            "serving-tests", artifact_location=(root / "artifacts").as_uri()
+        )
+        mlflow.set_experiment(experiment_id=experiment)
+        production = register(train_booster(seed=7), alias="production")
+        staging = register(train_booster(seed=8), alias="staging")
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    return {
+        "db": str(root / "mlflow.db"),
+        "production_version": production,
+        "staging_version": staging,
+    }
+
+
 @pytest.fixture(scope="module")
-def serving_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """MLflow (sqlite) with versions 1 (production) and 2 (staging), and a BentoML home, both in tmp."""
+def serving_env(
+    registry_template: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """This module's copy of the registry, and a BentoML home, both in tmp (env restored after)."""
+    import shutil
+
     import mlflow
 
     root = tmp_path_factory.mktemp("serving")
+    shutil.copy(registry_template["db"], root / "mlflow.db")
     env = {
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "BENTOML_HOME": str(root / "bentoml"),
         "PAYLATER_HOME": str(root / "home"),
     }
     saved = {k: os.environ.get(k) for k in env}
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment("serving-tests")
     _reset_bentoml_home(Path(env["BENTOML_HOME"]))
-    production = register(train_booster(seed=7), alias="production")
-    staging = register(train_booster(seed=8), alias="staging")
-    env |= {"production_version": production, "staging_version": staging}
     try:
-        yield env
+        yield env | {k: registry_template[k] for k in ("production_version", "staging_version")}
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
         _reset_bentoml_home(None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from pydantic import BaseModel, Field
@@ -10,12 +11,15 @@ from pydantic import BaseModel, Field
 from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
 from tasks.datasets import (
+    DatasetError,
     Manifest,
     build_scoring_dataset,
     build_training_dataset,
     load_scoring_dataset,
 )
-from tasks.online import publish_user_features
+from tasks.features import FeatureSqlError
+from tasks.online import PublishError, publish_user_features
+from tasks.storage import StorageError
 
 
 class FeatureBuildResult(BaseModel):
@@ -31,19 +35,30 @@ class FeatureBuildResult(BaseModel):
     online_rows: int = Field(description="Rows published to the online feature table.")
 
 
-@task(retries=1, retry_delay_seconds=30)
+def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O hiccups, not bad SQL, configuration or data, which fail the same way every time."""
+    try:
+        state.result()
+    except (FeatureSqlError, DatasetError, PublishError, StorageError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_unless_deterministic)
 def training_dataset(as_of: date) -> Manifest:
     """One row per matured deferred charge, features as of its request day."""
     return build_training_dataset(as_of)
 
 
-@task(retries=1, retry_delay_seconds=30)
+@task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_unless_deterministic)
 def scoring_dataset(as_of: date) -> Manifest:
     """One row per active user, features with data up to the end of as_of."""
     return build_scoring_dataset(as_of)
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_deterministic)
 def publish_online(manifest: Manifest) -> int:
     """Swap the stored scoring rows into user_features_latest."""
     scoring, _ = load_scoring_dataset(manifest.as_of)

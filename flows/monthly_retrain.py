@@ -84,8 +84,9 @@ def train(split: TrainingSplit, params: TrainingParams) -> lgb.Booster:
 @task(cache_policy=NONE)
 def evaluate(booster: lgb.Booster, split: TrainingSplit) -> CandidateEvaluation:
     """OOT metrics, and the oracle's when the generator's truth is stored."""
-    truth = get_settings().truth_dir / "deferred_charges.parquet"
-    probs = predict(booster, split.x_oot)
+    settings = get_settings()
+    truth = settings.truth_dir / "deferred_charges.parquet"
+    probs = predict(booster, split.x_oot, settings.train_num_threads)
     return evaluate_candidate(split.y_oot, probs, split.oot_rows["charge_id"], truth)
 
 
@@ -201,3 +202,7 @@ def monthly_retrain(as_of: date | None = None, issue: str | None = None) -> Retr
         gate_checks=decision.checks,
         bento=bento,
     )
+
+
+if __name__ == "__main__":
+    print(monthly_retrain().model_dump_json(indent=2))

@@ -1,1 +1,5 @@
-"""registry package."""
+"""The model registry policy on MLflow: naming, stages/aliases, gates, promotion, rollback, audit history."""
+
+from registry.policy import resolve_version
+
+__all__ = ["resolve_version"]

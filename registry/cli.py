@@ -125,7 +125,7 @@ def promote(
 
     changes = _run(lambda: policy.promote(version, to, reason, _actor(actor)))
     _print_transitions(changes)
-    typer.echo(f"bento: {build_bento(changes[-1].version)}")
+    typer.echo(f"bento: {build_bento(changes[0].version)}")
 
 
 @app.command("rollback")
@@ -139,7 +139,7 @@ def rollback(
 
     changes = _run(lambda: policy.rollback(reason, _actor(actor)))
     _print_transitions(changes)
-    typer.echo(f"bento: {build_bento(changes[-1].version)}")
+    typer.echo(f"bento: {build_bento(changes[0].version)}")
 
 
 @app.command("history")

@@ -240,11 +240,13 @@ def stage_candidate(version: str, actor: str, reason: str) -> list[history.Trans
     """Move a gated candidate to Staging (alias staging); an earlier staged candidate is archived."""
     c = client()
     number = normalise_version(get_version(c, version).version)
-    changes = [
+    # The new version takes the alias first, so `staging` never points nowhere in between.
+    previous = _others_in_stage(c, "Staging", number)
+    changes = [move(c, number, "Staging", "stage", actor, reason)]
+    changes += [
         move(c, old, "Archived", "supersede", actor, f"superseded in Staging by v{number}")
-        for old in _others_in_stage(c, "Staging", number)
+        for old in previous
     ]
-    changes.append(move(c, number, "Staging", "stage", actor, reason))
     return changes
 
 
@@ -288,11 +290,13 @@ def promote(version: str, to: str, reason: str | None, actor: str) -> list[histo
             f"version {number} has no passed staging verification (status: {verification or 'never run'}); "
             "run `paylater registry verify --stage staging --url URL` against the staging service first"
         )
-    changes = [
+    # Promote first, then archive: the `production` alias always names a version.
+    previous = _others_in_stage(c, "Production", number)
+    changes = [move(c, number, "Production", "promote", actor, why)]
+    changes += [
         move(c, old, "Archived", "archive", actor, f"replaced in production by v{number}: {why}")
-        for old in _others_in_stage(c, "Production", number)
+        for old in previous
     ]
-    changes.append(move(c, number, "Production", "promote", actor, why))
     return changes
 
 
@@ -329,8 +333,8 @@ def rollback(reason: str | None, actor: str) -> list[history.Transition]:
     if target is None:
         raise RegistryError(f"no earlier production version to roll back to from v{current}")
     return [
-        move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}"),
         move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}"),
+        move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}"),
     ]
 
 

@@ -240,7 +240,9 @@ def evaluate_candidate(
         return evaluation
     true_p, found = truth
     oracle = classification_metrics(y[found], true_p[found])
-    model_on_same = classification_metrics(y[found], p[found])
+    model_on_same = (
+        evaluation.metrics if found.all() else classification_metrics(y[found], p[found])
+    )
     evaluation.oracle = {
         "auc": oracle["auc"],
         "ece": oracle["ece"],

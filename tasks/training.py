@@ -239,9 +239,9 @@ def frozen(booster: lgb.Booster) -> lgb.Booster:
     return lgb.Booster(model_str=booster.model_to_string(num_iteration=booster.best_iteration))
 
 
-def predict(booster: lgb.Booster, x: FloatArray) -> FloatArray:
-    """Default probabilities for a feature matrix."""
-    return np.asarray(booster.predict(x, num_threads=1), dtype=np.float64)
+def predict(booster: lgb.Booster, x: FloatArray, num_threads: int = 1) -> FloatArray:
+    """Default probabilities for a feature matrix (each row's value is the same at any thread count)."""
+    return np.asarray(booster.predict(x, num_threads=num_threads), dtype=np.float64)
 
 
 def gain_importance(booster: lgb.Booster) -> FloatArray:

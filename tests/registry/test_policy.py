@@ -118,10 +118,10 @@ def test_promote_rollback_history_round_trip(
     }
 
     changes = policy.rollback("v3 misbehaves", "bob")
-    assert [(t.version, t.to_stage) for t in changes] == [(v3, "Archived"), (v2, "Production")]
+    assert [(t.version, t.to_stage) for t in changes] == [(v2, "Production"), (v3, "Archived")]
     assert policy.resolve_version("production") == v2
     changes = policy.rollback("v2 too", "bob")
-    assert changes[-1].version == v1, "a rolled-back version is never restored by the next rollback"
+    assert changes[0].version == v1, "a rolled-back version is never restored by the next rollback"
     assert c.get_model_version(MODEL_NAME, v1).current_stage == "Production"
     with pytest.raises(RegistryError, match="no earlier production version"):
         policy.rollback("again", "bob")
@@ -139,10 +139,10 @@ def test_promote_rollback_history_round_trip(
     ]
     rollbacks = [(e.version, e.to_stage, e.actor) for e in entries if e.action == "rollback"]
     assert rollbacks == [
-        (v3, "Archived", "bob"),
         (v2, "Production", "bob"),
-        (v2, "Archived", "bob"),
+        (v3, "Archived", "bob"),
         (v1, "Production", "bob"),
+        (v2, "Archived", "bob"),
     ]
     assert all(e.at for e in entries) and entries == sorted(entries, key=lambda e: e.seq)
 

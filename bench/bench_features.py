@@ -25,7 +25,15 @@ from tasks.warehouse.duckdb import DuckDBWarehouse
 TZ = "Asia/Tokyo"
 AS_OF = date(2026, 11, 26)
 START = "2025-12-01 00:00:00+09"
-CATEGORIES = ["grocery", "convenience", "dining", "transport", "travel", "online"]
+SHARES = (
+    "grocery",
+    "convenience",
+    "dining",
+    "transport",
+    "online_shopping",
+    "entertainment",
+    "fashion",
+)
 METHODS = ["convenience_store", "bank", "credit_card", "deferred"]
 
 # Deterministic synthetic year: every column is a hash of the row number, so runs are comparable.
@@ -46,7 +54,7 @@ SELECT i AS transaction_id, CAST(1 + hash(i, 3) % $users AS BIGINT) AS user_id,
        TIMESTAMPTZ '2025-12-01 00:00:00+09' + to_microseconds(CAST(hash(i, 4) % (CAST(365 AS BIGINT) * 86400 * 1000000) AS BIGINT)) AS authorized_at,
        CAST(100 + hash(i, 5) % 20000 AS BIGINT) AS amount_jpy,
        CAST(hash(i, 6) % 5000 AS BIGINT) AS merchant_id,
-       ['grocery', 'convenience', 'dining', 'transport', 'travel', 'online'][1 + CAST(hash(i, 7) % 6 AS INTEGER)] AS merchant_category,
+       ['grocery', 'convenience', 'dining', 'transport', 'online_shopping', 'entertainment', 'fashion', 'travel'][1 + CAST(hash(i, 7) % 8 AS INTEGER)] AS merchant_category,
        'online' AS channel,
        CASE hash(i, 8) % 20 WHEN 0 THEN 'declined' WHEN 1 THEN 'refunded' ELSE 'settled' END AS status,
        TIMESTAMPTZ '2026-11-27 00:00:00+00' AS updated_at
@@ -199,7 +207,7 @@ def card(req: pd.DataFrame, t: dict[str, pd.DataFrame]) -> pd.DataFrame:
     m90 = spent & (age <= 90)
     cols["declined30"] = ((j["status"] == "declined") & (age <= 30)).astype("int64")
     cols["merchant90"] = j["merchant_id"].where(m90)
-    for cat in ("grocery", "convenience", "dining", "transport"):
+    for cat in SHARES:
         cols[cat] = j["amount"].where(m90 & (j["category"] == cat), 0.0)
     cols["night"] = (m90 & ((j["hour"] >= 22) | (j["hour"] < 5))).astype("int64")
     cols["weekend"] = (m90 & (j["local_date"].dt.dayofweek >= 5)).astype("int64")
@@ -208,7 +216,7 @@ def card(req: pd.DataFrame, t: dict[str, pd.DataFrame]) -> pd.DataFrame:
     spec |= {
         "card_declined_count_30d": ("declined30", "sum"),
         "card_distinct_merchants_90d": ("merchant90", "nunique"),
-        **{c: (c, "sum") for c in ("grocery", "convenience", "dining", "transport")},
+        **{c: (c, "sum") for c in SHARES},
         "night": ("night", "sum"),
         "weekend": ("weekend", "sum"),
         **{f"lag{k}": (f"lag{k}", "sum") for k in (1, 2, 3)},
@@ -219,11 +227,11 @@ def card(req: pd.DataFrame, t: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for c in g.columns
         if "count" in c or "sum" in c or c.startswith(("lag", "night", "weekend"))
     ]
-    zero += ["card_distinct_merchants_90d", "grocery", "convenience", "dining", "transport"]
+    zero += ["card_distinct_merchants_90d", *SHARES]
     g[zero] = g[zero].fillna(0)
     total = g["card_sum_90d"].where(g["card_sum_90d"] != 0)
     count = g["card_count_90d"].where(g["card_count_90d"] != 0)
-    for cat in ("grocery", "convenience", "dining", "transport"):
+    for cat in SHARES:
         g[f"card_share_{cat}_90d"] = g.pop(cat) / total
     g["card_night_ratio_90d"] = g.pop("night") / count
     g["card_weekend_ratio_90d"] = g.pop("weekend") / count

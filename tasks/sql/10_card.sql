@@ -29,6 +29,7 @@ card AS (
     -- A small code instead of the category text: the join carries it for every transaction.
     CASE merchant_category
       WHEN 'grocery' THEN 1 WHEN 'convenience' THEN 2 WHEN 'dining' THEN 3 WHEN 'transport' THEN 4
+      WHEN 'online_shopping' THEN 5 WHEN 'entertainment' THEN 6 WHEN 'fashion' THEN 7
       ELSE 0
     END AS category_code,
     status != 'declined' AS spent
@@ -83,6 +84,9 @@ per_request AS (
     SUM(IF(category_90d = 2, spent_90d, NULL)) AS convenience_90d,
     SUM(IF(category_90d = 3, spent_90d, NULL)) AS dining_90d,
     SUM(IF(category_90d = 4, spent_90d, NULL)) AS transport_90d,
+    SUM(IF(category_90d = 5, spent_90d, NULL)) AS online_shopping_90d,
+    SUM(IF(category_90d = 6, spent_90d, NULL)) AS entertainment_90d,
+    SUM(IF(category_90d = 7, spent_90d, NULL)) AS fashion_90d,
     COUNT(night_90d) AS night_count_90d,
     COUNT(weekend_90d) AS weekend_count_90d,
     CAST(SUM(lag1) AS INT64) AS lag1,
@@ -126,6 +130,9 @@ SELECT
   SAFE_DIVIDE(COALESCE(p.convenience_90d, 0), p.card_sum_90d) AS card_share_convenience_90d,
   SAFE_DIVIDE(COALESCE(p.dining_90d, 0), p.card_sum_90d) AS card_share_dining_90d,
   SAFE_DIVIDE(COALESCE(p.transport_90d, 0), p.card_sum_90d) AS card_share_transport_90d,
+  SAFE_DIVIDE(COALESCE(p.online_shopping_90d, 0), p.card_sum_90d) AS card_share_online_shopping_90d,
+  SAFE_DIVIDE(COALESCE(p.entertainment_90d, 0), p.card_sum_90d) AS card_share_entertainment_90d,
+  SAFE_DIVIDE(COALESCE(p.fashion_90d, 0), p.card_sum_90d) AS card_share_fashion_90d,
   SAFE_DIVIDE(p.night_count_90d, p.card_count_90d) AS card_night_ratio_90d,
   SAFE_DIVIDE(p.weekend_count_90d, p.card_count_90d) AS card_weekend_ratio_90d,
   COALESCE(p.lag1, 0) AS card_spend_month_lag1,

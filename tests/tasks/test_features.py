@@ -84,7 +84,17 @@ SCHEMAS = {
         ]
     ),
 }
-CATEGORIES = ["grocery", "convenience", "dining", "transport", "travel"]
+CATEGORIES = [
+    "grocery",
+    "convenience",
+    "dining",
+    "transport",
+    "online_shopping",
+    "entertainment",
+    "fashion",
+    "travel",
+]
+SHARE_CATEGORIES = CATEGORIES[:-1]  # every category but the catch-all ones gets a share
 METHODS = ["convenience_store", "bank", "credit_card", "deferred"]
 
 
@@ -240,7 +250,7 @@ def ref_features(src: dict[str, list[dict[str, Any]]], user: int, day: date) -> 
     s90 = [t for t in spent if age[id(t)] <= 90]
     out["card_distinct_merchants_90d"] = len({t["merchant_id"] for t in s90})
     total = sum(t["amount_jpy"] for t in s90)
-    for cat in ("grocery", "convenience", "dining", "transport"):
+    for cat in SHARE_CATEGORIES:
         out[f"card_share_{cat}_90d"] = ratio(
             sum(t["amount_jpy"] for t in s90 if t["merchant_category"] == cat), total
         )

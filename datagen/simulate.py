@@ -62,7 +62,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-DEFAULT_INTERCEPT = -2.9
+DEFAULT_INTERCEPT = -3.0
 
 
 def default_logit(
@@ -85,16 +85,16 @@ def default_logit(
     """
     return (
         DEFAULT_INTERCEPT
-        + 1.3 * stress
-        + 0.6 * impulsiveness
-        - 0.8 * engagement
-        + 0.8 * shocked
-        + 1.0 * np.clip(spend_to_income - 0.35, -0.35, 1.0)
-        + 1.2 * np.minimum(late_count, 3)
-        + 1.0 * np.minimum(amount_to_income, 0.6)
-        - 1.3 * np.minimum(topups_30d, 5.0) / 5.0
-        - 0.7 * np.minimum(sessions_14d, 10.0) / 10.0
-        + 1.6 * np.minimum(declines_14d, 6.0) / 6.0
+        + 1.6 * stress
+        + 0.8 * impulsiveness
+        - 1.0 * engagement
+        + 1.0 * shocked
+        + 1.3 * np.clip(spend_to_income - 0.35, -0.35, 1.0)
+        + 1.5 * np.minimum(late_count, 3)
+        + 1.3 * np.minimum(amount_to_income, 0.6)
+        - 1.8 * np.minimum(topups_30d, 5.0) / 5.0
+        - 0.9 * np.minimum(sessions_14d, 10.0) / 10.0
+        + 2.2 * np.minimum(declines_14d, 6.0) / 6.0
     )
 
 
@@ -367,9 +367,8 @@ class DaySimulator:
         )
 
         # Carried state: ~30-day averages of what an analyst could see in the source tables.
-        topup_counts = np.bincount(
-            np.searchsorted(idx, t_user), minlength=n
-        )  # t_user are members of idx
+        # Cadence of the user's own top-ups (deferred ones are charges, counted apart).
+        topup_counts = np.bincount(t_idx, minlength=n)
         pop.balance[idx] = balance
         pop.spend_ema[idx] += (spent - pop.spend_ema[idx]) / 30
         pop.topup_ema[idx] += (topup_counts - pop.topup_ema[idx]) / 30

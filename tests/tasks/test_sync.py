@@ -416,6 +416,15 @@ def test_default_config_agrees_with_the_postgres_catalogue(pg_url: str) -> None:
         source.close()
 
 
+def test_a_day_that_has_not_ended_is_refused(tmp_path: Path, warehouse) -> None:
+    db = SourceDB("sqlite", f"sqlite:///{tmp_path / 'src.db'}", tmp_path / "src.db")
+    from paylater.timeutil import today
+
+    with pytest.raises(sync.SyncError, match="has not ended yet"):
+        sync_all(db, warehouse, today())
+    assert not warehouse.table_exists("sync_ledger")
+
+
 def test_check_ledger_names_missing_tables(warehouse) -> None:
     with pytest.raises(
         SyncIncomplete, match=r"users \(not synced\).*deferred_charges \(not synced\)"

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen.clock import HOURLY_APP, BusinessClock
-from datagen.population import Population, new_users
-from datagen.simulate import Counters, DaySimulator, expected_ticket_cached
+from datagen.population import Population, expected_ticket, new_users
+from datagen.simulate import Counters, DaySimulator
 from datagen.tables import (
     app_events_table,
     charges_table,
@@ -249,7 +249,7 @@ def _empty_population() -> Population:
 def _warm_start(pop: Population) -> None:
     """Users who joined before the window arrive with habits already formed (no cold-start dip)."""
     everyone = np.arange(len(pop))
-    pop.spend_ema[:] = pop.spend_rate * expected_ticket_cached(pop, everyone) * 0.85
+    pop.spend_ema[:] = pop.spend_rate * expected_ticket(pop, everyone) * 0.85
     pop.topup_ema[:] = 2.2 / 30
     pop.session_ema[:] = 0.04 + 0.5 * pop.engagement**1.5
     pop.decline_ema[:] = 0.02

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import date
 
 import numpy as np
 import pyarrow as pa
@@ -215,13 +214,8 @@ def new_users(
     )
 
 
-def expected_ticket(pop: Population) -> np.ndarray:
-    """Mean card ticket per user (yen) given category mix and ticket scale."""
-    probs = np.diff(pop.category_cum, axis=1, prepend=0.0)
+def expected_ticket(pop: Population, rows: np.ndarray) -> np.ndarray:
+    """Mean card ticket (yen) of some users, given their category mix and ticket scale."""
+    probs = np.diff(pop.category_cum[rows], axis=1, prepend=0.0)
     mean_by_cat = CATEGORY_MEDIAN_JPY * np.exp(CATEGORY_SIGMA**2 / 2)
-    return (probs @ mean_by_cat) * pop.ticket_scale
-
-
-def age_reference_year(end_date: date) -> int:
-    """The year ages are counted from."""
-    return end_date.year
+    return (probs @ mean_by_cat) * pop.ticket_scale[rows]

@@ -25,7 +25,13 @@ from datagen.population import (
     expected_ticket,
     new_users,
 )
-from paylater.product import FEE_SCHEDULE_JPY, GRACE_DAYS, MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
+from paylater.product import (
+    FEE_SCHEDULE_JPY,
+    GRACE_DAYS,
+    MAX_AMOUNT_JPY,
+    MIN_AMOUNT_JPY,
+    due_date_for,
+)
 
 SCREENS: tuple[str, ...] = ("home", "card", "topup", "deferred", "history", "settings")
 _SCREEN_P_CALM = np.array([0.36, 0.22, 0.12, 0.06, 0.18, 0.06])
@@ -35,10 +41,8 @@ TXN_STATUSES: tuple[str, ...] = ("settled", "declined", "refunded")
 _ONLINE_P = np.array([0.03, 0.0, 0.05, 0.15, 0.97, 0.45, 0.92, 0.05, 0.35, 0.65])
 _REFUND_P = np.array([0.004, 0.001, 0.003, 0.004, 0.035, 0.01, 0.002, 0.006, 0.03, 0.04])
 _WEEKDAY_SPEND = np.array([0.95, 0.93, 0.95, 0.97, 1.08, 1.2, 1.1])
-_SIGNUP_WEEKDAY = np.array([1.0, 0.95, 0.95, 1.0, 1.05, 1.25, 1.2])
 _FEE_UPPER = np.array([u for u, _ in FEE_SCHEDULE_JPY])
 _FEE = np.array([f for _, f in FEE_SCHEDULE_JPY])
-_DAY_US = 86_400_000_000
 
 
 def fees_for(amounts: np.ndarray) -> np.ndarray:
@@ -49,11 +53,7 @@ def fees_for(amounts: np.ndarray) -> np.ndarray:
 def due_days_for(request_ordinals: np.ndarray) -> np.ndarray:
     """paylater.product.due_date_for over an array of day ordinals (27th of the next month)."""
     uniq, inverse = np.unique(request_ordinals, return_inverse=True)
-    dues = []
-    for o in uniq:
-        d = date.fromordinal(int(o))
-        y, m = (d.year + 1, 1) if d.month == 12 else (d.year, d.month + 1)
-        dues.append(date(y, m, 27).toordinal())
+    dues = [due_date_for(date.fromordinal(int(o))).toordinal() for o in uniq]
     return np.array(dues, dtype=np.int64)[inverse]
 
 
@@ -194,7 +194,7 @@ class DaySimulator:
         new_shock = rng.random(n) < (1 / 700) * (0.3 + 2.5 * stress)
         pop.shock_until[idx[new_shock]] = ordinal + rng.integers(30, 120, int(new_shock.sum()))
         shocked = pop.shock_until[idx] >= ordinal
-        ticket = expected_ticket_cached(pop, idx)
+        ticket = expected_ticket(pop, idx)
         monthly_need = pop.spend_rate[idx] * 30 * ticket
         income = pop.income[idx]
         discipline = pop.topup_discipline[idx]
@@ -470,24 +470,3 @@ def _group_offsets(running: np.ndarray, values: np.ndarray, counts: np.ndarray) 
     base = np.zeros(len(counts), dtype=running.dtype)
     base[valid] = before_group[group_first[valid]]
     return running - np.repeat(base, counts)
-
-
-def expected_ticket_cached(pop: Population, idx: np.ndarray) -> np.ndarray:
-    """Mean ticket for a subset of users."""
-    probs = np.diff(pop.category_cum[idx], axis=1, prepend=0.0)
-    mean_by_cat = CATEGORY_MEDIAN_JPY * np.exp(CATEGORY_SIGMA**2 / 2)
-    return (probs @ mean_by_cat) * pop.ticket_scale[idx]
-
-
-__all__ = [
-    "CHANNELS",
-    "SCREENS",
-    "TXN_STATUSES",
-    "Counters",
-    "DayActivity",
-    "DaySimulator",
-    "default_logit",
-    "due_days_for",
-    "expected_ticket",
-    "fees_for",
-]

@@ -26,13 +26,14 @@ Public API (no I/O unless named so):
 from __future__ import annotations
 
 from datagen.generator import SourceData, generate
-from datagen.load import SourceNotEmpty
+from datagen.load import SourceNotEmpty, SourceUnavailable
 from datagen.pipeline import advance_into, generate_into, load, write_app_events
 from datagen.simulate import default_logit
 
 __all__ = [
     "SourceData",
     "SourceNotEmpty",
+    "SourceUnavailable",
     "advance_into",
     "default_logit",
     "generate",

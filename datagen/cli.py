@@ -28,7 +28,8 @@ def generate_command(
     replace: bool = typer.Option(False, "--replace", help="Overwrite a source that holds data."),
 ) -> None:
     """Simulate M months of history for N users into the source DB, the warehouse and the truth folder."""
-    from datagen.load import SourceNotEmpty
+    from datagen.load import SourceNotEmpty, SourceUnavailable
+    from tasks.warehouse import WarehouseError
     from datagen.pipeline import generate_into
     from paylater.settings import get_settings
     from paylater.timeutil import resolve_as_of
@@ -47,7 +48,7 @@ def generate_command(
             truth_dir=settings.truth_dir,
             replace=replace,
         )
-    except (SourceNotEmpty, ValueError) as exc:
+    except (SourceNotEmpty, SourceUnavailable, WarehouseError, ValueError) as exc:
         _fail(str(exc))
         return
     for line in report.lines():
@@ -59,14 +60,21 @@ def advance_command(
     days: int = typer.Option(1, "--days", min=1, help="Business days to add after the latest one."),
 ) -> None:
     """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
-    from datagen.load import SourceNotEmpty
+    from datagen.load import SourceNotEmpty, SourceUnavailable
+    from tasks.warehouse import WarehouseError
     from datagen.pipeline import advance_into
     from paylater.settings import get_settings
 
     settings = get_settings()
     try:
         report = advance_into(days, settings.source, settings.warehouse, settings.truth_dir)
-    except (SourceNotEmpty, FileNotFoundError, ValueError) as exc:
+    except (
+        SourceNotEmpty,
+        SourceUnavailable,
+        WarehouseError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         _fail(str(exc))
         return
     for line in report.lines():

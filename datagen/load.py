@@ -26,6 +26,10 @@ class SourceNotEmpty(RuntimeError):
     """The source database already holds data and replacing it was not asked for."""
 
 
+class SourceUnavailable(RuntimeError):
+    """The source database cannot be reached or opened."""
+
+
 def _sql(name: str) -> str:
     """A statement from datagen/sql (positional `?` parameters), comments stripped."""
     text = (_SQL_DIR / f"{name}.sql").read_text()
@@ -161,7 +165,11 @@ class PostgresSource:
 
         rest = url.split("://", 1)[1]
         self.url = url
-        self.conn = psycopg.connect("postgresql://" + rest)
+        try:
+            self.conn = psycopg.connect("postgresql://" + rest, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise SourceUnavailable(f"cannot connect to the source database: {first_line}") from exc
 
     def ensure_schema(self) -> None:
         """Create the source tables if missing."""

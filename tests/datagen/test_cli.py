@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from datagen.cli import app
@@ -37,3 +38,18 @@ def test_advance_without_generate_fails_clearly(paylater_home: Path) -> None:
     result = runner.invoke(app, ["advance"])
     assert result.exit_code == 1
     assert "demo-data generate" in result.output
+
+
+def test_unreachable_postgres_source_is_one_clear_error(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", f"postgresql://nobody:x@127.0.0.1:{port}/nowhere")
+    result = runner.invoke(app, ["generate", "--users", "10", "--months", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: cannot connect to the source database")
+    assert "Traceback" not in result.output

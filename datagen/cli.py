@@ -29,10 +29,10 @@ def generate_command(
 ) -> None:
     """Simulate M months of history for N users into the source DB, the warehouse and the truth folder."""
     from datagen.load import SourceNotEmpty, SourceUnavailable
-    from tasks.warehouse import WarehouseError
     from datagen.pipeline import generate_into
     from paylater.settings import get_settings
     from paylater.timeutil import resolve_as_of
+    from tasks.warehouse import WarehouseError
 
     settings = get_settings()
     try:
@@ -61,9 +61,9 @@ def advance_command(
 ) -> None:
     """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
     from datagen.load import SourceNotEmpty, SourceUnavailable
-    from tasks.warehouse import WarehouseError
     from datagen.pipeline import advance_into
     from paylater.settings import get_settings
+    from tasks.warehouse import WarehouseError
 
     settings = get_settings()
     try:

@@ -140,7 +140,8 @@ def enqueue(
 
 def claim(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -> list[Job]:
     """Claim up to `limit` due jobs (queued and due, or running with an expired lease)."""
-    rows = conn.execute(sql("claim"), {"limit": limit, "lease_seconds": lease_seconds}).fetchall()
+    params = {"limit": limit, "lease_seconds": lease_seconds}
+    rows = conn.execute(sql("claim"), params, binary=True).fetchall()
     return [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 from datetime import date
 
-from prefect import flow
+from prefect import flow, task
+from prefect.events import emit_event
 
 from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
 from tasks.sync import SyncReport, sync_report, sync_table_task, validate_sync_config
+
+
+@task
+def announce_completed(report: SyncReport) -> None:
+    """Emit `paylater.sync.completed` for this as_of: the event the feature-build deployment waits for."""
+    day = report.as_of.isoformat()
+    emit_event(
+        event="paylater.sync.completed",
+        resource={"prefect.resource.id": f"paylater.sync.{day}", "paylater.as_of": day},
+        payload={"as_of": day, "tables": [t.table_name for t in report.tables]},
+    )
 
 
 @flow(name="daily-sync", on_failure=[alert_on_failure], log_prints=True)
@@ -28,6 +40,7 @@ def daily_sync(as_of: date | None = None) -> SyncReport:
             f"{table.table_name}: {table.rows_extracted} rows extracted, "
             f"{table.warehouse_rows} in the warehouse, {table.duration_seconds:.2f} s"
         )
+    announce_completed(report)
     return report
 
 

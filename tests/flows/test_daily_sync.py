@@ -88,3 +88,17 @@ def test_daily_sync_flow_then_failure_alert(
     assert alert["subject"].endswith("of 'daily-sync' failed")
     assert "table loans does not exist" in alert["text"]
     assert "as_of=2026-11-21" in alert["body"]
+
+
+def test_completed_sync_announces_its_as_of(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feature-build deployment is triggered by this event, with the as_of from its payload."""
+    import flows.daily_sync as module
+    from tasks.sync import SyncReport
+
+    sent: list[dict] = []
+    monkeypatch.setattr(module, "emit_event", lambda **kw: sent.append(kw))
+    module.announce_completed.fn(SyncReport(as_of=date(2026, 11, 26), tables=[]))
+    (event,) = sent
+    assert event["event"] == "paylater.sync.completed"
+    assert event["resource"]["prefect.resource.id"] == "paylater.sync.2026-11-26"
+    assert event["payload"]["as_of"] == "2026-11-26"

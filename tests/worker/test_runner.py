@@ -247,3 +247,28 @@ def test_queue_gauges_report_depth_and_oldest_age(queue_db: str, kit: Any) -> No
     samples = {m.name: m.samples[0].value for m in QueueCollector(queue_db).collect()}
     assert samples["paylater_worker_queue_depth"] == 3
     assert 0.3 <= samples["paylater_worker_oldest_queued_age_seconds"] < 30
+
+
+def test_shadow_loader_follows_the_staging_version(
+    queue_db: str, booster: Any, staging_booster: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Staging version: no shadow; Staging = production: none; a new Staging version: loaded."""
+    from worker import cli
+
+    scorers = {"7": kit.make_scorer(booster, "7"), "8": kit.make_scorer(staging_booster, "8")}
+    staging: dict[str, str | None] = {"version": None}
+    monkeypatch.setattr(cli, "resolve_shadow_version", lambda spec: staging["version"])
+    monkeypatch.setattr(
+        cli, "inprocess_backend", lambda v, url, *_: InProcessBackend(scorers[v], url)
+    )
+    monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
+    loader = cli.ShadowLoader("staging", primary_version="7", database_url=queue_db)
+    assert loader() is None
+    staging["version"] = "7"
+    assert loader() is None
+    staging["version"] = "8"
+    shadow = loader()
+    assert shadow is not None and shadow.model_version == "8"
+    assert loader() is shadow  # cached while the version stays
+    staging["version"] = None
+    assert loader() is None

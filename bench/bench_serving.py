@@ -284,9 +284,15 @@ def measure_batch(
     )
     done = [0, 0]
 
+    body = json.dumps(requests).encode()  # encoded once: the client's cost is not the server's
+
     def client(i: int, until: float) -> None:
         while time.perf_counter() < until:
-            post_json(f"{base}/v2/score_batch", requests)
+            req = urllib.request.Request(
+                f"{base}/v2/score_batch", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
             done[i] += batch
 
     until = time.perf_counter() + seconds
@@ -305,7 +311,8 @@ def measure_batch(
             n += batch
         return n / (time.perf_counter() - t0)
 
-    score_rps = rate(lambda: scorer.score_rows(rows))
+    # Both comparators get both cores (2 threads), as the served side gets two workers.
+    score_rps = rate(lambda: scorer.booster.predict(x, pred_contrib=True, num_threads=2))
     predict_rps = rate(lambda: scorer.booster.predict(x, num_threads=2))
     return {"http": http_rps, "in_process_score": score_rps, "in_process_predict": predict_rps}
 
@@ -325,18 +332,19 @@ def measure_memory(
     for _ in range(chunks):
         sent += int(run_wrk(url, script, 16, chunk_seconds)["requests"])
         samples.append((sent, rss_mb(workers)))
-    first, last = samples[1], samples[-1]  # after warm-up: imports and caches are settled
-    growth = [(b - a) / a for a, b in zip(first[1], last[1], strict=True)]
-    kb_per_req = [
-        (b - a) * 1024 / max(last[0] - first[0], 1) * len(workers)
-        for a, b in zip(first[1], last[1], strict=True)
-    ]
-    return {
-        "samples": samples,
-        "growth": growth,
-        "kb_per_request": kb_per_req,
-        "requests": last[0] - first[0],
-    }
+    # After warm-up (imports and caches settled): each worker's least-squares slope and its largest
+    # departure from the first settled sample (the kernel may also trim RSS: both directions count).
+    settled = samples[1:]
+    xs = [float(n) for n, _ in settled]
+    mean_x = sum(xs) / len(xs)
+    var = sum((x - mean_x) ** 2 for x in xs) or 1.0
+    slopes, spread = [], []
+    for w in range(len(workers)):
+        ys = [rss[w] for _, rss in settled]
+        mean_y = sum(ys) / len(ys)
+        slopes.append(sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var)
+        spread.append(max(abs(y - ys[0]) for y in ys) / ys[0])
+    return {"samples": samples, "slopes": slopes, "spread": spread, "requests": int(xs[-1] - xs[0])}
 
 
 def main() -> None:
@@ -438,11 +446,11 @@ def main() -> None:
             batch = measure_batch(bento_url, scorer)
             print("\n/v2/score_batch, 1000 explicit-feature rows per call, 2 client threads")
             print(
-                f"  served rows/s {batch['http']:.0f}; in-process Scorer.score_rows (predict+reasons, 1 thread) {batch['in_process_score']:.0f}"
+                f"  served rows/s {batch['http']:.0f}; in-process predict with contributions (the same answer, 2 threads) {batch['in_process_score']:.0f}"
                 f" -> ratio {batch['http'] / batch['in_process_score']:.2f}x"
             )
             print(
-                f"  in-process booster.predict only (2 threads) {batch['in_process_predict']:.0f} -> ratio {batch['http'] / batch['in_process_predict']:.2f}x"
+                f"  in-process probability-only predict (2 threads) {batch['in_process_predict']:.0f} -> ratio {batch['http'] / batch['in_process_predict']:.2f}x"
             )
             mem = measure_memory(f"{bento_url}/v2/score", script, bento_pid, memory_requests)
             print(
@@ -450,10 +458,10 @@ def main() -> None:
             )
             for sent, rss in mem["samples"]:
                 print(f"  {sent:>9} requests: " + ", ".join(f"{r:.1f} MiB" for r in rss))
-            for i, (g, kb) in enumerate(zip(mem["growth"], mem["kb_per_request"], strict=True)):
-                extrapolated = kb * 1_000_000 / 2 / 1024
+            for i, (slope, spread) in enumerate(zip(mem["slopes"], mem["spread"], strict=True)):
                 print(
-                    f"  worker {i}: growth {g * 100:+.2f}%, {kb:.3f} KB/request/worker -> about {extrapolated:+.1f} MiB over 1M requests"
+                    f"  worker {i}: largest change {spread * 100:.2f}% of its settled RSS; trend"
+                    f" {slope * 1024 * 1000:+.3f} KB per 1k requests -> {slope * 1e6:+.1f} MiB over 1M requests"
                 )
     finally:
         drop_database(pg_server, db_url)

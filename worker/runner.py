@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -87,6 +86,39 @@ class Totals:
         )
 
 
+class Wakeup:
+    """Wake-ups for idle loops: one per notification, so a single new job wakes one loop, not all.
+
+    Pending wake-ups are capped at the number of loops; a wake-up given while every loop is busy
+    is kept, so a job inserted during a batch is never left waiting for the poll.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._cap = cap
+
+    def notify(self, n: int = 1) -> None:
+        """Wake up to n idle loops (or the next n that go idle)."""
+        with self._cond:
+            self._pending = min(self._cap, self._pending + n)
+            self._cond.notify(n)
+
+    def notify_all(self) -> None:
+        """Wake every loop."""
+        self.notify(self._cap)
+
+    def wait(self, timeout: float) -> bool:
+        """Take a wake-up, waiting at most timeout; False when none came."""
+        with self._cond:
+            if not self._pending:
+                self._cond.wait(timeout)
+            if self._pending:
+                self._pending -= 1
+                return True
+            return False
+
+
 ShadowSource = Callable[[], ScoringBackend | None]
 """Returns the shadow backend to use now (the Staging model), or None when there is none."""
 
@@ -110,7 +142,7 @@ class Worker:
         self.metrics = metrics
         self.totals = Totals()
         self.stop_event = threading.Event()
-        self.wake = threading.Event()
+        self.wake = Wakeup(self.config.concurrency)
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -275,7 +307,7 @@ class Worker:
     def stop(self) -> None:
         """Ask every loop to finish the batch in hand and return."""
         self.stop_event.set()
-        self.wake.set()
+        self.wake.notify_all()
 
     def run(self) -> Totals:
         """Run the loops and the listener until stop(); returns the totals."""
@@ -301,7 +333,6 @@ class Worker:
                 try:
                     if conn is None or conn.closed:
                         conn = queue.connect(self.url)
-                    self.wake.clear()
                     claimed = self.run_once(conn)
                 except Exception as exc:
                     # The database went away or a statement failed: the claimed jobs' leases will
@@ -312,7 +343,9 @@ class Worker:
                     conn = None
                     self.stop_event.wait(min(self.config.poll_seconds, 1.0))
                     continue
-                if claimed < self.config.batch_size:
+                if claimed >= self.config.batch_size:
+                    self.wake.notify()  # a full batch: likely more, bring an idle peer in
+                else:
                     self.wake.wait(self.config.poll_seconds)
         finally:
             if conn is not None:
@@ -326,14 +359,7 @@ class Worker:
                     conn.execute(f"LISTEN {queue.NOTIFY_CHANNEL}")
                     while not self.stop_event.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
-                            self.wake.set()
+                            self.wake.notify()
             except Exception as exc:
                 log.warning("NOTIFY listener lost its connection (%r); polling meanwhile", exc)
                 self.stop_event.wait(1.0)
-
-
-def wait_for_stop(worker: Worker, deadline: float | None = None) -> None:
-    """Block the calling thread until the worker is stopped or `deadline` (monotonic) passes."""
-    while not worker.stop_event.wait(0.2):
-        if deadline is not None and time.monotonic() >= deadline:
-            worker.stop()

@@ -140,3 +140,19 @@ def mark_verified() -> Callable[[str], None]:
         )
 
     return run
+
+
+@pytest.fixture
+def register_copy() -> Callable[[str], str]:
+    """Another registry version of an already logged model (same run, source and tags): cheap versions."""
+    from registry.store import MODEL_NAME, client
+
+    def run(version: str) -> str:
+        c = client()
+        original = c.get_model_version(MODEL_NAME, version)
+        copy = c.create_model_version(
+            MODEL_NAME, original.source, run_id=original.run_id, tags=original.tags
+        )
+        return str(copy.version)
+
+    return run

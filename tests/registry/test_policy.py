@@ -99,11 +99,13 @@ def test_promote_rollback_history_round_trip(
     registry_home: Path,
     good_candidate: Any,
     register: Callable[..., str],
+    register_copy: Callable[[str], str],
     mark_verified: Callable[[str], None],
 ) -> None:
     versions = []
+    first = register(good_candidate)
     for n in range(3):
-        version = register(good_candidate)
+        version = register_copy(first) if n else first
         policy.stage_candidate(version, "monthly-retrain", "gates passed")
         mark_verified(version)
         policy.promote(version, "Production", f"release {n}", "alice")
@@ -151,11 +153,12 @@ def test_wrong_requests_change_nothing(
     registry_home: Path,
     good_candidate: Any,
     register: Callable[..., str],
+    register_copy: Callable[[str], str],
     mark_verified: Callable[[str], None],
 ) -> None:
     staged = register(good_candidate)
     policy.stage_candidate(staged, "monthly-retrain", "gates passed")
-    unstaged = register(good_candidate)
+    unstaged = register_copy(staged)
     before = _state()
     cases = [
         (lambda: policy.promote("99", "production", "x", "a"), "has no version 99"),
@@ -177,9 +180,13 @@ def test_wrong_requests_change_nothing(
 
 
 def test_new_staged_candidate_archives_the_previous_one(
-    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
 ) -> None:
-    first, second = register(good_candidate), register(good_candidate)
+    first = register(good_candidate)
+    second = register_copy(first)
     policy.stage_candidate(first, "monthly-retrain", "gates passed")
     policy.stage_candidate(second, "monthly-retrain", "gates passed")
     c = client()

@@ -97,13 +97,21 @@ def import_version(version: str) -> str:
 
 def ensure_imported(stage_or_version: str) -> str:
     """The model store tag of a stage or version, importing it from the registry if absent."""
+    import fcntl
+
     import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
 
     tag = model_tag(resolve_version(stage_or_version))
-    try:
-        bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        return import_version(tag.rpartition(":")[2])
+    # Both service workers start at once: one imports while the other waits, then finds it.
+    lock_path = Path(BentoMLContainer.bentoml_home.get()) / "paylater-import.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            bentoml.models.get(tag)
+        except bentoml.exceptions.NotFound:
+            return import_version(tag.rpartition(":")[2])
     return tag
 
 

@@ -75,8 +75,11 @@ class Scorer:
         self._reason_codes = [reason_code(f) for f in self.feature_names]
         # For a binary objective, sigmoid(sum of contributions) is the probability, so one
         # pred_contrib call gives both the score and its reasons (half the work of two calls).
+        # The dumped objective reads like "binary sigmoid:1"; its scale enters the probability.
         objective = str(booster.dump_model(num_iteration=0).get("objective", ""))
-        self._contrib_is_logit = objective.startswith(("binary", "cross_entropy"))
+        self._contrib_is_logit = objective.startswith("binary")
+        scale = re.search(r"sigmoid:([0-9.eE+-]+)", objective)
+        self._sigmoid = float(scale.group(1)) if scale else 1.0
 
     @classmethod
     def from_store(cls, tag: str, cutoff: float | None = None) -> Scorer:
@@ -141,7 +144,7 @@ class Scorer:
 
         contrib = np.asarray(self.booster.predict(x, pred_contrib=True, num_threads=1))
         if self._contrib_is_logit:
-            proba = 1.0 / (1.0 + np.exp(-contrib.sum(axis=1)))
+            proba = 1.0 / (1.0 + np.exp(-self._sigmoid * contrib.sum(axis=1)))
         else:
             proba = np.asarray(self.booster.predict(x, num_threads=1))
         per_feature = contrib[:, :-1]  # the last column is the bias

@@ -3,9 +3,10 @@
 In one run, on a table of N rows in its own database `bench_sync`:
   (b) COPY (SELECT ...) TO STDOUT (FORMAT binary) into nothing: the server's own export rate;
   (a) pandas.read_sql + DataFrame.to_parquet: the obvious alternative;
-  the project: tasks.sync.sync_table, first sync (whole history into an empty warehouse: change
-  partition + merge + ledger, counts checked) and then one incremental day with 1% new rows and
-  0.1% updates of old rows.
+  the project: tasks.sync.sync_table, first sync (whole history into an empty warehouse, counts
+  checked, ledger row), the same keeping the change history (keep_changes: a second write), then
+  two incremental days with 1% new rows and updates of 0.1% of the old rows each: a realistic one
+  (updates mostly of the last 4 weeks' rows) and a worst case (updates spread over the year).
 Sizes: PAYLATER_BENCH_SYNC_ROWS (comma separated, default 1000000,10000000). The PostgreSQL server
 is PAYLATER_TEST_PG_URL's (`source var/postgres.env`).
 """
@@ -79,10 +80,18 @@ def fill(url: str, rows: int) -> None:
         conn.execute("VACUUM ANALYZE card_transactions")
 
 
-def next_day(url: str, rows: int) -> None:
-    """One more business day: 1% new rows and 0.1% updates of old rows (refunds)."""
-    day_start = day_end_utc(LAST_DAY)
+def next_day(url: str, day: date, spread: bool) -> None:
+    """One more business day: 1% new rows and updates of 0.1% of the old rows (refunds).
+
+    Realistic (`spread` False): 90% of the updated rows were bought in the last 4 weeks and 10%
+    anywhere in the year, as late changes cluster in production. Worst case (`spread` True):
+    every update lands uniformly over the whole year, touching every part of the table.
+    """
+    day_start = day_end_utc(day - timedelta(days=1))
     with psycopg.connect(url, autocommit=True) as conn:
+        top = conn.execute("SELECT max(transaction_id) FROM card_transactions").fetchone()
+        old = top[0] if top else 0
+        new = old // 100
         conn.execute(
             f"""
             INSERT INTO card_transactions ({COLUMNS})
@@ -90,12 +99,25 @@ def next_day(url: str, rows: int) -> None:
             FROM generate_series(1::bigint, %(new)s::bigint) AS g,
                  LATERAL (SELECT %(start)s::timestamptz + make_interval(secs => g * 80000.0 / %(new)s) AS t) AS at
             """,
-            {"base": rows, "new": rows // 100, "start": day_start},
+            {"base": old, "new": new, "start": day_start},
         )
+        if spread:
+            where, params = "mod(transaction_id, 1000) = 7", {}
+        else:
+            # ids rise with time: the last 4 weeks are the top 28/365 of the id range.
+            recent = old * 28 // 365
+            where = (
+                "(transaction_id > %(recent_from)s AND mod(transaction_id, %(every)s) = 7)"
+                " OR mod(transaction_id, 10000) = 7"
+            )
+            params = {
+                "recent_from": old - recent,
+                "every": max(1, recent * 1000 // (old * 9 // 10)),
+            }
         conn.execute(
             "UPDATE card_transactions SET status = 'refunded', updated_at = %(at)s"
-            " WHERE mod(transaction_id, 1000) = 7 AND transaction_id <= %(rows)s",
-            {"at": day_start + timedelta(hours=3), "rows": rows},
+            f" WHERE ({where}) AND transaction_id <= %(old)s",
+            {"at": day_start + timedelta(hours=3), "old": old, **params},
         )
         conn.execute("VACUUM ANALYZE card_transactions")
 
@@ -138,8 +160,12 @@ def project_sync(
     warehouse_path: Path,
     as_of: date,
     mode: Literal["full", "incremental"] = "incremental",
+    keep_changes: bool | None = None,
 ) -> int:
-    """The project's sync of card_transactions for `as_of`; rows extracted."""
+    """The project's sync of card_transactions for `as_of`; rows extracted.
+
+    `keep_changes`: override the configured change history (None: as configured).
+    """
     from dataclasses import replace
 
     from tasks.extract import open_source
@@ -152,7 +178,10 @@ def project_sync(
         spec = next(
             s for s in validate_tables(source, configured_tables()) if s.name == "card_transactions"
         )
-        result = sync_table(source, warehouse, replace(spec, mode=mode), as_of)
+        spec = replace(spec, mode=mode)
+        if keep_changes is not None:
+            spec = replace(spec, keep_changes=keep_changes)
+        result = sync_table(source, warehouse, spec, as_of)
         return result.rows_extracted or 0
     finally:
         warehouse.close()
@@ -160,8 +189,11 @@ def project_sync(
 
 
 def bench_size(url: str, rows: int, workdir: Path) -> dict[str, float]:
-    """Fill, then time (b), (a), the first sync, a full-mode sync and one incremental day."""
-    import tasks.sync  # noqa: F401  (imported before the clock starts: a deployment has it loaded)
+    """Fill, then time (b), (a), the first sync (with and without change history) and two days."""
+    # Imported before the clock starts: a deployment's worker process has them loaded.
+    import adbc_driver_postgresql.dbapi  # noqa: F401
+
+    import tasks.sync  # noqa: F401
 
     started = time.perf_counter()
     fill(url, rows)
@@ -173,12 +205,16 @@ def bench_size(url: str, rows: int, workdir: Path) -> dict[str, float]:
         warehouse = workdir / f"full_{rows}_{attempt}.duckdb"
         full_runs.append(timed(partial(project_sync, url, warehouse, LAST_DAY)))
     figures["sync_full"] = min(full_runs)
-    replaced = workdir / f"replace_{rows}.duckdb"
-    figures["sync_replace"] = timed(lambda: project_sync(url, replaced, LAST_DAY, "full"))
-    replaced.unlink()
+    kept = workdir / f"kept_{rows}.duckdb"
+    figures["sync_kept"] = timed(lambda: project_sync(url, kept, LAST_DAY, keep_changes=True))
+    kept.unlink()
     figures["pandas"] = timed(lambda: pandas_parquet(url, workdir / "pandas.parquet"))
-    next_day(url, rows)
-    figures["sync_day"] = timed(lambda: project_sync(url, warehouse, LAST_DAY + timedelta(days=1)))
+    day = LAST_DAY + timedelta(days=1)
+    next_day(url, day, spread=False)
+    figures["sync_day"] = timed(lambda: project_sync(url, warehouse, day))
+    day += timedelta(days=1)
+    next_day(url, day, spread=True)
+    figures["sync_day_spread"] = timed(lambda: project_sync(url, warehouse, day))
     for path in workdir.glob("*.duckdb"):
         path.unlink()
     return figures
@@ -187,29 +223,28 @@ def bench_size(url: str, rows: int, workdir: Path) -> dict[str, float]:
 def report(rows: int, f: dict[str, float]) -> list[str]:
     """Printed lines (and the markdown table row) for one size."""
     rate = lambda seconds: rows / seconds / 1e6  # noqa: E731
-    print(
-        f"  (b) COPY binary -> /dev/null : {f['copy_binary']:7.2f} s  {rate(f['copy_binary']):5.2f} M rows/s"
-    )
-    print(
-        f"  (a) pandas read_sql+parquet  : {f['pandas']:7.2f} s  {rate(f['pandas']):5.2f} M rows/s"
-    )
-    print(
-        f"  project full sync -> DuckDB  : {f['sync_full']:7.2f} s  {rate(f['sync_full']):5.2f} M rows/s"
-    )
-    print(
-        f"  project full-mode replace    : {f['sync_replace']:7.2f} s  {rate(f['sync_replace']):5.2f} M rows/s"
-    )
-    print(f"  project incremental day (1%) : {f['sync_day']:7.2f} s")
+    lines = [
+        ("(b) COPY binary -> /dev/null", "copy_binary"),
+        ("(a) pandas read_sql+parquet", "pandas"),
+        ("project first sync -> DuckDB", "sync_full"),
+        ("first sync keeping changes", "sync_kept"),
+    ]
+    for label, key in lines:
+        print(f"  {label:<30}: {f[key]:7.2f} s  {rate(f[key]):5.2f} M rows/s")
+    print(f"  incremental day (realistic)   : {f['sync_day']:7.2f} s")
+    print(f"  incremental day (worst case)  : {f['sync_day_spread']:7.2f} s")
     vs_copy = f["copy_binary"] / f["sync_full"]
     vs_pandas = f["pandas"] / f["sync_full"]
     day_share = f["sync_day"] / f["sync_full"]
-    print(f"  ratio full sync vs (b): {vs_copy:.2f}x   (goal >= 0.70x)")
-    print(f"  ratio full sync vs (a): {vs_pandas:.1f}x   (goal >= 10x)")
-    print(f"  incremental day / full sync: {day_share:.1%}   (goal <= 5%)")
+    spread_share = f["sync_day_spread"] / f["sync_full"]
+    print(f"  ratio first sync vs (b): {vs_copy:.2f}x   (goal >= 0.70x)")
+    print(f"  ratio first sync vs (a): {vs_pandas:.1f}x   (goal >= 10x)")
+    print(f"  incremental day / first sync: {day_share:.1%}   (goal <= 5%)")
+    print(f"  worst-case day / first sync: {spread_share:.1%}")
     return [
         f"| {rows:,} | {f['copy_binary']:.2f} s | {f['pandas']:.2f} s | {f['sync_full']:.2f} s "
-        f"| {f['sync_replace']:.2f} s | {f['sync_day']:.2f} s | {vs_copy:.2f}x "
-        f"| {f['copy_binary'] / f['sync_replace']:.2f}x | {vs_pandas:.1f}x | {day_share:.1%} |"
+        f"| {f['sync_kept']:.2f} s | {f['sync_day']:.2f} s | {f['sync_day_spread']:.2f} s "
+        f"| {vs_copy:.2f}x | {vs_pandas:.1f}x | {day_share:.1%} | {spread_share:.1%} |"
     ]
 
 
@@ -233,10 +268,11 @@ def main() -> None:
     with psycopg.connect(server_url(), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)')
     print(
-        "\n| rows | (b) COPY binary | (a) pandas+parquet | first sync | full-mode sync "
-        "| incremental day | first vs (b) | full-mode vs (b) | first vs (a) | day/first |"
+        "\n| rows | (b) COPY binary | (a) pandas+parquet | first sync | first sync keeping changes "
+        "| incremental day | worst-case day | first vs (b) | first vs (a) | day/first "
+        "| worst day/first |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows_md))
 
 

@@ -26,6 +26,10 @@ from tasks.sync_config import ConfigError, SourceUnavailable, TableSpec, check_i
 
 # Below this many rows one reader is faster than coordinating several.
 PARALLEL_MIN_ROWS = 200_000
+# The PostgreSQL driver's batches default to 16 MB (~500k rows of a narrow table): so large that
+# the warehouse waits for half a read before it writes anything. Smaller batches let it write
+# while the source is still being read.
+PG_BATCH_BYTES = 2 << 20
 # SQLite infers a column's Arrow type from its first values, so NULLs ahead of text would make
 # it an integer column; non-integer columns are read through COALESCE with this sentinel.
 _SQLITE_NULL = "\x00"
@@ -63,11 +67,23 @@ class Window:
 
 @dataclass(frozen=True)
 class SourceCounts:
-    """Counts taken in the read's snapshot, the figures a sync is checked against."""
+    """Counts taken in the read's snapshot, the figures a sync is checked against.
+
+    in_band: rows with band_start <= cursor < end (band_start None: every row before the end);
+    after: rows with cursor >= end. Full mode: in_window = in_band = all rows, after = 0.
+    """
 
     in_window: int
-    before_end: int
-    total: int
+    in_band: int
+    after: int
+    band_start: datetime | None = None
+
+    @property
+    def total(self) -> int:
+        """All rows of the table (only known when the band is the whole history)."""
+        if self.band_start is not None:
+            raise ValueError("the total is not counted when the band has a start")
+        return self.in_band + self.after
 
 
 class ExtractStream:
@@ -87,8 +103,10 @@ class ExtractStream:
 class Snapshot(Protocol):
     """One consistent view of the source."""
 
-    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
-        """Rows in the window, rows before its end, and all rows, in this snapshot."""
+    def counts(
+        self, spec: TableSpec, window: Window, band_start: datetime | None = None
+    ) -> SourceCounts:
+        """Rows in the window, in the check band [band_start, end) and after the end."""
         ...
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
@@ -217,8 +235,12 @@ def _interleave(
             thread.join(timeout=30)
 
 
-def _adbc_batches(cursor: Any, sql: str, params: list) -> Iterator[pa.RecordBatch]:
-    """Execute on an ADBC cursor and stream its record batches."""
+def _adbc_batches(
+    cursor: Any, sql: str, params: list, options: dict[str, str] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Execute on an ADBC cursor (with driver statement options) and stream its record batches."""
+    if options:
+        cursor.adbc_statement.set_options(**options)
     cursor.execute(sql, params or None)
     for batch in cursor.fetch_record_batch():
         # An empty batch carries the driver's guessed types, which need not cast.
@@ -230,12 +252,16 @@ class PostgresSource:
     """PostgreSQL through adbc_driver_postgresql (binary COPY under the hood)."""
 
     def __init__(self, url: str, readers: int = 2) -> None:
+        import adbc_driver_postgresql
         import adbc_driver_postgresql.dbapi as pg
 
         self.url = url
         self.readers = readers
         self._uri = "postgresql://" + url.partition("://")[2]
         self._connect = pg.connect
+        self.statement_options = {
+            adbc_driver_postgresql.StatementOptions.BATCH_SIZE_HINT_BYTES.value: str(PG_BATCH_BYTES)
+        }
         self.conn = self._open()
 
     def _open(self) -> Any:
@@ -295,22 +321,35 @@ class PostgresSnapshot:
             rows = cur.fetch_arrow_table().to_pylist()
         return rows[0]
 
-    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
-        """Rows in the window, before its end and in total (index ranges plus one count)."""
+    def counts(
+        self, spec: TableSpec, window: Window, band_start: datetime | None = None
+    ) -> SourceCounts:
+        """Window, band and after-end counts: index ranges, except a band without a start."""
         table = quote(spec.name)
-        total = self._scalar_row(f"SELECT count(*) AS n FROM {table}", [])["n"]
         if spec.mode == "full" or spec.cursor is None:
-            return SourceCounts(total, total, total)
+            total = self._scalar_row(f"SELECT count(*) AS n FROM {table}", [])["n"]
+            return SourceCounts(total, total, 0)
+        cursor = quote(spec.cursor)
         where, params = window_sql(spec, window, lambda i: f"${i}")
         in_window = self._scalar_row(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)[
             "n"
         ]
-        # Rows at or after the end are few (today's changes), so this is an index range, and
-        # the lower bound costs no second full scan.
+        # Rows at or after the end are few (changed since the day ended): an index range.
         after = self._scalar_row(
-            f"SELECT count(*) AS n FROM {table} WHERE {quote(spec.cursor)} >= $1", [window.end]
+            f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1", [window.end]
         )["n"]
-        return SourceCounts(in_window, total - after, total)
+        if band_start is None and window.start is None:
+            in_band = in_window  # the same rows: cursor < end
+        elif band_start is None:
+            in_band = self._scalar_row(
+                f"SELECT count(*) AS n FROM {table} WHERE {cursor} < $1", [window.end]
+            )["n"]
+        else:
+            in_band = self._scalar_row(
+                f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1 AND {cursor} < $2",
+                [band_start, window.end],
+            )["n"]
+        return SourceCounts(in_window, in_band, after, band_start)
 
     def _key_ranges(self, spec: TableSpec, window: Window, rows: int) -> list[tuple[int, int]]:
         """Split a large read over the integer key range, one slice per reader."""
@@ -356,7 +395,7 @@ class PostgresSnapshot:
     def _main_batches(self, sql: str, params: list) -> Iterator[pa.RecordBatch]:
         """Raw batches of a query on the snapshot's own connection."""
         with self.source.conn.cursor() as cur:
-            yield from _adbc_batches(cur, sql, params)
+            yield from _adbc_batches(cur, sql, params, self.source.statement_options)
 
     def _slice_reader(self, sql: str, params: list) -> Callable[[], Iterator[pa.RecordBatch]]:
         """A reader on a new connection that joins this snapshot first."""
@@ -369,7 +408,7 @@ class PostgresSnapshot:
                     # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
                     check_snapshot_id(self.snapshot_id)
                     cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
-                    yield from _adbc_batches(cur, sql, params)
+                    yield from _adbc_batches(cur, sql, params, self.source.statement_options)
                 conn.rollback()
             finally:
                 conn.close()
@@ -439,23 +478,28 @@ class SqliteSnapshot:
         """Times become the stored text form, so comparisons are text comparisons."""
         return [sqlite_text(p) if isinstance(p, datetime) else p for p in params]
 
-    def counts(self, spec: TableSpec, window: Window) -> SourceCounts:
-        """Rows in the window, before its end and in total, in one scan."""
+    def counts(
+        self, spec: TableSpec, window: Window, band_start: datetime | None = None
+    ) -> SourceCounts:
+        """Window, band and after-end counts in one scan (the embedded source is small)."""
         table = quote(spec.name)
         if spec.mode == "full" or spec.cursor is None:
-            sql = f"SELECT count(*) AS a, count(*) AS b, count(*) AS c FROM {table}"
+            sql = f"SELECT count(*) AS a, count(*) AS b, 0 AS c FROM {table}"
             params: list = []
         else:
             where, params = window_sql(spec, window, lambda i: "?")
+            cursor = quote(spec.cursor)
+            band = f"{cursor} >= ? AND {cursor} < ?" if band_start else f"{cursor} < ?"
             sql = (
-                f"SELECT count(*) FILTER (WHERE {where}) AS a,"
-                f" count(*) FILTER (WHERE {quote(spec.cursor)} < ?) AS b, count(*) AS c FROM {table}"
+                f"SELECT count(*) FILTER (WHERE {where}) AS a, count(*) FILTER (WHERE {band}) AS b,"
+                f" count(*) FILTER (WHERE {cursor} >= ?) AS c FROM {table}"
             )
-            params = [*params, window.end]
+            band_params = [band_start, window.end] if band_start else [window.end]
+            params = [*params, *band_params, window.end]
         with self.source.conn.cursor() as cur:
             cur.execute(sql, self._params(params))
             row = cur.fetch_arrow_table().to_pylist()[0]
-        return SourceCounts(row["a"], row["b"], row["c"])
+        return SourceCounts(row["a"], row["b"], row["c"], band_start if spec.cursor else None)
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
         """Stream the window's rows typed as the warehouse table."""

@@ -2,18 +2,29 @@
 
 Incremental tables: the rows with watermark_from <= updated_at < watermark_to, where
 watermark_to = day_end_utc(as_of) and watermark_from is the watermark of the latest earlier as_of
-that succeeded, land in `<table>__changes` (partition as_of, replaced on rerun) and are merged
-into `<table>` by primary key, the newer updated_at winning. Full tables are replaced whole.
-On DuckDB the load, the merge and the ledger row commit in one transaction.
+that succeeded, are merged into `<table>` by primary key, the newer updated_at winning. With
+`keep_changes` (the default) they first land in `<table>__changes` (partition as_of, replaced on
+rerun), the history of what changed when; without it, on DuckDB, they stream straight into the
+empty table on a first sync, or are staged in a temporary table and merged. BigQuery always
+stages in `__changes`. Full tables are replaced whole. On DuckDB the load, the merge and the
+ledger row commit in one transaction.
 
 Checks (a failure rolls the table back and records a failed ledger row), all counted in the
 same source snapshot as the read:
   rows_extracted == source rows in the window;  rows_loaded == rows_extracted;
-  incremental: source rows with updated_at < watermark_to <= warehouse_rows <= source rows.
+  incremental, for a band of change times [B, watermark_to):
+    source rows with B <= updated_at < watermark_to
+      <= warehouse rows with updated_at >= B
+      <= that + source rows with updated_at >= watermark_to.
 Why those bounds: rows are never deleted at the source and the windows of successive as_of
-values tile (-inf, watermark_to), so every key whose current version is older than the
-watermark has been loaded (lower bound); every warehouse key is a source key (upper bound).
-Rows updated after the watermark sit between the two: their older version is in the warehouse.
+values tile (-inf, watermark_to), so every source row whose current version lies in the band
+was read by some window and is held at that version (lower bound); a warehouse row in the band
+whose source row is not in it has a newer version, after the watermark (upper bound). A row
+that escaped every window (a transaction committing after the sync with an older updated_at)
+breaks the lower bound. B is -inf on a first sync (the whole table: every warehouse key is a
+source key) and otherwise `check_days` (default 7) before the watermark, at the latest the
+window's start, so that a daily check costs index ranges instead of a scan of the source table:
+a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
 """
 
@@ -23,10 +34,10 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from string import Template
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 from prefect import task
@@ -45,6 +56,7 @@ from tasks.sync_config import (
     resolve_columns,
 )
 from tasks.warehouse import Warehouse, WarehouseError, open_warehouse
+from tasks.warehouse.duckdb import DuckDBWarehouse
 
 __all__ = [
     "ConfigError",
@@ -166,14 +178,18 @@ def _bq(name: str) -> str:
     return f"`{name}`"
 
 
-def merge_sql(spec: TableSpec, template: str = "sync_merge.sql") -> str:
-    """The MERGE applying one as_of's changes partition to the current table."""
+def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | None = None) -> str:
+    """The MERGE applying one increment to the current table.
+
+    `changes`: the table holding the increment; None: the as_of partition of the changes table.
+    """
     columns = list(spec.columns)
     cursor = spec.cursor or "updated_at"
     non_key = [c for c in columns if c not in spec.primary_key]
     return Template(sql_text(template)).substitute(
         table=_bq(spec.name),
-        changes=_bq(spec.changes_table),
+        changes=_bq(changes or spec.changes_table),
+        partition="" if changes else "WHERE as_of = @as_of",
         columns=", ".join(_bq(c) for c in columns),
         source_columns=", ".join(f"source.{_bq(c)}" for c in columns),
         key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),
@@ -206,35 +222,102 @@ def _check(condition: bool, table: str, message: str) -> None:
         raise CountMismatch(f"sync of {table}: {message}")
 
 
+def band_start(spec: TableSpec, window: Window) -> datetime | None:
+    """Start of the count check's band: `check_days` before the end, at the latest the window's
+    start; None (the whole history) on a first sync or when check_days is None."""
+    if spec.mode == "full" or window.start is None or spec.check_days is None:
+        return None
+    return min(window.start, window.end - timedelta(days=spec.check_days))
+
+
+def streams_directly(warehouse: Warehouse, spec: TableSpec) -> bool:
+    """Whether the increment goes straight from the stream into the current table (DuckDB,
+    change history off) rather than through the `__changes` partition."""
+    return not spec.keep_changes and isinstance(warehouse, DuckDBWarehouse)
+
+
 def load_incremental(
     warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
 ) -> _Counts:
-    """Replace the as_of partition of the changes table, then merge it (call in a transaction)."""
-    counts = _Counts()
-    warehouse.replace_partition(
-        spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
-    )
-    counts.extracted = stream.rows
+    """Load the window's rows and merge them into the current table (call in a transaction)."""
+    if streams_directly(warehouse, spec):
+        counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source)
+    else:
+        counts = load_through_changes(warehouse, spec, as_of, stream, source)
+    check_band(warehouse, spec, source, counts)
+    return counts
+
+
+def _check_extracted(spec: TableSpec, counts: _Counts, source: SourceCounts) -> None:
+    """Rows read == rows in the source window, rows loaded == rows read."""
     _check(
         counts.extracted == source.in_window,
         spec.name,
         f"extracted {counts.extracted} rows but the source holds {source.in_window} in the window",
     )
-    counts.loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
     _check(
         counts.loaded == counts.extracted,
         spec.name,
         f"loaded {counts.loaded} rows but extracted {counts.extracted}",
     )
-    merge_changes(warehouse, spec, as_of)
-    counts.warehouse = _count(warehouse, spec.name)
-    _check(
-        source.before_end <= counts.warehouse <= source.total,
-        spec.name,
-        f"warehouse holds {counts.warehouse} rows, outside [{source.before_end}, {source.total}] "
-        "(source rows older than the watermark, all source rows)",
+
+
+def load_through_changes(
+    warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
+) -> _Counts:
+    """Replace the as_of partition of the changes table, then merge it."""
+    counts = _Counts()
+    warehouse.replace_partition(
+        spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
     )
+    counts.extracted = stream.rows
+    counts.loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
+    _check_extracted(spec, counts, source)
+    merge_changes(warehouse, spec, as_of)
     return counts
+
+
+def load_direct(
+    warehouse: DuckDBWarehouse, spec: TableSpec, stream: Any, source: SourceCounts
+) -> _Counts:
+    """Stream into the empty current table, or stage the increment in memory and MERGE it."""
+    counts = _Counts()
+    if _count(warehouse, spec.name) == 0:
+        # Every row is new: one write, straight from the reader, nothing to probe.
+        counts.loaded = warehouse.append(spec.name, stream.reader)
+        counts.extracted = stream.rows
+        _check_extracted(spec, counts, source)
+        return counts
+    with warehouse.staged(stream.reader) as staged:
+        counts.extracted = stream.rows
+        counts.loaded = _count(warehouse, staged)
+        _check_extracted(spec, counts, source)
+        merge_staged(warehouse, spec, staged)
+    return counts
+
+
+def check_band(
+    warehouse: Warehouse, spec: TableSpec, source: SourceCounts, counts: _Counts
+) -> None:
+    """After the merge: source rows in the band <= warehouse rows in it <= those + rows after."""
+    counts.warehouse = _count(warehouse, spec.name)
+    if source.band_start is None:
+        held = counts.warehouse
+        band = "older than the watermark"
+    else:
+        held = _count(
+            warehouse,
+            spec.name,
+            f"WHERE {_bq(spec.cursor or 'updated_at')} >= @band_start",
+            {"band_start": source.band_start},
+        )
+        band = f"changed from {source.band_start:%Y-%m-%d %H:%M} UTC to the watermark"
+    _check(
+        source.in_band <= held <= source.in_band + source.after,
+        spec.name,
+        f"warehouse holds {held} rows, outside [{source.in_band}, {source.in_band + source.after}] "
+        f"(source rows {band}, plus those changed after it)",
+    )
 
 
 def merge_changes(warehouse: Warehouse, spec: TableSpec, as_of: date) -> None:
@@ -243,6 +326,11 @@ def merge_changes(warehouse: Warehouse, spec: TableSpec, as_of: date) -> None:
         warehouse.execute(merge_sql(spec, "sync_insert_first.sql"), {"as_of": as_of})
     else:
         warehouse.execute(merge_sql(spec), {"as_of": as_of})
+
+
+def merge_staged(warehouse: Warehouse, spec: TableSpec, staged: str) -> None:
+    """MERGE a staged increment (a table holding just the window's rows) into the current table."""
+    warehouse.execute(merge_sql(spec, changes=staged))
 
 
 def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: SourceCounts) -> _Counts:
@@ -303,12 +391,12 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
     schema = spec.arrow_schema()
     try:
         warehouse.create_table_if_missing(spec.name, schema)
-        if spec.mode == "incremental":
+        if spec.mode == "incremental" and not streams_directly(warehouse, spec):
             warehouse.create_table_if_missing(
                 spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
             )
         with source.snapshot() as snapshot, warehouse.transaction():
-            source_counts = snapshot.counts(spec, window)
+            source_counts = snapshot.counts(spec, window, band_start(spec, window))
             stream = snapshot.read(spec, window, source_counts.in_window)
             if spec.mode == "incremental":
                 counts = load_incremental(warehouse, spec, as_of, stream, source_counts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +51,13 @@ class TableSpec:
     mode: Literal["full", "incremental"]
     cursor: str | None = "updated_at"
     columns: dict[str, str] = field(default_factory=dict)
+    # Whether each as_of's increment is kept in `<table>__changes`. It costs a second write of
+    # every row (the whole history on the first sync); without it DuckDB loads and merges
+    # straight from the stream. BigQuery always stages the increment there (MERGE needs a table).
+    keep_changes: bool = True
+    # The incremental count check covers rows changed in the last `check_days` days before the
+    # window's end (at least the window); None: the whole table (one source scan every day).
+    check_days: int | None = 7
 
     @property
     def changes_table(self) -> str:
@@ -78,7 +85,8 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
     """One `tables:` entry -> TableSpec, or a ConfigError saying what is wrong."""
     if not isinstance(raw, dict):
         raise ConfigError(f"sync config {where}: each table must be a mapping")
-    unknown = sorted(set(raw) - {"name", "primary_key", "mode", "cursor", "columns"})
+    known = {"name", "primary_key", "mode", "cursor", "columns", "keep_changes", "check_days"}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"sync config {where}: unknown key(s) {', '.join(unknown)}")
     name = check_identifier(raw.get("name"), "table")
@@ -102,12 +110,24 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
                 f"sync config: column {name}.{column} has type {type_name!r}; "
                 f"use one of {', '.join(ARROW_TYPES)}"
             )
+    keep_changes = raw.get("keep_changes", True)
+    if not isinstance(keep_changes, bool):
+        raise ConfigError(f"sync config: keep_changes of table {name} must be true or false")
+    check_days = raw.get("check_days", 7)
+    if check_days is not None and (
+        isinstance(check_days, bool) or not isinstance(check_days, int) or check_days < 1
+    ):
+        raise ConfigError(
+            f"sync config: check_days of table {name} must be a whole number of days >= 1 or null"
+        )
     return TableSpec(
         name=name,
         primary_key=tuple(check_identifier(k, f"primary key of {name}:") for k in keys),
         mode=mode,
         cursor=cursor,
         columns=dict(columns),
+        keep_changes=keep_changes,
+        check_days=check_days,
     )
 
 
@@ -159,4 +179,4 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
                 "list the table's columns with their types"
             )
         columns[column] = type_name
-    return TableSpec(spec.name, spec.primary_key, spec.mode, spec.cursor, columns)
+    return replace(spec, columns=columns)

@@ -3,4 +3,4 @@
 INSERT INTO ${table} (${columns})
 SELECT ${columns}
 FROM ${changes}
-WHERE as_of = @as_of
+${partition}

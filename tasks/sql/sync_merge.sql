@@ -1,4 +1,5 @@
--- Apply one as_of's increment (the __changes partition) to the current table, by primary key.
+-- Apply one increment (an as_of partition of __changes, or a staged increment) to the current
+-- table, by primary key.
 -- The newer version of a row wins, so re-running an older as_of never regresses a row that a
 -- later sync brought; a tie (the same version read again) rewrites identical values.
 -- Identifiers are $$name placeholders filled with validated names; values are @parameters.
@@ -6,7 +7,7 @@ MERGE ${table} AS target
 USING (
   SELECT ${columns}
   FROM ${changes}
-  WHERE as_of = @as_of
+  ${partition}
 ) AS source
 ON ${key_match}
 WHEN MATCHED AND source.${cursor} >= target.${cursor} THEN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -13,6 +14,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import sqlglot
+
+# sqlglot loads a dialect at its first use (about half a second); load both with the adapter so
+# the first statement of a sync does not pay for it.
+import sqlglot.dialects.bigquery
+import sqlglot.dialects.duckdb
 
 from tasks.warehouse.base import WarehouseError
 
@@ -134,6 +140,32 @@ class DuckDBWarehouse:
             )
             with self._incoming(data) as incoming:
                 self.conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {incoming}')
+
+    def append(self, table: str, data: pa.Table | pa.RecordBatchReader) -> int:
+        """Insert `data` into an existing table (streamed while it is produced); rows inserted."""
+        check_identifier(table)
+        with self.transaction(), self._incoming(data) as incoming:
+            inserted = self.conn.execute(
+                f'INSERT INTO "{table}" BY NAME SELECT * FROM {incoming}'
+            ).fetchall()
+        return int(inserted[0][0])
+
+    @contextmanager
+    def staged(self, data: pa.Table | pa.RecordBatchReader) -> Iterator[str]:
+        """`data` materialised in a temporary table (dropped afterwards), for a MERGE to read.
+
+        A reader can be scanned once; a temporary table can be counted and then merged, and
+        lives in memory (spilling to disk when large) outside the database file.
+        """
+        with self._incoming(data) as incoming:
+            self.conn.execute(f'CREATE OR REPLACE TEMP TABLE "_staged" AS SELECT * FROM {incoming}')
+        try:
+            yield "_staged"
+        finally:
+            # After a failed statement the transaction refuses everything until its rollback,
+            # which drops the table anyway; the original error is the one to raise.
+            with contextlib.suppress(duckdb.Error):
+                self.conn.execute('DROP TABLE IF EXISTS temp."_staged"')
 
     def close(self) -> None:
         """Close the connection."""

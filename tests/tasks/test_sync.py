@@ -358,6 +358,82 @@ def test_full_mode_replaces_the_table(pg_url, warehouse, tmp_path, monkeypatch) 
     assert not warehouse.table_exists("users__changes")
 
 
+def transactions(wh: Warehouse) -> list[dict[str, Any]]:
+    """card_transactions in the warehouse, by key."""
+    return rows(wh, "card_transactions", "transaction_id")
+
+
+def test_without_change_history_updates_crash_and_rerun(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # card_transactions is configured with keep_changes: false (streamed and merged directly).
+    assert not next(s for s in configured_tables() if s.name == "card_transactions").keep_changes
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    clean = open_warehouse(f"duckdb:///{tmp_path / 'clean.duckdb'}")
+    crashed = open_warehouse(f"duckdb:///{tmp_path / 'crashed.duckdb'}")
+    for wh in (clean, crashed):
+        sync_all(db, wh, D1)
+    assert [r["transaction_id"] for r in transactions(clean)] == [100]
+    assert not clean.table_exists("card_transactions__changes")
+
+    db.insert("card_transactions", [txn(102, "2026-11-21 06:00")])
+    db.run(  # a refund of a transaction synced the day before
+        "UPDATE card_transactions SET status = 'refunded', updated_at = ? WHERE transaction_id = 100",
+        [(utc("2026-11-21 07:00"),)],
+    )
+    second = {r.table_name: r for r in sync_all(db, clean, D2)}["card_transactions"]
+    assert (second.rows_extracted, second.rows_loaded, second.warehouse_rows) == (3, 3, 3)
+    assert [(r["transaction_id"], r["status"]) for r in transactions(clean)] == [
+        (100, "refunded"),
+        (101, "settled"),
+        (102, "settled"),
+    ]
+    done = digest(clean)
+    sync_all(db, clean, D2)
+    assert digest(clean) == done  # rerun: the same warehouse
+
+    before = transactions(crashed)
+    real_merge = sync.merge_staged
+
+    def crash(wh: Warehouse, spec, staged: str) -> None:
+        raise OSError("killed during the merge")
+
+    monkeypatch.setattr(sync, "merge_staged", crash)
+    with pytest.raises(OSError, match="killed during the merge"):
+        sync_all(db, crashed, D2)
+    assert transactions(crashed) == before  # rolled back with the table's transaction
+    with pytest.raises(SyncIncomplete, match="card_transactions"):
+        check_ledger(crashed, D2)
+    monkeypatch.setattr(sync, "merge_staged", real_merge)
+    sync_all(db, crashed, D2)
+    assert digest(crashed) == done
+    clean.close()
+    crashed.close()
+
+
+def test_a_row_committed_late_behind_the_watermark_fails_the_count_check(
+    pg_url: str, warehouse
+) -> None:
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    # A transaction that committed after D1's sync with a change time before its watermark: no
+    # window will ever read it. The next day's band check counts it at the source.
+    db.insert("card_transactions", [txn(99, "2026-11-18 09:00")])
+    db.insert("card_transactions", [txn(103, "2026-11-21 08:00")])
+    source = open_source(db.url)
+    spec = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "card_transactions"
+    )
+    with pytest.raises(
+        CountMismatch, match=r"card_transactions: warehouse holds 3 rows, outside \[4, 4\]"
+    ):
+        sync_table(source, warehouse, spec, D2)
+    source.close()
+    assert [r["transaction_id"] for r in transactions(warehouse)] == [100]
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
@@ -372,6 +448,14 @@ def test_full_mode_replaces_the_table(pg_url, warehouse, tmp_path, monkeypatch) 
         ("tables:\n  - {name: users, primary_key: uid}\n", "column users.uid does not exist"),
         ("tables:\n  - {name: users, primary_key: user_id, mode: weekly}\n", "mode 'weekly'"),
         ("tables:\n  - {name: 'users; drop', primary_key: user_id}\n", "not a plain identifier"),
+        (
+            "tables:\n  - {name: users, primary_key: user_id, keep_changes: 'no'}\n",
+            "keep_changes of table users must be true or false",
+        ),
+        (
+            "tables:\n  - {name: users, primary_key: user_id, check_days: 0}\n",
+            "check_days of table users must be a whole number",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_error_and_writes_nothing(

@@ -42,7 +42,7 @@ Look at it
   Registry:         .venv/bin/paylater registry list     (show VERSION, history, compare A B)
 
 Serve the staged candidate (the staging service)
-  PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME PAYLATER_SERVE_STAGE=staging .venv/bin/bentoml serve bentos.service:Scorer --host 127.0.0.1 --port 3000
+  PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME PAYLATER_SERVE_STAGE=staging .venv/bin/bentoml serve bentos.service:PaylaterScorer --host 127.0.0.1 --port 3000
   curl -s -X POST 127.0.0.1:3000/v2/score -H 'content-type: application/json' -d '{"user_id": 1, "amount_jpy": 10000}'
 Verify it, then promote it
   .venv/bin/paylater registry verify --stage staging --url http://127.0.0.1:3000

@@ -189,7 +189,8 @@ def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | 
     return Template(sql_text(template)).substitute(
         table=_bq(spec.name),
         changes=_bq(changes or spec.changes_table),
-        partition="" if changes else "WHERE as_of = @as_of",
+        partition="TRUE" if changes else "as_of = @as_of",
+        key_columns=", ".join(_bq(k) for k in spec.primary_key),
         columns=", ".join(_bq(c) for c in columns),
         source_columns=", ".join(f"source.{_bq(c)}" for c in columns),
         key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),
@@ -320,17 +321,32 @@ def check_band(
     )
 
 
+def apply_increment(
+    warehouse: Warehouse, spec: TableSpec, changes: str | None, params: dict[str, Any]
+) -> None:
+    """Merge an increment into the non-empty current table, the newer version of a key winning.
+
+    BigQuery: one MERGE. DuckDB: delete the replaced rows, then append the new versions (an
+    UPDATE in place costs a rewrite of every row group it touches at the next checkpoint).
+    """
+    if isinstance(warehouse, DuckDBWarehouse):
+        warehouse.execute(merge_sql(spec, "sync_delete_replaced.sql", changes), params)
+        warehouse.execute(merge_sql(spec, "sync_insert_missing.sql", changes), params)
+    else:
+        warehouse.execute(merge_sql(spec, changes=changes), params)
+
+
 def merge_changes(warehouse: Warehouse, spec: TableSpec, as_of: date) -> None:
     """MERGE the as_of changes partition into the current table (INSERT while it is empty)."""
     if _count(warehouse, spec.name) == 0:
         warehouse.execute(merge_sql(spec, "sync_insert_first.sql"), {"as_of": as_of})
     else:
-        warehouse.execute(merge_sql(spec), {"as_of": as_of})
+        apply_increment(warehouse, spec, None, {"as_of": as_of})
 
 
 def merge_staged(warehouse: Warehouse, spec: TableSpec, staged: str) -> None:
-    """MERGE a staged increment (a table holding just the window's rows) into the current table."""
-    warehouse.execute(merge_sql(spec, changes=staged))
+    """Merge a staged increment (a table holding just the window's rows) into the current table."""
+    apply_increment(warehouse, spec, staged, {})
 
 
 def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: SourceCounts) -> _Counts:

@@ -3,4 +3,4 @@
 INSERT INTO ${table} (${columns})
 SELECT ${columns}
 FROM ${changes}
-${partition}
+WHERE ${partition}

@@ -7,7 +7,7 @@ MERGE ${table} AS target
 USING (
   SELECT ${columns}
   FROM ${changes}
-  ${partition}
+  WHERE ${partition}
 ) AS source
 ON ${key_match}
 WHEN MATCHED AND source.${cursor} >= target.${cursor} THEN

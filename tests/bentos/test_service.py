@@ -249,5 +249,6 @@ def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> Non
     call(served.base, "/v2/score", raw=b"\xff\xfe garbage")
     status, text = call(served.base, "/metrics", token=None)
     assert status == 200 and "request_total" in text
+    assert 'endpoint="/v2/score"' in text, "the scoring routes must be counted"
     assert call(served.base, "/v2/score", {"user_id": 1, "amount_jpy": 5_000})[0] == 200
     assert "Traceback" not in served.log.read_text()

@@ -231,6 +231,40 @@ class FeatureStore:
                 self._conn = None
 
 
+class SqliteFeatureStore:
+    """The online table in the embedded SQLite source (demo and development): same answers, no server.
+
+    The HTTP service awaits `lookup`; each lookup runs on a thread with its own short connection,
+    since sqlite3 connections must not cross threads and the file may be replaced by a publish.
+    """
+
+    def __init__(self, sqlite_path: str, feature_names: Iterable[str]) -> None:
+        self.path = sqlite_path
+        self._rows = FeatureStore("", feature_names)  # validated names and row mapping
+
+    def _query(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """One query for `ids` on a fresh read-only connection."""
+        import sqlite3
+
+        marks = ",".join("?" * len(ids))
+        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                f"SELECT * FROM user_features_latest WHERE user_id IN ({marks})", ids
+            ).fetchall()
+        return {int(r["user_id"]): self._rows._features_of(dict(r)) for r in rows}
+
+    async def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Feature rows by user id for those users that have one."""
+        import asyncio
+
+        ids = [int(u) for u in dict.fromkeys(user_ids)]
+        return await asyncio.to_thread(self._query, ids) if ids else {}
+
+    async def close(self) -> None:
+        """Nothing held open."""
+
+
 class CoalescingFeatureStore:
     """Async lookups for the HTTP service: requests arriving while a query is in flight share the next one.
 

@@ -19,7 +19,7 @@ import bentoml
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from bentos.scoring import CoalescingFeatureStore, Score, Scorer
+    from bentos.scoring import CoalescingFeatureStore, Score, Scorer, SqliteFeatureStore
 
 log = logging.getLogger("paylater.serving")
 
@@ -68,7 +68,7 @@ class Engine:
 
     def __init__(self) -> None:
         self.scorer: Scorer | None = None
-        self.features: CoalescingFeatureStore | None = None
+        self.features: CoalescingFeatureStore | SqliteFeatureStore | None = None
         self.token: bytes | None = None
         self.max_batch = 1000
         self.load_error: str | None = None
@@ -127,7 +127,9 @@ class Engine:
         found: dict[int, dict[str, Any]] = {}
         if user_ids:
             if self.features is None:
-                raise Reply(503, "no_feature_store", "PAYLATER_SOURCE_URL is not a PostgreSQL URL")
+                raise Reply(
+                    503, "no_feature_store", "PAYLATER_SOURCE_URL is neither PostgreSQL nor SQLite"
+                )
             try:
                 found = await self.features.lookup(user_ids)
             except Exception as exc:
@@ -363,14 +365,16 @@ def _load_scorer() -> Scorer:
     return Scorer.load(stage=settings.serve_stage, cutoff=settings.serve_cutoff)
 
 
-def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | None:
-    """The online feature store in the source PostgreSQL (None when the source is not PostgreSQL)."""
-    from bentos.scoring import CoalescingFeatureStore
+def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStore | None:
+    """The online feature store in the source database: PostgreSQL, or the embedded SQLite file."""
+    from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
     from paylater.settings import get_settings
 
     url = get_settings().source
+    if url.startswith("sqlite:///"):
+        return SqliteFeatureStore(url.removeprefix("sqlite:///"), scorer.user_feature_names)
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        log.warning("source %s is not PostgreSQL: user_id lookups answer 503", url)
+        log.warning("source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", url)
         return None
     return CoalescingFeatureStore(
         url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -110,3 +111,29 @@ def test_coalescing_lookup_answers_each_caller(online_features: str) -> None:
     results = asyncio.run(_lookup_concurrently(online_features))
     assert [sorted(r) for r in results] == [[1], [2], [3], [], [1]]
     assert results[2][3] == {"days_since_signup": 90.0, "topups_30d": None}
+
+
+def test_sqlite_feature_store_answers_like_the_online_table(tmp_path: Path) -> None:
+    """The embedded default (SQLite source) serves user_id lookups too."""
+    import asyncio
+    import sqlite3
+
+    from bentos.scoring import SqliteFeatureStore
+
+    path = tmp_path / "source.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE user_features_latest (user_id INTEGER PRIMARY KEY, as_of TEXT, "
+            "card_count_7d REAL, dc_count REAL, updated_at TEXT)"
+        )
+        conn.executemany(
+            "INSERT INTO user_features_latest VALUES (?, '2026-11-26', ?, ?, '2026-11-27')",
+            [(1, 3.0, None), (2, 0.0, 2.0)],
+        )
+    store = SqliteFeatureStore(str(path), ["card_count_7d", "dc_count"])
+    found = asyncio.run(store.lookup([2, 1, 99, 2]))
+    assert found == {
+        1: {"card_count_7d": 3.0, "dc_count": None},
+        2: {"card_count_7d": 0.0, "dc_count": 2.0},
+    }
+    assert asyncio.run(store.lookup([])) == {}

@@ -137,8 +137,12 @@ class Settings(BaseSettings):
     monitor_feature_age_critical_hours: float = Field(
         default=54.0, description="Hours since the newest scoring dataset was built: critical."
     )
-    monitor_psi_warning: float = Field(default=0.10, description="PSI of a feature or the score: warning.")
-    monitor_psi_critical: float = Field(default=0.25, description="PSI of a feature or the score: critical.")
+    monitor_psi_warning: float = Field(
+        default=0.10, description="PSI of a feature or the score: warning."
+    )
+    monitor_psi_critical: float = Field(
+        default=0.25, description="PSI of a feature or the score: critical."
+    )
     monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
     # --- end monitoring ---
 
@@ -157,7 +161,8 @@ class Settings(BaseSettings):
     train_max_bin: int = Field(default=255, description="LightGBM max_bin.")
     train_num_boost_round: int = Field(default=2000, description="Upper bound on boosting rounds.")
     train_early_stopping_rounds: int = Field(
-        default=50, description="Stop when the early-stopping log loss has not improved for this many rounds."
+        default=50,
+        description="Stop when the early-stopping log loss has not improved for this many rounds.",
     )
     train_early_stopping_share: int = Field(
         default=10,
@@ -166,23 +171,29 @@ class Settings(BaseSettings):
     train_num_threads: int = Field(
         default=2, description="LightGBM threads; part of the params, since results depend on it."
     )
-    train_seed: int = Field(default=42, description="LightGBM seed (all of its random seeds derive from it).")
+    train_seed: int = Field(
+        default=42, description="LightGBM seed (all of its random seeds derive from it)."
+    )
     decision_cutoff: float = Field(
         default=0.2,
         description="Default probability at or above which a request is declined (tag `cutoff` on each version).",
     )
     golden_request_count: int = Field(
-        default=20, description="OOT rows stored with each version as golden requests for staging checks."
+        default=20,
+        description="OOT rows stored with each version as golden requests for staging checks.",
     )
     gate_min_auc: float = Field(default=0.65, description="Absolute gate: OOT AUC at least this.")
     gate_max_ece: float = Field(
-        default=0.02, description="Absolute gate: OOT expected calibration error (10 equal-mass bins) at most this."
+        default=0.02,
+        description="Absolute gate: OOT expected calibration error (10 equal-mass bins) at most this.",
     )
     gate_max_auc_drop: float = Field(
-        default=0.01, description="Relative gate: production OOT AUC minus candidate OOT AUC at most this."
+        default=0.01,
+        description="Relative gate: production OOT AUC minus candidate OOT AUC at most this.",
     )
     gate_max_score_psi: float = Field(
-        default=0.25, description="Relative gate: PSI of candidate vs production scores on the OOT month at most this."
+        default=0.25,
+        description="Relative gate: PSI of candidate vs production scores on the OOT month at most this.",
     )
     gate_allow_feature_changes: bool = Field(
         default=False,
@@ -205,7 +216,8 @@ class Settings(BaseSettings):
         description="How jobs are scored: 'inprocess' (model store + user_features_latest) or 'http' (the bento).",
     )
     worker_scoring_url: str | None = Field(
-        default=None, description="Base URL of the bento for the http backend (POST {url}/v2/score_batch)."
+        default=None,
+        description="Base URL of the bento for the http backend (POST {url}/v2/score_batch).",
     )
     worker_model: str = Field(
         default="production",
@@ -219,16 +231,26 @@ class Settings(BaseSettings):
         default="all",
         description="In process: 'all' (reasons on every score, like the HTTP API) or 'declines' (only there).",
     )
-    worker_concurrency: int = Field(default=2, ge=1, description="Claim-score-write loops (threads) per process.")
+    worker_concurrency: int = Field(
+        default=2, ge=1, description="Claim-score-write loops (threads) per process."
+    )
     worker_batch_size: int = Field(default=500, ge=1, description="Jobs claimed per round trip.")
     worker_lease_seconds: float = Field(
-        default=30.0, gt=0, description="A claimed job is re-claimable this long after its claim (crash recovery)."
+        default=30.0,
+        gt=0,
+        description="A claimed job is re-claimable this long after its claim (crash recovery).",
     )
-    worker_max_attempts: int = Field(default=5, ge=1, description="Attempts before a job is dead-lettered.")
+    worker_max_attempts: int = Field(
+        default=5, ge=1, description="Attempts before a job is dead-lettered."
+    )
     worker_backoff_seconds: float = Field(
-        default=1.0, ge=0, description="Retry delay after the first failed attempt; doubles per attempt."
+        default=1.0,
+        ge=0,
+        description="Retry delay after the first failed attempt; doubles per attempt.",
     )
-    worker_backoff_max_seconds: float = Field(default=300.0, ge=0, description="Cap on the retry delay.")
+    worker_backoff_max_seconds: float = Field(
+        default=300.0, ge=0, description="Cap on the retry delay."
+    )
     worker_poll_seconds: float = Field(
         default=1.0, gt=0, description="Idle poll interval: the fallback when a NOTIFY is missed."
     )
@@ -249,7 +271,8 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="Most requests one /v2/score_batch call may carry."
     )
     api_token: str | None = Field(
-        default=None, description="Bearer token the scoring APIs require (unset: open, e.g. on loopback)."
+        default=None,
+        description="Bearer token the scoring APIs require (unset: open, e.g. on loopback).",
     )
     # --- end serving ---
 

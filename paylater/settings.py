@@ -227,9 +227,11 @@ class Settings(BaseSettings):
         default="staging",
         description="Shadow model scored into shadow_results when it exists and differs; '' disables shadowing.",
     )
+    # Reason codes explain adverse decisions; TreeSHAP costs ~50x a prediction, so the worker
+    # computes them for declines only unless asked ('all' matches the HTTP API on approvals too).
     worker_reason_codes: str = Field(
-        default="all",
-        description="In process: 'all' (reasons on every score, like the HTTP API) or 'declines' (only there).",
+        default="declines",
+        description="In process: 'declines' (reasons where the answer is a decline) or 'all' (every score, like the HTTP API).",
     )
     worker_concurrency: int = Field(
         default=2, ge=1, description="Claim-score-write loops (threads) per process."

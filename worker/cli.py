@@ -30,7 +30,9 @@ def load_scorer(spec: str) -> Any:
     return Scorer.load(stage=spec.strip().lower())
 
 
-def inprocess_backend(spec: str, database_url: str, reason_codes: str = "all") -> ScoringBackend:
+def inprocess_backend(
+    spec: str, database_url: str, reason_codes: str = "declines"
+) -> ScoringBackend:
     """The model `spec` scored in this process with features from user_features_latest."""
     from worker.scoring import InProcessBackend
 

@@ -8,8 +8,11 @@ stream out as they arrive so the warehouse writes while the source is still bein
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -235,6 +238,33 @@ def _interleave(
             thread.join(timeout=30)
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back (once).
+
+    Each extract batch allocates and frees megabytes in the reader threads; with the default
+    thresholds glibc returns that memory to the kernel and asks for it again at the next batch,
+    which strace showed as ~700k mprotect calls for a 10M-row read, 6 of its 16 CPU seconds in
+    the kernel (about 3 with these thresholds). Keeping up to 256 MB costs a sync process
+    little. A no-op off glibc.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        return all(
+            libc.mallopt(option, value) == 1
+            for option, value in (
+                (m_trim_threshold, 256 << 20),
+                (m_top_pad, 64 << 20),
+                (m_mmap_threshold, 32 << 20),
+            )
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def _adbc_batches(
     cursor: Any, sql: str, params: list, options: dict[str, str] | None = None
 ) -> Iterator[pa.RecordBatch]:
@@ -257,6 +287,7 @@ class PostgresSource:
 
         self.url = url
         self.readers = readers
+        keep_freed_memory()
         self._uri = "postgresql://" + url.partition("://")[2]
         self._connect = pg.connect
         self.statement_options = {

@@ -376,7 +376,8 @@ def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
 def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date) -> TableResult:
     """Sync one table for one as_of; on failure roll back, record a failed row, and raise."""
     started = time.monotonic()
-    if day_end_utc(as_of) > datetime.now(UTC):
+    watermark_to = day_end_utc(as_of)  # once: each call reads the settings for the time zone
+    if watermark_to > datetime.now(UTC):
         # A window ending in the future would be read again by nobody: the next as_of starts
         # at its end, so rows changed later that day would never reach the warehouse.
         raise SyncError(
@@ -385,7 +386,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
     ensure_ledger(warehouse)
     window = Window(
         previous_watermark(warehouse, spec.name, as_of) if spec.mode == "incremental" else None,
-        day_end_utc(as_of),
+        watermark_to,
     )
 
     def result(status: Literal["succeeded", "failed"], counts: _Counts | None, error: str | None):

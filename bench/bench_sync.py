@@ -175,10 +175,8 @@ def project_sync(
     source = open_source(url)
     warehouse = open_warehouse(f"duckdb:///{warehouse_path}")
     try:
-        spec = next(
-            s for s in validate_tables(source, configured_tables()) if s.name == "card_transactions"
-        )
-        spec = replace(spec, mode=mode)
+        configured = next(s for s in configured_tables() if s.name == "card_transactions")
+        (spec,) = validate_tables(source, [replace(configured, mode=mode)])
         if keep_changes is not None:
             spec = replace(spec, keep_changes=keep_changes)
         result = sync_table(source, warehouse, spec, as_of)

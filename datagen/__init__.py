@@ -4,8 +4,10 @@ A day-by-day simulation, vectorised over users (numpy), driven by latent per-use
 payday, financial stress, impulsiveness, engagement) plus stress shocks. It writes the four source
 tables, the app events (straight into the warehouse) and, apart from both, each deferred charge's
 true default probability (`$PAYLATER_HOME/truth/deferred_charges.parquet`: charge_id,
-default_probability). The true log-odds are `datagen.simulate.default_logit` of latent traits and the
-user's state at request time (spend vs income, top-up cadence, past lateness, app use, declines).
+default_probability). The true log-odds are `datagen.simulate.default_logit` of the user's state at
+request time as the source tables show it up to the day before (30- and 7-day windows of spend vs
+top-ups, top-up cadence and recency, declines, past lateness, fading app use, the amount against the
+inflow), plus a small direct part of latent stress and shocks that no lender observes.
 Same seed and arguments give identical rows.
 
 Public API (no I/O unless named so):

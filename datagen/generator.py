@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datagen.clock import HOURLY_APP, BusinessClock
-from datagen.population import Population, expected_ticket, new_users
+from datagen.population import Population, new_users
 from datagen.simulate import Counters, DaySimulator
 from datagen.tables import (
     app_events_table,
@@ -133,7 +133,6 @@ class Simulation:
         order = np.argsort(instants, kind="stable")
         pop = new_users(rng, 1, days[order], instants[order], meta.reference_year, s0 - 1)
         sim.sim.fill_churn_instants(rng, pop)
-        _warm_start(pop)
         sim.pop = pop
         sim.counters.user_id = pre + 1
         # Sign-ups grow over the window (marketing works), with a weekend bump.
@@ -244,15 +243,6 @@ def _empty_population() -> Population:
     """A placeholder population with no users."""
     rng = np.random.default_rng(0)
     return new_users(rng, 1, np.zeros(0, np.int64), np.zeros(0, np.int64), 2000)
-
-
-def _warm_start(pop: Population) -> None:
-    """Users who joined before the window arrive with habits already formed (no cold-start dip)."""
-    everyone = np.arange(len(pop))
-    pop.spend_ema[:] = pop.spend_rate * expected_ticket(pop, everyone) * 0.85
-    pop.topup_ema[:] = 2.2 / 30
-    pop.session_ema[:] = 0.04 + 0.5 * pop.engagement**1.5
-    pop.decline_ema[:] = 0.02
 
 
 def generate(

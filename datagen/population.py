@@ -49,6 +49,9 @@ _CATEGORY_IMPULSE = np.array([-0.5, 0.2, 0.5, -0.2, 1.0, 0.9, -0.3, 0.0, 1.0, 0.
 TOPUP_METHODS: tuple[str, ...] = ("convenience_store", "bank", "credit_card", "deferred")
 METHOD_CONVENIENCE, METHOD_BANK, METHOD_CREDIT_CARD, METHOD_DEFERRED = 0, 1, 2, 3
 
+WINDOW_DAYS = 30
+"""Length of the carried per-day history (the features' longest short window)."""
+
 NEVER = np.int64(10**7)
 """Day ordinal that never comes (date.max is ~3.65M)."""
 
@@ -77,10 +80,6 @@ class Population:
     category_cum: np.ndarray  # (n, len(CATEGORIES)) cumulative category probabilities
     # Carried state.
     balance: np.ndarray
-    spend_ema: np.ndarray  # settled spend per day, ~30-day average
-    topup_ema: np.ndarray  # top-ups per day, ~30-day average
-    session_ema: np.ndarray  # app sessions per day, ~14-day average
-    decline_ema: np.ndarray  # declined transactions per day, ~14-day average
     late_count: np.ndarray  # late repayments observed so far
     default_count: np.ndarray  # defaults observed so far
     charge_count: np.ndarray
@@ -88,6 +87,14 @@ class Population:
     event_day: np.ndarray  # day the outstanding charge's first outcome becomes visible
     event_kind: np.ndarray  # 0 none/on time, 1 late repayment, 2 default
     shock_until: np.ndarray  # a stress shock (job loss, big expense) lasts until this day
+    # The last WINDOW_DAYS days of what the source tables show, one column per day (slot = ordinal
+    # % WINDOW_DAYS): the true risk reads these so that it sees the same windows the features do.
+    last_topup_day: np.ndarray  # ordinal of the latest top-up of any method (-1 = none yet)
+    win_spend: np.ndarray  # settled card spend, yen
+    win_topup_count: np.ndarray  # top-ups of every method (deferred included)
+    win_topup_jpy: np.ndarray  # their amount, yen
+    win_declines: np.ndarray  # declined card transactions
+    win_sessions: np.ndarray  # app sessions
 
     def __len__(self) -> int:
         return len(self.user_id)
@@ -114,8 +121,9 @@ class Population:
         """Inverse of to_arrow."""
         kwargs = {}
         for f in fields(cls):
-            if f.name == "category_cum":
-                parts = [_writable(table, f"{f.name}_{j}") for j in range(len(CATEGORIES))]
+            if f.name not in table.column_names:  # a 2-D field, saved one column per index
+                width = sum(1 for c in table.column_names if c.startswith(f"{f.name}_"))
+                parts = [_writable(table, f"{f.name}_{j}") for j in range(width)]
                 kwargs[f.name] = np.column_stack(parts)
             else:
                 kwargs[f.name] = _writable(table, f.name)
@@ -178,7 +186,6 @@ def new_users(
     churn_day = np.minimum(churn_day, NEVER)
     churn_us = np.zeros(n, dtype=np.int64)  # filled once the day is known to the simulator
 
-    zeros = np.zeros(n)
     izeros = np.zeros(n, dtype=np.int64)
     return Population(
         user_id=np.arange(first_user_id, first_user_id + n, dtype=np.int64),
@@ -200,10 +207,6 @@ def new_users(
         topup_discipline=discipline,
         category_cum=category_cum,
         balance=np.round(rng.uniform(0, 1, n) * 0.15 * income, -3),
-        spend_ema=zeros.copy(),
-        topup_ema=zeros.copy(),
-        session_ema=zeros.copy(),
-        decline_ema=zeros.copy(),
         late_count=izeros.copy(),
         default_count=izeros.copy(),
         charge_count=izeros.copy(),
@@ -211,6 +214,12 @@ def new_users(
         event_day=np.full(n, NEVER, dtype=np.int64),
         event_kind=np.zeros(n, dtype=np.int8),
         shock_until=izeros.copy(),
+        last_topup_day=np.full(n, -1, dtype=np.int64),
+        win_spend=np.zeros((n, WINDOW_DAYS), dtype=np.float32),
+        win_topup_count=np.zeros((n, WINDOW_DAYS), dtype=np.float32),
+        win_topup_jpy=np.zeros((n, WINDOW_DAYS), dtype=np.float32),
+        win_declines=np.zeros((n, WINDOW_DAYS), dtype=np.float32),
+        win_sessions=np.zeros((n, WINDOW_DAYS), dtype=np.float32),
     )
 
 

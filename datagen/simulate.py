@@ -21,6 +21,7 @@ from datagen.population import (
     CATEGORY_SIGMA,
     METHOD_DEFERRED,
     NEVER,
+    WINDOW_DAYS,
     Population,
     expected_ticket,
     new_users,
@@ -62,39 +63,46 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-DEFAULT_INTERCEPT = -3.0
+DEFAULT_INTERCEPT = -4.7
 
 
 def default_logit(
     *,
-    stress: np.ndarray,
-    impulsiveness: np.ndarray,
-    engagement: np.ndarray,
-    shocked: np.ndarray,
-    spend_to_income: np.ndarray,
+    spend_30d: np.ndarray,
+    topup_jpy_30d: np.ndarray,
+    topup_count_30d: np.ndarray,
+    declines_30d: np.ndarray,
+    sessions_7d: np.ndarray,
+    sessions_30d: np.ndarray,
+    days_since_topup: np.ndarray,
     late_count: np.ndarray,
-    amount_to_income: np.ndarray,
-    topups_30d: np.ndarray,
-    sessions_14d: np.ndarray,
-    declines_14d: np.ndarray,
+    amount: np.ndarray,
+    stress: np.ndarray,
+    shocked: np.ndarray,
 ) -> np.ndarray:
-    """The true log-odds of default of a charge: latent traits plus the user's state at request time.
+    """The true log-odds of default of a charge, from the user's state as a lender sees it.
 
-    Observable proxies (spend, top-up cadence, past lateness, app use, declines) carry much of the
-    signal, so a model trained on the source tables can learn it; the latent part is the noise floor.
+    Every term but the last two reads what the source tables show up to the day before the
+    request (the same 30- and 7-day windows as the features): spending beyond what came in,
+    sparse or overdue top-ups, declines, past lateness, a request large against the inflow, and
+    app use that fades. Latent stress and shocks act through that behaviour; their direct terms
+    are the small idiosyncratic part no lender can see.
     """
+    days_since = np.where(days_since_topup < 0, 45.0, days_since_topup)
+    daily_30 = sessions_30d / 30.0
+    fading = np.clip(1.0 - (sessions_7d / 7.0) / (daily_30 + 0.02), 0.0, 1.0)
     return (
         DEFAULT_INTERCEPT
-        + 1.6 * stress
-        + 0.8 * impulsiveness
-        - 1.0 * engagement
-        + 1.0 * shocked
-        + 1.3 * np.clip(spend_to_income - 0.35, -0.35, 1.0)
-        + 1.5 * np.minimum(late_count, 3)
-        + 1.3 * np.minimum(amount_to_income, 0.6)
-        - 1.8 * np.minimum(topups_30d, 5.0) / 5.0
-        - 0.9 * np.minimum(sessions_14d, 10.0) / 10.0
-        + 2.2 * np.minimum(declines_14d, 6.0) / 6.0
+        + 1.2 * np.clip(np.log((spend_30d + 5000.0) / (topup_jpy_30d + 5000.0)), -1.0, 1.5)
+        + 1.8 * np.minimum(late_count, 3)
+        + 1.0 * np.minimum(amount / (topup_jpy_30d + 20_000.0), 1.5)
+        - 1.0 * np.minimum(topup_count_30d, 4.0) / 4.0
+        + 0.3 * np.minimum(declines_30d, 8.0)
+        - 0.8 * np.minimum(sessions_30d, 20.0) / 20.0
+        + 0.8 * fading * (sessions_30d > 0)
+        + 1.0 * np.minimum(days_since, 45.0) / 45.0
+        + 0.6 * stress
+        + 0.4 * shocked
     )
 
 
@@ -279,7 +287,7 @@ class DaySimulator:
         eligible = verified & (pop.busy_until[idx] < ordinal) & (pop.default_count[idx] == 0)
         short = (balance < 0.1 * monthly_need + 2000) | (declines > 0)
         request_p = (
-            np.where(short, 0.065, 0.002)
+            np.where(short, 0.11, 0.0035)
             * np.exp(
                 1.1 * stress + 0.9 * pop.impulsiveness[idx] - 0.5 + np.where(shocked, 1.0, 0.0)
             )
@@ -298,17 +306,21 @@ class DaySimulator:
         requested = self.clock.times_in_days(rng, np.full(k, ordinal, np.int64), HOURLY_REQUEST)
         requested = np.minimum(requested, t1 - 120_000_000)  # room for the top-up after it
         cu = idx[c_local]
+        slot = ordinal % WINDOW_DAYS
+        week = (ordinal - np.arange(1, 8)) % WINDOW_DAYS  # the 7 days before today
+        last_topup = pop.last_topup_day[cu]
         logit = default_logit(
-            stress=pop.stress[cu],
-            impulsiveness=pop.impulsiveness[cu],
-            engagement=pop.engagement[cu],
-            shocked=shocked[c_local].astype(float),
-            spend_to_income=pop.spend_ema[cu] * 30 / pop.income[cu],
+            spend_30d=pop.win_spend[cu].sum(axis=1, dtype=np.float64),
+            topup_jpy_30d=pop.win_topup_jpy[cu].sum(axis=1, dtype=np.float64),
+            topup_count_30d=pop.win_topup_count[cu].sum(axis=1, dtype=np.float64),
+            declines_30d=pop.win_declines[cu].sum(axis=1, dtype=np.float64),
+            sessions_7d=pop.win_sessions[cu][:, week].sum(axis=1, dtype=np.float64),
+            sessions_30d=pop.win_sessions[cu].sum(axis=1, dtype=np.float64),
+            days_since_topup=np.where(last_topup < 0, -1, ordinal - last_topup),
             late_count=pop.late_count[cu],
-            amount_to_income=c_amount / pop.income[cu],
-            topups_30d=pop.topup_ema[cu] * 30,
-            sessions_14d=pop.session_ema[cu] * 14,
-            declines_14d=pop.decline_ema[cu] * 14 + declines[c_local],
+            amount=c_amount.astype(np.float64),
+            stress=pop.stress[cu],
+            shocked=shocked[c_local].astype(float),
         )
         probability = _sigmoid(logit)
         due = due_days_for(np.full(k, ordinal, np.int64))
@@ -363,17 +375,23 @@ class DaySimulator:
         }
 
         out.app_events, sessions = self._app_use(
-            rng, pop, counters, idx, ordinal, t1, shocked | short, is_payday, c_local, requested
+            rng, pop, counters, idx, ordinal, t1, shocked, short, is_payday, c_local, requested
         )
 
         # Carried state: ~30-day averages of what an analyst could see in the source tables.
         # Cadence of the user's own top-ups (deferred ones are charges, counted apart).
         topup_counts = np.bincount(t_idx, minlength=n)
+        all_topups = topup_counts + np.bincount(c_local, minlength=n)
+        topped_in = np.where(topup_mask, topup_amount, 0.0) + np.bincount(
+            c_local, weights=c_amount, minlength=n
+        )
+        pop.win_spend[idx, slot] = spent
+        pop.win_topup_count[idx, slot] = all_topups
+        pop.win_topup_jpy[idx, slot] = topped_in
+        pop.win_declines[idx, slot] = declines
+        pop.win_sessions[idx, slot] = sessions
+        pop.last_topup_day[idx[all_topups > 0]] = ordinal
         pop.balance[idx] = balance
-        pop.spend_ema[idx] += (spent - pop.spend_ema[idx]) / 30
-        pop.topup_ema[idx] += (topup_counts - pop.topup_ema[idx]) / 30
-        pop.session_ema[idx] += (sessions - pop.session_ema[idx]) / 14
-        pop.decline_ema[idx] += (declines - pop.decline_ema[idx]) / 14
         return out
 
     def _app_use(
@@ -384,18 +402,21 @@ class DaySimulator:
         idx: np.ndarray,
         ordinal: int,
         t1: int,
-        worried: np.ndarray,
+        shocked: np.ndarray,
+        short: np.ndarray,
         is_payday: np.ndarray,
         requesters: np.ndarray,
         requested_us: np.ndarray,
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Sessions and screen views; every deferred request comes with its own session."""
         n = len(idx)
+        worried = shocked | short
         engagement = pop.engagement[idx]
         rate = (
             (0.04 + 0.5 * engagement**1.5)
             * np.where(is_payday, 1.3, 1.0)
-            * np.where(worried, 1.2, 1.0)
+            * np.where(short, 1.2, 1.0)
+            * np.where(shocked, 0.5, 1.0)  # a user in trouble looks away from the app
         )
         counts = rng.poisson(rate)
         s_local = np.repeat(np.arange(n), counts)

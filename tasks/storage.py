@@ -205,7 +205,7 @@ def gcs_client(settings: Settings) -> Any:
 
         block: Any = GcsBucket.load(settings.dataset_gcs_block)
         return block.gcp_credentials.get_cloud_storage_client()
-    from google.cloud import storage
+    from google.cloud import storage  # type: ignore[attr-defined,unused-ignore]
 
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         # An emulator (fake-gcs-server, gcp-storage-emulator) takes no credentials.

@@ -7,7 +7,7 @@ true default probability (`$PAYLATER_HOME/truth/deferred_charges.parquet`: charg
 default_probability). The true log-odds are `datagen.simulate.default_logit` of the user's state at
 request time as the source tables show it up to the day before (30- and 7-day windows of spend vs
 top-ups, top-up cadence and recency, declines, past lateness, fading app use, the amount against the
-inflow), plus a small direct part of latent stress and shocks that no lender observes.
+inflow), plus a small direct part of latent stress that no lender observes.
 Same seed and arguments give identical rows.
 
 Public API (no I/O unless named so):

@@ -63,7 +63,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-DEFAULT_INTERCEPT = -4.7
+DEFAULT_INTERCEPT = -4.1
 
 
 def default_logit(
@@ -78,31 +78,29 @@ def default_logit(
     late_count: np.ndarray,
     amount: np.ndarray,
     stress: np.ndarray,
-    shocked: np.ndarray,
 ) -> np.ndarray:
     """The true log-odds of default of a charge, from the user's state as a lender sees it.
 
-    Every term but the last two reads what the source tables show up to the day before the
+    Every term but the last reads what the source tables show up to the day before the
     request (the same 30- and 7-day windows as the features): spending beyond what came in,
     sparse or overdue top-ups, declines, past lateness, a request large against the inflow, and
-    app use that fades. Latent stress and shocks act through that behaviour; their direct terms
-    are the small idiosyncratic part no lender can see.
+    app use that fades. Latent stress and shocks act through that behaviour; a small direct
+    stress term is the idiosyncratic part no lender can see.
     """
     days_since = np.where(days_since_topup < 0, 45.0, days_since_topup)
     daily_30 = sessions_30d / 30.0
     fading = np.clip(1.0 - (sessions_7d / 7.0) / (daily_30 + 0.02), 0.0, 1.0)
     return (
         DEFAULT_INTERCEPT
-        + 1.2 * np.clip(np.log((spend_30d + 5000.0) / (topup_jpy_30d + 5000.0)), -1.0, 1.5)
+        + 0.7 * np.clip(np.log((spend_30d + 5000.0) / (topup_jpy_30d + 5000.0)), -1.0, 1.5)
         + 1.8 * np.minimum(late_count, 3)
-        + 1.0 * np.minimum(amount / (topup_jpy_30d + 20_000.0), 1.5)
-        - 1.0 * np.minimum(topup_count_30d, 4.0) / 4.0
-        + 0.3 * np.minimum(declines_30d, 8.0)
-        - 0.8 * np.minimum(sessions_30d, 20.0) / 20.0
-        + 0.8 * fading * (sessions_30d > 0)
-        + 1.0 * np.minimum(days_since, 45.0) / 45.0
+        + 0.6 * np.minimum(amount / (topup_jpy_30d + 20_000.0), 1.5)
+        - 1.5 * np.minimum(topup_count_30d, 4.0) / 4.0
+        + 0.35 * np.minimum(declines_30d, 8.0)
+        - 1.2 * np.minimum(sessions_30d, 20.0) / 20.0
+        + 0.5 * fading * (sessions_30d > 0)
+        + 1.5 * np.minimum(days_since, 45.0) / 45.0
         + 0.6 * stress
-        + 0.4 * shocked
     )
 
 
@@ -287,7 +285,7 @@ class DaySimulator:
         eligible = verified & (pop.busy_until[idx] < ordinal) & (pop.default_count[idx] == 0)
         short = (balance < 0.1 * monthly_need + 2000) | (declines > 0)
         request_p = (
-            np.where(short, 0.11, 0.0035)
+            np.where(short, 0.16, 0.005)
             * np.exp(
                 1.1 * stress + 0.9 * pop.impulsiveness[idx] - 0.5 + np.where(shocked, 1.0, 0.0)
             )
@@ -320,7 +318,6 @@ class DaySimulator:
             late_count=pop.late_count[cu],
             amount=c_amount.astype(np.float64),
             stress=pop.stress[cu],
-            shocked=shocked[c_local].astype(float),
         )
         probability = _sigmoid(logit)
         due = due_days_for(np.full(k, ordinal, np.int64))

@@ -81,7 +81,6 @@ def test_risk_rises_with_the_stress_a_lender_sees() -> None:
         "late_count": np.array([0]),
         "amount": np.array([10_000.0]),
         "stress": np.array([0.2]),
-        "shocked": np.array([0.0]),
     }
     calm = default_logit(**base)[0]
     worse = {

@@ -26,7 +26,7 @@ from datagen.tables import (
     users_table,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-day windows replace the averages in the saved population
 PRE_WINDOW_SHARE = 0.55
 """Share of the requested users who signed up before the simulated window (the rest join during it)."""
 

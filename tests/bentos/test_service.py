@@ -90,16 +90,18 @@ def served(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        # Each of the server's workers loads the model itself and answers /readyz for itself:
+        # ready means several connections in a row (spread over the workers) all say so.
+        deadline, ready_in_a_row = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and ready_in_a_row < 10:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                if call(base, "/readyz", token=None)[0] == 200:
-                    break
+                ok = call(base, "/readyz", token=None)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.5)
-        else:
+                ok = False
+            ready_in_a_row = ready_in_a_row + 1 if ok else 0
+            time.sleep(0.05 if ok else 0.5)
+        if ready_in_a_row < 10:
             pytest.fail(f"bento not ready: {log.read_text()[-3000:]}")
         yield SimpleNamespace(base=base, version=version, bento=bento, log=log)
     finally:

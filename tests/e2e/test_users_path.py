@@ -218,7 +218,8 @@ def test_users_path(system: tuple[Processes, dict[str, str]]) -> None:
     assert "Staging" in listing, listing
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{env['PAYLATER_HOME']}/mlflow.db")
+    mlflow_db = f"sqlite:///{env['PAYLATER_HOME']}/mlflow.db"
+    client = MlflowClient(tracking_uri=mlflow_db, registry_uri=mlflow_db)
     version = str(client.get_model_version_by_alias("paylater-default", "staging").version)
     assert client.get_model_version("paylater-default", version).tags.get("issue") == "e2e"
 

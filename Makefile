@@ -44,6 +44,7 @@ test: install postgres
 	source var/postgres.env && $(BIN)/pytest -q -p no:cacheprovider tests
 
 bench: install postgres
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	source var/postgres.env && $(BIN)/python -m bench
 
 clean:

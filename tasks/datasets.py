@@ -198,41 +198,33 @@ def source_watermark(warehouse: Warehouse, as_of: date) -> datetime | None:
         return None
 
 
-def build_training_dataset(as_of: date, settings: Settings | None = None) -> Manifest:
-    """Build the training set (matured charges as of `as_of`) in the warehouse and store it."""
+def _build_and_store(kind: str, as_of: date, settings: Settings | None) -> Manifest:
+    """Build one dataset (`training` or `scoring`) in the warehouse and store it with its manifest."""
     settings = settings or get_settings()
+    build_table = build_training_table if kind == "training" else build_scoring_table
     warehouse = open_warehouse(settings.warehouse)
     try:
-        table, feature_sql = build_training_table(warehouse, as_of, settings)
+        table, feature_sql = build_table(warehouse, as_of, settings)
         watermark = source_watermark(warehouse, as_of)
     finally:
         warehouse.close()
+    features = feature_sql.training_features if kind == "training" else feature_sql.user_features
     return write_dataset(
         open_storage(settings=settings),
-        "training",
+        kind,
         as_of,
         table,
-        features=feature_sql.training_features,
+        features=features,
         sql_hash=feature_sql.sql_hash,
         source_watermark=watermark,
     )
+
+
+def build_training_dataset(as_of: date, settings: Settings | None = None) -> Manifest:
+    """Build the training set (matured charges as of `as_of`) in the warehouse and store it."""
+    return _build_and_store("training", as_of, settings)
 
 
 def build_scoring_dataset(as_of: date, settings: Settings | None = None) -> Manifest:
     """Build the scoring set (active users, data to the end of `as_of`) and store it."""
-    settings = settings or get_settings()
-    warehouse = open_warehouse(settings.warehouse)
-    try:
-        table, feature_sql = build_scoring_table(warehouse, as_of, settings)
-        watermark = source_watermark(warehouse, as_of)
-    finally:
-        warehouse.close()
-    return write_dataset(
-        open_storage(settings=settings),
-        "scoring",
-        as_of,
-        table,
-        features=feature_sql.user_features,
-        sql_hash=feature_sql.sql_hash,
-        source_watermark=watermark,
-    )
+    return _build_and_store("scoring", as_of, settings)

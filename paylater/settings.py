@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -11,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Where every backend lives; unset URLs point at embedded defaults under `home`."""
 
-    model_config = SettingsConfigDict(env_prefix="PAYLATER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PAYLATER_", extra="ignore", frozen=True)
 
     home: Path = Field(
         default=Path("var"),
@@ -310,5 +312,15 @@ class Settings(BaseSettings):
 
 
 def get_settings() -> Settings:
-    """Read settings from the environment now (never cached at import)."""
+    """Settings as the environment says now (re-read whenever the environment changed).
+
+    Settings come from the environment only, so one parse per distinct environment is enough:
+    parsing takes ~20 ms, and a sync task asks several times.
+    """
+    return _settings_for(frozenset(os.environ.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _settings_for(environment: frozenset[tuple[str, str]]) -> Settings:
+    """Settings parsed from the environment (the argument is the cache key)."""
     return Settings()

@@ -135,7 +135,8 @@ def load_config(path: Path | None = None) -> list[TableSpec]:
     """Parse the table configuration file (syntax only; `validate_against_source` checks names)."""
     path = path or config_path()
     try:
-        document = yaml.safe_load(path.read_text())
+        # libyaml's loader when present: ~10x faster than the pure-Python one.
+        document = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError as exc:
         raise ConfigError(f"sync config {path} does not exist") from exc
     except yaml.YAMLError as exc:

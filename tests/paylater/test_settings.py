@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from paylater.settings import get_settings
 from paylater.timeutil import day_end_utc, day_start_utc, default_as_of, resolve_as_of
@@ -25,6 +26,20 @@ def test_explicit_urls_win(paylater_home: Path, monkeypatch: pytest.MonkeyPatch)
     s = get_settings()
     assert s.warehouse == "bigquery://proj/ds"
     assert s.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_settings_follow_the_environment_as_it_changes(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsed settings are reused only while the environment is unchanged, and cannot be edited."""
+    first = get_settings()
+    assert get_settings() is first
+    monkeypatch.setenv("PAYLATER_TIMEZONE", "UTC")
+    assert get_settings().timezone == "UTC"
+    monkeypatch.delenv("PAYLATER_TIMEZONE")
+    assert get_settings().timezone == first.timezone
+    with pytest.raises(ValidationError):
+        first.timezone = "UTC"  # type: ignore[misc]
 
 
 def test_business_day_is_tokyo(paylater_home: Path) -> None:

@@ -191,6 +191,7 @@ def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | 
         changes=_bq(changes or spec.changes_table),
         partition="TRUE" if changes else "as_of = @as_of",
         key_columns=", ".join(_bq(k) for k in spec.primary_key),
+        target_key_columns=", ".join(f"target.{_bq(k)}" for k in spec.primary_key),
         columns=", ".join(_bq(c) for c in columns),
         source_columns=", ".join(f"source.{_bq(c)}" for c in columns),
         key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),

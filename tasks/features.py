@@ -34,7 +34,6 @@ REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
 SCORING_HEAD = ("user_id", "as_of")
 
 _LAYER_FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
-_PARAM = re.compile(r"@([A-Za-z_][A-Za-z0-9_]*)")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A warehouse table: table, dataset.table or project.dataset.table (project ids allow hyphens).
 _TABLE_REF = re.compile(r"^([A-Za-z0-9_-]+\.){0,2}[A-Za-z_][A-Za-z0-9_]*$")
@@ -221,6 +220,16 @@ def assemble(
     )
 
 
+def used_parameters(sql: str) -> set[str]:
+    """The @parameters a BigQuery query uses (tokens, so an @name in a comment or string is not one)."""
+    tokens = sqlglot.tokenize(sql, read="bigquery")
+    return {
+        name.text
+        for at, name in itertools.pairwise(tokens)
+        if at.token_type == TokenType.PARAMETER and at.end + 1 == name.start
+    }
+
+
 def query_params(sql: str, as_of: date, settings: Settings | None = None) -> dict[str, Any]:
     """The parameters `sql` uses, out of @as_of, @tz, @grace_days and @utc_offset_us."""
     settings = settings or get_settings()
@@ -230,7 +239,7 @@ def query_params(sql: str, as_of: date, settings: Settings | None = None) -> dic
         "grace_days": GRACE_DAYS,
         "utc_offset_us": fixed_utc_offset_us(settings.timezone, as_of),
     }
-    used = set(_PARAM.findall(sql))
+    used = used_parameters(sql)
     unknown = sorted(used - set(available))
     if unknown:
         raise FeatureSqlError(

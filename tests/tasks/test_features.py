@@ -636,3 +636,10 @@ def test_sql_folder_and_label_query_come_from_settings(
     monkeypatch.setenv("PAYLATER_FEATURE_LABEL_SQL", "missing.sql")
     with pytest.raises(features.FeatureSqlError, match=r"missing\.sql does not exist"):
         features.load_feature_sql(Settings())
+
+
+def test_parameters_in_comments_and_strings_are_not_bound() -> None:
+    """Only real @parameters are bound: DuckDB rejects a bound parameter the query does not use."""
+    sql = "-- uses @tz in a comment\nSELECT @as_of AS d, '@grace_days' AS s /* @x */ FROM t"
+    assert features.used_parameters(sql) == {"as_of"}
+    assert set(features.query_params(sql, date(2026, 11, 26))) == {"as_of"}

@@ -7,4 +7,5 @@ SELECT
   @as_of AS as_of
 FROM users
 WHERE status = 'active'
-  AND DATE(signed_up_at, @tz) <= @as_of
+  -- Local day by epoch arithmetic with the zone's fixed offset (see 10_card.sql).
+  AND DIV((UNIX_MICROS(signed_up_at) + @utc_offset_us), 86400000000) <= UNIX_DATE(@as_of)

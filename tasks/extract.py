@@ -12,12 +12,13 @@ import ctypes
 import functools
 import itertools
 import queue
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -414,19 +415,23 @@ class PostgresSnapshot:
         return list(itertools.pairwise(edges))
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
-        """Stream the window's rows, over several snapshot-sharing connections when large."""
+        """Stream the window's rows, over several snapshot-sharing connections when large.
+
+        The bounds are written into the SQL as typed literals: the driver streams a query through
+        COPY ... (FORMAT binary) only when it has no bind parameters, and otherwise has libpq
+        hold the whole result in memory before converting it (about twice the CPU).
+        """
         schema = spec.arrow_schema()
         columns = ", ".join(quote(c) for c in schema.names)
         where, params = window_sql(spec, window, lambda i: f"${i}")
-        sql = f"SELECT {columns} FROM {quote(spec.name)} WHERE {where}"
+        sql = f"SELECT {columns} FROM {quote(spec.name)} WHERE {inline(where, params)}"
         ranges = self._key_ranges(spec, window, expected_rows)
         if not ranges:
-            return ExtractStream(schema, self._slice_on_main(sql, params, schema))
+            return ExtractStream(schema, self._slice_on_main(sql, [], schema))
         key = quote(spec.primary_key[0])
-        n = len(params)
-        ranged = f"{sql} AND {key} >= ${n + 1} AND {key} < ${n + 2}"
-        slices = [self._slice_reader(ranged, [*params, lo, hi]) for lo, hi in ranges[1:]]
-        slices.insert(0, lambda: self._main_batches(ranged, [*params, *ranges[0]]))
+        bounded = [f"{sql} AND {key} >= {int(lo)} AND {key} < {int(hi)}" for lo, hi in ranges]
+        slices = [self._slice_reader(query, []) for query in bounded[1:]]
+        slices.insert(0, lambda: self._main_batches(bounded[0], []))
         return ExtractStream(schema, _interleave(schema, slices))
 
     def _slice_on_main(self, sql: str, params: list, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -456,6 +461,25 @@ class PostgresSnapshot:
                 conn.close()
 
         return read
+
+
+def pg_literal(value: Any) -> str:
+    """A typed PostgreSQL literal for a bound value of ours (an aware datetime, a date or an int)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the sync window is in UTC")
+        return f"'{value.isoformat()}'::timestamptz"
+    if isinstance(value, date):
+        return f"'{value.isoformat()}'::date"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"no PostgreSQL literal for {type(value).__name__} {value!r}")
+
+
+def inline(sql: str, params: list) -> str:
+    """`sql` with its $n placeholders replaced by literals of `params` (identifiers in it are
+    validated plain names, so a `$` only ever starts a placeholder)."""
+    return re.sub(r"\$(\d+)", lambda m: pg_literal(params[int(m.group(1)) - 1]), sql)
 
 
 def check_snapshot_id(snapshot_id: str) -> str:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from tasks import extract
-from tasks.extract import Window, open_source, redact
+from tasks.extract import Window, inline, open_source, pg_literal, redact
 from tasks.sync import configured_tables, validate_tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +84,17 @@ def test_unknown_source_kind_and_redaction() -> None:
     with pytest.raises(extract.ConfigError, match="unknown kind 'mysql'"):
         open_source("mysql://u:pw@h/db")
     assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+
+
+def test_read_bounds_become_typed_literals() -> None:
+    """Reads carry no bind parameters (the driver streams only those through COPY)."""
+    start = datetime(2026, 10, 31, 15, 0, tzinfo=UTC)
+    sql = inline('"t" >= $1 AND "t" < $2 AND "k" < $3', [start, start, 12])
+    assert sql == (
+        "\"t\" >= '2026-10-31T15:00:00+00:00'::timestamptz"
+        ' AND "t" < \'2026-10-31T15:00:00+00:00\'::timestamptz AND "k" < 12'
+    )
+    with pytest.raises(ValueError, match="naive"):
+        pg_literal(datetime(2026, 10, 31))
+    with pytest.raises(TypeError):
+        pg_literal("1; DROP TABLE users")

@@ -76,6 +76,9 @@ __all__ = [
 
 SQL_DIR = Path(__file__).with_name("sql")
 LEDGER = "sync_ledger"
+# An increment up to this many rows (a day's, typically) is merged from an Arrow table in memory
+# (~150 bytes a row); a larger one, such as a catch-up over weeks, is staged in a temporary table.
+STAGE_IN_MEMORY_ROWS = 1_000_000
 LEDGER_SCHEMA = pa.schema(
     [
         ("table_name", pa.string()),
@@ -290,7 +293,9 @@ def load_direct(
         counts.extracted = stream.rows
         _check_extracted(spec, counts, source)
         return counts
-    with warehouse.staged(stream.reader) as staged:
+    with warehouse.staged(
+        stream.reader, in_memory=source.in_window <= STAGE_IN_MEMORY_ROWS
+    ) as staged:
         counts.extracted = stream.rows
         counts.loaded = _count(warehouse, staged)
         _check_extracted(spec, counts, source)
@@ -327,12 +332,14 @@ def apply_increment(
 ) -> None:
     """Merge an increment into the non-empty current table, the newer version of a key winning.
 
-    BigQuery: one MERGE. DuckDB: delete the replaced rows, then append the new versions (an
-    UPDATE in place costs a rewrite of every row group it touches at the next checkpoint).
+    BigQuery: one MERGE. DuckDB: find the held versions of the increment's keys (one scan),
+    delete the replaced ones by row id, then append the new versions (an UPDATE in place costs
+    a rewrite of every row group it touches at the next checkpoint).
     """
     if isinstance(warehouse, DuckDBWarehouse):
-        warehouse.execute(merge_sql(spec, "sync_delete_replaced.sql", changes), params)
-        warehouse.execute(merge_sql(spec, "sync_insert_missing.sql", changes), params)
+        for step in ("sync_find_held.sql", "sync_delete_replaced.sql", "sync_insert_missing.sql"):
+            warehouse.execute(merge_sql(spec, step, changes), params)
+        warehouse.execute("DROP TABLE IF EXISTS _held")
     else:
         warehouse.execute(merge_sql(spec, changes=changes), params)
 

@@ -151,12 +151,23 @@ class DuckDBWarehouse:
         return int(inserted[0][0])
 
     @contextmanager
-    def staged(self, data: pa.Table | pa.RecordBatchReader) -> Iterator[str]:
-        """`data` materialised in a temporary table (dropped afterwards), for a MERGE to read.
+    def staged(
+        self, data: pa.Table | pa.RecordBatchReader, in_memory: bool = False
+    ) -> Iterator[str]:
+        """`data` materialised for a MERGE to read: scanned several times, unlike a reader.
 
-        A reader can be scanned once; a temporary table can be counted and then merged, and
-        lives in memory (spilling to disk when large) outside the database file.
+        `in_memory`: collect it as an Arrow table DuckDB scans in place (for a small increment:
+        no copy into DuckDB's format). Otherwise a temporary table, which spills to disk when
+        large, outside the database file; dropped afterwards.
         """
+        if in_memory:
+            table = data.read_all() if isinstance(data, pa.RecordBatchReader) else data
+            self.conn.register("_staged", table)
+            try:
+                yield "_staged"
+            finally:
+                self.conn.unregister("_staged")
+            return
         with self._incoming(data) as incoming:
             self.conn.execute(f'CREATE OR REPLACE TEMP TABLE "_staged" AS SELECT * FROM {incoming}')
         try:

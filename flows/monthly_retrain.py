@@ -120,6 +120,32 @@ def register(
 
 
 @task(cache_policy=NONE)
+def log_drift(
+    run_id: str, booster: lgb.Booster, split: TrainingSplit, evaluation: CandidateEvaluation
+) -> float | None:
+    """Log on the candidate's run how far the out-of-time month drifted from the fitting rows:
+    PSI of every feature and of the candidate's scores (metrics psi.*, artifact drift/psi.json).
+    Returns the largest feature PSI."""
+    import pyarrow as pa
+
+    from tasks.drift import log_drift_to_mlflow
+
+    def columns(x: Any) -> pa.Table:
+        return pa.table({name: x[:, i] for i, name in enumerate(split.feature_names)})
+
+    fit_scores = predict(booster, split.x_fit, get_settings().train_num_threads)
+    report = log_drift_to_mlflow(
+        columns(split.x_fit),
+        columns(split.x_oot),
+        split.feature_names,
+        fit_scores,
+        evaluation.probs,
+        run_id=run_id,
+    )
+    return report.max_feature_psi
+
+
+@task(cache_policy=NONE)
 def gate(version: str, split: TrainingSplit, evaluation: CandidateEvaluation) -> GateDecision:
     """Compare with production on the same OOT rows; record the outcome on the version."""
     from registry.policy import GateThresholds, evaluate_gates, record_gate
@@ -185,6 +211,7 @@ def monthly_retrain(as_of: date | None = None, issue: str | None = None) -> Retr
     warming.wait()
     evaluation = evaluate(booster, split)
     candidate = register(booster, split, params, dataset, evaluation, issue)
+    log_drift(candidate.run_id, booster, split, evaluation)
     decision = gate(candidate.version, split, evaluation)
     if decision.passed:
         stage(candidate.version, decision)

@@ -52,6 +52,11 @@ def test_monthly_retrain_stages_the_first_model(
         f"plots/{n}.png" for n in ("roc", "calibration", "feature_importance", "score_distribution")
     }
     assert {a.path for a in c.list_artifacts(report.run_id, "golden")} == {"golden/requests.json"}
+    # Drift of the out-of-time month against the fitting rows, per feature and of the scores.
+    assert {a.path for a in c.list_artifacts(report.run_id, "drift")} == {"drift/psi.json"}
+    psi = {k: v for k, v in run.data.metrics.items() if k.startswith("psi.")}
+    assert {"psi.max", "psi.score"} <= set(psi) and len(psi) > 2
+    assert all(v >= 0 for v in psi.values())
     assert (paylater_home / "mlartifacts").is_dir(), (
         "artifacts stay under PAYLATER_HOME, not ./mlruns"
     )

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -427,25 +427,26 @@ class PostgresSnapshot:
         sql = f"SELECT {columns} FROM {quote(spec.name)} WHERE {inline(where, params)}"
         ranges = self._key_ranges(spec, window, expected_rows)
         if not ranges:
-            return ExtractStream(schema, self._slice_on_main(sql, [], schema))
+            return ExtractStream(schema, self._slice_on_main(sql, schema))
         key = quote(spec.primary_key[0])
         bounded = [f"{sql} AND {key} >= {int(lo)} AND {key} < {int(hi)}" for lo, hi in ranges]
-        slices = [self._slice_reader(query, []) for query in bounded[1:]]
-        slices.insert(0, lambda: self._main_batches(bounded[0], []))
+        slices = [self._slice_reader(query) for query in bounded[1:]]
+        slices.insert(0, lambda: self._main_batches(bounded[0]))
         return ExtractStream(schema, _interleave(schema, slices))
 
-    def _slice_on_main(self, sql: str, params: list, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    def _slice_on_main(self, sql: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         """Read on the snapshot's own connection."""
-        for batch in self._main_batches(sql, params):
+        for batch in self._main_batches(sql):
             yield to_schema(batch, schema)
 
-    def _main_batches(self, sql: str, params: list) -> Iterator[pa.RecordBatch]:
-        """Raw batches of a query on the snapshot's own connection."""
+    def _main_batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+        """Raw batches of a parameterless query (streamed through COPY) on the snapshot's own
+        connection."""
         with self.source.conn.cursor() as cur:
-            yield from _adbc_batches(cur, sql, params, self.source.statement_options)
+            yield from _adbc_batches(cur, sql, [], self.source.statement_options)
 
-    def _slice_reader(self, sql: str, params: list) -> Callable[[], Iterator[pa.RecordBatch]]:
-        """A reader on a new connection that joins this snapshot first."""
+    def _slice_reader(self, sql: str) -> Callable[[], Iterator[pa.RecordBatch]]:
+        """A reader of a parameterless query on a new connection that joins this snapshot first."""
 
         def read() -> Iterator[pa.RecordBatch]:
             conn = self.source._open()
@@ -455,7 +456,7 @@ class PostgresSnapshot:
                     # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
                     check_snapshot_id(self.snapshot_id)
                     cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
-                    yield from _adbc_batches(cur, sql, params, self.source.statement_options)
+                    yield from _adbc_batches(cur, sql, [], self.source.statement_options)
                 conn.rollback()
             finally:
                 conn.close()
@@ -464,13 +465,11 @@ class PostgresSnapshot:
 
 
 def pg_literal(value: Any) -> str:
-    """A typed PostgreSQL literal for a bound value of ours (an aware datetime, a date or an int)."""
+    """A typed PostgreSQL literal for a bound value of ours (an aware datetime or an int)."""
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: the sync window is in UTC")
         return f"'{value.isoformat()}'::timestamptz"
-    if isinstance(value, date):
-        return f"'{value.isoformat()}'::date"
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     raise TypeError(f"no PostgreSQL literal for {type(value).__name__} {value!r}")

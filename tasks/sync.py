@@ -253,8 +253,10 @@ def load_incremental(
     return counts
 
 
-def _check_extracted(spec: TableSpec, counts: _Counts, source: SourceCounts) -> None:
-    """Rows read == rows in the source window, rows loaded == rows read."""
+def _checked(spec: TableSpec, stream: Any, loaded: int, source: SourceCounts) -> _Counts:
+    """The figures of a loaded increment, once rows read == rows in the source window and rows
+    loaded == rows read (call after the stream has been consumed)."""
+    counts = _Counts(extracted=stream.rows, loaded=loaded)
     _check(
         counts.extracted == source.in_window,
         spec.name,
@@ -265,19 +267,18 @@ def _check_extracted(spec: TableSpec, counts: _Counts, source: SourceCounts) -> 
         spec.name,
         f"loaded {counts.loaded} rows but extracted {counts.extracted}",
     )
+    return counts
 
 
 def load_through_changes(
     warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
 ) -> _Counts:
     """Replace the as_of partition of the changes table, then merge it."""
-    counts = _Counts()
     warehouse.replace_partition(
         spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
     )
-    counts.extracted = stream.rows
-    counts.loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
-    _check_extracted(spec, counts, source)
+    loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
+    counts = _checked(spec, stream, loaded, source)
     merge_changes(warehouse, spec, as_of)
     return counts
 
@@ -285,20 +286,13 @@ def load_through_changes(
 def load_direct(
     warehouse: DuckDBWarehouse, spec: TableSpec, stream: Any, source: SourceCounts
 ) -> _Counts:
-    """Stream into the empty current table, or stage the increment in memory and MERGE it."""
-    counts = _Counts()
+    """Stream into the empty current table, or stage the increment and MERGE it."""
     if _count(warehouse, spec.name) == 0:
         # Every row is new: one write, straight from the reader, nothing to probe.
-        counts.loaded = warehouse.append(spec.name, stream.reader)
-        counts.extracted = stream.rows
-        _check_extracted(spec, counts, source)
-        return counts
-    with warehouse.staged(
-        stream.reader, in_memory=source.in_window <= STAGE_IN_MEMORY_ROWS
-    ) as staged:
-        counts.extracted = stream.rows
-        counts.loaded = _count(warehouse, staged)
-        _check_extracted(spec, counts, source)
+        return _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
+    in_memory = source.in_window <= STAGE_IN_MEMORY_ROWS
+    with warehouse.staged(stream.reader, in_memory=in_memory) as staged:
+        counts = _checked(spec, stream, _count(warehouse, staged), source)
         merge_staged(warehouse, spec, staged)
     return counts
 

@@ -31,11 +31,39 @@ def tracking_uri() -> str:
     return get_settings().tracking_uri
 
 
+_READY: set[str] = set()
+
+
+def _ready(uri: str) -> str:
+    """`uri`, its tables created or upgraded under a file lock first when it is an embedded SQLite
+    store (once per process).
+
+    MLflow creates a store's tables at its first use; processes doing so on a fresh file at the
+    same moment (the retrain and the monitoring report, started together) collide on alembic's
+    migrations and leave the file unusable. A tracking server does this once, for everyone.
+    """
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return uri
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(path.name + ".init.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        store.search_experiments(max_results=1)
+        store.search_registered_models(max_results=1)
+    _READY.add(uri)
+    return uri
+
+
 def configure_mlflow() -> str:
     """Point the mlflow fluent API at the configured backend (at run time, never at import)."""
     import mlflow
 
-    uri = tracking_uri()
+    uri = _ready(tracking_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -45,7 +73,7 @@ def client() -> MlflowClient:
     """An MLflow client on the configured tracking and registry URI."""
     from mlflow import MlflowClient
 
-    uri = tracking_uri()
+    uri = _ready(tracking_uri())
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -106,8 +106,13 @@ class DuckDBWarehouse:
         self.conn.register("_incoming", data)
         try:
             yield "_incoming"
-        finally:
-            self.conn.unregister("_incoming")
+        except BaseException:
+            # A failed load (the stream raised, say) aborts the transaction, which then refuses
+            # even this until its rollback: the load's own error is the one to raise.
+            with contextlib.suppress(duckdb.Error):
+                self.conn.unregister("_incoming")
+            raise
+        self.conn.unregister("_incoming")
 
     def create_table_if_missing(
         self, table: str, schema: pa.Schema, partition_column: str | None = None

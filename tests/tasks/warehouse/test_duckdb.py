@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -43,4 +45,22 @@ def test_streamed_partition_load_and_rollback(tmp_path: Path) -> None:
 
     wh.create_table_if_missing("events", pa.schema([("other", pa.string())]))  # never alters
     assert wh.query_arrow("SELECT * FROM events").column_names == ["id", "as_of"]
+    wh.close()
+
+
+def test_a_stream_that_fails_mid_load_reports_its_own_error(tmp_path: Path) -> None:
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    schema = pa.schema([("id", pa.int64())])
+    wh.create_table_if_missing("events", schema)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield pa.record_batch([[1, 2]], schema=schema)
+        raise OSError("source connection lost")
+
+    # Not "transaction is aborted" from tidying up after the failed statement.
+    with pytest.raises(duckdb.Error, match="source connection lost"), wh.transaction():
+        wh.append("events", pa.RecordBatchReader.from_batches(schema, batches()))
+    assert wh.query_arrow("SELECT count(*) AS n FROM events").column("n").to_pylist() == [0]
+    wh.append("events", pa.table({"id": [3]}))  # the connection is usable again
+    assert wh.query_arrow("SELECT id FROM events").column("id").to_pylist() == [3]
     wh.close()

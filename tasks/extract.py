@@ -3,24 +3,29 @@
 Every read of one table happens in one snapshot (REPEATABLE READ on PostgreSQL, a read
 transaction on SQLite) together with the counts it is checked against. Large reads are split
 over several PostgreSQL connections that share the snapshot (pg_export_snapshot), and batches
-stream out as they arrive so the warehouse writes while the source is still being read.
+stream out as they arrive so the warehouse writes while the source is still being read. On
+PostgreSQL a count that scans the whole history (a first sync, a full table) runs on a connection
+of its own in the same snapshot while the read goes on, instead of in front of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import itertools
+import json
 import queue
 import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -34,6 +39,10 @@ PARALLEL_MIN_ROWS = 200_000
 # the warehouse waits for half a read before it writes anything. Smaller batches let it write
 # while the source is still being read.
 PG_BATCH_BYTES = 2 << 20
+# adbc_driver_postgresql.StatementOptions.USE_COPY (the driver is imported only when used).
+_PG_USE_COPY = "adbc.postgresql.use_copy"
+# How long closing a snapshot waits for a cancelled background count to give its connection back.
+COUNT_CLOSE_SECONDS = 30
 # SQLite infers a column's Arrow type from its first values, so NULLs ahead of text would make
 # it an integer column; non-integer columns are read through COALESCE with this sentinel.
 _SQLITE_NULL = "\x00"
@@ -69,18 +78,70 @@ class Window:
     end: datetime
 
 
-@dataclass(frozen=True)
+class Figures(NamedTuple):
+    """The three counts of one table in one snapshot."""
+
+    in_window: int
+    in_band: int
+    after: int
+
+
 class SourceCounts:
     """Counts taken in the read's snapshot, the figures a sync is checked against.
 
     in_band: rows with band_start <= cursor < end (band_start None: every row before the end);
     after: rows with cursor >= end. Full mode: in_window = in_band = all rows, after = 0.
+
+    Made from Figures already counted, or from a function that waits for figures still being
+    counted elsewhere (in the same snapshot): then the first figure asked for waits for them, and
+    raises the count's error if it failed. `estimate` is known at once: the exact window count
+    when counted, else the planner's estimate of it, for sizing the read (never for a check).
     """
 
-    in_window: int
-    in_band: int
-    after: int
-    band_start: datetime | None = None
+    def __init__(
+        self,
+        figures: Figures | Callable[[], Figures],
+        band_start: datetime | None = None,
+        estimate: int | None = None,
+    ) -> None:
+        self.band_start = band_start
+        if isinstance(figures, Figures):
+            self._figures: Figures | None = figures
+            self._wait: Callable[[], Figures] | None = None
+            self.estimate = figures.in_window if estimate is None else estimate
+        else:
+            if estimate is None:
+                raise ValueError("counts still being counted need an estimate of the window")
+            self._figures, self._wait = None, figures
+            self.estimate = estimate
+
+    @property
+    def known(self) -> bool:
+        """Whether the figures are in hand (asking for one does not wait)."""
+        return self._figures is not None
+
+    @property
+    def figures(self) -> Figures:
+        """The counts, waiting for them the first time if they are still being counted."""
+        if self._figures is None:
+            assert self._wait is not None  # set whenever _figures is not
+            self._figures = self._wait()
+        return self._figures
+
+    @property
+    def in_window(self) -> int:
+        """Rows in the sync window."""
+        return self.figures.in_window
+
+    @property
+    def in_band(self) -> int:
+        """Rows in the check band [band_start, end)."""
+        return self.figures.in_band
+
+    @property
+    def after(self) -> int:
+        """Rows changed at or after the window's end."""
+        return self.figures.after
 
     @property
     def total(self) -> int:
@@ -88,6 +149,10 @@ class SourceCounts:
         if self.band_start is not None:
             raise ValueError("the total is not counted when the band has a start")
         return self.in_band + self.after
+
+    def __repr__(self) -> str:
+        figures = repr(self._figures) if self._figures is not None else "counting"
+        return f"SourceCounts({figures}, band_start={self.band_start!r}, estimate={self.estimate})"
 
 
 class ExtractStream:
@@ -110,11 +175,14 @@ class Snapshot(Protocol):
     def counts(
         self, spec: TableSpec, window: Window, band_start: datetime | None = None
     ) -> SourceCounts:
-        """Rows in the window, in the check band [band_start, end) and after the end."""
+        """Rows in the window, in the check band [band_start, end) and after the end (possibly
+        still being counted: they are resolved on first use, while the snapshot is open)."""
         ...
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
-        """The window's rows (all rows in full mode), typed as the warehouse table."""
+        """The window's rows (all rows in full mode), typed as the warehouse table.
+
+        `expected_rows` (an estimate will do) only sizes the read: how many readers split it."""
         ...
 
 
@@ -330,7 +398,11 @@ class PostgresSource:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 cur.execute("SELECT pg_export_snapshot() AS id")
                 snapshot_id = cur.fetch_arrow_table().column("id")[0].as_py()
-            yield PostgresSnapshot(self, snapshot_id)
+            snapshot = PostgresSnapshot(self, snapshot_id)
+            try:
+                yield snapshot
+            finally:
+                snapshot.close()  # counts still running are cancelled and their connections closed
         finally:
             self.conn.rollback()
 
@@ -339,12 +411,122 @@ class PostgresSource:
         self.conn.close()
 
 
+RowQuery = Callable[[str, list], dict[str, Any]]
+
+
+def pg_figures(
+    row: RowQuery, spec: TableSpec, window: Window, band_start: datetime | None
+) -> Figures:
+    """Window, band and after-end counts through `row` (one-row queries on a connection in the
+    snapshot): index ranges, except for a band without a start (and full mode): a scan."""
+    table = quote(spec.name)
+    if spec.mode == "full" or spec.cursor is None:
+        total = row(f"SELECT count(*) AS n FROM {table}", [])["n"]
+        return Figures(total, total, 0)
+    cursor = quote(spec.cursor)
+    if band_start is not None and window.start is not None and band_start <= window.start:
+        # The usual incremental day: one index range scan from the band's start counts all
+        # three (the window lies inside the band; rows after the end are few).
+        counted = row(
+            f"SELECT count(*) FILTER (WHERE {cursor} >= $2 AND {cursor} < $3) AS in_window,"
+            f" count(*) FILTER (WHERE {cursor} < $3) AS in_band,"
+            f" count(*) FILTER (WHERE {cursor} >= $3) AS after"
+            f" FROM {table} WHERE {cursor} >= $1",
+            [band_start, window.start, window.end],
+        )
+        return Figures(counted["in_window"], counted["in_band"], counted["after"])
+    where, params = window_sql(spec, window, lambda i: f"${i}")
+    in_window = row(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"]
+    # Rows at or after the end are few (changed since the day ended): an index range.
+    after = row(f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1", [window.end])["n"]
+    if band_start is None and window.start is None:
+        in_band = in_window  # the same rows: cursor < end
+    elif band_start is None:
+        in_band = row(f"SELECT count(*) AS n FROM {table} WHERE {cursor} < $1", [window.end])["n"]
+    else:
+        in_band = row(
+            f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1 AND {cursor} < $2",
+            [band_start, window.end],
+        )["n"]
+    return Figures(in_window, in_band, after)
+
+
+def scans_history(spec: TableSpec, band_start: datetime | None) -> bool:
+    """Whether the counts scan the whole table (full mode, or a band without a start: a first
+    sync, or check_days None) rather than index ranges."""
+    return spec.mode == "full" or spec.cursor is None or band_start is None
+
+
+class BackgroundCount:
+    """Figures counted in a thread on a connection of its own that joins the snapshot.
+
+    `result()` waits for them and raises what the count raised (the driver's own error, as the
+    same count on the snapshot's connection would). `close()` cancels a count still running and
+    waits for its thread, which always closes the connection.
+    """
+
+    def __init__(self, snapshot: PostgresSnapshot, count: Callable[[RowQuery], Figures]) -> None:
+        self._future: Future[Figures] = Future()
+        self._closing = threading.Event()
+        self._lock = threading.Lock()  # guards _conn between the thread and close()
+        self._conn: Any = None
+        self._thread = threading.Thread(
+            target=self._run, args=(snapshot, count), name="paylater-source-count", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, snapshot: PostgresSnapshot, count: Callable[[RowQuery], Figures]) -> None:
+        """The thread: count, and hand over the figures or the error."""
+        try:
+            figures = self._count(snapshot, count)
+        except BaseException as exc:  # handed to result(), which re-raises it
+            self._future.set_exception(exc)
+        else:
+            self._future.set_result(figures)
+
+    def _count(self, snapshot: PostgresSnapshot, count: Callable[[RowQuery], Figures]) -> Figures:
+        """Open a connection, join the snapshot, count; the connection is closed in every case."""
+        conn = snapshot.source._open()
+        try:
+            with self._lock:
+                self._conn = conn
+            with conn.cursor() as cur:
+
+                def row(sql: str, params: list) -> dict[str, Any]:
+                    if self._closing.is_set():
+                        raise RuntimeError("the snapshot closed before its count finished")
+                    cur.execute(sql, params or None)
+                    rows: list[dict[str, Any]] = cur.fetch_arrow_table().to_pylist()
+                    return rows[0]
+
+                snapshot.join(cur)
+                return count(row)
+        finally:
+            with self._lock:
+                self._conn = None
+            conn.close()
+
+    def result(self) -> Figures:
+        """The figures, once counted (re-raises the count's error)."""
+        return self._future.result()
+
+    def close(self) -> None:
+        """Cancel the count if it still runs and wait for its thread to close the connection."""
+        self._closing.set()
+        with self._lock:
+            if self._conn is not None and not self._future.done():
+                with contextlib.suppress(Exception):  # it may have just finished
+                    self._conn.adbc_cancel()
+        self._thread.join(timeout=COUNT_CLOSE_SECONDS)
+
+
 class PostgresSnapshot:
     """Counts and reads inside one exported PostgreSQL snapshot."""
 
     def __init__(self, source: PostgresSource, snapshot_id: str) -> None:
         self.source = source
         self.snapshot_id = snapshot_id
+        self._counting: list[BackgroundCount] = []
 
     def _scalar_row(self, sql: str, params: list) -> dict[str, Any]:
         """Run a one-row query on the snapshot's own connection."""
@@ -353,46 +535,57 @@ class PostgresSnapshot:
             rows = cur.fetch_arrow_table().to_pylist()
         return rows[0]
 
+    def join(self, cur: Any) -> None:
+        """Make a new connection's transaction (through its cursor) read this snapshot."""
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
+        check_snapshot_id(self.snapshot_id)
+        cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+
     def counts(
         self, spec: TableSpec, window: Window, band_start: datetime | None = None
     ) -> SourceCounts:
-        """Window, band and after-end counts: index ranges, except a band without a start."""
-        table = quote(spec.name)
+        """Window, band and after-end counts in this snapshot.
+
+        Index-range counts (an incremental day with a band start) are taken here, at once. A count
+        that scans the whole table (a first sync, a full table, check_days None) would hold the
+        read back for as long as the scan takes, so it runs on its own connection in this
+        snapshot while the read goes on; its figures wait for it when first asked for, and the
+        read is sized by the planner's estimate meanwhile.
+        """
         if spec.mode == "full" or spec.cursor is None:
-            total = self._scalar_row(f"SELECT count(*) AS n FROM {table}", [])["n"]
-            return SourceCounts(total, total, 0)
-        cursor = quote(spec.cursor)
-        if band_start is not None and window.start is not None and band_start <= window.start:
-            # The usual incremental day: one index range scan from the band's start counts all
-            # three (the window lies inside the band; rows after the end are few).
-            row = self._scalar_row(
-                f"SELECT count(*) FILTER (WHERE {cursor} >= $2 AND {cursor} < $3) AS in_window,"
-                f" count(*) FILTER (WHERE {cursor} < $3) AS in_band,"
-                f" count(*) FILTER (WHERE {cursor} >= $3) AS after"
-                f" FROM {table} WHERE {cursor} >= $1",
-                [band_start, window.start, window.end],
-            )
-            return SourceCounts(row["in_window"], row["in_band"], row["after"], band_start)
+            band_start = None  # full mode: the band is the whole table
+        count = functools.partial(pg_figures, spec=spec, window=window, band_start=band_start)
+        if not scans_history(spec, band_start):
+            return SourceCounts(count(self._scalar_row), band_start)
+        background = BackgroundCount(self, count)
+        self._counting.append(background)
+        return SourceCounts(background.result, band_start, self.estimate(spec, window))
+
+    def estimate(self, spec: TableSpec, window: Window) -> int:
+        """The planner's estimate of the rows in the window (from statistics: no scan).
+
+        A window without a start holds nearly the whole table (rows changed after its end are
+        few), so the whole table is estimated: the planner sizes a table from its pages even
+        before it has statistics, where it would guess a third of it for `cursor < end`.
+        """
         where, params = window_sql(spec, window, lambda i: f"${i}")
-        in_window = self._scalar_row(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)[
-            "n"
-        ]
-        # Rows at or after the end are few (changed since the day ended): an index range.
-        after = self._scalar_row(
-            f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1", [window.end]
-        )["n"]
-        if band_start is None and window.start is None:
-            in_band = in_window  # the same rows: cursor < end
-        elif band_start is None:
-            in_band = self._scalar_row(
-                f"SELECT count(*) AS n FROM {table} WHERE {cursor} < $1", [window.end]
-            )["n"]
-        else:
-            in_band = self._scalar_row(
-                f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1 AND {cursor} < $2",
-                [band_start, window.end],
-            )["n"]
-        return SourceCounts(in_window, in_band, after, band_start)
+        if window.start is None:
+            where, params = "TRUE", []
+        sql = (
+            f"EXPLAIN (FORMAT JSON) SELECT 1 FROM {quote(spec.name)} WHERE {inline(where, params)}"
+        )
+        with self.source.conn.cursor() as cur:
+            # The driver would wrap a query without parameters in COPY, which EXPLAIN cannot be.
+            cur.adbc_statement.set_options(**{_PG_USE_COPY: "false"})
+            cur.execute(sql)
+            plan = cur.fetch_arrow_table().column(0)[0].as_py()
+        return int(json.loads(plan)[0]["Plan"]["Plan Rows"])
+
+    def close(self) -> None:
+        """Cancel the counts still running in the background and close their connections."""
+        while self._counting:
+            self._counting.pop().close()
 
     def _key_ranges(self, spec: TableSpec, window: Window, rows: int) -> list[tuple[int, int]]:
         """Split a large read over the integer key range, one slice per reader."""
@@ -452,10 +645,7 @@ class PostgresSnapshot:
             conn = self.source._open()
             try:
                 with conn.cursor() as cur:
-                    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
-                    check_snapshot_id(self.snapshot_id)
-                    cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+                    self.join(cur)
                     yield from _adbc_batches(cur, sql, [], self.source.statement_options)
                 conn.rollback()
             finally:
@@ -564,7 +754,8 @@ class SqliteSnapshot:
         with self.source.conn.cursor() as cur:
             cur.execute(sql, self._params(params))
             row = cur.fetch_arrow_table().to_pylist()[0]
-        return SourceCounts(row["a"], row["b"], row["c"], band_start if spec.cursor else None)
+        figures = Figures(row["a"], row["b"], row["c"])
+        return SourceCounts(figures, band_start if spec.cursor else None)
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:
         """Stream the window's rows typed as the warehouse table."""

@@ -26,6 +26,8 @@ source key) and otherwise `check_days` (default 7) before the watermark, at the 
 window's start, so that a daily check costs index ranges instead of a scan of the source table:
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
+A count that scans the whole source table (a first sync, a full table) is taken while the read
+goes on (tasks.extract) and waited for by the first check, still inside the warehouse transaction.
 """
 
 from __future__ import annotations
@@ -290,6 +292,8 @@ def load_direct(
     if _count(warehouse, spec.name) == 0:
         # Every row is new: one write, straight from the reader, nothing to probe.
         return _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
+    # The exact count, as memory depends on it: waits for a count still running (a first sync
+    # into a table that already holds rows, or check_days None) before the read starts.
     in_memory = source.in_window <= STAGE_IN_MEMORY_ROWS
     with warehouse.staged(stream.reader, in_memory=in_memory) as staged:
         counts = _checked(spec, stream, _count(warehouse, staged), source)
@@ -415,8 +419,10 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
                 spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
             )
         with source.snapshot() as snapshot, warehouse.transaction():
+            # Counts that scan the whole table may still be running: the read is sized by their
+            # estimate, and the checks below wait for the figures before anything commits.
             source_counts = snapshot.counts(spec, window, band_start(spec, window))
-            stream = snapshot.read(spec, window, source_counts.in_window)
+            stream = snapshot.read(spec, window, source_counts.estimate)
             if spec.mode == "incremental":
                 counts = load_incremental(warehouse, spec, as_of, stream, source_counts)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from tasks import extract
-from tasks.extract import Window, inline, open_source, pg_literal, redact
+from tasks.extract import Figures, SourceCounts, Window, inline, open_source, pg_literal, redact
 from tasks.sync import configured_tables, validate_tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,120 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
     assert sorted(table.column("charge_id").to_pylist()) == list(range(1, 5001))
     assert min(table.column("amount_jpy").to_pylist()) == 1001
     assert table.column("repaid_at").null_count == 5000 - 5000 // 3
+
+
+def fill_charges(url: str, rows: int) -> None:
+    """deferred_charges with `rows` rows updated before END (ids 1..rows; never analysed)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute((ROOT / "schema/source_postgres.sql").read_text())
+        conn.execute(
+            "INSERT INTO deferred_charges SELECT g, g %% 7, '2026-11-20T00:00Z', 1000 + g, 100,"
+            " '2026-12-27', 'outstanding', NULL, NULL,"
+            " '2026-11-20T01:00Z'::timestamptz + g * interval '1 millisecond'"
+            " FROM generate_series(1, %s) g",
+            [rows],
+        )
+
+
+def test_whole_table_count_runs_beside_the_read_in_its_snapshot(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill_charges(pg_url, 3000)
+    real = extract.pg_figures
+    committed = threading.Event()
+
+    def after_the_commit(row, spec, window, band_start) -> Figures:
+        assert committed.wait(10)  # count only once newer rows are committed
+        return real(row, spec, window, band_start)
+
+    monkeypatch.setattr(extract, "pg_figures", after_the_commit)
+    source = open_source(pg_url)
+    spec = charges_spec(source)
+    with source.snapshot() as snapshot:
+        counts = snapshot.counts(spec, Window(None, END))  # a first sync: a whole-table count
+        assert not counts.known and counts.estimate > 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO deferred_charges SELECT g, 1, now(), 1, 1, '2026-12-27',"
+                " 'outstanding', NULL, NULL, '2026-11-20T02:00Z' FROM generate_series(5001, 5100) g"
+            )
+        committed.set()
+        read = snapshot.read(spec, Window(None, END), counts.estimate).reader.read_all()
+        # Counted after the insert committed, yet in the read's snapshot.
+        assert counts.figures == (3000, 3000, 0) and counts.total == 3000 == read.num_rows
+    source.close()
+
+
+def test_a_large_first_read_splits_while_the_count_runs(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Never analysed: the planner sizes the table from its pages, at about 80% of these rows.
+    rows = extract.PARALLEL_MIN_ROWS * 3 // 2
+    fill_charges(pg_url, rows)
+    split: list[int] = []
+    real = extract.PostgresSnapshot._key_ranges
+
+    def spy(self, spec, window, expected):
+        ranges = real(self, spec, window, expected)
+        split.append(len(ranges))
+        return ranges
+
+    monkeypatch.setattr(extract.PostgresSnapshot, "_key_ranges", spy)
+    source = open_source(pg_url, readers=2)
+    spec = charges_spec(source)
+    with source.snapshot() as snapshot:
+        counts = snapshot.counts(spec, Window(None, END))
+        # The planner's estimate sizes the read (the table was never analysed: from its size).
+        assert not counts.known and counts.estimate >= extract.PARALLEL_MIN_ROWS
+        stream = snapshot.read(spec, Window(None, END), counts.estimate)
+        table = stream.reader.read_all()
+        assert counts.in_window == stream.rows == table.num_rows == rows
+    source.close()
+    assert split == [2]  # two connections read it
+    assert sorted(table.column("charge_id").to_pylist()) == list(range(1, rows + 1))
+
+    small = open_source(pg_url, readers=2)
+    with small.snapshot() as snapshot:
+        # An incremental day's counts are index ranges, counted at once; a small read uses one
+        # connection.
+        start = datetime(2026, 11, 20, 1, 0, 1, tzinfo=UTC)
+        counts = snapshot.counts(spec, Window(start, END), start)
+        assert counts.known and counts.in_window == rows - 999
+        counts = snapshot.counts(spec, Window(datetime(2026, 11, 20, 1, 3, 0, tzinfo=UTC), END))
+        # check_days None: a whole-table count for the band, beside the read as well.
+        assert not counts.known and counts.estimate < extract.PARALLEL_MIN_ROWS
+        assert counts.in_window == rows - 180_000 + 1 and counts.in_band == rows
+        assert snapshot.read(spec, Window(None, END), 10).reader.read_all().num_rows == rows
+    small.close()
+    assert split[1:] == [0]
+
+
+def test_source_counts_known_or_waited_for() -> None:
+    known = SourceCounts(Figures(5, 7, 1))
+    assert (known.known, known.estimate, known.in_window, known.total) == (True, 5, 5, 8)
+    with pytest.raises(ValueError, match="band has a start"):
+        _ = SourceCounts(Figures(5, 7, 1), END).total
+
+    asked: list[int] = []
+
+    def count() -> Figures:
+        asked.append(1)
+        return Figures(3, 4, 0)
+
+    pending = SourceCounts(count, None, estimate=10)
+    assert (pending.known, pending.estimate, asked) == (False, 10, [])
+    assert (pending.in_window, pending.in_band, pending.after, pending.total) == (3, 4, 0, 4)
+    assert pending.known and asked == [1]  # counted once
+
+    def broken() -> Figures:
+        raise OSError("count failed")
+
+    failed = SourceCounts(broken, None, estimate=10)
+    for _ in range(2):  # every figure raises the count's error
+        with pytest.raises(OSError, match="count failed"):
+            _ = failed.in_band
+    with pytest.raises(ValueError, match="estimate"):
+        SourceCounts(count)
 
 
 def test_sqlite_text_times_typed_even_after_many_nulls(tmp_path: Path) -> None:

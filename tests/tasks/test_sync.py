@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import adbc_driver_manager
+import duckdb
 import psycopg
 import pyarrow as pa
 import pytest
 
-from tasks import sync
-from tasks.extract import open_source
+from tasks import extract, sync
+from tasks.extract import Figures, open_source
 from tasks.sync import (
     ConfigError,
     CountMismatch,
@@ -436,6 +440,128 @@ def test_a_row_committed_late_behind_the_watermark_fails_the_count_check(
         sync_table(source, warehouse, spec, D2)
     source.close()
     assert [r["transaction_id"] for r in transactions(warehouse)] == [100]
+
+
+def pg_spec(source, table: str):
+    """One configured table, validated against `source`."""
+    return next(s for s in validate_tables(source, configured_tables()) if s.name == table)
+
+
+def source_backends(url: str) -> list[str]:
+    """Queries of the other sessions connected to the source database."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        found = conn.execute(
+            "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [query for (query,) in found]
+
+
+def failed_ledger_error(wh: Warehouse, table: str, as_of: date) -> str:
+    """The error of a table's failed ledger row (fails unless exactly that row is there)."""
+    (row,) = wh.query_arrow(
+        "SELECT status, error FROM sync_ledger WHERE table_name = @t AND as_of = @d",
+        {"t": table, "d": as_of},
+    ).to_pylist()
+    assert row["status"] == "failed"
+    return str(row["error"])
+
+
+@pytest.mark.parametrize(
+    ("table", "in_window"), [("card_transactions", 1), ("deferred_charges", 2)]
+)
+def test_first_sync_checks_the_count_taken_while_it_reads(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, table: str, in_window: int
+) -> None:
+    # A first sync counts the whole table on a connection of its own while the read goes on
+    # (card_transactions streams straight into the table, deferred_charges through __changes):
+    # the checks still wait for that count and roll the table back when it disagrees.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    real = extract.pg_figures
+    counted_in: list[str] = []
+
+    def one_more(row, spec, window, band_start) -> Figures:
+        counted_in.append(threading.current_thread().name)
+        figures = real(row, spec, window, band_start)
+        return figures._replace(in_window=figures.in_window + 1, in_band=figures.in_band + 1)
+
+    monkeypatch.setattr(extract, "pg_figures", one_more)
+    source = open_source(db.url)
+    with pytest.raises(
+        CountMismatch,
+        match=f"{table}: extracted {in_window} rows but the source holds {in_window + 1} in the",
+    ):
+        sync_table(source, warehouse, pg_spec(source, table), D1)
+    source.close()
+    assert counted_in == ["paylater-source-count"]
+    assert rows(warehouse, table, "updated_at") == []
+    if table == "deferred_charges":
+        assert rows(warehouse, "deferred_charges__changes", "charge_id") == []
+    assert "CountMismatch" in failed_ledger_error(warehouse, table, D1)
+
+    monkeypatch.setattr(extract, "pg_figures", real)
+    source = open_source(db.url)
+    result = sync_table(source, warehouse, pg_spec(source, table), D1)
+    source.close()
+    assert (result.status, result.rows_extracted) == ("succeeded", in_window)
+    assert result.warehouse_rows == in_window
+
+
+def test_a_failing_background_count_fails_the_table_and_closes_its_connection(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+
+    def broken(row, spec, window, band_start) -> Figures:
+        row("SELECT 1 / 0 AS n", [])  # fails on the server, as a real count could
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(extract, "pg_figures", broken)
+    source = open_source(db.url)
+    # The driver's own error, as the same count on the snapshot's connection would raise.
+    with pytest.raises(adbc_driver_manager.Error, match="division by zero"):
+        sync_table(source, warehouse, pg_spec(source, "card_transactions"), D1)
+    assert len(source_backends(db.url)) == 1  # the source's own connection; the count's is closed
+    source.close()
+    assert "division by zero" in failed_ledger_error(warehouse, "card_transactions", D1)
+    assert transactions(warehouse) == []
+    assert not [t for t in threading.enumerate() if t.name == "paylater-source-count"]
+
+
+def test_a_failed_read_does_not_wait_for_the_background_count(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+
+    counting = threading.Event()
+
+    def slow(row, spec, window, band_start) -> Figures:
+        counting.set()
+        row("SELECT pg_sleep(60)::text AS n", [])
+        raise AssertionError("the count should have been cancelled")
+
+    def lost(*args, **kwargs) -> Iterator[pa.RecordBatch]:
+        assert counting.wait(10)
+        time.sleep(0.5)  # the count is on the server by now
+        raise OSError("source connection lost")
+        yield  # a generator, like the reader it replaces
+
+    monkeypatch.setattr(extract, "pg_figures", slow)
+    monkeypatch.setattr(extract, "_adbc_batches", lost)
+    source = open_source(db.url)
+    started = time.monotonic()
+    # DuckDB reports the stream's error as its own (not as "transaction is aborted").
+    with pytest.raises(duckdb.Error, match="source connection lost"):
+        sync_table(source, warehouse, pg_spec(source, "card_transactions"), D1)
+    # The sleeping count was cancelled, not waited for (closing waits 30 s at most).
+    assert time.monotonic() - started < 20
+    assert len(source_backends(db.url)) == 1
+    source.close()
+    assert "source connection lost" in failed_ledger_error(warehouse, "card_transactions", D1)
+    assert not [t for t in threading.enumerate() if t.name == "paylater-source-count"]
 
 
 @pytest.mark.parametrize(

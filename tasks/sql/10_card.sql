@@ -15,7 +15,11 @@ WITH request_days AS (
     UNIX_DATE(DATE_TRUNC(request_date, MONTH)) AS month0_day,
     UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 1 MONTH)) AS month1_day,
     UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 2 MONTH)) AS month2_day,
-    UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 3 MONTH)) AS month3_day
+    UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 3 MONTH)) AS month3_day,
+    -- The first day the look-back needs: 90 days back, or the start of lag 3's month if earlier.
+    LEAST(
+      UNIX_DATE(request_date) - 90,
+      UNIX_DATE(DATE_SUB(DATE_TRUNC(request_date, MONTH), INTERVAL 3 MONTH))) AS lo_day
   FROM requests
 ),
 -- Each request once per 32-day bucket its look-back touches (4 or 5), so the join matches a
@@ -25,7 +29,7 @@ WITH request_days AS (
 request_buckets AS (
   SELECT r.*, bucket
   FROM request_days AS r,
-    UNNEST(GENERATE_ARRAY(DIV(LEAST(r.request_day - 90, r.month3_day), 32), DIV((r.request_day - 1), 32))) AS bucket
+    UNNEST(GENERATE_ARRAY(DIV(r.lo_day, 32), DIV((r.request_day - 1), 32))) AS bucket
 ),
 card AS (
   SELECT
@@ -44,6 +48,12 @@ card AS (
     END AS category_code,
     status != 'declined' AS spent
   FROM card_transactions
+  -- Only the span some request looks back on: a scoring set's look-back is the last months, not
+  -- the whole history, and a training set's requests (matured charges) are weeks older than the
+  -- newest transactions. A plain range on the stored column, so a time-ordered table skips
+  -- whole row groups.
+  WHERE authorized_at >= (SELECT TIMESTAMP_MICROS(MIN(lo_day) * 86400000000 - @utc_offset_us) FROM request_days)
+    AND authorized_at < (SELECT TIMESTAMP_MICROS(MAX(request_day) * 86400000000 - @utc_offset_us) FROM request_days)
 ),
 joined AS (
   -- Each transaction in a request's look-back, projected once into per-window values (NULL
@@ -69,7 +79,7 @@ joined AS (
     ON c.user_id = r.user_id
     AND c.bucket = r.bucket
     AND c.local_day < r.request_day
-    AND c.local_day >= LEAST(r.request_day - 90, r.month3_day)
+    AND c.local_day >= r.lo_day
 ),
 -- Means and standard deviations come from exact sums (integer-valued FLOAT64 sums, then INT64
 -- arithmetic), not AVG/STDDEV_SAMP: parallel floating-point accumulation differs in the last bit

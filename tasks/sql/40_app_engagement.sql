@@ -2,13 +2,19 @@
 -- days over 7 and 30 days, and days since the last session within 90 days (NULL: none in 90
 -- days). Events are first rolled up per user and day (event_date is the business date), so the
 -- point-in-time join touches one row per active day instead of one per event.
-WITH daily AS (
+WITH request_days AS (
+  SELECT request_id, user_id, UNIX_DATE(request_date) AS request_day FROM requests
+),
+daily AS (
   SELECT
     user_id,
     UNIX_DATE(event_date) AS event_day,
     CAST(COUNT(*) AS FLOAT64) AS events,
     CAST(COUNT(IF(event_name = 'session_start', 1, NULL)) AS FLOAT64) AS sessions
   FROM app_events
+  -- Only the days some request looks back on (see 10_card.sql); a partition filter on BigQuery.
+  WHERE event_date < (SELECT MAX(request_date) FROM requests)
+    AND event_date >= (SELECT DATE_SUB(MIN(request_date), INTERVAL 90 DAY) FROM requests)
   GROUP BY user_id, event_date
 ),
 joined AS (
@@ -16,12 +22,12 @@ joined AS (
     r.request_id,
     d.events,
     d.sessions,
-    UNIX_DATE(r.request_date) - d.event_day AS age_days
-  FROM requests AS r
+    r.request_day - d.event_day AS age_days
+  FROM request_days AS r
   JOIN daily AS d
     ON d.user_id = r.user_id
-    AND d.event_day < UNIX_DATE(r.request_date)
-    AND d.event_day >= UNIX_DATE(r.request_date) - 90
+    AND d.event_day < r.request_day
+    AND d.event_day >= r.request_day - 90
 ),
 per_request AS (
   SELECT

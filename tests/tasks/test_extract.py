@@ -213,3 +213,34 @@ def test_read_bounds_become_typed_literals() -> None:
         pg_literal(datetime(2026, 10, 31))
     with pytest.raises(TypeError):
         pg_literal("1; DROP TABLE users")
+
+
+def test_postgres_column_types_as_information_schema_has_them(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS typed; DROP DOMAIN IF EXISTS yen")
+        conn.execute("CREATE DOMAIN yen AS bigint CHECK (VALUE >= 0)")
+        conn.execute(
+            "CREATE TABLE typed (id integer, gone text, amount yen, note varchar(20), code char(2),"
+            " at timestamptz, local_at timestamp, day date, ok boolean, ratio double precision,"
+            " small smallint, weird jsonb, tags text[])"
+        )
+        conn.execute("ALTER TABLE typed DROP COLUMN gone")
+        expected = {
+            name: extract._PG_TYPES.get(data_type)
+            for name, data_type in conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'typed'"
+                " ORDER BY ordinal_position"
+            ).fetchall()
+        }
+    source = open_source(pg_url)
+    try:
+        types = source.column_types("typed")
+        assert source.column_types("no_such_table") is None
+    finally:
+        source.close()
+    assert types == expected
+    assert list(types) == [
+        "id", "amount", "note", "code", "at", "local_at", "day", "ok", "ratio", "small", "weird", "tags"
+    ]  # fmt: skip
+    assert types["amount"] == "int64" and types["weird"] is None and types["tags"] is None

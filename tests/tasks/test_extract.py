@@ -26,14 +26,23 @@ def charges_spec(source):
     )
 
 
-def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
+def fill_charges(url: str, rows: int, repaid_every: int = 0) -> None:
+    """deferred_charges with `rows` rows updated before END (ids 1..rows; never analysed), every
+    `repaid_every`-th one with a repaid_at (0: none)."""
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute((ROOT / "schema/source_postgres.sql").read_text())
         conn.execute(
-            "INSERT INTO deferred_charges SELECT g, g % 7, '2026-11-20T00:00Z', 1000 + g, 100,"
-            " '2026-12-27', 'outstanding', CASE WHEN g % 3 = 0 THEN '2026-11-20T05:00Z'::timestamptz END,"
-            " NULL, '2026-11-20T01:00Z'::timestamptz + g * interval '1 second' FROM generate_series(1, 5000) g"
+            "INSERT INTO deferred_charges SELECT g, g %% 7, '2026-11-20T00:00Z', 1000 + g, 100,"
+            " '2026-12-27', 'outstanding',"
+            " CASE WHEN %s > 0 AND g %% %s = 0 THEN '2026-11-20T05:00Z'::timestamptz END, NULL,"
+            " '2026-11-20T01:00Z'::timestamptz + g * interval '1 millisecond'"
+            " FROM generate_series(1, %s) g",
+            [repaid_every, max(repaid_every, 1), rows],
         )
+
+
+def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fill_charges(pg_url, 5000, repaid_every=3)
     monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
     source = open_source(pg_url, readers=3)
     spec = charges_spec(source)
@@ -56,19 +65,6 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
     assert sorted(table.column("charge_id").to_pylist()) == list(range(1, 5001))
     assert min(table.column("amount_jpy").to_pylist()) == 1001
     assert table.column("repaid_at").null_count == 5000 - 5000 // 3
-
-
-def fill_charges(url: str, rows: int) -> None:
-    """deferred_charges with `rows` rows updated before END (ids 1..rows; never analysed)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute((ROOT / "schema/source_postgres.sql").read_text())
-        conn.execute(
-            "INSERT INTO deferred_charges SELECT g, g %% 7, '2026-11-20T00:00Z', 1000 + g, 100,"
-            " '2026-12-27', 'outstanding', NULL, NULL,"
-            " '2026-11-20T01:00Z'::timestamptz + g * interval '1 millisecond'"
-            " FROM generate_series(1, %s) g",
-            [rows],
-        )
 
 
 def test_whole_table_count_runs_beside_the_read_in_its_snapshot(

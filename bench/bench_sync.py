@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 
@@ -144,7 +145,13 @@ def timed(run: Callable[[], object]) -> float:
 
 
 def copy_binary_psql(url: str) -> None:
-    """(b) The server's binary export through psql into /dev/null (C all the way)."""
+    """(b) The server's binary export through psql into /dev/null (C all the way). The password
+    goes to psql in its environment, not on its command line, where `ps` would show it."""
+    parts = urlsplit(url)
+    env = dict(os.environ)
+    if parts.password is not None:
+        env["PGPASSWORD"] = unquote(parts.password)
+        url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@")))
     with open(os.devnull, "wb") as devnull:
         subprocess.run(
             [
@@ -157,6 +164,7 @@ def copy_binary_psql(url: str) -> None:
                 f"COPY (SELECT {COLUMNS} FROM card_transactions) TO STDOUT (FORMAT binary)",
             ],
             stdout=devnull,
+            env=env,
             check=True,
         )
 

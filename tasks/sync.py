@@ -292,10 +292,7 @@ def load_direct(
     if _count(warehouse, spec.name) == 0:
         # Every row is new: one write, straight from the reader, nothing to probe.
         return _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
-    # The exact count, as memory depends on it: waits for a count still running (a first sync
-    # into a table that already holds rows, or check_days None) before the read starts.
-    in_memory = source.in_window <= STAGE_IN_MEMORY_ROWS
-    with warehouse.staged(stream.reader, in_memory=in_memory) as staged:
+    with warehouse.staged(stream.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS) as staged:
         counts = _checked(spec, stream, _count(warehouse, staged), source)
         merge_staged(warehouse, spec, staged)
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -157,23 +158,34 @@ class DuckDBWarehouse:
 
     @contextmanager
     def staged(
-        self, data: pa.Table | pa.RecordBatchReader, in_memory: bool = False
+        self, data: pa.Table | pa.RecordBatchReader, in_memory_rows: int = 0
     ) -> Iterator[str]:
         """`data` materialised for a MERGE to read: scanned several times, unlike a reader.
 
-        `in_memory`: collect it as an Arrow table DuckDB scans in place (for a small increment:
-        no copy into DuckDB's format). Otherwise a temporary table, which spills to disk when
-        large, outside the database file; dropped afterwards.
+        Up to `in_memory_rows` rows (a day's increment, typically) stay an Arrow table DuckDB
+        scans in place: no copy into DuckDB's format. More go into a temporary table, which
+        spills to disk when large, outside the database file; dropped afterwards. The size is
+        found by reading, not asked for beforehand: the batches are held until the limit, and
+        past it they and the rest of the stream go to the temporary table.
         """
-        if in_memory:
-            table = data.read_all() if isinstance(data, pa.RecordBatchReader) else data
-            self.conn.register("_staged", table)
+        if isinstance(data, pa.Table):
+            data = data.to_reader()
+        held: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in data:
+            held.append(batch)
+            rows += batch.num_rows
+            if rows > in_memory_rows:
+                break
+        else:
+            self.conn.register("_staged", pa.Table.from_batches(held, schema=data.schema))
             try:
                 yield "_staged"
             finally:
                 self.conn.unregister("_staged")
             return
-        with self._incoming(data) as incoming:
+        rest = pa.RecordBatchReader.from_batches(data.schema, itertools.chain(held, data))
+        with self._incoming(rest) as incoming:
             self.conn.execute(f'CREATE OR REPLACE TEMP TABLE "_staged" AS SELECT * FROM {incoming}')
         try:
             yield "_staged"

@@ -64,3 +64,26 @@ def test_a_stream_that_fails_mid_load_reports_its_own_error(tmp_path: Path) -> N
     wh.append("events", pa.table({"id": [3]}))  # the connection is usable again
     assert wh.query_arrow("SELECT id FROM events").column("id").to_pylist() == [3]
     wh.close()
+
+
+@pytest.mark.parametrize(("rows", "in_memory"), [(3, True), (4, False)])
+def test_staged_keeps_up_to_the_limit_in_memory_and_spills_the_rest(
+    tmp_path: Path, rows: int, in_memory: bool
+) -> None:
+    # The size is found while reading: 3 rows stay an Arrow table; a 4th sends the 3 held
+    # batches and the rest of the stream into a temporary table, in order, none lost.
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    schema = pa.schema([("id", pa.int64())])
+    batches = (pa.record_batch([[i]], schema=schema) for i in range(rows))
+    reader = pa.RecordBatchReader.from_batches(schema, batches)
+    with wh.staged(reader, in_memory_rows=3) as staged:  # type: ignore[attr-defined]
+        temporary = wh.query_arrow(
+            f"SELECT COUNT(*) AS n FROM duckdb_tables() WHERE temporary AND table_name = '{staged}'"
+        )
+        ids = wh.query_arrow(f"SELECT id FROM {staged}").column("id").to_pylist()
+    assert temporary.column("n").to_pylist() == [0 if in_memory else 1]
+    assert ids == list(range(rows))
+    assert wh.query_arrow("SELECT COUNT(*) AS n FROM duckdb_tables() WHERE temporary").column(
+        "n"
+    ).to_pylist() == [0]
+    wh.close()

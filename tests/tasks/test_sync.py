@@ -508,6 +508,47 @@ def test_first_sync_checks_the_count_taken_while_it_reads(
     assert result.warehouse_rows == in_window
 
 
+@pytest.mark.parametrize(
+    ("threshold", "thread"), [(0, "paylater-source-count"), (10**9, "MainThread")]
+)
+def test_an_incremental_day_counts_beside_the_read_when_its_band_is_large(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, threshold: int, thread: str
+) -> None:
+    # A day's counts are index ranges: taken at once when the planner puts the band under
+    # BACKGROUND_COUNT_MIN_ROWS, beside the read otherwise. Either way a disagreement rolls the
+    # day's merge back and leaves the first day's table as it was.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    source = open_source(db.url)
+    sync_table(source, warehouse, pg_spec(source, "card_transactions"), D1)
+    source.close()
+    before = transactions(warehouse)
+    db.insert("card_transactions", [txn(102, "2026-11-21 06:00")])
+    monkeypatch.setattr(extract, "BACKGROUND_COUNT_MIN_ROWS", threshold)
+    real = extract.pg_figures
+    counted_in: list[str] = []
+
+    def one_more(row, spec, window, band_start) -> Figures:
+        counted_in.append(threading.current_thread().name)
+        figures = real(row, spec, window, band_start)
+        return figures._replace(in_window=figures.in_window + 1, in_band=figures.in_band + 1)
+
+    monkeypatch.setattr(extract, "pg_figures", one_more)
+    source = open_source(db.url)
+    with pytest.raises(CountMismatch, match="extracted 2 rows but the source holds 3 in the"):
+        sync_table(source, warehouse, pg_spec(source, "card_transactions"), D2)
+    source.close()
+    assert counted_in == [thread]
+    assert transactions(warehouse) == before
+    assert "CountMismatch" in failed_ledger_error(warehouse, "card_transactions", D2)
+
+    monkeypatch.setattr(extract, "pg_figures", real)
+    source = open_source(db.url)
+    result = sync_table(source, warehouse, pg_spec(source, "card_transactions"), D2)
+    source.close()
+    assert (result.status, result.rows_extracted, result.warehouse_rows) == ("succeeded", 2, 3)
+
+
 def test_a_failing_background_count_fails_the_table_and_closes_its_connection(
     pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -467,6 +467,21 @@ def failed_ledger_error(wh: Warehouse, table: str, as_of: date) -> str:
     return str(row["error"])
 
 
+def overcount(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the source counts report one row more in the window than there is; the list fills
+    with the name of the thread each count ran in."""
+    real = extract.pg_figures
+    counted_in: list[str] = []
+
+    def one_more(row, spec, window, band_start) -> Figures:
+        counted_in.append(threading.current_thread().name)
+        figures = real(row, spec, window, band_start)
+        return figures._replace(in_window=figures.in_window + 1, in_band=figures.in_band + 1)
+
+    monkeypatch.setattr(extract, "pg_figures", one_more)
+    return counted_in
+
+
 @pytest.mark.parametrize(
     ("table", "in_window"), [("card_transactions", 1), ("deferred_charges", 2)]
 )
@@ -479,14 +494,7 @@ def test_first_sync_checks_the_count_taken_while_it_reads(
     db = SourceDB("postgres", pg_url)
     seed(db)
     real = extract.pg_figures
-    counted_in: list[str] = []
-
-    def one_more(row, spec, window, band_start) -> Figures:
-        counted_in.append(threading.current_thread().name)
-        figures = real(row, spec, window, band_start)
-        return figures._replace(in_window=figures.in_window + 1, in_band=figures.in_band + 1)
-
-    monkeypatch.setattr(extract, "pg_figures", one_more)
+    counted_in = overcount(monkeypatch)
     source = open_source(db.url)
     with pytest.raises(
         CountMismatch,
@@ -526,14 +534,7 @@ def test_an_incremental_day_counts_beside_the_read_when_its_band_is_large(
     db.insert("card_transactions", [txn(102, "2026-11-21 06:00")])
     monkeypatch.setattr(extract, "BACKGROUND_COUNT_MIN_ROWS", threshold)
     real = extract.pg_figures
-    counted_in: list[str] = []
-
-    def one_more(row, spec, window, band_start) -> Figures:
-        counted_in.append(threading.current_thread().name)
-        figures = real(row, spec, window, band_start)
-        return figures._replace(in_window=figures.in_window + 1, in_band=figures.in_band + 1)
-
-    monkeypatch.setattr(extract, "pg_figures", one_more)
+    counted_in = overcount(monkeypatch)
     source = open_source(db.url)
     with pytest.raises(CountMismatch, match="extracted 2 rows but the source holds 3 in the"):
         sync_table(source, warehouse, pg_spec(source, "card_transactions"), D2)

@@ -4,8 +4,8 @@ Every read of one table happens in one snapshot (REPEATABLE READ on PostgreSQL, 
 transaction on SQLite) together with the counts it is checked against. Large reads are split
 over several PostgreSQL connections that share the snapshot (pg_export_snapshot), and batches
 stream out as they arrive so the warehouse writes while the source is still being read. On
-PostgreSQL a count that scans the whole history (a first sync, a full table) runs on a connection
-of its own in the same snapshot while the read goes on, instead of in front of it.
+PostgreSQL the counts run on a connection of their own in the same snapshot while the read goes on,
+instead of in front of it, unless they are a small index range (a day of a small table).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ PARALLEL_MIN_ROWS = 200_000
 PG_BATCH_BYTES = 2 << 20
 # adbc_driver_postgresql.StatementOptions.USE_COPY (the driver is imported only when used).
 _PG_USE_COPY = "adbc.postgresql.use_copy"
-# How long closing a snapshot waits for a cancelled background count to give its connection back.
 # An index-range count over fewer rows than this (as the planner estimates) is taken at once: on
 # its own connection it would cost more to connect (35-50 ms) than it takes (a 1M-row table's
 # 7-day band: ~10 ms; a 10M-row table's: ~50 ms, which then runs beside the read).
 BACKGROUND_COUNT_MIN_ROWS = 250_000
+# How long closing a snapshot waits for a cancelled background count to give its connection back.
 COUNT_CLOSE_SECONDS = 30
 # SQLite infers a column's Arrow type from its first values, so NULLs ahead of text would make
 # it an integer column; non-integer columns are read through COALESCE with this sentinel.
@@ -466,12 +466,6 @@ def pg_figures(
     return Figures(in_window, in_band, after)
 
 
-def scans_history(spec: TableSpec, band_start: datetime | None) -> bool:
-    """Whether the counts scan the whole table (full mode, or a band without a start: a first
-    sync, or check_days None) rather than index ranges."""
-    return spec.mode == "full" or spec.cursor is None or band_start is None
-
-
 class BackgroundCount:
     """Figures counted in a thread on a connection of its own that joins the snapshot.
 
@@ -571,11 +565,10 @@ class PostgresSnapshot:
         if spec.mode == "full" or spec.cursor is None:
             band_start = None  # full mode: the band is the whole table
         count = functools.partial(pg_figures, spec=spec, window=window, band_start=band_start)
-        if (
-            not scans_history(spec, band_start)
-            and self.band_estimate(spec, band_start) < BACKGROUND_COUNT_MIN_ROWS
-        ):
-            return SourceCounts(count(self._scalar_row), band_start)
+        if spec.cursor is not None and band_start is not None:  # index ranges, not a scan
+            band = f"{quote(spec.cursor)} >= {pg_literal(band_start)}"  # what the day's count reads
+            if self._planned_rows(spec, band) < BACKGROUND_COUNT_MIN_ROWS:
+                return SourceCounts(count(self._scalar_row), band_start)
         background = BackgroundCount(self, count)
         self._counting.append(background)
         return SourceCounts(background.result, band_start, self.estimate(spec, window))
@@ -591,13 +584,6 @@ class PostgresSnapshot:
         if window.start is None:
             where, params = "TRUE", []
         return self._planned_rows(spec, inline(where, params))
-
-    def band_estimate(self, spec: TableSpec, band_start: datetime | None) -> int:
-        """The planner's estimate of the rows an incremental day's counts go through (those
-        changed since the band's start)."""
-        if spec.cursor is None or band_start is None:
-            return self._planned_rows(spec, "TRUE")
-        return self._planned_rows(spec, f"{quote(spec.cursor)} >= {pg_literal(band_start)}")
 
     def _planned_rows(self, spec: TableSpec, where: str) -> int:
         """The planner's row estimate for `SELECT ... WHERE where` (statistics only: no scan)."""

@@ -26,8 +26,8 @@ source key) and otherwise `check_days` (default 7) before the watermark, at the 
 window's start, so that a daily check costs index ranges instead of a scan of the source table:
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
-A count that scans the whole source table (a first sync, a full table) is taken while the read
-goes on (tasks.extract) and waited for by the first check, still inside the warehouse transaction.
+Source counts other than a small index range are taken while the read goes on (tasks.extract)
+and waited for by the first check, still inside the warehouse transaction.
 """
 
 from __future__ import annotations
@@ -416,8 +416,8 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
                 spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
             )
         with source.snapshot() as snapshot, warehouse.transaction():
-            # Counts that scan the whole table may still be running: the read is sized by their
-            # estimate, and the checks below wait for the figures before anything commits.
+            # The counts may still be running: the read is sized by their estimate, and the
+            # checks below wait for the figures before anything commits.
             source_counts = snapshot.counts(spec, window, band_start(spec, window))
             stream = snapshot.read(spec, window, source_counts.estimate)
             if spec.mode == "incremental":

@@ -50,8 +50,7 @@ card AS (
   FROM card_transactions
   -- Only the span some request looks back on: a scoring set's look-back is the last months, not
   -- the whole history, and a training set's requests (matured charges) are weeks older than the
-  -- newest transactions. A plain range on the stored column, so a time-ordered table skips
-  -- whole row groups.
+  -- newest transactions. A range on the stored column, not on the computed local day.
   WHERE authorized_at >= (SELECT TIMESTAMP_MICROS(MIN(lo_day) * 86400000000 - @utc_offset_us) FROM request_days)
     AND authorized_at < (SELECT TIMESTAMP_MICROS(MAX(request_day) * 86400000000 - @utc_offset_us) FROM request_days)
 ),

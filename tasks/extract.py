@@ -366,13 +366,26 @@ class PostgresSource:
         self.statement_options = {
             adbc_driver_postgresql.StatementOptions.BATCH_SIZE_HINT_BYTES.value: str(PG_BATCH_BYTES)
         }
+        # Extra connections (readers, background counts) are opened from threads: ADBC objects
+        # allow serialized access only, so they share the database object under this lock.
+        self._open_lock = threading.Lock()
+        self.conn: Any = None
         self.conn = self._open()
 
     def _open(self) -> Any:
         """A new connection (not autocommit: ADBC commits bound statements itself in autocommit
-        mode, which would end a snapshot), or SourceUnavailable."""
+        mode, which would end a snapshot), or SourceUnavailable.
+
+        The first one creates the driver's database object, which connects once more on its own
+        to load the server's type catalogue (about 22 of the 30 ms here); every later one shares
+        that database object and only connects (about 8 ms). The object lives until the last
+        connection sharing it is closed.
+        """
         try:
-            return self._connect(self._uri, autocommit=False)
+            with self._open_lock:
+                if self.conn is None:
+                    return self._connect(self._uri, autocommit=False)
+                return self.conn.adbc_clone()
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceUnavailable(

@@ -67,6 +67,65 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
     assert table.column("repaid_at").null_count == 5000 - 5000 // 3
 
 
+def test_extra_connections_share_the_driver_database(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adbc_driver_postgresql
+
+    created: list[str] = []
+    real_connect = adbc_driver_postgresql.connect
+
+    def counted(uri: str, **kwargs):
+        created.append(threading.current_thread().name)
+        return real_connect(uri, **kwargs)
+
+    monkeypatch.setattr(adbc_driver_postgresql, "connect", counted)
+    fill_charges(pg_url, 3000)
+    monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
+    source = open_source(pg_url, readers=3)
+    spec = charges_spec(source)
+    with source.snapshot() as snapshot:
+        # A whole-table count in the background, and two more readers: three extra connections,
+        # opened from three threads at about the same time.
+        counts = snapshot.counts(spec, Window(None, END))
+        table = snapshot.read(spec, Window(None, END), counts.estimate).reader.read_all()
+        assert counts.total == table.num_rows == 3000
+    assert created == [threading.current_thread().name]  # one database object, for the first
+    opened = []
+    errors: list[BaseException] = []
+
+    def open_and_query() -> None:
+        try:
+            conn = source._open()  # type: ignore[attr-defined]
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 AS one")
+                assert cur.fetchone() == (1,)
+            opened.append(conn)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_query) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(opened) == 8
+    # The database object outlives the source's own connection until its last sharer closes.
+    source.close()
+    with opened[0].cursor() as cur:
+        cur.execute("SELECT 2 AS two")
+        assert cur.fetchone() == (2,)
+    for conn in opened:
+        conn.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        others = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert others == (0,)
+    assert len(created) == 1
+
+
 def test_whole_table_count_runs_beside_the_read_in_its_snapshot(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

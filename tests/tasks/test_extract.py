@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -65,6 +65,32 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
     assert sorted(table.column("charge_id").to_pylist()) == list(range(1, 5001))
     assert min(table.column("amount_jpy").to_pylist()) == 1001
     assert table.column("repaid_at").null_count == 5000 - 5000 // 3
+
+
+@pytest.mark.parametrize("readers", [2, 3])
+def test_an_incremental_window_splits_over_its_time_range(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, readers: int
+) -> None:
+    fill_charges(pg_url, 3000)  # updated at 01:00:00 + g ms
+    monkeypatch.setattr(extract, "WINDOW_PARALLEL_MIN_ROWS", 1)
+    source = open_source(pg_url, readers=readers)
+    spec = charges_spec(source)
+    # g = 1..1999; with 2 readers the cut falls at 01:00:01, on row 1000's change time exactly.
+    start = datetime(2026, 11, 20, 1, 0, 0, tzinfo=UTC)
+    window = Window(start, start + timedelta(seconds=2))
+    with source.snapshot() as snapshot:
+        slices = snapshot._slices(spec, window, 1999)  # type: ignore[attr-defined]
+        assert len(slices) == readers and all('"updated_at"' in s for s in slices)
+        # Committed after the snapshot began, inside the window: no reader may see it.
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE deferred_charges SET updated_at = %s WHERE charge_id = 2500", [start]
+            )
+        stream = snapshot.read(spec, window, 1999)
+        table = stream.reader.read_all()
+    source.close()
+    assert stream.rows == table.num_rows == 1999
+    assert sorted(table.column("charge_id").to_pylist()) == list(range(1, 2000))
 
 
 def test_extra_connections_share_the_driver_database(

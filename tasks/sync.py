@@ -415,7 +415,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             warehouse.create_table_if_missing(
                 spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
             )
-        with source.snapshot() as snapshot, warehouse.transaction():
+        with source.snapshot() as snapshot, warehouse.transaction(bulk=True):
             # The counts may still be running: the read is sized by their estimate, and the
             # checks below wait for the figures before anything commits.
             source_counts = snapshot.counts(spec, window, band_start(spec, window))

@@ -51,11 +51,13 @@ class Warehouse(Protocol):
         """Create an empty `table` of this Arrow schema unless it exists (never alters one)."""
         ...
 
-    def transaction(self) -> AbstractContextManager[None]:
+    def transaction(self, bulk: bool = False) -> AbstractContextManager[None]:
         """Statements inside commit together or not at all.
 
         DuckDB: loads and statements alike. BigQuery: the DML statements (a multi-statement
         transaction in a session); load jobs run on their own, each atomic per partition.
+        `bulk`: the transaction carries a large load, to be written the cheapest way for one
+        (DuckDB: straight into its file at commit rather than through its log first).
         """
         ...
 

@@ -214,8 +214,11 @@ class BigQueryWarehouse:
         self._load(decorator, data, partition_column)
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """A multi-statement transaction in a session, begun at the first statement inside."""
+    def transaction(self, bulk: bool = False) -> Iterator[None]:
+        """A multi-statement transaction in a session, begun at the first statement inside.
+
+        `bulk` changes nothing here: load jobs write their data once already.
+        """
         if self._transaction_wanted:
             yield
             return

@@ -89,26 +89,33 @@ def test_staged_keeps_up_to_the_limit_in_memory_and_spills_the_rest(
     wh.close()
 
 
-def test_a_large_commit_goes_into_the_file_not_the_log(tmp_path: Path) -> None:
+def test_a_large_bulk_commit_goes_into_the_file_not_the_log(tmp_path: Path) -> None:
     path = tmp_path / "w.duckdb"
     wal = Path(f"{path}.wal")
     wh = open_warehouse(f"duckdb:///{path}")
     schema = pa.schema([("id", pa.int64()), ("note", pa.string())])
     wh.create_table_if_missing("t", schema)
-    small = pa.table({"id": [1], "note": ["a"]}, schema=schema)
+
+    def rows(first: int, n: int) -> pa.Table:  # about 2 MB per 100k rows
+        ids = list(range(first, first + n))
+        return pa.table({"id": ids, "note": [f"note {i:016d}" for i in ids]}, schema=schema)
+
+    def logged() -> int:
+        return wal.stat().st_size if wal.exists() else 0
+
+    with wh.transaction(bulk=True):
+        wh.append("t", rows(0, 1))
+    assert logged() > 0  # a small bulk commit is logged, and checkpointed on close
     with wh.transaction():
-        wh.append("t", small)
-    logged = wal.stat().st_size if wal.exists() else 0
-    assert logged > 0  # a small commit is logged, and checkpointed on close
-    # About 2 MB of changes: over the threshold, so the commit checkpoints instead of logging.
-    large = pa.table(
-        {"id": list(range(2, 100_002)), "note": [f"note {i:016d}" for i in range(100_000)]},
-        schema=schema,
-    )
-    with wh.transaction():
-        wh.append("t", large)
-    assert not wal.exists() or wal.stat().st_size == 0
+        wh.append("t", rows(1, 100_000))
+    assert logged() > 2_000_000  # a plain one under 16 MB as well
+    with wh.transaction(bulk=True):
+        wh.append("t", rows(100_001, 100_000))
+    assert logged() == 0  # over the bulk threshold: checkpointed at commit, with what was logged
+    setting = "SELECT current_setting('checkpoint_threshold')"
+    # The default again for what follows.
+    assert wh.conn.execute(setting).fetchone() == duckdb.connect().execute(setting).fetchone()
     wh.close()
     reopened = open_warehouse(f"duckdb:///{path}")
-    assert reopened.query_arrow("SELECT count(*) AS n FROM t").to_pylist() == [{"n": 100_001}]
+    assert reopened.query_arrow("SELECT count(*) AS n FROM t").to_pylist() == [{"n": 200_001}]
     reopened.close()

@@ -2,8 +2,10 @@
 
 Every read of one table happens in one snapshot (REPEATABLE READ on PostgreSQL, a read
 transaction on SQLite) together with the counts it is checked against. Large reads are split
-over several PostgreSQL connections that share the snapshot (pg_export_snapshot), and batches
-stream out as they arrive so the warehouse writes while the source is still being read. On
+over several PostgreSQL connections that share the snapshot (pg_export_snapshot): a first sync
+over its key range, an incremental window over its time range. Batches stream out as they
+arrive so the warehouse writes while the source is still being read. Extra connections share
+the driver's database object, which loads the server's type catalogue once per source. On
 PostgreSQL the counts run on a connection of their own in the same snapshot while the read goes on,
 instead of in front of it, unless they are a small index range (a day of a small table).
 """

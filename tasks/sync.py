@@ -7,7 +7,8 @@ that succeeded, are merged into `<table>` by primary key, the newer updated_at w
 rerun), the history of what changed when; without it, on DuckDB, they stream straight into the
 empty table on a first sync, or are staged in a temporary table and merged. BigQuery always
 stages in `__changes`. Full tables are replaced whole. On DuckDB the load, the merge and the
-ledger row commit in one transaction.
+ledger row commit in one transaction, a bulk one: past 1 MiB of changes it is checkpointed into
+the file at commit instead of going through the write-ahead log first.
 
 Checks (a failure rolls the table back and records a failed ledger row), all counted in the
 same source snapshot as the read:

@@ -117,8 +117,11 @@ class DuckDBWarehouse:
         self.conn.execute(f"SET checkpoint_threshold = '{BULK_CHECKPOINT_THRESHOLD}'")
         try:
             self.conn.execute("COMMIT")
-        finally:
-            self.conn.execute("RESET checkpoint_threshold")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # the commit's error is the one to raise
+                self.conn.execute("RESET checkpoint_threshold")
+            raise
+        self.conn.execute("RESET checkpoint_threshold")
 
     @contextmanager
     def _incoming(self, data: pa.Table | pa.RecordBatchReader) -> Iterator[str]:

@@ -206,10 +206,28 @@ def compare(
 @app.command("reproduce")
 def reproduce(
     version: str = typer.Argument(..., help="Version number (or production / staging)."),
+    at_logged_commit: bool = typer.Option(
+        False,
+        "--at-logged-commit",
+        help="Retrain with the code of the commit the version was trained at (a temporary git "
+        "worktree), not this checkout's.",
+    ),
 ) -> None:
     """Retrain from the logged dataset, params and seed; exit 1 unless predictions match exactly."""
     from registry.reproduce import reproduce as run_reproduce
+    from registry.reproduce import reproduce_at_logged_commit
 
+    if at_logged_commit:
+        ran = _run(lambda: reproduce_at_logged_commit(version))
+        typer.echo(f"with the code of commit {ran.commit}:")
+        if ran.dirty:
+            typer.echo(
+                "warning: the training run had uncommitted changes, which this does not hold"
+            )
+        typer.echo(ran.output.rstrip())
+        if ran.exit_code != 0:
+            raise typer.Exit(1)
+        return
     result = _run(lambda: run_reproduce(version))
     typer.echo(result.summary())
     if not result.identical:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from registry.policy import get_version, resolve_version
-from registry.runs import PARAMS_PATH, git_commit, load_booster
+from registry.runs import PARAMS_PATH, REPO_ROOT, git_commit, load_booster
 from registry.store import MODEL_NAME, RegistryError, client, configure_mlflow
 from tasks.training import (
     TrainingParams,
@@ -109,3 +114,70 @@ def reproduce(stage_or_version: str) -> ReproduceResult:
         logged_commit=tags.get("git_commit", "unknown"),
         current_commit=git_commit()[0],
     )
+
+
+@dataclass(frozen=True)
+class CommitRun:
+    """`registry reproduce` as run by the code of another commit."""
+
+    commit: str
+    dirty: bool
+    """The training run's tree had uncommitted changes, which the commit does not hold."""
+    exit_code: int
+    output: str
+
+
+def _git(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    """A git command in this checkout; a RegistryError naming it if git fails."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=120, check=True
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise RegistryError(f"git {' '.join(args)} failed: {detail.strip()}") from exc
+
+
+def reproduce_at_logged_commit(stage_or_version: str) -> CommitRun:
+    """Run `registry reproduce` with the code the version was trained with.
+
+    The logged commit is checked out into a temporary, detached git worktree, and the command
+    runs there in a child process with this interpreter (so this environment's packages) and the
+    same settings, PAYLATER_HOME made absolute. The worktree is removed afterwards, whatever the
+    outcome. Uncommitted changes that were in the tree at training time are not reproduced: the
+    training run's `git_dirty` tag says whether there were any.
+    """
+    from paylater.settings import get_settings
+
+    c = client()
+    version = resolve_version(stage_or_version, c)
+    registered = get_version(c, version)
+    tags = registered.tags or {}
+    commit = tags.get("git_commit", "unknown")
+    dirty = c.get_run(str(registered.run_id)).data.tags.get("git_dirty") == "true"
+    if commit == "unknown":
+        raise RegistryError(f"version {version} was logged without a git commit")
+    try:
+        _git("cat-file", "-e", f"{commit}^{{commit}}")
+    except RegistryError as exc:
+        raise RegistryError(
+            f"version {version} was trained at commit {commit}, which this repository "
+            f"({REPO_ROOT}) does not have: fetch it first"
+        ) from exc
+    env = dict(os.environ, PAYLATER_HOME=str(get_settings().home_dir))
+    with tempfile.TemporaryDirectory(prefix="paylater-reproduce-") as tmp:
+        worktree = Path(tmp) / "checkout"
+        _git("worktree", "add", "--detach", "--quiet", str(worktree), commit)
+        try:
+            # cwd first on sys.path: the worktree's packages, not this checkout's editable install.
+            done = subprocess.run(
+                [sys.executable, "-m", "paylater.cli", "registry", "reproduce", version],
+                cwd=worktree,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            _git("worktree", "remove", "--force", str(worktree))
+    return CommitRun(commit, dirty, done.returncode, done.stdout + done.stderr)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pytest
 from typer.testing import CliRunner
 
 from paylater.cli import app
+from registry.runs import REPO_ROOT, git_commit
 from registry.store import MODEL_NAME, client
 
 
@@ -32,3 +35,55 @@ def test_reproduce_gives_identical_predictions_and_refuses_changed_data(
         part.write_bytes(original)
     assert result.exit_code == 1
     assert "data changed" in result.output
+
+
+def worktrees() -> list[str]:
+    """This checkout's git worktrees."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line for line in listed.splitlines() if line.startswith("worktree ")]
+
+
+def test_reproduce_at_the_logged_commit_runs_that_commits_code(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    head, _ = git_commit()
+    if head == "unknown":
+        pytest.skip("needs a git checkout")
+    before = worktrees()
+    version = register(good_candidate)
+    runner = CliRunner()
+    result = runner.invoke(app, ["registry", "reproduce", version, "--at-logged-commit"])
+    assert result.exit_code == 0, result.output
+    assert f"with the code of commit {head}:" in result.output
+    assert "IDENTICAL" in result.output
+    assert worktrees() == before
+
+    # Logged at the previous commit: the child reports no commit mismatch, so it ran in a
+    # checkout of that commit (its own git_commit() is the logged one), not in this one.
+    previous = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", "-q", "HEAD~1"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if previous:
+        client().set_model_version_tag(MODEL_NAME, version, "git_commit", previous)
+        result = runner.invoke(app, ["registry", "reproduce", version, "--at-logged-commit"])
+        assert f"with the code of commit {previous}:" in result.output
+        assert f"version {version}: retrained from" in result.output, result.output
+        assert "note: logged at commit" not in result.output
+        assert worktrees() == before
+
+    client().set_model_version_tag(MODEL_NAME, version, "git_commit", "0" * 40)
+    result = runner.invoke(app, ["registry", "reproduce", version, "--at-logged-commit"])
+    assert result.exit_code == 1
+    assert f"trained at commit {'0' * 40}, which this repository" in result.output
+    client().set_model_version_tag(MODEL_NAME, version, "git_commit", "unknown")
+    result = runner.invoke(app, ["registry", "reproduce", version, "--at-logged-commit"])
+    assert result.exit_code == 1
+    assert "logged without a git commit" in result.output
+    assert worktrees() == before

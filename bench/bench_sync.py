@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -243,7 +244,7 @@ def timed_day(url: str, warehouse: Path, day: date) -> float:
         seconds.append(timed(partial(project_sync, url, copy, day)))
         copy.unlink()
     seconds.append(timed(partial(project_sync, url, warehouse, day)))
-    return sorted(seconds)[len(seconds) // 2]
+    return statistics.median(seconds)
 
 
 def open_and_close(url: str, warehouse_path: Path) -> None:
@@ -294,9 +295,9 @@ def bench_size(url: str, rows: int, workdir: Path) -> dict[str, float]:
     day += timedelta(days=1)
     figures["sync_day_empty"] = timed_day(url, warehouse, day)
     # The floor under any run: median of 5 (the first sync's file, so DuckDB reads a real catalog).
-    figures["open_close"] = sorted(
+    figures["open_close"] = statistics.median(
         timed(partial(open_and_close, url, warehouse)) for _ in range(5)
-    )[2]
+    )
     for path in workdir.glob("*.duckdb"):
         path.unlink()
     return figures

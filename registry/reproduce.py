@@ -127,11 +127,15 @@ class CommitRun:
     output: str
 
 
-def _git(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
     """A git command in this checkout; a RegistryError naming it if git fails."""
     try:
         return subprocess.run(
-            ["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=120, check=True
+            ["git", "-C", str(REPO_ROOT), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
@@ -154,7 +158,6 @@ def reproduce_at_logged_commit(stage_or_version: str) -> CommitRun:
     registered = get_version(c, version)
     tags = registered.tags or {}
     commit = tags.get("git_commit", "unknown")
-    dirty = c.get_run(str(registered.run_id)).data.tags.get("git_dirty") == "true"
     if commit == "unknown":
         raise RegistryError(f"version {version} was logged without a git commit")
     try:
@@ -164,6 +167,7 @@ def reproduce_at_logged_commit(stage_or_version: str) -> CommitRun:
             f"version {version} was trained at commit {commit}, which this repository "
             f"({REPO_ROOT}) does not have: fetch it first"
         ) from exc
+    dirty = c.get_run(str(registered.run_id)).data.tags.get("git_dirty") == "true"
     env = dict(os.environ, PAYLATER_HOME=str(get_settings().home_dir))
     with tempfile.TemporaryDirectory(prefix="paylater-reproduce-") as tmp:
         worktree = Path(tmp) / "checkout"

@@ -43,12 +43,14 @@ Look at it
 TXT
 
 # MLflow keeps its history across demos: a candidate trained on a regenerated world can fail the
-# gates against the production model of an earlier one, and then nothing is staged.
+# gates against the production model of an earlier one (or any candidate an absolute gate), and
+# then nothing is staged.
 if ! $bin/paylater registry show staging >/dev/null 2>&1; then
   cat <<TXT
 
-Nothing is staged: the newest candidate did not pass the gates against production (its reasons:
-.venv/bin/paylater registry show VERSION). Production keeps serving:
+Nothing is staged: the newest candidate did not pass the gates (its reasons:
+.venv/bin/paylater registry show VERSION). A production version, if the registry list shows one,
+keeps serving:
   PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME PAYLATER_SERVE_STAGE=production .venv/bin/bentoml serve bentos.service:PaylaterScorer --host 127.0.0.1 --port 3000
 To start the registry afresh, remove $PAYLATER_HOME/mlflow.db and $PAYLATER_HOME/mlartifacts and run make demo again.
 TXT

@@ -635,18 +635,13 @@ class PostgresSnapshot:
                 return []
             step = (window.end - window.start) / readers
             cuts = [window.start + i * step for i in range(1, readers)]
-            edges = [pg_literal(t) for t in cuts]
-            cursor = quote(spec.cursor)
-            # The window's own bounds stay in every query: the outer slices need only the cut.
-            spans = [f"{cursor} < {edges[0]}"]
-            spans += [
-                f"{cursor} >= {lo} AND {cursor} < {hi}" for lo, hi in itertools.pairwise(edges)
-            ]
-            return [*spans, f"{cursor} >= {edges[-1]}"]
-        return [
-            f"{quote(spec.primary_key[0])} >= {lo} AND {quote(spec.primary_key[0])} < {hi}"
-            for lo, hi in self._key_ranges(spec, window, rows)
-        ]
+            times = itertools.pairwise([window.start, *cuts, window.end])
+            ranges: list[tuple[Any, Any]] = [(pg_literal(a), pg_literal(b)) for a, b in times]
+            column = quote(spec.cursor)
+        else:
+            ranges = list(self._key_ranges(spec, window, rows))
+            column = quote(spec.primary_key[0])
+        return [f"{column} >= {lo} AND {column} < {hi}" for lo, hi in ranges]
 
     def _key_ranges(self, spec: TableSpec, window: Window, rows: int) -> list[tuple[int, int]]:
         """Split a large read over the integer key range, one slice per reader."""

@@ -68,8 +68,20 @@ def publish_user_features(
     )
 
 
+# The privileges others hold on the current table (its owner's own are implicit): the new table
+# gets the same ones, since the service and the worker may read it with roles of their own.
+# The privilege names come from the server (SELECT, UPDATE, ...); grantee NULL means PUBLIC.
+_GRANTS_SQL = """
+SELECT CASE WHEN a.grantee <> 0 THEN pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
+FROM pg_class AS c, aclexplode(c.relacl) AS a
+WHERE c.oid = to_regclass(quote_ident(%s)) AND a.grantee <> c.relowner
+ORDER BY 1, 2
+"""
+
+
 def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
-    """COPY into a new table, then drop the old one and rename, all in one transaction."""
+    """COPY into a new table, give it the old one's grants, then drop the old one and rename, all
+    in one transaction."""
     import psycopg
     from psycopg import sql
 
@@ -100,6 +112,15 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
                 sql.Identifier(staging), sql.Identifier(f"{staging}_pkey")
             )
         )
+        for grantee, privilege, grantable in conn.execute(_GRANTS_SQL, [table]).fetchall():
+            conn.execute(
+                sql.SQL("GRANT {} ON {} TO {}{}").format(
+                    sql.SQL(privilege),
+                    sql.Identifier(staging),
+                    sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
+                    sql.SQL(" WITH GRANT OPTION" if grantable else ""),
+                )
+            )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
         conn.execute(
             sql.SQL("ALTER TABLE {} RENAME TO {}").format(

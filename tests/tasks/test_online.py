@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import uuid
 from datetime import date
 from pathlib import Path
 
@@ -63,6 +64,47 @@ def test_publish_to_postgres_replaces_atomically(pg_url: str, paylater_home: Pat
             "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'user_features_latest__%'"
         ).fetchone()
         assert leftovers == (0,)
+
+
+@pytest.mark.postgres
+def test_a_publish_keeps_the_privileges_granted_on_the_online_table(
+    pg_url: str, paylater_home: Path
+) -> None:
+    # The service and the worker read the table with their own roles; the grants a DBA gave
+    # them must survive the swap, or scoring fails the morning after a publish.
+    reader, writer = (f"Reader {uuid.uuid4().hex[:8]}", f"writer_{uuid.uuid4().hex[:8]}")
+    publish_user_features(scoring([1, 2], date(2026, 7, 14), 1.0), pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{reader}"')
+        conn.execute(f'CREATE ROLE "{writer}"')
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'GRANT SELECT ON user_features_latest TO "{reader}"')
+            conn.execute(
+                f'GRANT SELECT, UPDATE ON user_features_latest TO "{writer}" WITH GRANT OPTION'
+            )
+            conn.execute("GRANT SELECT ON user_features_latest TO PUBLIC")
+        publish_user_features(scoring([3], date(2026, 7, 15), 2.0), pg_url)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            grants = conn.execute(
+                "SELECT grantee, privilege_type, is_grantable FROM information_schema.role_table_grants "
+                "WHERE table_name = 'user_features_latest' AND grantee <> current_user ORDER BY 1, 2"
+            ).fetchall()
+            conn.execute(f'SET ROLE "{reader}"')
+            assert conn.execute("SELECT user_id FROM user_features_latest").fetchall() == [(3,)]
+        assert grants == sorted(
+            [
+                ("PUBLIC", "SELECT", "NO"),
+                (reader, "SELECT", "NO"),
+                (writer, "SELECT", "YES"),
+                (writer, "UPDATE", "YES"),
+            ]
+        )
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            for role in (reader, writer):
+                conn.execute(f'DROP OWNED BY "{role}"')
+                conn.execute(f'DROP ROLE "{role}"')
 
 
 def test_publish_to_sqlite(tmp_path: Path, paylater_home: Path) -> None:

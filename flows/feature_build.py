@@ -32,7 +32,9 @@ class FeatureBuildResult(BaseModel):
     scoring_uri: str = Field(description="The scoring Parquet part.")
     scoring_rows: int
     scoring_sha256: str
-    online_rows: int = Field(description="Rows published to the online feature table.")
+    online_rows: int = Field(
+        description="Rows published to the online feature table; 0 when it holds a later day."
+    )
 
 
 def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
@@ -62,7 +64,13 @@ def scoring_dataset(as_of: date) -> Manifest:
 def publish_online(manifest: Manifest) -> int:
     """Swap the stored scoring rows into user_features_latest."""
     scoring, _ = load_scoring_dataset(manifest.as_of)
-    return publish_user_features(scoring)
+    published = publish_user_features(scoring)
+    if published == 0 and scoring.num_rows:
+        get_run_logger().warning(
+            "user_features_latest holds a later day than %s (a backfill?): left as it is",
+            manifest.as_of,
+        )
+    return published
 
 
 @flow(name="feature-build", on_failure=[alert_on_failure])

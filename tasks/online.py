@@ -2,20 +2,27 @@
 
 The service and the worker look users up there by id. A publish loads a new table and swaps it
 in within one transaction, so readers see either the old features or the new ones, never a mix.
+Features of a day older than the ones published are not published: a backfill of past days must
+not leave the service scoring with last month's features. Publishes to one table take turns, so
+that check sees the day of any publish that committed before it.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from urllib.parse import urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from paylater.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -54,7 +61,8 @@ def _columns(scoring: pa.Table, dialect: str) -> list[tuple[str, str]]:
 def publish_user_features(
     scoring: pa.Table, source_url: str | None = None, settings: Settings | None = None
 ) -> int:
-    """Replace the online feature table with `scoring`; returns the rows published."""
+    """Replace the online feature table with `scoring`; returns the rows published, 0 when the
+    table already holds a later `as_of` (it is then left as it is)."""
     settings = settings or get_settings()
     url = source_url or settings.source
     table = _ident(settings.online_features_table)
@@ -79,6 +87,20 @@ ORDER BY 1, 2
 """
 
 
+def _as_of(scoring: pa.Table) -> date | None:
+    """The day of the scoring rows (None for an empty table)."""
+    value = pc.max(scoring.column("as_of")).as_py()
+    return value if isinstance(value, date) else None
+
+
+def _is_older(new: date | None, published: date | None, table: str) -> bool:
+    """Whether `new` is older than the day already published (and say so)."""
+    if new is None or published is None or new >= published:
+        return False
+    log.warning("%s holds features as of %s; those of %s are not published", table, published, new)
+    return True
+
+
 def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     """COPY into a new table, give it the old one's grants, then drop the old one and rename, all
     in one transaction."""
@@ -96,6 +118,15 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     csv = io.BytesIO()
     pacsv.write_csv(scoring, csv, pacsv.WriteOptions(include_header=False))
     with psycopg.connect(conninfo) as conn, conn.transaction():
+        # One publish at a time per table (released at commit), so the day compared below is the
+        # one of the last publish that committed, even if it was still running when this began.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"paylater.online.{table}"])
+        if conn.execute("SELECT to_regclass(quote_ident(%s))", [table]).fetchone() != (None,):
+            published = conn.execute(
+                sql.SQL("SELECT max(as_of) FROM {}").format(sql.Identifier(table))
+            ).fetchone()
+            if _is_older(_as_of(scoring), published[0] if published else None, table):
+                return 0
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(staging)))
         conn.execute(
             sql.SQL("CREATE TABLE {} ({})").format(
@@ -152,7 +183,17 @@ def _publish_sqlite(scoring: pa.Table, url: str, table: str) -> int:
     )
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")  # the write lock: one publish at a time
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table]
+        ).fetchone()
+        if exists:
+            (published,) = conn.execute(f'SELECT max(as_of) FROM "{table}"').fetchone()
+            if _is_older(
+                _as_of(scoring), date.fromisoformat(published) if published else None, table
+            ):
+                conn.execute("ROLLBACK")
+                return 0
         conn.execute(f'DROP TABLE IF EXISTS "{staging}"')
         conn.execute(f'CREATE TABLE "{staging}" ({definitions}, "updated_at" TEXT NOT NULL)')
         conn.executemany(

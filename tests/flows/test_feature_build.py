@@ -54,6 +54,14 @@ def test_feature_build_writes_datasets_and_online_table(
         ).fetchall()
     assert online == [(1, "2026-07-15", 0), (2, "2026-07-15", 0)]
     assert scoring.num_rows == 2
+    # A backfill of an earlier day writes its datasets but leaves the newer online features.
+    earlier = feature_build(as_of="2026-07-10")  # type: ignore[arg-type]
+    assert (earlier.scoring_rows, earlier.online_rows) == (2, 0)
+    assert load_scoring_dataset(date(2026, 7, 10))[1].sha256 == earlier.scoring_sha256
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        assert db.execute("SELECT DISTINCT as_of FROM user_features_latest").fetchall() == [
+            ("2026-07-15",)
+        ]
 
 
 def test_feature_build_names_missing_tables(prefect_harness: None, paylater_home: Path) -> None:

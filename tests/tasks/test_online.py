@@ -107,6 +107,77 @@ def test_a_publish_keeps_the_privileges_granted_on_the_online_table(
                 conn.execute(f'DROP ROLE "{role}"')
 
 
+def online_as_of(url: str) -> list[tuple[object, ...]]:
+    """(as_of, rows) of the online table."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(
+                "SELECT as_of, count(*) FROM user_features_latest GROUP BY 1"
+            ).fetchall()
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT as_of, count(*) FROM user_features_latest GROUP BY 1"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite")])
+def test_an_older_day_never_replaces_newer_online_features(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, paylater_home: Path
+) -> None:
+    # A backfill of last month runs the feature build for each past day; the service must keep
+    # scoring with the newest features, not with the backfilled day's.
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        newest = (date(2026, 11, 26), 2)
+    else:
+        url = f"sqlite:///{tmp_path / 'source.db'}"
+        newest = ("2026-11-26", 2)
+    assert publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url) == 2
+    assert publish_user_features(scoring([1, 2, 3], date(2026, 10, 3), 9.0), url) == 0
+    assert online_as_of(url) == [newest]
+    # The same day again (a rebuild after a fix) and a newer day do replace it.
+    assert publish_user_features(scoring([1, 2, 3], date(2026, 11, 26), 2.0), url) == 3
+    assert publish_user_features(scoring([4], date(2026, 11, 27), 2.0), url) == 1
+    assert len(online_as_of(url)) == 1 and online_as_of(url)[0][1] == 1
+
+
+@pytest.mark.postgres
+def test_a_publish_waits_for_one_in_flight_before_comparing_days(
+    pg_url: str, paylater_home: Path
+) -> None:
+    # The nightly build (newer day) and a backfill (older day) publishing at the same time: the
+    # older one must compare against the newer one's day once that commits, not the day before
+    # (which is older than both).
+    publish_user_features(scoring([1], date(2026, 10, 1), 1.0), pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE user_features_latest__new (x int)")
+    with psycopg.connect(pg_url) as reader:
+        # A lock on the staging name holds the first publish back after it has read the online
+        # table's day but before it touches the online table itself.
+        reader.execute("SELECT * FROM user_features_latest__new").fetchall()
+        published: dict[str, int] = {}
+        newer = threading.Thread(
+            target=lambda: published.update(
+                newer=publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url)
+            )
+        )
+        newer.start()
+        newer.join(timeout=1)
+        older = threading.Thread(
+            target=lambda: published.update(
+                older=publish_user_features(scoring([7, 8, 9], date(2026, 10, 3), 1.0), pg_url)
+            )
+        )
+        older.start()
+        older.join(timeout=1)
+        assert newer.is_alive() and older.is_alive()
+        reader.commit()
+        newer.join(timeout=30)
+        older.join(timeout=30)
+    assert published == {"newer": 2, "older": 0}
+    assert online_as_of(pg_url) == [(date(2026, 11, 26), 2)]
+
+
 def test_publish_to_sqlite(tmp_path: Path, paylater_home: Path) -> None:
     url = f"sqlite:///{tmp_path / 'source.db'}"
     publish_user_features(scoring([1, 2], date(2026, 7, 14), 1.0), url)

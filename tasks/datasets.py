@@ -2,6 +2,11 @@
 
 The digest is the sha256 of the Parquet bytes; rows are sorted by key and the writer options are
 fixed, so rebuilding the same `as_of` from the same warehouse gives the same bytes and digest.
+The part is named by its digest (`part-<16 hex>.parquet`) and the manifest names its part, so
+rebuilding an `as_of` whose data changed never overwrites the part a manifest points to: until
+the new manifest lands, readers get the previous dataset whole, and a build that dies half way
+leaves that dataset as it was. Replaced parts are kept: a model version logs the URI of the part
+it was trained on, and `paylater registry reproduce` reads it back.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("training", "scoring")
 SORT_KEYS = {"training": "charge_id", "scoring": "user_id"}
-PART = "part-0.parquet"
+LEGACY_PART = "part-0.parquet"
+"""The part name of datasets written before parts were named by digest (their manifests name none)."""
 MANIFEST = "manifest.json"
 _AS_OF_DIR = re.compile(r"^as_of=(\d{4}-\d{2}-\d{2})$")
 
@@ -50,6 +56,8 @@ class Manifest:
     sql_hash: str
     features: list[str]
     uri: str
+    part: str = LEGACY_PART
+    """The Parquet part's name in the dataset's folder."""
     built_at: str = field(default="", compare=False)
     """When this copy was written; the only field that differs between identical rebuilds."""
 
@@ -112,17 +120,20 @@ def write_dataset(
         raise DatasetError(f"{kind} table lacks feature columns {missing}")
     table = table.sort_by(SORT_KEYS[kind]).combine_chunks()
     data = parquet_bytes(table)
-    storage.write_bytes(f"{prefix}/{PART}", data)
+    digest = hashlib.sha256(data).hexdigest()
+    part = f"part-{digest[:16]}.parquet"
+    storage.write_bytes(f"{prefix}/{part}", data)
     manifest = Manifest(
         kind=kind,
         as_of=as_of,
         rows=table.num_rows,
         schema=schema_of(table),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=digest,
         source_watermark=source_watermark.astimezone(UTC).isoformat() if source_watermark else None,
         sql_hash=sql_hash,
         features=list(features),
-        uri=join_uri(storage.url, f"{prefix}/{PART}"),
+        uri=join_uri(storage.url, f"{prefix}/{part}"),
+        part=part,
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     storage.write_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
@@ -161,7 +172,7 @@ def load_dataset(
             raise DatasetError(f"no {kind} dataset under {storage.url}: run feature_build first")
         as_of = dates[-1]
     manifest = read_manifest(storage, kind, as_of)
-    data = storage.read_bytes(f"{dataset_prefix(kind, as_of)}/{PART}")
+    data = storage.read_bytes(f"{dataset_prefix(kind, as_of)}/{manifest.part}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
         raise DatasetError(

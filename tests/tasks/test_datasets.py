@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pyarrow as pa
 import pytest
 
 from paylater.timeutil import day_end_utc
+from registry.reproduce import read_logged_dataset
 from tasks import datasets
+from tasks import storage as storage_module
 from tasks.datasets import DatasetError, load_training_dataset
 from tasks.storage import open_storage
 from tasks.sync import configured_tables
@@ -87,10 +90,11 @@ def test_training_dataset_layout_manifest_and_lineage(env: Path) -> None:
     watermark = write_ledger()
     manifest = datasets.build_training_dataset(AS_OF)
     folder = env / "training" / "as_of=2026-07-15"
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "part-0.parquet"]
+    assert manifest.part == f"part-{manifest.sha256[:16]}.parquet"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", manifest.part]
     assert manifest.rows == 2  # charges 10 and 11 matured; 12 did not
     assert manifest.source_watermark == watermark.isoformat()
-    assert manifest.uri == f"{env.as_uri()}/training/as_of=2026-07-15/part-0.parquet"
+    assert manifest.uri == f"{env.as_uri()}/training/as_of=2026-07-15/{manifest.part}"
     assert manifest.features[:2] == ["request_amount_jpy", "request_fee_jpy"]
     assert len(manifest.sql_hash) == 64 and len(manifest.sha256) == 64
     assert [c["name"] for c in manifest.schema][:5] == [
@@ -109,11 +113,12 @@ def test_training_dataset_layout_manifest_and_lineage(env: Path) -> None:
 
 def test_rebuild_is_idempotent(env: Path) -> None:
     first = datasets.build_training_dataset(AS_OF)
-    part = env / "training" / "as_of=2026-07-15" / "part-0.parquet"
-    first_bytes = part.read_bytes()
+    folder = env / "training" / "as_of=2026-07-15"
+    first_bytes = (folder / first.part).read_bytes()
     second = datasets.build_training_dataset(AS_OF)
     assert second == first  # every field but built_at
-    assert part.read_bytes() == first_bytes
+    assert (folder / first.part).read_bytes() == first_bytes
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", first.part]
     scoring_a = datasets.build_scoring_dataset(AS_OF)
     scoring_b = datasets.build_scoring_dataset(AS_OF)
     assert scoring_a == scoring_b and scoring_a.rows == 2  # user 3 is closed
@@ -132,9 +137,9 @@ def test_latest_as_of_and_explicit_as_of(env: Path) -> None:
 def test_missing_incomplete_and_tampered_datasets(env: Path) -> None:
     with pytest.raises(DatasetError, match="run feature_build first"):
         load_training_dataset()
-    datasets.build_training_dataset(AS_OF)
+    built = datasets.build_training_dataset(AS_OF)
     folder = env / "training" / "as_of=2026-07-15"
-    part = folder / "part-0.parquet"
+    part = folder / built.part
     part.write_bytes(part.read_bytes()[:-1] + b"\0")
     with pytest.raises(DatasetError, match="manifest says"):
         load_training_dataset(AS_OF)
@@ -146,3 +151,55 @@ def test_missing_incomplete_and_tampered_datasets(env: Path) -> None:
 def test_failed_ledger_records_no_watermark(env: Path) -> None:
     write_ledger(status="failed")
     assert datasets.build_scoring_dataset(AS_OF).source_watermark is None
+
+
+def add_matured_charge(charge_id: int) -> None:
+    """One more repaid charge of user 2, requested in March: the next training build has a row more."""
+    from paylater.settings import get_settings
+
+    warehouse = open_warehouse(get_settings().warehouse)
+    warehouse.conn.execute(  # type: ignore[attr-defined]
+        f"INSERT INTO deferred_charges VALUES ({charge_id}, 2, '2026-03-{charge_id - 80:02d} "
+        "03:00:00+00', 2000, 100, '2026-04-27', 'repaid', '2026-04-20 00:00:00+00', 0, "
+        "'2026-04-20 00:00:00+00')"
+    )
+    warehouse.close()
+
+
+def test_a_rebuild_that_dies_before_its_manifest_leaves_the_dataset_whole(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = datasets.build_training_dataset(AS_OF)
+    add_matured_charge(90)  # the source changed: the rebuild's bytes differ
+    real_write = storage_module.LocalStorage.write_bytes
+
+    def dies_at_the_manifest(self: storage_module.LocalStorage, key: str, data: bytes) -> None:
+        if key.endswith("manifest.json"):
+            raise OSError("the process died here")
+        real_write(self, key, data)
+
+    monkeypatch.setattr(storage_module.LocalStorage, "write_bytes", dies_at_the_manifest)
+    with pytest.raises(OSError, match="died here"):
+        datasets.build_training_dataset(AS_OF)
+    monkeypatch.setattr(storage_module.LocalStorage, "write_bytes", real_write)
+    table, manifest = load_training_dataset(AS_OF)  # the first build's dataset, digest intact
+    assert manifest == first and table["charge_id"].to_pylist() == [10, 11]
+
+    second = datasets.build_training_dataset(AS_OF)
+    assert load_training_dataset(AS_OF)[0]["charge_id"].to_pylist() == [10, 11, 90]
+    # The replaced part stays where a model version trained on it logged it, digest intact.
+    folder = env / "training" / "as_of=2026-07-15"
+    assert sorted(p.name for p in folder.glob("part-*")) == sorted([first.part, second.part])
+    logged = read_logged_dataset(first.uri, first.sha256)
+    assert logged["charge_id"].to_pylist() == [10, 11]
+
+
+def test_a_dataset_written_before_parts_were_named_by_digest_still_loads(env: Path) -> None:
+    built = datasets.build_training_dataset(AS_OF)
+    folder = env / "training" / "as_of=2026-07-15"
+    (folder / built.part).rename(folder / "part-0.parquet")
+    body = json.loads((folder / "manifest.json").read_text())
+    del body["part"]
+    (folder / "manifest.json").write_text(json.dumps(body))
+    table, manifest = load_training_dataset(AS_OF)
+    assert manifest.part == "part-0.parquet" and table.num_rows == 2

@@ -37,6 +37,13 @@ class Job:
 
 
 @dataclass(frozen=True)
+class UndecodablePayload:
+    """A stored payload Python's json cannot decode (too deep, a number too long): invalid."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Scored:
     """A job's score as written to scoring_results."""
 
@@ -142,7 +149,15 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -> li
     """Claim up to `limit` due jobs (queued and due, or running with an expired lease)."""
     params = {"limit": limit, "lease_seconds": lease_seconds}
     rows = conn.execute(sql("claim"), params, binary=True).fetchall()
-    return [Job(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [Job(r[0], r[1], _decode(r[2]), r[3], r[4], r[5]) for r in rows]
+
+
+def _decode(payload: str) -> Any:
+    """A claimed job's payload; UndecodablePayload when Python cannot represent it."""
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        return UndecodablePayload(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def finish(

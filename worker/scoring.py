@@ -74,7 +74,11 @@ class ScoringBackend(Protocol):
 
 def parse_request(job: Job) -> ScoreRequest:
     """The job's validated request; InvalidRequest naming exactly what is wrong."""
+    from worker.queue import UndecodablePayload
+
     payload = job.payload
+    if isinstance(payload, UndecodablePayload):
+        raise InvalidRequest(f"payload is not decodable JSON ({payload.reason})")
     if not isinstance(payload, dict):
         raise InvalidRequest(
             f'payload must be a JSON object like {{"amount_jpy": 30000}}, got {type(payload).__name__}'

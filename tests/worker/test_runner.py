@@ -272,3 +272,45 @@ def test_shadow_loader_follows_the_staging_version(
     assert loader() is shadow  # cached while the version stays
     staging["version"] = None
     assert loader() is None
+
+
+def test_payload_python_cannot_decode_fails_alone_instead_of_blocking_the_queue(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """jsonb PostgreSQL accepts but Python's json refuses (a 5,000-digit number, 2,000 levels of
+    nesting) fails that job as invalid; the jobs claimed in the same batch are still scored."""
+    with queue.connect(queue_db) as conn:
+        for key, payload in {
+            "huge number": '{"amount_jpy": 1' + "0" * 5000 + "}",
+            "deep nesting": '{"amount_jpy": ' + "[" * 2000 + "]" * 2000 + "}",
+        }.items():
+            conn.execute(
+                "INSERT INTO scoring_jobs (idempotency_key, user_id, payload) VALUES (%s, 1, %s::jsonb)",
+                (key, payload),
+            )
+    good = kit.enqueue_many(queue_db, 5)
+    worker = Worker(queue_db, backend_for(queue_db, kit.make_scorer(booster, "7")), FAST)
+    with kit.running(worker):
+        kit.wait_until(
+            lambda: (
+                kit.query(
+                    queue_db,
+                    "SELECT count(*) FROM scoring_jobs WHERE status IN ('queued','running')",
+                )[0][0]
+                == 0
+            ),
+            10,
+            "every job to finish",
+        )
+    rows = kit.query(
+        queue_db,
+        "SELECT idempotency_key, status, attempts, error FROM scoring_jobs "
+        "WHERE idempotency_key IS NOT NULL ORDER BY idempotency_key",
+    )
+    assert [r[:3] for r in rows] == [("deep nesting", "failed", 1), ("huge number", "failed", 1)]
+    for _, _, _, error in rows:
+        assert error.startswith("invalid request: payload is not decodable JSON"), error
+    done = kit.query(
+        queue_db, "SELECT count(*) FROM scoring_results WHERE job_id = ANY(%s)", (good,)
+    )
+    assert done == [(5,)]

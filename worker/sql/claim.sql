@@ -2,6 +2,8 @@
 -- running ones whose lease ran out (their worker died). SKIP LOCKED lets workers claim side by
 -- side without waiting on each other; attempts + 1 is the fencing token the finish statements check.
 -- `id = ANY(ARRAY(...))` keeps the update on primary-key lookups (a join here hashes the table).
+-- The payload comes back as text and is decoded per job: jsonb that Python's json refuses (a
+-- 5,000-digit number, deep nesting) must fail its own job, not the fetch of the whole batch.
 UPDATE scoring_jobs AS j
 SET status = 'running',
     attempts = j.attempts + 1,
@@ -21,4 +23,4 @@ WHERE j.id = ANY (ARRAY(
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ))
-RETURNING j.id, j.user_id, j.payload, j.attempts, j.created_at, j.error
+RETURNING j.id, j.user_id, j.payload::text, j.attempts, j.created_at, j.error

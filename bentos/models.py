@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
 
@@ -50,6 +50,14 @@ class ScoreRequestV1(BaseModel):
 
     customer_id: str = Field(pattern=r"^[0-9]{1,18}$", description="User id as decimal text.")
     requested_yen: int = Field(ge=MIN_AMOUNT_JPY, le=MAX_AMOUNT_JPY)
+
+    @field_validator("customer_id")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        """A user id is at least 1, as v2's user_id: "0" is the client's error, not a crash in to_v2."""
+        if int(value) < 1:
+            raise ValueError("customer_id must be a positive user id")
+        return value
 
     def to_v2(self) -> ScoreRequestV2:
         """The same request in the current schema."""

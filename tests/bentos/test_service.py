@@ -192,6 +192,9 @@ BAD_INPUTS = [
     ("/v2/score_batch", {"user_id": 1, "amount_jpy": 5_000}, "body"),
     ("/v1/score", {"customer_id": 1, "requested_yen": 5_000}, "customer_id"),
     ("/v1/score", {"customer_id": "1", "amount_jpy": 5_000}, "requested_yen"),
+    # Decimal text the pattern allows but no user id can be (v2 requires user_id >= 1).
+    ("/v1/score", {"customer_id": "0", "requested_yen": 5_000}, "customer_id"),
+    ("/v1/score", {"customer_id": "000", "requested_yen": 5_000}, "customer_id"),
 ]
 NON_FINITE = [
     (

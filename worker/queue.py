@@ -67,12 +67,14 @@ class ShadowScored:
 
 @dataclass(frozen=True)
 class Failed:
-    """A failed attempt: permanent (the request is invalid) or retryable."""
+    """A failed attempt: permanent (the request is invalid) or retryable; an attempt the backend
+    was unavailable for is not counted toward max_attempts."""
 
     job_id: int
     attempt: int
     error: str
     permanent: bool
+    unavailable: bool = False
 
 
 @cache
@@ -191,6 +193,7 @@ def fail(
         "attempts": [f.attempt for f in failures],
         "errors": [f.error for f in failures],
         "permanent": [f.permanent for f in failures],
+        "unavailable": [f.unavailable for f in failures],
         "max_attempts": max_attempts,
         "backoff_seconds": backoff_seconds,
         "backoff_max_seconds": backoff_max_seconds,

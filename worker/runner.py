@@ -143,6 +143,7 @@ class Worker:
         self.totals = Totals()
         self.stop_event = threading.Event()
         self.wake = Wakeup(self.config.concurrency)
+        self.backend_down = threading.Event()  # the last batch could not reach the backend
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -161,6 +162,10 @@ class Worker:
             written = queue.finish(conn, scored, shadows)
             statuses = self._fail(conn, failures)
         self._account(jobs, scored, written, failures, statuses)
+        if any(f.unavailable for f in failures):
+            self.backend_down.set()
+        elif scored:
+            self.backend_down.clear()
         return len(jobs)
 
     def process(
@@ -200,6 +205,9 @@ class Worker:
                 failures.append(
                     queue.Failed(request.job_id, attempt, f"invalid request: {outcome}", True)
                 )
+            elif isinstance(outcome, BackendUnavailable):
+                error = f"scoring failed: BackendUnavailable: {outcome}"
+                failures.append(queue.Failed(request.job_id, attempt, error, False, True))
             else:
                 error = f"scoring failed: {type(outcome).__name__}: {outcome}"
                 failures.append(queue.Failed(request.job_id, attempt, error, False))
@@ -343,7 +351,11 @@ class Worker:
                     conn = None
                     self.stop_event.wait(min(self.config.poll_seconds, 1.0))
                     continue
-                if claimed >= self.config.batch_size:
+                if self.backend_down.is_set():
+                    # Jobs given back cost no attempt: pause, or a backlog would be claimed and
+                    # given back as fast as the database allows for the length of the outage.
+                    self.stop_event.wait(self.config.poll_seconds)
+                elif claimed >= self.config.batch_size:
                     self.wake.notify()  # a full batch: likely more, bring an idle peer in
                 else:
                     self.wake.wait(self.config.poll_seconds)

@@ -13,6 +13,8 @@
 --   failed  the request itself is invalid (bad payload, unknown user): never retried, error says why;
 --   dead    attempts ran out (scoring kept failing, or workers kept dying on it): error holds the last cause.
 -- A transient failure puts the job back to queued with run_after pushed out (exponential backoff).
+-- A backend that cannot be reached at all (scoring service or feature database down) does the
+-- same without spending an attempt: an outage never dead-letters jobs.
 -- A worker that dies leaves its jobs running; they are claimed again once lease_until has passed.
 -- Safe to apply repeatedly (the worker applies it at start under an advisory lock).
 
@@ -23,7 +25,8 @@ CREATE TABLE IF NOT EXISTS scoring_jobs (
     payload         jsonb NOT NULL,
     status          text NOT NULL DEFAULT 'queued'
                     CHECK (status IN ('queued', 'running', 'done', 'failed', 'dead')),
-    attempts        integer NOT NULL DEFAULT 0,       -- claims so far (also the lease fencing token)
+    attempts        integer NOT NULL DEFAULT 0,       -- claims so far, less those given back after
+                                                      -- an unreachable backend (also the fencing token)
     run_after       timestamptz NOT NULL DEFAULT now(),  -- not claimed before this (retry backoff)
     lease_until     timestamptz,                      -- while running: re-claimable after this
     error           text,                             -- last error; kept if a later attempt succeeds

@@ -129,15 +129,20 @@ class OnlineFeatures:
     def lookup(self, user_ids: Sequence[int]) -> tuple[dict[int, int], np.ndarray]:
         """(row index by user id, float matrix of those rows; NULL is NaN) for the users found."""
         import numpy as np
+        import psycopg
 
-        conn = self._connection()
+        conn = None
         try:
+            conn = self._connection()
             # Binary results: parsing 58 floats a row as text costs ~5x the CPU.
             rows = conn.execute(
                 self._text(conn), {"user_ids": list(user_ids)}, binary=True
             ).fetchall()
-        except Exception:
-            conn.close()  # reopened on the next batch
+        except Exception as exc:
+            if conn is not None:
+                conn.close()  # reopened on the next batch
+            if isinstance(exc, psycopg.OperationalError):  # unreachable: no request's fault
+                raise BackendUnavailable(f"feature database unreachable: {exc}") from exc
             raise
         index = {row[0]: i for i, row in enumerate(rows)}
         matrix = np.array([row[1:] for row in rows], dtype=np.float64).reshape(

@@ -314,3 +314,48 @@ def test_payload_python_cannot_decode_fails_alone_instead_of_blocking_the_queue(
         queue_db, "SELECT count(*) FROM scoring_results WHERE job_id = ANY(%s)", (good,)
     )
     assert done == [(5,)]
+
+
+@pytest.mark.parametrize("kind", ["http", "inprocess"])
+def test_backend_outage_spends_no_attempts_and_jobs_score_once_it_is_back(
+    queue_db: str, booster: Any, kit: Any, kind: str
+) -> None:
+    """A scoring service or feature database that cannot be reached is nobody's fault: an outage
+    outlasting the retry budget dead-letters nothing, and every job is scored once it is back."""
+    import socket
+
+    from worker.scoring import HttpBackend
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    scorer = kit.make_scorer(booster, "7")
+    unreachable = (
+        HttpBackend(f"http://{down}")
+        if kind == "http"
+        else InProcessBackend(scorer, f"postgresql://{down}/features")
+    )
+    ids = kit.enqueue_many(queue_db, 3)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.01, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, unreachable, config)
+
+    def outlasted_or_dead() -> bool:
+        dead = kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = 'dead'")
+        return dead[0][0] > 0 or worker.totals.batches >= 3 * config.max_attempts
+
+    with kit.running(worker):
+        kit.wait_until(outlasted_or_dead, 20, "more claims than the jobs have attempts")
+    unreachable.close()
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[:2] for r in rows] == [("queued", 0)] * 3, rows
+    assert all("BackendUnavailable" in r[2] for r in rows), rows
+
+    back = Worker(queue_db, backend_for(queue_db, scorer), config)
+    with kit.running(back):
+        kit.wait_until(
+            lambda: back.totals.processed == len(ids), 20, "the jobs to be scored after the outage"
+        )
+    rows = kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs ORDER BY id")
+    assert rows == [("done", 1)] * 3

@@ -42,6 +42,9 @@ class ScoreBatchV2(RootModel[list[ScoreRequestV2]]):
 
     model_config = ConfigDict(strict=True)
 
+    # An empty batch is a client bug (nothing to score), answered 422 rather than 200 [].
+    root: list[ScoreRequestV2] = Field(min_length=1)
+
 
 class ScoreRequestV1(BaseModel):
     """The previous app release's request: customer id as text, amount as `requested_yen`."""

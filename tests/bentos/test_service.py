@@ -190,6 +190,7 @@ BAD_INPUTS = [
         "[1].amount_jpy",
     ),
     ("/v2/score_batch", {"user_id": 1, "amount_jpy": 5_000}, "body"),
+    ("/v2/score_batch", [], "body"),
     ("/v1/score", {"customer_id": 1, "requested_yen": 5_000}, "customer_id"),
     ("/v1/score", {"customer_id": "1", "amount_jpy": 5_000}, "requested_yen"),
     # Decimal text the pattern allows but no user id can be (v2 requires user_id >= 1).

@@ -143,6 +143,13 @@ class OnlineFeatures:
                 conn.close()  # reopened on the next batch
             if isinstance(exc, psycopg.OperationalError):  # unreachable: no request's fault
                 raise BackendUnavailable(f"feature database unreachable: {exc}") from exc
+            if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
+                # A model promoted before the feature build that publishes its features (or no
+                # publish yet): a deployment mismatch, no request's fault; jobs wait for the fix.
+                cause = str(exc).splitlines()[0]
+                raise BackendUnavailable(
+                    f"user_features_latest does not fit the model: {cause}"
+                ) from exc
             raise
         index = {row[0]: i for i, row in enumerate(rows)}
         matrix = np.array([row[1:] for row in rows], dtype=np.float64).reshape(

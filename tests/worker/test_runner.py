@@ -359,3 +359,38 @@ def test_backend_outage_spends_no_attempts_and_jobs_score_once_it_is_back(
         )
     rows = kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs ORDER BY id")
     assert rows == [("done", 1)] * 3
+
+
+def test_a_feature_table_the_model_does_not_fit_holds_jobs_instead_of_killing_them(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """A model that needs a column the online table lacks (the new model was promoted before
+    the feature build that adds its feature published) is a deployment mismatch, not any job's
+    fault: jobs wait, saying why, and are scored once the table fits."""
+    scorer = kit.make_scorer(booster, "7")
+    with queue.connect(queue_db) as conn:
+        conn.execute("ALTER TABLE user_features_latest RENAME COLUMN topup_count_90d TO old_name")
+    ids = kit.enqueue_many(queue_db, 3)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.01, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, backend_for(queue_db, scorer), config)
+
+    def outlasted_or_dead() -> bool:
+        dead = kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status <> 'queued'")
+        return dead[0][0] > 0 or worker.totals.batches >= 3 * config.max_attempts
+
+    with kit.running(worker):
+        kit.wait_until(outlasted_or_dead, 20, "more claims than the jobs have attempts")
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[:2] for r in rows] == [("queued", 0)] * 3, rows
+    assert all("topup_count_90d" in r[2] and "user_features_latest" in r[2] for r in rows), rows
+
+    with queue.connect(queue_db) as conn:
+        conn.execute("ALTER TABLE user_features_latest RENAME COLUMN old_name TO topup_count_90d")
+    fits = Worker(queue_db, backend_for(queue_db, scorer), config)
+    with kit.running(fits):
+        kit.wait_until(
+            lambda: fits.totals.processed == len(ids), 20, "the jobs to be scored once it fits"
+        )
+    assert kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs") == [("done", 1)] * 3

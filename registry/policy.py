@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from paylater.settings import get_settings
 from registry import history
-from registry.store import MODEL_NAME, RegistryError, client, normalise_version
+from registry.store import MODEL_NAME, RegistryError, client, is_absent, normalise_version
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -146,18 +146,22 @@ def get_version(mlflow_client: MlflowClient, version: object) -> ModelVersion:
     try:
         return mlflow_client.get_model_version(MODEL_NAME, number)
     except MlflowException as exc:
+        if not is_absent(exc):
+            raise  # a registry that cannot answer must not read as a version that does not exist
         raise RegistryError(f"{MODEL_NAME} has no version {number}") from exc
 
 
 def alias_version(mlflow_client: MlflowClient, alias: str) -> str | None:
-    """The version an alias points at, or None."""
+    """The version an alias points at, or None (errors other than "not found" propagate)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return normalise_version(
             mlflow_client.get_model_version_by_alias(MODEL_NAME, alias).version
         )
-    except MlflowException:
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
         return None
 
 

@@ -9,6 +9,7 @@ from paylater.settings import get_settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
 MODEL_NAME = "paylater-default"
 """The registered model (contracts.md)."""
@@ -19,6 +20,12 @@ AUDIT_EXPERIMENT = "paylater-default-registry-audit"
 
 class RegistryError(Exception):
     """A registry request that cannot be carried out; nothing was changed."""
+
+
+def is_absent(exc: MlflowException) -> bool:
+    """Whether MLflow answered that the model, version or alias does not exist (a missing alias
+    comes back as INVALID_PARAMETER_VALUE), as opposed to failing to answer (unreachable, denied)."""
+    return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
 def normalise_version(version: object) -> str:

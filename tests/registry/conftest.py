@@ -156,3 +156,17 @@ def register_copy() -> Callable[[str], str]:
         return str(copy.version)
 
     return run
+
+
+@pytest.fixture
+def unreachable_registry(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLFLOW_TRACKING_URI at a loopback port nobody listens on; no HTTP retries."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    return url

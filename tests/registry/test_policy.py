@@ -194,3 +194,21 @@ def test_new_staged_candidate_archives_the_previous_one(
     assert c.get_model_version(MODEL_NAME, second).current_stage == "Staging"
     assert policy.alias_version(c, "staging") == second
     assert [e.action for e in history.read(c, first)] == ["register", "stage", "supersede"]
+
+
+def test_an_unreachable_registry_is_not_taken_for_an_empty_one(
+    unreachable_registry: str, good_candidate: Any
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from registry.runs import score_production
+
+    # "No production version" would let the gate pass a candidate on the absolute thresholds alone.
+    with pytest.raises(MlflowException):
+        policy.alias_version(client(), "production")
+    with pytest.raises(MlflowException):
+        score_production(good_candidate.split.oot_rows)
+    with pytest.raises(MlflowException):
+        policy.rollback("bad model", "bob")  # not "nothing is in production"
+    with pytest.raises(MlflowException):
+        policy.promote("3", "production", "verified", "alice")  # not "has no version 3"

@@ -18,13 +18,20 @@ ACTOR_HELP = "Who is acting (recorded in the history); default $USER."
 
 
 def _run(action: Callable[[], T]) -> T:
-    """Run a registry action; a RegistryError becomes one clear line on stderr and exit code 1."""
-    from registry.store import RegistryError
+    """Run a registry action; a RegistryError, or MLflow failing the request (unreachable, denied),
+    becomes one clear line on stderr and exit code 1."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import RegistryError, tracking_uri
 
     try:
         return action()
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except MlflowException as exc:
+        detail = " ".join(str(exc.message).split())[:600]
+        typer.echo(f"error: the MLflow registry at {tracking_uri()} failed: {detail}", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -70,12 +77,15 @@ def list_versions() -> None:
     from registry.policy import STAGE_ALIASES, alias_version, all_versions
     from registry.store import client
 
-    c = client()
-    aliases = {a: alias_version(c, a) for a in STAGE_ALIASES.values()}
+    def load() -> tuple[dict[str, str | None], list[Any]]:
+        c = client()
+        return {a: alias_version(c, a) for a in STAGE_ALIASES.values()}, all_versions(c)
+
+    aliases, versions = _run(load)
     typer.echo(
         f"{'version':>7}  {'stage':10} {'alias':10} {'auc':>7} {'ece':>7}  {'gate':8} {'verified':8} created"
     )
-    for mv in all_versions(c):
+    for mv in versions:
         m = _metrics(mv.run_id)
         number = str(mv.version)
         alias = ",".join(a for a, v in aliases.items() if v == number)
@@ -149,10 +159,14 @@ def show_history(
 ) -> None:
     """Every transition: version, from, to, who, when, why (kept in the MLflow backend)."""
     from registry import history
-    from registry.store import client
+    from registry.store import RegistryError, client, normalise_version
 
-    entries = history.read(client(), version)
-    for e in entries:
+    def load() -> list[history.Transition]:
+        if version is not None and not version.strip().isdigit():
+            raise RegistryError(f"not a version number: {version!r}")
+        return history.read(client(), None if version is None else normalise_version(version))
+
+    for e in _run(load):
         if as_json:
             typer.echo(json.dumps(e.as_dict()))
         else:

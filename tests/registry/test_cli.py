@@ -161,3 +161,26 @@ def test_cli_errors_are_clear_and_change_nothing(registry_home: Path) -> None:
         assert message in result.output, (args, result.output)
     assert policy.all_versions(client()) == []
     assert runner.invoke(app, ["registry", "history"]).output == ""
+
+
+def test_an_unreachable_registry_gives_one_clear_line(unreachable_registry: str) -> None:
+    runner = CliRunner()
+    for args in (
+        ["registry", "list"],
+        ["registry", "history"],
+        ["registry", "show", "production"],
+        ["registry", "promote", "3", "--to", "production", "--reason", "x"],
+        ["registry", "rollback", "--reason", "x"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
+        assert unreachable_registry in lines[0] and "Connection refused" in lines[0], lines[0]
+
+
+def test_history_of_a_version_that_is_not_a_number_is_refused(registry_home: Path) -> None:
+    result = CliRunner().invoke(app, ["registry", "history", "--version", "latest"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "not a version number: 'latest'" in result.output

@@ -95,9 +95,16 @@ def _local_artifact_root() -> str | None:
 
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created on first use."""
+    """The id of experiment `name`, created on first use, restored if someone deleted it.
+
+    A deleted experiment still holds its name and refuses new runs, so without the restore a
+    tidy-up in the MLflow UI would fail every later retrain, and every transition half way (after
+    the stage change, before its audit entry and the archiving of the version it replaced).
+    """
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(found.experiment_id)
         return str(found.experiment_id)
     root = _local_artifact_root()
     location = f"{root.rstrip('/')}/{name}" if root else None

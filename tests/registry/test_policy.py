@@ -212,3 +212,37 @@ def test_an_unreachable_registry_is_not_taken_for_an_empty_one(
         policy.rollback("bad model", "bob")  # not "nothing is in production"
     with pytest.raises(MlflowException):
         policy.promote("3", "production", "verified", "alice")  # not "has no version 3"
+
+
+def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_deleted(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    from registry.store import AUDIT_EXPERIMENT
+
+    first = register(good_candidate)
+    policy.stage_candidate(first, "monthly-retrain", "gates passed")
+    mark_verified(first)
+    policy.promote(first, "production", "release 1", "alice")
+    c = client()
+    before = history.read(c)
+    # Someone tidies the MLflow UI: the audit experiment is deleted (soft, as the UI does).
+    c.delete_experiment(c.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id)
+
+    second = register_copy(first)
+    policy.stage_candidate(second, "monthly-retrain", "gates passed")
+    mark_verified(second)
+    policy.promote(second, "production", "release 2", "alice")
+
+    assert c.get_model_version(MODEL_NAME, first).current_stage == "Archived"
+    assert c.get_model_version(MODEL_NAME, second).current_stage == "Production"
+    entries = history.read(c)
+    assert entries[: len(before)] == before
+    assert [(e.version, e.action) for e in entries[len(before) :]] == [
+        (second, "stage"),
+        (second, "promote"),
+        (first, "archive"),
+    ]

@@ -101,6 +101,10 @@ def evaluate_gates(
             f"feature set differs from production v{baseline.version}: added {added or '[]'}, "
             f"removed {removed or '[]'} (set gate_allow_feature_changes once serving follows)"
         )
+    if baseline.probs is None and removed and thresholds.allow_feature_changes:
+        # Production needs features the candidate's rows no longer have: there is nothing to
+        # compare it on, and the change was allowed, so the absolute gates decide alone.
+        return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
     if baseline.probs is None:
         reasons.append(
             f"production v{baseline.version} could not be scored on this OOT month: {baseline.problem}"

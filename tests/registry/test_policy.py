@@ -246,3 +246,23 @@ def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_
         (second, "promote"),
         (first, "archive"),
     ]
+
+
+def test_allowed_feature_removal_is_not_rejected_for_production_lacking_that_feature() -> None:
+    # gate_allow_feature_changes promises to accept a changed feature set; production, which
+    # needs the removed feature, cannot be scored on the new rows, so only the absolute gates apply.
+    rng = np.random.default_rng(2)
+    y = (rng.random(2000) < 0.3).astype(int)
+    p = np.clip(0.3 + 0.4 * (y - 0.3) + rng.normal(0, 0.1, 2000), 0.01, 0.99)
+    baseline = policy.ProductionBaseline(
+        "3", ["a", "old"], None, "the dataset lacks model features: old"
+    )
+    allowed = policy.GateThresholds(0.5, 1.0, 0.01, 0.25, True)
+    decision = policy.evaluate_gates(y, p, ["a"], allowed, baseline)
+    assert decision.passed, decision.reasons
+    assert decision.production_version is None, "nothing was compared with production"
+    assert set(decision.checks) == {"candidate_auc", "candidate_ece"}
+    weak = policy.GateThresholds(0.999, 1.0, 0.01, 0.25, True)
+    assert not policy.evaluate_gates(y, p, ["a"], weak, baseline).passed
+    refused = policy.GateThresholds(0.5, 1.0, 0.01, 0.25, False)
+    assert not policy.evaluate_gates(y, p, ["a"], refused, baseline).passed

@@ -327,11 +327,17 @@ def rollback(reason: str | None, actor: str) -> list[history.Transition]:
     """Restore the most recent earlier production version; the current one is archived."""
     why = _require_reason(reason)
     c = client()
+    entries = history.read(c)
     current = alias_version(c, "production")
+    current_exists = current is not None
+    if current is None:
+        # Deleting a version drops its aliases: if the last version promoted or rolled back to
+        # is gone, production is empty because of that, and its predecessor is still the target.
+        current = _deleted_production(c, entries)
     if current is None:
         raise RegistryError("nothing is in production: there is nothing to roll back")
     target = None
-    for candidate in rollback_target(history.read(c), current):
+    for candidate in rollback_target(entries, current):
         try:
             get_version(c, candidate)
         except RegistryError:
@@ -340,10 +346,27 @@ def rollback(reason: str | None, actor: str) -> list[history.Transition]:
         break
     if target is None:
         raise RegistryError(f"no earlier production version to roll back to from v{current}")
-    return [
-        move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}"),
-        move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}"),
-    ]
+    changes = [move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}")]
+    if current_exists:
+        changes.append(
+            move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}")
+        )
+    return changes
+
+
+def _deleted_production(
+    mlflow_client: MlflowClient, entries: Sequence[history.Transition]
+) -> str | None:
+    """The version that last entered Production per the history, if it has since been deleted."""
+    entered = [e for e in entries if e.to_stage == "Production" and e.from_stage != "Production"]
+    if not entered:
+        return None
+    last = entered[-1].version
+    try:
+        get_version(mlflow_client, last)
+    except RegistryError:
+        return last
+    return None
 
 
 def record_verification(version: str, passed: bool, url: str, detail: str, at: str) -> None:

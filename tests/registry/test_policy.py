@@ -266,3 +266,33 @@ def test_allowed_feature_removal_is_not_rejected_for_production_lacking_that_fea
     assert not policy.evaluate_gates(y, p, ["a"], weak, baseline).passed
     refused = policy.GateThresholds(0.5, 1.0, 0.01, 0.25, False)
     assert not policy.evaluate_gates(y, p, ["a"], refused, baseline).passed
+
+
+def test_rollback_restores_the_previous_version_when_production_was_deleted(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    first = register(good_candidate)
+    second = register_copy(first)
+    for version in (first, second):
+        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        mark_verified(version)
+        policy.promote(version, "production", "release", "alice")
+    c = client()
+    # The bad production version is deleted (MLflow drops its alias with it): nothing serves.
+    c.delete_model_version(MODEL_NAME, second)
+    assert policy.alias_version(c, "production") is None
+
+    changes = policy.rollback("v2 was deleted", "bob")
+
+    assert [(t.version, t.from_stage, t.to_stage) for t in changes] == [
+        (first, "Archived", "Production")
+    ]
+    assert f"rollback from v{second}" in changes[0].reason
+    assert policy.alias_version(c, "production") == first
+    assert c.get_model_version(MODEL_NAME, first).current_stage == "Production"
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        policy.rollback("again", "bob")

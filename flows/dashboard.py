@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.monitor import alert_on_failure, send
+from flows.monitor import alert_on_failure, deliver
 from paylater.settings import get_settings
 from tasks.dashboard import (
     DailyMonitoring,
@@ -53,12 +53,12 @@ def store(daily: DailyMonitoring) -> None:
 
 @task
 def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]:
-    """Open or resolve the drift incidents (same dedup table as the 5-minute monitor)."""
+    """Open or resolve the drift incidents and alert (same dedup table as the 5-minute monitor)."""
     settings = get_settings()
     engine = open_queue_db(settings)
     try:
         ensure_incident_table(engine)
-        return reconcile(engine, judge(drift_measurements(daily), settings), now)
+        return reconcile(engine, judge(drift_measurements(daily), settings), now, deliver=deliver)
     finally:
         engine.dispose()
 
@@ -84,7 +84,7 @@ def monitoring_report() -> Path:
     now = utc_now()
     daily = compute_daily(now)
     store(daily)
-    send(drift_incidents(daily, now))
+    drift_incidents(daily, now)
     path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
     create_markdown_artifact(
         key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"

@@ -39,25 +39,26 @@ def run_checks(now: datetime) -> list[CheckResult]:
         engine.dispose()
 
 
+def deliver(notification: Notification) -> bool:
+    """Send through tasks.alerts.notify (Slack for warnings, PagerDuty too for critical)."""
+    from tasks.alerts import notify
+
+    n = notification
+    return notify(n.subject, n.body, severity=n.severity, dedup_key=n.dedup_key)
+
+
 @task
 def update_incidents(results: list[CheckResult], now: datetime) -> list[Notification]:
-    """Open, escalate or resolve incidents; returns only the notifications this run owes."""
+    """Open, escalate or resolve incidents and alert on each change; returns what was delivered.
+
+    An alert no channel accepted leaves its incident unchanged, so the next run sends it again.
+    """
     engine = open_queue_db(get_settings())
     try:
         ensure_incident_table(engine)
-        return reconcile(engine, results, now)
+        return reconcile(engine, results, now, deliver=deliver)
     finally:
         engine.dispose()
-
-
-@task
-def send(notifications: list[Notification]) -> int:
-    """Deliver through tasks.alerts.notify (Slack for warnings, PagerDuty too for critical)."""
-    from tasks.alerts import notify
-
-    for n in notifications:
-        notify(n.subject, n.body, severity=n.severity, dedup_key=n.dedup_key)
-    return len(notifications)
 
 
 @flow(name="monitor", on_failure=[alert_on_failure])
@@ -65,7 +66,7 @@ def monitor() -> list[CheckResult]:
     """Check the system, update incident state, and alert on what opened or cleared."""
     now = utc_now()
     results = run_checks(now)
-    sent = send(update_incidents(results, now))
+    sent = len(update_incidents(results, now))
     get_run_logger().info("%d notification(s) sent; checks:\n%s", sent, status_json(results))
     return results
 

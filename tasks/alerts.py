@@ -66,19 +66,26 @@ def _post_webhook(url: str, payload: dict) -> bool:
         return False
 
 
-def notify(subject: str, body: str, severity: str = "error", dedup_key: str | None = None) -> None:
-    """Send an alert to every configured channel (critical ones also page). Never raises."""
+def notify(subject: str, body: str, severity: str = "error", dedup_key: str | None = None) -> bool:
+    """Send an alert to every configured channel (critical ones also page). Never raises.
+
+    Returns False when channels were addressed and none accepted the alert (the caller may retry);
+    True when one did, or when no channel takes alerts of this severity (nothing to retry).
+    """
     if severity not in SEVERITIES:
         log.warning("unknown alert severity %r, sending as error", severity)
         severity = "error"
     settings = get_settings()
     text = format_alert(subject, body, severity, dedup_key)
-    sent = False
+    sent = addressed = False
     if settings.alert_slack_block:
+        addressed = True
         sent |= _send_block("slack", settings.alert_slack_block, subject, text, severity)
     if severity == "critical" and settings.alert_pagerduty_block:
+        addressed = True
         sent |= _send_block("pagerduty", settings.alert_pagerduty_block, subject, text, severity)
     if settings.alert_webhook_url:
+        addressed = True
         payload = webhook_payload(subject, body, severity, dedup_key)
         sent |= _post_webhook(settings.alert_webhook_url, payload)
     if not (
@@ -87,6 +94,7 @@ def notify(subject: str, body: str, severity: str = "error", dedup_key: str | No
         log.warning("no alert channel configured; alert was: %s", text)
     elif not sent:
         log.error("alert reached no channel: %s", text)
+    return sent or not addressed
 
 
 def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:

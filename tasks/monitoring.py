@@ -4,7 +4,8 @@ A check turns a measurement into a level ('ok', 'warning', 'critical', or 'unkno
 not be measured) against thresholds from settings. Incidents live in the `monitor_incidents`
 table of the queue database, so deduplication holds across runs and across processes: an alert
 goes out when an incident opens (or escalates to critical), a RESOLVED notice when it clears, and
-nothing while it lasts. An 'unknown' level leaves the incident as it is.
+nothing while it lasts. An 'unknown' level leaves the incident as it is. A notice no alert
+channel accepted undoes its incident change, so the next run sends it again.
 """
 
 from __future__ import annotations
@@ -262,9 +263,17 @@ def dedup_key(check: str) -> str:
 
 
 def reconcile(
-    engine: sa.Engine, results: Iterable[CheckResult], now: datetime
+    engine: sa.Engine,
+    results: Iterable[CheckResult],
+    now: datetime,
+    deliver: Callable[[Notification], bool] | None = None,
 ) -> list[Notification]:
-    """Update incident state from check results; return the notifications this run owes."""
+    """Update incident state from check results; return the notifications this run owes.
+
+    With `deliver`, each notification is sent inside the transaction that changed its incident,
+    and a delivery that fails (webhook down, 4xx/5xx) rolls that change back, so the next run
+    sends it again instead of the incident lasting unannounced; only delivered ones are returned.
+    """
     owed: list[Notification] = []
     for result in results:
         if result.level == "unknown":
@@ -276,19 +285,29 @@ def reconcile(
             "summary": result.summary,
             "now": now,
         }
-        with engine.begin() as conn:
+        with engine.connect() as conn, conn.begin() as transaction:
+            notice = None
             if result.level == "ok":
                 gone = conn.execute(sa.text(load_sql("incident_resolve")), params).first()
                 if gone is not None:
-                    owed.append(resolved_notice(result, as_utc(gone.opened_at), now))
+                    notice = resolved_notice(result, as_utc(gone.opened_at), now)
+            else:
+                opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
+                escalated = None
+                if opened is None:
+                    escalated = conn.execute(sa.text(load_sql("incident_escalate")), params).first()
+                    conn.execute(sa.text(load_sql("incident_touch")), params)
+                if opened is not None or escalated is not None:
+                    notice = firing_notice(result, escalated=escalated is not None)
+            if notice is None:
                 continue
-            opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
-            escalated = None
-            if opened is None:
-                escalated = conn.execute(sa.text(load_sql("incident_escalate")), params).first()
-                conn.execute(sa.text(load_sql("incident_touch")), params)
-            if opened is not None or escalated is not None:
-                owed.append(firing_notice(result, escalated=escalated is not None))
+            if deliver is not None and not deliver(notice):
+                log.warning(
+                    "%r not delivered: incident change undone, next run retries", notice.subject
+                )
+                transaction.rollback()
+                continue
+            owed.append(notice)
     return owed
 
 

@@ -20,13 +20,15 @@ class Receiver:
 
     def __init__(self) -> None:
         self.payloads: list[dict] = []
+        self.status = 200  # what the webhook answers (500: Slack is down)
         received = self.payloads
+        owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
+                self.send_response(owner.status)
                 self.end_headers()
                 self.wfile.write(b"ok")
 
@@ -167,3 +169,54 @@ def test_monitor_alerts_once_per_incident_and_resolves(
 
     monitor()
     assert receiver.take() == []
+
+
+def test_monitor_retries_an_alert_the_webhook_refused(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slack answering 500 must not swallow the FIRING (or the RESOLVED): the next run resends it."""
+    from flows.monitor import monitor
+
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    late = datetime.now(UTC) - timedelta(minutes=10)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
+            [late, late],
+        )
+
+    def subjects() -> list[str]:
+        return [p["subject"] for p in receiver.take()]
+
+    receiver.status = 500
+    monitor()
+    assert subjects() == ["[FIRING] paylater critical: oldest_queued_age"]  # refused
+    receiver.status = 200
+    monitor()
+    assert subjects() == ["[FIRING] paylater critical: oldest_queued_age"]  # sent again
+    monitor()
+    assert subjects() == []  # delivered once: not again
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
+    receiver.status = 500
+    monitor()
+    assert subjects() == ["[RESOLVED] paylater: oldest_queued_age"]  # refused
+    receiver.status = 200
+    monitor()
+    assert subjects() == ["[RESOLVED] paylater: oldest_queued_age"]  # sent again
+    monitor()
+    assert subjects() == []

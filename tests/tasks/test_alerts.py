@@ -92,3 +92,18 @@ def test_slack_block_and_failure_hook(
     assert "table loans does not exist" in body["message"]
     assert "as_of=2026-11-26" in body["message"]
     assert body["type"] == "failure"
+
+
+def test_notify_reports_whether_any_channel_took_the_alert(
+    paylater_home, receiver, monkeypatch
+) -> None:
+    monkeypatch.delenv("PAYLATER_ALERT_SLACK_BLOCK", raising=False)
+    monkeypatch.delenv("PAYLATER_ALERT_PAGERDUTY_BLOCK", raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    assert notify("x", "y", severity="warning") is True
+    receiver.status = 503
+    assert notify("x", "y", severity="warning") is False
+    receiver.status = 404
+    assert notify("x", "y", severity="critical") is False
+    monkeypatch.delenv("PAYLATER_ALERT_WEBHOOK_URL")
+    assert notify("x", "y") is True  # no channel configured: nothing to retry

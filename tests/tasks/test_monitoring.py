@@ -181,6 +181,34 @@ def test_incident_alerts_once_escalates_once_and_resolves_once(
     engine.dispose()
 
 
+def test_undelivered_notice_leaves_the_incident_for_the_next_run(pg_url: str) -> None:
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    refused: list[str] = []
+
+    def down(n: object) -> bool:
+        refused.append(n.subject)  # type: ignore[attr-defined]
+        return False
+
+    def up(n: object) -> bool:
+        return True
+
+    assert reconcile(engine, [result("warning")], NOW, deliver=down) == []
+    assert open_incidents(engine) == []  # not opened: nobody was told
+    assert len(reconcile(engine, [result("warning")], NOW, deliver=up)) == 1
+    assert reconcile(engine, [result("critical")], NOW, deliver=down) == []
+    assert open_incidents(engine)[0]["peak_severity"] == "warning"  # the page is still owed
+    (page,) = reconcile(engine, [result("critical")], NOW, deliver=up)
+    assert "ESCALATED" in page.subject
+    assert reconcile(engine, [result("ok")], NOW + timedelta(minutes=5), deliver=down) == []
+    (incident,) = open_incidents(engine)  # still open, with its original opening time
+    assert incident["peak_severity"] == "critical" and incident["opened_at"] == NOW
+    (resolved,) = reconcile(engine, [result("ok")], NOW + timedelta(minutes=10), deliver=up)
+    assert "open for 600 s" in resolved.body and open_incidents(engine) == []
+    assert [s.split("]")[0] for s in refused] == ["[FIRING", "[ESCALATED", "[RESOLVED"]
+    engine.dispose()
+
+
 def test_concurrent_monitors_alert_once(pg_url: str) -> None:
     ensure_incident_table(engine_for(pg_url))
     barrier = threading.Barrier(4)

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from paylater.settings import Settings
 from tasks.drift import (
+    MIN_JUDGED_ROWS,
     DriftReport,
     Vintage,
     drift_report,
@@ -297,6 +298,7 @@ class DailyMonitoring:
     vintages: list[Vintage] = field(default_factory=list)
     model_version: str | None = None
     notes: list[str] = field(default_factory=list)
+    score_rows: int = 0  # production scores behind the score PSI
 
 
 def recent_production_scores(engine: sa.Engine, since: datetime) -> list[float]:
@@ -331,6 +333,7 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
         out.model_version = model.version
         reference_scores = model_scores(model, training)
         current_scores = recent_production_scores(engine, now - timedelta(days=1)) or None
+        out.score_rows = len(current_scores or [])
         if current_scores is None:
             out.notes.append("no production scores in the last day: no score PSI")
         out.vintages = production_vintages(training, training_manifest.as_of, model)
@@ -366,9 +369,25 @@ def drift_measurements(daily: DailyMonitoring) -> list[Measurement]:
         return []
     worst = sorted(drift.feature_psi.items(), key=lambda kv: -kv[1])[:3]
     detail = "worst: " + ", ".join(f"{k}={v:.3f}" for k, v in worst)
+    feature_psi, score_psi = drift.max_feature_psi, drift.score_psi
+    score_detail = "production scores, last day, vs training"
+    rows = min(drift.current_rows, drift.reference_rows)
+    if feature_psi is not None and rows < MIN_JUDGED_ROWS:
+        feature_psi = None
+        detail = (
+            f"{drift.current_rows} scoring rows vs {drift.reference_rows} training rows "
+            f"(< {MIN_JUDGED_ROWS}): too few to judge; {detail}"
+        )
+    rows = min(daily.score_rows, drift.reference_rows)
+    if score_psi is not None and rows < MIN_JUDGED_ROWS:
+        score_psi = None
+        score_detail = (
+            f"{daily.score_rows} production scores in the last day vs {drift.reference_rows} "
+            f"training rows (< {MIN_JUDGED_ROWS}): too few to judge"
+        )
     return [
-        Measurement("feature_psi_max", drift.max_feature_psi, detail),
-        Measurement("score_psi", drift.score_psi, "production scores, last day, vs training"),
+        Measurement("feature_psi_max", feature_psi, detail),
+        Measurement("score_psi", score_psi, score_detail),
     ]
 
 

@@ -129,3 +129,40 @@ def test_plots_render_in_headless_chromium(tmp_path: Path) -> None:
 
     assert share_near((0x1F, 0x77, 0xB4)) > 1e-4, "matplotlib's line colour not drawn"
     assert share_near((0xC0, 0x39, 0x2B)) > 1e-4, "the critical PSI bar not drawn"
+
+
+def test_drift_of_a_handful_of_rows_is_not_judged() -> None:
+    """Sampling noise of 30 values alone gives a critical PSI: no page without real drift."""
+    import pyarrow as pa
+
+    from paylater.settings import Settings
+    from tasks.dashboard import DailyMonitoring, drift_measurements
+    from tasks.drift import drift_report
+    from tasks.monitoring import judge
+
+    rng = np.random.default_rng(11)
+
+    def sample(n: int) -> np.ndarray:
+        return rng.beta(2, 20, n)  # the same distribution on both sides: no drift at all
+
+    def daily(current_rows: int, score_rows: int) -> DailyMonitoring:
+        drift = drift_report(
+            pa.table({"spend_30d": sample(3000)}),
+            pa.table({"spend_30d": sample(current_rows)}),
+            reference_scores=sample(3000),
+            current_scores=sample(score_rows),
+        )
+        return DailyMonitoring(date(2026, 11, 26), drift, score_rows=score_rows)
+
+    tiny = daily(30, 30)
+    assert tiny.drift is not None and tiny.drift.score_psi is not None
+    assert min(tiny.drift.feature_psi["spend_30d"], tiny.drift.score_psi) > 0.25  # the noise
+    levels = {r.check: r for r in judge(drift_measurements(tiny), Settings())}
+    assert {c: r.level for c, r in levels.items()} == {
+        "feature_psi_max": "unknown",
+        "score_psi": "unknown",
+    }
+    assert "30 production scores" in levels["score_psi"].summary
+    assert "30 scoring rows" in levels["feature_psi_max"].summary
+    enough = {r.check: r.level for r in judge(drift_measurements(daily(3000, 1000)), Settings())}
+    assert enough == {"feature_psi_max": "ok", "score_psi": "ok"}

@@ -190,9 +190,14 @@ def as_utc(moment: datetime | str) -> datetime:
 
 
 def measure_sync_age(warehouse_url: str, now: datetime) -> Measurement:
-    """Seconds since the newest fully successful sync (every ledger row of its as_of succeeded)."""
+    """Seconds since the newest fully successful sync (every configured table succeeded)."""
+    from tasks.sync import configured_tables
     from tasks.warehouse import open_warehouse
 
+    try:
+        expected = {spec.name for spec in configured_tables()}
+    except Exception as exc:
+        return Measurement("sync_age", None, f"sync tables not readable: {exc}")
     try:
         warehouse = open_warehouse(warehouse_url)
     except Exception as exc:  # a warehouse busy with a sync must not crash the monitor
@@ -200,16 +205,18 @@ def measure_sync_age(warehouse_url: str, now: datetime) -> Measurement:
     try:
         if not warehouse.table_exists("sync_ledger"):
             return Measurement("sync_age", None, "no sync_ledger table yet (no sync has run)")
-        rows = warehouse.query_arrow(load_sql("sync_last_success")).to_pylist()
+        days = warehouse.query_arrow(load_sql("sync_last_success")).to_pylist()
     finally:
         warehouse.close()
-    if not rows or rows[0]["finished_at"] is None:
+    synced = (d for d in days if expected <= set((d["tables"] or "").split(",")))
+    day = next(synced, None)
+    if day is None or day["finished_at"] is None:
         return Measurement("sync_age", None, "no fully successful sync in the ledger")
-    finished = as_utc(rows[0]["finished_at"])
+    finished = as_utc(day["finished_at"])
     return Measurement(
         "sync_age",
         (now - finished).total_seconds(),
-        f"last successful sync as_of {rows[0]['as_of']} finished {finished:%Y-%m-%d %H:%M} UTC",
+        f"last successful sync as_of {day['as_of']} finished {finished:%Y-%m-%d %H:%M} UTC",
     )
 
 

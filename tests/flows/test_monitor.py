@@ -66,23 +66,26 @@ def write_ledger(warehouse_url: str, finished_at: datetime) -> None:
     """A sync_ledger (contract columns) whose newest fully successful day finished at `finished_at`."""
     import pyarrow as pa
 
+    from tasks.sync import configured_tables
     from tasks.warehouse import open_warehouse
 
+    names = [spec.name for spec in configured_tables()]
+    n = len(names)
     ts = pa.timestamp("us", tz="UTC")
     table = pa.table(
         {
-            "table_name": ["users", "deferred_charges"],
-            "as_of": pa.array([date(2026, 11, 26)] * 2, pa.date32()),
-            "mode": ["full", "incremental"],
-            "watermark_from": pa.array([None, None], ts),
-            "watermark_to": pa.array([finished_at] * 2, ts),
-            "rows_extracted": pa.array([1, 1], pa.int64()),
-            "rows_loaded": pa.array([1, 1], pa.int64()),
-            "warehouse_rows": pa.array([1, 1], pa.int64()),
-            "duration_seconds": [0.1, 0.1],
-            "status": ["succeeded", "succeeded"],
-            "error": pa.array([None, None], pa.string()),
-            "finished_at": pa.array([finished_at] * 2, ts),
+            "table_name": names,
+            "as_of": pa.array([date(2026, 11, 26)] * n, pa.date32()),
+            "mode": ["full"] * n,
+            "watermark_from": pa.array([None] * n, ts),
+            "watermark_to": pa.array([finished_at] * n, ts),
+            "rows_extracted": pa.array([1] * n, pa.int64()),
+            "rows_loaded": pa.array([1] * n, pa.int64()),
+            "warehouse_rows": pa.array([1] * n, pa.int64()),
+            "duration_seconds": [0.1] * n,
+            "status": ["succeeded"] * n,
+            "error": pa.array([None] * n, pa.string()),
+            "finished_at": pa.array([finished_at] * n, ts),
         }
     )
     warehouse = open_warehouse(warehouse_url)

@@ -112,23 +112,44 @@ def ledger(rows: list[tuple[str, date, str, datetime]]) -> pa.Table:
 
 
 def test_sync_age_is_the_newest_fully_successful_day(tmp_path: Path) -> None:
+    from tasks.sync import configured_tables
     from tasks.warehouse import open_warehouse
 
     url = f"duckdb:///{tmp_path / 'wh.duckdb'}"
     assert measure_sync_age(url, NOW).value is None  # no ledger yet
     wh = open_warehouse(url)
     ok_at = NOW - timedelta(hours=40)
+    names = [spec.name for spec in configured_tables()]
     wh.replace_table(
         "sync_ledger",
         ledger(
             [
-                ("users", date(2026, 11, 25), "succeeded", ok_at - timedelta(minutes=5)),
-                ("topups", date(2026, 11, 25), "succeeded", ok_at),
-                ("users", date(2026, 11, 26), "succeeded", NOW - timedelta(hours=2)),
-                ("topups", date(2026, 11, 26), "failed", NOW - timedelta(hours=2)),
+                (n, date(2026, 11, 25), "succeeded", ok_at - timedelta(minutes=5 * i))
+                for i, n in enumerate(names)
+            ]
+            + [
+                (n, date(2026, 11, 26), "failed" if n == "topups" else "succeeded", NOW)
+                for n in names
             ]
         ),
     )
+    wh.close()
+    got = measure_sync_age(url, NOW)
+    assert got.value == pytest.approx(40 * 3600) and "2026-11-25" in got.detail
+
+
+def test_sync_age_ignores_a_day_whose_sync_stopped_half_way(tmp_path: Path) -> None:
+    """A sync killed after its first table leaves only succeeded rows: that day is not synced."""
+    from tasks.sync import configured_tables
+    from tasks.warehouse import open_warehouse
+
+    names = [spec.name for spec in configured_tables()]
+    ok_at = NOW - timedelta(hours=40)
+    day_before = [(n, date(2026, 11, 25), "succeeded", ok_at) for n in names]
+    crashed = [(names[0], date(2026, 11, 26), "succeeded", NOW - timedelta(hours=2))]
+    url = f"duckdb:///{tmp_path / 'wh.duckdb'}"
+    wh = open_warehouse(url)
+    wh.replace_table("sync_ledger", ledger(day_before + crashed))
     wh.close()
     got = measure_sync_age(url, NOW)
     assert got.value == pytest.approx(40 * 3600) and "2026-11-25" in got.detail

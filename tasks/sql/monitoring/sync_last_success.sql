@@ -1,8 +1,8 @@
--- The newest business day whose every ledger row succeeded, and when its last table finished
--- (BigQuery Standard SQL; transpiled for DuckDB).
-SELECT as_of, MAX(finished_at) AS finished_at
+-- Per business day, newest first: the tables whose sync succeeded and when the last of them
+-- finished (BigQuery Standard SQL; transpiled for DuckDB). The caller takes the newest day on
+-- which every configured table succeeded: a sync that died half way leaves only succeeded rows.
+SELECT as_of, MAX(finished_at) AS finished_at, STRING_AGG(table_name, ',') AS tables
 FROM sync_ledger
+WHERE status = 'succeeded'
 GROUP BY as_of
-HAVING SUM(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END) = COUNT(*)
 ORDER BY as_of DESC
-LIMIT 1

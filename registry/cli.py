@@ -128,12 +128,17 @@ def promote(
     to: str = typer.Option(..., "--to", help="Target stage: production."),
     reason: str = typer.Option(..., "--reason", help="Why (recorded in the history)."),
     actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+    override_gate: bool = typer.Option(
+        False, "--override-gate", help="Promote a version the gates rejected (recorded)."
+    ),
 ) -> None:
     """Staging -> Production (needs a passed staging verification); the old production is archived."""
     from registry import policy
     from registry.hooks import build_bento
 
-    changes = _run(lambda: policy.promote(version, to, reason, _actor(actor)))
+    changes = _run(
+        lambda: policy.promote(version, to, reason, _actor(actor), override_gate=override_gate)
+    )
     _print_transitions(changes)
     typer.echo(f"bento: {build_bento(changes[0].version)}")
 

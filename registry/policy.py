@@ -278,8 +278,14 @@ def record_gate(version: str, decision: GateDecision, actor: str) -> None:
         history.record(c, number, stage, stage, "reject", actor, "; ".join(decision.reasons))
 
 
-def promote(version: str, to: str, reason: str | None, actor: str) -> list[history.Transition]:
-    """Staging -> Production after a passed staging verification; the old production is archived."""
+def promote(
+    version: str, to: str, reason: str | None, actor: str, override_gate: bool = False
+) -> list[history.Transition]:
+    """Staging -> Production after a passed staging verification; the old production is archived.
+
+    A version the gates rejected (it can reach Staging only by hand) needs `override_gate`; the
+    history then records that the gates were overridden, and why they said no.
+    """
     if str(to).strip().lower() != "production":
         raise RegistryError(
             f"--to must be production, got {to!r} (candidates reach staging through monthly_retrain)"
@@ -298,6 +304,15 @@ def promote(version: str, to: str, reason: str | None, actor: str) -> list[histo
             f"version {number} has no passed staging verification (status: {verification or 'never run'}); "
             "run `paylater registry verify --stage staging --url URL` against the staging service first"
         )
+    tags = mv.tags or {}
+    if tags.get("gate_status") == "rejected":
+        rejected = tags.get("rejected_reasons", "")
+        if not override_gate:
+            raise RegistryError(
+                f"version {number} was rejected by the gates ({rejected}): promote it only on "
+                "purpose, with --override-gate"
+            )
+        why = f"gates overridden ({rejected}): {why}"
     # Promote first, then archive: the `production` alias always names a version.
     previous = _others_in_stage(c, "Production", number)
     changes = [move(c, number, "Production", "promote", actor, why)]

@@ -296,3 +296,25 @@ def test_rollback_restores_the_previous_version_when_production_was_deleted(
     assert c.get_model_version(MODEL_NAME, first).current_stage == "Production"
     with pytest.raises(RegistryError, match="no earlier production version"):
         policy.rollback("again", "bob")
+
+
+def test_a_gate_rejected_version_is_promoted_only_with_an_explicit_override(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    # Moved to Staging by hand (the MLflow UI allows it) and verified there: the gates' "no"
+    # must not be lost on the way to production.
+    version = register(good_candidate)
+    policy.record_gate(version, policy.GateDecision(False, ["AUC 0.61 below 0.65"]), "retrain")
+    policy.stage_candidate(version, "carol", "trying it anyway")
+    mark_verified(version)
+    before = _state()
+    with pytest.raises(RegistryError, match=r"rejected by the gates \(AUC 0.61 below 0.65\)"):
+        policy.promote(version, "production", "looks fine", "carol")
+    assert _state() == before
+    changes = policy.promote(version, "production", "looks fine", "carol", override_gate=True)
+    assert [(t.version, t.to_stage) for t in changes] == [(version, "Production")]
+    (entry,) = [e for e in history.read(client(), version) if e.action == "promote"]
+    assert entry.reason == "gates overridden (AUC 0.61 below 0.65): looks fine"

@@ -4,7 +4,10 @@ Incremental tables: the rows with watermark_from <= updated_at < watermark_to, w
 watermark_to = day_end_utc(as_of) and watermark_from is the watermark of the latest earlier as_of
 that succeeded, are merged into `<table>` by primary key, the newer updated_at winning. With
 `keep_changes` (the default) they first land in `<table>__changes` (partition as_of, replaced on
-rerun), the history of what changed when; without it, on DuckDB, they stream straight into the
+rerun), the history of what changed when. (A rerun reads the window as the source holds it now:
+re-syncing an old as_of after later days drops from its partition the rows changed again since,
+which the later partitions hold at their newer versions. The current table is unaffected; the
+history loses those intermediate versions.) Without it, on DuckDB, they stream straight into the
 empty table on a first sync, or are staged in a temporary table and merged. BigQuery always
 stages in `__changes`. Full tables are replaced whole. On DuckDB the load, the merge and the
 ledger row commit in one transaction, a bulk one: past 1 MiB of changes it is checkpointed into

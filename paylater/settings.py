@@ -6,7 +6,7 @@ import functools
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -90,7 +90,22 @@ class Settings(BaseSettings):
     )
     alert_pagerduty_block: str | None = Field(
         default=None,
-        description="Name of a Prefect PagerDutyWebHook block that receives critical alerts.",
+        description="Name of a Prefect PagerDutyWebHook block whose integration key is used as the "
+        "Events API v2 routing key (older setup; prefer the two settings below).",
+    )
+    alert_pagerduty_routing_key_block: str | None = Field(
+        default=None,
+        description="Name of a Prefect Secret block holding the PagerDuty Events API v2 routing "
+        "(integration) key; critical alerts trigger, their resolution resolves.",
+    )
+    alert_pagerduty_routing_key: SecretStr | None = Field(
+        default=None,
+        description="The PagerDuty Events API v2 routing key itself, from the environment only "
+        "(used when no Secret block is named).",
+    )
+    alert_pagerduty_events_url: str = Field(
+        default="https://events.pagerduty.com/v2/enqueue",
+        description="PagerDuty Events API v2 endpoint (EU accounts: https://events.eu.pagerduty.com/v2/enqueue).",
     )
     alert_webhook_url: str | None = Field(
         default=None,

@@ -1,23 +1,37 @@
-"""Alerts: one `notify` for every flow and service, delivered through Prefect notification blocks
-(a SlackWebhook for everything, a PagerDutyWebHook for critical alerts) and/or a plain
-Slack-compatible webhook URL. Delivery problems are logged, never raised: an alert must not turn
-a failure into a different failure.
+"""Alerts: one `notify` for every flow and service. Chat channels (a Prefect SlackWebhook block,
+a plain Slack-compatible webhook URL) get every alert; PagerDuty gets critical ones through the
+Events API v2, with the caller's dedup key, and a "resolve" when the caller says the incident
+cleared. Delivery problems are logged, never raised: an alert must not turn a failure into a
+different failure.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from paylater.settings import get_settings
+from paylater.settings import Settings, get_settings
 
 log = logging.getLogger("paylater.alerts")
 
 SEVERITIES = ("info", "warning", "error", "critical")
 # What apprise (under the Prefect blocks) calls each severity.
 _NOTIFY_TYPES = {"info": "info", "warning": "warning", "error": "failure", "critical": "failure"}
+PAGERDUTY_SOURCE = "paylater-risk"
+_PAGERDUTY_US = "https://events.pagerduty.com/v2/enqueue"
+_PAGERDUTY_EU = "https://events.eu.pagerduty.com/v2/enqueue"
+
+
+@dataclass(frozen=True)
+class Page:
+    """What became of one PagerDuty event: accepted, or why not and whether a resend may succeed."""
+
+    accepted: bool
+    retryable: bool = False
+    problem: str = ""
 
 
 def format_alert(subject: str, body: str, severity: str, dedup_key: str | None) -> str:
@@ -39,19 +53,19 @@ def webhook_payload(subject: str, body: str, severity: str, dedup_key: str | Non
     }
 
 
-def _send_block(kind: str, name: str, subject: str, text: str, severity: str) -> bool:
-    """Load a Prefect notification block by name and send through it; False on any failure."""
+def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
+    """Load a Prefect SlackWebhook block by name and send through it; False on any failure."""
     try:
-        from prefect.blocks.notifications import PagerDutyWebHook, SlackWebhook
+        from prefect.blocks.notifications import SlackWebhook
 
-        block_type: Any = SlackWebhook if kind == "slack" else PagerDutyWebHook
+        block_type: Any = SlackWebhook
         block = block_type.load(name)
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
         with block.raise_on_failure():
             block.notify(body=text, subject=subject)
         return True
     except Exception as exc:
-        log.error("alert %r not delivered through %s block %r: %s", subject, kind, name, exc)
+        log.error("alert %r not delivered through Slack block %r: %s", subject, name, exc)
         return False
 
 
@@ -66,34 +80,156 @@ def _post_webhook(url: str, payload: dict) -> bool:
         return False
 
 
-def notify(subject: str, body: str, severity: str = "error", dedup_key: str | None = None) -> bool:
+def pagerduty_configured(settings: Settings) -> bool:
+    """Whether any source of a PagerDuty routing key is set."""
+    return bool(
+        settings.alert_pagerduty_routing_key_block
+        or settings.alert_pagerduty_routing_key
+        or settings.alert_pagerduty_block
+    )
+
+
+class _NoRoutingKey(Exception):
+    """The routing key could not be had; `retryable` when a later attempt may get it."""
+
+    def __init__(self, problem: str, retryable: bool) -> None:
+        super().__init__(problem)
+        self.retryable = retryable
+
+
+def _routing_key(settings: Settings) -> tuple[str, str]:
+    """The routing key and the endpoint: a Secret block, else the environment, else an old block."""
+    url = settings.alert_pagerduty_events_url
+    if settings.alert_pagerduty_routing_key_block:
+        name = settings.alert_pagerduty_routing_key_block
+        value = _load_block("Secret", name).get()
+        if not isinstance(value, str) or not value.strip():
+            raise _NoRoutingKey(f"Secret block {name!r} holds no routing key", retryable=False)
+        return value.strip(), url
+    if settings.alert_pagerduty_routing_key:
+        return settings.alert_pagerduty_routing_key.get_secret_value(), url
+    # An older PagerDutyWebHook block: apprise sent its integration key as the routing key.
+    block = _load_block("PagerDutyWebHook", settings.alert_pagerduty_block or "")
+    if block.region_name == "eu" and url == _PAGERDUTY_US:
+        url = _PAGERDUTY_EU  # the old block knew the account's region; keep honouring it
+    return block.integration_key.get_secret_value(), url
+
+
+def _load_block(kind: str, name: str) -> Any:
+    """Load a Secret or PagerDutyWebHook block; a missing one is a configuration error."""
+    from prefect.blocks.notifications import PagerDutyWebHook
+    from prefect.blocks.system import Secret
+
+    block_type: Any = Secret if kind == "Secret" else PagerDutyWebHook
+    try:
+        return block_type.load(name)
+    except ValueError as exc:  # Prefect's "Unable to find block document named …"
+        raise _NoRoutingKey(f"{kind} block {name!r} not found ({exc})", retryable=False) from exc
+    except Exception as exc:  # the Prefect API unreachable: a later run may load it
+        raise _NoRoutingKey(f"{kind} block {name!r} not loaded ({exc!r})", retryable=True) from exc
+
+
+def pagerduty_event(
+    routing_key: str, action: str, subject: str, body: str, dedup_key: str | None
+) -> dict[str, Any]:
+    """An Events API v2 event: a critical trigger, or a resolve of the incident under dedup_key."""
+    event: dict[str, Any] = {"routing_key": routing_key, "event_action": action}
+    if dedup_key:
+        event["dedup_key"] = dedup_key
+    if action == "trigger":
+        event["client"] = PAGERDUTY_SOURCE
+        event["payload"] = {
+            "summary": subject[:1024],  # PagerDuty's limit
+            "source": PAGERDUTY_SOURCE,
+            "severity": "critical",
+            "custom_details": {"body": body},
+        }
+    return event
+
+
+def _pagerduty_error(response: httpx.Response) -> str:
+    """PagerDuty's own words for a refused event (message and errors), else the raw answer."""
+    try:
+        answer = response.json()
+        words = [answer.get("status"), answer.get("message"), *(answer.get("errors") or [])]
+        return "; ".join(str(w) for w in words if w)
+    except Exception:
+        return response.text[:300]
+
+
+def send_page(
+    settings: Settings, action: str, subject: str, body: str, dedup_key: str | None
+) -> Page:
+    """Send one event to PagerDuty; 429, 5xx and an unreachable endpoint are retryable."""
+    try:
+        routing_key, url = _routing_key(settings)
+    except _NoRoutingKey as exc:
+        return Page(False, exc.retryable, f"no PagerDuty routing key: {exc}")
+    event = pagerduty_event(routing_key, action, subject, body, dedup_key)
+    try:
+        response = httpx.post(url, json=event, timeout=10.0)
+    except httpx.HTTPError as exc:
+        return Page(False, True, f"PagerDuty not reached at {url}: {exc!r}")
+    if response.is_success:  # 202 Accepted
+        return Page(True)
+    status = response.status_code
+    retryable = status == 429 or status >= 500
+    return Page(False, retryable, f"PagerDuty answered {status}: {_pagerduty_error(response)}")
+
+
+def notify(
+    subject: str,
+    body: str,
+    severity: str = "error",
+    dedup_key: str | None = None,
+    resolve: bool = False,
+    retried: bool = False,
+) -> bool:
     """Send an alert to every configured channel (critical ones also page). Never raises.
 
-    Returns False when channels were addressed and none accepted the alert (the caller may retry);
-    True when one did, or when no channel takes alerts of this severity (nothing to retry).
+    `resolve` (with `dedup_key`) also resolves the PagerDuty incident under that key. When
+    PagerDuty is configured, a page is delivered only if PagerDuty accepted it; chat channels
+    are told after it, and when the caller resends refused alerts (`retried`, as the monitor
+    does) they are not told at all while the refusal is retryable, so they hear it once.
+    Returns False when the alert should be sent again: a retryable page refusal, or channels
+    addressed and none accepted; True otherwise (including nothing configured for it).
     """
     if severity not in SEVERITIES:
         log.warning("unknown alert severity %r, sending as error", severity)
         severity = "error"
     settings = get_settings()
+    paged = True
+    if pagerduty_configured(settings) and (severity == "critical" or (resolve and dedup_key)):
+        action = "resolve" if resolve else "trigger"
+        page = send_page(settings, action, subject, body, dedup_key)
+        paged = page.accepted or not page.retryable
+        if not page.accepted and page.retryable and retried:
+            log.error("alert %r not paged (%s): held back, next run retries", subject, page.problem)
+            return False
+        if not page.accepted:
+            # A refused event is refused again if resent: the chat channels must say so.
+            log.error("alert %r NOT PAGED (%s %s): %s", subject, action, dedup_key, page.problem)
+            body = f"{body}\nNOT PAGED ({action}): {page.problem}"
+    return _tell_chat(settings, subject, body, severity, dedup_key) and paged
+
+
+def _tell_chat(
+    settings: Settings, subject: str, body: str, severity: str, dedup_key: str | None
+) -> bool:
+    """Slack block and plain webhook; False when one was addressed and none accepted."""
     text = format_alert(subject, body, severity, dedup_key)
     sent = addressed = False
     if settings.alert_slack_block:
         addressed = True
-        sent |= _send_block("slack", settings.alert_slack_block, subject, text, severity)
-    if severity == "critical" and settings.alert_pagerduty_block:
-        addressed = True
-        sent |= _send_block("pagerduty", settings.alert_pagerduty_block, subject, text, severity)
+        sent |= _send_slack(settings.alert_slack_block, subject, text, severity)
     if settings.alert_webhook_url:
         addressed = True
         payload = webhook_payload(subject, body, severity, dedup_key)
         sent |= _post_webhook(settings.alert_webhook_url, payload)
-    if not (
-        settings.alert_slack_block or settings.alert_webhook_url or settings.alert_pagerduty_block
-    ):
+    if not (addressed or pagerduty_configured(settings)):
         log.warning("no alert channel configured; alert was: %s", text)
-    elif not sent:
-        log.error("alert reached no channel: %s", text)
+    elif addressed and not sent:
+        log.error("alert reached no chat channel: %s", text)
     return sent or not addressed
 
 

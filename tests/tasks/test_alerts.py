@@ -1,4 +1,6 @@
-"""Alerts reach a real local HTTP receiver: through a Prefect SlackWebhook block and a plain webhook."""
+"""Alerts reach real local HTTP receivers: a Prefect SlackWebhook block, a plain webhook, and a
+stand-in for PagerDuty's Events API v2 (the endpoint is a setting, so it points at loopback here).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from tasks.alerts import alert_on_failure, notify
 class Receiver:
     """A loopback HTTP server on a free port that records every JSON body POSTed to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200) -> None:
         self.bodies: list[dict] = []
-        self.status = 200
+        self.status = status
+        self.answer = b"ok"
         received = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,7 +31,7 @@ class Receiver:
                 received.bodies.append({"path": self.path, **json.loads(self.rfile.read(length))})
                 self.send_response(received.status)
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(received.answer)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -48,6 +51,29 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
+
+
+@pytest.fixture
+def pagerduty(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """A stand-in for the Events API v2 (202 Accepted), with no PagerDuty setting inherited."""
+    r = Receiver(status=202)
+    r.answer = b'{"status": "success", "message": "Event processed", "dedup_key": "k"}'
+    for var in PAGERDUTY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", f"http://127.0.0.1:{r.port}/v2/enqueue"
+    )
+    yield r
+    r.close()
+
+
+PAGERDUTY_VARS = (
+    "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+    "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY",
+    "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK",
+    "PAYLATER_ALERT_SLACK_BLOCK",
+)
+FAKE_KEY = "fake-routing-key-for-tests-0000"
 
 
 def test_plain_webhook_gets_a_slack_compatible_payload(
@@ -97,8 +123,8 @@ def test_slack_block_and_failure_hook(
 def test_notify_reports_whether_any_channel_took_the_alert(
     paylater_home, receiver, monkeypatch
 ) -> None:
-    monkeypatch.delenv("PAYLATER_ALERT_SLACK_BLOCK", raising=False)
-    monkeypatch.delenv("PAYLATER_ALERT_PAGERDUTY_BLOCK", raising=False)
+    for var in PAGERDUTY_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
     assert notify("x", "y", severity="warning") is True
     receiver.status = 503
@@ -107,3 +133,113 @@ def test_notify_reports_whether_any_channel_took_the_alert(
     assert notify("x", "y", severity="critical") is False
     monkeypatch.delenv("PAYLATER_ALERT_WEBHOOK_URL")
     assert notify("x", "y") is True  # no channel configured: nothing to retry
+
+
+def test_critical_triggers_pagerduty_and_resolve_uses_the_same_key(
+    paylater_home, receiver, pagerduty, monkeypatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    assert notify("[FIRING] queue stuck", "age 400 s", severity="critical", dedup_key="pm/q")
+    (trigger,) = pagerduty.bodies
+    assert trigger["path"] == "/v2/enqueue"
+    assert trigger["routing_key"] == FAKE_KEY
+    assert trigger["event_action"] == "trigger" and trigger["dedup_key"] == "pm/q"
+    payload = trigger["payload"]
+    assert payload["summary"] == "[FIRING] queue stuck" and payload["severity"] == "critical"
+    assert payload["source"] and payload["custom_details"]["body"] == "age 400 s"
+    assert [b["subject"] for b in receiver.bodies] == ["[FIRING] queue stuck"]
+
+    assert notify("[RESOLVED] queue", "age 0 s", severity="info", dedup_key="pm/q", resolve=True)
+    resolve = pagerduty.bodies[1]
+    assert resolve["event_action"] == "resolve" and resolve["dedup_key"] == "pm/q"
+    assert resolve["routing_key"] == FAKE_KEY
+
+    assert notify("[FIRING] sync late", "31 h", severity="warning", dedup_key="pm/s")
+    assert notify("[RESOLVED] sync", "1 h", severity="info", dedup_key="pm/s")
+    assert len(pagerduty.bodies) == 2  # warnings and their resolution stay off PagerDuty
+    assert len(receiver.bodies) == 4
+
+
+def test_a_retryable_pagerduty_refusal_holds_the_notice_back(
+    paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    """Slack accepting a critical alert is not enough: not paged means not delivered (retry)."""
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    for status in (503, 429):
+        pagerduty.status = status
+        assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True) is False
+        assert receiver.bodies == []  # Slack hears it once the page went through, not twice
+        assert f"PagerDuty answered {status}" in caplog.text
+    pagerduty.status = 202
+    assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True) is True
+    assert len(pagerduty.bodies) == 3 and len(receiver.bodies) == 1
+    pagerduty.status = 502
+    assert notify("[RESOLVED] q", "b", "info", "pm/q", resolve=True, retried=True) is False
+    assert len(receiver.bodies) == 1
+    # PagerDuty unreachable is retryable too.
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", "http://127.0.0.1:1/v2/enqueue")
+    assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True) is False
+    assert len(receiver.bodies) == 1
+    # A caller that does not resend (a flow's failure hook) has Slack told now, flagged unpaged.
+    assert notify("[FIRING] q", "b", "critical", "pm/q") is False
+    assert "NOT PAGED" in receiver.bodies[-1]["text"]
+
+
+def test_a_400_from_pagerduty_is_one_clear_line_and_slack_is_told(
+    paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    pagerduty.status = 400
+    pagerduty.answer = (
+        b'{"status": "invalid event", "message": "Event object is invalid",'
+        b' "errors": ["Length of \'routing_key\' is incorrect (should be 32 characters)"]}'
+    )
+    # A resend would be refused the same way: the alert is delivered to Slack, flagged unpaged.
+    assert notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q") is True
+    lines = [r.getMessage() for r in caplog.records if "PagerDuty" in r.getMessage()]
+    assert len(lines) == 1
+    assert "400" in lines[0] and "routing_key" in lines[0] and "should be 32" in lines[0]
+    assert FAKE_KEY not in caplog.text  # the secret is never logged
+    (told,) = receiver.bodies
+    assert "NOT PAGED" in told["text"] and "400" in told["text"]
+
+
+def test_routing_key_from_a_secret_block_and_a_missing_block_is_named(
+    prefect_harness, paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    from prefect.blocks.system import Secret
+
+    name = f"pd-key-{uuid.uuid4().hex[:8]}"
+    Secret(value=FAKE_KEY).save(name)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK", name)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    assert notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q")
+    assert pagerduty.bodies[0]["routing_key"] == FAKE_KEY
+
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK", "no-such-block")
+    caplog.clear()
+    assert notify("[FIRING] q2", "b", severity="critical", dedup_key="pm/q2") is True
+    assert len(pagerduty.bodies) == 1  # nothing sent without a key
+    lines = [r.getMessage() for r in caplog.records if "PagerDuty" in r.getMessage()]
+    assert len(lines) == 1 and "'no-such-block'" in lines[0] and "Secret block" in lines[0]
+    assert "NOT PAGED" in receiver.bodies[-1]["text"]
+
+
+def test_an_old_pagerduty_webhook_block_pages_through_the_events_api(
+    prefect_harness, paylater_home, pagerduty, monkeypatch
+) -> None:
+    """PAYLATER_ALERT_PAGERDUTY_BLOCK keeps working: its integration key is the routing key."""
+    from prefect.blocks.notifications import PagerDutyWebHook
+
+    name = f"pd-old-{uuid.uuid4().hex[:8]}"
+    PagerDutyWebHook(integration_key=FAKE_KEY, api_key="fake-api-key").save(name)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_BLOCK", name)
+    monkeypatch.delenv("PAYLATER_ALERT_WEBHOOK_URL", raising=False)
+    assert notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q") is True
+    assert notify("[RESOLVED] q", "b", severity="info", dedup_key="pm/q", resolve=True) is True
+    trigger, resolve = pagerduty.bodies
+    assert trigger["routing_key"] == resolve["routing_key"] == FAKE_KEY
+    assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")

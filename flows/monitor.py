@@ -40,18 +40,30 @@ def run_checks(now: datetime) -> list[CheckResult]:
 
 
 def deliver(notification: Notification) -> bool:
-    """Send through tasks.alerts.notify (Slack for warnings, PagerDuty too for critical)."""
+    """Send through tasks.alerts.notify: Slack for all, PagerDuty triggers criticals and resolves.
+
+    `retried`: a refused notice is resent by the next run, so while PagerDuty refuses a page with
+    a retryable error, Slack is not told yet (it hears the notice once, after the page).
+    """
     from tasks.alerts import notify
 
     n = notification
-    return notify(n.subject, n.body, severity=n.severity, dedup_key=n.dedup_key)
+    return notify(
+        n.subject,
+        n.body,
+        severity=n.severity,
+        dedup_key=n.dedup_key,
+        resolve=n.resolve_page,
+        retried=True,
+    )
 
 
 @task
 def update_incidents(results: list[CheckResult], now: datetime) -> list[Notification]:
     """Open, escalate or resolve incidents and alert on each change; returns what was delivered.
 
-    An alert no channel accepted leaves its incident unchanged, so the next run sends it again.
+    An alert not delivered (no channel took it, or PagerDuty refused the page with a retryable
+    error) leaves its incident unchanged, so the next run sends it again.
     """
     engine = open_queue_db(get_settings())
     try:

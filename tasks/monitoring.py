@@ -4,8 +4,11 @@ A check turns a measurement into a level ('ok', 'warning', 'critical', or 'unkno
 not be measured) against thresholds from settings. Incidents live in the `monitor_incidents`
 table of the queue database, so deduplication holds across runs and across processes: an alert
 goes out when an incident opens (or escalates to critical), a RESOLVED notice when it clears, and
-nothing while it lasts. An 'unknown' level leaves the incident as it is. A notice no alert
-channel accepted undoes its incident change, so the next run sends it again.
+nothing while it lasts. An 'unknown' level leaves the incident as it is. A critical notice
+pages (PagerDuty, under the incident's dedup key) and the RESOLVED notice of an incident that
+reached critical resolves that page. A notice that was not delivered (no channel accepted it, or
+PagerDuty refused the page with a retryable error) undoes its incident change, so the next run
+sends it again.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class Notification:
     body: str
     severity: str  # 'critical' (Slack + PagerDuty), 'warning' (Slack), 'info' (RESOLVED, Slack)
     dedup_key: str
+    resolve_page: bool = False  # RESOLVED of an incident that paged: PagerDuty resolves dedup_key
 
 
 def thresholds(settings: Settings) -> dict[str, Threshold]:
@@ -278,8 +282,9 @@ def reconcile(
     """Update incident state from check results; return the notifications this run owes.
 
     With `deliver`, each notification is sent inside the transaction that changed its incident,
-    and a delivery that fails (webhook down, 4xx/5xx) rolls that change back, so the next run
-    sends it again instead of the incident lasting unannounced; only delivered ones are returned.
+    and a delivery that fails (webhook down, PagerDuty 429/5xx) rolls that change back, so the
+    next run sends it again instead of the incident lasting unannounced (or unpaged); only
+    delivered ones are returned.
     """
     owed: list[Notification] = []
     for result in results:
@@ -297,7 +302,8 @@ def reconcile(
             if result.level == "ok":
                 gone = conn.execute(sa.text(load_sql("incident_resolve")), params).first()
                 if gone is not None:
-                    notice = resolved_notice(result, as_utc(gone.opened_at), now)
+                    paged = gone.peak_severity == "critical"
+                    notice = resolved_notice(result, as_utc(gone.opened_at), now, paged)
             else:
                 opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
                 escalated = None
@@ -329,14 +335,17 @@ def firing_notice(result: CheckResult, escalated: bool = False) -> Notification:
     )
 
 
-def resolved_notice(result: CheckResult, opened_at: datetime, now: datetime) -> Notification:
-    """The notice sent once when an incident clears."""
+def resolved_notice(
+    result: CheckResult, opened_at: datetime, now: datetime, paged: bool = False
+) -> Notification:
+    """The notice sent once when an incident clears (resolving its page when it paged)."""
     lasted = max(0.0, (now - opened_at).total_seconds())
     return Notification(
         subject=f"[RESOLVED] paylater: {result.check}",
         body=f"{result.summary}; open for {format_value(lasted, 's')}",
         severity="info",
         dedup_key=dedup_key(result.check),
+        resolve_page=paged,
     )
 
 

@@ -1,4 +1,5 @@
-"""End to end: monitor() alerts a real HTTP receiver once per incident, then once when it clears."""
+"""End to end: monitor() alerts real HTTP receivers (a Slack-compatible webhook, a stand-in for
+PagerDuty's Events API v2) once per incident, then once when it clears."""
 
 from __future__ import annotations
 
@@ -13,14 +14,22 @@ import psycopg
 import pytest
 
 WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+UNSET = (
+    "PAYLATER_WORKER_DATABASE_URL",
+    "PAYLATER_ALERT_SLACK_BLOCK",
+    "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+    "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY",
+    "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK",
+)
+FAKE_KEY = "fake-routing-key-for-tests-0000"
 
 
 class Receiver:
     """A Slack-compatible webhook on a free loopback port that keeps every JSON body it gets."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200) -> None:
         self.payloads: list[dict] = []
-        self.status = 200  # what the webhook answers (500: Slack is down)
+        self.status = status  # what the webhook answers (500: Slack is down)
         received = self.payloads
         owner = self
 
@@ -56,6 +65,16 @@ class Receiver:
 def receiver() -> Iterator[Receiver]:
     """A running receiver, stopped after the test."""
     r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def pagerduty() -> Iterator[Receiver]:
+    """A stand-in for PagerDuty's Events API v2: answers 202 Accepted."""
+    r = Receiver(status=202)
     try:
         yield r
     finally:
@@ -125,11 +144,7 @@ def test_monitor_alerts_once_per_incident_and_resolves(
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
     monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
-    for var in (
-        "PAYLATER_WORKER_DATABASE_URL",
-        "PAYLATER_ALERT_SLACK_BLOCK",
-        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
-    ):
+    for var in UNSET:
         monkeypatch.delenv(var, raising=False)
     now = datetime.now(UTC)
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -187,11 +202,7 @@ def test_monitor_retries_an_alert_the_webhook_refused(
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
     monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
-    for var in (
-        "PAYLATER_WORKER_DATABASE_URL",
-        "PAYLATER_ALERT_SLACK_BLOCK",
-        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
-    ):
+    for var in UNSET:
         monkeypatch.delenv(var, raising=False)
     late = datetime.now(UTC) - timedelta(minutes=10)
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -223,3 +234,72 @@ def test_monitor_retries_an_alert_the_webhook_refused(
     assert subjects() == ["[RESOLVED] paylater: oldest_queued_age"]  # sent again
     monitor()
     assert subjects() == []
+
+
+def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Critical pages (retried while PagerDuty answers 5xx, Slack told once), escalation pages,
+    warnings do not, and clearing resolves each page under the key it was triggered with."""
+    from flows.monitor import monitor
+
+    warehouse_url = f"duckdb:///{paylater_home / 'warehouse.duckdb'}"
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+    for var in UNSET:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    late = datetime.now(UTC) - timedelta(minutes=10)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
+            [late, late],
+        )
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # sync_age: warning
+
+    def slack() -> list[str]:
+        return sorted(p["subject"] for p in receiver.take())
+
+    def events() -> list[tuple[str, str]]:
+        got = pagerduty.take()
+        assert all(e["routing_key"] == FAKE_KEY for e in got)
+        return sorted((e["event_action"], e["dedup_key"]) for e in got)
+
+    queue_key, sync_key = "paylater-monitor/oldest_queued_age", "paylater-monitor/sync_age"
+    pagerduty.status = 503
+    monitor()
+    assert events() == [("trigger", queue_key)]  # refused: retryable
+    assert slack() == ["[FIRING] paylater warning: sync_age"]  # the critical waits for its page
+    pagerduty.status = 202
+    monitor()
+    assert events() == [("trigger", queue_key)]
+    assert slack() == ["[FIRING] paylater critical: oldest_queued_age"]
+    monitor()
+    assert (events(), slack()) == ([], [])
+
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=60))  # sync_age: critical
+    monitor()
+    assert events() == [("trigger", sync_key)]
+    assert slack() == ["[ESCALATED] paylater critical: sync_age"]
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=1))
+    pagerduty.status = 500
+    monitor()
+    assert events() == [("resolve", queue_key), ("resolve", sync_key)]
+    assert slack() == []
+    pagerduty.status = 202
+    monitor()
+    assert events() == [("resolve", queue_key), ("resolve", sync_key)]
+    assert slack() == ["[RESOLVED] paylater: oldest_queued_age", "[RESOLVED] paylater: sync_age"]
+    monitor()
+    assert (events(), slack()) == ([], [])

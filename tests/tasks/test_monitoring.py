@@ -197,8 +197,23 @@ def test_incident_alerts_once_escalates_once_and_resolves_once(
     assert [n.severity for n in resolved] == ["info"] and "RESOLVED" in resolved[0].subject
     assert "open for 1500 s" in resolved[0].body
     assert resolved[0].dedup_key == first[0].dedup_key
+    assert resolved[0].resolve_page  # it paged when it escalated: PagerDuty must resolve it
+    assert not first[0].resolve_page and escalated[0].dedup_key == first[0].dedup_key
     assert reconcile(engine, [result("ok")], NOW + timedelta(minutes=30)) == []
     assert open_incidents(engine) == []
+    engine.dispose()
+
+
+def test_only_an_incident_that_paged_resolves_a_page(pg_url: str) -> None:
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    reconcile(engine, [result("warning", check="sync_age"), result("critical")], NOW)
+    later = NOW + timedelta(minutes=5)
+    cleared = reconcile(engine, [result("ok", check="sync_age"), result("ok")], later)
+    assert {n.dedup_key: n.resolve_page for n in cleared} == {
+        "paylater-monitor/sync_age": False,  # a warning never paged: Slack only
+        "paylater-monitor/oldest_queued_age": True,
+    }
     engine.dispose()
 
 

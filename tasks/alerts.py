@@ -207,9 +207,10 @@ def notify(
             log.error("alert %r not paged (%s): held back, next run retries", subject, page.problem)
             return False
         if not page.accepted:
-            # A refused event is refused again if resent: the chat channels must say so.
-            log.error("alert %r NOT PAGED (%s %s): %s", subject, action, dedup_key, page.problem)
-            body = f"{body}\nNOT PAGED ({action}): {page.problem}"
+            # Refused for good (400, no key) or not held back: the chat channels must say so.
+            flag = "PAGE NOT RESOLVED" if resolve else "NOT PAGED"
+            log.error("alert %r %s (%s): %s", subject, flag, dedup_key, page.problem)
+            body = f"{body}\n{flag}: {page.problem}"
     return _tell_chat(settings, subject, body, severity, dedup_key) and paged
 
 

@@ -290,9 +290,11 @@ def history(req: pd.DataFrame, t: dict[str, pd.DataFrame]) -> pd.DataFrame:
     j = j[j["day"] < j["request_date"]]
     repaid = j["repaid_day"].notna() & (j["repaid_day"] < j["request_date"])
     past_due = j["due"] < j["request_date"]
+    # A repaid charge without days_late is late by its repayment's local day (as the label counts).
+    days_late = j["days_late"].fillna((j["repaid_day"] - j["due"]).dt.days.clip(lower=0))
     late = np.where(
         repaid,
-        j["days_late"].fillna(0),
+        days_late,
         np.where(past_due, (j["request_date"] - j["due"]).dt.days, 0),
     )
     settled_or_due = repaid | past_due

@@ -1,7 +1,8 @@
 -- The user's earlier deferred charges as they stood at the end of D-1. A repayment is only known
 -- if it happened before D: a charge repaid later was still unpaid then (evaluating today's
 -- status or repaid_at instead is the classic leakage trap). An unpaid charge whose due date has
--- passed (due_date < D) is late, by the days elapsed so far. Local days as in 10_card.sql.
+-- passed (due_date < D) is late, by the days elapsed so far. A repaid charge without days_late
+-- is late by its repayment's local day, as label.sql counts it. Local days as in 10_card.sql.
 WITH prior AS (
   SELECT
     r.request_id,
@@ -11,7 +12,8 @@ WITH prior AS (
       AND DIV((UNIX_MICROS(d.repaid_at) + @utc_offset_us), 86400000000) < UNIX_DATE(r.request_date)
       AS repaid_known,
     d.due_date < r.request_date AS past_due,
-    d.days_late,
+    COALESCE(d.days_late, GREATEST(DIV((UNIX_MICROS(d.repaid_at) + @utc_offset_us), 86400000000) - UNIX_DATE(d.due_date), 0))
+      AS days_late,
     DATE_DIFF(r.request_date, d.due_date, DAY) AS days_past_due
   FROM requests AS r
   JOIN deferred_charges AS d
@@ -26,7 +28,7 @@ state AS (
     repaid_known,
     repaid_known OR past_due AS settled_or_due,
     CASE
-      WHEN repaid_known THEN COALESCE(days_late, 0)
+      WHEN repaid_known THEN days_late
       WHEN past_due THEN days_past_due
       ELSE 0
     END AS days_late_known

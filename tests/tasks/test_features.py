@@ -214,6 +214,13 @@ def load(warehouse: DuckDBWarehouse, source: dict[str, list[dict[str, Any]]]) ->
 # ---------------------------------------------------------------- the independent reference
 
 
+def days_late(charge: dict[str, Any]) -> int:
+    """A repaid charge's days past due: the source's value, else from the repayment's local day."""
+    if charge["days_late"] is not None:
+        return int(charge["days_late"])
+    return max((local_date(charge["repaid_at"]) - charge["due_date"]).days, 0)
+
+
 def ref_window(values: list[int]) -> dict[str, Any]:
     """count, sum, mean, max, sample std of one window."""
     return {
@@ -297,7 +304,7 @@ def ref_features(src: dict[str, list[dict[str, Any]]], user: int, day: date) -> 
     for c in prior:
         repaid = c["repaid_at"] is not None and local_date(c["repaid_at"]) < day
         if repaid:
-            late = c["days_late"] or 0
+            late = days_late(c)
         elif c["due_date"] < day:
             late = (day - c["due_date"]).days
         else:
@@ -347,7 +354,7 @@ def ref_training(src: dict[str, list[dict[str, Any]]], as_of: date) -> list[dict
         good = (
             c["repaid_at"] is not None
             and local_date(c["repaid_at"]) <= as_of
-            and c["days_late"] <= GRACE_DAYS
+            and days_late(c) <= GRACE_DAYS
         )
         rows.append(
             {
@@ -593,6 +600,45 @@ def test_label_is_as_known_at_as_of(warehouse: DuckDBWarehouse, settings: Settin
         warehouse, due + timedelta(days=GRACE_DAYS - 1), settings
     )
     assert early.num_rows == 0
+
+
+def test_history_of_a_repayment_without_days_late_counts_it_as_the_label_does(
+    warehouse: DuckDBWarehouse, settings: Settings
+) -> None:
+    """A repaid charge whose source row lacks days_late is late by its repayment day, not on time.
+
+    The label already falls back to the repayment's local day; the history feature of the user's
+    next request must measure the same repayment the same way.
+    """
+    src = random_source(seed=1, users=1)
+    common = dict(
+        user_id=1,
+        amount_jpy=3_000,
+        fee_jpy=200,
+        status="repaid",
+        updated_at=src["users"][0]["updated_at"],
+    )
+    late_due, early_due = date(2026, 4, 27), date(2026, 5, 27)
+    src["deferred_charges"] = [
+        # Repaid 20 local days after its due date (00:30 in Tokyo is still the previous UTC day).
+        dict(charge_id=1, requested_at=tokyo(date(2026, 3, 5), 9), due_date=late_due,
+             repaid_at=tokyo(late_due + timedelta(days=20), 0, 30), days_late=None, **common),
+        # Repaid before its due date: on time.
+        dict(charge_id=2, requested_at=tokyo(date(2026, 4, 5), 9), due_date=early_due,
+             repaid_at=tokyo(early_due - timedelta(days=3), 12), days_late=None, **common),
+        dict(charge_id=3, requested_at=tokyo(date(2026, 6, 3), 9), due_date=date(2026, 7, 27),
+             repaid_at=tokyo(date(2026, 7, 20), 12), days_late=0, **common),
+    ]  # fmt: skip
+    load(warehouse, src)
+    as_of = date(2026, 8, 26)
+    table, _ = features.build_training_table(warehouse, as_of, settings)
+    rows = {r["charge_id"]: r for r in table.to_pylist()}
+    assert {c: r["label_default"] for c, r in rows.items()} == {1: 0, 2: 0, 3: 0}
+    history = {k: rows[3][k] for k in ("dc_late_count", "dc_max_days_late", "dc_on_time_ratio")}
+    assert history == {"dc_late_count": 1, "dc_max_days_late": 20, "dc_on_time_ratio": 0.5}
+    assert_rows_equal(table.to_pylist(), ref_training(src, as_of))
+    scoring, _ = features.build_scoring_table(warehouse, as_of, settings)
+    assert_rows_equal(scoring.to_pylist(), ref_scoring(src, as_of))
 
 
 def test_table_mapping_points_the_sql_at_other_tables(

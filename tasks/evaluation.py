@@ -30,10 +30,16 @@ def ks_statistic(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
 
 
 def equal_mass_bins(scores: FloatArray, bins: int) -> npt.NDArray[np.intp]:
-    """Bin index per row: rows sorted by score and cut into `bins` groups of (nearly) equal size."""
+    """Bin index per row: rows sorted by score and cut into `bins` groups of (nearly) equal size.
+
+    Equal scores share one bin (that of the first of them in score order): cutting a tie by row
+    order would make the ECE depend on how the rows happen to be sorted. Bins may end up empty.
+    """
     order = np.argsort(scores, kind="stable")
+    ranked = np.asarray(scores)[order]
+    by_rank = (np.arange(len(scores)) * bins) // max(len(scores), 1)
     index = np.empty(len(scores), dtype=np.intp)
-    index[order] = (np.arange(len(scores)) * bins) // max(len(scores), 1)
+    index[order] = by_rank[np.searchsorted(ranked, ranked, side="left")]
     return index
 
 
@@ -127,7 +133,8 @@ def plot_roc(labels: npt.ArrayLike, probs: npt.ArrayLike, path: Path, title: str
 
 def plot_calibration(labels: npt.ArrayLike, probs: npt.ArrayLike, path: Path, title: str) -> Path:
     """Observed default rate against mean predicted probability per equal-mass bin."""
-    mean_pred, observed, _ = calibration_table(labels, probs)
+    mean_pred, observed, share = calibration_table(labels, probs)
+    mean_pred, observed = mean_pred[share > 0], observed[share > 0]  # an empty bin is no point
     top = float(max(mean_pred.max(initial=0.0), observed.max(initial=0.0))) * 1.05 or 1.0
     fig, ax = _figure()
     ax.plot([0, top], [0, top], linestyle=":", color="grey")

@@ -83,3 +83,22 @@ def test_plots_are_written(tmp_path: Path) -> None:
         "score_distribution.png",
     ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_ece_keeps_tied_scores_in_one_bin() -> None:
+    # A model with few distinct scores (a shallow or early-stopped booster) ties many rows: equal-mass
+    # bins must not cut a tie by row order, or the ECE the gate reads depends on how rows are sorted.
+    probs = np.full(1_000, 0.2)
+    labels = np.array([1] * 200 + [0] * 800)  # exactly 20 % default: perfectly calibrated
+    assert expected_calibration_error(labels, probs) == pytest.approx(0.0)
+    assert expected_calibration_error(labels[::-1], probs) == pytest.approx(0.0)
+    mean_pred, observed, share = calibration_table(labels, probs)
+    assert mean_pred[share > 0].tolist() == pytest.approx([0.2])
+    assert observed[share > 0].tolist() == pytest.approx([0.2])
+    assert share.sum() == pytest.approx(1.0) and np.count_nonzero(share) == 1
+    two = np.array([0.1] * 700 + [0.4] * 300)  # ties straddling the equal-mass cut points
+    y = np.array([1] * 70 + [0] * 630 + [1] * 120 + [0] * 180)
+    rng = np.random.default_rng(4)
+    shuffled = rng.permutation(len(two))
+    assert expected_calibration_error(y, two) == pytest.approx(0.0)
+    assert expected_calibration_error(y[shuffled], two[shuffled]) == pytest.approx(0.0)

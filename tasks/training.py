@@ -174,6 +174,19 @@ def labels(table: pa.Table) -> npt.NDArray[np.int8]:
     return np.asarray(table[LABEL].to_numpy(zero_copy_only=False), dtype=np.int8)
 
 
+def _refuse_duplicated_charges(table: pa.Table) -> None:
+    """ValueError when a charge has more than one row (it would count twice in fitting and metrics)."""
+    ids, counts = np.unique(table["charge_id"].to_numpy(zero_copy_only=False), return_counts=True)
+    repeated = ids[counts > 1]
+    if len(repeated):
+        shown = ", ".join(str(i) for i in repeated[:10])
+        raise ValueError(
+            f"{len(repeated)} charges have more than one row in the dataset (charge_id {shown}"
+            + (", ..." if len(repeated) > 10 else "")
+            + "): one row per charge is expected; check the feature SQL joins"
+        )
+
+
 def split_out_of_time(
     table: pa.Table, feature_names: Sequence[str], as_of: date, early_stopping_share: int
 ) -> TrainingSplit:
@@ -181,6 +194,7 @@ def split_out_of_time(
     matured = matured_charges(table, as_of)
     if matured.num_rows == 0:
         raise ValueError(f"no matured, labelled charges as of {as_of}")
+    _refuse_duplicated_charges(matured)
     months = month_starts(matured["request_date"])
     distinct = np.unique(months)
     if len(distinct) < 2:

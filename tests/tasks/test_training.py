@@ -71,6 +71,16 @@ def test_split_refuses_too_few_months_and_missing_features(table: pa.Table) -> N
         split_out_of_time(table, [*FEATURES, "nope"], date(2025, 7, 1), 5)
 
 
+def test_split_refuses_duplicated_charges(table: pa.Table) -> None:
+    # One row per matured charge is the dataset's contract: a charge listed twice (a fanned-out join
+    # upstream) would count twice in fitting and in the OOT metrics the gates read.
+    duplicated = pa.concat_tables([table, table.slice(10, 3)])
+    with pytest.raises(
+        ValueError, match=r"3 charges have more than one row .*charge_id 11, 12, 13\)"
+    ):
+        split_out_of_time(duplicated, FEATURES, date(2025, 7, 1), 5)
+
+
 def test_training_is_deterministic(table: pa.Table) -> None:
     split = split_out_of_time(table, FEATURES, date(2025, 7, 1), PARAMS.early_stopping_share)
     first, second = frozen(train_booster(split, PARAMS)), frozen(train_booster(split, PARAMS))

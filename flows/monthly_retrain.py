@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,15 @@ def gate(version: str, split: TrainingSplit, evaluation: CandidateEvaluation) ->
 
 
 @task
+def reject_unfinished(version: str, error: str) -> None:
+    """Record a registered candidate whose gates never completed as rejected, not left ungated."""
+    from registry.policy import GateDecision, record_gate
+
+    reason = f"monthly_retrain failed after registering it, before its gates completed: {error}"
+    record_gate(version, GateDecision(passed=False, reasons=[reason]), ACTOR)
+
+
+@task
 def stage(version: str, decision: GateDecision) -> None:
     """Move a passing candidate to Staging (alias staging)."""
     from registry.policy import stage_candidate
@@ -211,8 +221,14 @@ def monthly_retrain(as_of: date | None = None, issue: str | None = None) -> Retr
     warming.wait()
     evaluation = evaluate(booster, split)
     candidate = register(booster, split, params, dataset, evaluation, issue)
-    log_drift(candidate.run_id, booster, split, evaluation)
-    decision = gate(candidate.version, split, evaluation)
+    try:
+        log_drift(candidate.run_id, booster, split, evaluation)
+        decision = gate(candidate.version, split, evaluation)
+    except Exception as exc:
+        # The task run records its own failure; the retrain fails with the original error.
+        with suppress(Exception):
+            reject_unfinished(candidate.version, f"{type(exc).__name__}: {exc}")
+        raise
     if decision.passed:
         stage(candidate.version, decision)
         bento = build_staged_bento(candidate.version)

@@ -60,3 +60,35 @@ def test_monthly_retrain_stages_the_first_model(
     assert (paylater_home / "mlartifacts").is_dir(), (
         "artifacts stay under PAYLATER_HOME, not ./mlruns"
     )
+
+
+def test_a_retrain_failing_after_registration_leaves_its_version_rejected(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.monthly_retrain import monthly_retrain
+    from registry.store import MODEL_NAME, client
+    from registry.testing import (
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+        write_dataset,
+    )
+
+    empty_mlflow_db(paylater_home / "mlflow.db")
+    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
+    monkeypatch.setenv("PAYLATER_TRAIN_NUM_THREADS", "1")
+    table, _ = synthetic_training_table(4_000, date(2025, 1, 1), 3, seed=22)
+    write_dataset(table, as_of_after(date(2025, 1, 1), 3))
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tracking server unavailable")
+
+    # The version is registered, then the next MLflow call fails before the gates are recorded.
+    monkeypatch.setattr("tasks.drift.log_drift_to_mlflow", unavailable)
+    with pytest.raises(RuntimeError, match="tracking server unavailable"):
+        monthly_retrain(as_of=None, issue=None)
+
+    (mv,) = client().search_model_versions(f"name='{MODEL_NAME}'")
+    assert mv.current_stage == "None"
+    assert mv.tags.get("gate_status") == "rejected", "a version whose gates never ran looks ungated"
+    assert "tracking server unavailable" in mv.tags["gate_reasons"]

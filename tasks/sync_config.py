@@ -171,13 +171,25 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
             raise ConfigError(
                 f"sync config: table {spec.name} lists columns but not {', '.join(map(str, absent))}"
             )
-        return spec
-    columns: dict[str, str] = {}
-    for column, type_name in source_types.items():
-        if type_name is None:
+        resolved = spec
+    else:
+        columns: dict[str, str] = {}
+        for column, type_name in source_types.items():
+            if type_name is None:
+                raise ConfigError(
+                    f"sync config: source column {spec.name}.{column} has no type the sync can "
+                    "infer; list the table's columns with their types"
+                )
+            columns[column] = type_name
+        resolved = replace(spec, columns=columns)
+    if spec.mode == "incremental" and spec.cursor:
+        # The window and the count checks compare the cursor with instants. A source type other
+        # than a timestamp or text (SQLite's times) would only fail in the sync, after it wrote.
+        configured, source_type = resolved.columns[spec.cursor], source_types[spec.cursor]
+        wrong = configured if configured != "timestamp" else source_type
+        if wrong not in ("timestamp", "string", None) or configured != "timestamp":
             raise ConfigError(
-                f"sync config: source column {spec.name}.{column} has no type the sync can infer; "
-                "list the table's columns with their types"
+                f"sync config: cursor {spec.name}.{spec.cursor} is {wrong}, not a timestamp;"
+                " name a change-time column (or list it as timestamp)"
             )
-        columns[column] = type_name
-    return replace(spec, columns=columns)
+    return resolved

@@ -628,6 +628,16 @@ def test_a_failed_read_does_not_wait_for_the_background_count(
             "tables:\n  - {name: users, primary_key: user_id, check_days: 0}\n",
             "check_days of table users must be a whole number",
         ),
+        (
+            "tables:\n  - {name: users, primary_key: user_id, cursor: birth_year, columns:"
+            " {user_id: int64, birth_year: int64, updated_at: timestamp}}\n",
+            "cursor users.birth_year is int64, not a timestamp",
+        ),
+        (
+            # SQLite stores times as text: unless listed as a timestamp, the cursor is a string.
+            "tables:\n  - {name: users, primary_key: user_id}\n",
+            "cursor users.updated_at is string, not a timestamp",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_error_and_writes_nothing(
@@ -640,6 +650,27 @@ def test_bad_configuration_is_one_clear_error_and_writes_nothing(
     monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
     monkeypatch.setenv("PAYLATER_SOURCE_URL", db.url)
     with pytest.raises(ConfigError, match=message) as err:
+        validate_configured_tables()
+    assert "\n" not in str(err.value)
+    assert not list(paylater_home.iterdir())  # no warehouse file was created
+
+
+def test_a_cursor_that_is_not_a_timestamp_is_refused_before_anything_is_written(
+    pg_url: str, paylater_home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # The window compares the cursor with timestamps: a bigint cursor would pass validation
+    # and fail only in the sync, after creating the tables and a failed ledger row.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    config = tmp_path / "tables.yaml"
+    config.write_text(
+        "tables:\n  - {name: card_transactions, primary_key: transaction_id, cursor: merchant_id}\n"
+    )
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", db.url)
+    with pytest.raises(
+        ConfigError, match=r"cursor card_transactions\.merchant_id is int64, not a timestamp"
+    ) as err:
         validate_configured_tables()
     assert "\n" not in str(err.value)
     assert not list(paylater_home.iterdir())  # no warehouse file was created

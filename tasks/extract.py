@@ -53,6 +53,16 @@ _PG_USE_COPY = "adbc.postgresql.use_copy"
 BACKGROUND_COUNT_MIN_ROWS = 250_000
 # How long closing a snapshot waits for a cancelled background count to give its connection back.
 COUNT_CLOSE_SECONDS = 30
+# PostgreSQL stores 'infinity' and '-infinity' as the extreme int64 (int32 for a date); the driver
+# shifts them from its 2000 epoch to Arrow's 1970 one, which wraps them round to dates far BC
+# (PostgreSQL's own earliest is 4713 BC, so nothing real is that low). They become the extremes
+# that both warehouses can hold (BigQuery's range is years 1 to 9999), in their order.
+_PG_WRAPPED = {"timestamp": -(2**62), "date": -(2**30)}
+_PG_MINUS_INFINITY = {"timestamp": -(2**63) + 946_684_800_000_000, "date": -(2**31) + 10_957}
+_PG_EXTREMES = {
+    "timestamp": (-62_135_596_800_000_000, 253_402_300_799_999_999),  # 0001-01-01, 9999-12-31 …
+    "date": (-719_162, 2_932_896),  # 0001-01-01, 9999-12-31
+}
 # SQLite infers a column's Arrow type from its first values, so NULLs ahead of text would make
 # it an integer column; non-integer columns are read through COALESCE with this sentinel.
 _SQLITE_NULL = "\x00"
@@ -269,6 +279,29 @@ def to_schema(
             column = pc.if_else(pc.equal(column, _SQLITE_NULL), None, column)
         arrays.append(column if column.type == target.type else column.cast(target.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def pg_infinities(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A PostgreSQL batch with its wrapped-round infinite times and dates made the extremes."""
+    columns = original = batch.columns
+    for i, column in enumerate(original):
+        if pa.types.is_timestamp(column.type):
+            kind, width = "timestamp", pa.int64()
+        elif pa.types.is_date32(column.type):
+            kind, width = "date", pa.int32()
+        else:
+            continue
+        raw = column.view(width)
+        lowest = pc.min(raw).as_py()
+        if lowest is None or lowest >= _PG_WRAPPED[kind]:
+            continue
+        low, high = (pa.scalar(v, width) for v in _PG_EXTREMES[kind])
+        infinite = pc.if_else(pc.equal(raw, _PG_MINUS_INFINITY[kind]), low, high)
+        fixed = pc.if_else(pc.less(raw, _PG_WRAPPED[kind]), infinite, raw)
+        columns = [*columns[:i], fixed.view(column.type), *columns[i + 1 :]]
+    if columns is original:
+        return batch
+    return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 def _interleave(
@@ -691,7 +724,8 @@ class PostgresSnapshot:
         """Raw batches of a parameterless query (streamed through COPY) on the snapshot's own
         connection."""
         with self.source.conn.cursor() as cur:
-            yield from _adbc_batches(cur, sql, [], self.source.statement_options)
+            for batch in _adbc_batches(cur, sql, [], self.source.statement_options):
+                yield pg_infinities(batch)
 
     def _slice_reader(self, sql: str) -> Callable[[], Iterator[pa.RecordBatch]]:
         """A reader of a parameterless query on a new connection that joins this snapshot first."""
@@ -701,7 +735,8 @@ class PostgresSnapshot:
             try:
                 with conn.cursor() as cur:
                     self.join(cur)
-                    yield from _adbc_batches(cur, sql, [], self.source.statement_options)
+                    for batch in _adbc_batches(cur, sql, [], self.source.statement_options):
+                        yield pg_infinities(batch)
                 conn.rollback()
             finally:
                 conn.close()

@@ -719,3 +719,38 @@ def test_check_ledger_names_missing_tables(warehouse) -> None:
         check_ledger(warehouse, D1)
     with pytest.raises(SyncIncomplete):
         ledger_watermark(warehouse, D1)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_infinite_times_and_dates_keep_their_order(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, parallel: bool
+) -> None:
+    # PostgreSQL's 'infinity' and '-infinity' (an open-ended validity, say) came out of the
+    # driver wrapped round to dates thousands of years BC: 'infinity' sorted before every real
+    # time. They land as the extremes both warehouses can hold.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE limits (limit_id bigint PRIMARY KEY, valid_from timestamptz,"
+            " valid_until timestamp, review_on date, updated_at timestamptz NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO limits VALUES"
+            " (1, '-infinity', 'infinity', 'infinity', '2026-11-19 00:00+00'),"
+            " (2, '2026-01-01 00:00+00', '2026-12-01 00:00', '-infinity', '2026-11-19 00:00+00'),"
+            " (3, NULL, NULL, NULL, '2026-11-19 00:00+00')"
+        )
+    if parallel:
+        monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 0)
+    source = open_source(pg_url, readers=2)
+    spec = validate_tables(source, [sync.TableSpec("limits", ("limit_id",), "incremental")])[0]
+    assert sync_table(source, warehouse, spec, D1).status == "succeeded"
+    source.close()
+    held = warehouse.conn.execute(  # type: ignore[attr-defined]
+        "SELECT limit_id, valid_from::VARCHAR, valid_until::VARCHAR, review_on::VARCHAR"
+        " FROM limits ORDER BY limit_id"
+    ).fetchall()
+    assert held == [
+        (1, "0001-01-01 00:00:00+00", "9999-12-31 23:59:59.999999+00", "9999-12-31"),
+        (2, "2026-01-01 00:00:00+00", "2026-12-01 00:00:00+00", "0001-01-01"),
+        (3, None, None, None),
+    ]

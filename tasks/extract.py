@@ -175,18 +175,50 @@ class SourceCounts:
         return f"SourceCounts({figures}, band_start={self.band_start!r}, estimate={self.estimate})"
 
 
+# How libpq and the server word a session that ended or a statement they cancelled (a restart,
+# a failover, pg_terminate_backend, statement_timeout, a conflict with recovery on a replica):
+# nothing wrong with the data, so the task that read it is worth retrying.
+_SESSION_LOST = re.compile(
+    r"server closed the connection|terminating connection|could not receive data|"
+    r"no connection to the server|connection to server|PQgetCopyData\(\) failed|"
+    r"canceling statement due to",
+    re.IGNORECASE,
+)
+
+
 class ExtractStream:
     """A typed RecordBatchReader over one extract that counts the rows it has handed out."""
 
     def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
         self.rows = 0
+        self.error: BaseException | None = None
+        """What the extract raised, if it failed: the warehouse reading the stream reports it
+        wrapped in an error of its own (DuckDB: InvalidInputException), which hides the cause."""
         self.reader = pa.RecordBatchReader.from_batches(schema, self._counted(batches))
 
     def _counted(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        """Pass batches through, adding up their rows."""
-        for batch in batches:
-            self.rows += batch.num_rows
-            yield batch
+        """Pass batches through, adding up their rows (and keeping the error, if any)."""
+        try:
+            for batch in batches:
+                self.rows += batch.num_rows
+                yield batch
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def failure(self) -> Exception | None:
+        """The extract's own error, if it failed; SourceUnavailable (transient) when the source
+        session was lost or its statement cancelled. The driver raises those as OSError or
+        ArrowInvalid, which say nothing about retrying."""
+        error = self.error
+        if not isinstance(error, Exception):
+            return None
+        if not isinstance(error, SourceUnavailable) and _SESSION_LOST.search(str(error)):
+            reason = str(error).strip().splitlines()[0]
+            lost = SourceUnavailable(f"source connection lost during the read: {reason}")
+            lost.__cause__ = error
+            return lost
+        return error
 
 
 class Snapshot(Protocol):
@@ -470,8 +502,13 @@ class PostgresSource:
                 yield snapshot
             finally:
                 snapshot.close()  # counts still running are cancelled and their connections closed
-        finally:
-            self.conn.rollback()
+        except BaseException:
+            # Whatever failed (the server dropping the connection, say) is the error to report,
+            # not the rollback's failure on the same dead connection.
+            with contextlib.suppress(Exception):
+                self.conn.rollback()
+            raise
+        self.conn.rollback()
 
     def close(self) -> None:
         """Close the connection."""

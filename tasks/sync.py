@@ -413,6 +413,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
         )
 
     schema = spec.arrow_schema()
+    stream = None
     try:
         warehouse.create_table_if_missing(spec.name, schema)
         if spec.mode == "incremental" and not streams_directly(warehouse, spec):
@@ -432,10 +433,16 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             write_ledger(warehouse, done)
         return done
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        # A failed extract reaches us wrapped by the warehouse that was reading it; its own error
+        # (the source connection lost, a statement timeout) is the cause, and what decides
+        # whether the task is retried.
+        cause = (stream.failure() if stream is not None else None) or exc
+        message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
         with contextlib.suppress(Exception):
             write_ledger(warehouse, result("failed", None, message))
+        if cause is not exc:
+            raise cause from exc
         raise
 
 

@@ -40,7 +40,8 @@ def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
 def daily_pipeline(as_of: date | None = None) -> FeatureBuildResult:
     """Sync for `as_of`, check its ledger, then build features; a failed sync stops the chain."""
     day = resolve_as_of(as_of)
-    sync_state = daily_sync(day, return_state=True)
+    # Not announced: the event would start the feature-build deployment for the same day too.
+    sync_state = daily_sync(day, announce=False, return_state=True)
     require_complete_sync(day, sync_state.message if sync_state.is_failed() else None)
     get_run_logger().info("sync for %s complete; building features", day)
     return feature_build(day)

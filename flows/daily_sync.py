@@ -29,8 +29,12 @@ def announce_completed(report: SyncReport) -> None:
 
 
 @flow(name="daily-sync", on_failure=[alert_on_failure], log_prints=True)
-def daily_sync(as_of: date | None = None) -> SyncReport:
-    """Sync every configured table for `as_of` (default: yesterday in Asia/Tokyo)."""
+def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
+    """Sync every configured table for `as_of` (default: yesterday in Asia/Tokyo).
+
+    `announce`: emit `paylater.sync.completed` once every table succeeded, which starts the
+    feature-build deployment; daily_pipeline, which builds the features itself, passes False.
+    """
     day = resolve_as_of(as_of)
     tables = validate_sync_config()
     states = [sync_table_task(spec, day, return_state=True) for spec in tables]
@@ -40,7 +44,8 @@ def daily_sync(as_of: date | None = None) -> SyncReport:
             f"{table.table_name}: {table.rows_extracted} rows extracted, "
             f"{table.warehouse_rows} in the warehouse, {table.duration_seconds:.2f} s"
         )
-    announce_completed(report)
+    if announce:
+        announce_completed(report)
     return report
 
 

@@ -57,6 +57,22 @@ def test_pipeline_syncs_then_builds(prefect_harness: None, paylater_home: Path) 
     assert manifest.source_watermark == "2026-07-15T15:00:00+00:00"  # end of as_of in Tokyo
 
 
+def test_pipeline_does_not_also_announce_its_sync(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline builds the features itself: its sync must not emit paylater.sync.completed,
+    which the feature-build deployment's trigger answers with a second build of the same day
+    (on a DuckDB warehouse, a second process contending for the file while this one builds)."""
+    import flows.daily_sync
+
+    sent: list[dict] = []
+    monkeypatch.setattr(flows.daily_sync, "emit_event", lambda **kw: sent.append(kw))
+    make_source(paylater_home / "source.db")
+    make_events_table(paylater_home)
+    daily_pipeline(as_of=AS_OF)
+    assert [e["event"] for e in sent] == []
+
+
 def test_pipeline_stops_when_the_sync_fails(
     prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,6 +63,10 @@ def alerts_received(monkeypatch: pytest.MonkeyPatch):
 def test_daily_sync_flow_then_failure_alert(
     prefect_harness, paylater_home: Path, tmp_path: Path, monkeypatch, alerts_received
 ) -> None:
+    import flows.daily_sync
+
+    sent: list[dict] = []
+    monkeypatch.setattr(flows.daily_sync, "emit_event", lambda **kw: sent.append(kw))
     make_source(paylater_home / "source.db")
     as_of = date(2026, 11, 20)
     report = daily_sync(as_of=as_of)
@@ -78,12 +82,17 @@ def test_daily_sync_flow_then_failure_alert(
     assert ledger_watermark(warehouse, as_of).isoformat() == "2026-11-20T15:00:00+00:00"
     warehouse.close()
     assert alerts_received == []
+    # Run on its own (a deployment), the sync announces itself: that starts feature-build.
+    assert [(e["event"], e["payload"]["as_of"]) for e in sent] == [
+        ("paylater.sync.completed", "2026-11-20")
+    ]
 
     bad = tmp_path / "tables.yaml"
     bad.write_text("tables:\n  - {name: loans, primary_key: loan_id}\n")
     monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(bad))
     with pytest.raises(ConfigError, match="table loans does not exist in the source database"):
         daily_sync(as_of="2026-11-21")
+    assert len(sent) == 1  # a failed sync announces nothing
     (alert,) = alerts_received
     assert alert["subject"].endswith("of 'daily-sync' failed")
     assert "table loans does not exist" in alert["text"]

@@ -127,16 +127,18 @@ def backfill(
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for day in days(start, end):
-            if not force and is_complete(day):
-                outcome = DayOutcome(day, "skipped", "already complete")
-                outcomes.append(outcome)
-                report(outcome)
-                continue
+            # Wait for a free slot before the check, which opens the warehouse: at concurrency 1
+            # it must not overlap the running day (a DuckDB file admits one writer process).
             while len(pending) >= concurrency:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 settle(done)
             if failed:
                 break
+            if not force and is_complete(day):
+                outcome = DayOutcome(day, "skipped", "already complete")
+                outcomes.append(outcome)
+                report(outcome)
+                continue
             pending[pool.submit(run_day, day)] = day
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -81,6 +81,30 @@ def test_concurrency_limit_is_respected() -> None:
     assert peak == 3
 
 
+def test_next_day_is_checked_only_once_the_running_day_finished() -> None:
+    """The completeness check opens the warehouse; with --deployment the running day is another
+    process, and a DuckDB file admits one process: at concurrency 1 they must not overlap."""
+    d2 = date(2026, 11, 2)
+    checked = {D1: threading.Event(), d2: threading.Event()}
+    finished: set[date] = set()
+    unfinished_at_check: dict[date, set[date]] = {}
+
+    def is_complete(day: date) -> bool:
+        unfinished_at_check[day] = {d for d in checked if d < day} - finished
+        checked[day].set()
+        return False
+
+    def run(day: date) -> str:
+        if day == D1:
+            # Released at once by a check of the next day made while this day still runs.
+            checked[d2].wait(timeout=1)
+        finished.add(day)
+        return "ok"
+
+    backfill(D1, d2, run, is_complete=is_complete)
+    assert unfinished_at_check == {D1: set(), d2: set()}
+
+
 def test_force_reruns_complete_days() -> None:
     ran: list[date] = []
     backfill(D1, D1, lambda d: ran.append(d) or "ok", force=True, is_complete=lambda d: True)

@@ -17,6 +17,23 @@ app.command("worker")(run_worker)
 app.command("enqueue")(enqueue)
 
 
+def error_line(exc: Exception) -> str:
+    """What is wrong, on one line; an invalid setting is named by its environment variable."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{_variable(str(err['loc'][0]))}: {err['msg']} (got {err['input']!r})"
+            for err in exc.errors()
+        )
+    return " ".join(str(exc).split())
+
+
+def _variable(field: str) -> str:
+    """The environment variable of a settings field (aliases such as MLFLOW_TRACKING_URI stay)."""
+    return field if field.isupper() else f"PAYLATER_{field.upper()}"
+
+
 @app.command("backfill")
 def backfill_command(
     start: str = typer.Option(..., "--start", help="First as_of, YYYY-MM-DD."),
@@ -36,6 +53,8 @@ def backfill_command(
     """Run the daily pipeline for every day from --start to --end; rerun to resume."""
     from paylater import backfill as bf
     from paylater.timeutil import resolve_as_of
+    from tasks.storage import StorageError
+    from tasks.warehouse import WarehouseError
 
     try:
         first, last = resolve_as_of(start), resolve_as_of(end)
@@ -48,8 +67,8 @@ def backfill_command(
             force=force,
             report=lambda o: typer.echo(f"{o.as_of} {o.status} {o.detail}".rstrip()),
         )
-    except (ValueError, bf.BackfillError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except (ValueError, bf.BackfillError, WarehouseError, StorageError) as exc:
+        typer.echo(f"error: {error_line(exc)}", err=True)
         raise typer.Exit(1) from exc
     done = sum(o.status == "completed" for o in outcomes)
     typer.echo(f"backfill {first}..{last}: {done} run, {len(outcomes) - done} already complete")
@@ -60,7 +79,11 @@ def show_settings() -> None:
     """Print the backends this environment resolves to."""
     from paylater.settings import get_settings
 
-    s = get_settings()
+    try:
+        s = get_settings()
+    except ValueError as exc:
+        typer.echo(f"error: {error_line(exc)}", err=True)
+        raise typer.Exit(1) from exc
     for name, value in [
         ("home", s.home_dir),
         ("source", s.source),

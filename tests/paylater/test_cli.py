@@ -1,0 +1,45 @@
+"""The `paylater` CLI's own commands: a misconfiguration is one `error:` line and exit code 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from paylater.cli import app
+
+BACKFILL = ["backfill", "--start", "2026-11-01", "--end", "2026-11-02"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        (
+            "PAYLATER_WAREHOUSE_URL",
+            "postgres://db/warehouse",
+            "warehouse URL 'postgres://db/warehouse'",
+        ),
+        ("PAYLATER_SYNC_READERS", "two", "PAYLATER_SYNC_READERS"),
+    ],
+)
+def test_backfill_misconfigured_is_one_error_line(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, BACKFILL)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: ") and expected in line
+
+
+def test_settings_misconfigured_is_one_error_line(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_SYNC_READERS", "two")
+    result = CliRunner().invoke(app, ["settings"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: PAYLATER_SYNC_READERS") and "'two'" in line

@@ -145,8 +145,14 @@ def backfill(
             settle(done)
     if failed:
         first = min(failed, key=lambda o: o.as_of)
+        resume = (
+            # --force reruns every day: the same command would redo the days before the failure.
+            f"run it again with --start {first.as_of} to resume from there"
+            if force
+            else f"run the same command again to resume from {first.as_of} "
+            "(completed days are skipped)"
+        )
         raise BackfillError(
-            f"backfill stopped: {first.as_of} failed ({first.detail}); fix it and run the same "
-            f"command again to resume from {first.as_of} (completed days are skipped)"
+            f"backfill stopped: {first.as_of} failed ({first.detail}); fix it and {resume}"
         )
     return sorted(outcomes, key=lambda o: o.as_of)

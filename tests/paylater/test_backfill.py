@@ -62,6 +62,20 @@ def test_failure_stops_and_rerun_resumes_from_the_failed_day() -> None:
     assert [o.status for o in outcomes][:2] == ["skipped", "skipped"]
 
 
+def test_forced_backfill_says_to_resume_from_the_failed_day() -> None:
+    """--force reruns every day, so the same command would redo the days before the failure."""
+
+    def run(day: date) -> str:
+        if day == date(2026, 11, 3):
+            raise RuntimeError("warehouse unreachable")
+        return "ok"
+
+    with pytest.raises(BackfillError) as failure:
+        backfill(D1, D5, run, force=True, is_complete=lambda d: True)
+    assert "--start 2026-11-03" in str(failure.value)
+    assert "completed days are skipped" not in str(failure.value)
+
+
 def test_concurrency_limit_is_respected() -> None:
     lock = threading.Lock()
     in_flight = peak = 0

@@ -85,11 +85,16 @@ def run_through_deployment(as_of: date, timeout_s: float = 3600) -> str:
         flow_run, FlowRun
     )  # called from sync code: run_deployment does not return a coroutine
     state = flow_run.state
-    if state is None or not state.is_completed():
-        name = state.name if state else "no state"
+    if state is None or not state.is_final():
+        # run_deployment gave up waiting; the run itself goes on (or waits for a worker), and
+        # starting the day again now would run it twice.
         raise BackfillError(
-            f"flow run {flow_run.name} ended {name}: {state.message if state else ''}"
+            f"flow run {flow_run.name} is still {state.name if state else 'without a state'} "
+            f"after {timeout_s:.0f} s; the backfill stopped waiting for it: let it finish or "
+            "cancel it (is a worker running?) before running the backfill again"
         )
+    if not state.is_completed():
+        raise BackfillError(f"flow run {flow_run.name} ended {state.name}: {state.message or ''}")
     return f"flow run {flow_run.name} completed"
 
 

@@ -125,3 +125,25 @@ def test_force_reruns_complete_days() -> None:
     assert ran == [D1]
     with pytest.raises(ValueError, match="concurrency"):
         backfill(D1, D1, lambda d: "ok", concurrency=0)
+
+
+def test_deployment_run_still_going_after_the_timeout_is_not_called_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_deployment returns a run that is still Running when its timeout passes: the day is
+    not over, and running the same command again would start it a second time."""
+    import uuid
+
+    import prefect.deployments
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Running
+
+    from paylater.backfill import run_through_deployment
+
+    still_running = FlowRun(flow_id=uuid.uuid4(), name="calm-otter", state=Running())
+    monkeypatch.setattr(prefect.deployments, "run_deployment", lambda *a, **kw: still_running)
+    with pytest.raises(BackfillError) as failure:
+        run_through_deployment(D1, timeout_s=60)
+    message = str(failure.value)
+    assert "still Running" in message and "ended" not in message
+    assert "calm-otter" in message

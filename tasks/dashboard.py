@@ -362,6 +362,18 @@ def store_daily(warehouse: Any, daily: DailyMonitoring) -> None:
         )
 
 
+def _judged(
+    psi: float | None, rows: int, what: str, reference_rows: int, detail: str
+) -> tuple[float | None, str]:
+    """`psi` and its detail, or None (not judged) when either side has too few rows."""
+    if psi is None or min(rows, reference_rows) >= MIN_JUDGED_ROWS:
+        return psi, detail
+    return None, (
+        f"{rows} {what} vs {reference_rows} training rows (< {MIN_JUDGED_ROWS}): "
+        f"too few to judge; {detail}"
+    )
+
+
 def drift_measurements(daily: DailyMonitoring) -> list[Measurement]:
     """The drift checks the incident machinery judges: the worst feature PSI and the score PSI."""
     drift = daily.drift
@@ -369,22 +381,16 @@ def drift_measurements(daily: DailyMonitoring) -> list[Measurement]:
         return []
     worst = sorted(drift.feature_psi.items(), key=lambda kv: -kv[1])[:3]
     detail = "worst: " + ", ".join(f"{k}={v:.3f}" for k, v in worst)
-    feature_psi, score_psi = drift.max_feature_psi, drift.score_psi
-    score_detail = "production scores, last day, vs training"
-    rows = min(drift.current_rows, drift.reference_rows)
-    if feature_psi is not None and rows < MIN_JUDGED_ROWS:
-        feature_psi = None
-        detail = (
-            f"{drift.current_rows} scoring rows vs {drift.reference_rows} training rows "
-            f"(< {MIN_JUDGED_ROWS}): too few to judge; {detail}"
-        )
-    rows = min(daily.score_rows, drift.reference_rows)
-    if score_psi is not None and rows < MIN_JUDGED_ROWS:
-        score_psi = None
-        score_detail = (
-            f"{daily.score_rows} production scores in the last day vs {drift.reference_rows} "
-            f"training rows (< {MIN_JUDGED_ROWS}): too few to judge"
-        )
+    feature_psi, detail = _judged(
+        drift.max_feature_psi, drift.current_rows, "scoring rows", drift.reference_rows, detail
+    )
+    score_psi, score_detail = _judged(
+        drift.score_psi,
+        daily.score_rows,
+        "production scores in the last day",
+        drift.reference_rows,
+        "production scores, last day, vs training",
+    )
     return [
         Measurement("feature_psi_max", feature_psi, detail),
         Measurement("score_psi", score_psi, score_detail),

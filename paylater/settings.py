@@ -212,6 +212,16 @@ class Settings(BaseSettings):
         default=0.25,
         description="Relative gate: PSI of candidate vs production scores on the OOT month at most this.",
     )
+    gate_min_oot_rows: int = Field(
+        default=200,
+        ge=1,
+        description="Gate: an out-of-time month with fewer rows is too small to judge (rejected).",
+    )
+    gate_min_oot_per_class: int = Field(
+        default=20,
+        ge=1,
+        description="Gate: ... or with fewer defaults, or fewer repaid charges, than this.",
+    )
     gate_allow_feature_changes: bool = Field(
         default=False,
         description="Accept a candidate whose feature set differs from production's (the online table must follow).",

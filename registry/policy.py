@@ -38,6 +38,8 @@ class GateThresholds:
     max_auc_drop: float
     max_score_psi: float
     allow_feature_changes: bool
+    min_oot_rows: int = 200
+    min_oot_per_class: int = 20
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> GateThresholds:
@@ -49,6 +51,8 @@ class GateThresholds:
             max_auc_drop=s.gate_max_auc_drop,
             max_score_psi=s.gate_max_score_psi,
             allow_feature_changes=s.gate_allow_feature_changes,
+            min_oot_rows=s.gate_min_oot_rows,
+            min_oot_per_class=s.gate_min_oot_per_class,
         )
 
 
@@ -79,9 +83,26 @@ def evaluate_gates(
     thresholds: GateThresholds,
     baseline: ProductionBaseline | None = None,
 ) -> GateDecision:
-    """Absolute gates always; against production (same OOT rows) when there is one."""
+    """Absolute gates always; against production (same OOT rows) when there is one. An OOT month
+    too small to judge rejects the candidate before any metric is trusted."""
     from tasks.evaluation import classification_metrics as metrics_of
     from tasks.evaluation import expected_calibration_error, population_stability_index
+
+    y = np.asarray(labels)
+    rows, defaults = int(y.size), int((y == 1).sum())
+    if (
+        rows < thresholds.min_oot_rows
+        or min(defaults, rows - defaults) < thresholds.min_oot_per_class
+    ):
+        return GateDecision(
+            passed=False,
+            reasons=[
+                f"out-of-time month too small to judge: {rows} rows (at least "
+                f"{thresholds.min_oot_rows}), {defaults} defaults and {rows - defaults} repaid "
+                f"(at least {thresholds.min_oot_per_class} each)"
+            ],
+            checks={"oot_rows": float(rows), "oot_defaults": float(defaults)},
+        )
 
     cand = metrics_of(labels, candidate_probs)
     checks = {"candidate_auc": cand["auc"], "candidate_ece": cand["ece"]}

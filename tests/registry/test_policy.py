@@ -318,3 +318,25 @@ def test_a_gate_rejected_version_is_promoted_only_with_an_explicit_override(
     assert [(t.version, t.to_stage) for t in changes] == [(version, "Production")]
     (entry,) = [e for e in history.read(client(), version) if e.action == "promote"]
     assert entry.reason == "gates overridden (AUC 0.61 below 0.65): looks fine"
+
+
+def test_an_out_of_time_month_too_small_to_judge_is_rejected() -> None:
+    # 30 rows with one default can show any AUC and calibration: the gates must not call that
+    # a pass (nor compare production on it).
+    thresholds = policy.GateThresholds(0.6, 0.5, 0.01, 0.25, False)
+    y = np.array([1] + [0] * 29)
+    perfect = np.where(y == 1, 0.9, 0.05)
+    decision = policy.evaluate_gates(y, perfect, ["a"], thresholds)
+    assert not decision.passed
+    assert decision.reasons == [
+        "out-of-time month too small to judge: 30 rows (at least 200), 1 defaults and 29 repaid "
+        "(at least 20 each)"
+    ]
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.1).astype(int)  # 400 rows, about 40 defaults: enough
+    p = np.clip(0.1 + 0.5 * (y - 0.1) + rng.normal(0, 0.05, 400), 0.01, 0.99)
+    assert policy.evaluate_gates(y, p, ["a"], thresholds).passed
+    lenient = policy.GateThresholds(
+        0.6, 0.5, 0.01, 0.25, False, min_oot_rows=10, min_oot_per_class=1
+    )
+    assert policy.evaluate_gates(np.array([1] + [0] * 29), perfect, ["a"], lenient).passed

@@ -112,6 +112,8 @@ def system(tmp_path: Path, pg_url: str) -> Iterator[tuple[Processes, dict[str, s
         # Tiny data: the absolute gates are for real volumes; this test is about the path.
         PAYLATER_GATE_MIN_AUC="0.5",
         PAYLATER_GATE_MAX_ECE="0.5",
+        PAYLATER_GATE_MIN_OOT_ROWS="1",
+        PAYLATER_GATE_MIN_OOT_PER_CLASS="1",
         PAYLATER_GOLDEN_REQUEST_COUNT="5",
         PAYLATER_TRAIN_MIN_DATA_IN_LEAF="20",
         BENTOML_HOME=str(tmp_path / "bentoml"),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from paylater.settings import get_settings
+from paylater.settings import Settings, get_settings
 from registry import history
 from registry.store import MODEL_NAME, RegistryError, client, is_absent, normalise_version
 
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from paylater.settings import Settings
 
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
 """Stages are deprecated upstream; each is mirrored by an alias that always points at the same version."""
@@ -38,8 +37,8 @@ class GateThresholds:
     max_auc_drop: float
     max_score_psi: float
     allow_feature_changes: bool
-    min_oot_rows: int = 200
-    min_oot_per_class: int = 20
+    min_oot_rows: int = Settings.model_fields["gate_min_oot_rows"].default
+    min_oot_per_class: int = Settings.model_fields["gate_min_oot_per_class"].default
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> GateThresholds:

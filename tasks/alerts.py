@@ -21,7 +21,7 @@ SEVERITIES = ("info", "warning", "error", "critical")
 # What apprise (under the Prefect blocks) calls each severity.
 _NOTIFY_TYPES = {"info": "info", "warning": "warning", "error": "failure", "critical": "failure"}
 PAGERDUTY_SOURCE = "paylater-risk"
-_PAGERDUTY_US = "https://events.pagerduty.com/v2/enqueue"
+_PAGERDUTY_US = Settings.model_fields["alert_pagerduty_events_url"].default
 _PAGERDUTY_EU = "https://events.eu.pagerduty.com/v2/enqueue"
 
 
@@ -58,8 +58,7 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
     try:
         from prefect.blocks.notifications import SlackWebhook
 
-        block_type: Any = SlackWebhook
-        block = block_type.load(name)
+        block: Any = SlackWebhook.load(name)
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
         with block.raise_on_failure():
             block.notify(body=text, subject=subject)

@@ -761,8 +761,12 @@ class PostgresSnapshot:
         """Raw batches of a parameterless query (streamed through COPY) on the snapshot's own
         connection."""
         with self.source.conn.cursor() as cur:
-            for batch in _adbc_batches(cur, sql, [], self.source.statement_options):
-                yield pg_infinities(batch)
+            yield from self._pg_batches(cur, sql)
+
+    def _pg_batches(self, cur: Any, sql: str) -> Iterator[pa.RecordBatch]:
+        """A parameterless query's batches through COPY, infinite times made the extremes."""
+        for batch in _adbc_batches(cur, sql, [], self.source.statement_options):
+            yield pg_infinities(batch)
 
     def _slice_reader(self, sql: str) -> Callable[[], Iterator[pa.RecordBatch]]:
         """A reader of a parameterless query on a new connection that joins this snapshot first."""
@@ -772,8 +776,7 @@ class PostgresSnapshot:
             try:
                 with conn.cursor() as cur:
                     self.join(cur)
-                    for batch in _adbc_batches(cur, sql, [], self.source.statement_options):
-                        yield pg_infinities(batch)
+                    yield from self._pg_batches(cur, sql)
                 conn.rollback()
             finally:
                 conn.close()

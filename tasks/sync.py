@@ -442,7 +442,8 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
         with contextlib.suppress(Exception):
             write_ledger(warehouse, result("failed", None, message))
         if cause is not exc:
-            raise cause from exc
+            # Its cause stays the driver's error; the warehouse's wrapper is the context.
+            raise cause  # noqa: B904
         raise
 
 

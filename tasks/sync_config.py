@@ -186,8 +186,8 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
         # The window and the count checks compare the cursor with instants. A source type other
         # than a timestamp or text (SQLite's times) would only fail in the sync, after it wrote.
         configured, source_type = resolved.columns[spec.cursor], source_types[spec.cursor]
-        wrong = configured if configured != "timestamp" else source_type
-        if wrong not in ("timestamp", "string", None) or configured != "timestamp":
+        if configured != "timestamp" or source_type not in ("timestamp", "string", None):
+            wrong = configured if configured != "timestamp" else source_type
             raise ConfigError(
                 f"sync config: cursor {spec.name}.{spec.cursor} is {wrong}, not a timestamp;"
                 " name a change-time column (or list it as timestamp)"

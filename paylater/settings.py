@@ -160,6 +160,21 @@ class Settings(BaseSettings):
     monitor_psi_critical: float = Field(
         default=0.25, description="PSI of a feature or the score: critical."
     )
+    monitor_flow_window_hours: float = Field(
+        default=48.0,
+        description="Crashed flow runs that ended this many hours ago or less are checked.",
+    )
+    monitor_crashed_flows_critical: int = Field(
+        default=3,
+        description="Flows whose latest run crashed: critical (one is a warning).",
+    )
+    monitor_late_run_minutes: float = Field(
+        default=30.0,
+        description="A flow run still waiting this long after its scheduled start is late.",
+    )
+    monitor_late_runs_critical: int = Field(
+        default=3, description="Late flow runs (no worker took them): critical (one is a warning)."
+    )
     monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
     # --- end monitoring ---
 

@@ -102,6 +102,8 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
             s.monitor_feature_age_critical_hours * 3600,
             "s",
         ),
+        "crashed_flows": Threshold(1, s.monitor_crashed_flows_critical, "flows"),
+        "late_flow_runs": Threshold(1, s.monitor_late_runs_critical, "runs"),
         "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
         "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
     }
@@ -253,6 +255,184 @@ def manifest_built_at(manifest: dict[str, Any]) -> datetime | None:
     return None
 
 
+@dataclass(frozen=True)
+class FlowRunInfo:
+    """What the flow-run checks need of one Prefect flow run."""
+
+    flow: str  # the flow's name
+    name: str  # the run's name
+    group: str  # its deployment's id, else its flow's: runs of one job
+    state_type: str  # Prefect's StateType value: COMPLETED, CRASHED, SCHEDULED, ...
+    message: str
+    end_time: datetime | None
+    expected_start_time: datetime | None
+
+
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+WAITING_STATES = ("SCHEDULED", "PENDING")
+
+
+def _listed(runs: list[FlowRunInfo], describe: Callable[[FlowRunInfo], str]) -> str:
+    """The first five runs described, and how many more there are."""
+    shown = "; ".join(describe(r) for r in runs[:5])
+    return shown + (f"; and {len(runs) - 5} more" if len(runs) > 5 else "")
+
+
+def measure_crashed_flows(latest: Iterable[FlowRunInfo]) -> Measurement:
+    """Jobs whose latest finished run crashed, from each job's latest finished run.
+
+    A crash is a process that died before its flow could report (killed, out of memory, a native
+    abort in a driver): no on_failure hook ran, so nobody was told. It counts until a later run of
+    the same job finishes, whatever that run's outcome (a failure alerts through its own hook).
+    """
+    crashed = sorted(
+        (r for r in latest if r.state_type == "CRASHED"),
+        key=lambda r: r.end_time or datetime.min.replace(tzinfo=UTC),
+    )
+
+    def describe(r: FlowRunInfo) -> str:
+        when = f" at {as_utc(r.end_time):%Y-%m-%d %H:%M} UTC" if r.end_time else ""
+        return f"{r.flow}/{r.name} crashed{when}: {(r.message or 'no message')[:200]}"
+
+    return Measurement("crashed_flows", float(len(crashed)), _listed(crashed, describe))
+
+
+def measure_late_runs(
+    waiting: Iterable[FlowRunInfo], now: datetime, late_minutes: float
+) -> Measurement:
+    """Flow runs still waiting `late_minutes` after their scheduled start: no worker takes them."""
+    cutoff = now - timedelta(minutes=late_minutes)
+    late = sorted(
+        (
+            r
+            for r in waiting
+            if r.state_type in WAITING_STATES
+            and r.expected_start_time is not None
+            and as_utc(r.expected_start_time) <= cutoff
+        ),
+        key=lambda r: as_utc(r.expected_start_time or cutoff),
+    )
+
+    def describe(r: FlowRunInfo) -> str:
+        due = as_utc(r.expected_start_time or cutoff)
+        return f"{r.flow}/{r.name} due {due:%Y-%m-%d %H:%M} UTC"
+
+    detail = _listed(late, describe)
+    if late:
+        detail += " (is a worker polling the work pool?)"
+    return Measurement("late_flow_runs", float(len(late)), detail)
+
+
+def read_flow_runs(
+    now: datetime, window_hours: float, late_minutes: float
+) -> tuple[list[FlowRunInfo], list[FlowRunInfo]]:
+    """From the Prefect API: the latest finished run of every job with a crash in the window, and
+    the runs waiting past their start by `late_minutes`.
+
+    Crashes are read first (few), then each one's job is asked for its newest finished run, so
+    the monitor's own runs (hundreds a day) never crowd a crash out of a page of results.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterEndTime,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import FlowRun, StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    def states(*names: str) -> FlowRunFilterState:
+        return FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(n) for n in names]))
+
+    with get_client(sync_client=True) as client:
+        crashes = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=states("CRASHED"),
+                end_time=FlowRunFilterEndTime.model_validate(
+                    {"after_": now - timedelta(hours=window_hours)}
+                ),
+            ),
+            sort=FlowRunSort.END_TIME_DESC,
+            limit=200,
+        )
+        latest: dict[str, FlowRun] = {}
+        for crash in crashes:
+            group = str(crash.deployment_id or crash.flow_id)
+            if group in latest:
+                continue
+            if crash.deployment_id is not None:
+                scope: dict[str, Any] = {
+                    "deployment_filter": DeploymentFilter(
+                        id=DeploymentFilterId(any_=[crash.deployment_id])
+                    )
+                }
+                deployment = FlowRunFilterDeploymentId(any_=[crash.deployment_id])
+            else:
+                scope = {"flow_filter": FlowFilter(id=FlowFilterId(any_=[crash.flow_id]))}
+                deployment = FlowRunFilterDeploymentId(is_null_=True)
+            newest = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=states(*TERMINAL_STATES), deployment_id=deployment
+                ),
+                sort=FlowRunSort.END_TIME_DESC,
+                limit=1,
+                **scope,
+            )
+            latest[group] = newest[0] if newest else crash
+        waiting = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=states(*WAITING_STATES),
+                expected_start_time=FlowRunFilterExpectedStartTime.model_validate(
+                    {"before_": now - timedelta(minutes=late_minutes)}
+                ),
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
+        flow_ids = list({r.flow_id for r in [*latest.values(), *waiting]})
+        flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
+        names = {f.id: f.name for f in flows}
+
+    def info(run: FlowRun) -> FlowRunInfo:
+        state = run.state
+        return FlowRunInfo(
+            flow=names.get(run.flow_id, str(run.flow_id)),
+            name=run.name,
+            group=str(run.deployment_id or run.flow_id),
+            state_type=state.type.value if state else "UNKNOWN",
+            message=(state.message or "") if state else "",
+            end_time=run.end_time,
+            expected_start_time=run.expected_start_time,
+        )
+
+    return [info(r) for r in latest.values()], [info(r) for r in waiting]
+
+
+def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
+    """Crashed jobs and late runs, from the Prefect API (unknown when it cannot be read)."""
+    try:
+        latest, waiting = read_flow_runs(
+            now, settings.monitor_flow_window_hours, settings.monitor_late_run_minutes
+        )
+    except Exception as exc:  # the API down must not stop the other checks
+        reason = f"Prefect API not readable: {type(exc).__name__}: {exc}"
+        return [
+            Measurement("crashed_flows", None, reason),
+            Measurement("late_flow_runs", None, reason),
+        ]
+    return [
+        measure_crashed_flows(latest),
+        measure_late_runs(waiting, now, settings.monitor_late_run_minutes),
+    ]
+
+
 # --- incidents ----------------------------------------------------------------------------
 
 
@@ -383,6 +563,7 @@ def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Me
         *measure_queue(engine, now, settings.monitor_window_minutes, settings.monitor_min_jobs),
         measure_sync_age(settings.warehouse, now),
         measure_feature_age(lambda: newest_scoring_manifest(settings), now),
+        *measure_flow_runs(settings, now),
     ]
 
 

@@ -1,0 +1,188 @@
+"""Crashed and late flow runs, read from a real Prefect API (the session's test server).
+
+The crash is real: a deployment's flow run process is killed with SIGKILL under a Prefect
+Runner, which reports the run Crashed, as a process worker does. Such a run never reaches its
+flow's on_failure hook, so the monitor is what tells anybody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.monitoring import (
+    FlowRunInfo,
+    measure_crashed_flows,
+    measure_late_runs,
+    read_flow_runs,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+def run_info(state: str, minutes_ago: float, group: str = "g", name: str = "r") -> FlowRunInfo:
+    """A run that ended (terminal states) or was due (waiting states) `minutes_ago`."""
+    moment = NOW - timedelta(minutes=minutes_ago)
+    return FlowRunInfo(
+        flow="daily-sync",
+        name=name,
+        group=group,
+        state_type=state,
+        message="Process exited with status code: -9",
+        end_time=moment if state not in ("SCHEDULED", "PENDING") else None,
+        expected_start_time=moment,
+    )
+
+
+def test_crashed_flows_counts_jobs_whose_latest_run_crashed() -> None:
+    latest = [
+        run_info("CRASHED", 30, group="sync", name="lucky-otter"),
+        run_info("COMPLETED", 10, group="features"),
+        run_info("FAILED", 5, group="retrain"),  # a failure alerts through its own hook
+    ]
+    m = measure_crashed_flows(latest)
+    assert m.check == "crashed_flows" and m.value == 1.0
+    assert "daily-sync/lucky-otter crashed at 2026-11-27 11:30 UTC" in m.detail
+    assert "status code: -9" in m.detail
+    assert measure_crashed_flows([]).value == 0.0
+
+
+def test_late_runs_are_the_ones_waiting_past_the_limit() -> None:
+    waiting = [
+        run_info("SCHEDULED", 45, name="late-one"),
+        run_info("PENDING", 31, name="late-two"),
+        run_info("SCHEDULED", 10, name="on-time"),
+        run_info("SCHEDULED", -60, name="tomorrow"),
+    ]
+    m = measure_late_runs(waiting, NOW, late_minutes=30)
+    assert m.value == 2.0
+    assert m.detail.startswith("daily-sync/late-one due 2026-11-27 11:15 UTC")
+    assert "late-two" in m.detail and "on-time" not in m.detail
+    assert "worker" in m.detail
+    assert measure_late_runs(waiting[2:], NOW, late_minutes=30) == measure_late_runs(
+        [], NOW, late_minutes=30
+    )
+
+
+CRASHING_FLOW = """
+import os
+import signal
+
+from prefect import flow
+
+
+@flow(name="{name}")
+def job(die: bool = True) -> None:
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.fixture
+def crashing_flow(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Any, str]]:
+    """A flow (unique name) that kills its own process unless told not to; its runs are
+    deleted afterwards, so the session's other monitor tests see no crash or late run of it."""
+    from prefect import get_client
+
+    name = f"paylater-test-crash-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "crashing.py").write_text(textwrap.dedent(CRASHING_FLOW.format(name=name)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("crashing", None)
+    import crashing  # type: ignore[import-not-found]
+
+    try:
+        yield crashing.job, name
+    finally:
+        sys.modules.pop("crashing", None)
+        with get_client(sync_client=True) as client:
+            flow = client.read_flow_by_name(name)
+            from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+
+            for run in client.read_flow_runs(flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id]))):
+                client.delete_flow_run(run.id)
+
+
+def run_deployment_once(job: Any, parameters: dict[str, Any]) -> None:
+    """Deploy `job` on a Runner, create one run of it and let the Runner execute it."""
+    from prefect import get_client
+    from prefect.runner import Runner
+
+    async def go() -> None:
+        runner = Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}")
+        deployment_id = await runner.add_flow(job, name="crash-check")
+        async with get_client() as client:
+            await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        await runner.start(run_once=True)
+
+    asyncio.run(go())
+
+
+def ours(runs: list[FlowRunInfo], name: str) -> list[FlowRunInfo]:
+    return [r for r in runs if r.flow == name]
+
+
+def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
+    crashing_flow: tuple[Any, str],
+) -> None:
+    job, name = crashing_flow
+    run_deployment_once(job, {"die": True})
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    (crash,) = ours(latest, name)
+    assert crash.state_type == "CRASHED", crash
+    m = measure_crashed_flows(ours(latest, name))
+    assert m.value == 1.0 and f"{name}/{crash.name} crashed" in m.detail
+    assert "SIGKILL" in m.detail or "-9" in m.detail, m.detail
+
+    run_deployment_once(job, {"die": False})  # the job's next run finishes
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    (newest,) = ours(latest, name)
+    assert newest.state_type == "COMPLETED"
+    assert measure_crashed_flows(ours(latest, name)).value == 0.0
+
+    # Out of the window, a crash is no longer looked at.
+    later = datetime.now(UTC) + timedelta(hours=49)
+    assert ours(read_flow_runs(later, window_hours=48, late_minutes=30)[0], name) == []
+
+
+def test_a_run_nobody_picks_up_is_late(crashing_flow: tuple[Any, str]) -> None:
+    from prefect import get_client
+    from prefect.states import Scheduled
+
+    job, name = crashing_flow
+    with get_client(sync_client=True) as client:
+        for minutes in (120, 5):
+            client.create_flow_run(
+                job, state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(minutes=minutes))
+            )
+    now = datetime.now(UTC)
+    _, waiting = read_flow_runs(now, window_hours=48, late_minutes=30)
+    (late,) = ours(waiting, name)
+    assert late.state_type == "SCHEDULED"
+    assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 1.0
+
+
+def test_an_unreachable_prefect_api_leaves_both_checks_unknown() -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from paylater.settings import Settings
+    from tasks.monitoring import measure_flow_runs
+
+    nobody = "http://127.0.0.1:9/api"  # nothing listens on port 9
+    with temporary_settings({PREFECT_API_URL: nobody, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        results = measure_flow_runs(Settings(), datetime.now(UTC))
+    assert [(m.check, m.value) for m in results] == [
+        ("crashed_flows", None),
+        ("late_flow_runs", None),
+    ]
+    assert all("Prefect API not readable" in m.detail for m in results)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from string import Template
@@ -164,7 +164,8 @@ def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
             raise ConfigError(
                 f"sync config: table {spec.name} does not exist in the source database"
             )
-        resolved.append(resolve_columns(spec, source_types))
+        enforced = source.key_enforced(spec.name, spec.primary_key)
+        resolved.append(replace(resolve_columns(spec, source_types), key_enforced=enforced))
     return resolved
 
 

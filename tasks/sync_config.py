@@ -42,6 +42,12 @@ class CountMismatch(SyncError):
     """Rows extracted, loaded or held by the warehouse disagree with the source."""
 
 
+class KeyViolation(SyncError):
+    """The rows read repeat a primary-key value or have a NULL in one, which the source's own
+    constraints do not rule out (a view, a table without a key): merged, they would corrupt the
+    warehouse table. Not transient: the data or the configured key must change."""
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One configured table: how it is identified, read and typed."""
@@ -58,6 +64,10 @@ class TableSpec:
     # The incremental count check covers rows changed in the last `check_days` days before the
     # window's end (at least the window); None: the whole table (one source scan every day).
     check_days: int | None = 7
+    # Set by validation, never configured: whether the source's own constraints (a primary key or
+    # unique index over key columns, every key column NOT NULL) make `primary_key` unique and
+    # never NULL. Unless they do, the sync checks the rows it read for repeated and NULL keys.
+    key_enforced: bool = False
 
     @property
     def changes_table(self) -> str:

@@ -30,6 +30,17 @@ source key) and otherwise `check_days` (default 7) before the watermark, at the 
 window's start, so that a daily check costs index ranges instead of a scan of the source table:
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
+Keys: unless the source's own constraints make the primary key unique and never NULL (a primary
+key or unique index over key columns, the key columns NOT NULL: found once per table by
+validate_tables), the loaded rows (the increment before its merge, or the full load) must hold
+each key value once and none with a NULL part. A view or a table without a key constraint can
+repeat one: merged, DuckDB would keep an arbitrary version (BigQuery's MERGE inserts both copies
+of a new key, failing only when a held row matches several), and a NULL key would never match (a
+new row at every sync). The table fails with KeyViolation (not retried) and rolls back. A table
+whose source enforces its key pays nothing for it: the check is not run.
+On BigQuery, load jobs run outside the transaction: a failed check leaves the current table
+as it was, but the as_of partition of `__changes` holds the rejected increment until a rerun
+replaces it, and a full table is replaced by its load before any check can read it.
 Source counts other than a small index range are taken while the read goes on (tasks.extract)
 and waited for by the first check, still inside the warehouse transaction.
 """
@@ -55,6 +66,7 @@ from tasks.extract import Source, SourceCounts, Window, open_source
 from tasks.sync_config import (
     ConfigError,
     CountMismatch,
+    KeyViolation,
     SourceUnavailable,
     SyncError,
     TableSpec,
@@ -67,6 +79,7 @@ from tasks.warehouse.duckdb import DuckDBWarehouse
 __all__ = [
     "ConfigError",
     "CountMismatch",
+    "KeyViolation",
     "SourceUnavailable",
     "SyncError",
     "SyncIncomplete",
@@ -156,7 +169,8 @@ def configured_tables() -> list[TableSpec]:
 
 
 def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
-    """Check every configured table and column against the source; resolve column types."""
+    """Check every configured table and column against the source; resolve column types, and
+    note whether the source enforces each primary key (if not, every sync checks its rows)."""
     resolved = []
     for spec in specs:
         source_types = source.column_types(spec.name)
@@ -207,6 +221,70 @@ def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | 
         key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),
         cursor=_bq(cursor),
         update_set=", ".join(f"{_bq(c)} = source.{_bq(c)}" for c in non_key),
+    )
+
+
+def key_sql(spec: TableSpec, template: str, changes: str | None, having: str = "") -> str:
+    """A key check statement over the loaded rows: `changes` is the table holding them (None:
+    the as_of partition of the changes table)."""
+    keys = [_bq(k) for k in spec.primary_key]
+    return Template(sql_text(template)).substitute(
+        changes=_bq(changes or spec.changes_table),
+        partition="TRUE" if changes else "as_of = @as_of",
+        key_columns=", ".join(keys),
+        key_has_null="(" + " OR ".join(f"{k} IS NULL" for k in keys) + ")",
+        having=having,
+    )
+
+
+def _key_text(spec: TableSpec, row: dict[str, Any]) -> str:
+    """One key value for an error message: `a=1, b='x'`."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, datetime | date):
+            return value.isoformat()
+        return repr(value) if isinstance(value, str) else str(value)
+
+    return ", ".join(f"{k}={text(row[k])}" for k in spec.primary_key)
+
+
+def check_keys(
+    warehouse: Warehouse, spec: TableSpec, changes: str | None, params: dict | None = None
+) -> None:
+    """Fail with KeyViolation if the loaded rows repeat a key or have a NULL in one (call before
+    they are merged, inside the table's transaction). Skipped when the source enforces the key.
+    """
+    if spec.key_enforced:
+        return
+    found = warehouse.query_arrow(key_sql(spec, "sync_key_check.sql", changes), params)
+    figures = found.to_pylist()[0]
+    duplicated, null_rows = int(figures["duplicated_keys"] or 0), int(figures["null_key_rows"] or 0)
+    if not duplicated and not null_rows:
+        return
+
+    def times(n: int, what: str) -> str:
+        return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+    has_null = " OR ".join(f"{_bq(k)} IS NULL" for k in spec.primary_key)
+    problems = []
+    for number, kind, having in (
+        (duplicated, ("key value", "occurs", "occur"), f"COUNT(*) > 1 AND NOT ({has_null})"),
+        (null_rows, ("row", "has a NULL key", "have a NULL key"), has_null),
+    ):
+        if number:
+            sql = key_sql(spec, "sync_key_example.sql", changes, having)
+            (example,) = warehouse.query_arrow(sql, params).to_pylist()
+            what, one, many = kind
+            problems.append(
+                f"{times(number, what)} {one if number == 1 else many}"
+                f"{' more than once' if what == 'key value' else ''}"
+                f" (e.g. {_key_text(spec, example)} in {times(example['_sync_copies'], 'row')})"
+            )
+    raise KeyViolation(
+        f"sync of {spec.name}: the rows read break primary key ({', '.join(spec.primary_key)}),"
+        f" which the source does not enforce: {'; '.join(problems)}"
     )
 
 
@@ -286,6 +364,7 @@ def load_through_changes(
     )
     loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
     counts = _checked(spec, stream, loaded, source)
+    check_keys(warehouse, spec, None, {"as_of": as_of})
     merge_changes(warehouse, spec, as_of)
     return counts
 
@@ -296,9 +375,12 @@ def load_direct(
     """Stream into the empty current table, or stage the increment and MERGE it."""
     if _count(warehouse, spec.name) == 0:
         # Every row is new: one write, straight from the reader, nothing to probe.
-        return _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
+        counts = _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
+        check_keys(warehouse, spec, spec.name)  # the table holds just the rows read
+        return counts
     with warehouse.staged(stream.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS) as staged:
         counts = _checked(spec, stream, _count(warehouse, staged), source)
+        check_keys(warehouse, spec, staged)
         merge_staged(warehouse, spec, staged)
     return counts
 
@@ -368,6 +450,7 @@ def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: Source
         spec.name,
         f"extracted {counts.extracted}, loaded {counts.loaded}, source holds {source.total}",
     )
+    check_keys(warehouse, spec, spec.name)
     return counts
 
 

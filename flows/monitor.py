@@ -73,13 +73,39 @@ def update_incidents(results: list[CheckResult], now: datetime) -> list[Notifica
         engine.dispose()
 
 
+@task
+def purge_finished_jobs(now: datetime) -> int:
+    """Delete jobs that finished more than worker_retention_days ago (a bounded batch per run)."""
+    from datetime import timedelta
+
+    from worker import queue
+
+    settings = get_settings()
+    if settings.worker_retention_days <= 0:
+        return 0  # kept forever
+    before = now - timedelta(days=settings.worker_retention_days)
+    try:
+        url = queue.queue_url()
+    except queue.NotPostgres:
+        return 0  # no queue can live there
+    with queue.connect(url) as conn:
+        if conn.execute("SELECT to_regclass('scoring_jobs')").fetchone() == (None,):
+            return 0
+        return queue.purge(conn, before)
+
+
 @flow(name="monitor", on_failure=[alert_on_failure])
 def monitor() -> list[CheckResult]:
-    """Check the system, update incident state, and alert on what opened or cleared."""
+    """Check the system, update incident state, and alert on what opened or cleared; then delete
+    jobs past their retention."""
     now = utc_now()
     results = run_checks(now)
     sent = len(update_incidents(results, now))
-    get_run_logger().info("%d notification(s) sent; checks:\n%s", sent, status_json(results))
+    log = get_run_logger()
+    log.info("%d notification(s) sent; checks:\n%s", sent, status_json(results))
+    purged = purge_finished_jobs(now)
+    if purged:
+        log.info("deleted %d job(s) finished before the retention period", purged)
     return results
 
 

@@ -301,6 +301,14 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(
         default=None, description="Port of the Prometheus /metrics server (unset: no server)."
     )
+    worker_retention_days: float = Field(
+        default=90.0,
+        ge=0,
+        description=(
+            "Finished jobs (with their results) are deleted this many days after they finished,"
+            " by the monitor; 0: kept forever. Keep it above monitor_report_days."
+        ),
+    )
     # --- end worker ---
 
     # --- serving (owner: serving; bentos/) ---

@@ -177,6 +177,22 @@ def finish(
     return [r[0] for r in conn.execute(sql("finish"), params).fetchall()]
 
 
+def purge(
+    conn: psycopg.Connection[Any], before: datetime, batch: int = 5_000, limit: int = 50_000
+) -> int:
+    """Delete jobs finished before `before` (and their results) in batches of `batch`, each its
+    own transaction so no lock is held long; at most about `limit` per call (a backlog drains over
+    several calls). Returns the number of jobs deleted."""
+    deleted = 0
+    while deleted < limit:
+        with conn.transaction():
+            n = conn.execute(sql("purge"), {"before": before, "batch": batch}).rowcount
+        deleted += max(n, 0)
+        if n < batch:
+            break
+    return deleted
+
+
 def fail(
     conn: psycopg.Connection[Any],
     failures: Sequence[Failed],

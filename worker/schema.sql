@@ -16,6 +16,8 @@
 -- A backend that cannot be reached at all (scoring service or feature database down) does the
 -- same without spending an attempt: an outage never dead-letters jobs.
 -- A worker that dies leaves its jobs running; they are claimed again once lease_until has passed.
+-- Retention: the monitor deletes finished jobs (with their results) PAYLATER_WORKER_RETENTION_DAYS
+-- after they finished (default 90), so an idempotency key is remembered that long after its job.
 -- Safe to apply repeatedly (the worker applies it at start under an advisory lock).
 
 CREATE TABLE IF NOT EXISTS scoring_jobs (
@@ -40,6 +42,14 @@ CREATE INDEX IF NOT EXISTS scoring_jobs_due
     ON scoring_jobs ((CASE WHEN status = 'queued' THEN run_after ELSE lease_until END))
     WHERE status IN ('queued', 'running');
 
+-- Finished jobs by when they finished: the monitor's failure-rate window and the retention purge
+-- (worker/sql/purge.sql) read this instead of the whole table, which keeps every job for the
+-- retention period. On a large existing queue, create it (and scoring_results_scored_at) with
+-- CREATE INDEX CONCURRENTLY before upgrading: here it would hold up inserts while it builds.
+CREATE INDEX IF NOT EXISTS scoring_jobs_finished
+    ON scoring_jobs (updated_at)
+    WHERE status IN ('done', 'failed', 'dead');
+
 CREATE TABLE IF NOT EXISTS scoring_results (
     job_id        bigint PRIMARY KEY REFERENCES scoring_jobs (id) ON DELETE CASCADE,
     probability   double precision NOT NULL,          -- probability of default
@@ -48,6 +58,9 @@ CREATE TABLE IF NOT EXISTS scoring_results (
     reason_codes  jsonb NOT NULL,                     -- list of codes pushing the score up
     scored_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+
+-- The dashboard's days and the score PSI's last day of production scores.
+CREATE INDEX IF NOT EXISTS scoring_results_scored_at ON scoring_results (scored_at);
 
 -- The staging candidate's opinion of the same job; never read by the app, never changes a decision.
 CREATE TABLE IF NOT EXISTS shadow_results (

@@ -303,3 +303,41 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     assert slack() == ["[RESOLVED] paylater: oldest_queued_age", "[RESOLVED] paylater: sync_age"]
     monitor()
     assert (events(), slack()) == ([], [])
+
+
+def test_monitor_deletes_jobs_past_their_retention(
+    prefect_harness: None, pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run deletes finished jobs older than PAYLATER_WORKER_RETENTION_DAYS; nothing younger,
+    nothing unfinished; 0, nothing at all."""
+    from flows.monitor import monitor
+
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{paylater_home / 'w.duckdb'}")
+    for var in UNSET:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PAYLATER_WORKER_RETENTION_DAYS", "30")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        for status, days in (("done", 40), ("dead", 40), ("done", 20), ("queued", 40)):
+            conn.execute(
+                "INSERT INTO scoring_jobs (user_id, payload, status, updated_at, run_after)"
+                " VALUES (1, '{}', %s, now() - make_interval(days => %s), now())",
+                [status, days],
+            )
+    monitor()
+    with psycopg.connect(pg_url) as conn:
+        left = conn.execute(
+            "SELECT status, extract(day FROM now() - updated_at)::int FROM scoring_jobs ORDER BY 1, 2"
+        ).fetchall()
+    assert left == [("done", 20), ("queued", 40)]
+
+    monkeypatch.setenv("PAYLATER_WORKER_RETENTION_DAYS", "0")  # kept forever
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, status, updated_at)"
+            " VALUES (1, '{}', 'done', now() - interval '400 days')"
+        )
+    monitor()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM scoring_jobs").fetchone() == (3,)

@@ -109,7 +109,9 @@ def crashing_flow(
             flow = client.read_flow_by_name(name)
             from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 
-            for run in client.read_flow_runs(flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id]))):
+            for run in client.read_flow_runs(
+                flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id]))
+            ):
                 client.delete_flow_run(run.id)
 
 

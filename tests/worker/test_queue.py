@@ -98,3 +98,84 @@ def test_failed_attempts_back_off_then_dead_letter(queue_db: str, kit: Any) -> N
         (slow_id, "queued", 1, "timeout"),
         (bad_id, "failed", 1, "invalid request: x"),
     ]
+
+
+def test_purge_deletes_finished_jobs_past_retention_with_their_results(
+    queue_db: str, kit: Any
+) -> None:
+    """Done, failed and dead jobs finished before the cutoff go, results and shadows with them;
+    queued and running jobs stay whatever their age, and so do recently finished ones."""
+    with queue.connect(queue_db) as conn:
+        ids = {}
+        for name in ("old_done", "old_failed", "old_dead", "new_done", "old_queued", "old_running"):
+            ids[name], _ = queue.enqueue(conn, 1, 5_000, f"key-{name}")
+        claimed = queue.claim(conn, 10, lease_seconds=30)
+        attempt = {job.id: job.attempt for job in claimed}
+        done = [ids["old_done"], ids["new_done"]]
+        scored = [queue.Scored(i, attempt[i], 0.1, "approve", "7", []) for i in done]
+        shadow = [queue.ShadowScored(i, "8", 0.2, "approve") for i in done]
+        assert sorted(queue.finish(conn, scored, shadow)) == sorted(done)
+        queue.fail(
+            conn,
+            [
+                queue.Failed(ids["old_failed"], attempt[ids["old_failed"]], "bad", permanent=True),
+                queue.Failed(ids["old_dead"], attempt[ids["old_dead"]], "boom", permanent=False),
+                queue.Failed(ids["old_queued"], attempt[ids["old_queued"]], "x", permanent=False),
+            ],
+            max_attempts=1,
+            backoff_seconds=0.0,
+            backoff_max_seconds=0.0,
+        )
+        conn.execute("UPDATE scoring_jobs SET status = 'queued' WHERE id = %s", [ids["old_queued"]])
+        old = [ids[n] for n in ids if n.startswith("old_")]
+        conn.execute(
+            "UPDATE scoring_jobs SET updated_at = now() - interval '100 days',"
+            " created_at = now() - interval '100 days' WHERE id = ANY(%s)",
+            [old],
+        )
+        cutoff = kit.query(queue_db, "SELECT now() - interval '90 days'")[0][0]
+        assert queue.purge(conn, cutoff, batch=1) == 3  # batches of one: the loop goes on
+        assert queue.purge(conn, cutoff) == 0
+    left = dict(kit.query(queue_db, "SELECT idempotency_key, status FROM scoring_jobs"))
+    assert left == {
+        "key-new_done": "done",
+        "key-old_queued": "queued",
+        "key-old_running": "running",
+    }
+    assert kit.query(queue_db, "SELECT job_id FROM scoring_results") == [(ids["new_done"],)]
+    assert kit.query(queue_db, "SELECT job_id FROM shadow_results") == [(ids["new_done"],)]
+    with queue.connect(queue_db) as conn:  # the key of a purged job is free again
+        assert queue.enqueue(conn, 1, 5_000, "key-old_done")[1] is True
+
+
+def test_purge_stops_at_its_limit_and_the_monitor_window_uses_an_index(
+    queue_db: str, kit: Any
+) -> None:
+    """A backlog drains over several calls; the purge and the monitor's failure-rate window read
+    the finished-jobs index, not the whole table (the queue keeps every job for months)."""
+    with queue.connect(queue_db) as conn:
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, status, updated_at)"
+            " SELECT g, '{}', 'done', now() - interval '200 days' FROM generate_series(1, 25) g"
+        )
+        cutoff = kit.query(queue_db, "SELECT now() - interval '90 days'")[0][0]
+        assert queue.purge(conn, cutoff, batch=10, limit=20) == 20
+        assert queue.purge(conn, cutoff, batch=10, limit=20) == 5
+        conn.execute("SET enable_seqscan = off")
+        for statement, params in (
+            (queue.sql("purge"), {"before": cutoff, "batch": 10}),
+            (
+                "SELECT count(*) FROM scoring_jobs WHERE updated_at >= %(since)s"
+                " AND status IN ('done', 'failed', 'dead')",
+                {"since": cutoff},
+            ),
+        ):
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + statement, params))
+            assert "scoring_jobs_finished" in plan, plan
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT probability FROM scoring_results WHERE scored_at >= %s", [cutoff]
+            )
+        )
+        assert "scoring_results_scored_at" in plan, plan

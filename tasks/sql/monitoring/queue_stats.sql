@@ -1,7 +1,7 @@
 -- Backlog and outcomes of the scoring queue (worker/schema.sql), `now` bound by the caller.
 -- Oldest age counts due jobs only (queued past run_after, or running past an expired lease):
 -- a job waiting out its retry backoff is not late. The backlog parts match the worker's partial
--- index scoring_jobs_due; the window part wants an index on updated_at at scale.
+-- index scoring_jobs_due, the window part its index scoring_jobs_finished.
 -- Finished = done, failed (invalid request) or dead (attempts ran out); failures = failed + dead.
 WITH window_jobs AS (
     SELECT

@@ -162,9 +162,18 @@ class Worker:
             written = queue.finish(conn, scored, shadows)
             statuses = self._fail(conn, failures)
         self._account(jobs, scored, written, failures, statuses)
-        if any(f.unavailable for f in failures):
+        unavailable = next((f for f in failures if f.unavailable), None)
+        if unavailable is not None:
+            if not self.backend_down.is_set():
+                # Said once per outage: the jobs only show it in their error column otherwise.
+                log.warning(
+                    "backend unavailable, jobs held queued (no attempt spent) until it is back: %s",
+                    unavailable.error,
+                )
             self.backend_down.set()
         elif scored:
+            if self.backend_down.is_set():
+                log.info("backend reachable again: scoring resumed")
             self.backend_down.clear()
         return len(jobs)
 

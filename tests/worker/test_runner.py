@@ -394,3 +394,34 @@ def test_a_feature_table_the_model_does_not_fit_holds_jobs_instead_of_killing_th
             lambda: fits.totals.processed == len(ids), 20, "the jobs to be scored once it fits"
         )
     assert kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs") == [("done", 1)] * 3
+
+
+def test_a_backend_outage_is_logged_once_and_so_is_its_end(
+    queue_db: str, booster: Any, kit: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Jobs held for an unreachable backend keep the worker's output silent otherwise: the
+    operator who started it sees why nothing is scored, once, and when scoring resumes."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{s.getsockname()[1]}"
+    scorer = kit.make_scorer(booster, "7")
+    kit.enqueue_many(queue_db, 3)
+    config = WorkerConfig(batch_size=50, concurrency=1, poll_seconds=0.05)
+    worker = Worker(queue_db, InProcessBackend(scorer, f"postgresql://{down}/features"), config)
+    caplog.set_level("INFO", logger="worker.runner")
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 3
+        assert worker.run_once(conn) == 0  # held jobs wait for run_after; nothing new to say
+        conn.execute("UPDATE scoring_jobs SET run_after = now()")
+        assert worker.run_once(conn) == 3
+        worker.backend.close()
+        worker.backend = backend_for(queue_db, scorer)
+        conn.execute("UPDATE scoring_jobs SET run_after = now()")
+        assert worker.run_once(conn) == 3
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.runner"]
+    assert len(said) == 2, said
+    assert said[0].startswith("backend unavailable, jobs held queued"), said
+    assert "feature database unreachable" in said[0], said
+    assert said[1] == "backend reachable again: scoring resumed"

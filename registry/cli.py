@@ -141,6 +141,7 @@ def promote(
     )
     _print_transitions(changes)
     typer.echo(f"bento: {build_bento(changes[0].version)}")
+    typer.echo(_restart_hint(changes[0].version))
 
 
 @app.command("rollback")
@@ -155,6 +156,16 @@ def rollback(
     changes = _run(lambda: policy.rollback(reason, _actor(actor)))
     _print_transitions(changes)
     typer.echo(f"bento: {build_bento(changes[0].version)}")
+    typer.echo(_restart_hint(changes[0].version))
+
+
+def _restart_hint(version: str) -> str:
+    """What serves the new production version: services and workers load theirs at start only."""
+    return (
+        f"serving: running services and in-process workers keep the version they loaded; "
+        f"restart them to serve v{version} (bentoml serve paylater-scorer:{version} "
+        f"or bentos.service:PaylaterScorer)"
+    )
 
 
 @app.command("history")

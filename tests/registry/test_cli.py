@@ -184,3 +184,33 @@ def test_history_of_a_version_that_is_not_a_number_is_refused(registry_home: Pat
     result = CliRunner().invoke(app, ["registry", "history", "--version", "latest"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "not a version number: 'latest'" in result.output
+
+
+def test_promote_and_rollback_say_running_services_keep_their_version(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """A service or in-process worker loads its model once, at start: after a promotion or a
+    rollback the operator is told to restart them, not left believing the change is live."""
+    runner = CliRunner()
+    versions = []
+    for _ in range(2):
+        version = register(good_candidate)
+        assert gate_and_stage(good_candidate, version).passed
+        mark_verified(version)
+        result = runner.invoke(
+            app, ["registry", "promote", version, "--to", "production", "--reason", "ok"]
+        )
+        assert result.exit_code == 0, result.output
+        assert f"restart them to serve v{version}" in result.output, result.output
+        versions.append(version)
+    rolled = runner.invoke(app, ["registry", "rollback", "--reason", "approval rate dropped"])
+    assert rolled.exit_code == 0, rolled.output
+    assert rolled.output.splitlines()[-1] == (
+        "serving: running services and in-process workers keep the version they loaded; "
+        f"restart them to serve v{versions[0]} (bentoml serve paylater-scorer:{versions[0]} "
+        "or bentos.service:PaylaterScorer)"
+    )

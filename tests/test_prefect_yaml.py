@@ -42,6 +42,24 @@ def test_expected_deployments_and_schedules() -> None:
     assert trigger["parameters"] == {"as_of": "{{ event.payload.as_of }}"}
 
 
+def test_monitoring_report_follows_every_deployment_that_builds_features() -> None:
+    """The dashboard is refreshed once a day's features exist, whichever deployment built them:
+    the daily-pipeline deployment (manual reruns, backfills) builds them in a subflow, whose
+    completion is no feature-build deployment run."""
+    from prefect.events.schemas.automations import EventTrigger
+
+    (trigger,) = _deployments()["monitoring-report"]["triggers"]
+    parsed = EventTrigger.model_validate({k: v for k, v in trigger.items() if k != "enabled"})
+    assert parsed.expect == {"prefect.flow-run.Completed"}
+    (related,) = (
+        parsed.match_related if isinstance(parsed.match_related, list) else [parsed.match_related]
+    )
+    assert dict(related.items()) == {
+        "prefect.resource.role": ["deployment"],
+        "prefect.resource.name": ["feature-build", "daily-pipeline"],
+    }
+
+
 @pytest.mark.parametrize("name", sorted(_deployments()))
 def test_entrypoints_name_flows(name: str) -> None:
     path, func = _deployments()[name]["entrypoint"].split(":")

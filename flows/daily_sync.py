@@ -7,14 +7,20 @@ A failure alerts through tasks.alerts and leaves every table either synced or un
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 from prefect import flow, task
 from prefect.events import emit_event
 
-from paylater.timeutil import resolve_as_of
+from paylater.timeutil import day_end_utc, resolve_as_of
 from tasks.alerts import alert_on_failure
-from tasks.sync import SyncReport, sync_report, sync_table_task, validate_sync_config
+from tasks.sync import (
+    SyncError,
+    SyncReport,
+    sync_report,
+    sync_table_task,
+    validate_sync_config,
+)
 
 
 @task
@@ -36,6 +42,11 @@ def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
     feature-build deployment; daily_pipeline, which builds the features itself, passes False.
     """
     day = resolve_as_of(as_of)
+    if day_end_utc(day) > datetime.now(UTC):
+        # Said once for the day, instead of once per table by every table task.
+        raise SyncError(
+            f"as_of {day} has not ended yet in the business time zone; sync it tomorrow"
+        )
     tables = validate_sync_config()
     states = [sync_table_task(spec, day, return_state=True) for spec in tables]
     report = sync_report(day, states)

@@ -111,3 +111,26 @@ def test_completed_sync_announces_its_as_of(monkeypatch: pytest.MonkeyPatch) -> 
     assert event["event"] == "paylater.sync.completed"
     assert event["resource"]["prefect.resource.id"] == "paylater.sync.2026-11-26"
     assert event["payload"]["as_of"] == "2026-11-26"
+
+
+def test_a_day_that_has_not_ended_is_refused_once_before_any_table(
+    prefect_harness, paylater_home: Path, monkeypatch, alerts_received
+) -> None:
+    """`paylater demo-data advance` can simulate today; syncing it is refused in one sentence,
+    not that sentence repeated for every table, and no table task runs."""
+    import flows.daily_sync
+    from paylater.timeutil import resolve_as_of
+    from tasks.sync import SyncError
+
+    make_source(paylater_home / "source.db")
+    ran: list[object] = []
+    monkeypatch.setattr(flows.daily_sync, "validate_sync_config", lambda: ran.append(1) or [])
+    today = date.fromordinal(resolve_as_of(None).toordinal() + 1)
+    with pytest.raises(SyncError) as refused:
+        daily_sync(as_of=today)
+    assert str(refused.value) == (
+        f"as_of {today} has not ended yet in the business time zone; sync it tomorrow"
+    )
+    assert ran == []
+    (alert,) = alerts_received
+    assert alert["text"].count("has not ended yet") == 1, alert["text"]

@@ -58,7 +58,12 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
     engine = open_queue_db(settings)
     try:
         ensure_incident_table(engine)
-        return reconcile(engine, judge(drift_measurements(daily), settings), now, deliver=deliver)
+        return reconcile(
+            engine,
+            judge(drift_measurements(daily, settings.monitor_psi_ignore), settings),
+            now,
+            deliver=deliver,
+        )
     finally:
         engine.dispose()
 

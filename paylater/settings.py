@@ -175,6 +175,14 @@ class Settings(BaseSettings):
     monitor_late_runs_critical: int = Field(
         default=3, description="Late flow runs (no worker took them): critical (one is a warning)."
     )
+    monitor_psi_ignore: list[str] = Field(
+        default=["topup_days_since_last"],
+        description=(
+            'Features whose PSI is shown but never alerted on, JSON: ["a", "b"]. Default: days'
+            " since the last top-up, a sawtooth of the calendar (most users top up on payday, the"
+            " 25th), so its PSI against any other day of the month is large without any drift."
+        ),
+    )
     monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
     # --- end monitoring ---
 

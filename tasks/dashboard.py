@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -299,6 +300,8 @@ class DailyMonitoring:
     model_version: str | None = None
     notes: list[str] = field(default_factory=list)
     score_rows: int = 0  # production scores behind the score PSI
+    reference_day: date | None = None  # the scoring snapshot feature PSI compares with
+    reference_score_rows: int = 0  # the model's scores of its training requests
 
 
 def recent_production_scores(engine: sa.Engine, since: datetime) -> list[float]:
@@ -311,9 +314,33 @@ def recent_production_scores(engine: sa.Engine, since: datetime) -> list[float]:
         ]
 
 
+def reference_day(available: list[date], trained: date, current: date) -> date | None:
+    """The scoring snapshot feature drift is measured from: the newest at or before the day the
+    model's training set was built, else the oldest after it; never the current one itself."""
+    earlier = [d for d in available if d < current]
+    at_or_before = [d for d in earlier if d <= trained]
+    if at_or_before:
+        return at_or_before[-1]
+    return earlier[0] if earlier else None
+
+
 def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
-    """PSI of the latest scoring inputs (and production scores) vs training; vintage performance."""
-    from tasks.datasets import DatasetError, load_scoring_dataset, load_training_dataset
+    """Feature PSI of the latest scoring inputs against the scoring inputs of the day the model
+    was trained (the same population: every active user); score PSI of production scores against
+    the model's scores of its training requests (both requests); vintage performance.
+
+    The training rows are not the reference for features: they are requests (one per charge, at
+    its request day), not active users. A user cannot ask for a charge while one is outstanding,
+    so outstanding amounts are 0 in every training row and spread among users: their PSI is
+    several units on the day a model is trained, without any drift.
+    """
+    from tasks.datasets import (
+        DatasetError,
+        available_as_ofs,
+        load_scoring_dataset,
+        load_training_dataset,
+    )
+    from tasks.storage import open_storage
 
     try:
         scoring, scoring_manifest = load_scoring_dataset()
@@ -337,11 +364,25 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
         if current_scores is None:
             out.notes.append("no production scores in the last day: no score PSI")
         out.vintages = production_vintages(training, training_manifest.as_of, model)
-    out.drift = drift_report(training, scoring, None, reference_scores, current_scores)
-    out.notes.append(
-        f"drift: scoring as_of {scoring_manifest.as_of} ({scoring.num_rows} users) vs training "
-        f"as_of {training_manifest.as_of} ({training.num_rows} charges)"
+    trained = (model.trained_as_of if model else None) or training_manifest.as_of
+    day = reference_day(
+        available_as_ofs(open_storage(), "scoring"), trained, scoring_manifest.as_of
     )
+    if day is None:
+        out.notes.append(
+            f"no scoring snapshot before as_of {scoring_manifest.as_of} to measure feature drift from"
+        )
+        reference = scoring.slice(0, 0)
+    else:
+        reference, _ = load_scoring_dataset(day)
+        out.notes.append(
+            f"feature drift: scoring as_of {scoring_manifest.as_of} ({scoring.num_rows} users) vs "
+            f"scoring as_of {day} ({reference.num_rows} users; the model's training set: as_of "
+            f"{trained})"
+        )
+    out.reference_day = day
+    out.reference_score_rows = len(reference_scores) if reference_scores is not None else 0
+    out.drift = drift_report(reference, scoring, None, reference_scores, current_scores)
     return out
 
 
@@ -363,33 +404,45 @@ def store_daily(warehouse: Any, daily: DailyMonitoring) -> None:
 
 
 def _judged(
-    psi: float | None, rows: int, what: str, reference_rows: int, detail: str
+    psi: float | None, rows: int, what: str, reference_rows: int, reference: str, detail: str
 ) -> tuple[float | None, str]:
     """`psi` and its detail, or None (not judged) when either side has too few rows."""
     if psi is None or min(rows, reference_rows) >= MIN_JUDGED_ROWS:
         return psi, detail
     return None, (
-        f"{rows} {what} vs {reference_rows} training rows (< {MIN_JUDGED_ROWS}): "
+        f"{rows} {what} vs {reference_rows} {reference} (< {MIN_JUDGED_ROWS}): "
         f"too few to judge; {detail}"
     )
 
 
-def drift_measurements(daily: DailyMonitoring) -> list[Measurement]:
-    """The drift checks the incident machinery judges: the worst feature PSI and the score PSI."""
+def drift_measurements(daily: DailyMonitoring, ignore: Collection[str] = ()) -> list[Measurement]:
+    """The drift checks the incident machinery judges: the worst feature PSI (features in
+    `ignore` left out) and the score PSI."""
     drift = daily.drift
     if drift is None:
         return []
-    worst = sorted(drift.feature_psi.items(), key=lambda kv: -kv[1])[:3]
+    judged = {k: v for k, v in drift.feature_psi.items() if k not in ignore}
+    worst = sorted(judged.items(), key=lambda kv: -kv[1])[:3]
     detail = "worst: " + ", ".join(f"{k}={v:.3f}" for k, v in worst)
+    if ignore:
+        detail += f"; not alerted on: {', '.join(sorted(ignore))}"
+    if daily.reference_day is not None:
+        detail += f" (scoring as_of {daily.as_of} vs {daily.reference_day})"
     feature_psi, detail = _judged(
-        drift.max_feature_psi, drift.current_rows, "scoring rows", drift.reference_rows, detail
+        max(judged.values(), default=None),
+        drift.current_rows,
+        "scoring rows",
+        drift.reference_rows,
+        "reference scoring rows",
+        detail,
     )
     score_psi, score_detail = _judged(
         drift.score_psi,
         daily.score_rows,
         "production scores in the last day",
-        drift.reference_rows,
-        "production scores, last day, vs training",
+        daily.reference_score_rows,
+        "training rows",
+        "production scores, last day, vs the model's scores of its training requests",
     )
     return [
         Measurement("feature_psi_max", feature_psi, detail),

@@ -113,21 +113,22 @@ def test_monitoring_report_end_to_end(
     write_training(training, as_of)
     features = ["request_amount_jpy", "request_fee_jpy", *USER_FEATURES]
     version = register_production_model(training, features, as_of_after(FIRST_MONTH, 4))
-    # the latest scoring inputs: users transact much more than in training (drift on one feature)
-    scoring = training.select(["user_id", *USER_FEATURES]).slice(0, 800)
-    shifted = pc.add(scoring["txn_count_30d"], 25)
-    scoring = scoring.set_column(1, "txn_count_30d", shifted).append_column(
-        "as_of", pa.array([as_of] * scoring.num_rows, pa.date32())
-    )
-    write_dataset(
-        open_storage(),
-        "scoring",
-        as_of,
-        scoring,
-        features=list(USER_FEATURES),
-        sql_hash="x",
-        source_watermark=None,
-    )
+    # Feature drift compares active users with active users: the scoring snapshot of the day the
+    # model's training set was built, and the latest one, where users transact much more (drift
+    # on one feature). The training rows (requests, 3000) are not that population.
+    trained_day = as_of_after(FIRST_MONTH, 4)
+    users = training.select(["user_id", *USER_FEATURES]).slice(0, 800)
+    shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
+    for day, table in ((trained_day, users), (as_of, shifted)):
+        write_dataset(
+            open_storage(),
+            "scoring",
+            day,
+            table.append_column("as_of", pa.array([day] * table.num_rows, pa.date32())),
+            features=list(USER_FEATURES),
+            sql_hash="x",
+            source_watermark=None,
+        )
     # production scores of the last hours in the queue
     rng = np.random.default_rng(5)
     now = datetime.now(UTC)
@@ -176,14 +177,16 @@ def test_monitoring_report_end_to_end(
     ).to_pylist()
     warehouse.close()
     assert set(drift) == {*USER_FEATURES, "__score__"}
-    assert drift["txn_count_30d"] > 0.25 > drift["days_since_signup"]
+    assert drift["txn_count_30d"] > 0.25
+    assert {drift[f] for f in USER_FEATURES if f != "txn_count_30d"} == {0.0}  # the same users
     assert [v["in_sample"] for v in vintages] == [True] * 4 + [False] * 2
     assert all(v["model_version"] == version and v["auc"] > 0.6 for v in vintages)
     assert sum(v["charges"] for v in vintages) == 3000
 
     subjects = [p["subject"] for p in payloads]
     assert "[FIRING] paylater critical: feature_psi_max" in subjects
-    assert "txn_count_30d" in next(p["body"] for p in payloads if "feature_psi_max" in p["subject"])
+    body = next(p["body"] for p in payloads if "feature_psi_max" in p["subject"])
+    assert "txn_count_30d" in body and f"vs {as_of_after(FIRST_MONTH, 4)}" in body
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -152,7 +152,9 @@ def test_drift_of_a_handful_of_rows_is_not_judged() -> None:
             reference_scores=sample(3000),
             current_scores=sample(score_rows),
         )
-        return DailyMonitoring(date(2026, 11, 26), drift, score_rows=score_rows)
+        return DailyMonitoring(
+            date(2026, 11, 26), drift, score_rows=score_rows, reference_score_rows=3000
+        )
 
     tiny = daily(30, 30)
     assert tiny.drift is not None and tiny.drift.score_psi is not None
@@ -166,3 +168,42 @@ def test_drift_of_a_handful_of_rows_is_not_judged() -> None:
     assert "30 scoring rows" in levels["feature_psi_max"].summary
     enough = {r.check: r.level for r in judge(drift_measurements(daily(3000, 1000)), Settings())}
     assert enough == {"feature_psi_max": "ok", "score_psi": "ok"}
+
+
+def test_feature_drift_reference_is_the_scoring_snapshot_of_the_training_day() -> None:
+    """The newest snapshot at or before the model's training day, else the oldest after it,
+    never the current snapshot itself."""
+    from tasks.dashboard import reference_day
+
+    days = [date(2026, 9, 1), date(2026, 10, 1), date(2026, 10, 5), date(2026, 11, 26)]
+    current = date(2026, 11, 26)
+    assert reference_day(days, date(2026, 10, 3), current) == date(2026, 10, 1)
+    assert reference_day(days, date(2026, 10, 5), current) == date(2026, 10, 5)
+    assert reference_day(days, date(2026, 8, 1), current) == date(2026, 9, 1)  # none before
+    assert reference_day(days, date(2026, 12, 1), current) == date(2026, 10, 5)
+    assert reference_day([current], date(2026, 10, 3), current) is None
+
+
+def test_an_ignored_feature_is_shown_but_not_alerted_on() -> None:
+    """Days since the last top-up jump with the payday cycle: its PSI stays in the report, out
+    of the alert, which judges the worst of the others."""
+    import pyarrow as pa
+
+    from paylater.settings import Settings
+    from tasks.dashboard import DailyMonitoring, drift_measurements
+    from tasks.drift import drift_report
+    from tasks.monitoring import judge
+
+    rng = np.random.default_rng(5)
+    same = rng.normal(0, 1, 2000)
+    reference = pa.table({"topup_days_since_last": np.full(2000, 2.0), "spend_30d": same})
+    current = pa.table({"topup_days_since_last": np.full(2000, 12.0), "spend_30d": same})
+    daily = DailyMonitoring(date(2026, 11, 26), drift_report(reference, current))
+    assert daily.drift is not None and daily.drift.feature_psi["topup_days_since_last"] > 5
+    settings = Settings()
+    assert settings.monitor_psi_ignore == ["topup_days_since_last"]
+    feature, score = drift_measurements(daily, settings.monitor_psi_ignore)
+    assert feature.value == 0.0 and "not alerted on: topup_days_since_last" in feature.detail
+    assert score.value is None  # no scores given
+    unfiltered, _ = drift_measurements(daily)
+    assert [r.level for r in judge([unfiltered], settings)] == ["critical"]

@@ -164,6 +164,12 @@ def measure_queue(
 ) -> list[Measurement]:
     """Queue depth, oldest runnable queued job's age, and failure/dead-letter rates over a window."""
     checks = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
+    if engine.dialect.name != "postgresql":
+        reason = (
+            f"the queue database is {engine.dialect.name}, and the scoring queue needs PostgreSQL:"
+            " set PAYLATER_WORKER_DATABASE_URL (or PAYLATER_SOURCE_URL) to a postgresql:// URL"
+        )
+        return [Measurement(c, None, reason) for c in checks]
     if not sa.inspect(engine).has_table("scoring_jobs"):
         return [Measurement(c, None, "no scoring_jobs table in the queue database") for c in checks]
     since = now - timedelta(minutes=window_minutes)

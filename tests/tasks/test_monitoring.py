@@ -86,7 +86,19 @@ def test_measure_queue_on_the_worker_tables(pg_url: str) -> None:
 
 def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:
     engine = engine_for(pg_url)
-    assert {m.value for m in measure_queue(engine, NOW, 15, 1)} == {None}
+    measured = measure_queue(engine, NOW, 15, 1)
+    assert {m.value for m in measured} == {None}
+    assert {m.detail for m in measured} == {"no scoring_jobs table in the queue database"}
+    engine.dispose()
+
+
+def test_measure_queue_on_sqlite_names_the_setting_to_change(tmp_path: Path) -> None:
+    """The demo's embedded SQLite source is no queue database: say so, not "no table"."""
+    engine = engine_for(f"sqlite:///{tmp_path / 'source.db'}")
+    measured = measure_queue(engine, NOW, 15, 1)
+    assert {m.value for m in measured} == {None}
+    (detail,) = {m.detail for m in measured}
+    assert "needs PostgreSQL" in detail and "PAYLATER_WORKER_DATABASE_URL" in detail
     engine.dispose()
 
 

@@ -160,11 +160,12 @@ def rollback(
 
 
 def _restart_hint(version: str) -> str:
-    """What serves the new production version: services and workers load theirs at start only."""
+    """What serves the new production version: a service loads its model at start only; an
+    in-process worker scoring `production` follows the alias."""
     return (
-        f"serving: running services and in-process workers keep the version they loaded; "
-        f"restart them to serve v{version} (bentoml serve paylater-scorer:{version} "
-        f"or bentos.service:PaylaterScorer)"
+        f"serving: in-process workers scoring 'production' switch to v{version} within a minute; "
+        f"running services keep the version they loaded: restart them to serve v{version} "
+        f"(bentoml serve paylater-scorer:{version} or bentos.service:PaylaterScorer)"
     )
 
 

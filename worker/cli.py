@@ -7,16 +7,22 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
 
-from worker.scoring import REASON_CODE_MODES, ScoringBackend
+from worker.scoring import REASON_CODE_MODES, Outcome, ScoreRequest, ScoringBackend
 
 log = logging.getLogger(__name__)
 
 SHADOW_REFRESH_SECONDS = 60.0
 """How often the worker asks the registry which version is in Staging."""
+
+MODEL_REFRESH_SECONDS = 60.0
+"""How often a worker scoring an alias (production, staging) asks the registry what it names."""
+
+ALIASES = ("production", "staging")
 
 
 def load_scorer(spec: str) -> Any:
@@ -53,17 +59,114 @@ def resolve_shadow_version(spec: str) -> str | None:
         return None
 
 
-class ShadowLoader:
-    """The shadow backend for the version `spec` names, re-resolved every SHADOW_REFRESH_SECONDS."""
+class FollowingBackend:
+    """The in-process backend of the version an alias names, re-resolved every
+    MODEL_REFRESH_SECONDS: a promotion or a rollback reaches running workers within that time,
+    without a restart.
 
-    def __init__(self, spec: str, primary_version: str, database_url: str) -> None:
+    The new version is loaded before it replaces the old one, which keeps scoring meanwhile; a
+    registry that cannot be asked, or an alias naming nothing, keeps the current version (with a
+    warning). A replaced backend is closed at the next refresh, once batches in hand on other
+    loops are long done.
+    """
+
+    def __init__(
+        self, spec: str, database_url: str, reason_codes: str, current: ScoringBackend
+    ) -> None:
         self.spec = spec
-        self.primary_version = primary_version
+        self.database_url = database_url
+        self.reason_codes = reason_codes
+        self._current = current
+        self._retired: list[ScoringBackend] = []
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+
+    @property
+    def model_version(self) -> str:
+        """The version scoring now."""
+        return self._current.model_version
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """Score with the version the alias names (checked at most every MODEL_REFRESH_SECONDS)."""
+        return self.backend().score(requests)
+
+    def backend(self) -> ScoringBackend:
+        """The current backend, after a refresh when one is due."""
+        with self._lock:
+            if time.monotonic() - self._checked >= MODEL_REFRESH_SECONDS:
+                self._checked = time.monotonic()
+                self._refresh()
+            return self._current
+
+    def _refresh(self) -> None:
+        """Load the version the alias names now, when it changed."""
+        for old in self._retired:
+            old.close()
+        self._retired.clear()
+        try:
+            from bentos.build import resolve_version
+
+            version = resolve_version(self.spec)
+        except Exception as exc:
+            log.warning(
+                "model %s not resolvable (%r): still scoring with version %s",
+                self.spec,
+                exc,
+                self.model_version,
+            )
+            return
+        if version == self.model_version:
+            return
+        try:
+            backend = inprocess_backend(version, self.database_url, self.reason_codes)
+        except Exception as exc:
+            log.warning(
+                "model version %s (%s) not loadable (%r): still scoring with version %s",
+                version,
+                self.spec,
+                exc,
+                self.model_version,
+            )
+            return
+        log.info(
+            "%s now names version %s: scoring with it instead of %s",
+            self.spec,
+            version,
+            self.model_version,
+        )
+        self._retired.append(self._current)
+        self._current = backend
+
+    def close(self) -> None:
+        """Close the current backend and any replaced one."""
+        with self._lock:
+            for backend in [*self._retired, self._current]:
+                backend.close()
+            self._retired.clear()
+
+
+class ShadowLoader:
+    """The shadow backend for the version `spec` names, re-resolved every SHADOW_REFRESH_SECONDS.
+
+    `primary_version`: the version the worker scores with, or a callable giving it (a worker that
+    follows an alias changes it); the shadow is off while it is the same version.
+    """
+
+    def __init__(
+        self, spec: str, primary_version: str | Callable[[], str], database_url: str
+    ) -> None:
+        self.spec = spec
+        self._primary = primary_version
         self.database_url = database_url
         self._lock = threading.Lock()
         self._checked = -float("inf")
         self._version: str | None = None
         self._backend: ScoringBackend | None = None
+
+    @property
+    def primary_version(self) -> str:
+        """The version the worker scores with now."""
+        return self._primary() if callable(self._primary) else self._primary
 
     def __call__(self) -> ScoringBackend | None:
         """The current shadow backend, or None (no such version, or it is the primary)."""
@@ -74,8 +177,13 @@ class ShadowLoader:
             return self._backend
 
     def _refresh(self) -> None:
-        """Load the named version when it changed."""
+        """Load the named version when it changed; none while it is the primary's."""
         version = resolve_shadow_version(self.spec)
+        if version is not None and version == self.primary_version:
+            if self._backend is not None:
+                self._backend.close()  # the primary moved to the shadow's version
+            self._version, self._backend = None, None  # compared again at the next refresh
+            return
         if version == self._version:
             return
         if self._backend is not None:
@@ -152,10 +260,14 @@ def run_worker(
                 f"--reason-codes must be one of {REASON_CODE_MODES}, got {reasons!r}", err=True
             )
             raise typer.Exit(2)
-        scoring = inprocess_backend(model or settings.worker_model, db_url, reasons)
+        model_spec = model or settings.worker_model
+        scoring = inprocess_backend(model_spec, db_url, reasons)
+        if model_spec.strip().lower() in ALIASES:
+            scoring = FollowingBackend(model_spec.strip().lower(), db_url, reasons, scoring)
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model
         if spec:
-            shadow = ShadowLoader(spec, scoring.model_version, db_url)
+            primary = scoring
+            shadow = ShadowLoader(spec, lambda: primary.model_version, db_url)
     else:
         typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
         raise typer.Exit(2)

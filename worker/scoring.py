@@ -61,7 +61,10 @@ Outcome = ScoreOutcome | InvalidRequest
 class ScoringBackend(Protocol):
     """Scores a batch; raises for a failure of the whole call (the worker then isolates the cause)."""
 
-    model_version: str
+    @property
+    def model_version(self) -> str:
+        """The registry version scoring now."""
+        ...
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
         """One outcome per request, in order."""

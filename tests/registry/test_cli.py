@@ -210,7 +210,8 @@ def test_promote_and_rollback_say_running_services_keep_their_version(
     rolled = runner.invoke(app, ["registry", "rollback", "--reason", "approval rate dropped"])
     assert rolled.exit_code == 0, rolled.output
     assert rolled.output.splitlines()[-1] == (
-        "serving: running services and in-process workers keep the version they loaded; "
-        f"restart them to serve v{versions[0]} (bentoml serve paylater-scorer:{versions[0]} "
-        "or bentos.service:PaylaterScorer)"
+        f"serving: in-process workers scoring 'production' switch to v{versions[0]} within a"
+        " minute; running services keep the version they loaded: restart them to serve"
+        f" v{versions[0]} (bentoml serve paylater-scorer:{versions[0]} or"
+        " bentos.service:PaylaterScorer)"
     )

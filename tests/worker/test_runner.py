@@ -425,3 +425,66 @@ def test_a_backend_outage_is_logged_once_and_so_is_its_end(
     assert said[0].startswith("backend unavailable, jobs held queued"), said
     assert "feature database unreachable" in said[0], said
     assert said[1] == "backend reachable again: scoring resumed"
+
+
+def test_a_worker_scoring_production_follows_a_rollback_without_a_restart(
+    queue_db: str, booster: Any, staging_booster: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model production` re-resolves the alias: jobs scored before the registry moved it carry
+    the old version, jobs after the next refresh the new one; the shadow steps aside while it
+    names the same version; a registry that cannot be asked keeps the version in hand."""
+    import bentos.build
+    from worker import cli
+
+    scorers = {"7": kit.make_scorer(booster, "7"), "8": kit.make_scorer(staging_booster, "8")}
+    alias = {"production": "7"}
+
+    def resolve(spec: str) -> str:
+        if alias.get(spec) is None:
+            raise RuntimeError("registry unreachable")
+        return alias[spec]
+
+    monkeypatch.setattr(bentos.build, "resolve_version", resolve)
+    monkeypatch.setattr(
+        cli, "inprocess_backend", lambda v, url, *_: InProcessBackend(scorers[v], url)
+    )
+    monkeypatch.setattr(cli, "MODEL_REFRESH_SECONDS", 0.0)
+    following = cli.FollowingBackend(
+        "production", queue_db, "declines", InProcessBackend(scorers["7"], queue_db)
+    )
+    monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "resolve_shadow_version", lambda spec: "8")
+    shadow = cli.ShadowLoader("staging", lambda: following.model_version, queue_db)
+    assert shadow() is not None and following.model_version == "7"
+
+    def score_all(n: int) -> set[str]:
+        ids = kit.enqueue_many(queue_db, n)
+        worker = Worker(queue_db, following, FAST)
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: (
+                    kit.query(
+                        queue_db,
+                        "SELECT count(*) FROM scoring_results WHERE job_id = ANY(%s)",
+                        (ids,),
+                    )[0][0]
+                    == n
+                ),
+                10,
+                "the jobs to be scored",
+            )
+        rows = kit.query(
+            queue_db, "SELECT model_version FROM scoring_results WHERE job_id = ANY(%s)", (ids,)
+        )
+        return {r[0] for r in rows}
+
+    assert score_all(20) == {"7"}
+    alias["production"] = "8"  # promoted (or rolled back to): no restart
+    assert score_all(20) == {"8"}
+    assert following.model_version == "8" and shadow() is None  # staging is production now
+    alias["production"] = "7"  # rolled back: staging's 8 is shadowed again
+    assert score_all(5) == {"7"}
+    assert shadow() is not None and shadow().model_version == "8"
+    alias["production"] = None  # the registry cannot be asked: keep scoring with what we have
+    assert score_all(5) == {"7"}
+    following.close()

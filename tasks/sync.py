@@ -640,7 +640,11 @@ def sync_table_task(spec: TableSpec, as_of: date) -> TableResult:
 
 
 def sync_report(as_of: date, states: list[Any]) -> SyncReport:
-    """Collect the table tasks' results; raise a SyncError naming every table that failed."""
+    """Collect the table tasks' results; raise a SyncError naming every table that failed.
+
+    A cause every failed table shares (the source unreachable) is said once, with how many
+    tables it stopped, not once per table.
+    """
     results, failures = [], []
     for state in states:
         outcome = state.result(raise_on_failure=False)
@@ -649,5 +653,9 @@ def sync_report(as_of: date, states: list[Any]) -> SyncReport:
         else:
             results.append(outcome)
     if failures:
-        raise SyncError(f"daily sync for as_of {as_of} failed: {'; '.join(failures)}")
+        said = [
+            message if (n := failures.count(message)) == 1 else f"{message} ({n} tables)"
+            for message in dict.fromkeys(failures)
+        ]
+        raise SyncError(f"daily sync for as_of {as_of} failed: {'; '.join(said)}")
     return SyncReport(as_of=as_of, tables=results)

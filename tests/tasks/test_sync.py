@@ -819,3 +819,21 @@ def test_a_source_connection_lost_mid_read_is_a_transient_failure_with_its_cause
 def ours() -> set[str]:
     """Threads this process started (not DuckDB's own, which Python lists once they call it)."""
     return {t.name for t in threading.enumerate() if type(t).__name__ != "_DummyThread"}
+
+
+def test_sync_report_says_a_shared_cause_once() -> None:
+    """Every table stopped by one cause (a warehouse locked by another process) is one line with
+    the count, not the same sentence four times; causes of their own stay one per table."""
+    from prefect.states import Failed
+
+    from tasks.sync import SyncError, sync_report
+
+    locked = SyncError("warehouse file is locked by another process")
+    own = SyncError("sync of topups: extracted 3, source holds 4")
+    states = [Failed(data=locked), Failed(data=locked), Failed(data=own), Failed(data=locked)]
+    with pytest.raises(SyncError) as caught:
+        sync_report(date(2026, 11, 20), states)
+    assert str(caught.value) == (
+        "daily sync for as_of 2026-11-20 failed: warehouse file is locked by another process"
+        " (3 tables); sync of topups: extracted 3, source holds 4"
+    )

@@ -271,6 +271,8 @@ class FlowRunInfo:
     state_type: str  # Prefect's StateType value: COMPLETED, CRASHED, SCHEDULED, ...
     message: str
     end_time: datetime | None
+    # When it is due: a scheduled run's state's time (Prefect keeps expected_start_time from the
+    # run's first state, so a run put back to Scheduled for later would look late), else that.
     expected_start_time: datetime | None
 
 
@@ -408,6 +410,9 @@ def read_flow_runs(
 
     def info(run: FlowRun) -> FlowRunInfo:
         state = run.state
+        due = run.expected_start_time
+        if state is not None and state.type == StateType.SCHEDULED:
+            due = state.state_details.scheduled_time or due  # AwaitingRetry, rescheduled
         return FlowRunInfo(
             flow=names.get(run.flow_id, str(run.flow_id)),
             name=run.name,
@@ -415,7 +420,7 @@ def read_flow_runs(
             state_type=state.type.value if state else "UNKNOWN",
             message=(state.message or "") if state else "",
             end_time=run.end_time,
-            expected_start_time=run.expected_start_time,
+            expected_start_time=due,
         )
 
     return [info(r) for r in latest.values()], [info(r) for r in waiting]

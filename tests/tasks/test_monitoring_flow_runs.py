@@ -188,3 +188,27 @@ def test_an_unreachable_prefect_api_leaves_both_checks_unknown() -> None:
         ("late_flow_runs", None),
     ]
     assert all("Prefect API not readable" in m.detail for m in results)
+
+
+def test_a_run_rescheduled_for_later_is_not_late(crashing_flow: tuple[Any, str]) -> None:
+    """Prefect keeps a run's expected_start_time from its first state: a run due two hours ago
+    that was put back to Scheduled for later (AwaitingRetry after a failure, a crashed run
+    retried, a run rescheduled) waits for its new time, and no worker is missing."""
+    from prefect import get_client
+    from prefect.states import AwaitingRetry, Scheduled
+
+    job, name = crashing_flow
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(
+            job, state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(minutes=120))
+        )
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        client.set_flow_run_state(run.id, AwaitingRetry(scheduled_time=later), force=True)
+    now = datetime.now(UTC)
+    _, waiting = read_flow_runs(now, window_hours=48, late_minutes=30)
+    assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 0.0
+    # Its new time passed by the limit, it is late.
+    then = later + timedelta(minutes=31)
+    _, waiting = read_flow_runs(then, window_hours=48, late_minutes=30)
+    m = measure_late_runs(ours(waiting, name), then, late_minutes=30)
+    assert m.value == 1.0 and f"due {later:%Y-%m-%d %H:%M} UTC" in m.detail, m.detail

@@ -160,7 +160,8 @@ class ShadowLoader:
         self.database_url = database_url
         self._lock = threading.Lock()
         self._checked = -float("inf")
-        self._version: str | None = None
+        self._version: str | None = None  # what the spec resolved to: a version or a store tag
+        self._model_version: str | None = None  # the model version that loads as, once known
         self._backend: ScoringBackend | None = None
 
     @property
@@ -177,21 +178,30 @@ class ShadowLoader:
             return self._backend
 
     def _refresh(self) -> None:
-        """Load the named version when it changed; none while it is the primary's."""
+        """Load the named version when it changed; none while it is the primary's.
+
+        What is compared with the primary is the model version the spec loads as: a registry
+        version is its own, a store tag's is known once loaded (and kept while the tag stays),
+        so a shadow put aside while the primary scored its version comes back when the primary
+        moves away, and steps aside again when the primary moves to it.
+        """
         version = resolve_shadow_version(self.spec)
-        if version is not None and version == self.primary_version:
+        if version != self._version:
             if self._backend is not None:
-                self._backend.close()  # the primary moved to the shadow's version
-            self._version, self._backend = None, None  # compared again at the next refresh
-            return
-        if version == self._version:
-            return
-        if self._backend is not None:
-            self._backend.close()
-        self._version, self._backend = version, None
+                self._backend.close()
+            self._version, self._backend = version, None
+            self._model_version = None if version is None or ":" in version else version
         if version is None:
             return
+        if self._model_version == self.primary_version:
+            if self._backend is not None:
+                self._backend.close()  # the primary moved to the shadow's version
+                self._backend = None
+            return
+        if self._backend is not None:
+            return
         backend = inprocess_backend(version, self.database_url)
+        self._model_version = backend.model_version
         if backend.model_version == self.primary_version:
             backend.close()
             return

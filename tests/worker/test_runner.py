@@ -488,3 +488,32 @@ def test_a_worker_scoring_production_follows_a_rollback_without_a_restart(
     alias["production"] = None  # the registry cannot be asked: keep scoring with what we have
     assert score_all(5) == {"7"}
     following.close()
+
+
+def test_a_store_tag_shadow_steps_aside_and_back_as_a_following_primary_moves(
+    queue_db: str, booster: Any, staging_booster: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shadow named by a store tag is compared with the primary by the version it loads as: off
+    while the primary scores that version, back once the primary moves away (a rollback), off
+    again when the primary moves to it; it is not reloaded at every refresh meanwhile."""
+    from worker import cli
+
+    tag = "paylater-default:candidate"
+    scorers = {"7": kit.make_scorer(booster, "7"), tag: kit.make_scorer(staging_booster, "8")}
+    loads: list[str] = []
+
+    def load(spec: str, url: str, *_: Any) -> InProcessBackend:
+        loads.append(spec)
+        return InProcessBackend(scorers[spec], url)
+
+    monkeypatch.setattr(cli, "inprocess_backend", load)
+    monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
+    primary = {"version": "8"}
+    loader = cli.ShadowLoader(tag, lambda: primary["version"], queue_db)
+    assert loader() is None and loader() is None and loads == [tag]
+    primary["version"] = "7"  # rolled back: the tag's version 8 is a candidate again
+    shadow = loader()
+    assert shadow is not None and shadow.model_version == "8"
+    primary["version"] = "8"  # promoted: the shadow would score what the primary scores
+    assert loader() is None
+    assert len(loads) == 2, loads

@@ -66,8 +66,8 @@ class FollowingBackend:
 
     The new version is loaded before it replaces the old one, which keeps scoring meanwhile; a
     registry that cannot be asked, or an alias naming nothing, keeps the current version (with a
-    warning). A replaced backend is closed at the next refresh, once batches in hand on other
-    loops are long done.
+    warning). A replaced backend is closed once no loop scores with it any more: a batch that
+    took it before the swap finishes with it, however long it takes.
     """
 
     def __init__(
@@ -78,6 +78,7 @@ class FollowingBackend:
         self.reason_codes = reason_codes
         self._current = current
         self._retired: list[ScoringBackend] = []
+        self._in_use: dict[int, int] = {}  # id(backend) -> batches scoring with it now
         self._lock = threading.Lock()
         self._checked = time.monotonic()
 
@@ -88,21 +89,39 @@ class FollowingBackend:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
         """Score with the version the alias names (checked at most every MODEL_REFRESH_SECONDS)."""
-        return self.backend().score(requests)
+        with self._lock:
+            backend = self._backend()
+            self._in_use[id(backend)] = self._in_use.get(id(backend), 0) + 1
+        try:
+            return backend.score(requests)
+        finally:
+            with self._lock:
+                self._in_use[id(backend)] -= 1
+                if not self._in_use[id(backend)]:
+                    del self._in_use[id(backend)]
+                self._close_retired()
 
     def backend(self) -> ScoringBackend:
         """The current backend, after a refresh when one is due."""
         with self._lock:
-            if time.monotonic() - self._checked >= MODEL_REFRESH_SECONDS:
-                self._checked = time.monotonic()
-                self._refresh()
-            return self._current
+            return self._backend()
+
+    def _backend(self) -> ScoringBackend:
+        """The current backend, after a refresh when one is due (the lock held)."""
+        if time.monotonic() - self._checked >= MODEL_REFRESH_SECONDS:
+            self._checked = time.monotonic()
+            self._refresh()
+        return self._current
+
+    def _close_retired(self) -> None:
+        """Close the replaced backends no batch is scoring with (the lock held)."""
+        idle = [b for b in self._retired if id(b) not in self._in_use]
+        self._retired = [b for b in self._retired if id(b) in self._in_use]
+        for old in idle:
+            old.close()
 
     def _refresh(self) -> None:
         """Load the version the alias names now, when it changed."""
-        for old in self._retired:
-            old.close()
-        self._retired.clear()
         try:
             from bentos.build import resolve_version
 
@@ -136,6 +155,7 @@ class FollowingBackend:
         )
         self._retired.append(self._current)
         self._current = backend
+        self._close_retired()
 
     def close(self) -> None:
         """Close the current backend and any replaced one."""

@@ -517,3 +517,62 @@ def test_a_store_tag_shadow_steps_aside_and_back_as_a_following_primary_moves(
     primary["version"] = "8"  # promoted: the shadow would score what the primary scores
     assert loader() is None
     assert len(loads) == 2, loads
+
+
+def test_a_following_backend_never_closes_a_version_a_loop_still_scores_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch that took version 7 before the alias moved may outlast any refresh period (a slow
+    feature database): 7 is closed when that batch is done, not under it."""
+    import threading
+
+    import bentos.build
+    from worker import cli
+
+    class Slow:
+        def __init__(self, version: str) -> None:
+            self.model_version = version
+            self.closed = False
+            self.started = threading.Event()
+            self.release = threading.Event()
+
+        def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+            self.started.set()
+            self.release.wait(10)
+            assert not self.closed, f"version {self.model_version} closed while scoring"
+            return []
+
+        def close(self) -> None:
+            self.closed = True
+
+    backends = {v: Slow(v) for v in ("7", "8", "9")}
+    for b in backends.values():
+        b.release.set()
+    backends["7"].release.clear()  # 7's batch is slow
+    alias = {"production": "7"}
+    monkeypatch.setattr(bentos.build, "resolve_version", lambda spec: alias[spec])
+    monkeypatch.setattr(cli, "inprocess_backend", lambda v, *_: backends[v])
+    monkeypatch.setattr(cli, "MODEL_REFRESH_SECONDS", 0.0)
+    following = cli.FollowingBackend("production", "unused", "declines", backends["7"])
+    errors: list[BaseException] = []
+
+    def slow_loop() -> None:
+        try:
+            following.score([])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    loop = threading.Thread(target=slow_loop)
+    loop.start()
+    assert backends["7"].started.wait(5)
+    alias["production"] = "8"
+    following.score([])  # swaps to 8: 7 is retired, its batch still running
+    alias["production"] = "9"
+    following.score([])  # swaps to 9: a later refresh
+    assert not backends["7"].closed
+    backends["7"].release.set()
+    loop.join(5)
+    assert errors == []
+    assert backends["7"].closed and backends["8"].closed and not backends["9"].closed
+    following.close()
+    assert backends["9"].closed

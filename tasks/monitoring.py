@@ -277,6 +277,10 @@ class FlowRunInfo:
 
 
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+FLOW_RUN_READ_TIMEOUT_SECONDS = 10.0
+"""One Prefect API request of the flow-run checks, not retried: the next monitor run is the retry."""
+FLOW_RUN_READ_BUDGET_SECONDS = 30.0
+"""All of them: past it the checks are unknown, and the others are judged and alerted on."""
 WAITING_STATES = ("SCHEDULED", "PENDING")
 
 
@@ -339,7 +343,11 @@ def read_flow_runs(
 
     Crashes are read first (few), then each one's job is asked for its newest finished run, so
     the monitor's own runs (hundreds a day) never crowd a crash out of a page of results.
+    An API that does not answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS
+    (each request FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
+    import time
+
     from prefect import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -355,11 +363,23 @@ def read_flow_runs(
     )
     from prefect.client.schemas.objects import FlowRun, StateType
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    deadline = time.monotonic() + FLOW_RUN_READ_BUDGET_SECONDS
+
+    def in_time() -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flow runs not read within {FLOW_RUN_READ_BUDGET_SECONDS:.0f} s")
 
     def states(*names: str) -> FlowRunFilterState:
         return FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(n) for n in names]))
 
-    with get_client(sync_client=True) as client:
+    with (
+        temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+        get_client(
+            httpx_settings={"timeout": FLOW_RUN_READ_TIMEOUT_SECONDS}, sync_client=True
+        ) as client,
+    ):
         crashes = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 state=states("CRASHED"),
@@ -375,6 +395,7 @@ def read_flow_runs(
             group = str(crash.deployment_id or crash.flow_id)
             if group in latest:
                 continue
+            in_time()
             if crash.deployment_id is not None:
                 scope: dict[str, Any] = {
                     "deployment_filter": DeploymentFilter(
@@ -394,6 +415,7 @@ def read_flow_runs(
                 **scope,
             )
             latest[group] = newest[0] if newest else crash
+        in_time()
         waiting = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 state=states(*WAITING_STATES),
@@ -405,6 +427,7 @@ def read_flow_runs(
             limit=200,
         )
         flow_ids = list({r.flow_id for r in [*latest.values(), *waiting]})
+        in_time()
         flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
         names = {f.id: f.name for f in flows}
 

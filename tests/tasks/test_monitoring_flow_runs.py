@@ -212,3 +212,39 @@ def test_a_run_rescheduled_for_later_is_not_late(crashing_flow: tuple[Any, str])
     _, waiting = read_flow_runs(then, window_hours=48, late_minutes=30)
     m = measure_late_runs(ours(waiting, name), then, late_minutes=30)
     assert m.value == 1.0 and f"due {later:%Y-%m-%d %H:%M} UTC" in m.detail, m.detail
+
+
+def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minutes() -> None:
+    """An API that accepts connections and never answers (overloaded, a hung proxy) leaves both
+    checks unknown within the read budget: the queue checks measured before it must not wait
+    the client's default 60 s timeout times its retries before anybody is paged."""
+    import socket
+    import threading
+    import time
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from paylater.settings import Settings
+    from tasks.monitoring import FLOW_RUN_READ_BUDGET_SECONDS, measure_flow_runs
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepted by the kernel, never answered
+    results: list[Any] = []
+
+    def measure() -> None:
+        with temporary_settings(
+            {PREFECT_API_URL: f"http://127.0.0.1:{silent.getsockname()[1]}/api"}
+        ):
+            results.append(measure_flow_runs(Settings(), datetime.now(UTC)))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=measure, daemon=True)
+    thread.start()
+    thread.join(FLOW_RUN_READ_BUDGET_SECONDS + 15)
+    silent.close()
+    assert results, f"still reading after {time.monotonic() - started:.0f} s"
+    assert [(m.check, m.value) for m in results[0]] == [
+        ("crashed_flows", None),
+        ("late_flow_runs", None),
+    ]

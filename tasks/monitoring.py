@@ -267,7 +267,7 @@ class FlowRunInfo:
 
     flow: str  # the flow's name
     name: str  # the run's name
-    group: str  # its deployment's id, else its flow's: runs of one job
+    group: str  # its deployment's id (else its flow's): runs of one job
     state_type: str  # Prefect's StateType value: COMPLETED, CRASHED, SCHEDULED, ...
     message: str
     end_time: datetime | None
@@ -338,8 +338,11 @@ def measure_late_runs(
 def read_flow_runs(
     now: datetime, window_hours: float, late_minutes: float
 ) -> tuple[list[FlowRunInfo], list[FlowRunInfo]]:
-    """From the Prefect API: the latest finished run of every job with a crash in the window, and
-    the runs waiting past their start by `late_minutes`.
+    """From the Prefect API: the latest finished run of every deployment with a crash in the
+    window, and the runs waiting past their start by `late_minutes`.
+
+    Only deployment runs count as crashes: the jobs the system runs. An ad-hoc run interrupted on
+    someone's terminal is Crashed too, and no later deployment run would ever clear it.
 
     Crashes are read first (few), then each one's job is asked for its newest finished run, so
     the monitor's own runs (hundreds a day) never crowd a crash out of a page of results.
@@ -383,6 +386,7 @@ def read_flow_runs(
         crashes = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 state=states("CRASHED"),
+                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
                 end_time=FlowRunFilterEndTime.model_validate(
                     {"after_": now - timedelta(hours=window_hours)}
                 ),
@@ -392,27 +396,20 @@ def read_flow_runs(
         )
         latest: dict[str, FlowRun] = {}
         for crash in crashes:
-            group = str(crash.deployment_id or crash.flow_id)
-            if group in latest:
+            group = str(crash.deployment_id)
+            if crash.deployment_id is None or group in latest:
                 continue
             in_time()
-            if crash.deployment_id is not None:
-                scope: dict[str, Any] = {
-                    "deployment_filter": DeploymentFilter(
-                        id=DeploymentFilterId(any_=[crash.deployment_id])
-                    )
-                }
-                deployment = FlowRunFilterDeploymentId(any_=[crash.deployment_id])
-            else:
-                scope = {"flow_filter": FlowFilter(id=FlowFilterId(any_=[crash.flow_id]))}
-                deployment = FlowRunFilterDeploymentId(is_null_=True)
             newest = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
-                    state=states(*TERMINAL_STATES), deployment_id=deployment
+                    state=states(*TERMINAL_STATES),
+                    deployment_id=FlowRunFilterDeploymentId(any_=[crash.deployment_id]),
+                ),
+                deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[crash.deployment_id])
                 ),
                 sort=FlowRunSort.END_TIME_DESC,
                 limit=1,
-                **scope,
             )
             latest[group] = newest[0] if newest else crash
         in_time()

@@ -248,3 +248,18 @@ def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minute
         ("crashed_flows", None),
         ("late_flow_runs", None),
     ]
+
+
+def test_an_ad_hoc_run_that_crashed_is_not_a_crashed_job(crashing_flow: tuple[Any, str]) -> None:
+    """A run started by hand (no deployment) and interrupted is Crashed too; no deployment run
+    would ever clear it, and the jobs the system runs are deployments: it is not counted."""
+    from prefect import get_client
+    from prefect.states import Crashed, Running
+
+    job, name = crashing_flow
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(job, state=Running())
+        client.set_flow_run_state(run.id, Crashed(message="Execution was interrupted"), force=True)
+        assert client.read_flow_run(run.id).state_type.value == "CRASHED"
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    assert ours(latest, name) == []

@@ -27,6 +27,7 @@ from tasks.drift import (
     drift_report,
     drift_rows,
     model_scores,
+    numeric_features,
     production_model,
     production_vintages,
     vintage_rows,
@@ -375,6 +376,11 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
         reference = scoring.slice(0, 0)
     else:
         reference, _ = load_scoring_dataset(day)
+        added = [c for c in numeric_features(scoring, scoring) if c not in reference.column_names]
+        if added:
+            out.notes.append(
+                f"no feature drift for {', '.join(added)}: not in the reference snapshot ({day})"
+            )
         out.notes.append(
             f"feature drift: scoring as_of {scoring_manifest.as_of} ({scoring.num_rows} users) vs "
             f"scoring as_of {day} ({reference.num_rows} users; the model's training set: as_of "

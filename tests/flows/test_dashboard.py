@@ -119,6 +119,8 @@ def test_monitoring_report_end_to_end(
     trained_day = as_of_after(FIRST_MONTH, 4)
     users = training.select(["user_id", *USER_FEATURES]).slice(0, 800)
     shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
+    # a feature added since the model was trained: no reference for it, and the report says so
+    shifted = shifted.append_column("new_feature_30d", pc.multiply(users["txn_count_30d"], 2))
     for day, table in ((trained_day, users), (as_of, shifted)):
         write_dataset(
             open_storage(),
@@ -165,6 +167,7 @@ def test_monitoring_report_end_to_end(
     ):
         assert f'<figure id="{plot_id}"><svg' in document
     assert "no production scores yet" not in document and "no matured vintages yet" not in document
+    assert "no feature drift for new_feature_30d: not in the reference snapshot" in document
     assert (paylater_home / "reports" / "monitoring-latest.html").exists()
 
     warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")

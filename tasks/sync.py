@@ -31,12 +31,13 @@ window's start, so that a daily check costs index ranges instead of a scan of th
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
 Keys: unless the source's own constraints make the primary key unique and never NULL (a primary
-key or unique index over key columns, the key columns NOT NULL: found once per table by
-validate_tables), the loaded rows (the increment before its merge, or the full load) must hold
-each key value once and none with a NULL part. A view or a table without a key constraint can
-repeat one: merged, DuckDB would keep an arbitrary version (BigQuery's MERGE inserts both copies
-of a new key, failing only when a held row matches several), and a NULL key would never match (a
-new row at every sync). The table fails with KeyViolation (not retried) and rolls back. A table
+key or unique index over key columns, the key columns NOT NULL and held in the warehouse in
+their source type: found once per table by validate_tables), the loaded rows (the increment
+before its merge, or the full load) must hold each key value once and none with a NULL part. A
+view or a table without a key constraint can repeat one (a key the warehouse holds in another type
+can, after conversion: text '1' and '01' listed as int64): merged, DuckDB would keep an
+arbitrary version (BigQuery's MERGE inserts both copies of a new key, failing only when a held row
+matches several), and a NULL key would never match (a new row at every sync). The table fails with KeyViolation (not retried) and rolls back. A table
 whose source enforces its key pays nothing for it: the check is not run.
 On BigQuery, load jobs run outside the transaction: a failed check leaves the current table
 as it was, but the as_of partition of `__changes` holds the rejected increment until a rerun
@@ -170,7 +171,9 @@ def configured_tables() -> list[TableSpec]:
 
 def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
     """Check every configured table and column against the source; resolve column types, and
-    note whether the source enforces each primary key (if not, every sync checks its rows)."""
+    note whether the source enforces each primary key (if not, every sync checks its rows): it
+    does when its constraints make the key unique and never NULL and the warehouse holds every
+    key column in the source's own type."""
     resolved = []
     for spec in specs:
         source_types = source.column_types(spec.name)
@@ -178,8 +181,16 @@ def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
             raise ConfigError(
                 f"sync config: table {spec.name} does not exist in the source database"
             )
-        enforced = source.key_enforced(spec.name, spec.primary_key)
-        resolved.append(replace(resolve_columns(spec, source_types), key_enforced=enforced))
+        spec = resolve_columns(spec, source_types)
+        # The source's index compares the key as the source holds it; a key column the warehouse
+        # holds in another type (text codes listed as int64: '1' and '01' are both 1) can repeat
+        # after the conversion, so only a key kept in its own type is the source's to enforce.
+        own_types = all(
+            source_types[k] is not None and source_types[k] == spec.columns[k]
+            for k in spec.primary_key
+        )
+        enforced = own_types and source.key_enforced(spec.name, spec.primary_key)
+        resolved.append(replace(spec, key_enforced=enforced))
     return resolved
 
 

@@ -342,3 +342,22 @@ def test_the_key_check_is_bigquery_sql_and_runs_in_its_transaction(tmp_path: Pat
     assert warehouse.query_arrow("SELECT charge_id FROM charges_view").to_pylist() == [
         {"charge_id": 10}
     ]
+
+
+def test_a_key_the_warehouse_holds_in_another_type_is_checked(source_db, warehouse) -> None:
+    """The source's unique index compares the key as the source holds it: text codes '1' and
+    '01' are distinct there, but listed as int64 they are both 1 in the warehouse. Such a key is
+    not enforced for the rows the sync loads, so they are checked, not merged into one."""
+    execute(source_db, "CREATE TABLE coded (code TEXT PRIMARY KEY NOT NULL, amount BIGINT);")
+    source_db.run("INSERT INTO coded (code, amount) VALUES (?, ?)", [("1", 10), ("01", 20)])
+    spec = TableSpec(
+        "coded", ("code",), "full", cursor=None, columns={"code": "int64", "amount": "int64"}
+    )
+    resolved = validated(source_db, spec)
+    assert not resolved.key_enforced
+    with pytest.raises(KeyViolation, match=r"code=1 in 2 rows"):
+        run(source_db, warehouse, resolved, D1)
+
+    # Held in its own type, the same key is the source's to enforce.
+    as_text = validated(source_db, replace(spec, columns={"code": "string", "amount": "int64"}))
+    assert as_text.key_enforced

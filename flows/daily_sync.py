@@ -49,7 +49,7 @@ def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
         )
     tables = validate_sync_config()
     states = [sync_table_task(spec, day, return_state=True) for spec in tables]
-    report = sync_report(day, states)
+    report = sync_report(day, states, [spec.name for spec in tables])
     for table in report.tables:
         print(
             f"{table.table_name}: {table.rows_extracted} rows extracted, "

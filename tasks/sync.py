@@ -650,23 +650,28 @@ def sync_table_task(spec: TableSpec, as_of: date) -> TableResult:
     return sync_one(spec, as_of)
 
 
-def sync_report(as_of: date, states: list[Any]) -> SyncReport:
+def sync_report(as_of: date, states: list[Any], names: list[str] | None = None) -> SyncReport:
     """Collect the table tasks' results; raise a SyncError naming every table that failed.
 
-    A cause every failed table shares (the source unreachable) is said once, with how many
-    tables it stopped, not once per table.
+    A cause several failed tables share (the warehouse locked by another process) is said once,
+    followed by the tables it stopped (`names`: the tables of `states`, in order), instead of once
+    per table.
     """
-    results, failures = [], []
-    for state in states:
+    results: list[Any] = []
+    failed: dict[str, list[str]] = {}
+    for i, state in enumerate(states):
         outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, BaseException):
-            failures.append(str(outcome).splitlines()[0] if str(outcome) else repr(outcome))
+            message = str(outcome).splitlines()[0] if str(outcome) else repr(outcome)
+            failed.setdefault(message, []).append(names[i] if names else f"table {i + 1}")
         else:
             results.append(outcome)
-    if failures:
+    if failed:
         said = [
-            message if (n := failures.count(message)) == 1 else f"{message} ({n} tables)"
-            for message in dict.fromkeys(failures)
+            message
+            if len(tables) == 1
+            else f"{message} ({len(tables)} tables: {', '.join(tables)})"
+            for message, tables in failed.items()
         ]
         raise SyncError(f"daily sync for as_of {as_of} failed: {'; '.join(said)}")
     return SyncReport(as_of=as_of, tables=results)

@@ -831,9 +831,11 @@ def test_sync_report_says_a_shared_cause_once() -> None:
     locked = SyncError("warehouse file is locked by another process")
     own = SyncError("sync of topups: extracted 3, source holds 4")
     states = [Failed(data=locked), Failed(data=locked), Failed(data=own), Failed(data=locked)]
+    names = ["users", "card_transactions", "topups", "deferred_charges"]
     with pytest.raises(SyncError) as caught:
-        sync_report(date(2026, 11, 20), states)
+        sync_report(date(2026, 11, 20), states, names)
     assert str(caught.value) == (
         "daily sync for as_of 2026-11-20 failed: warehouse file is locked by another process"
-        " (3 tables); sync of topups: extracted 3, source holds 4"
+        " (3 tables: users, card_transactions, deferred_charges);"
+        " sync of topups: extracted 3, source holds 4"
     )

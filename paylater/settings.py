@@ -259,7 +259,11 @@ class Settings(BaseSettings):
     # The job queue lives in PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY): no SQLite fallback.
     worker_database_url: str | None = Field(
         default=None,
-        description="PostgreSQL holding scoring_jobs/results and user_features_latest; defaults to source_url.",
+        description=(
+            "PostgreSQL holding scoring_jobs and their results; defaults to source_url. An"
+            " in-process worker reads user_features_latest from the source when that is"
+            " PostgreSQL (the feature build publishes it there), else from this database."
+        ),
     )
     worker_backend: str = Field(
         default="inprocess",

@@ -46,6 +46,18 @@ def inprocess_backend(
     return InProcessBackend(scorer, database_url, reason_codes)
 
 
+def feature_database(source_url: str, queue_db_url: str) -> str:
+    """Where an in-process worker reads user_features_latest: the source database, which the
+    feature build publishes it to, when that is PostgreSQL; else (the embedded SQLite source of
+    `make demo`) the queue database, where an operator must provide it."""
+    from worker.queue import NotPostgres, require_postgres
+
+    try:
+        return require_postgres(source_url)
+    except NotPostgres:
+        return queue_db_url
+
+
 def resolve_shadow_version(spec: str) -> str | None:
     """The registry version (or store tag) `spec` names now; None when it names nothing."""
     if ":" in spec or spec.strip().isdigit():
@@ -291,13 +303,14 @@ def run_worker(
             )
             raise typer.Exit(2)
         model_spec = model or settings.worker_model
-        scoring = inprocess_backend(model_spec, db_url, reasons)
+        features_db = feature_database(settings.source, db_url)
+        scoring = inprocess_backend(model_spec, features_db, reasons)
         if model_spec.strip().lower() in ALIASES:
-            scoring = FollowingBackend(model_spec.strip().lower(), db_url, reasons, scoring)
+            scoring = FollowingBackend(model_spec.strip().lower(), features_db, reasons, scoring)
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model
         if spec:
             primary = scoring
-            shadow = ShadowLoader(spec, lambda: primary.model_version, db_url)
+            shadow = ShadowLoader(spec, lambda: primary.model_version, features_db)
     else:
         typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
         raise typer.Exit(2)

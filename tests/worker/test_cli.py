@@ -193,3 +193,36 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, ki
         [*cmd, "--database-url", "sqlite:///x.db"], env=launch.env, capture_output=True, text=True
     )
     assert sqlite.returncode == 2 and "needs PostgreSQL" in sqlite.stderr
+
+
+def test_a_queue_database_apart_from_the_source_reads_features_from_the_source(
+    queue_db: str, pg_server_url: str, launch: Any, kit: Any
+) -> None:
+    """The feature build publishes user_features_latest to the source: with the queue in a
+    database of its own (no such table there), an in-process worker still scores every job."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_queue_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    queue_only = f"{pg_server_url.rpartition('/')[0]}/{name}"
+    try:
+        launch.env["PAYLATER_SOURCE_URL"] = queue_db  # the source: features published here
+        launch.env["PAYLATER_WORKER_DATABASE_URL"] = queue_only
+        proc = launch("--concurrency", "1")
+        kit.wait_until(
+            lambda: (
+                kit.query(queue_only, "SELECT to_regclass('scoring_jobs') IS NOT NULL") == [(True,)]
+            ),
+            60,
+            "the worker to create its queue",
+        )
+        kit.enqueue_many(queue_only, 50)
+        kit.wait_until(lambda: count(kit, queue_only, "done") == 50, 60, "the jobs to be scored")
+        assert stop(proc) == 0
+        assert kit.query(queue_only, "SELECT to_regclass('user_features_latest')") == [(None,)]
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

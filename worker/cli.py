@@ -93,6 +93,7 @@ class FollowingBackend:
         self._in_use: dict[int, int] = {}  # id(backend) -> batches scoring with it now
         self._lock = threading.Lock()
         self._checked = time.monotonic()
+        self._refreshing = False
 
     @property
     def model_version(self) -> str:
@@ -100,9 +101,23 @@ class FollowingBackend:
         return self._current.model_version
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
-        """Score with the version the alias names (checked at most every MODEL_REFRESH_SECONDS)."""
+        """Score with the version the alias names (checked at most every MODEL_REFRESH_SECONDS).
+
+        The loop whose batch finds a check due asks the registry and loads a new version outside
+        the lock; the other loops go on scoring with the current one meanwhile.
+        """
         with self._lock:
-            backend = self._backend()
+            due = not self._refreshing and time.monotonic() - self._checked >= MODEL_REFRESH_SECONDS
+            if due:
+                self._refreshing, self._checked = True, time.monotonic()
+        if due:
+            try:
+                self._refresh()
+            finally:
+                with self._lock:
+                    self._refreshing = False
+        with self._lock:
+            backend = self._current
             self._in_use[id(backend)] = self._in_use.get(id(backend), 0) + 1
         try:
             return backend.score(requests)
@@ -113,18 +128,6 @@ class FollowingBackend:
                     del self._in_use[id(backend)]
                 self._close_retired()
 
-    def backend(self) -> ScoringBackend:
-        """The current backend, after a refresh when one is due."""
-        with self._lock:
-            return self._backend()
-
-    def _backend(self) -> ScoringBackend:
-        """The current backend, after a refresh when one is due (the lock held)."""
-        if time.monotonic() - self._checked >= MODEL_REFRESH_SECONDS:
-            self._checked = time.monotonic()
-            self._refresh()
-        return self._current
-
     def _close_retired(self) -> None:
         """Close the replaced backends no batch is scoring with (the lock held)."""
         idle = [b for b in self._retired if id(b) not in self._in_use]
@@ -133,7 +136,8 @@ class FollowingBackend:
             old.close()
 
     def _refresh(self) -> None:
-        """Load the version the alias names now, when it changed."""
+        """Load the version the alias names now, when it changed, and swap it in."""
+        current = self.model_version
         try:
             from bentos.build import resolve_version
 
@@ -143,10 +147,10 @@ class FollowingBackend:
                 "model %s not resolvable (%r): still scoring with version %s",
                 self.spec,
                 exc,
-                self.model_version,
+                current,
             )
             return
-        if version == self.model_version:
+        if version == current:
             return
         try:
             backend = inprocess_backend(version, self.database_url, self.reason_codes)
@@ -156,18 +160,16 @@ class FollowingBackend:
                 version,
                 self.spec,
                 exc,
-                self.model_version,
+                current,
             )
             return
         log.info(
-            "%s now names version %s: scoring with it instead of %s",
-            self.spec,
-            version,
-            self.model_version,
+            "%s now names version %s: scoring with it instead of %s", self.spec, version, current
         )
-        self._retired.append(self._current)
-        self._current = backend
-        self._close_retired()
+        with self._lock:
+            self._retired.append(self._current)
+            self._current = backend
+            self._close_retired()
 
     def close(self) -> None:
         """Close the current backend and any replaced one."""

@@ -576,3 +576,49 @@ def test_a_following_backend_never_closes_a_version_a_loop_still_scores_with(
     assert backends["7"].closed and backends["8"].closed and not backends["9"].closed
     following.close()
     assert backends["9"].closed
+
+
+def test_a_following_backend_loading_a_new_version_does_not_hold_up_the_other_loops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading a model takes seconds: the loop that found the alias moved loads it, while the
+    others go on scoring with the version in hand."""
+    import threading
+
+    import bentos.build
+    from worker import cli
+
+    class Fake:
+        def __init__(self, version: str) -> None:
+            self.model_version = version
+            self.scored = 0
+
+        def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+            self.scored += 1
+            return []
+
+        def close(self) -> None:
+            pass
+
+    loading, loaded = threading.Event(), threading.Event()
+
+    def slow_load(version: str, *_: object) -> Fake:
+        loading.set()
+        assert loaded.wait(10)
+        return Fake(version)
+
+    monkeypatch.setattr(bentos.build, "resolve_version", lambda spec: "8")
+    monkeypatch.setattr(cli, "inprocess_backend", slow_load)
+    monkeypatch.setattr(cli, "MODEL_REFRESH_SECONDS", 0.0)
+    seven = Fake("7")
+    following = cli.FollowingBackend("production", "unused", "declines", seven)
+    refresher = threading.Thread(target=following.score, args=([],))
+    refresher.start()
+    assert loading.wait(5)
+    other = threading.Thread(target=following.score, args=([],))
+    other.start()
+    other.join(5)
+    assert not other.is_alive() and seven.scored == 1  # scored with 7 during the load
+    loaded.set()
+    refresher.join(5)
+    assert following.model_version == "8"

@@ -267,7 +267,6 @@ class FlowRunInfo:
 
     flow: str  # the flow's name
     name: str  # the run's name
-    group: str  # its deployment's id (else its flow's): runs of one job
     state_type: str  # Prefect's StateType value: COMPLETED, CRASHED, SCHEDULED, ...
     message: str
     end_time: datetime | None
@@ -436,7 +435,6 @@ def read_flow_runs(
         return FlowRunInfo(
             flow=names.get(run.flow_id, str(run.flow_id)),
             name=run.name,
-            group=str(run.deployment_id or run.flow_id),
             state_type=state.type.value if state else "UNKNOWN",
             message=(state.message or "") if state else "",
             end_time=run.end_time,

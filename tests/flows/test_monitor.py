@@ -81,6 +81,21 @@ def pagerduty() -> Iterator[Receiver]:
         r.close()
 
 
+def point_monitor_at(
+    monkeypatch: pytest.MonkeyPatch, pg_url: str, home: Path, webhook: str | None = None
+) -> str:
+    """The monitor's databases (queue in `pg_url`, a DuckDB warehouse in `home`) and its Slack
+    webhook; no other alert channel. Returns the warehouse URL."""
+    warehouse_url = f"duckdb:///{home / 'warehouse.duckdb'}"
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
+    if webhook is not None:
+        monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", webhook)
+    for var in UNSET:
+        monkeypatch.delenv(var, raising=False)
+    return warehouse_url
+
+
 def write_ledger(warehouse_url: str, finished_at: datetime) -> None:
     """A sync_ledger (contract columns) whose newest fully successful day finished at `finished_at`."""
     import pyarrow as pa
@@ -140,12 +155,7 @@ def test_monitor_alerts_once_per_incident_and_resolves(
 ) -> None:
     from flows.monitor import monitor
 
-    warehouse_url = f"duckdb:///{paylater_home / 'warehouse.duckdb'}"
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
-    for var in UNSET:
-        monkeypatch.delenv(var, raising=False)
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     now = datetime.now(UTC)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())
@@ -199,11 +209,7 @@ def test_monitor_retries_an_alert_the_webhook_refused(
     """Slack answering 500 must not swallow the FIRING (or the RESOLVED): the next run resends it."""
     from flows.monitor import monitor
 
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
-    for var in UNSET:
-        monkeypatch.delenv(var, raising=False)
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     late = datetime.now(UTC) - timedelta(minutes=10)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())
@@ -248,12 +254,7 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     warnings do not, and clearing resolves each page under the key it was triggered with."""
     from flows.monitor import monitor
 
-    warehouse_url = f"duckdb:///{paylater_home / 'warehouse.duckdb'}"
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
-    for var in UNSET:
-        monkeypatch.delenv(var, raising=False)
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
     late = datetime.now(UTC) - timedelta(minutes=10)
@@ -312,10 +313,7 @@ def test_monitor_deletes_jobs_past_their_retention(
     nothing unfinished; 0, nothing at all."""
     from flows.monitor import monitor
 
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{paylater_home / 'w.duckdb'}")
-    for var in UNSET:
-        monkeypatch.delenv(var, raising=False)
+    point_monitor_at(monkeypatch, pg_url, paylater_home)
     monkeypatch.setenv("PAYLATER_WORKER_RETENTION_DAYS", "30")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())

@@ -8,27 +8,36 @@ from pathlib import Path
 import pytest
 
 
-def test_monthly_retrain_stages_the_first_model(
+@pytest.fixture
+def retrain_home(
     prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """PAYLATER_HOME with an empty MLflow registry; no bento build, one training thread."""
+    from registry.testing import empty_mlflow_db
+
+    empty_mlflow_db(paylater_home / "mlflow.db")
+    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
+    monkeypatch.setenv("PAYLATER_TRAIN_NUM_THREADS", "1")
+    return paylater_home
+
+
+def test_monthly_retrain_stages_the_first_model(
+    retrain_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.monthly_retrain import monthly_retrain
     from registry.store import MODEL_NAME, TRAINING_EXPERIMENT, client
     from registry.testing import (
         as_of_after,
-        empty_mlflow_db,
         synthetic_training_table,
         write_dataset,
         write_truth,
     )
 
-    empty_mlflow_db(paylater_home / "mlflow.db")
-    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
     monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")
-    monkeypatch.setenv("PAYLATER_TRAIN_NUM_THREADS", "1")
     table, truth = synthetic_training_table(10_000, date(2025, 1, 1), 4, seed=21)
     as_of = as_of_after(date(2025, 1, 1), 4)
     manifest = write_dataset(table, as_of)
-    write_truth(table, truth, paylater_home)
+    write_truth(table, truth, retrain_home)
 
     report = monthly_retrain(as_of=as_of, issue="4")
 
@@ -57,26 +66,22 @@ def test_monthly_retrain_stages_the_first_model(
     psi = {k: v for k, v in run.data.metrics.items() if k.startswith("psi.")}
     assert {"psi.max", "psi.score"} <= set(psi) and len(psi) > 2
     assert all(v >= 0 for v in psi.values())
-    assert (paylater_home / "mlartifacts").is_dir(), (
+    assert (retrain_home / "mlartifacts").is_dir(), (
         "artifacts stay under PAYLATER_HOME, not ./mlruns"
     )
 
 
 def test_a_retrain_failing_after_registration_leaves_its_version_rejected(
-    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+    retrain_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.monthly_retrain import monthly_retrain
     from registry.store import MODEL_NAME, client
     from registry.testing import (
         as_of_after,
-        empty_mlflow_db,
         synthetic_training_table,
         write_dataset,
     )
 
-    empty_mlflow_db(paylater_home / "mlflow.db")
-    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
-    monkeypatch.setenv("PAYLATER_TRAIN_NUM_THREADS", "1")
     table, _ = synthetic_training_table(4_000, date(2025, 1, 1), 3, seed=22)
     write_dataset(table, as_of_after(date(2025, 1, 1), 3))
 

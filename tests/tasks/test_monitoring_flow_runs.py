@@ -28,13 +28,12 @@ from tasks.monitoring import (
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
-def run_info(state: str, minutes_ago: float, group: str = "g", name: str = "r") -> FlowRunInfo:
+def run_info(state: str, minutes_ago: float, name: str = "r") -> FlowRunInfo:
     """A run that ended (terminal states) or was due (waiting states) `minutes_ago`."""
     moment = NOW - timedelta(minutes=minutes_ago)
     return FlowRunInfo(
         flow="daily-sync",
         name=name,
-        group=group,
         state_type=state,
         message="Process exited with status code: -9",
         end_time=moment if state not in ("SCHEDULED", "PENDING") else None,
@@ -44,9 +43,9 @@ def run_info(state: str, minutes_ago: float, group: str = "g", name: str = "r") 
 
 def test_crashed_flows_counts_jobs_whose_latest_run_crashed() -> None:
     latest = [
-        run_info("CRASHED", 30, group="sync", name="lucky-otter"),
-        run_info("COMPLETED", 10, group="features"),
-        run_info("FAILED", 5, group="retrain"),  # a failure alerts through its own hook
+        run_info("CRASHED", 30, name="lucky-otter"),
+        run_info("COMPLETED", 10),
+        run_info("FAILED", 5),  # a failure alerts through its own hook
     ]
     m = measure_crashed_flows(latest)
     assert m.check == "crashed_flows" and m.value == 1.0

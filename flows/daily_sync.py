@@ -7,16 +7,16 @@ A failure alerts through tasks.alerts and leaves every table either synced or un
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import date
 
 from prefect import flow, task
 from prefect.events import emit_event
 
-from paylater.timeutil import day_end_utc, resolve_as_of
+from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
 from tasks.sync import (
-    SyncError,
     SyncReport,
+    refuse_unended,
     sync_report,
     sync_table_task,
     validate_sync_config,
@@ -42,11 +42,7 @@ def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
     feature-build deployment; daily_pipeline, which builds the features itself, passes False.
     """
     day = resolve_as_of(as_of)
-    if day_end_utc(day) > datetime.now(UTC):
-        # Said once for the day, instead of once per table by every table task.
-        raise SyncError(
-            f"as_of {day} has not ended yet in the business time zone; sync it tomorrow"
-        )
+    refuse_unended(day)  # said once for the day, not once per table by every table task
     tables = validate_sync_config()
     states = [sync_table_task(spec, day, return_state=True) for spec in tables]
     report = sync_report(day, states, [spec.name for spec in tables])

@@ -475,16 +475,24 @@ def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
     warehouse.execute(sql_text("sync_ledger_insert.sql"), row)
 
 
-def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date) -> TableResult:
-    """Sync one table for one as_of; on failure roll back, record a failed row, and raise."""
-    started = time.monotonic()
-    watermark_to = day_end_utc(as_of)  # once: each call reads the settings for the time zone
-    if watermark_to > datetime.now(UTC):
-        # A window ending in the future would be read again by nobody: the next as_of starts
-        # at its end, so rows changed later that day would never reach the warehouse.
+def refuse_unended(as_of: date) -> datetime:
+    """The end of `as_of` in UTC (the window's end); SyncError while that day has not ended.
+
+    A window ending in the future would be read again by nobody: the next as_of starts at its
+    end, so rows changed later that day would never reach the warehouse.
+    """
+    end = day_end_utc(as_of)  # once: each call reads the settings for the time zone
+    if end > datetime.now(UTC):
         raise SyncError(
             f"as_of {as_of} has not ended yet in the business time zone; sync it tomorrow"
         )
+    return end
+
+
+def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date) -> TableResult:
+    """Sync one table for one as_of; on failure roll back, record a failed row, and raise."""
+    started = time.monotonic()
+    watermark_to = refuse_unended(as_of)
     ensure_ledger(warehouse)
     window = Window(
         previous_watermark(warehouse, spec.name, as_of) if spec.mode == "incremental" else None,

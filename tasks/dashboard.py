@@ -335,17 +335,14 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
     so outstanding amounts are 0 in every training row and spread among users: their PSI is
     several units on the day a model is trained, without any drift.
     """
-    from tasks.datasets import (
-        DatasetError,
-        available_as_ofs,
-        load_scoring_dataset,
-        load_training_dataset,
-    )
+    from tasks.datasets import DatasetError, available_as_ofs, load_dataset
     from tasks.storage import open_storage
 
+    storage = open_storage()
+    snapshots = available_as_ofs(storage, "scoring")  # listed once: the latest and the reference
     try:
-        scoring, scoring_manifest = load_scoring_dataset()
-        training, training_manifest = load_training_dataset()
+        scoring, scoring_manifest = load_dataset("scoring", max(snapshots, default=None), storage)
+        training, training_manifest = load_dataset("training", None, storage)
     except DatasetError as exc:
         return DailyMonitoring(None, notes=[f"drift skipped: {exc}"])
     out = DailyMonitoring(scoring_manifest.as_of)
@@ -366,16 +363,14 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
             out.notes.append("no production scores in the last day: no score PSI")
         out.vintages = production_vintages(training, training_manifest.as_of, model)
     trained = (model.trained_as_of if model else None) or training_manifest.as_of
-    day = reference_day(
-        available_as_ofs(open_storage(), "scoring"), trained, scoring_manifest.as_of
-    )
+    day = reference_day(snapshots, trained, scoring_manifest.as_of)
     if day is None:
         out.notes.append(
             f"no scoring snapshot before as_of {scoring_manifest.as_of} to measure feature drift from"
         )
         reference = scoring.slice(0, 0)
     else:
-        reference, _ = load_scoring_dataset(day)
+        reference, _ = load_dataset("scoring", day, storage)
         added = [c for c in numeric_features(scoring, scoring) if c not in reference.column_names]
         if added:
             out.notes.append(

@@ -238,14 +238,18 @@ def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | 
 def key_sql(spec: TableSpec, template: str, changes: str | None, having: str = "") -> str:
     """A key check statement over the loaded rows: `changes` is the table holding them (None:
     the as_of partition of the changes table)."""
-    keys = [_bq(k) for k in spec.primary_key]
     return Template(sql_text(template)).substitute(
         changes=_bq(changes or spec.changes_table),
         partition="TRUE" if changes else "as_of = @as_of",
-        key_columns=", ".join(keys),
-        key_has_null="(" + " OR ".join(f"{k} IS NULL" for k in keys) + ")",
+        key_columns=", ".join(_bq(k) for k in spec.primary_key),
+        key_has_null=_key_has_null(spec),
         having=having,
     )
+
+
+def _key_has_null(spec: TableSpec) -> str:
+    """A predicate: some key column of the row is NULL."""
+    return "(" + " OR ".join(f"{_bq(k)} IS NULL" for k in spec.primary_key) + ")"
 
 
 def _key_text(spec: TableSpec, row: dict[str, Any]) -> str:
@@ -278,21 +282,23 @@ def check_keys(
     def times(n: int, what: str) -> str:
         return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
-    has_null = " OR ".join(f"{_bq(k)} IS NULL" for k in spec.primary_key)
+    def example(having: str) -> str:
+        (row,) = warehouse.query_arrow(
+            key_sql(spec, "sync_key_example.sql", changes, having), params
+        ).to_pylist()
+        return f"e.g. {_key_text(spec, row)} in {times(row['_sync_copies'], 'row')}"
+
+    has_null = _key_has_null(spec)
     problems = []
-    for number, kind, having in (
-        (duplicated, ("key value", "occurs", "occur"), f"COUNT(*) > 1 AND NOT ({has_null})"),
-        (null_rows, ("row", "has a NULL key", "have a NULL key"), has_null),
-    ):
-        if number:
-            sql = key_sql(spec, "sync_key_example.sql", changes, having)
-            (example,) = warehouse.query_arrow(sql, params).to_pylist()
-            what, one, many = kind
-            problems.append(
-                f"{times(number, what)} {one if number == 1 else many}"
-                f"{' more than once' if what == 'key value' else ''}"
-                f" (e.g. {_key_text(spec, example)} in {times(example['_sync_copies'], 'row')})"
-            )
+    if duplicated:
+        occur = "occurs" if duplicated == 1 else "occur"
+        problems.append(
+            f"{times(duplicated, 'key value')} {occur} more than once"
+            f" ({example(f'COUNT(*) > 1 AND NOT {has_null}')})"
+        )
+    if null_rows:
+        have = "has" if null_rows == 1 else "have"
+        problems.append(f"{times(null_rows, 'row')} {have} a NULL key ({example(has_null)})")
     raise KeyViolation(
         f"sync of {spec.name}: the rows read break primary key ({', '.join(spec.primary_key)}),"
         f" which the source does not enforce: {'; '.join(problems)}"

@@ -96,6 +96,17 @@ def point_monitor_at(
     return warehouse_url
 
 
+def queue_a_late_job(pg_url: str) -> None:
+    """The worker's tables with one job queued, due for 10 minutes: oldest_queued_age critical."""
+    late = datetime.now(UTC) - timedelta(minutes=10)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
+            [late, late],
+        )
+
+
 def write_ledger(warehouse_url: str, finished_at: datetime) -> None:
     """A sync_ledger (contract columns) whose newest fully successful day finished at `finished_at`."""
     import pyarrow as pa
@@ -157,12 +168,7 @@ def test_monitor_alerts_once_per_incident_and_resolves(
 
     warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     now = datetime.now(UTC)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(WORKER_DDL.read_text())
-        conn.execute(
-            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
-            [now - timedelta(minutes=10), now - timedelta(minutes=10)],
-        )
+    queue_a_late_job(pg_url)
     write_ledger(warehouse_url, now - timedelta(hours=40))  # warning (30 h), not critical (54 h)
     write_scoring_manifest(paylater_home, now - timedelta(hours=60))  # critical
 
@@ -210,13 +216,7 @@ def test_monitor_retries_an_alert_the_webhook_refused(
     from flows.monitor import monitor
 
     point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    late = datetime.now(UTC) - timedelta(minutes=10)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(WORKER_DDL.read_text())
-        conn.execute(
-            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
-            [late, late],
-        )
+    queue_a_late_job(pg_url)
 
     def subjects() -> list[str]:
         return [p["subject"] for p in receiver.take()]
@@ -257,13 +257,7 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
-    late = datetime.now(UTC) - timedelta(minutes=10)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(WORKER_DDL.read_text())
-        conn.execute(
-            "INSERT INTO scoring_jobs (user_id, payload, created_at, run_after) VALUES (1, '{}', %s, %s)",
-            [late, late],
-        )
+    queue_a_late_job(pg_url)
     write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # sync_age: warning
 
     def slack() -> list[str]:

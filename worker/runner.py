@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from worker import queue
 from worker.scoring import (
+    BackendTimeout,
     BackendUnavailable,
     InvalidRequest,
     Outcome,
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
     from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+HUNG = "hangs the backend: the rest of its batch was answered"
+"""In the error of a job found hanging the backend; alone in a later batch, it is still blamed."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,13 @@ class Worker:
                 failures.append(queue.Failed(job.id, job.attempt, f"invalid request: {exc}", True))
         scored: list[queue.Scored] = []
         ok: list[ScoreRequest] = []
-        for request, outcome in zip(requests, self.score(self.backend, requests), strict=True):
+        # Jobs already found hanging the backend: alone in a batch, a timeout is still theirs.
+        hung = {job.id for job in jobs if job.previous_error and HUNG in job.previous_error}
+        # Looking for a job that hangs the backend stops while the claim still holds (margin for
+        # writing the results), so no other worker claims the batch under this one's feet.
+        deadline = time.monotonic() + 0.8 * self.config.lease_seconds
+        outcomes = self.score(self.backend, requests, hung, deadline)
+        for request, outcome in zip(requests, outcomes, strict=True):
             attempt = attempt_of[request.job_id]
             if isinstance(outcome, ScoreOutcome):
                 scored.append(
@@ -223,25 +236,99 @@ class Worker:
         return scored, self.score_shadow(ok), failures
 
     def score(
-        self, backend: ScoringBackend, requests: Sequence[ScoreRequest]
+        self,
+        backend: ScoringBackend,
+        requests: Sequence[ScoreRequest],
+        hung: AbstractSet[int] = frozenset(),
+        deadline: float = math.inf,
     ) -> list[Outcome | Exception]:
-        """The backend's outcomes; when the batch call fails, halves are retried to isolate the job at fault."""
+        """The backend's outcomes; when the batch call fails, halves are retried to isolate the
+        job at fault. `hung`: ids of jobs an earlier attempt found hanging the backend;
+        `deadline` (time.monotonic()): when a search for one must have ended."""
         if not requests:
             return []
+        started = time.monotonic()
         try:
             outcomes: list[Outcome | Exception] = list(backend.score(requests))
         except BackendUnavailable as exc:
             return [exc] * len(requests)  # nobody's fault: every job retries later
+        except BackendTimeout as exc:
+            if len(requests) > 1:
+                waited = time.monotonic() - started
+                return self.isolate_timeout(backend, requests, hung, deadline, waited)
+            if requests[0].job_id in hung:
+                return [BackendTimeout(f"{exc}; the job {HUNG} on an earlier attempt")]
+            # Nothing answered beside it, so nothing tells a slow backend from a request it hangs
+            # on: the job waits, no attempt spent, until it is claimed with others.
+            return [BackendUnavailable(f"{exc}; no other job in the batch to compare with")]
         except Exception as exc:
             if len(requests) == 1:
                 log.warning("job %s failed to score: %r", requests[0].job_id, exc)
                 return [exc]
             middle = len(requests) // 2
-            return self.score(backend, requests[:middle]) + self.score(backend, requests[middle:])
-        if len(outcomes) != len(requests):
-            raise RuntimeError(
-                f"backend returned {len(outcomes)} outcomes for {len(requests)} requests"
+            return self.score(backend, requests[:middle], hung, deadline) + self.score(
+                backend, requests[middle:], hung, deadline
             )
+        return _checked(outcomes, requests)
+
+    def isolate_timeout(
+        self,
+        backend: ScoringBackend,
+        requests: Sequence[ScoreRequest],
+        hung: AbstractSet[int] = frozenset(),
+        deadline: float = math.inf,
+        waited: float = 0.0,
+    ) -> list[Outcome | Exception]:
+        """Outcomes of a batch the backend gave no answer to in time (after `waited` seconds).
+
+        Each half is tried once. When neither answers in time, the backend is slow for everyone:
+        every job waits, no attempt spent. When one answers, the hang is in the other, which is split the same way down to the
+        request at fault; that one alone spends an attempt (and is dead-lettered after
+        max_attempts). Finding it costs about 2 log2(n) calls, and a slow backend costs 3, where
+        before every batch holding the job was given back as an outage, forever. When two more
+        such waits would pass `deadline`, the batch is given back (no attempt spent) and the
+        search goes on with whatever the next claims bring."""
+        if time.monotonic() + 2 * waited > deadline:
+            log.warning(
+                "a batch of %d got no answer in time and the claim's lease leaves no time to try"
+                " its halves: given back (a lease of several backend timeouts lets the worker find"
+                " the job at fault)",
+                len(requests),
+            )
+            error = BackendUnavailable(f"no answer in {waited:.1f} s to a batch of {len(requests)}")
+            return [error] * len(requests)
+        middle = len(requests) // 2
+        halves = [requests[:middle], requests[middle:]]
+        tried: list[list[Outcome | Exception] | BackendTimeout | None] = []
+        for half in halves:
+            started = time.monotonic()
+            try:
+                tried.append(list(backend.score(half)))
+            except BackendUnavailable as exc:
+                return [exc] * len(requests)  # gone altogether: nobody's fault
+            except BackendTimeout as exc:
+                tried.append(exc)
+                waited = time.monotonic() - started
+            except Exception:
+                tried.append(None)  # it answered, with an error: split below as any other error
+        if all(isinstance(t, BackendTimeout) for t in tried):
+            error = BackendUnavailable(
+                f"no answer in time to a batch of {len(requests)} nor to either half of it:"
+                f" slow for everyone ({tried[0]})"
+            )
+            return [error] * len(requests)
+        outcomes: list[Outcome | Exception] = []
+        for half, result in zip(halves, tried, strict=True):
+            if isinstance(result, BackendTimeout):
+                if len(half) > 1:
+                    outcomes += self.isolate_timeout(backend, half, hung, deadline, waited)
+                else:
+                    log.warning("job %s hangs the backend: %s", half[0].job_id, result)
+                    outcomes.append(BackendTimeout(f"{result}; the job {HUNG}"))
+            elif result is None:
+                outcomes += self.score(backend, half, hung, deadline)
+            else:
+                outcomes += _checked(result, half)
         return outcomes
 
     def score_shadow(self, requests: Sequence[ScoreRequest]) -> list[queue.ShadowScored]:
@@ -384,3 +471,14 @@ class Worker:
             except Exception as exc:
                 log.warning("NOTIFY listener lost its connection (%r); polling meanwhile", exc)
                 self.stop_event.wait(1.0)
+
+
+def _checked(
+    outcomes: list[Outcome | Exception], requests: Sequence[ScoreRequest]
+) -> list[Outcome | Exception]:
+    """A backend's outcomes, refused when there is not one per request."""
+    if len(outcomes) != len(requests):
+        raise RuntimeError(
+            f"backend returned {len(outcomes)} outcomes for {len(requests)} requests"
+        )
+    return outcomes

@@ -35,6 +35,11 @@ class BackendUnavailable(RuntimeError):
     """The scoring backend cannot be reached at all: retry the batch later, do not blame one job."""
 
 
+class BackendTimeout(RuntimeError):
+    """The backend took the request but gave no answer in time. Either it is slow for everyone,
+    or something in this batch makes it hang; the worker tells which by trying the halves."""
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """A validated request: whom to score and for what amount."""
@@ -261,6 +266,7 @@ class HttpBackend:
 
         self.url = url.rstrip("/")
         self.max_batch = max_batch
+        self.timeout_seconds = timeout_seconds
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(timeout=timeout_seconds, headers=headers)
         self.model_version = "unknown"  # learnt from the first answer
@@ -301,6 +307,12 @@ class HttpBackend:
         payload = [{"user_id": r.user_id, "amount_jpy": r.amount_jpy} for r in requests]
         try:
             response = self._client.post(f"{self.url}/v2/score_batch", json=payload)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # Connected, so the service is up; the request itself may be what it is stuck on.
+            raise BackendTimeout(
+                f"scoring service {self.url} gave no answer within {self.timeout_seconds:g} s"
+                f" to a batch of {len(requests)}"
+            ) from exc
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
             raise BackendUnavailable(f"scoring service {self.url} unreachable: {exc}") from exc
         try:

@@ -10,8 +10,8 @@ import pytest
 
 from worker import queue
 from worker.metrics import QueueCollector, WorkerMetrics
-from worker.runner import Worker, WorkerConfig
-from worker.scoring import InProcessBackend, Outcome, ScoreRequest
+from worker.runner import HUNG, Worker, WorkerConfig
+from worker.scoring import InProcessBackend, Outcome, ScoreOutcome, ScoreRequest
 
 FAST = WorkerConfig(batch_size=50, concurrency=2, lease_seconds=30, poll_seconds=0.2)
 
@@ -622,3 +622,177 @@ def test_a_following_backend_loading_a_new_version_does_not_hold_up_the_other_lo
     loaded.set()
     refresher.join(5)
     assert following.model_version == "8"
+
+
+class HangingService:
+    """A scoring service over real HTTP: the bento's /v2/score_batch answers, computed by a real
+    in-process backend, except that a batch holding `hang_user` (any batch, when None) gets no
+    answer for `hang_seconds`, as a request the service is stuck on."""
+
+    def __init__(self, inner: InProcessBackend, hang_user: int | None, hang_seconds: float) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.batches: list[list[int]] = []
+        lock = threading.Lock()
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                items = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                users = [int(item["user_id"]) for item in items]
+                service.batches.append(users)
+                if hang_user is None or hang_user in users:
+                    time.sleep(hang_seconds)
+                    return  # the client has given up: close without an answer
+                requests = [
+                    ScoreRequest(i, int(x["user_id"]), int(x["amount_jpy"]))
+                    for i, x in enumerate(items)
+                ]
+                with lock:
+                    outcomes = inner.score(requests)
+                body = json.dumps(
+                    [
+                        {
+                            "default_probability": o.default_probability,
+                            "decision": o.decision,
+                            "model_version": o.model_version,
+                            "reason_codes": o.reason_codes,
+                        }
+                        for o in outcomes
+                        if isinstance(o, ScoreOutcome)
+                    ]
+                ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_job_that_hangs_the_service_is_dead_lettered_and_its_batch_mates_are_scored(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """A request the service hangs on is found by trying halves of its batch, spends its
+    attempts and is dead-lettered; before, every batch it was in was given back as an outage,
+    forever, and its batch-mates were never scored."""
+    from worker.scoring import HttpBackend
+
+    ids = kit.enqueue_many(queue_db, 20)  # users 2..21: user 5 hangs the service
+    [(stuck_id,)] = kit.query(queue_db, "SELECT id FROM scoring_jobs WHERE user_id = 5")
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.05, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: (
+                    kit.query(
+                        queue_db,
+                        "SELECT count(*) FROM scoring_jobs WHERE status IN ('done', 'dead')",
+                    )
+                    == [(20,)]
+                ),
+                30,
+                "every job scored or dead-lettered",
+            )
+    finally:
+        backend.close()
+        service.close()
+    [(status, attempts, error)] = kit.query(
+        queue_db, "SELECT status, attempts, error FROM scoring_jobs WHERE id = %s", (stuck_id,)
+    )
+    assert (status, attempts) == ("dead", 2)
+    # Its second attempt came alone: still blamed, since the first had singled it out.
+    assert "BackendTimeout" in error and HUNG in error and "earlier attempt" in error, error
+    results = kit.query(queue_db, "SELECT job_id FROM scoring_results ORDER BY job_id")
+    assert [r[0] for r in results] == sorted(set(ids) - {stuck_id})
+    # Found by halves: a call per level of the split holding it (20, 10, 5, 2 or 3, ...), then
+    # one call alone; not one per job.
+    assert sum(5 in batch for batch in service.batches) <= 7, service.batches
+
+
+def test_a_service_slow_for_every_batch_dead_letters_nothing(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """When neither half of a batch is answered in time the service is slow, not the jobs: they
+    wait with no attempt spent, and each claim costs three calls, not a split down to every job."""
+    from worker.scoring import HttpBackend
+
+    kit.enqueue_many(queue_db, 8)
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=None, hang_seconds=0.5
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.2)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.01, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: worker.totals.batches >= 3 * config.max_attempts,
+                30,
+                "more claims than the jobs have attempts",
+            )
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[:2] for r in rows] == [("queued", 0)] * 8, rows
+    assert all("slow for everyone" in r[2] for r in rows), rows
+    eight = [b for b in service.batches if len(b) == 8]
+    assert len(service.batches) == 3 * len(eight), service.batches
+
+
+def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """The search for a job that hangs the backend stays inside the claim's lease: with no time
+    for two more waits, the batch goes back queued, nobody blamed, and no claim is lost."""
+    from worker.scoring import HttpBackend
+
+    kit.enqueue_many(queue_db, 20)
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    config = WorkerConfig(
+        batch_size=50,
+        concurrency=1,
+        lease_seconds=1.0,
+        max_attempts=2,
+        backoff_seconds=0.01,
+        poll_seconds=0.05,
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(lambda: worker.totals.batches >= 3, 30, "three claims")
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[:2] for r in rows] == [("queued", 0)] * 20, rows
+    assert all("no answer in" in r[2] for r in rows), rows
+    assert worker.totals.lease_lost == 0
+    assert all(len(batch) == 20 for batch in service.batches), service.batches

@@ -154,6 +154,16 @@ def claim(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -> li
     return [Job(r[0], r[1], _decode(r[2]), r[3], r[4], r[5]) for r in rows]
 
 
+def extend_lease(conn: psycopg.Connection[Any], jobs: Sequence[Job], lease_seconds: float) -> int:
+    """Renew the lease of the jobs this worker still holds; how many it still held."""
+    params = {
+        "job_ids": [job.id for job in jobs],
+        "attempts": [job.attempt for job in jobs],
+        "lease_seconds": lease_seconds,
+    }
+    return conn.execute(sql("extend"), params).rowcount
+
+
 def _decode(payload: str) -> Any:
     """A claimed job's payload; UndecodablePayload when Python cannot represent it."""
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,25 @@ log = logging.getLogger(__name__)
 
 HUNG = "hangs the backend: the rest of its batch was answered"
 """In the error of a job found hanging the backend; alone in a later batch, it is still blamed."""
+
+
+class Claim:
+    """A claimed batch's lease: until when the worker may still act on it, and its renewal."""
+
+    def __init__(self, conn: psycopg.Connection[Any], jobs: Sequence[queue.Job], seconds: float):
+        self.conn, self.jobs, self.seconds = conn, jobs, seconds
+        # A margin for writing the results before the lease runs out.
+        self.deadline = time.monotonic() + 0.8 * seconds
+
+    def renew(self) -> None:
+        """Extend the lease by its length from now; on failure keep the current deadline."""
+        renewed_at = time.monotonic()
+        try:
+            queue.extend_lease(self.conn, self.jobs, self.seconds)
+        except Exception as exc:
+            log.warning("could not renew the lease of a batch of %d: %r", len(self.jobs), exc)
+            return
+        self.deadline = renewed_at + 0.8 * self.seconds
 
 
 @dataclass(frozen=True)
@@ -159,7 +177,7 @@ class Worker:
         jobs = queue.claim(conn, self.config.batch_size, self.config.lease_seconds)
         if not jobs:
             return 0
-        scored, shadows, failures = self.process(jobs)
+        scored, shadows, failures = self.process(jobs, Claim(conn, jobs, self.config.lease_seconds))
         # A single statement is atomic on its own; a transaction only when there are two.
         if failures and scored:
             with conn.transaction():
@@ -185,9 +203,10 @@ class Worker:
         return len(jobs)
 
     def process(
-        self, jobs: Sequence[queue.Job]
+        self, jobs: Sequence[queue.Job], claim: Claim | None = None
     ) -> tuple[list[queue.Scored], list[queue.ShadowScored], list[queue.Failed]]:
-        """Validate and score the jobs: (scores, shadow scores, failed attempts)."""
+        """Validate and score the jobs: (scores, shadow scores, failed attempts). `claim`: their
+        lease, renewed while a search for a job that hangs the backend goes on."""
         failures: list[queue.Failed] = []
         requests: list[ScoreRequest] = []
         attempt_of = {job.id: job.attempt for job in jobs}
@@ -205,10 +224,7 @@ class Worker:
         ok: list[ScoreRequest] = []
         # Jobs already found hanging the backend: alone in a batch, a timeout is still theirs.
         hung = {job.id for job in jobs if job.previous_error and HUNG in job.previous_error}
-        # Looking for a job that hangs the backend stops while the claim still holds (margin for
-        # writing the results), so no other worker claims the batch under this one's feet.
-        deadline = time.monotonic() + 0.8 * self.config.lease_seconds
-        outcomes = self.score(self.backend, requests, hung, deadline)
+        outcomes = self.score(self.backend, requests, hung, claim)
         for request, outcome in zip(requests, outcomes, strict=True):
             attempt = attempt_of[request.job_id]
             if isinstance(outcome, ScoreOutcome):
@@ -240,11 +256,11 @@ class Worker:
         backend: ScoringBackend,
         requests: Sequence[ScoreRequest],
         hung: AbstractSet[int] = frozenset(),
-        deadline: float = math.inf,
+        claim: Claim | None = None,
     ) -> list[Outcome | Exception]:
         """The backend's outcomes; when the batch call fails, halves are retried to isolate the
-        job at fault. `hung`: ids of jobs an earlier attempt found hanging the backend;
-        `deadline` (time.monotonic()): when a search for one must have ended."""
+        job at fault. `hung`: ids of jobs an earlier attempt found hanging the backend; `claim`:
+        the batch's lease (None: unbounded)."""
         if not requests:
             return []
         started = time.monotonic()
@@ -255,7 +271,7 @@ class Worker:
         except BackendTimeout as exc:
             if len(requests) > 1:
                 waited = time.monotonic() - started
-                return self.isolate_timeout(backend, requests, hung, deadline, waited)
+                return self.isolate_timeout(backend, requests, hung, claim, waited)
             if requests[0].job_id in hung:
                 return [BackendTimeout(f"{exc}; the job {HUNG} on an earlier attempt")]
             # Nothing answered beside it, so nothing tells a slow backend from a request it hangs
@@ -266,8 +282,8 @@ class Worker:
                 log.warning("job %s failed to score: %r", requests[0].job_id, exc)
                 return [exc]
             middle = len(requests) // 2
-            return self.score(backend, requests[:middle], hung, deadline) + self.score(
-                backend, requests[middle:], hung, deadline
+            return self.score(backend, requests[:middle], hung, claim) + self.score(
+                backend, requests[middle:], hung, claim
             )
         return _checked(outcomes, requests)
 
@@ -276,7 +292,7 @@ class Worker:
         backend: ScoringBackend,
         requests: Sequence[ScoreRequest],
         hung: AbstractSet[int] = frozenset(),
-        deadline: float = math.inf,
+        claim: Claim | None = None,
         waited: float = 0.0,
     ) -> list[Outcome | Exception]:
         """Outcomes of a batch the backend gave no answer to in time (after `waited` seconds).
@@ -285,10 +301,12 @@ class Worker:
         every job waits, no attempt spent. When one answers, the hang is in the other, which is split the same way down to the
         request at fault; that one alone spends an attempt (and is dead-lettered after
         max_attempts). Finding it costs about 2 log2(n) calls, and a slow backend costs 3, where
-        before every batch holding the job was given back as an outage, forever. When two more
-        such waits would pass `deadline`, the batch is given back (no attempt spent) and the
-        search goes on with whatever the next claims bring."""
-        if time.monotonic() + 2 * waited > deadline:
+        before every batch holding the job was given back as an outage, forever. The claim's
+        lease is renewed before each step; when two more such waits would outlast it, the batch
+        is given back (no attempt spent) and the search goes on with the next claims."""
+        if claim is not None:
+            claim.renew()
+        if claim is not None and time.monotonic() + 2 * waited > claim.deadline:
             log.warning(
                 "a batch of %d got no answer in time and the claim's lease leaves no time to try"
                 " its halves: given back (a lease of several backend timeouts lets the worker find"
@@ -321,12 +339,12 @@ class Worker:
         for half, result in zip(halves, tried, strict=True):
             if isinstance(result, BackendTimeout):
                 if len(half) > 1:
-                    outcomes += self.isolate_timeout(backend, half, hung, deadline, waited)
+                    outcomes += self.isolate_timeout(backend, half, hung, claim, waited)
                 else:
                     log.warning("job %s hangs the backend: %s", half[0].job_id, result)
                     outcomes.append(BackendTimeout(f"{result}; the job {HUNG}"))
             elif result is None:
-                outcomes += self.score(backend, half, hung, deadline)
+                outcomes += self.score(backend, half, hung, claim)
             else:
                 outcomes += _checked(result, half)
         return outcomes

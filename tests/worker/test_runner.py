@@ -698,8 +698,15 @@ def test_a_job_that_hangs_the_service_is_dead_lettered_and_its_batch_mates_are_s
         backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
     )
     backend = HttpBackend(service.url, timeout_seconds=0.3)
+    # The search (about six waits of 0.3 s) outlasts the lease: it is renewed, or the second
+    # loop would claim the batch from under the first.
     config = WorkerConfig(
-        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.05, poll_seconds=0.05
+        batch_size=50,
+        concurrency=2,
+        lease_seconds=1.0,
+        max_attempts=2,
+        backoff_seconds=0.05,
+        poll_seconds=0.05,
     )
     worker = Worker(queue_db, backend, config)
     try:
@@ -729,6 +736,7 @@ def test_a_job_that_hangs_the_service_is_dead_lettered_and_its_batch_mates_are_s
     # Found by halves: a call per level of the split holding it (20, 10, 5, 2 or 3, ...), then
     # one call alone; not one per job.
     assert sum(5 in batch for batch in service.batches) <= 7, service.batches
+    assert worker.totals.lease_lost == 0
 
 
 def test_a_service_slow_for_every_batch_dead_letters_nothing(
@@ -767,8 +775,8 @@ def test_a_service_slow_for_every_batch_dead_letters_nothing(
 def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
     queue_db: str, booster: Any, kit: Any
 ) -> None:
-    """The search for a job that hangs the backend stays inside the claim's lease: with no time
-    for two more waits, the batch goes back queued, nobody blamed, and no claim is lost."""
+    """The search for a job that hangs the backend stays inside the claim's lease: when even a
+    renewed lease leaves no time for two more waits, the batch goes back queued, nobody blamed."""
     from worker.scoring import HttpBackend
 
     kit.enqueue_many(queue_db, 20)
@@ -779,7 +787,7 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
     config = WorkerConfig(
         batch_size=50,
         concurrency=1,
-        lease_seconds=1.0,
+        lease_seconds=0.5,
         max_attempts=2,
         backoff_seconds=0.01,
         poll_seconds=0.05,

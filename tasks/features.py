@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
@@ -323,14 +324,14 @@ def build_training_table(
     feature_sql = load_feature_sql(settings)
     mapping = table_mapping(settings)
     require_tables(warehouse, mapping)
-    sql = training_sql(feature_sql, mapping)
+    sql = training_sql(feature_sql, mapping) + "\nORDER BY r.charge_id"
     table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
     table = table.set_column(
         table.schema.get_field_index("label_default"),
         "label_default",
         table["label_default"].cast(pa.int8()),
     )
-    return table.sort_by("charge_id"), feature_sql
+    return in_order(table, "charge_id"), feature_sql
 
 
 def build_scoring_table(
@@ -341,6 +342,17 @@ def build_scoring_table(
     feature_sql = load_feature_sql(settings)
     mapping = table_mapping(settings)
     require_tables(warehouse, mapping)
-    sql = scoring_sql(feature_sql, mapping)
+    sql = scoring_sql(feature_sql, mapping) + "\nORDER BY r.user_id"
     table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
-    return table.sort_by("user_id"), feature_sql
+    return in_order(table, "user_id"), feature_sql
+
+
+def in_order(table: pa.Table, key: str) -> pa.Table:
+    """`table` in ascending `key` order (a unique, non-NULL key). The query's ORDER BY sorts in
+    the warehouse, in parallel; a result that arrives out of order anyway (a client reading
+    several streams) is sorted here. Checking costs about a millisecond for 300k rows; sorting
+    here copies every column, 0.1-0.6 s for a 10M-transaction training set."""
+    column = table[key]
+    if len(column) < 2 or pc.all(pc.less(column[:-1], column[1:])).as_py():
+        return table
+    return table.sort_by(key)

@@ -689,3 +689,13 @@ def test_parameters_in_comments_and_strings_are_not_bound() -> None:
     sql = "-- uses @tz in a comment\nSELECT @as_of AS d, '@grace_days' AS s /* @x */ FROM t"
     assert features.used_parameters(sql) == {"as_of"}
     assert set(features.query_params(sql, date(2026, 11, 26))) == {"as_of"}
+
+
+def test_a_result_the_warehouse_ordered_is_kept_and_any_other_is_sorted() -> None:
+    """The builds sort in the warehouse (ORDER BY); a client that reads several streams may still
+    hand rows back out of order, and the dataset must come out sorted either way."""
+    ordered = pa.table({"charge_id": [1, 2, 5, 9], "x": [0.1, 0.2, 0.5, 0.9]})
+    assert features.in_order(ordered, "charge_id") is ordered
+    shuffled = pa.table({"charge_id": [5, 1, 9, 2], "x": [0.5, 0.1, 0.9, 0.2]})
+    assert features.in_order(shuffled, "charge_id").equals(ordered)
+    assert features.in_order(ordered.slice(0, 1), "charge_id").num_rows == 1

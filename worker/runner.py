@@ -294,6 +294,7 @@ class Worker:
         hung: AbstractSet[int] = frozenset(),
         claim: Claim | None = None,
         waited: float = 0.0,
+        answered: bool = False,
     ) -> list[Outcome | Exception]:
         """Outcomes of a batch the backend gave no answer to in time (after `waited` seconds).
 
@@ -303,7 +304,11 @@ class Worker:
         max_attempts). Finding it costs about 2 log2(n) calls, and a slow backend costs 3, where
         before every batch holding the job was given back as an outage, forever. The claim's
         lease is renewed before each step; when two more such waits would outlast it, the batch
-        is given back (no attempt spent) and the search goes on with the next claims."""
+        is given back (no attempt spent) and the search goes on with the next claims.
+
+        `answered`: the step before answered this batch's sibling half, so when neither half of
+        this one answers the service is not slow for everyone: each half holds a request it hangs
+        on (two jobs of one user, say), and both are searched, as any half with no answer."""
         if claim is not None:
             claim.renew()
         if claim is not None and time.monotonic() + 2 * waited > claim.deadline:
@@ -329,7 +334,8 @@ class Worker:
                 waited = time.monotonic() - started
             except Exception:
                 tried.append(None)  # it answered, with an error: split below as any other error
-        if all(isinstance(t, BackendTimeout) for t in tried):
+        none_answered = all(isinstance(t, BackendTimeout) for t in tried)
+        if none_answered and not answered:
             error = BackendUnavailable(
                 f"no answer in time to a batch of {len(requests)} nor to either half of it:"
                 f" slow for everyone ({tried[0]})"
@@ -339,7 +345,9 @@ class Worker:
         for half, result in zip(halves, tried, strict=True):
             if isinstance(result, BackendTimeout):
                 if len(half) > 1:
-                    outcomes += self.isolate_timeout(backend, half, hung, claim, waited)
+                    outcomes += self.isolate_timeout(
+                        backend, half, hung, claim, waited, not none_answered
+                    )
                 else:
                     log.warning("job %s hangs the backend: %s", half[0].job_id, result)
                     outcomes.append(BackendTimeout(f"{result}; the job {HUNG}"))

@@ -804,3 +804,48 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
     assert all("no answer in" in r[2] for r in rows), rows
     assert worker.totals.lease_lost == 0
     assert all(len(batch) == 20 for batch in service.batches), service.batches
+
+
+def test_two_jobs_that_hang_the_service_in_one_answered_half_are_both_found(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """Two requests the service hangs on (two jobs of one user) in the half that got no answer:
+    its halves then both time out, but the other half had just been answered, so the service is
+    not slow for everyone; each is blamed, and the pair is not given back as an outage forever."""
+    from worker.scoring import HttpBackend
+
+    with queue.connect(queue_db) as conn:
+        ids = [queue.enqueue(conn, user, 30_000)[0] for user in (2, 3, 5, 5, 6, 7, 8, 9)]
+    stuck = set(ids[2:4])
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    config = WorkerConfig(
+        batch_size=50,
+        concurrency=1,
+        lease_seconds=5.0,
+        max_attempts=1,
+        backoff_seconds=0.05,
+        poll_seconds=0.05,
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: (
+                    kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = 'dead'")
+                    == [(2,)]
+                ),
+                15,
+                "both jobs of the hanging user dead-lettered",
+            )
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
+    assert [r[1] for r in rows if r[0] in stuck] == ["dead", "dead"], rows
+    assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows
+    assert [r[1] for r in rows if r[0] not in stuck] == ["done"] * 6, rows
+    # The service answered the other half: nothing was taken for an outage.
+    assert not any("slow for everyone" in (r[2] or "") for r in rows), rows

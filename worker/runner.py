@@ -270,8 +270,15 @@ class Worker:
             return [exc] * len(requests)  # nobody's fault: every job retries later
         except BackendTimeout as exc:
             if len(requests) > 1:
+                # A user the backend hangs on (its features, say) hangs every job of theirs: kept
+                # together, they fall in one half, which the other half's answer then convicts.
+                order = sorted(range(len(requests)), key=lambda i: requests[i].user_id)
                 waited = time.monotonic() - started
-                return self.isolate_timeout(backend, requests, hung, claim, waited)
+                found = self.isolate_timeout(
+                    backend, [requests[i] for i in order], hung, claim, waited
+                )
+                by_position = dict(zip(order, found, strict=True))
+                return [by_position[i] for i in range(len(requests))]
             if requests[0].job_id in hung:
                 return [BackendTimeout(f"{exc}; the job {HUNG} on an earlier attempt")]
             # Nothing answered beside it, so nothing tells a slow backend from a request it hangs
@@ -320,7 +327,7 @@ class Worker:
             )
             error = BackendUnavailable(f"no answer in {waited:.1f} s to a batch of {len(requests)}")
             return [error] * len(requests)
-        middle = len(requests) // 2
+        middle = _user_boundary(requests)
         halves = [requests[:middle], requests[middle:]]
         tried: list[list[Outcome | Exception] | BackendTimeout | None] = []
         for half in halves:
@@ -508,3 +515,14 @@ def _checked(
             f"backend returned {len(outcomes)} outcomes for {len(requests)} requests"
         )
     return outcomes
+
+
+def _user_boundary(requests: Sequence[ScoreRequest]) -> int:
+    """Where to split requests ordered by user into halves: the change of user nearest the
+    middle, so no user's jobs straddle the halves (the middle itself when there is one user)."""
+    middle = len(requests) // 2
+    for distance in range(middle + 1):
+        for cut in (middle - distance, middle + distance):
+            if 0 < cut < len(requests) and requests[cut - 1].user_id != requests[cut].user_id:
+                return cut
+    return middle

@@ -849,3 +849,43 @@ def test_two_jobs_that_hang_the_service_in_one_answered_half_are_both_found(
     assert [r[1] for r in rows if r[0] not in stuck] == ["done"] * 6, rows
     # The service answered the other half: nothing was taken for an outage.
     assert not any("slow for everyone" in (r[2] or "") for r in rows), rows
+
+
+def test_jobs_of_a_user_the_service_hangs_on_are_found_wherever_they_sit_in_the_batch(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """A user whose requests all hang the service, with jobs claimed in both halves of the batch:
+    split as claimed, neither half would answer and the whole batch would be given back as a
+    slow service, forever. The batch is split by user, so their jobs fall in one half."""
+    from worker.scoring import HttpBackend
+
+    with queue.connect(queue_db) as conn:
+        ids = [queue.enqueue(conn, user, 30_000)[0] for user in (5, 2, 3, 4, 6, 7, 8, 5)]
+    stuck = {ids[0], ids[-1]}
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=1, backoff_seconds=0.05, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: (
+                    kit.query(
+                        queue_db,
+                        "SELECT count(*) FROM scoring_jobs WHERE status IN ('done', 'dead')",
+                    )
+                    == [(8,)]
+                ),
+                15,
+                "every job scored or dead-lettered",
+            )
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
+    assert {r[0]: r[1] for r in rows} == {i: "dead" if i in stuck else "done" for i in ids}, rows
+    assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows

@@ -347,7 +347,14 @@ class Worker:
                 f"no answer in time to a batch of {len(requests)} nor to either half of it:"
                 f" slow for everyone ({tried[0]})"
             )
-            return [error] * len(requests)
+            # Jobs an earlier attempt singled out are not cleared by it: they spend an attempt,
+            # or a batch of only them (one user's) would be given back forever.
+            return [
+                BackendTimeout(f"{tried[0]}; the job {HUNG} on an earlier attempt")
+                if r.job_id in hung
+                else error
+                for r in requests
+            ]
         outcomes: list[Outcome | Exception] = []
         for half, result in zip(halves, tried, strict=True):
             if isinstance(result, BackendTimeout):

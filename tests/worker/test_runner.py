@@ -889,3 +889,43 @@ def test_jobs_of_a_user_the_service_hangs_on_are_found_wherever_they_sit_in_the_
     rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
     assert {r[0]: r[1] for r in rows} == {i: "dead" if i in stuck else "done" for i in ids}, rows
     assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows
+
+
+def test_jobs_already_found_hanging_the_service_are_blamed_when_claimed_only_together(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """After a first search blamed them, a user's two jobs come back due at the same time and are
+    claimed without batch-mates: nothing answers, which alone would read as a slow service. They
+    were singled out before, so they spend their attempt instead of coming back forever."""
+    from worker.scoring import HttpBackend
+
+    with queue.connect(queue_db) as conn:
+        ids = [queue.enqueue(conn, 5, amount)[0] for amount in (30_000, 40_000)]
+        conn.execute(
+            "UPDATE scoring_jobs SET attempts = 1, error = %s WHERE id = ANY(%s)",
+            (f"scoring failed: BackendTimeout: no answer; the job {HUNG}", ids),
+        )
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    )
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    config = WorkerConfig(
+        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.05, poll_seconds=0.05
+    )
+    worker = Worker(queue_db, backend, config)
+    try:
+        with kit.running(worker):
+            kit.wait_until(
+                lambda: (
+                    kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = 'dead'")
+                    == [(2,)]
+                ),
+                15,
+                "both jobs dead-lettered",
+            )
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(queue_db, "SELECT attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[0] for r in rows] == [2, 2], rows
+    assert all("earlier attempt" in r[1] for r in rows), rows

@@ -43,14 +43,16 @@ class Claim:
         self.deadline = time.monotonic() + 0.8 * seconds
 
     def renew(self) -> None:
-        """Extend the lease by its length from now; on failure keep the current deadline."""
+        """Extend the lease by its length from now; on failure keep the current deadline. When
+        the worker holds none of the jobs any more (another claimed them after the lease ran
+        out), the deadline is now: whatever it does with them would be fenced off anyway."""
         renewed_at = time.monotonic()
         try:
-            queue.extend_lease(self.conn, self.jobs, self.seconds)
+            held = queue.extend_lease(self.conn, self.jobs, self.seconds)
         except Exception as exc:
             log.warning("could not renew the lease of a batch of %d: %r", len(self.jobs), exc)
             return
-        self.deadline = renewed_at + 0.8 * self.seconds
+        self.deadline = renewed_at + 0.8 * self.seconds if held else renewed_at
 
 
 @dataclass(frozen=True)

@@ -929,3 +929,33 @@ def test_jobs_already_found_hanging_the_service_are_blamed_when_claimed_only_tog
     rows = kit.query(queue_db, "SELECT attempts, error FROM scoring_jobs ORDER BY id")
     assert [r[0] for r in rows] == [2, 2], rows
     assert all("earlier attempt" in r[1] for r in rows), rows
+
+
+def test_a_search_stops_once_another_worker_holds_the_batch(queue_db: str, kit: Any) -> None:
+    """Renewing finds none of the jobs held any more (the lease ran out and another worker claimed
+    them): the search asks the hanging service nothing more."""
+    from worker.runner import Claim
+    from worker.scoring import BackendTimeout
+
+    kit.enqueue_many(queue_db, 4)
+    with queue.connect(queue_db) as conn:
+        jobs = queue.claim(conn, 10, 30)
+        conn.execute("UPDATE scoring_jobs SET attempts = attempts + 1")  # claimed again elsewhere
+
+        class Hangs:
+            model_version = "7"
+            calls = 0
+
+            def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+                Hangs.calls += 1
+                raise BackendTimeout("no answer")
+
+            def close(self) -> None:
+                pass
+
+        claim = Claim(conn, jobs, 30)
+        worker = Worker(queue_db, Hangs(), FAST)
+        requests = [ScoreRequest(j.id, j.user_id, 30_000) for j in jobs]
+        outcomes = worker.isolate_timeout(Hangs(), requests, frozenset(), claim, 0.01)
+    assert Hangs.calls == 0
+    assert all(type(o).__name__ == "BackendUnavailable" for o in outcomes), outcomes

@@ -273,6 +273,12 @@ class Settings(BaseSettings):
         default=None,
         description="Base URL of the bento for the http backend (POST {url}/v2/score_batch).",
     )
+    worker_scoring_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="--backend http: seconds the service has to answer a batch. Keep the lease"
+        " at least three of these, so a search for a request the service hangs on fits in it.",
+    )
     worker_model: str = Field(
         default="production",
         description="Model scored in process: 'production', 'staging', a registry version or a model store tag.",

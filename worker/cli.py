@@ -294,9 +294,21 @@ def run_worker(
         if not scoring_url:
             typer.echo("--backend http needs --url (or PAYLATER_WORKER_SCORING_URL)", err=True)
             raise typer.Exit(2)
+        timeout = settings.worker_scoring_timeout_seconds
         scoring = HttpBackend(
-            scoring_url, token=settings.api_token, max_batch=settings.serve_max_batch
+            scoring_url,
+            token=settings.api_token,
+            max_batch=settings.serve_max_batch,
+            timeout_seconds=timeout,
         )
+        if config.lease_seconds < 3 * timeout:
+            log.warning(
+                "lease %.0f s is under three scoring timeouts (%.0f s): a batch holding a request"
+                " the service hangs on is given back instead of searched"
+                " (PAYLATER_WORKER_LEASE_SECONDS, PAYLATER_WORKER_SCORING_TIMEOUT_SECONDS)",
+                config.lease_seconds,
+                timeout,
+            )
     elif kind == "inprocess":
         reasons = reason_codes or settings.worker_reason_codes
         if reasons not in REASON_CODE_MODES:

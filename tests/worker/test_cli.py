@@ -226,3 +226,23 @@ def test_a_queue_database_apart_from_the_source_reads_features_from_the_source(
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_an_http_worker_warns_when_its_lease_is_too_short_to_search_a_hanging_batch(
+    launch: Any,
+) -> None:
+    """The scoring timeout is a setting, and a lease under three of them is said at start: such
+    a worker gives a batch holding a request the service hangs on back instead of searching it."""
+    launch.env["PAYLATER_WORKER_SCORING_TIMEOUT_SECONDS"] = "4"
+    url = f"http://127.0.0.1:{free_port()}"
+    short = launch("--backend", "http", "--url", url, "--lease-seconds", "10")
+    enough = launch("--backend", "http", "--url", url, "--lease-seconds", "12")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        "worker started" in text for text in launch.logs().values()
+    ):
+        time.sleep(0.2)
+    assert stop(short) == 0 and stop(enough) == 0
+    logs = launch.logs()
+    assert "lease 10 s is under three scoring timeouts (4 s)" in logs[short.pid], logs[short.pid]
+    assert "under three scoring timeouts" not in logs[enough.pid], logs[enough.pid]

@@ -684,47 +684,70 @@ class HangingService:
         self.server.server_close()
 
 
+def run_against_hanging_service(
+    queue_db: str,
+    booster: Any,
+    kit: Any,
+    *,
+    hang_user: int | None,
+    timeout_seconds: float,
+    hang_seconds: float,
+    until: Any,
+    what: str,
+    **config: Any,
+) -> tuple[Worker, HangingService]:
+    """Run a worker over HTTP against a HangingService until `until(worker)` holds (or fail
+    naming `what`); the worker and the service, both stopped."""
+    from worker.scoring import HttpBackend
+
+    service = HangingService(
+        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user, hang_seconds
+    )
+    backend = HttpBackend(service.url, timeout_seconds=timeout_seconds)
+    worker = Worker(queue_db, backend, WorkerConfig(batch_size=50, poll_seconds=0.05, **config))
+    try:
+        with kit.running(worker):
+            kit.wait_until(lambda: until(worker), 30, what)
+    finally:
+        backend.close()
+        service.close()
+    return worker, service
+
+
+def counted(kit: Any, queue_db: str, statuses: tuple[str, ...], n: int) -> Any:
+    """A wait condition: exactly n jobs in `statuses`."""
+    return lambda _: (
+        kit.query(
+            queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = ANY(%s)", (list(statuses),)
+        )
+        == [(n,)]
+    )
+
+
 def test_a_job_that_hangs_the_service_is_dead_lettered_and_its_batch_mates_are_scored(
     queue_db: str, booster: Any, kit: Any
 ) -> None:
     """A request the service hangs on is found by trying halves of its batch, spends its
     attempts and is dead-lettered; before, every batch it was in was given back as an outage,
     forever, and its batch-mates were never scored."""
-    from worker.scoring import HttpBackend
-
     ids = kit.enqueue_many(queue_db, 20)  # users 2..21: user 5 hangs the service
     [(stuck_id,)] = kit.query(queue_db, "SELECT id FROM scoring_jobs WHERE user_id = 5")
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
-    )
-    backend = HttpBackend(service.url, timeout_seconds=0.3)
     # The search (about six waits of 0.3 s) outlasts the lease: it is renewed, or the second
     # loop would claim the batch from under the first.
-    config = WorkerConfig(
-        batch_size=50,
+    worker, service = run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=5,
+        timeout_seconds=0.3,
+        hang_seconds=1.0,
+        until=counted(kit, queue_db, ("done", "dead"), 20),
+        what="every job scored or dead-lettered",
         concurrency=2,
         lease_seconds=1.0,
         max_attempts=2,
         backoff_seconds=0.05,
-        poll_seconds=0.05,
     )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(
-                lambda: (
-                    kit.query(
-                        queue_db,
-                        "SELECT count(*) FROM scoring_jobs WHERE status IN ('done', 'dead')",
-                    )
-                    == [(20,)]
-                ),
-                30,
-                "every job scored or dead-lettered",
-            )
-    finally:
-        backend.close()
-        service.close()
     [(status, attempts, error)] = kit.query(
         queue_db, "SELECT status, attempts, error FROM scoring_jobs WHERE id = %s", (stuck_id,)
     )
@@ -744,27 +767,20 @@ def test_a_service_slow_for_every_batch_dead_letters_nothing(
 ) -> None:
     """When neither half of a batch is answered in time the service is slow, not the jobs: they
     wait with no attempt spent, and each claim costs three calls, not a split down to every job."""
-    from worker.scoring import HttpBackend
-
     kit.enqueue_many(queue_db, 8)
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=None, hang_seconds=0.5
+    _, service = run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=None,
+        timeout_seconds=0.2,
+        hang_seconds=0.5,
+        until=lambda worker: worker.totals.batches >= 6,
+        what="more claims than the jobs have attempts",
+        concurrency=1,
+        max_attempts=2,
+        backoff_seconds=0.01,
     )
-    backend = HttpBackend(service.url, timeout_seconds=0.2)
-    config = WorkerConfig(
-        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.01, poll_seconds=0.05
-    )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(
-                lambda: worker.totals.batches >= 3 * config.max_attempts,
-                30,
-                "more claims than the jobs have attempts",
-            )
-    finally:
-        backend.close()
-        service.close()
     rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
     assert [r[:2] for r in rows] == [("queued", 0)] * 8, rows
     assert all("slow for everyone" in r[2] for r in rows), rows
@@ -777,28 +793,21 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
 ) -> None:
     """The search for a job that hangs the backend stays inside the claim's lease: when even a
     renewed lease leaves no time for two more waits, the batch goes back queued, nobody blamed."""
-    from worker.scoring import HttpBackend
-
     kit.enqueue_many(queue_db, 20)
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
-    )
-    backend = HttpBackend(service.url, timeout_seconds=0.3)
-    config = WorkerConfig(
-        batch_size=50,
+    worker, service = run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=5,
+        timeout_seconds=0.3,
+        hang_seconds=1.0,
+        until=lambda worker: worker.totals.batches >= 3,
+        what="three claims",
         concurrency=1,
         lease_seconds=0.5,
         max_attempts=2,
         backoff_seconds=0.01,
-        poll_seconds=0.05,
     )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(lambda: worker.totals.batches >= 3, 30, "three claims")
-    finally:
-        backend.close()
-        service.close()
     rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
     assert [r[:2] for r in rows] == [("queued", 0)] * 20, rows
     assert all("no answer in" in r[2] for r in rows), rows
@@ -812,37 +821,23 @@ def test_two_jobs_that_hang_the_service_in_one_answered_half_are_both_found(
     """Two requests the service hangs on (two jobs of one user) in the half that got no answer:
     its halves then both time out, but the other half had just been answered, so the service is
     not slow for everyone; each is blamed, and the pair is not given back as an outage forever."""
-    from worker.scoring import HttpBackend
-
     with queue.connect(queue_db) as conn:
         ids = [queue.enqueue(conn, user, 30_000)[0] for user in (2, 3, 5, 5, 6, 7, 8, 9)]
     stuck = set(ids[2:4])
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
-    )
-    backend = HttpBackend(service.url, timeout_seconds=0.3)
-    config = WorkerConfig(
-        batch_size=50,
+    run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=5,
+        timeout_seconds=0.3,
+        hang_seconds=1.0,
+        until=counted(kit, queue_db, ("dead",), 2),
+        what="both jobs of the hanging user dead-lettered",
         concurrency=1,
         lease_seconds=5.0,
         max_attempts=1,
         backoff_seconds=0.05,
-        poll_seconds=0.05,
     )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(
-                lambda: (
-                    kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = 'dead'")
-                    == [(2,)]
-                ),
-                15,
-                "both jobs of the hanging user dead-lettered",
-            )
-    finally:
-        backend.close()
-        service.close()
     rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
     assert [r[1] for r in rows if r[0] in stuck] == ["dead", "dead"], rows
     assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows
@@ -857,35 +852,22 @@ def test_jobs_of_a_user_the_service_hangs_on_are_found_wherever_they_sit_in_the_
     """A user whose requests all hang the service, with jobs claimed in both halves of the batch:
     split as claimed, neither half would answer and the whole batch would be given back as a
     slow service, forever. The batch is split by user, so their jobs fall in one half."""
-    from worker.scoring import HttpBackend
-
     with queue.connect(queue_db) as conn:
         ids = [queue.enqueue(conn, user, 30_000)[0] for user in (5, 2, 3, 4, 6, 7, 8, 5)]
     stuck = {ids[0], ids[-1]}
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=5,
+        timeout_seconds=0.3,
+        hang_seconds=1.0,
+        until=counted(kit, queue_db, ("done", "dead"), 8),
+        what="every job scored or dead-lettered",
+        concurrency=1,
+        max_attempts=1,
+        backoff_seconds=0.05,
     )
-    backend = HttpBackend(service.url, timeout_seconds=0.3)
-    config = WorkerConfig(
-        batch_size=50, concurrency=1, max_attempts=1, backoff_seconds=0.05, poll_seconds=0.05
-    )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(
-                lambda: (
-                    kit.query(
-                        queue_db,
-                        "SELECT count(*) FROM scoring_jobs WHERE status IN ('done', 'dead')",
-                    )
-                    == [(8,)]
-                ),
-                15,
-                "every job scored or dead-lettered",
-            )
-    finally:
-        backend.close()
-        service.close()
     rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
     assert {r[0]: r[1] for r in rows} == {i: "dead" if i in stuck else "done" for i in ids}, rows
     assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows
@@ -897,35 +879,25 @@ def test_jobs_already_found_hanging_the_service_are_blamed_when_claimed_only_tog
     """After a first search blamed them, a user's two jobs come back due at the same time and are
     claimed without batch-mates: nothing answers, which alone would read as a slow service. They
     were singled out before, so they spend their attempt instead of coming back forever."""
-    from worker.scoring import HttpBackend
-
     with queue.connect(queue_db) as conn:
         ids = [queue.enqueue(conn, 5, amount)[0] for amount in (30_000, 40_000)]
         conn.execute(
             "UPDATE scoring_jobs SET attempts = 1, error = %s WHERE id = ANY(%s)",
             (f"scoring failed: BackendTimeout: no answer; the job {HUNG}", ids),
         )
-    service = HangingService(
-        backend_for(queue_db, kit.make_scorer(booster, "7")), hang_user=5, hang_seconds=1.0
+    run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=5,
+        timeout_seconds=0.3,
+        hang_seconds=1.0,
+        until=counted(kit, queue_db, ("dead",), 2),
+        what="both jobs dead-lettered",
+        concurrency=1,
+        max_attempts=2,
+        backoff_seconds=0.05,
     )
-    backend = HttpBackend(service.url, timeout_seconds=0.3)
-    config = WorkerConfig(
-        batch_size=50, concurrency=1, max_attempts=2, backoff_seconds=0.05, poll_seconds=0.05
-    )
-    worker = Worker(queue_db, backend, config)
-    try:
-        with kit.running(worker):
-            kit.wait_until(
-                lambda: (
-                    kit.query(queue_db, "SELECT count(*) FROM scoring_jobs WHERE status = 'dead'")
-                    == [(2,)]
-                ),
-                15,
-                "both jobs dead-lettered",
-            )
-    finally:
-        backend.close()
-        service.close()
     rows = kit.query(queue_db, "SELECT attempts, error FROM scoring_jobs ORDER BY id")
     assert [r[0] for r in rows] == [2, 2], rows
     assert all("earlier attempt" in r[1] for r in rows), rows

@@ -689,15 +689,16 @@ def run_against_hanging_service(
     booster: Any,
     kit: Any,
     *,
-    hang_user: int | None,
-    timeout_seconds: float,
-    hang_seconds: float,
     until: Any,
     what: str,
+    hang_user: int | None = 5,
+    timeout_seconds: float = 0.3,
+    hang_seconds: float = 1.0,
     **config: Any,
 ) -> tuple[Worker, HangingService]:
     """Run a worker over HTTP against a HangingService until `until(worker)` holds (or fail
-    naming `what`); the worker and the service, both stopped."""
+    naming `what`); the worker and the service, both stopped. By default user 5 hangs the
+    service, whose client gives up after 0.3 s; `config`: WorkerConfig fields."""
     from worker.scoring import HttpBackend
 
     service = HangingService(
@@ -738,9 +739,6 @@ def test_a_job_that_hangs_the_service_is_dead_lettered_and_its_batch_mates_are_s
         queue_db,
         booster,
         kit,
-        hang_user=5,
-        timeout_seconds=0.3,
-        hang_seconds=1.0,
         until=counted(kit, queue_db, ("done", "dead"), 20),
         what="every job scored or dead-lettered",
         concurrency=2,
@@ -777,7 +775,6 @@ def test_a_service_slow_for_every_batch_dead_letters_nothing(
         hang_seconds=0.5,
         until=lambda worker: worker.totals.batches >= 6,
         what="more claims than the jobs have attempts",
-        concurrency=1,
         max_attempts=2,
         backoff_seconds=0.01,
     )
@@ -798,12 +795,8 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
         queue_db,
         booster,
         kit,
-        hang_user=5,
-        timeout_seconds=0.3,
-        hang_seconds=1.0,
         until=lambda worker: worker.totals.batches >= 3,
         what="three claims",
-        concurrency=1,
         lease_seconds=0.5,
         max_attempts=2,
         backoff_seconds=0.01,
@@ -828,12 +821,8 @@ def test_two_jobs_that_hang_the_service_in_one_answered_half_are_both_found(
         queue_db,
         booster,
         kit,
-        hang_user=5,
-        timeout_seconds=0.3,
-        hang_seconds=1.0,
         until=counted(kit, queue_db, ("dead",), 2),
         what="both jobs of the hanging user dead-lettered",
-        concurrency=1,
         lease_seconds=5.0,
         max_attempts=1,
         backoff_seconds=0.05,
@@ -859,12 +848,8 @@ def test_jobs_of_a_user_the_service_hangs_on_are_found_wherever_they_sit_in_the_
         queue_db,
         booster,
         kit,
-        hang_user=5,
-        timeout_seconds=0.3,
-        hang_seconds=1.0,
         until=counted(kit, queue_db, ("done", "dead"), 8),
         what="every job scored or dead-lettered",
-        concurrency=1,
         max_attempts=1,
         backoff_seconds=0.05,
     )
@@ -889,12 +874,8 @@ def test_jobs_already_found_hanging_the_service_are_blamed_when_claimed_only_tog
         queue_db,
         booster,
         kit,
-        hang_user=5,
-        timeout_seconds=0.3,
-        hang_seconds=1.0,
         until=counted(kit, queue_db, ("dead",), 2),
         what="both jobs dead-lettered",
-        concurrency=1,
         max_attempts=2,
         backoff_seconds=0.05,
     )

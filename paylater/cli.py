@@ -75,9 +75,19 @@ def backfill_command(
 
 
 @app.command("settings")
-def show_settings() -> None:
+def show_settings(
+    reference: bool = typer.Option(
+        False, "--reference", help="Print every setting (docs/settings.md) instead."
+    ),
+) -> None:
     """Print the backends this environment resolves to."""
     from paylater.settings import get_settings
+
+    if reference:
+        from paylater.settings_doc import reference_markdown
+
+        typer.echo(reference_markdown(), nl=False)
+        return
 
     try:
         s = get_settings()

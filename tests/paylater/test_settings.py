@@ -54,3 +54,16 @@ def test_as_of_parsing() -> None:
     assert resolve_as_of(" 2026-11-01T00:00:00 ") == date(2026, 11, 1)
     with pytest.raises(ValueError, match="as_of must be a date"):
         resolve_as_of("yesterday")
+
+
+def test_the_settings_reference_in_docs_is_the_one_the_code_generates() -> None:
+    """docs/settings.md lists every setting with its default; regenerate it with
+    `paylater settings --reference > docs/settings.md` when a setting changes."""
+    from paylater.settings import Settings
+    from paylater.settings_doc import reference_markdown
+
+    generated = reference_markdown()
+    for name in Settings.model_fields:
+        assert f"PAYLATER_{name.upper()}" in generated, name
+    committed = (Path(__file__).resolve().parents[2] / "docs/settings.md").read_text()
+    assert committed == generated, "docs/settings.md is stale: regenerate it (see docstring)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -274,7 +275,13 @@ class Worker:
             if len(requests) > 1:
                 # A user the backend hangs on (its features, say) hangs every job of theirs: kept
                 # together, they fall in one half, which the other half's answer then convicts.
-                order = sorted(range(len(requests)), key=lambda i: requests[i].user_id)
+                # Users are shuffled anew on each search: two such users split one to each half
+                # read as a slow backend, but the next claim most likely puts them together.
+                salt = random.getrandbits(32)
+                order = sorted(
+                    range(len(requests)),
+                    key=lambda i: (_mix(requests[i].user_id, salt), requests[i].user_id),
+                )
                 waited = time.monotonic() - started
                 found = self.isolate_timeout(
                     backend, [requests[i] for i in order], hung, claim, waited
@@ -526,8 +533,13 @@ def _checked(
     return outcomes
 
 
+def _mix(user_id: int, salt: int) -> int:
+    """A 32-bit shuffle of a user id under `salt` (multiplicative hashing)."""
+    return ((user_id ^ salt) * 0x9E3779B1) & 0xFFFFFFFF
+
+
 def _user_boundary(requests: Sequence[ScoreRequest]) -> int:
-    """Where to split requests ordered by user into halves: the change of user nearest the
+    """Where to split requests grouped by user into halves: the change of user nearest the
     middle, so no user's jobs straddle the halves (the middle itself when there is one user)."""
     middle = len(requests) // 2
     for distance in range(middle + 1):

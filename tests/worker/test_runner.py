@@ -626,10 +626,12 @@ def test_a_following_backend_loading_a_new_version_does_not_hold_up_the_other_lo
 
 class HangingService:
     """A scoring service over real HTTP: the bento's /v2/score_batch answers, computed by a real
-    in-process backend, except that a batch holding `hang_user` (any batch, when None) gets no
-    answer for `hang_seconds`, as a request the service is stuck on."""
+    in-process backend, except that a batch holding one of the users `hang_user` (any batch,
+    when None) gets no answer for `hang_seconds`, as a request the service is stuck on."""
 
-    def __init__(self, inner: InProcessBackend, hang_user: int | None, hang_seconds: float) -> None:
+    def __init__(
+        self, inner: InProcessBackend, hang_user: Sequence[int] | None, hang_seconds: float
+    ) -> None:
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -643,7 +645,7 @@ class HangingService:
                 items = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 users = [int(item["user_id"]) for item in items]
                 service.batches.append(users)
-                if hang_user is None or hang_user in users:
+                if hang_user is None or set(hang_user) & set(users):
                     time.sleep(hang_seconds)
                     return  # the client has given up: close without an answer
                 requests = [
@@ -691,7 +693,7 @@ def run_against_hanging_service(
     *,
     until: Any,
     what: str,
-    hang_user: int | None = 5,
+    hang_user: Sequence[int] | None = (5,),
     timeout_seconds: float = 0.3,
     hang_seconds: float = 1.0,
     **config: Any,
@@ -912,3 +914,27 @@ def test_a_search_stops_once_another_worker_holds_the_batch(queue_db: str, kit: 
         outcomes = worker.isolate_timeout(Hangs(), requests, frozenset(), claim, 0.01)
     assert Hangs.calls == 0
     assert all(type(o).__name__ == "BackendUnavailable" for o in outcomes), outcomes
+
+
+def test_two_users_the_service_hangs_on_one_in_each_half_are_found_on_a_later_claim(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """Users 5 and 7 both hang the service. A claim that splits them one to each half gets no
+    answer at all and reads as a slow service; users are shuffled anew on each search, so a later
+    claim puts them in one half, the other half answers, and both are found."""
+    with queue.connect(queue_db) as conn:
+        ids = [queue.enqueue(conn, user, 30_000)[0] for user in (2, 3, 4, 5, 6, 7, 8, 9)]
+    stuck = {ids[3], ids[5]}
+    run_against_hanging_service(
+        queue_db,
+        booster,
+        kit,
+        hang_user=(5, 7),
+        until=counted(kit, queue_db, ("done", "dead"), 8),
+        what="every job scored or dead-lettered",
+        max_attempts=1,
+        backoff_seconds=0.01,
+    )
+    rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
+    assert {r[0]: r[1] for r in rows} == {i: "dead" if i in stuck else "done" for i in ids}, rows
+    assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows

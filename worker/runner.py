@@ -315,12 +315,13 @@ class Worker:
         """Outcomes of a batch the backend gave no answer to in time (after `waited` seconds).
 
         Each half is tried once. When neither answers in time, the backend is slow for everyone:
-        every job waits, no attempt spent. When one answers, the hang is in the other, which is split the same way down to the
-        request at fault; that one alone spends an attempt (and is dead-lettered after
-        max_attempts). Finding it costs about 2 log2(n) calls, and a slow backend costs 3, where
-        before every batch holding the job was given back as an outage, forever. The claim's
-        lease is renewed before each step; when two more such waits would outlast it, the batch
-        is given back (no attempt spent) and the search goes on with the next claims.
+        every job waits, no attempt spent. When one answers, the hang is in the other, which is
+        split the same way down to the request at fault; that one alone spends an attempt (and
+        is dead-lettered after max_attempts). Finding it costs about 2 log2(n) calls, and a slow
+        backend costs 3, where before every batch holding the job was given back as an outage,
+        forever. The claim's lease is renewed before each step; when two more such waits would
+        outlast it, the batch is given back (no attempt spent) and the search goes on with the
+        next claims.
 
         `answered`: the step before answered this batch's sibling half, so when neither half of
         this one answers the service is not slow for everyone: each half holds a request it hangs

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +216,80 @@ def all_versions(mlflow_client: MlflowClient) -> list[ModelVersion]:
 
 # ---- transitions --------------------------------------------------------------------------------
 
+LOCK_TAG = "transition_in_progress"
+"""Registered-model tag a transition holds while it moves stages and aliases (who, what, since)."""
+LOCK_STALE_SECONDS = 300.0
+"""A lock older than this was left by a process that died mid-transition: it is taken over."""
+LOCK_WAIT_SECONDS = 30.0
+"""How long a transition waits for another to finish before refusing."""
+LOCK_SETTLE_SECONDS = 0.3
+"""Between writing the lock and reading it back: two transitions that start together both write,
+and only the one whose write landed last still reads its own token."""
+
+
+@contextmanager
+def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Iterator[None]:
+    """Hold the registry's transition lock: one promote, rollback or staging at a time.
+
+    MLflow has no compare-and-set, so this is a tag written, then read back after a pause: of
+    two transitions that start within the pause, the one that reads another's token refuses. It
+    guards this project's transitions, not stage changes made by hand in the MLflow UI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _lock_holder(mlflow_client)
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
+        yield  # no registered model yet: nothing to move, the transition says so itself
+        return
+    token = f"{actor} | {what} | {time.time():.0f} | {uuid.uuid4().hex}"
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        held = _lock_holder(mlflow_client)
+        if held is None or _lock_age(held) > LOCK_STALE_SECONDS:
+            mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
+            time.sleep(LOCK_SETTLE_SECONDS)
+            held = _lock_holder(mlflow_client)
+            if held == token:
+                break
+        if time.monotonic() > deadline:
+            raise RegistryError(
+                f"another registry transition is in progress ({_describe(held)}): nothing was"
+                f" changed; run this again once it has ended (a lock older than"
+                f" {LOCK_STALE_SECONDS:.0f} s is taken over)"
+            )
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        if _lock_holder(mlflow_client) == token:
+            mlflow_client.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+
+
+def _lock_holder(mlflow_client: MlflowClient) -> str | None:
+    """The token of the transition holding the lock, if any."""
+    return (mlflow_client.get_registered_model(MODEL_NAME).tags or {}).get(LOCK_TAG)
+
+
+def _lock_age(token: str) -> float:
+    """Seconds since the lock was taken (a token that cannot be read counts as stale)."""
+    try:
+        return time.time() - float(token.split(" | ")[2])
+    except (IndexError, ValueError):
+        return float("inf")
+
+
+def _describe(token: str | None) -> str:
+    """Who holds the lock, doing what, for how long."""
+    if not token:
+        return "it has just ended"
+    parts = token.split(" | ")
+    if len(parts) < 3:
+        return token
+    return f"{parts[1]} by {parts[0]}, {_lock_age(token):.0f} s ago"
+
 
 def _require_reason(reason: str | None) -> str:
     """A non-blank reason, or RegistryError."""
@@ -268,13 +345,14 @@ def stage_candidate(version: str, actor: str, reason: str) -> list[history.Trans
     """Move a gated candidate to Staging (alias staging); an earlier staged candidate is archived."""
     c = client()
     number = normalise_version(get_version(c, version).version)
-    # The new version takes the alias first, so `staging` never points nowhere in between.
-    previous = _others_in_stage(c, "Staging", number)
-    changes = [move(c, number, "Staging", "stage", actor, reason)]
-    changes += [
-        move(c, old, "Archived", "supersede", actor, f"superseded in Staging by v{number}")
-        for old in previous
-    ]
+    with transition_lock(c, actor, f"staging v{number}"):
+        # The new version takes the alias first, so `staging` never points nowhere in between.
+        previous = _others_in_stage(c, "Staging", number)
+        changes = [move(c, number, "Staging", "stage", actor, reason)]
+        changes += [
+            move(c, old, "Archived", "supersede", actor, f"superseded in Staging by v{number}")
+            for old in previous
+        ]
     return changes
 
 
@@ -313,6 +391,14 @@ def promote(
     why = _require_reason(reason)
     c = client()
     number = resolve_version(version, c)
+    with transition_lock(c, actor, f"promoting v{number}"):
+        return _promote(c, number, why, actor, override_gate)
+
+
+def _promote(
+    c: MlflowClient, number: str, why: str, actor: str, override_gate: bool
+) -> list[history.Transition]:
+    """promote(), under the transition lock: checks read the state no one else is changing."""
     mv = get_version(c, number)
     if mv.current_stage != "Staging":
         raise RegistryError(
@@ -362,6 +448,12 @@ def rollback(reason: str | None, actor: str) -> list[history.Transition]:
     """Restore the most recent earlier production version; the current one is archived."""
     why = _require_reason(reason)
     c = client()
+    with transition_lock(c, actor, "rolling back"):
+        return _rollback(c, why, actor)
+
+
+def _rollback(c: MlflowClient, why: str, actor: str) -> list[history.Transition]:
+    """rollback(), under the transition lock."""
     entries = history.read(c)
     current = alias_version(c, "production")
     current_exists = current is not None

@@ -340,3 +340,92 @@ def test_an_out_of_time_month_too_small_to_judge_is_rejected() -> None:
         0.6, 0.5, 0.01, 0.25, False, min_oot_rows=10, min_oot_per_class=1
     )
     assert policy.evaluate_gates(np.array([1] + [0] * 29), perfect, ["a"], lenient).passed
+
+
+def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_anything(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While another promote, rollback or staging holds the lock, a transition waits, then
+    refuses naming who holds it; the lock is released after each transition, and a lock left by
+    a process that died (older than LOCK_STALE_SECONDS) is taken over."""
+    import time
+
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    mark_verified(version)
+    c = client()
+    assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 1.0)
+    held = f"dave | rolling back | {time.time():.0f} | abc"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, held)
+    before = _state()
+    with pytest.raises(RegistryError, match=r"rolling back by dave, [0-9]+ s ago"):
+        policy.promote(version, "production", "release", "alice")
+    assert _state() == before
+    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == held
+
+    stale = f"dave | rolling back | {time.time() - policy.LOCK_STALE_SECONDS - 5:.0f} | abc"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, stale)
+    policy.promote(version, "production", "release", "alice")
+    assert policy.resolve_version("production") == version
+    assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
+
+
+def test_two_transitions_started_together_never_both_run(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A promote of v2 and a rollback to v1 started at the same moment: one runs, the other waits
+    for it (here: refuses, with no wait allowed), so production ends as one of them left it and
+    exactly one version is in the Production stage."""
+    import threading
+
+    v1 = register(good_candidate)
+    v2 = register_copy(v1)
+    for version in (v1, v2):
+        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        mark_verified(version)
+        policy.promote(version, "production", "release", "alice")
+    v3 = register_copy(v1)
+    policy.stage_candidate(v3, "monthly-retrain", "gates passed")
+    mark_verified(v3)
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    start = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def attempt(name: str, action: Callable[[], object]) -> None:
+        start.wait()
+        try:
+            outcomes[name] = action()
+        except RegistryError as exc:
+            outcomes[name] = exc
+
+    threads = [
+        threading.Thread(
+            target=attempt,
+            args=("promote", lambda: policy.promote(v3, "production", "release", "alice")),
+        ),
+        threading.Thread(
+            target=attempt, args=("rollback", lambda: policy.rollback("bad release", "bob"))
+        ),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    refused = [n for n, o in outcomes.items() if isinstance(o, RegistryError)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    assert "another registry transition is in progress" in str(outcomes[refused[0]])
+    stages = _state()["stages"]
+    in_production = [v for v, stage in stages.items() if stage == "Production"]
+    expected = v1 if refused == ["promote"] else v3
+    assert in_production == [expected], stages
+    assert policy.resolve_version("production") == expected

@@ -276,7 +276,7 @@ def _lock_holder(mlflow_client: MlflowClient) -> str | None:
 def _lock_age(token: str) -> float:
     """Seconds since the lock was taken (a token that cannot be read counts as stale)."""
     try:
-        return time.time() - float(token.split(" | ")[2])
+        return time.time() - float(token.rsplit(" | ", 2)[1])
     except (IndexError, ValueError):
         return float("inf")
 
@@ -285,10 +285,12 @@ def _describe(token: str | None) -> str:
     """Who holds the lock, doing what, for how long."""
     if not token:
         return "it has just ended"
-    parts = token.split(" | ")
-    if len(parts) < 3:
+    # Read from the right: an actor's name may hold the separator.
+    head = token.rsplit(" | ", 2)[0]
+    if " | " not in head:
         return token
-    return f"{parts[1]} by {parts[0]}, {_lock_age(token):.0f} s ago"
+    actor, what = head.rsplit(" | ", 1)
+    return f"{what} by {actor}, {max(0.0, _lock_age(token)):.0f} s ago"
 
 
 def _require_reason(reason: str | None) -> str:

@@ -429,3 +429,12 @@ def test_two_transitions_started_together_never_both_run(
     expected = v1 if refused == ["promote"] else v3
     assert in_production == [expected], stages
     assert policy.resolve_version("production") == expected
+
+
+def test_a_lock_held_by_an_actor_whose_name_holds_the_separator_is_not_taken_for_stale() -> None:
+    import time
+
+    token = f"ann | ops | promoting v3 | {time.time():.0f} | abc"
+    assert policy._lock_age(token) < policy.LOCK_STALE_SECONDS
+    assert policy._describe(token) == "promoting v3 by ann | ops, 0 s ago"
+    assert policy._lock_age("written by something else") == float("inf")

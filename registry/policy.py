@@ -249,11 +249,19 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     while True:
         held = _lock_holder(mlflow_client)
         if held is None or _lock_age(held) > LOCK_STALE_SECONDS:
-            mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
-            time.sleep(LOCK_SETTLE_SECONDS)
-            held = _lock_holder(mlflow_client)
-            if held == token:
-                break
+            try:
+                mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
+            except MlflowException as exc:
+                if exc.error_code != "BAD_REQUEST":
+                    raise
+                # A SQL store inserts a new tag's row: of two writers at the same moment, the
+                # second fails on the row's key. The other transition holds the lock.
+                held = _lock_holder(mlflow_client)
+            else:
+                time.sleep(LOCK_SETTLE_SECONDS)
+                held = _lock_holder(mlflow_client)
+                if held == token:
+                    break
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another registry transition is in progress ({_describe(held)}): nothing was"

@@ -438,3 +438,40 @@ def test_a_lock_held_by_an_actor_whose_name_holds_the_separator_is_not_taken_for
     assert policy._lock_age(token) < policy.LOCK_STALE_SECONDS
     assert policy._describe(token) == "promoting v3 by ann | ops, 0 s ago"
     assert policy._lock_age("written by something else") == float("inf")
+
+
+def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SQL store inserts a new tag's row, so of two transitions writing the lock at the same
+    moment the second fails on the row's key (as one did in a full run): that is the other
+    transition holding the lock, said as such, not the store's IntegrityError."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    register(good_candidate)
+    c = client()
+    other = f"bob | rolling back | {time.time():.0f} | abc"
+
+    class Racing:
+        """The real client, whose lock write loses to `other`'s."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(c, name)
+
+        def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+            c.set_registered_model_tag(name, key, other)
+            raise MlflowException("UNIQUE constraint failed", error_code=BAD_REQUEST)
+
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    with (
+        pytest.raises(RegistryError, match="rolling back by bob"),
+        policy.transition_lock(Racing(), "alice", "promoting v1"),  # type: ignore[arg-type]
+    ):
+        pytest.fail("the lock was taken")
+    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == other

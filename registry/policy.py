@@ -238,7 +238,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     from mlflow.exceptions import MlflowException
 
     try:
-        _lock_holder(mlflow_client)
+        held = _lock_holder(mlflow_client)
     except MlflowException as exc:
         if not is_absent(exc):
             raise
@@ -247,7 +247,6 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     token = f"{actor} | {what} | {time.time():.0f} | {uuid.uuid4().hex}"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
-        held = _lock_holder(mlflow_client)
         if held is None or _lock_age(held) > LOCK_STALE_SECONDS:
             try:
                 mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
@@ -256,12 +255,11 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
                     raise
                 # A SQL store inserts a new tag's row: of two writers at the same moment, the
                 # second fails on the row's key. The other transition holds the lock.
-                held = _lock_holder(mlflow_client)
             else:
                 time.sleep(LOCK_SETTLE_SECONDS)
-                held = _lock_holder(mlflow_client)
-                if held == token:
-                    break
+            held = _lock_holder(mlflow_client)
+            if held == token:
+                break
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another registry transition is in progress ({_describe(held)}): nothing was"
@@ -269,6 +267,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
                 f" {LOCK_STALE_SECONDS:.0f} s is taken over)"
             )
         time.sleep(1.0)
+        held = _lock_holder(mlflow_client)
     try:
         yield
     finally:

@@ -241,13 +241,21 @@ def timed_day(url: str, warehouse: Path, day: date) -> float:
     first runs on copies of the file (each thrown away), the last on the file itself, which then
     holds the day. A day is half a second, where one stall of the machine would otherwise decide
     the figure; the source is only read, so every run does the same work."""
+    return median_on_copies(lambda path: project_sync(url, path, day), warehouse, keep_last=True)
+
+
+def median_on_copies(run: Callable[[Path], object], warehouse: Path, keep_last: bool) -> float:
+    """Median seconds of `run(file)` over DAY_ROUNDS runs, each on a fresh copy of `warehouse`
+    (thrown away), except the last on `warehouse` itself when `keep_last`."""
     seconds = []
-    for attempt in range(DAY_ROUNDS - 1):
+    for attempt in range(DAY_ROUNDS):
+        if keep_last and attempt == DAY_ROUNDS - 1:
+            seconds.append(timed(partial(run, warehouse)))
+            continue
         copy = warehouse.with_name(f"day_copy_{attempt}.duckdb")
         shutil.copy(warehouse, copy)
-        seconds.append(timed(partial(project_sync, url, copy, day)))
+        seconds.append(timed(partial(run, copy)))
         copy.unlink()
-    seconds.append(timed(partial(project_sync, url, warehouse, day)))
     return statistics.median(seconds)
 
 
@@ -283,13 +291,7 @@ def bare_day(url: str, warehouse_path: Path, day: date) -> None:
 
 def timed_bare_day(url: str, warehouse: Path, day: date) -> float:
     """Median seconds of the bare day over DAY_ROUNDS runs, each on a copy of the warehouse."""
-    seconds = []
-    for attempt in range(DAY_ROUNDS):
-        copy = warehouse.with_name(f"bare_copy_{attempt}.duckdb")
-        shutil.copy(warehouse, copy)
-        seconds.append(timed(partial(bare_day, url, copy, day)))
-        copy.unlink()
-    return statistics.median(seconds)
+    return median_on_copies(lambda path: bare_day(url, path, day), warehouse, keep_last=False)
 
 
 def open_and_close(url: str, warehouse_path: Path) -> None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HUNG = "hangs the backend: the rest of its batch was answered"
+HUNG = "hangs the backend while it answers other requests"
 """In the error of a job found hanging the backend; alone in a later batch, it is still blamed."""
 
 
@@ -172,6 +172,9 @@ class Worker:
         self.stop_event = threading.Event()
         self.wake = Wakeup(self.config.concurrency)
         self.backend_down = threading.Event()  # the last batch could not reach the backend
+        # The last request the backend answered: asked again alone, it tells a backend slow for
+        # everyone from one stuck on the requests of a batch with nothing else to compare with.
+        self.reference: ScoreRequest | None = None
 
     # ---- one batch -------------------------------------------------------------------------
 
@@ -290,9 +293,18 @@ class Worker:
                 return [by_position[i] for i in range(len(requests))]
             if requests[0].job_id in hung:
                 return [BackendTimeout(f"{exc}; the job {HUNG} on an earlier attempt")]
+            answered = self.reference_answers(backend, requests, claim, time.monotonic() - started)
+            if answered is not None:
+                log.warning("job %s hangs the backend: %s", requests[0].job_id, exc)
+                return [BackendTimeout(f"{exc}; the job {HUNG} ({answered})")]
             # Nothing answered beside it, so nothing tells a slow backend from a request it hangs
             # on: the job waits, no attempt spent, until it is claimed with others.
-            return [BackendUnavailable(f"{exc}; no other job in the batch to compare with")]
+            return [
+                BackendUnavailable(
+                    f"{exc}; nothing else answered to compare with (no other job in the batch,"
+                    " and no earlier request answered again)"
+                )
+            ]
         except Exception as exc:
             if len(requests) == 1:
                 log.warning("job %s failed to score: %r", requests[0].job_id, exc)
@@ -301,7 +313,43 @@ class Worker:
             return self.score(backend, requests[:middle], hung, claim) + self.score(
                 backend, requests[middle:], hung, claim
             )
-        return _checked(outcomes, requests)
+        return self._answered(outcomes, requests)
+
+    def _answered(
+        self, outcomes: list[Outcome | Exception], requests: Sequence[ScoreRequest]
+    ) -> list[Outcome | Exception]:
+        """A backend's answer to `requests`, checked; one of them it scored becomes the reference."""
+        outcomes = _checked(outcomes, requests)
+        scored = next(
+            (r for r, o in zip(requests, outcomes, strict=True) if isinstance(o, ScoreOutcome)),
+            None,
+        )
+        if scored is not None:
+            self.reference = scored
+        return outcomes
+
+    def reference_answers(
+        self,
+        backend: ScoringBackend,
+        requests: Sequence[ScoreRequest],
+        claim: Claim | None,
+        waited: float,
+    ) -> str | None:
+        """Ask the backend the last request it answered (another user's), alone, after `requests`
+        got no answer in `waited` seconds: how it was answered, or None when it was not (slow
+        for everyone), when there is no such request yet, or when the lease leaves no time."""
+        reference = self.reference
+        if reference is None or reference.user_id in {r.user_id for r in requests}:
+            return None
+        if claim is not None:
+            claim.renew()
+            if time.monotonic() + waited > claim.deadline:
+                return None
+        try:
+            _checked(list(backend.score([reference])), [reference])
+        except Exception:
+            return None
+        return f"user {reference.user_id}'s request, asked alone, was answered"
 
     def isolate_timeout(
         self,
@@ -314,10 +362,13 @@ class Worker:
     ) -> list[Outcome | Exception]:
         """Outcomes of a batch the backend gave no answer to in time (after `waited` seconds).
 
-        Each half is tried once. When neither answers in time, the backend is slow for everyone:
-        every job waits, no attempt spent. When one answers, the hang is in the other, which is
-        split the same way down to the request at fault; that one alone spends an attempt (and
-        is dead-lettered after max_attempts). Finding it costs about 2 log2(n) calls, and a slow
+        Each half is tried once. When one answers, the hang is in the other, which is split the
+        same way down to the request at fault; that one alone spends an attempt (and is
+        dead-lettered after max_attempts). When neither answers in time, the last request the
+        backend answered (another user's) is asked again alone: answered, the backend is stuck on
+        this batch, so both halves are searched (a batch of one user's jobs is blamed whole); not
+        answered, or with no such request yet, the backend is slow for everyone: every job waits,
+        no attempt spent. Finding it costs about 2 log2(n) calls, and a slow
         backend costs 3, where before every batch holding the job was given back as an outage,
         forever. The claim's lease is renewed before each step; when two more such waits would
         outlast it, the batch is given back (no attempt spent) and the search goes on with the
@@ -353,6 +404,20 @@ class Worker:
                 tried.append(None)  # it answered, with an error: split below as any other error
         none_answered = all(isinstance(t, BackendTimeout) for t in tried)
         if none_answered and not answered:
+            meanwhile = self.reference_answers(backend, requests, claim, waited)
+            if meanwhile is not None and len({r.user_id for r in requests}) == 1:
+                # One user's jobs only, and another user's request is answered: the backend is
+                # stuck on this user (their features, say). Every job of theirs spends an attempt
+                # at once, rather than a wait per job to split them down one by one.
+                log.warning(
+                    "user %s's %d jobs hang the backend: %s",
+                    requests[0].user_id,
+                    len(requests),
+                    meanwhile,
+                )
+                return [BackendTimeout(f"{tried[0]}; the job {HUNG} ({meanwhile})")] * len(requests)
+            answered = meanwhile is not None
+        if none_answered and not answered:
             error = BackendUnavailable(
                 f"no answer in time to a batch of {len(requests)} nor to either half of it:"
                 f" slow for everyone ({tried[0]})"
@@ -378,7 +443,7 @@ class Worker:
             elif result is None:
                 outcomes += self.score(backend, half, hung, claim)
             else:
-                outcomes += _checked(result, half)
+                outcomes += self._answered(result, half)
         return outcomes
 
     def score_shadow(self, requests: Sequence[ScoreRequest]) -> list[queue.ShadowScored]:

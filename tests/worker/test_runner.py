@@ -637,6 +637,7 @@ class HangingService:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.batches: list[list[int]] = []
+        self.hang_user = hang_user  # changeable while it runs
         lock = threading.Lock()
         service = self
 
@@ -645,7 +646,7 @@ class HangingService:
                 items = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 users = [int(item["user_id"]) for item in items]
                 service.batches.append(users)
-                if hang_user is None or set(hang_user) & set(users):
+                if service.hang_user is None or set(service.hang_user) & set(users):
                     time.sleep(hang_seconds)
                     return  # the client has given up: close without an answer
                 requests = [
@@ -938,3 +939,73 @@ def test_two_users_the_service_hangs_on_one_in_each_half_are_found_on_a_later_cl
     rows = kit.query(queue_db, "SELECT id, status, error FROM scoring_jobs ORDER BY id")
     assert {r[0]: r[1] for r in rows} == {i: "dead" if i in stuck else "done" for i in ids}, rows
     assert all(HUNG in r[2] for r in rows if r[0] in stuck), rows
+
+
+def scored_then_alone(
+    queue_db: str, booster: Any, kit: Any, alone: Sequence[int], hang_all: bool = False
+) -> tuple[list[tuple[Any, ...]], HangingService]:
+    """One worker loop, by hand, against a HangingService on which user 5 hangs: a first claim of
+    users 2 and 3 is answered (user 2's request becomes the reference); then a claim of only `alone`'s jobs (users), with the service
+    hanging on every request when `hang_all`. The second claim's jobs' (status, attempts, error)."""
+    from worker.scoring import HttpBackend
+
+    service = HangingService(backend_for(queue_db, kit.make_scorer(booster, "7")), (5,), 1.0)
+    backend = HttpBackend(service.url, timeout_seconds=0.3)
+    worker = Worker(queue_db, backend, WorkerConfig(batch_size=50, lease_seconds=5.0))
+    try:
+        with queue.connect(queue_db) as conn:
+            for user in (2, 3):
+                queue.enqueue(conn, user, 30_000)
+            assert worker.run_once(conn) == 2
+            ids = [queue.enqueue(conn, user, 30_000 + i)[0] for i, user in enumerate(alone)]
+            if hang_all:
+                service.hang_user = None
+            assert worker.run_once(conn) == len(alone)
+    finally:
+        backend.close()
+        service.close()
+    rows = kit.query(
+        queue_db,
+        "SELECT status, attempts, error FROM scoring_jobs WHERE id = ANY(%s) ORDER BY id",
+        (ids,),
+    )
+    return rows, service
+
+
+def test_a_lone_job_that_hangs_the_service_is_blamed_when_another_request_is_answered(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """A job claimed alone gets no answer: before, nothing told a slow service from a request it
+    hangs on, so it waited, no attempt spent, until claimed with others, which in a quiet queue
+    may never happen. The last request the service answered (user 2's), asked again alone, is
+    answered: the job is blamed and spends its attempt."""
+    rows, service = scored_then_alone(queue_db, booster, kit, alone=(5,))
+    [(status, attempts, error)] = rows
+    assert (status, attempts) == ("queued", 1), rows  # retried, then dead-lettered
+    assert HUNG in error and "user 2's request, asked alone, was answered" in error, error
+    assert service.batches[-2:] == [[5], [2]], service.batches
+
+
+def test_a_batch_of_one_users_jobs_that_hang_the_service_is_blamed_whole(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """Three jobs of user 5, claimed without other users' jobs: neither half answers. Another
+    user's request is answered meanwhile, so the service is stuck on this user: the three spend
+    an attempt together, in four calls (the batch, its halves, the reference), not one per job."""
+    rows, service = scored_then_alone(queue_db, booster, kit, alone=(5, 5, 5))
+    assert [r[:2] for r in rows] == [("queued", 1)] * 3, rows
+    assert all(HUNG in r[2] for r in rows), rows
+    assert service.batches[1:] == [[5, 5, 5], [5], [5, 5], [2]], service.batches
+
+
+def test_a_lone_job_is_not_blamed_when_the_service_answers_nobody(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """The service stops answering anyone: the lone job gets no answer, nor does the reference
+    request asked after it, so the service is slow for everyone and the job waits, no attempt
+    spent."""
+    rows, service = scored_then_alone(queue_db, booster, kit, alone=(6,), hang_all=True)
+    [(status, attempts, error)] = rows
+    assert (status, attempts) == ("queued", 0), rows
+    assert HUNG not in error and "nothing else answered to compare with" in error, error
+    assert service.batches[-2:] == [[6], [2]], service.batches

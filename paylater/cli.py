@@ -80,8 +80,9 @@ def show_settings(
         False, "--reference", help="Print every setting (docs/settings.md) instead."
     ),
 ) -> None:
-    """Print the backends this environment resolves to."""
+    """Print the backends this environment resolves to (passwords masked)."""
     from paylater.settings import get_settings
+    from tasks.extract import redact
 
     if reference:
         from paylater.settings_doc import reference_markdown
@@ -96,10 +97,10 @@ def show_settings(
         raise typer.Exit(1) from exc
     for name, value in [
         ("home", s.home_dir),
-        ("source", s.source),
-        ("warehouse", s.warehouse),
+        ("source", redact(s.source)),
+        ("warehouse", redact(s.warehouse)),
         ("datasets", s.datasets),
-        ("mlflow", s.tracking_uri),
+        ("mlflow", redact(s.tracking_uri)),
         ("timezone", s.timezone),
     ]:
         typer.echo(f"{name:10} {value}")

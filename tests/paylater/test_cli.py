@@ -43,3 +43,13 @@ def test_settings_misconfigured_is_one_error_line(
     assert result.exit_code == 1
     (line,) = result.output.splitlines()
     assert line.startswith("error: PAYLATER_SYNC_READERS") and "'two'" in line
+
+
+def test_settings_masks_passwords(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://app:s3cret@db:5432/ops")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ml:hunter2@db/mlflow")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output and "hunter2" not in result.output
+    assert "postgresql://app:***@db:5432/ops" in result.output
+    assert "postgresql://ml:***@db/mlflow" in result.output

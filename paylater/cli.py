@@ -52,12 +52,20 @@ def backfill_command(
 ) -> None:
     """Run the daily pipeline for every day from --start to --end; rerun to resume."""
     from paylater import backfill as bf
-    from paylater.timeutil import resolve_as_of
+    from paylater.settings import get_settings
+    from paylater.timeutil import default_as_of, resolve_as_of
     from tasks.storage import StorageError
     from tasks.warehouse import WarehouseError
 
     try:
         first, last = resolve_as_of(start), resolve_as_of(end)
+        latest = default_as_of()
+        if last > latest:
+            # A sync refuses a day that has not ended; say so before running the earlier days.
+            raise ValueError(
+                f"--end {last} has not ended yet in {get_settings().timezone}; "
+                f"the latest day a backfill can run is {latest}"
+            )
         run_day = bf.run_through_deployment if deployment else bf.run_in_process
         outcomes = bf.backfill(
             first,

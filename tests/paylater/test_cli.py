@@ -53,3 +53,21 @@ def test_settings_masks_passwords(paylater_home: Path, monkeypatch: pytest.Monke
     assert "s3cret" not in result.output and "hunter2" not in result.output
     assert "postgresql://app:***@db:5432/ops" in result.output
     assert "postgresql://ml:***@db/mlflow" in result.output
+
+
+def test_backfill_of_a_day_not_ended_is_refused_before_running(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from paylater import backfill as bf
+    from paylater.timeutil import today
+
+    ran: list[object] = []
+    monkeypatch.setattr(bf, "backfill", lambda *a, **k: ran.append(a) or [])
+    last_day = today()
+    result = CliRunner().invoke(
+        app, ["backfill", "--start", "2026-01-01", "--end", last_day.isoformat()]
+    )
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: --end {last_day} has not ended yet in Asia/Tokyo")
+    assert ran == []

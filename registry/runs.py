@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 import warnings
@@ -46,7 +47,9 @@ class CandidateRun:
 
 
 def git_commit() -> tuple[str, bool]:
-    """(HEAD commit, working tree dirty?) of this checkout; ('unknown', False) without git."""
+    """(HEAD commit, working tree dirty?) of this checkout. Without a git checkout (the flow-run
+    image, which does not copy .git) the commit is $PAYLATER_GIT_COMMIT, set by the Dockerfile
+    from its GIT_COMMIT build argument; ('unknown', False) when that is unset too."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
@@ -63,7 +66,7 @@ def git_commit() -> tuple[str, bool]:
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown", False
+        return os.environ.get("PAYLATER_GIT_COMMIT", "").strip() or "unknown", False
     return head or "unknown", bool(status.strip())
 
 

@@ -87,3 +87,17 @@ def test_reproduce_at_the_logged_commit_runs_that_commits_code(
     assert result.exit_code == 1
     assert "logged without a git commit" in result.output
     assert worktrees() == before
+
+
+def test_commit_outside_a_git_checkout_comes_from_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow-run image has no .git; its Dockerfile passes the commit as PAYLATER_GIT_COMMIT."""
+    from registry import runs
+
+    monkeypatch.setattr(runs, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("PAYLATER_GIT_COMMIT", raising=False)
+    assert runs.git_commit() == ("unknown", False)
+    monkeypatch.setenv("PAYLATER_GIT_COMMIT", "0123abc")
+    assert runs.git_commit() == ("0123abc", False)

@@ -39,6 +39,7 @@ class WriteReport:
     truth: str
     first_day: date
     last_day: date
+    zone: str = "Asia/Tokyo"
     inserted: dict[str, int] = field(default_factory=dict)
     updated: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -46,7 +47,7 @@ class WriteReport:
     def lines(self) -> list[str]:
         """Human-readable summary."""
         out = [
-            f"days       {self.first_day} .. {self.last_day} (business days, Asia/Tokyo)",
+            f"days       {self.first_day} .. {self.last_day} (business days, {self.zone})",
             f"source     {redact(self.source)}",
             f"warehouse  {redact(self.warehouse)} (app_events, one partition per day)",
             f"truth      {self.truth}",
@@ -130,7 +131,7 @@ def generate_into(
             warehouse.execute("DROP TABLE app_events")
         sim, plan = Simulation.begin(users, months, seed, end_date, zone)
         report = WriteReport(
-            source_url, warehouse_url, str(truth_dir / TRUTH_FILE), sim.last_day, end_date
+            source_url, warehouse_url, str(truth_dir / TRUTH_FILE), sim.last_day, end_date, zone
         )
         report.first_day = date.fromordinal(sim.last_day.toordinal() + 1)
         truth = _stream(sim.run(plan, end_date), source, warehouse, report.inserted)
@@ -200,7 +201,9 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
     started = time.perf_counter()
     sim = Simulation.load(truth_dir / STATE_FOLDER)
     first = date.fromordinal(sim.last_day.toordinal() + 1)
-    report = WriteReport(source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first)
+    report = WriteReport(
+        source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first, sim.meta.zone
+    )
     source = open_source(source_url)
     warehouse = open_warehouse(warehouse_url)
     truth = [pq.read_table(truth_dir / TRUTH_FILE)]

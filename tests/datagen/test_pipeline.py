@@ -74,3 +74,12 @@ def test_advance_continues_deterministically(tmp_path: Path) -> None:
             )
     assert dumps[0] == dumps[1]
     assert len(dumps[0][1]) > 0
+
+
+def test_reports_name_the_zone_the_days_were_simulated_in(tmp_path: Path) -> None:
+    source = f"sqlite:///{tmp_path / 'source.db'}"
+    warehouse = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    report = generate_into(20, 1, 3, END, "Asia/Kolkata", source, warehouse, tmp_path / "truth")
+    assert "(business days, Asia/Kolkata)" in report.lines()[0]
+    report = advance_into(1, source, warehouse, tmp_path / "truth")
+    assert "(business days, Asia/Kolkata)" in report.lines()[0]

@@ -44,6 +44,19 @@ def resolve_version(stage_or_version: str) -> str:
     return str(_client().get_model_version_by_alias(MODEL_NAME, value).version)
 
 
+def unloadable(exc: BaseException) -> str | None:
+    """One line saying why a registry version, stage or model store tag cannot be loaded (the
+    registry lacks it, the store lacks it, the name is invalid); None for any other error."""
+    from bentoml.exceptions import NotFound
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return " ".join(str(exc.message).split())
+    if isinstance(exc, NotFound | ValueError):
+        return " ".join(str(exc).split())
+    return None
+
+
 def model_tag(version: str) -> str:
     """The BentoML model store tag of a registry version."""
     return f"{MODEL_NAME}:{version}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, help="BentoML: import a registry version, build its bento.")
@@ -16,6 +18,20 @@ def _target(stage: str | None, version: str | None) -> str:
     return version or stage or "production"
 
 
+def _or_exit(target: str, action: Callable[[], str]) -> str:
+    """Run `action`; a version, stage or tag that cannot be loaded is one error line, exit 1."""
+    from bentos.build import unloadable
+
+    try:
+        return action()
+    except Exception as exc:
+        reason = unloadable(exc)
+        if reason is None:
+            raise
+        typer.echo(f"error: cannot load model {target!r}: {reason}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @app.command("import")
 def import_cmd(
     stage: str | None = typer.Option(None, help="Registry stage: production or staging."),
@@ -24,7 +40,8 @@ def import_cmd(
     """Save a registry version into the BentoML model store as paylater-default:<version>."""
     from bentos.build import import_version, resolve_version
 
-    tag = import_version(resolve_version(_target(stage, version)))
+    target = _target(stage, version)
+    tag = _or_exit(target, lambda: import_version(resolve_version(target)))
     typer.echo(tag)
 
 
@@ -36,6 +53,7 @@ def build_cmd(
     """Build paylater-scorer:<version> (importing the model first when missing)."""
     from bentos.build import build_bento
 
-    tag = build_bento(_target(stage, version))
+    target = _target(stage, version)
+    tag = _or_exit(target, lambda: build_bento(target))
     typer.echo(tag)
     typer.echo(f"serve it with: bentoml serve {tag} --host 127.0.0.1 --port 3000")

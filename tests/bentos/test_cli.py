@@ -31,3 +31,10 @@ def test_import_rejects_ambiguous_or_unknown_stage(serving_env: dict[str, str]) 
     result = runner.invoke(app, ["import", "--stage", "qa"])
     assert result.exit_code != 0
     assert "production or staging" in result.output
+
+
+def test_import_of_a_missing_version_is_one_error_line(serving_env: dict[str, str]) -> None:
+    result = CliRunner().invoke(app, ["import", "--version", "999"])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: cannot load model '999': ")

@@ -246,3 +246,14 @@ def test_an_http_worker_warns_when_its_lease_is_too_short_to_search_a_hanging_ba
     logs = launch.logs()
     assert "lease 10 s is under three scoring timeouts (4 s)" in logs[short.pid], logs[short.pid]
     assert "under three scoring timeouts" not in logs[enough.pid], logs[enough.pid]
+
+
+def test_a_model_that_cannot_be_loaded_is_one_error_line(queue_db: str, launch: Any) -> None:
+    """A store tag the model store lacks (or an alias no version holds) stops the worker with one
+    line naming it, not a traceback."""
+    proc = launch("--model", "paylater-default:999")
+    assert proc.wait(timeout=60) == 1
+    (log,) = launch.logs().values()
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: cannot load model 'paylater-default:999': ")
+    assert "Traceback" not in log

@@ -62,7 +62,7 @@ cat <<TXT
 Serve the staged candidate (the staging service)
   PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME PAYLATER_SERVE_STAGE=staging .venv/bin/bentoml serve bentos.service:PaylaterScorer --host 127.0.0.1 --port 3000
   curl -s -X POST 127.0.0.1:3000/v2/score -H 'content-type: application/json' -d '{"user_id": 1, "amount_jpy": 10000}'
-Verify it, then promote it
-  .venv/bin/paylater registry verify --stage staging --url http://127.0.0.1:3000
-  .venv/bin/paylater registry promote VERSION --to production --reason "checked on staging"
+Verify it, then promote it (promoting builds the version's bento into BENTOML_HOME)
+  PAYLATER_HOME=$PAYLATER_HOME .venv/bin/paylater registry verify --stage staging --url http://127.0.0.1:3000
+  PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME .venv/bin/paylater registry promote VERSION --to production --reason "checked on staging"
 TXT

@@ -6,7 +6,7 @@ import functools
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -345,6 +345,18 @@ class Settings(BaseSettings):
         description="Bearer token the scoring APIs require (unset: open, e.g. on loopback).",
     )
     # --- end serving ---
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        """An IANA zone name the zone database holds (else every command fails on first use)."""
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("unknown time zone: use an IANA name such as Asia/Tokyo") from exc
+        return value
 
     @property
     def home_dir(self) -> Path:

@@ -71,3 +71,14 @@ def test_backfill_of_a_day_not_ended_is_refused_before_running(
     (line,) = result.output.splitlines()
     assert line.startswith(f"error: --end {last_day} has not ended yet in Asia/Tokyo")
     assert ran == []
+
+
+def test_unknown_time_zone_is_one_error_line(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_TIMEZONE", "Nowhere/X")
+    for args in (["settings"], BACKFILL):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.splitlines()
+        assert line.startswith("error: PAYLATER_TIMEZONE: ") and "unknown time zone" in line

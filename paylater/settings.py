@@ -260,7 +260,7 @@ class Settings(BaseSettings):
     worker_database_url: str | None = Field(
         default=None,
         description=(
-            "PostgreSQL holding scoring_jobs and their results; defaults to source_url. An"
+            "PostgreSQL holding scoring_jobs and their results; defaults to PAYLATER_SOURCE_URL. An"
             " in-process worker reads user_features_latest from the source when that is"
             " PostgreSQL (the feature build publishes it there), else from this database."
         ),
@@ -324,7 +324,7 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Finished jobs (with their results) are deleted this many days after they finished,"
-            " by the monitor; 0: kept forever. Keep it above monitor_report_days."
+            " by the monitor; 0: kept forever. Keep it above PAYLATER_MONITOR_REPORT_DAYS."
         ),
     )
     # --- end worker ---

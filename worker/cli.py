@@ -46,6 +46,21 @@ def inprocess_backend(
     return InProcessBackend(scorer, database_url, reason_codes)
 
 
+def connect_or_exit(db_url: str) -> Any:
+    """A connection to the queue database; one error line and exit 1 when it cannot be reached."""
+    import psycopg
+
+    from tasks.extract import redact
+    from worker.queue import connect
+
+    try:
+        return connect(db_url)
+    except psycopg.OperationalError as exc:
+        reason = " ".join(str(exc).split())
+        typer.echo(f"error: cannot reach the queue database {redact(db_url)}: {reason}", err=True)
+        raise typer.Exit(1) from exc
+
+
 def feature_database(source_url: str, queue_db_url: str) -> str:
     """Where an in-process worker reads user_features_latest: the source database, which the
     feature build publishes it to, when that is PostgreSQL; else (the embedded SQLite source of
@@ -268,7 +283,7 @@ def run_worker(
     """Score queued jobs until SIGTERM/SIGINT, which finishes the batch in hand first."""
     from paylater.settings import get_settings
     from worker.metrics import WorkerMetrics, serve_metrics
-    from worker.queue import NotPostgres, connect, ensure_schema, queue_url, require_postgres
+    from worker.queue import NotPostgres, ensure_schema, queue_url, require_postgres
     from worker.runner import ShadowSource, Worker, WorkerConfig
     from worker.scoring import HttpBackend
 
@@ -338,7 +353,7 @@ def run_worker(
         typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
         raise typer.Exit(2)
 
-    with connect(db_url) as conn:
+    with connect_or_exit(db_url) as conn:
         ensure_schema(conn)
     metrics = WorkerMetrics()
     port = metrics_port if metrics_port is not None else settings.worker_metrics_port
@@ -376,7 +391,7 @@ def enqueue(
     except queue.NotPostgres as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    with queue.connect(db_url) as conn:
+    with connect_or_exit(db_url) as conn:
         queue.ensure_schema(conn)
         job_id, created = queue.enqueue(conn, user_id, amount_jpy, idempotency_key)
         typer.echo(job_id)

@@ -82,3 +82,23 @@ def test_unknown_time_zone_is_one_error_line(
         assert result.exit_code == 1, result.output
         (line,) = result.output.splitlines()
         assert line.startswith("error: PAYLATER_TIMEZONE: ") and "unknown time zone" in line
+
+
+@pytest.mark.parametrize("command", ["enqueue", "worker"])
+def test_unreachable_queue_database_is_one_error_line(paylater_home: Path, command: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://app:s3cret@127.0.0.1:{port}/queue"
+    args = {
+        "enqueue": ["enqueue", "--user-id", "1", "--amount-jpy", "5000"],
+        "worker": ["worker", "--backend", "http", "--url", "http://127.0.0.1:9"],
+    }[command]
+    result = CliRunner().invoke(app, [*args, "--database-url", url])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(
+        f"error: cannot reach the queue database postgresql://app:***@127.0.0.1:{port}/queue: "
+    )

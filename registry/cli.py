@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,6 +19,26 @@ T = TypeVar("T")
 ACTOR_HELP = "Who is acting (recorded in the history); default $USER."
 
 
+RETRIES_VARIABLE = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+INTERACTIVE_RETRIES = "2"
+"""HTTP retries of a registry command unless MLFLOW_HTTP_REQUEST_MAX_RETRIES says otherwise:
+MLflow's default (7, with exponential backoff) keeps a command silent for minutes when the
+tracking server cannot be reached; two retries answer in seconds."""
+
+
+@contextmanager
+def _interactive_retries() -> Iterator[None]:
+    """MLflow's HTTP retries set to INTERACTIVE_RETRIES for the block, unless set explicitly."""
+    if RETRIES_VARIABLE in os.environ:
+        yield
+        return
+    os.environ[RETRIES_VARIABLE] = INTERACTIVE_RETRIES
+    try:
+        yield
+    finally:
+        os.environ.pop(RETRIES_VARIABLE, None)
+
+
 def _run(action: Callable[[], T]) -> T:
     """Run a registry action; a RegistryError, or MLflow failing the request (unreachable, denied),
     becomes one clear line on stderr and exit code 1."""
@@ -25,7 +47,8 @@ def _run(action: Callable[[], T]) -> T:
     from registry.store import RegistryError, tracking_uri
 
     try:
-        return action()
+        with _interactive_retries():
+            return action()
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

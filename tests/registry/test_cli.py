@@ -215,3 +215,16 @@ def test_promote_and_rollback_say_running_services_keep_their_version(
         f" v{versions[0]} (bentoml serve paylater-scorer:{versions[0]} or"
         " bentos.service:PaylaterScorer)"
     )
+
+
+def test_an_unreachable_registry_answers_in_seconds_by_default(
+    unreachable_registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLflow's own default retried for minutes."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["registry", "show", "production"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and unreachable_registry in result.output
+    assert time.monotonic() - started < 30
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ

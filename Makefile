@@ -48,4 +48,4 @@ bench: install postgres
 	source var/postgres.env && $(BIN)/python -m bench
 
 clean:
-	rm -rf var/demo .pytest_cache .mypy_cache
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -16,7 +16,7 @@ BENTO_NAME = "paylater-scorer"
 SERVICE = "bentos.service:PaylaterScorer"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _STAGES = ("production", "staging")
-# Registry tags copied onto the BentoML model and the bento as labels (contracts.md).
+# Registry tags copied onto the BentoML model and the bento as labels.
 _LABEL_TAGS = ("dataset_digest", "feature_sql_hash", "git_commit", "cutoff", "dataset_uri", "issue")
 
 

@@ -106,7 +106,7 @@ def _training_dataset(dataset: DatasetRef, features: list[str]) -> Any:
 def version_tags(
     dataset: DatasetRef, features: list[str], commit: str, issue: str | None, cutoff: float
 ) -> dict[str, str]:
-    """The lineage tags every version carries (contracts.md)."""
+    """The lineage tags every version carries."""
     return {
         "dataset_digest": dataset.digest,
         "dataset_uri": dataset.uri,

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from mlflow.exceptions import MlflowException
 
 MODEL_NAME = "paylater-default"
-"""The registered model (contracts.md)."""
+"""The registered model."""
 TRAINING_EXPERIMENT = "paylater-default-training"
 AUDIT_EXPERIMENT = "paylater-default-registry-audit"
 """One run per registry transition: the append-only audit history."""

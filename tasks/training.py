@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from paylater.settings import Settings
 
 REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
-"""The request's own fields, always the first two model features (contracts.md)."""
+"""The request's own fields, always the first two model features."""
 LABEL = "label_default"
 FloatArray = npt.NDArray[np.float64]
 

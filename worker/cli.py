@@ -290,9 +290,9 @@ def run_worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
     try:
-        db_url = require_postgres(database_url) if database_url else queue_url()
+        db_url = require_postgres(database_url, "--database-url") if database_url else queue_url()
     except NotPostgres as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     config = WorkerConfig.from_settings(
         concurrency=concurrency,
@@ -387,9 +387,13 @@ def enqueue(
     from worker import queue
 
     try:
-        db_url = queue.require_postgres(database_url) if database_url else queue.queue_url()
+        db_url = (
+            queue.require_postgres(database_url, "--database-url")
+            if database_url
+            else queue.queue_url()
+        )
     except queue.NotPostgres as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     with connect_or_exit(db_url) as conn:
         queue.ensure_schema(conn)

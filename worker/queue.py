@@ -88,16 +88,18 @@ def schema_sql() -> str:
     return resources.files("worker").joinpath("schema.sql").read_text()
 
 
-def require_postgres(url: str) -> str:
-    """`url` itself when it names PostgreSQL; NotPostgres with the reason otherwise."""
+def require_postgres(
+    url: str, given_by: str = "PAYLATER_WORKER_DATABASE_URL (or PAYLATER_SOURCE_URL)"
+) -> str:
+    """`url` itself when it names PostgreSQL; NotPostgres with the reason otherwise, telling the
+    user to set `given_by` (where the URL came from) to a postgresql:// URL."""
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         # psycopg takes libpq URLs; a SQLAlchemy driver suffix is dropped.
         return "postgresql" + url[len(scheme) :]
     raise NotPostgres(
         "the scoring queue needs PostgreSQL (FOR UPDATE SKIP LOCKED, LISTEN/NOTIFY); "
-        f"got {url.split('://', 1)[0]}://…. Set PAYLATER_WORKER_DATABASE_URL (or PAYLATER_SOURCE_URL) "
-        "to a postgresql:// URL."
+        f"got {url.split('://', 1)[0]}://…. Set {given_by} to a postgresql:// URL."
     )
 
 

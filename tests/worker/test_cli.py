@@ -193,6 +193,8 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, ki
         [*cmd, "--database-url", "sqlite:///x.db"], env=launch.env, capture_output=True, text=True
     )
     assert sqlite.returncode == 2 and "needs PostgreSQL" in sqlite.stderr
+    # Told to fix what it gave, not an environment variable it did not set.
+    assert sqlite.stderr.startswith("error: ") and "Set --database-url to" in sqlite.stderr
 
 
 def test_a_queue_database_apart_from_the_source_reads_features_from_the_source(

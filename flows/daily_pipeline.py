@@ -11,6 +11,7 @@ from flows.feature_build import FeatureBuildResult, feature_build
 from paylater.settings import get_settings
 from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
+from tasks.features import fixed_utc_offset_us
 from tasks.sync import SyncIncomplete, check_ledger
 from tasks.warehouse import open_warehouse
 
@@ -40,6 +41,9 @@ def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
 def daily_pipeline(as_of: date | None = None) -> FeatureBuildResult:
     """Sync for `as_of`, check its ledger, then build features; a failed sync stops the chain."""
     day = resolve_as_of(as_of)
+    # The feature SQL needs a zone with a fixed UTC offset: refuse one it would refuse after the
+    # sync, before syncing for nothing.
+    fixed_utc_offset_us(get_settings().timezone, day)
     # Not announced: the event would start the feature-build deployment for the same day too.
     sync_state = daily_sync(day, announce=False, return_state=True)
     require_complete_sync(day, sync_state.message if sync_state.is_failed() else None)

@@ -90,6 +90,25 @@ def test_pipeline_stops_when_the_sync_fails(
     assert not (paylater_home / "datasets").exists()
 
 
+def test_a_zone_the_feature_sql_cannot_use_is_refused_before_the_sync(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feature SQL takes local days with a fixed UTC offset: with a daylight-saving zone the
+    pipeline says so at once, instead of syncing first and failing in the feature build."""
+    from tasks.features import FeatureSqlError
+
+    monkeypatch.setenv("PAYLATER_TIMEZONE", "Europe/Berlin")
+    make_source(paylater_home / "source.db")
+    make_events_table(paylater_home)
+    with pytest.raises(FeatureSqlError, match="Europe/Berlin has daylight saving"):
+        daily_pipeline(as_of=AS_OF)
+    warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    try:
+        assert not warehouse.table_exists(LEDGER)
+    finally:
+        warehouse.close()
+
+
 def test_incomplete_ledger_blocks_the_feature_build(paylater_home: Path) -> None:
     make_source(paylater_home / "source.db")
     make_events_table(paylater_home)

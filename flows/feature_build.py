@@ -65,7 +65,7 @@ def publish_online(manifest: Manifest) -> int:
     """Swap the stored scoring rows into user_features_latest."""
     scoring, _ = load_scoring_dataset(manifest.as_of)
     published = publish_user_features(scoring)
-    if published == 0 and scoring.num_rows:
+    if published == 0:
         get_run_logger().warning(
             "user_features_latest holds a later day than %s (a backfill?): left as it is",
             manifest.as_of,

@@ -62,10 +62,16 @@ def publish_user_features(
     scoring: pa.Table, source_url: str | None = None, settings: Settings | None = None
 ) -> int:
     """Replace the online feature table with `scoring`; returns the rows published, 0 when the
-    table already holds a later `as_of` (it is then left as it is)."""
+    table already holds a later `as_of` (it is then left as it is). A scoring table without rows
+    is refused: it would leave the service with no features for anyone."""
     settings = settings or get_settings()
     url = source_url or settings.source
     table = _ident(settings.online_features_table)
+    if scoring.num_rows == 0:
+        raise PublishError(
+            f"the scoring table has no rows (an empty warehouse or a sync that loaded no users?): "
+            f"{table} left as it is"
+        )
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme in ("postgresql", "postgres"):
         return _publish_postgres(scoring, url, table)

@@ -198,3 +198,22 @@ def test_bad_input_is_one_clear_error(tmp_path: Path, paylater_home: Path) -> No
         )
     with pytest.raises(PublishError, match="cannot publish"):
         publish_user_features(scoring([1, 2], date(2026, 1, 1), 1.0), "mysql://h/db")
+
+
+@pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite")])
+def test_an_empty_scoring_table_never_replaces_the_online_features(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, paylater_home: Path
+) -> None:
+    # A scoring build over an emptied warehouse (a sync that loaded no users) has no rows:
+    # publishing it would leave the service with no features for anyone.
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        published = (date(2026, 11, 26), 2)
+    else:
+        url = f"sqlite:///{tmp_path / 'source.db'}"
+        published = ("2026-11-26", 2)
+    publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url)
+    empty = scoring([1], date(2026, 11, 27), 1.0).slice(0, 0)
+    with pytest.raises(PublishError, match="no rows"):
+        publish_user_features(empty, url)
+    assert online_as_of(url) == [published]

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from registry import history
-from registry.policy import ProductionBaseline, alias_version, get_version
+from registry.policy import (
+    GateDecision,
+    ProductionBaseline,
+    alias_version,
+    get_version,
+    record_gate,
+)
 from registry.store import (
     MODEL_NAME,
     TRAINING_EXPERIMENT,
@@ -196,19 +202,38 @@ def log_candidate(
             registered_model_name=MODEL_NAME,
         )
     version = normalise_version(info.registered_model_version)
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(MODEL_NAME, version, key, value)
-    history.record(
-        mlflow_client,
-        version,
-        "",
-        "None",
-        "register",
-        actor,
-        f"monthly_retrain as_of {dataset.as_of.isoformat()}"
-        + (f", issue {issue}" if issue else ""),
-    )
+    try:
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(MODEL_NAME, version, key, value)
+        history.record(
+            mlflow_client,
+            version,
+            "",
+            "None",
+            "register",
+            actor,
+            f"monthly_retrain as_of {dataset.as_of.isoformat()}"
+            + (f", issue {issue}" if issue else ""),
+        )
+    except Exception as exc:
+        _reject_unfinished(version, exc, actor)
+        raise
     return CandidateRun(run_id=run.info.run_id, version=version)
+
+
+def _reject_unfinished(version: str, exc: Exception, actor: str) -> None:
+    """Best effort: mark a version registered without its lineage tags or audit entry as rejected,
+    so it never looks like a candidate whose gates simply have not run yet."""
+    reason = (
+        "registration did not complete (lineage tags or audit entry missing), gates never ran: "
+        f"{type(exc).__name__}: {exc}"
+    )
+    try:
+        record_gate(version, GateDecision(passed=False, reasons=[reason]), actor)
+    except Exception as again:
+        log.error(
+            "v%s was registered half way and could not be marked rejected: %r", version, again
+        )
 
 
 def warm_up() -> None:

@@ -97,3 +97,34 @@ def test_a_retrain_failing_after_registration_leaves_its_version_rejected(
     assert mv.current_stage == "None"
     assert mv.tags.get("gate_status") == "rejected", "a version whose gates never ran looks ungated"
     assert "tracking server unavailable" in mv.tags["gate_reasons"]
+
+
+def test_a_retrain_failing_while_tagging_its_new_version_leaves_it_rejected(
+    retrain_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from flows.monthly_retrain import monthly_retrain
+    from registry.store import MODEL_NAME, client
+    from registry.testing import as_of_after, synthetic_training_table, write_dataset
+
+    table, _ = synthetic_training_table(4_000, date(2025, 1, 1), 3, seed=23)
+    write_dataset(table, as_of_after(date(2025, 1, 1), 3))
+    real_set_tag = MlflowClient.set_model_version_tag
+    calls: list[str] = []
+
+    def fails_once(self: MlflowClient, name: str, version: str, key: str, value: str) -> None:
+        calls.append(key)
+        if len(calls) == 1:
+            raise RuntimeError("tracking server answered 503")
+        real_set_tag(self, name, version, key, value)
+
+    # log_model has registered the version; the first lineage tag then fails to land.
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", fails_once)
+    with pytest.raises(RuntimeError, match="answered 503"):
+        monthly_retrain(as_of=None, issue=None)
+
+    (mv,) = client().search_model_versions(f"name='{MODEL_NAME}'")
+    assert mv.current_stage == "None"
+    assert mv.tags.get("gate_status") == "rejected", "a version whose gates never ran looks ungated"
+    assert "answered 503" in mv.tags["gate_reasons"]

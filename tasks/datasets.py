@@ -144,10 +144,17 @@ def read_manifest(storage: DatasetStorage, kind: str, as_of: date) -> Manifest:
     """The manifest of one dataset (DatasetError when there is none: missing or incomplete)."""
     key = f"{dataset_prefix(kind, as_of)}/{MANIFEST}"
     try:
-        return Manifest.from_json(storage.read_bytes(key))
+        data = storage.read_bytes(key)
     except StorageError as exc:
         raise DatasetError(
             f"no complete {kind} dataset for as_of {as_of} at {storage.url}"
+        ) from exc
+    try:
+        return Manifest.from_json(data)
+    except (ValueError, KeyError, TypeError) as exc:  # cut short, emptied or edited by hand
+        raise DatasetError(
+            f"{join_uri(storage.url, key)} is unreadable ({type(exc).__name__}: {exc}): "
+            f"rebuild the {kind} dataset for as_of {as_of} with feature_build"
         ) from exc
 
 

@@ -203,3 +203,17 @@ def test_a_dataset_written_before_parts_were_named_by_digest_still_loads(env: Pa
     (folder / "manifest.json").write_text(json.dumps(body))
     table, manifest = load_training_dataset(AS_OF)
     assert manifest.part == "part-0.parquet" and table.num_rows == 2
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [b"", b'{"kind": "training"', b'{"kind": "training"}', b'["training"]'],
+    ids=["empty", "truncated", "fields-missing", "not-an-object"],
+)
+def test_an_unreadable_manifest_is_a_dataset_error_naming_it(env: Path, manifest: bytes) -> None:
+    # A manifest emptied or cut short (a copy tool stopped half way, a hand edit) must be named,
+    # not surface as a bare JSONDecodeError or KeyError from the retrain or the publish.
+    datasets.build_training_dataset(AS_OF)
+    (env / "training" / "as_of=2026-07-15" / "manifest.json").write_bytes(manifest)
+    with pytest.raises(DatasetError, match=r"training/as_of=2026-07-15/manifest.json .*unreadable"):
+        load_training_dataset()

@@ -8,8 +8,10 @@ different failure.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,6 +25,38 @@ _NOTIFY_TYPES = {"info": "info", "warning": "warning", "error": "failure", "crit
 PAGERDUTY_SOURCE = "paylater-risk"
 _PAGERDUTY_US = Settings.model_fields["alert_pagerduty_events_url"].default
 _PAGERDUTY_EU = "https://events.eu.pagerduty.com/v2/enqueue"
+DELIVERY_DEADLINE_SECONDS = 20.0
+"""The most one delivery (a Slack block, the webhook, a PagerDuty event) may take, whole. The
+clients' timeouts bound each read, not the answer: a receiver that keeps sending a byte at a time
+would otherwise hold the caller (the monitor, inside its incident transaction) indefinitely."""
+
+_T = TypeVar("_T")
+
+
+class DeliveryTimeout(Exception):
+    """A receiver did not finish answering within DELIVERY_DEADLINE_SECONDS."""
+
+
+def _within_deadline(what: str, call: Callable[[], _T]) -> _T:
+    """`call()`, or DeliveryTimeout once the deadline passes (the call is left to end on its own,
+    in a daemon thread, when the receiver or the client's own timeout gives up)."""
+    seconds = DELIVERY_DEADLINE_SECONDS
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name=f"alert delivery: {what}", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise DeliveryTimeout(f"{what} did not answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +94,12 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
 
         block: Any = SlackWebhook.load(name)
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
-        with block.raise_on_failure():
-            block.notify(body=text, subject=subject)
+
+        def send() -> None:
+            with block.raise_on_failure():
+                block.notify(body=text, subject=subject)
+
+        _within_deadline(f"Slack block {name!r}", send)
         return True
     except Exception as exc:
         log.error("alert %r not delivered through Slack block %r: %s", subject, name, exc)
@@ -71,7 +109,9 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
 def _post_webhook(url: str, payload: dict) -> bool:
     """POST the payload as JSON; False on any failure."""
     try:
-        response = httpx.post(url, json=payload, timeout=10.0)
+        response = _within_deadline(
+            "the webhook", lambda: httpx.post(url, json=payload, timeout=10.0)
+        )
         response.raise_for_status()
         return True
     except Exception as exc:
@@ -166,9 +206,11 @@ def send_page(
         return Page(False, exc.retryable, f"no PagerDuty routing key: {exc}")
     event = pagerduty_event(routing_key, action, subject, body, dedup_key)
     try:
-        response = httpx.post(url, json=event, timeout=10.0)
+        response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))
     except httpx.HTTPError as exc:
         return Page(False, True, f"PagerDuty not reached at {url}: {exc!r}")
+    except DeliveryTimeout as exc:
+        return Page(False, True, f"{exc} at {url}")
     if response.is_success:  # 202 Accepted
         return Page(True)
     status = response.status_code

@@ -243,3 +243,78 @@ def test_an_old_pagerduty_webhook_block_pages_through_the_events_api(
     trigger, resolve = pagerduty.bodies
     assert trigger["routing_key"] == resolve["routing_key"] == FAKE_KEY
     assert (trigger["event_action"], resolve["event_action"]) == ("trigger", "resolve")
+
+
+class Trickler:
+    """A loopback receiver that answers 200 at once, then sends its body a byte every half second:
+    every read returns within any per-read timeout, and the answer never ends."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.stop = threading.Event()
+        received = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                while not received.stop.wait(0.5):
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
+    prefect_harness, paylater_home, monkeypatch, caplog
+) -> None:
+    # The monitor sends each alert inside the transaction that changed its incident: an alert
+    # stuck on a receiver holds that transaction, and every later monitor run waits behind it.
+    from prefect.blocks.notifications import SlackWebhook
+
+    import tasks.alerts
+
+    trickler = Trickler()
+    try:
+        for var in PAGERDUTY_VARS:
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 2.0)
+        base = f"http://127.0.0.1:{trickler.port}"
+        name = f"alerts-{uuid.uuid4().hex[:8]}"
+        SlackWebhook(url=f"json://127.0.0.1:{trickler.port}/slack", allow_private_urls=True).save(
+            name
+        )
+        monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", name)
+        monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"{base}/hook")
+        monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", f"{base}/v2/enqueue")
+        monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+        outcome: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: outcome.append(notify("[FIRING] q", "b", "critical", "pm/q")),
+            daemon=True,
+        )
+        sender.start()
+        sender.join(timeout=30)
+        assert not sender.is_alive(), "notify is still waiting on the receiver"
+        assert outcome == [False]  # nothing delivered: the caller may send it again
+        assert sorted(trickler.paths) == ["/hook", "/slack", "/v2/enqueue"]
+        assert "PagerDuty did not answer within 2 s" in caplog.text
+    finally:
+        trickler.close()

@@ -147,7 +147,7 @@ def read_manifest(storage: DatasetStorage, kind: str, as_of: date) -> Manifest:
         data = storage.read_bytes(key)
     except StorageError as exc:
         raise DatasetError(
-            f"no complete {kind} dataset for as_of {as_of} at {storage.url}"
+            f"no complete {kind} dataset for as_of {as_of} at {storage.url} ({exc})"
         ) from exc
     try:
         return Manifest.from_json(data)

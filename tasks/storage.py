@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -96,6 +98,38 @@ class LocalStorage:
         return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
+_S3_CONFIG_ERRORS = frozenset(
+    {
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+    }
+)
+"""S3 error codes that name a wrong bucket or credentials: retrying gives the same answer."""
+
+
+@contextmanager
+def _s3_errors(url: str, action: str) -> Iterator[None]:
+    """Turn S3's configuration errors into a StorageError naming the URL; others (throttling,
+    5xx, the endpoint unreachable) propagate as they are, so callers may retry them."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if code not in _S3_CONFIG_ERRORS:
+            raise
+        raise StorageError(
+            f"cannot {action} {url}: S3 answered {code}"
+            f" ({error.get('Message') or 'no message'}); check the bucket and its credentials"
+        ) from exc
+
+
 class S3Storage:
     """An S3 bucket and prefix, through a boto3 client."""
 
@@ -111,19 +145,24 @@ class S3Storage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """One PUT: the object appears whole or not at all."""
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        with _s3_errors(join_uri(self.url, key), "write"):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def read_bytes(self, key: str) -> bytes:
         """GET the object."""
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey as exc:
-            raise StorageError(f"{join_uri(self.url, key)} does not exist") from exc
-        return bytes(response["Body"].read())
+        with _s3_errors(join_uri(self.url, key), "read"):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey as exc:
+                raise StorageError(f"{join_uri(self.url, key)} does not exist") from exc
+            return bytes(response["Body"].read())
 
     def exists(self, key: str) -> bool:
         """HEAD the object."""
-        response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        with _s3_errors(join_uri(self.url, key), "look up"):
+            response = self.client.list_objects_v2(
+                Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1
+            )
         return any(o["Key"] == self._key(key) for o in response.get("Contents", []))
 
     def list_dirs(self, prefix: str) -> list[str]:
@@ -131,9 +170,10 @@ class S3Storage:
         base = self._key(prefix).rstrip("/") + "/"
         names: set[str] = set()
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                names.add(common["Prefix"][len(base) :].rstrip("/"))
+        with _s3_errors(join_uri(self.url, prefix), "list"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    names.add(common["Prefix"][len(base) :].rstrip("/"))
         return sorted(names)
 
 

@@ -147,3 +147,30 @@ def test_gcs_against_emulator(gcs_emulator: str, paylater_home: Path) -> None:
     client: gcs.Client = store.bucket.client
     names = [b.name for b in client.list_blobs("risk-gcs")]
     assert "paylater/training/as_of=2026-07-01/part-0.parquet" in names
+
+
+def test_a_missing_bucket_is_a_storage_error_naming_it(
+    moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mistyped bucket fails the same way every time: feature_build must not retry it as an
+    # I/O hiccup, and the error must say which bucket (boto3's message names none).
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", moto_endpoint)
+    store = open_storage("s3://no-such-bucket/paylater")
+    key = "training/as_of=2026-07-01/manifest.json"
+    where = "s3://no-such-bucket/paylater/training"
+    for call in (
+        lambda: store.write_bytes(key, b"{}"),
+        lambda: store.read_bytes(key),
+        lambda: store.exists(key),
+        lambda: store.list_dirs("training"),
+    ):
+        with pytest.raises(StorageError, match=f"{where}.*S3 answered NoSuchBucket"):
+            call()
+    # Loading a dataset of a given day says the bucket is the problem, not the dataset.
+    from datetime import date
+
+    from tasks.datasets import DatasetError, load_training_dataset
+
+    monkeypatch.setenv("PAYLATER_DATASET_URL", "s3://no-such-bucket/paylater")
+    with pytest.raises(DatasetError, match=r"no-such-bucket.*S3 answered NoSuchBucket"):
+        load_training_dataset(date(2026, 7, 1))

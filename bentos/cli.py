@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, help="BentoML: import a registry version, build its bento.")
 
@@ -18,8 +21,9 @@ def _target(stage: str | None, version: str | None) -> str:
     return version or stage or "production"
 
 
-def _or_exit(target: str, action: Callable[[], str]) -> str:
-    """Run `action`; a version, stage or tag that cannot be loaded is one error line, exit 1."""
+def load_or_exit(target: str, action: Callable[[], T]) -> T:
+    """Run `action` (loading the model `target` names); a version, stage or tag that cannot be
+    loaded is one error line, exit 1."""
     from bentos.build import unloadable
 
     try:
@@ -41,7 +45,7 @@ def import_cmd(
     from bentos.build import import_version, resolve_version
 
     target = _target(stage, version)
-    tag = _or_exit(target, lambda: import_version(resolve_version(target)))
+    tag = load_or_exit(target, lambda: import_version(resolve_version(target)))
     typer.echo(tag)
 
 
@@ -54,6 +58,6 @@ def build_cmd(
     from bentos.build import build_bento
 
     target = _target(stage, version)
-    tag = _or_exit(target, lambda: build_bento(target))
+    tag = load_or_exit(target, lambda: build_bento(target))
     typer.echo(tag)
     typer.echo(f"serve it with: bentoml serve {tag} --host 127.0.0.1 --port 3000")

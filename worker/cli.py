@@ -333,16 +333,11 @@ def run_worker(
             raise typer.Exit(2)
         model_spec = model or settings.worker_model
         features_db = feature_database(settings.source, db_url)
-        try:
-            scoring = inprocess_backend(model_spec, features_db, reasons)
-        except Exception as exc:
-            from bentos.build import unloadable
+        from bentos.cli import load_or_exit
 
-            reason = unloadable(exc)
-            if reason is None:
-                raise
-            typer.echo(f"error: cannot load model {model_spec!r}: {reason}", err=True)
-            raise typer.Exit(1) from exc
+        scoring = load_or_exit(
+            model_spec, lambda: inprocess_backend(model_spec, features_db, reasons)
+        )
         if model_spec.strip().lower() in ALIASES:
             scoring = FollowingBackend(model_spec.strip().lower(), features_db, reasons, scoring)
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model

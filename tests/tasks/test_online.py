@@ -120,18 +120,24 @@ def online_as_of(url: str) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
+def online_url(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, day: date
+) -> tuple[str, date | str]:
+    """The online database of `backend` (the PostgreSQL fixture, or a SQLite file in tmp_path) and
+    `day` as online_as_of reads it back there (SQLite stores dates as text)."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_url"), day
+    return f"sqlite:///{tmp_path / 'source.db'}", day.isoformat()
+
+
 @pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite")])
 def test_an_older_day_never_replaces_newer_online_features(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path, paylater_home: Path
 ) -> None:
     # A backfill of last month runs the feature build for each past day; the service must keep
     # scoring with the newest features, not with the backfilled day's.
-    if backend == "postgresql":
-        url = request.getfixturevalue("pg_url")
-        newest = (date(2026, 11, 26), 2)
-    else:
-        url = f"sqlite:///{tmp_path / 'source.db'}"
-        newest = ("2026-11-26", 2)
+    url, newest_day = online_url(backend, request, tmp_path, date(2026, 11, 26))
+    newest = (newest_day, 2)
     assert publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url) == 2
     assert publish_user_features(scoring([1, 2, 3], date(2026, 10, 3), 9.0), url) == 0
     assert online_as_of(url) == [newest]
@@ -206,12 +212,8 @@ def test_an_empty_scoring_table_never_replaces_the_online_features(
 ) -> None:
     # A scoring build over an emptied warehouse (a sync that loaded no users) has no rows:
     # publishing it would leave the service with no features for anyone.
-    if backend == "postgresql":
-        url = request.getfixturevalue("pg_url")
-        published = (date(2026, 11, 26), 2)
-    else:
-        url = f"sqlite:///{tmp_path / 'source.db'}"
-        published = ("2026-11-26", 2)
+    url, published_day = online_url(backend, request, tmp_path, date(2026, 11, 26))
+    published = (published_day, 2)
     publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url)
     empty = scoring([1], date(2026, 11, 27), 1.0).slice(0, 0)
     with pytest.raises(PublishError, match="no rows"):

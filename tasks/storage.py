@@ -177,6 +177,22 @@ class S3Storage:
         return sorted(names)
 
 
+@contextmanager
+def _gcs_errors(url: str, action: str) -> Iterator[None]:
+    """Turn Cloud Storage's answers that name a wrong bucket or credentials (404 on a write or a
+    listing, 401, 403) into a StorageError naming the URL; others (429, 5xx, the endpoint
+    unreachable) propagate as they are, so callers may retry them."""
+    from google.api_core.exceptions import Forbidden, NotFound, Unauthorized
+
+    try:
+        yield
+    except (NotFound, Forbidden, Unauthorized) as exc:
+        raise StorageError(
+            f"cannot {action} {url}: Cloud Storage answered {exc.code} {type(exc).__name__};"
+            " check the bucket and its credentials"
+        ) from exc
+
+
 class GcsStorage:
     """A Cloud Storage bucket and prefix, through a google-cloud-storage Bucket."""
 
@@ -191,29 +207,36 @@ class GcsStorage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """One upload: the object appears whole or not at all."""
-        self.bucket.blob(self._key(key)).upload_from_string(
-            data, content_type="application/octet-stream"
-        )
+        with _gcs_errors(join_uri(self.url, key), "write"):
+            self.bucket.blob(self._key(key)).upload_from_string(
+                data, content_type="application/octet-stream"
+            )
 
     def read_bytes(self, key: str) -> bytes:
         """Download the object."""
         from google.api_core.exceptions import NotFound
 
-        try:
-            return bytes(self.bucket.blob(self._key(key)).download_as_bytes())
-        except NotFound as exc:
-            raise StorageError(f"{join_uri(self.url, key)} does not exist") from exc
+        with _gcs_errors(join_uri(self.url, key), "read"):
+            try:
+                return bytes(self.bucket.blob(self._key(key)).download_as_bytes())
+            except NotFound as exc:
+                # Cloud Storage answers 404 alike for a missing object and a missing bucket.
+                raise StorageError(
+                    f"{join_uri(self.url, key)} does not exist (nor, perhaps, its bucket)"
+                ) from exc
 
     def exists(self, key: str) -> bool:
         """Whether the object exists."""
-        return bool(self.bucket.blob(self._key(key)).exists())
+        with _gcs_errors(join_uri(self.url, key), "look up"):
+            return bool(self.bucket.blob(self._key(key)).exists())
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Prefixes one level below `prefix`."""
         base = self._key(prefix).rstrip("/") + "/"
-        blobs = self.bucket.client.list_blobs(self.bucket, prefix=base, delimiter="/")
-        for _ in blobs:  # the prefixes are filled in as the pages are read
-            pass
+        with _gcs_errors(join_uri(self.url, prefix), "list"):
+            blobs = self.bucket.client.list_blobs(self.bucket, prefix=base, delimiter="/")
+            for _ in blobs:  # the prefixes are filled in as the pages are read
+                pass
         return sorted(p[len(base) :].rstrip("/") for p in blobs.prefixes)
 
 

@@ -149,6 +149,22 @@ def test_gcs_against_emulator(gcs_emulator: str, paylater_home: Path) -> None:
     assert "paylater/training/as_of=2026-07-01/part-0.parquet" in names
 
 
+def test_a_missing_gcs_bucket_is_a_storage_error_naming_it(
+    gcs_emulator: str, paylater_home: Path
+) -> None:
+    # Cloud Storage's 404 on an upload or a listing names no bucket, and feature_build would
+    # retry it as an I/O hiccup.
+    store = open_storage("gs://no-such-bucket/paylater")
+    key = "training/as_of=2026-07-01/manifest.json"
+    where = "gs://no-such-bucket/paylater/training"
+    for call in (lambda: store.write_bytes(key, b"{}"), lambda: store.list_dirs("training")):
+        with pytest.raises(StorageError, match=f"{where}.*Cloud Storage answered 404"):
+            call()
+    with pytest.raises(StorageError, match=f"{where}.*does not exist"):
+        store.read_bytes(key)
+    assert not store.exists(key)
+
+
 def test_a_missing_bucket_is_a_storage_error_naming_it(
     moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

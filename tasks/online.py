@@ -107,11 +107,27 @@ def _is_older(new: date | None, published: date | None, table: str) -> bool:
     return True
 
 
+POSTGRES_NAME_BYTES = 63
+"""PostgreSQL truncates longer identifiers (NAMEDATALEN - 1) without an error."""
+_STAGING_SUFFIX = "__new_pkey"
+"""The longest name publishing derives from the table's: its staging table's primary key."""
+
+
 def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     """COPY into a new table, give it the old one's grants, then drop the old one and rename, all
     in one transaction."""
     import psycopg
     from psycopg import sql
+
+    longest = POSTGRES_NAME_BYTES - len(_STAGING_SUFFIX)
+    if len(table.encode()) > longest:
+        # Truncated, `<table>__new` could name the table itself: every publish would fail.
+        raise PublishError(
+            f"online table name {table!r} is {len(table.encode())} bytes; on PostgreSQL it may have"
+            f" at most {longest} (the publish's staging names add {_STAGING_SUFFIX!r}, and"
+            f" PostgreSQL cuts names at {POSTGRES_NAME_BYTES} bytes): set a shorter"
+            " PAYLATER_ONLINE_FEATURES_TABLE"
+        )
 
     scheme, rest = url.split("://", 1)
     conninfo = f"postgresql://{rest}" if "+" in scheme else url

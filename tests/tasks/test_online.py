@@ -12,6 +12,7 @@ import psycopg
 import pyarrow as pa
 import pytest
 
+from paylater.settings import Settings
 from tasks.online import PublishError, publish_user_features
 
 
@@ -219,3 +220,13 @@ def test_an_empty_scoring_table_never_replaces_the_online_features(
     with pytest.raises(PublishError, match="no rows"):
         publish_user_features(empty, url)
     assert online_as_of(url) == [published]
+
+
+def test_an_online_table_name_postgresql_would_cut_short_is_refused(pg_url: str) -> None:
+    # PostgreSQL cuts identifiers at 63 bytes without an error: a 63-byte name's staging table
+    # "<name>__new" would be cut back to the name itself, and every publish would fail obscurely.
+    settings = Settings(online_features_table="f" * 63)
+    with pytest.raises(PublishError, match="at most 53"):
+        publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url, settings)
+    fits = Settings(online_features_table="f" * 53)
+    assert publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url, fits) == 2

@@ -119,11 +119,11 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     import psycopg
     from psycopg import sql
 
-    longest = POSTGRES_NAME_BYTES - len(_STAGING_SUFFIX)
-    if len(table.encode()) > longest:
+    longest, size = POSTGRES_NAME_BYTES - len(_STAGING_SUFFIX), len(table.encode())
+    if size > longest:
         # Truncated, `<table>__new` could name the table itself: every publish would fail.
         raise PublishError(
-            f"online table name {table!r} is {len(table.encode())} bytes; on PostgreSQL it may have"
+            f"online table name {table!r} is {size} bytes; on PostgreSQL it may have"
             f" at most {longest} (the publish's staging names add {_STAGING_SUFFIX!r}, and"
             f" PostgreSQL cuts names at {POSTGRES_NAME_BYTES} bytes): set a shorter"
             " PAYLATER_ONLINE_FEATURES_TABLE"

@@ -222,7 +222,7 @@ class GcsStorage:
             except NotFound as exc:
                 # Cloud Storage answers 404 alike for a missing object and a missing bucket.
                 raise StorageError(
-                    f"{join_uri(self.url, key)} does not exist (nor, perhaps, its bucket)"
+                    f"{join_uri(self.url, key)} does not exist (or its bucket does not)"
                 ) from exc
 
     def exists(self, key: str) -> bool:

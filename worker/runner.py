@@ -368,8 +368,8 @@ class Worker:
         backend answered (another user's) is asked again alone: answered, the backend is stuck on
         this batch, so both halves are searched (a batch of one user's jobs is blamed whole); not
         answered, or with no such request yet, the backend is slow for everyone: every job waits,
-        no attempt spent. Finding it costs about 2 log2(n) calls, and a slow
-        backend costs 3, where before every batch holding the job was given back as an outage,
+        no attempt spent. Finding it costs about 2 log2(n) calls, and a slow backend costs 3
+        (4 once a reference request exists), where before every batch holding the job was given back as an outage,
         forever. The claim's lease is renewed before each step; when two more such waits would
         outlast it, the batch is given back (no attempt spent) and the search goes on with the
         next claims.
@@ -405,7 +405,20 @@ class Worker:
         none_answered = all(isinstance(t, BackendTimeout) for t in tried)
         if none_answered and not answered:
             meanwhile = self.reference_answers(backend, requests, claim, waited)
-            if meanwhile is not None and len({r.user_id for r in requests}) == 1:
+            if meanwhile is None:
+                error = BackendUnavailable(
+                    f"no answer in time to a batch of {len(requests)} nor to either half of it:"
+                    f" slow for everyone ({tried[0]})"
+                )
+                # Jobs an earlier attempt singled out are not cleared by it: they spend an
+                # attempt, or a batch of only them (one user's) would be given back forever.
+                return [
+                    BackendTimeout(f"{tried[0]}; the job {HUNG} on an earlier attempt")
+                    if r.job_id in hung
+                    else error
+                    for r in requests
+                ]
+            if len({r.user_id for r in requests}) == 1:
                 # One user's jobs only, and another user's request is answered: the backend is
                 # stuck on this user (their features, say). Every job of theirs spends an attempt
                 # at once, rather than a wait per job to split them down one by one.
@@ -416,20 +429,6 @@ class Worker:
                     meanwhile,
                 )
                 return [BackendTimeout(f"{tried[0]}; the job {HUNG} ({meanwhile})")] * len(requests)
-            answered = meanwhile is not None
-        if none_answered and not answered:
-            error = BackendUnavailable(
-                f"no answer in time to a batch of {len(requests)} nor to either half of it:"
-                f" slow for everyone ({tried[0]})"
-            )
-            # Jobs an earlier attempt singled out are not cleared by it: they spend an attempt,
-            # or a batch of only them (one user's) would be given back forever.
-            return [
-                BackendTimeout(f"{tried[0]}; the job {HUNG} on an earlier attempt")
-                if r.job_id in hung
-                else error
-                for r in requests
-            ]
         outcomes: list[Outcome | Exception] = []
         for half, result in zip(halves, tried, strict=True):
             if isinstance(result, BackendTimeout):

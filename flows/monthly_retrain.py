@@ -61,6 +61,17 @@ def load_training_data(as_of: date | None) -> tuple[pa.Table, DatasetRef]:
 
 
 @task(cache_policy=NONE)
+def check_tracking() -> None:
+    """Fail before training when the tracking server cannot keep what the retrain would produce."""
+    from registry.store import RegistryError, require_reachable
+
+    try:
+        require_reachable()
+    except RegistryError as exc:
+        raise RegistryError(f"{exc}: nothing was trained") from None
+
+
+@task(cache_policy=NONE)
 def warm_up_tracking() -> None:
     """Load MLflow, plotting and metrics code while the booster trains."""
     from registry.runs import warm_up
@@ -214,6 +225,7 @@ def _alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
 def monthly_retrain(as_of: date | None = None, issue: str | None = None) -> RetrainReport:
     """Retrain on the training dataset of `as_of` (latest when None); stage the candidate if it passes."""
     params = TrainingParams.from_settings(get_settings())
+    check_tracking()
     table, dataset = load_training_data(resolve_as_of(as_of) if as_of is not None else None)
     split = prepare_split(table, dataset, params)
     warming = warm_up_tracking.submit()  # overlaps training; see registry.runs.warm_up

@@ -38,6 +38,36 @@ def tracking_uri() -> str:
     return get_settings().tracking_uri
 
 
+REACHABLE_TIMEOUT_S = 10.0
+
+
+def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """RegistryError unless the tracking server answers its /health endpoint within `timeout`.
+
+    A single request, without MLflow's retries (7, with exponential backoff: minutes of silence):
+    long jobs call this before they start work whose results only the server can keep. Any answer
+    below 500 counts as reachable (a server behind authentication may refuse /health); a 5xx is a
+    proxy whose server is down. Embedded stores (sqlite, file) need no server.
+    """
+    from urllib.error import HTTPError, URLError
+    from urllib.request import urlopen
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urlopen(url, timeout=timeout):
+            return
+    except HTTPError as exc:
+        if exc.code < 500:
+            return
+        reason = f"HTTP {exc.code}"
+    except (URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason})")
+
+
 _READY: set[str] = set()
 
 

@@ -128,3 +128,26 @@ def test_a_retrain_failing_while_tagging_its_new_version_leaves_it_rejected(
     assert mv.current_stage == "None"
     assert mv.tags.get("gate_status") == "rejected", "a version whose gates never ran looks ungated"
     assert "answered 503" in mv.tags["gate_reasons"]
+
+
+def test_a_retrain_whose_tracking_server_is_down_stops_before_training(
+    retrain_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from flows.monthly_retrain import monthly_retrain
+    from registry.store import RegistryError
+    from registry.testing import as_of_after, synthetic_training_table, write_dataset
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    table, _ = synthetic_training_table(4_000, date(2025, 1, 1), 3, seed=24)
+    write_dataset(table, as_of_after(date(2025, 1, 1), 3))
+    trained: list[object] = []
+    monkeypatch.setattr("flows.monthly_retrain.train_booster", lambda *args: trained.append(args))
+
+    with pytest.raises(RegistryError, match=f"{url} is unreachable.*nothing was trained"):
+        monthly_retrain(as_of=None, issue=None)
+    assert trained == []

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from paylater.cli import app
 from registry import policy
-from registry.store import client
+from registry.store import client, require_reachable
 
 
 @pytest.fixture
@@ -91,6 +91,7 @@ def test_round_trip_through_a_real_mlflow_server(
     mark_verified: Callable[[str], None],
 ) -> None:
     assert client().tracking_uri == mlflow_server
+    require_reachable()  # the real server's /health
     versions = []
     for _ in range(2):
         version = register(good_candidate)

@@ -1,12 +1,21 @@
-"""The embedded MLflow store: processes that open a fresh one at the same moment all get it."""
+"""The MLflow backend: processes that open a fresh embedded store at the same moment all get it;
+a tracking server that cannot be reached is said in seconds."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
+
+from registry.store import RegistryError, require_reachable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,3 +53,54 @@ def test_concurrent_first_opens_of_a_sqlite_store_all_succeed(tmp_path: Path) ->
     outcomes = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
     failed = [err[-600:] for code, err in outcomes if code != 0]
     assert not failed, failed
+
+
+@contextmanager
+def answering(status: int) -> Iterator[str]:
+    """A loopback HTTP server answering every GET with `status`; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_unreachable_tracking_server_is_named_in_seconds(unreachable_registry: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"{unreachable_registry} is unreachable"):
+        require_reachable()
+    assert time.monotonic() - started < 5, "one request, not MLflow's retries"
+
+
+def test_a_tracking_server_behind_a_failing_proxy_is_unreachable(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with answering(503) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with pytest.raises(RegistryError, match=r"unreachable \(HTTP 503\)"):
+            require_reachable()
+
+
+def test_a_tracking_server_refusing_anonymous_requests_is_reachable(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with answering(401) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        require_reachable()
+
+
+def test_an_embedded_store_needs_no_server(paylater_home: Path) -> None:
+    require_reachable()

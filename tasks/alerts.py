@@ -232,27 +232,32 @@ def notify(
     PagerDuty is configured, a page is delivered only if PagerDuty accepted it; chat channels
     are told after it, and when the caller resends refused alerts (`retried`, as the monitor
     does) they are not told at all while the refusal is retryable, so they hear it once.
-    Returns False when the alert should be sent again: a retryable page refusal, or channels
-    addressed and none accepted; True otherwise (including nothing configured for it).
+    Returns False when the alert should be sent again: a retryable page refusal, or (when it did
+    not page) channels addressed and none accepted; True otherwise, including a page PagerDuty
+    accepted while chat is down and nothing configured for it.
     """
     if severity not in SEVERITIES:
         log.warning("unknown alert severity %r, sending as error", severity)
         severity = "error"
     settings = get_settings()
-    paged = True
     if pagerduty_configured(settings) and (severity == "critical" or (resolve and dedup_key)):
         action = "resolve" if resolve else "trigger"
         page = send_page(settings, action, subject, body, dedup_key)
-        paged = page.accepted or not page.retryable
-        if not page.accepted and page.retryable and retried:
+        if page.accepted:
+            # Delivered: PagerDuty now holds the incident under dedup_key, so the caller must
+            # record it even if chat is down, or its resolve would never be sent (or a resolved
+            # page would be taken for an open one). A chat failure is logged by _tell_chat.
+            _tell_chat(settings, subject, body, severity, dedup_key)
+            return True
+        if page.retryable and retried:
             log.error("alert %r not paged (%s): held back, next run retries", subject, page.problem)
             return False
-        if not page.accepted:
-            # Refused for good (400, no key) or not held back: the chat channels must say so.
-            flag = "PAGE NOT RESOLVED" if resolve else "NOT PAGED"
-            log.error("alert %r %s (%s): %s", subject, flag, dedup_key, page.problem)
-            body = f"{body}\n{flag}: {page.problem}"
-    return _tell_chat(settings, subject, body, severity, dedup_key) and paged
+        # Refused for good (400, no key) or not held back: the chat channels must say so.
+        flag = "PAGE NOT RESOLVED" if resolve else "NOT PAGED"
+        log.error("alert %r %s (%s): %s", subject, flag, dedup_key, page.problem)
+        body = f"{body}\n{flag}: {page.problem}"
+        return _tell_chat(settings, subject, body, severity, dedup_key) and not page.retryable
+    return _tell_chat(settings, subject, body, severity, dedup_key)
 
 
 def _tell_chat(

@@ -300,6 +300,42 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     assert (events(), slack()) == ([], [])
 
 
+def test_a_page_pagerduty_accepted_is_resolved_even_while_slack_refuses(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slack down must not leave a page open for good: once PagerDuty accepted the trigger, the
+    incident exists, so clearing sends the resolve (and no trigger repeats every run meanwhile)."""
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    queue_a_late_job(pg_url)
+    key = "paylater-monitor/oldest_queued_age"
+
+    def events() -> list[tuple[str, str]]:
+        return sorted((e["event_action"], e["dedup_key"]) for e in pagerduty.take())
+
+    receiver.status = 404  # a revoked Slack webhook
+    monitor()
+    assert events() == [("trigger", key)]
+    monitor()
+    assert events() == []  # the page is open: not triggered again every 5 minutes
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
+    monitor()
+    assert events() == [("resolve", key)]
+    monitor()
+    assert events() == []
+    assert len(receiver.take()) == 2  # Slack was tried with each change, once
+
+
 def test_monitor_deletes_jobs_past_their_retention(
     prefect_harness: None, pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -179,8 +179,8 @@ def measure_queue(
     age = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0
     finished = int(row.finished_in_window or 0)
     window = f"{finished} jobs finished in the last {window_minutes} min"
-    if finished < min_jobs:
-        reason = f"only {window} (< {min_jobs}): rate not judged"
+    if finished == 0 or finished < min_jobs:  # min_jobs 0 would otherwise divide by zero
+        reason = f"only {window} (< {max(min_jobs, 1)}): rate not judged"
         failure = Measurement("failure_rate", None, reason)
         dead = Measurement("dead_letter_rate", None, reason)
     else:

@@ -84,6 +84,20 @@ def test_measure_queue_on_the_worker_tables(pg_url: str) -> None:
     engine.dispose()
 
 
+def test_measure_queue_with_min_jobs_zero_and_a_quiet_window(pg_url: str) -> None:
+    """PAYLATER_MONITOR_MIN_JOBS=0 (judge every window) on a night without finished jobs: the
+    rates are unknown, not a ZeroDivisionError that stops every other check of the run."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        add_job(conn, "done", NOW - timedelta(hours=2))  # outside the window
+    engine = engine_for(pg_url)
+    got = {m.check: m for m in measure_queue(engine, NOW, window_minutes=15, min_jobs=0)}
+    assert got["failure_rate"].value is None and got["dead_letter_rate"].value is None
+    assert "0 jobs finished in the last 15 min" in got["failure_rate"].detail
+    assert got["queue_depth"].value == 0
+    engine.dispose()
+
+
 def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:
     engine = engine_for(pg_url)
     measured = measure_queue(engine, NOW, 15, 1)

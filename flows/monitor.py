@@ -17,6 +17,7 @@ from tasks.monitoring import (
     open_queue_db,
     reconcile,
     status_json,
+    thresholds,
     utc_now,
 )
 
@@ -32,6 +33,7 @@ def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
 def run_checks(now: datetime) -> list[CheckResult]:
     """Measure everything and judge it against the configured thresholds."""
     settings = get_settings()
+    thresholds(settings)  # levels that cannot work fail the run now, naming their settings
     engine = open_queue_db(settings)
     try:
         return judge(measure_all(settings, engine, now), settings)

@@ -78,10 +78,63 @@ class Notification:
     resolve_page: bool = False  # RESOLVED of an incident that paged: PagerDuty resolves dedup_key
 
 
+# The settings behind each check's (warning, critical) levels; None: a fixed level.
+THRESHOLD_SETTINGS: dict[str, tuple[str | None, str]] = {
+    "queue_depth": ("monitor_queue_depth_warning", "monitor_queue_depth_critical"),
+    "oldest_queued_age": (
+        "monitor_oldest_queued_warning_seconds",
+        "monitor_oldest_queued_critical_seconds",
+    ),
+    "failure_rate": ("monitor_failure_rate_warning", "monitor_failure_rate_critical"),
+    "dead_letter_rate": ("monitor_dead_letter_rate_warning", "monitor_dead_letter_rate_critical"),
+    "sync_age": ("monitor_sync_age_warning_hours", "monitor_sync_age_critical_hours"),
+    "feature_build_age": (
+        "monitor_feature_age_warning_hours",
+        "monitor_feature_age_critical_hours",
+    ),
+    "crashed_flows": (None, "monitor_crashed_flows_critical"),
+    "late_flow_runs": (None, "monitor_late_runs_critical"),
+    "feature_psi_max": ("monitor_psi_warning", "monitor_psi_critical"),
+    "score_psi": ("monitor_psi_warning", "monitor_psi_critical"),
+}
+
+
+def _env(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"PAYLATER_{field.upper()}"
+
+
+def check_thresholds(limits: dict[str, Threshold]) -> None:
+    """Refuse levels that cannot work: 0 < warning <= critical for every check.
+
+    A level at or below 0 is reached by every value, so its incident never clears (a critical
+    one pages for good: `crashed_flows = 0 flows (>= critical threshold 0)`); a warning above
+    its critical never fires. Raised as one ValueError naming the settings to fix.
+    """
+    problems = []
+    for check, limit in limits.items():
+        warning_field, critical_field = THRESHOLD_SETTINGS[check]
+        warning = _env(warning_field) if warning_field else "its fixed warning level"
+        critical = _env(critical_field)
+        if warning_field and not limit.warning > 0:
+            problems.append(f"{warning} must be above 0")
+        if not limit.critical > 0:
+            problems.append(f"{critical} must be above 0")
+        elif not limit.warning <= limit.critical:
+            problems.append(
+                f"{warning} ({format_value(limit.warning, limit.unit)}) must not exceed "
+                f"{critical} ({format_value(limit.critical, limit.unit)})"
+            )
+    if problems:
+        unique = list(dict.fromkeys(problems))  # the two PSI checks share their settings
+        raise ValueError("monitoring thresholds: " + "; ".join(unique))
+
+
 def thresholds(settings: Settings) -> dict[str, Threshold]:
-    """Every check's thresholds, read from settings (hours shown as seconds internally)."""
+    """Every check's thresholds, read from settings (hours shown as seconds internally);
+    ValueError naming the settings when levels cannot work (see check_thresholds)."""
     s = settings
-    return {
+    limits = {
         "queue_depth": Threshold(
             s.monitor_queue_depth_warning, s.monitor_queue_depth_critical, "jobs"
         ),
@@ -107,6 +160,8 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
         "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
         "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
     }
+    check_thresholds(limits)
+    return limits
 
 
 def format_value(value: float | None, unit: str) -> str:

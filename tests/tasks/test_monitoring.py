@@ -296,3 +296,25 @@ def test_judge_uses_settings_thresholds() -> None:
     settings = Settings(monitor_queue_depth_warning=10, monitor_queue_depth_critical=20)
     (got,) = judge([Measurement("queue_depth", 15.0)], settings)
     assert got.level == "warning"
+
+
+def test_thresholds_that_cannot_work_are_refused_naming_the_settings() -> None:
+    """A critical level of 0 would page for good (0 crashed flows >= 0); a warning above its
+    critical never fires. Either is one clear error naming the environment variables."""
+    from tasks.monitoring import THRESHOLD_SETTINGS
+
+    named = {f for pair in THRESHOLD_SETTINGS.values() for f in pair if f is not None}
+    assert named <= set(Settings.model_fields)  # the error names settings that exist
+    thresholds(Settings())  # the defaults are fine
+    thresholds(Settings(monitor_crashed_flows_critical=1))  # one crash pages: allowed
+    with pytest.raises(ValueError, match="PAYLATER_MONITOR_CRASHED_FLOWS_CRITICAL must be above 0"):
+        judge([Measurement("crashed_flows", 0.0)], Settings(monitor_crashed_flows_critical=0))
+    inverted = Settings(monitor_queue_depth_warning=60_000, monitor_psi_warning=0.0)
+    with pytest.raises(ValueError) as refused:
+        judge([Measurement("queue_depth", 10.0)], inverted)
+    message = str(refused.value)
+    assert (
+        "PAYLATER_MONITOR_QUEUE_DEPTH_WARNING (60000 jobs) must not exceed "
+        "PAYLATER_MONITOR_QUEUE_DEPTH_CRITICAL (50000 jobs)" in message
+    )
+    assert message.count("PAYLATER_MONITOR_PSI_WARNING must be above 0") == 1

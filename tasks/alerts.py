@@ -106,17 +106,37 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
         return False
 
 
+def _without_path(url: str) -> str:
+    """A webhook URL fit for a log line: scheme and host only (a Slack hook's path is its token)."""
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        return "an unparsable URL"
+    return f"{parsed.scheme}://{parsed.netloc.decode()}/…" if parsed.host else "a URL without host"
+
+
 def _post_webhook(url: str, payload: dict) -> bool:
-    """POST the payload as JSON; False on any failure."""
+    """POST the payload as JSON; False on any failure, logged naming the setting (never the
+    URL's path, which is the webhook's secret)."""
+    where = f"the webhook PAYLATER_ALERT_WEBHOOK_URL ({_without_path(url)})"
     try:
         response = _within_deadline(
             "the webhook", lambda: httpx.post(url, json=payload, timeout=10.0)
         )
-        response.raise_for_status()
-        return True
     except Exception as exc:
-        log.error("alert %r not delivered to the webhook: %s", payload["subject"], exc)
+        problem = f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+        log.error("alert %r not delivered to %s: %s", payload["subject"], where, problem)
         return False
+    if not response.is_success:
+        log.error(
+            "alert %r not delivered to %s: answered %d %s",
+            payload["subject"],
+            where,
+            response.status_code,
+            response.text[:200],
+        )
+        return False
+    return True
 
 
 def pagerduty_configured(settings: Settings) -> bool:

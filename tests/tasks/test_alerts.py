@@ -99,6 +99,27 @@ def test_delivery_failure_is_logged_not_raised(
     notify("x", "y")  # nobody listens: still no exception
 
 
+def test_a_refused_webhook_is_logged_by_setting_and_status_never_with_its_secret_path(
+    paylater_home, receiver, monkeypatch, caplog
+) -> None:
+    """A Slack incoming-webhook URL is a credential (its path is the token): a 404 from a revoked
+    hook must name the setting and Slack's answer, not write the URL into the flow log."""
+    secret = "T0000/B0000/fake-webhook-token-for-tests"
+    receiver.status = 404
+    receiver.answer = b"no_service"
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/services/{secret}"
+    )
+    assert notify("x", "y", severity="warning") is False
+    assert len(receiver.bodies) == 1
+    assert "PAYLATER_ALERT_WEBHOOK_URL" in caplog.text
+    assert "404" in caplog.text and "no_service" in caplog.text
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"hooks.example.invalid/services/{secret}")
+    assert notify("x", "y", severity="warning") is False  # no scheme: named, not raised
+    assert "PAYLATER_ALERT_WEBHOOK_URL" in caplog.text and "protocol" in caplog.text
+    assert "fake-webhook-token" not in caplog.text
+
+
 def test_slack_block_and_failure_hook(
     prefect_harness, paylater_home, receiver, monkeypatch
 ) -> None:

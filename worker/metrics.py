@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 # Enqueue-to-result latency: the app waits on this, so the buckets are fine below a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+FAILURE_REASONS = ("invalid", "error")
 
 
 class WorkerMetrics:
@@ -34,6 +35,10 @@ class WorkerMetrics:
             ["reason"],
             registry=r,
         )
+        # Exported at 0 from the start: rate() and increase() take a labelled series' first
+        # sample as its baseline, so failures it was born with would never reach the alerts.
+        for reason in FAILURE_REASONS:
+            self.failed.labels(reason)
         self.dead_lettered = Counter(
             "paylater_worker_jobs_dead_lettered", "Jobs that ran out of attempts.", registry=r
         )

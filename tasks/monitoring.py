@@ -273,6 +273,8 @@ def measure_sync_age(warehouse_url: str, now: datetime) -> Measurement:
         if not warehouse.table_exists("sync_ledger"):
             return Measurement("sync_age", None, "no sync_ledger table yet (no sync has run)")
         days = warehouse.query_arrow(load_sql("sync_last_success")).to_pylist()
+    except Exception as exc:  # a failing query (BigQuery error, a broken table) is not a crash
+        return Measurement("sync_age", None, f"sync ledger not readable: {exc}")
     finally:
         warehouse.close()
     synced = (d for d in days if expected <= set((d["tables"] or "").split(",")))
@@ -641,13 +643,35 @@ def newest_scoring_manifest(settings: Settings) -> dict[str, Any] | None:
     return asdict(read_manifest(storage, "scoring", dates[-1])) if dates else None
 
 
+def _guarded(
+    checks: tuple[str, ...], measure: Callable[[], list[Measurement]]
+) -> list[Measurement]:
+    """`measure()`, or its checks unknown (saying why) when it raises: one data source down must
+    not keep the others from being judged and alerted on."""
+    try:
+        return measure()
+    except Exception as exc:
+        log.exception("measuring %s failed", ", ".join(checks))
+        reason = f"not measured: {type(exc).__name__}: {exc}"
+        return [Measurement(check, None, reason) for check in checks]
+
+
 def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Measurement]:
-    """Every operational measurement the monitor judges."""
+    """Every operational measurement the monitor judges (unknown where a measurement failed)."""
+    queue = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
     return [
-        *measure_queue(engine, now, settings.monitor_window_minutes, settings.monitor_min_jobs),
-        measure_sync_age(settings.warehouse, now),
-        measure_feature_age(lambda: newest_scoring_manifest(settings), now),
-        *measure_flow_runs(settings, now),
+        *_guarded(
+            queue,
+            lambda: measure_queue(
+                engine, now, settings.monitor_window_minutes, settings.monitor_min_jobs
+            ),
+        ),
+        *_guarded(("sync_age",), lambda: [measure_sync_age(settings.warehouse, now)]),
+        *_guarded(
+            ("feature_build_age",),
+            lambda: [measure_feature_age(lambda: newest_scoring_manifest(settings), now)],
+        ),
+        *_guarded(("crashed_flows", "late_flow_runs"), lambda: measure_flow_runs(settings, now)),
     ]
 
 

@@ -336,6 +336,34 @@ def test_a_page_pagerduty_accepted_is_resolved_even_while_slack_refuses(
     assert len(receiver.take()) == 2  # Slack was tried with each change, once
 
 
+def test_a_warehouse_that_fails_its_query_leaves_the_other_checks_alerting(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ledger query failing (here a sync_ledger without the contract's columns; in
+    production a BigQuery error) makes sync_age unknown, saying why; the stuck queue still pages."""
+    import pyarrow as pa
+
+    from flows.monitor import monitor
+    from tasks.warehouse import open_warehouse
+
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    warehouse = open_warehouse(warehouse_url)
+    warehouse.replace_table("sync_ledger", pa.table({"note": ["not the ledger"]}))
+    warehouse.close()
+    queue_a_late_job(pg_url)
+
+    results = {r.check: r for r in monitor()}
+    assert [p["subject"] for p in receiver.take()] == [
+        "[FIRING] paylater critical: oldest_queued_age"
+    ]
+    assert results["sync_age"].level == "unknown"
+    assert "sync ledger not readable" in results["sync_age"].summary
+
+
 def test_monitor_deletes_jobs_past_their_retention(
     prefect_harness: None, pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

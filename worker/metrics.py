@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 # Enqueue-to-result latency: the app waits on this, so the buckets are fine below a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 FAILURE_REASONS = ("invalid", "error")
+COLLECT_TIMEOUT_SECONDS = 5
+"""Connecting to the queue database and reading its backlog, each, at scrape time (Prometheus'
+default scrape timeout is 10 s)."""
 
 
 class WorkerMetrics:
@@ -74,12 +77,23 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """One query per scrape; a failed query reports nothing rather than stale numbers."""
-        from worker.queue import connect, queue_stats
+        import psycopg
+
+        from worker.queue import queue_stats, require_postgres
 
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.url)
+                    # Bounded, so a locked table or a database that stopped answering costs one
+                    # scrape its gauges instead of hanging it and every scrape queued behind it.
+                    self._conn = psycopg.connect(
+                        require_postgres(self.url),
+                        autocommit=True,
+                        connect_timeout=COLLECT_TIMEOUT_SECONDS,
+                    )
+                    self._conn.execute(
+                        f"SET statement_timeout = {int(COLLECT_TIMEOUT_SECONDS * 1000)}"
+                    )
                 depth, oldest = queue_stats(self._conn)
             except Exception as exc:  # a scrape must never take the worker down
                 log.warning("queue stats unavailable: %s", exc)

@@ -35,3 +35,37 @@ def test_every_worker_metric_the_rules_read_is_one_the_worker_exports() -> None:
     gauges = {"paylater_worker_queue_depth", "paylater_worker_oldest_queued_age_seconds"}
     assert read and read <= exported | gauges, read - exported - gauges
     assert yaml.safe_load(rules)["groups"]
+
+
+def test_a_scrape_does_not_hang_on_a_locked_queue_table(pg_url: str) -> None:
+    """A migration holding ACCESS EXCLUSIVE on scoring_jobs (or a database that stopped
+    answering) must cost one scrape without queue gauges, not a scrape that never ends: it held
+    the collector's lock, so every later scrape hung behind it (and Prometheus saw the worker
+    as down)."""
+    import threading
+
+    import psycopg
+
+    from worker.metrics import QueueCollector
+
+    schema = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(schema.read_text())
+    collector = QueueCollector(pg_url)
+    names = {m.name for m in collector.collect()}
+    assert names == {"paylater_worker_queue_depth", "paylater_worker_oldest_queued_age_seconds"}
+
+    scraped: list[set[str]] = []
+    with psycopg.connect(pg_url) as locker:
+        locker.execute("LOCK TABLE scoring_jobs IN ACCESS EXCLUSIVE MODE")
+        scrape = threading.Thread(
+            target=lambda: scraped.append({m.name for m in collector.collect()}), daemon=True
+        )
+        scrape.start()
+        scrape.join(60)  # generous: the bound under test is a few seconds
+        hung = scrape.is_alive()
+        locker.rollback()
+    scrape.join(60)
+    assert not hung, "the scrape waited for the lock"
+    assert scraped == [set()]  # nothing rather than stale numbers
+    assert {m.name for m in collector.collect()} == names  # and the next scrape reads again

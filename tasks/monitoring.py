@@ -214,6 +214,10 @@ def open_queue_db(settings: Settings) -> sa.Engine:
     return sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
 
 
+QUEUE_QUERY_TIMEOUT_SECONDS = 10.0
+"""The queue statistics' query (a few index scans) gives up after this: the checks are unknown."""
+
+
 def measure_queue(
     engine: sa.Engine, now: datetime, window_minutes: int, min_jobs: int
 ) -> list[Measurement]:
@@ -228,8 +232,19 @@ def measure_queue(
     if not sa.inspect(engine).has_table("scoring_jobs"):
         return [Measurement(c, None, "no scoring_jobs table in the queue database") for c in checks]
     since = now - timedelta(minutes=window_minutes)
-    with engine.connect() as conn:
-        row = conn.execute(sa.text(load_sql("queue_stats")), {"now": now, "since": since}).one()
+    try:
+        with engine.connect() as conn:
+            # A lock held on the table (a migration) must not hang the run and every run after it.
+            timeout_ms = int(QUEUE_QUERY_TIMEOUT_SECONDS * 1000)
+            conn.execute(sa.text(f"SET LOCAL statement_timeout = {timeout_ms}"))
+            stats = conn.execute(sa.text(load_sql("queue_stats")), {"now": now, "since": since})
+            row = stats.one()
+    except sa.exc.OperationalError as exc:  # psycopg's QueryCanceled
+        reason = (
+            f"the queue database did not answer within {QUEUE_QUERY_TIMEOUT_SECONDS:g} s: "
+            f"{str(exc.orig).strip()}"
+        )
+        return [Measurement(c, None, reason) for c in checks]
     oldest = row.oldest_queued_at
     age = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0
     finished = int(row.finished_in_window or 0)

@@ -98,6 +98,29 @@ def test_measure_queue_with_min_jobs_zero_and_a_quiet_window(pg_url: str) -> Non
     engine.dispose()
 
 
+def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(pg_url: str) -> None:
+    """A migration holding ACCESS EXCLUSIVE on scoring_jobs: the queue checks are unknown within
+    a bounded time, so the run goes on to judge (and alert on) everything else."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+    engine = engine_for(pg_url)
+    measured: list[Measurement] = []
+    with psycopg.connect(pg_url) as locker:
+        locker.execute("LOCK TABLE scoring_jobs IN ACCESS EXCLUSIVE MODE")
+        run = threading.Thread(
+            target=lambda: measured.extend(measure_queue(engine, NOW, 15, 1)), daemon=True
+        )
+        run.start()
+        run.join(90)  # generous: the bound under test is QUEUE_QUERY_TIMEOUT_SECONDS
+        hung = run.is_alive()
+        locker.rollback()
+    run.join(90)
+    engine.dispose()
+    assert not hung, "measure_queue waited for the lock"
+    assert {m.value for m in measured} == {None}
+    assert all("did not answer" in m.detail for m in measured)
+
+
 def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:
     engine = engine_for(pg_url)
     measured = measure_queue(engine, NOW, 15, 1)

@@ -131,10 +131,18 @@ class Settings(BaseSettings):
         default=300.0, description="Age of the oldest runnable queued job: critical."
     )
     monitor_failure_rate_warning: float = Field(
-        default=0.02, description="Share of jobs that failed an attempt in the window: warning."
+        default=0.02,
+        description=(
+            "Share of jobs finished in the window that ended failed (invalid request) or dead"
+            " (attempts ran out): warning."
+        ),
     )
     monitor_failure_rate_critical: float = Field(
-        default=0.10, description="Share of jobs that failed an attempt in the window: critical."
+        default=0.10,
+        description=(
+            "Share of jobs finished in the window that ended failed (invalid request) or dead"
+            " (attempts ran out): critical."
+        ),
     )
     monitor_dead_letter_rate_warning: float = Field(
         default=0.001, description="Share of finished jobs dead-lettered in the window: warning."
@@ -162,11 +170,21 @@ class Settings(BaseSettings):
     )
     monitor_flow_window_hours: float = Field(
         default=48.0,
-        description="Crashed flow runs that ended this many hours ago or less are checked.",
+        description="Crashed or failed flow runs that ended this many hours ago or less are checked.",
     )
     monitor_crashed_flows_critical: int = Field(
-        default=3,
-        description="Flows whose latest run crashed: critical (one is a warning).",
+        default=1,
+        description=(
+            "Flows whose latest run crashed: critical (pages). 1: every crash pages, as a failure"
+            " does; a higher number makes fewer a warning."
+        ),
+    )
+    monitor_failed_flows_critical: int = Field(
+        default=1,
+        description=(
+            "Flows whose latest run failed, after its retries: critical (pages). 1: every"
+            " failure pages; a higher number makes fewer a warning (Slack only)."
+        ),
     )
     monitor_late_run_minutes: float = Field(
         default=30.0,

@@ -93,6 +93,7 @@ THRESHOLD_SETTINGS: dict[str, tuple[str | None, str]] = {
         "monitor_feature_age_critical_hours",
     ),
     "crashed_flows": (None, "monitor_crashed_flows_critical"),
+    "failed_flows": (None, "monitor_failed_flows_critical"),
     "late_flow_runs": (None, "monitor_late_runs_critical"),
     "feature_psi_max": ("monitor_psi_warning", "monitor_psi_critical"),
     "score_psi": ("monitor_psi_warning", "monitor_psi_critical"),
@@ -156,6 +157,7 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
             "s",
         ),
         "crashed_flows": Threshold(1, s.monitor_crashed_flows_critical, "flows"),
+        "failed_flows": Threshold(1, s.monitor_failed_flows_critical, "flows"),
         "late_flow_runs": Threshold(1, s.monitor_late_runs_critical, "runs"),
         "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
         "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
@@ -361,23 +363,39 @@ def _listed(runs: list[FlowRunInfo], describe: Callable[[FlowRunInfo], str]) -> 
     return shown + (f"; and {len(runs) - 5} more" if len(runs) > 5 else "")
 
 
+def _latest_ended(latest: Iterable[FlowRunInfo], state: str, check: str) -> Measurement:
+    """Jobs whose latest finished run ended in `state`, oldest first."""
+    ended = sorted(
+        (r for r in latest if r.state_type == state),
+        key=lambda r: r.end_time or datetime.min.replace(tzinfo=UTC),
+    )
+    verb = state.lower()
+
+    def describe(r: FlowRunInfo) -> str:
+        when = f" at {as_utc(r.end_time):%Y-%m-%d %H:%M} UTC" if r.end_time else ""
+        return f"{r.flow}/{r.name} {verb}{when}: {(r.message or 'no message')[:200]}"
+
+    return Measurement(check, float(len(ended)), _listed(ended, describe))
+
+
 def measure_crashed_flows(latest: Iterable[FlowRunInfo]) -> Measurement:
     """Jobs whose latest finished run crashed, from each job's latest finished run.
 
     A crash is a process that died before its flow could report (killed, out of memory, a native
     abort in a driver): no on_failure hook ran, so nobody was told. It counts until a later run of
-    the same job finishes, whatever that run's outcome (a failure alerts through its own hook).
+    the same job finishes, whatever that run's outcome.
     """
-    crashed = sorted(
-        (r for r in latest if r.state_type == "CRASHED"),
-        key=lambda r: r.end_time or datetime.min.replace(tzinfo=UTC),
-    )
+    return _latest_ended(latest, "CRASHED", "crashed_flows")
 
-    def describe(r: FlowRunInfo) -> str:
-        when = f" at {as_utc(r.end_time):%Y-%m-%d %H:%M} UTC" if r.end_time else ""
-        return f"{r.flow}/{r.name} crashed{when}: {(r.message or 'no message')[:200]}"
 
-    return Measurement("crashed_flows", float(len(crashed)), _listed(crashed, describe))
+def measure_failed_flows(latest: Iterable[FlowRunInfo]) -> Measurement:
+    """Jobs whose latest finished run failed (after its retries), from each job's latest run.
+
+    The run's on_failure hook told the chat channels once, with the error; this check is what
+    pages (failures page someone) and what resolves the page once a later run of the same job
+    finishes, whatever that run's outcome.
+    """
+    return _latest_ended(latest, "FAILED", "failed_flows")
 
 
 def measure_late_runs(
@@ -409,14 +427,15 @@ def measure_late_runs(
 def read_flow_runs(
     now: datetime, window_hours: float, late_minutes: float
 ) -> tuple[list[FlowRunInfo], list[FlowRunInfo]]:
-    """From the Prefect API: the latest finished run of every deployment with a crash in the
-    window, and the runs waiting past their start by `late_minutes`.
+    """From the Prefect API: the latest finished run of every deployment with a crash or a
+    failure in the window, and the runs waiting past their start by `late_minutes`.
 
-    Only deployment runs count as crashes: the jobs the system runs. An ad-hoc run interrupted on
-    someone's terminal is Crashed too, and no later deployment run would ever clear it.
+    Only deployment runs count: the jobs the system runs. An ad-hoc run interrupted or failing on
+    someone's terminal is Crashed or Failed too, and no later deployment run would ever clear it.
 
-    Crashes are read first (few), then each one's job is asked for its newest finished run, so
-    the monitor's own runs (hundreds a day) never crowd a crash out of a page of results.
+    Crashes and failures are read first (few), then each one's job is asked for its newest
+    finished run, so the monitor's own runs (hundreds a day) never crowd one out of a page of
+    results.
     An API that does not answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS
     (each request FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
@@ -454,9 +473,9 @@ def read_flow_runs(
             httpx_settings={"timeout": FLOW_RUN_READ_TIMEOUT_SECONDS}, sync_client=True
         ) as client,
     ):
-        crashes = client.read_flow_runs(
+        ended_badly = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                state=states("CRASHED"),
+                state=states("CRASHED", "FAILED"),
                 deployment_id=FlowRunFilterDeploymentId(is_null_=False),
                 end_time=FlowRunFilterEndTime.model_validate(
                     {"after_": now - timedelta(hours=window_hours)}
@@ -466,7 +485,7 @@ def read_flow_runs(
             limit=200,
         )
         latest: dict[str, FlowRun] = {}
-        for crash in crashes:
+        for crash in ended_badly:
             group = str(crash.deployment_id)
             if crash.deployment_id is None or group in latest:
                 continue
@@ -526,10 +545,12 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
         reason = f"Prefect API not readable: {type(exc).__name__}: {exc}"
         return [
             Measurement("crashed_flows", None, reason),
+            Measurement("failed_flows", None, reason),
             Measurement("late_flow_runs", None, reason),
         ]
     return [
         measure_crashed_flows(latest),
+        measure_failed_flows(latest),
         measure_late_runs(waiting, now, settings.monitor_late_run_minutes),
     ]
 
@@ -686,7 +707,10 @@ def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Me
             ("feature_build_age",),
             lambda: [measure_feature_age(lambda: newest_scoring_manifest(settings), now)],
         ),
-        *_guarded(("crashed_flows", "late_flow_runs"), lambda: measure_flow_runs(settings, now)),
+        *_guarded(
+            ("crashed_flows", "failed_flows", "late_flow_runs"),
+            lambda: measure_flow_runs(settings, now),
+        ),
     ]
 
 

@@ -1,8 +1,9 @@
-"""Crashed and late flow runs, read from a real Prefect API (the session's test server).
+"""Crashed, failed and late flow runs, read from a real Prefect API (the session's test server).
 
 The crash is real: a deployment's flow run process is killed with SIGKILL under a Prefect
 Runner, which reports the run Crashed, as a process worker does. Such a run never reaches its
-flow's on_failure hook, so the monitor is what tells anybody.
+flow's on_failure hook, so the monitor is what tells anybody. A failure is a real exception in
+the flow, which the Runner reports Failed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from tasks.monitoring import (
     FlowRunInfo,
     measure_crashed_flows,
+    measure_failed_flows,
     measure_late_runs,
     read_flow_runs,
 )
@@ -45,13 +47,25 @@ def test_crashed_flows_counts_jobs_whose_latest_run_crashed() -> None:
     latest = [
         run_info("CRASHED", 30, name="lucky-otter"),
         run_info("COMPLETED", 10),
-        run_info("FAILED", 5),  # a failure alerts through its own hook
+        run_info("FAILED", 5),  # counted by failed_flows
     ]
     m = measure_crashed_flows(latest)
     assert m.check == "crashed_flows" and m.value == 1.0
     assert "daily-sync/lucky-otter crashed at 2026-11-27 11:30 UTC" in m.detail
     assert "status code: -9" in m.detail
     assert measure_crashed_flows([]).value == 0.0
+
+
+def test_failed_flows_counts_jobs_whose_latest_run_failed() -> None:
+    latest = [
+        run_info("FAILED", 5, name="brave-fox"),
+        run_info("CRASHED", 30),
+        run_info("COMPLETED", 10),
+    ]
+    m = measure_failed_flows(latest)
+    assert m.check == "failed_flows" and m.value == 1.0
+    assert m.detail.startswith("daily-sync/brave-fox failed at 2026-11-27 11:55 UTC")
+    assert measure_failed_flows([]).value == 0.0
 
 
 def test_late_runs_are_the_ones_waiting_past_the_limit() -> None:
@@ -79,9 +93,11 @@ from prefect import flow
 
 
 @flow(name="{name}")
-def job(die: bool = True) -> None:
+def job(die: bool = True, fail: bool = False) -> None:
     if die:
         os.kill(os.getpid(), signal.SIGKILL)
+    if fail:
+        raise RuntimeError("the source database refused the connection")
 """
 
 
@@ -156,6 +172,24 @@ def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
     assert ours(read_flow_runs(later, window_hours=48, late_minutes=30)[0], name) == []
 
 
+def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
+    crashing_flow: tuple[Any, str],
+) -> None:
+    job, name = crashing_flow
+    run_deployment_once(job, {"die": False, "fail": True})
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    (failure,) = ours(latest, name)
+    assert failure.state_type == "FAILED", failure
+    m = measure_failed_flows(ours(latest, name))
+    assert m.value == 1.0 and f"{name}/{failure.name} failed" in m.detail
+    assert "refused the connection" in m.detail, m.detail
+    assert measure_crashed_flows(ours(latest, name)).value == 0.0
+
+    run_deployment_once(job, {"die": False})  # the job's next run finishes
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    assert measure_failed_flows(ours(latest, name)).value == 0.0
+
+
 def test_a_run_nobody_picks_up_is_late(crashing_flow: tuple[Any, str]) -> None:
     from prefect import get_client
     from prefect.states import Scheduled
@@ -184,6 +218,7 @@ def test_an_unreachable_prefect_api_leaves_both_checks_unknown() -> None:
         results = measure_flow_runs(Settings(), datetime.now(UTC))
     assert [(m.check, m.value) for m in results] == [
         ("crashed_flows", None),
+        ("failed_flows", None),
         ("late_flow_runs", None),
     ]
     assert all("Prefect API not readable" in m.detail for m in results)
@@ -245,6 +280,7 @@ def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minute
     assert results, f"still reading after {time.monotonic() - started:.0f} s"
     assert [(m.check, m.value) for m in results[0]] == [
         ("crashed_flows", None),
+        ("failed_flows", None),
         ("late_flow_runs", None),
     ]
 

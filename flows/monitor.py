@@ -61,18 +61,48 @@ def deliver(notification: Notification) -> bool:
 
 
 @task
-def update_incidents(results: list[CheckResult], now: datetime) -> list[Notification]:
-    """Open, escalate or resolve incidents and alert on each change; returns what was delivered.
+def update_incidents(
+    results: list[CheckResult], now: datetime
+) -> tuple[list[Notification], list[Notification]]:
+    """Open, escalate or resolve incidents and alert on each change; returns what was delivered
+    and what was not.
 
     An alert not delivered (no channel took it, or PagerDuty refused the page with a retryable
     error) leaves its incident unchanged, so the next run sends it again.
     """
+    undelivered: list[Notification] = []
+
+    def counted(notification: Notification) -> bool:
+        sent = deliver(notification)
+        if not sent:
+            undelivered.append(notification)
+        return sent
+
     engine = open_queue_db(get_settings())
     try:
         ensure_incident_table(engine)
-        return reconcile(engine, results, now, deliver=deliver)
+        return reconcile(engine, results, now, deliver=counted), undelivered
     finally:
         engine.dispose()
+
+
+@task
+def send_heartbeat(undelivered: list[Notification]) -> str:
+    """Ping the dead-man's switch, unless an alert this run owed was not delivered: its silence
+    then pages through the heartbeat service, the one channel that does not depend on ours."""
+    from tasks.alerts import heartbeat
+
+    url = get_settings().monitor_heartbeat_url
+    if not url:
+        return "not configured"
+    if undelivered:
+        get_run_logger().warning(
+            "heartbeat withheld: %d alert(s) not delivered (%s)",
+            len(undelivered),
+            "; ".join(n.subject for n in undelivered[:3]),
+        )
+        return "withheld"
+    return "sent" if heartbeat(url) else "failed"
 
 
 @task
@@ -102,9 +132,10 @@ def monitor() -> list[CheckResult]:
     jobs past their retention."""
     now = utc_now()
     results = run_checks(now)
-    sent = len(update_incidents(results, now))
+    delivered, undelivered = update_incidents(results, now)
     log = get_run_logger()
-    log.info("%d notification(s) sent; checks:\n%s", sent, status_json(results))
+    log.info("%d notification(s) sent; checks:\n%s", len(delivered), status_json(results))
+    send_heartbeat(undelivered)
     purged = purge_finished_jobs(now)
     if purged:
         log.info("deleted %d job(s) finished before the retention period", purged)

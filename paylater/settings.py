@@ -193,6 +193,15 @@ class Settings(BaseSettings):
     monitor_late_runs_critical: int = Field(
         default=3, description="Late flow runs (no worker took them): critical (one is a warning)."
     )
+    monitor_heartbeat_url: str | None = Field(
+        default=None,
+        description=(
+            "A dead-man's switch (a healthchecks.io, Cronitor or similar check URL): the monitor"
+            " requests it (GET) at the end of every run that judged the checks and delivered every"
+            " alert it owed, so the service pages when the pings stop: the monitor not running, or"
+            " alerts not getting through. Unset: no heartbeat."
+        ),
+    )
     monitor_psi_ignore: list[str] = Field(
         default=["topup_days_since_last"],
         description=(

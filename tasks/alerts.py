@@ -139,6 +139,27 @@ def _post_webhook(url: str, payload: dict) -> bool:
     return True
 
 
+def heartbeat(url: str) -> bool:
+    """GET the dead-man's switch `url`; False on any failure, logged naming the setting (never
+    the URL's path, which holds the check's key)."""
+    where = f"the heartbeat PAYLATER_MONITOR_HEARTBEAT_URL ({_without_path(url)})"
+    try:
+        response = _within_deadline("the heartbeat", lambda: httpx.get(url, timeout=10.0))
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+        log.error("heartbeat not delivered to %s: %s", where, problem)
+        return False
+    if not response.is_success:
+        log.error(
+            "heartbeat not delivered to %s: answered %d %s",
+            where,
+            response.status_code,
+            response.text[:200],
+        )
+        return False
+    return True
+
+
 def pagerduty_configured(settings: Settings) -> bool:
     """Whether any source of a PagerDuty routing key is set."""
     return bool(

@@ -29,6 +29,7 @@ class Receiver:
 
     def __init__(self, status: int = 200) -> None:
         self.payloads: list[dict] = []
+        self.gets: list[str] = []  # paths requested with GET (a heartbeat check)
         self.status = status  # what the webhook answers (500: Slack is down)
         received = self.payloads
         owner = self
@@ -37,6 +38,12 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 received.append(json.loads(self.rfile.read(length)))
+                self.send_response(owner.status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def do_GET(self) -> None:
+                owner.gets.append(self.path)
                 self.send_response(owner.status)
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -240,6 +247,47 @@ def test_monitor_retries_an_alert_the_webhook_refused(
     assert subjects() == ["[RESOLVED] paylater: oldest_queued_age"]  # sent again
     monitor()
     assert subjects() == []
+
+
+def test_the_heartbeat_is_pinged_only_by_runs_whose_alerts_all_got_through(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dead-man's switch pages through its own service when the pings stop: the monitor not
+    running, or the alerts it owes not getting through."""
+    from flows.monitor import monitor
+
+    key = "fake-heartbeat-check-key-0000"
+    heartbeat = Receiver()
+    try:
+        point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+        monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", f"{heartbeat.url}/{key}")
+        queue_a_late_job(pg_url)
+
+        receiver.status = 500  # Slack refuses the FIRING
+        monitor()
+        assert len(receiver.take()) == 1 and heartbeat.gets == []  # withheld
+
+        receiver.status = 200
+        monitor()  # the FIRING resent and delivered
+        assert len(receiver.take()) == 1 and heartbeat.gets == [f"/hook/{key}"]
+        monitor()  # nothing owed: still alive
+        assert receiver.take() == [] and len(heartbeat.gets) == 2
+
+        heartbeat.status = 503  # the heartbeat service has trouble: the monitor carries on
+        caplog.clear()
+        results = monitor()
+        assert {r.check for r in results} >= {"queue_depth", "oldest_queued_age"}
+        assert len(heartbeat.gets) == 3
+        logged = caplog.text
+        assert "PAYLATER_MONITOR_HEARTBEAT_URL" in logged and "answered 503" in logged
+        assert key not in logged, "the check's key must not reach the flow log"
+    finally:
+        heartbeat.close()
 
 
 def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(

@@ -212,8 +212,14 @@ def sqlalchemy_url(url: str) -> str:
 
 def open_queue_db(settings: Settings) -> sa.Engine:
     """The database holding the job queue and the incident table (the worker's queue database)."""
-    url = settings.worker_database_url or settings.source
-    return sa.create_engine(sqlalchemy_url(url), poolclass=sa.pool.NullPool)
+    from worker.queue import CONNECT_TIMEOUT_SECONDS
+
+    url = sqlalchemy_url(settings.worker_database_url or settings.source)
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        # A host that does not answer would hold every 5-minute run for minutes of TCP retries.
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=connect_args)
 
 
 QUEUE_QUERY_TIMEOUT_SECONDS = 10.0

@@ -111,11 +111,20 @@ def queue_url() -> str:
     return require_postgres(settings.worker_database_url or settings.source)
 
 
+CONNECT_TIMEOUT_SECONDS = 10
+"""libpq's connect_timeout unless the URL sets its own: without one, a host that does not answer
+(a firewall dropping packets, a server stuck in startup) holds the caller for minutes of TCP
+retries instead of failing in seconds."""
+
+
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
-    """A connection to the queue database."""
+    """A connection to the queue database (connect_timeout CONNECT_TIMEOUT_SECONDS by default)."""
     import psycopg
 
-    return psycopg.connect(require_postgres(url), autocommit=autocommit)
+    url = require_postgres(url)
+    if "connect_timeout" in url:
+        return psycopg.connect(url, autocommit=autocommit)
+    return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_SECONDS)
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

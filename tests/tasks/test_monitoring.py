@@ -341,3 +341,39 @@ def test_thresholds_that_cannot_work_are_refused_naming_the_settings() -> None:
         "PAYLATER_MONITOR_QUEUE_DEPTH_CRITICAL (50000 jobs)" in message
     )
     assert message.count("PAYLATER_MONITOR_PSI_WARNING must be above 0") == 1
+
+
+def test_a_queue_database_that_never_answers_leaves_its_checks_unknown_in_seconds(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue host that takes the connection and says nothing must not hold the 5-minute run."""
+    import socket
+    import time
+
+    from tasks.monitoring import measure_all, open_queue_db
+    from worker import queue
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(queue, "CONNECT_TIMEOUT_SECONDS", 2)
+    monkeypatch.setenv(
+        "PAYLATER_WORKER_DATABASE_URL",
+        f"postgresql://paylater@127.0.0.1:{silent.getsockname()[1]}/queue",
+    )
+    settings = Settings()
+    results: list[list[Measurement]] = []
+    worker = threading.Thread(
+        target=lambda: results.append(measure_all(settings, open_queue_db(settings), NOW)),
+        daemon=True,
+    )
+    started = time.monotonic()
+    try:
+        worker.start()
+        worker.join(60)
+        assert results, f"still measuring after {time.monotonic() - started:.0f} s"
+    finally:
+        silent.close()
+    queue_checks = {m.check: m for m in results[0] if m.check in {"queue_depth", "failure_rate"}}
+    assert all(m.value is None for m in queue_checks.values())
+    assert "timeout" in queue_checks["queue_depth"].detail

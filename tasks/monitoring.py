@@ -24,6 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from paylater.postgres import connect_timeout
 from paylater.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -212,13 +213,9 @@ def sqlalchemy_url(url: str) -> str:
 
 def open_queue_db(settings: Settings) -> sa.Engine:
     """The database holding the job queue and the incident table (the worker's queue database)."""
-    from worker.queue import CONNECT_TIMEOUT_SECONDS
-
     url = sqlalchemy_url(settings.worker_database_url or settings.source)
-    connect_args: dict[str, Any] = {}
-    if url.startswith("postgresql") and "connect_timeout" not in url:
-        # A host that does not answer would hold every 5-minute run for minutes of TCP retries.
-        connect_args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    # A host that does not answer would otherwise hold every 5-minute run.
+    connect_args = connect_timeout(url) if url.startswith("postgresql") else {}
     return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=connect_args)
 
 

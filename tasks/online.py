@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from paylater.postgres import connect_timeout
 from paylater.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     column_defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
     csv = io.BytesIO()
     pacsv.write_csv(scoring, csv, pacsv.WriteOptions(include_header=False))
-    with psycopg.connect(conninfo) as conn, conn.transaction():
+    with psycopg.connect(conninfo, **connect_timeout(conninfo)) as conn, conn.transaction():
         # One publish at a time per table (released at commit), so the day compared below is the
         # one of the last publish that committed, even if it was still running when this began.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"paylater.online.{table}"])

@@ -10,6 +10,8 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from paylater.postgres import connect_timeout
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -111,20 +113,12 @@ def queue_url() -> str:
     return require_postgres(settings.worker_database_url or settings.source)
 
 
-CONNECT_TIMEOUT_SECONDS = 10
-"""libpq's connect_timeout unless the URL sets its own: without one, a host that does not answer
-(a firewall dropping packets, a server stuck in startup) holds the caller for minutes of TCP
-retries instead of failing in seconds."""
-
-
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
-    """A connection to the queue database (connect_timeout CONNECT_TIMEOUT_SECONDS by default)."""
+    """A connection to the queue database (paylater.postgres.connect_timeout bounds the connect)."""
     import psycopg
 
     url = require_postgres(url)
-    if "connect_timeout" in url:
-        return psycopg.connect(url, autocommit=autocommit)
-    return psycopg.connect(url, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+    return psycopg.connect(url, autocommit=autocommit, **connect_timeout(url))
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

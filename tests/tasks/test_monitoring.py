@@ -350,13 +350,13 @@ def test_a_queue_database_that_never_answers_leaves_its_checks_unknown_in_second
     import socket
     import time
 
+    from paylater import postgres
     from tasks.monitoring import measure_all, open_queue_db
-    from worker import queue
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    monkeypatch.setattr(queue, "CONNECT_TIMEOUT_SECONDS", 2)
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_SECONDS", 2)
     monkeypatch.setenv(
         "PAYLATER_WORKER_DATABASE_URL",
         f"postgresql://paylater@127.0.0.1:{silent.getsockname()[1]}/queue",

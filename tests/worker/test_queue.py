@@ -190,10 +190,12 @@ def test_a_queue_host_that_never_answers_fails_the_connect_in_seconds(
 
     import psycopg
 
+    from paylater import postgres
+
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # the kernel completes the handshake; nobody ever answers libpq
-    monkeypatch.setattr(queue, "CONNECT_TIMEOUT_SECONDS", 2)
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_SECONDS", 2)
     url = f"postgresql://paylater@127.0.0.1:{silent.getsockname()[1]}/queue"
     try:
         started = time.monotonic()

@@ -1,0 +1,16 @@
+"""PostgreSQL connections made by the system: bounded, unless the URL says otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CONNECT_TIMEOUT_SECONDS = 10
+"""libpq's connect_timeout unless the URL sets its own: without one, a host that does not answer
+(a firewall dropping packets, a server stuck in startup, a proxy whose backend is gone) holds the
+caller for minutes of TCP retries, or for good, instead of failing in seconds."""
+
+
+def connect_timeout(url: str) -> dict[str, Any]:
+    """psycopg keyword arguments for `url`: connect_timeout CONNECT_TIMEOUT_SECONDS unless the URL
+    sets one (read when called, so a test may lower it)."""
+    return {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}

@@ -14,3 +14,12 @@ def connect_timeout(url: str) -> dict[str, Any]:
     """psycopg keyword arguments for `url`: connect_timeout CONNECT_TIMEOUT_SECONDS unless the URL
     sets one (read when called, so a test may lower it)."""
     return {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+
+
+def bounded_url(url: str) -> str:
+    """`url` (a postgresql:// URI) with connect_timeout=CONNECT_TIMEOUT_SECONDS added unless it
+    sets one: for clients that take only a URI (the ADBC driver)."""
+    if "connect_timeout" in url:
+        return url
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}connect_timeout={CONNECT_TIMEOUT_SECONDS}"

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from paylater.postgres import bounded_url
 from tasks.sync_config import ConfigError, SourceUnavailable, TableSpec, check_identifier
 
 # Below this many rows one reader is faster than coordinating several: a first sync split over
@@ -453,7 +454,7 @@ class PostgresSource:
         self.url = url
         self.readers = readers
         keep_freed_memory()
-        self._uri = "postgresql://" + url.partition("://")[2]
+        self._uri = bounded_url("postgresql://" + url.partition("://")[2])
         self._connect = pg.connect
         self.statement_options = {
             adbc_driver_postgresql.StatementOptions.BATCH_SIZE_HINT_BYTES.value: str(PG_BATCH_BYTES)

@@ -13,7 +13,7 @@ import hmac
 import logging
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import bentoml
 from pydantic import BaseModel
@@ -337,8 +337,16 @@ class PaylaterScorer:
 
     @bentoml.api(route="/model_info")
     def model_info(self) -> ModelInfo:
-        """The served model version, its features and cutoff."""
-        scorer = ENGINE.ready_scorer()
+        """The served model version, its features and cutoff; 503 with the reason while there is
+        none (loading, or a load that failed), as the scoring routes answer."""
+        try:
+            scorer = ENGINE.ready_scorer()
+        except Reply as reply:
+            # BentoML turns any exception here into 500 "unexpected error" with a traceback in the
+            # log; a Response is passed through as it is.
+            from starlette.responses import JSONResponse
+
+            return cast(ModelInfo, JSONResponse(reply.body, status_code=reply.status))
         return ModelInfo(
             model_version=scorer.model_version,
             feature_names=scorer.feature_names,

@@ -12,7 +12,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 TOKEN = "s3cret-token"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_BATCH = 5
 pytestmark = pytest.mark.slow
 
@@ -51,6 +53,45 @@ def call(
         return status, text
 
 
+@contextmanager
+def serving(
+    target: str, env: dict[str, str], log: Path, up: Callable[[str], bool]
+) -> Iterator[str]:
+    """`bentoml serve target` on a free loopback port until `up(base)` holds 10 times in a row
+    (each of the server's workers answers for itself); stopped afterwards."""
+    port = _free_port()
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO_ROOT,  # where `bentos.service:PaylaterScorer` imports from
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, up_in_a_row = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and up_in_a_row < 10:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                ok = up(base)
+            except OSError:
+                ok = False
+            up_in_a_row = up_in_a_row + 1 if ok else 0
+            time.sleep(0.05 if ok else 0.5)
+        if up_in_a_row < 10:
+            pytest.fail(f"{target} not up: {log.read_text()[-3000:]}")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def served(
     serving_env: dict[str, str],
@@ -70,46 +111,18 @@ def served(
         conn.execute(f'CREATE DATABASE "{db}"')
     db_url = f"{pg_server_url.rpartition('/')[0]}/{db}"
     fill_online_features(db_url)
-    port = _free_port()
     env = {
-        **os.environ,
         "PAYLATER_SOURCE_URL": db_url,
         "PAYLATER_API_TOKEN": TOKEN,
         "PAYLATER_SERVE_MAX_BATCH": str(MAX_BATCH),
-        "BENTOML_DO_NOT_TRACK": "true",
     }
     log = tmp_path_factory.mktemp("bento") / "serve.log"
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [bentoml, "serve", bento, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        # Each of the server's workers loads the model itself and answers /readyz for itself:
-        # ready means several connections in a row (spread over the workers) all say so.
-        deadline, ready_in_a_row = time.monotonic() + 120, 0
-        while time.monotonic() < deadline and ready_in_a_row < 10:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                ok = call(base, "/readyz", token=None)[0] == 200
-            except OSError:
-                ok = False
-            ready_in_a_row = ready_in_a_row + 1 if ok else 0
-            time.sleep(0.05 if ok else 0.5)
-        if ready_in_a_row < 10:
-            pytest.fail(f"bento not ready: {log.read_text()[-3000:]}")
-        yield SimpleNamespace(base=base, version=version, bento=bento, log=log)
+        with serving(
+            bento, env, log, lambda base: call(base, "/readyz", token=None)[0] == 200
+        ) as base:
+            yield SimpleNamespace(base=base, version=version, bento=bento, log=log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
@@ -258,3 +271,34 @@ def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> Non
     assert 'endpoint="/v2/score"' in text, "the scoring routes must be counted"
     assert call(served.base, "/v2/score", {"user_id": 1, "amount_jpy": 5_000})[0] == 200
     assert "Traceback" not in served.log.read_text()
+
+
+def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
+    serving_env: dict[str, str], tmp_path: Path
+) -> None:
+    """PAYLATER_SERVE_STAGE naming a version the registry lacks: the service stays up, not ready,
+    and each route answers 503 with the reason; /model_info, what an operator asks first,
+    answered 500 "an unexpected error has occurred" and logged a traceback per call."""
+    request = {"user_id": 1, "amount_jpy": 5_000}
+    env = {"PAYLATER_SERVE_STAGE": "999", "PAYLATER_API_TOKEN": ""}
+    log = tmp_path / "serve.log"
+
+    def failed(base: str) -> bool:
+        """Both workers have tried to load, and failed."""
+        return log.read_text().count("model load failed") == 2
+
+    with serving("bentos.service:PaylaterScorer", env, log, failed) as base:
+        tracebacks = log.read_text().count("Traceback")
+        assert call(base, "/readyz", token=None)[0] == 503
+        for _ in range(4):  # each worker answers for itself
+            for path, body in (
+                ("/model_info", {}),
+                ("/v2/score", request),
+                ("/v1/score", {"customer_id": "1", "requested_yen": 5_000}),
+            ):
+                status, answer = call(base, path, body, token=None)
+                assert status == 503, (path, status, answer)
+                assert answer["error"] == "not_ready", (path, answer)
+                assert "model load failed" in answer["detail"], (path, answer)
+                assert "version=999" in answer["detail"], (path, answer)
+        assert log.read_text().count("Traceback") == tracebacks, "a refusal is no crash"

@@ -70,6 +70,12 @@ class Scorer:
         self.model_version = str(model_version)
         self.feature_names = list(feature_names)
         self.cutoff = float(cutoff)
+        if not 0.0 <= self.cutoff <= 1.0:  # NaN fails this too
+            # Every probability is below 20 (meant as 20 %) and none is >= NaN: approve-all.
+            raise ValueError(
+                f"decision cutoff {cutoff!r} is not a probability between 0 and 1"
+                " (PAYLATER_SERVE_CUTOFF, or the version's tag `cutoff`)"
+            )
         self.user_feature_names = [f for f in self.feature_names if f not in REQUEST_FEATURES]
         self.user_feature_set = frozenset(self.user_feature_names)
         self._reason_codes = [reason_code(f) for f in self.feature_names]

@@ -84,6 +84,21 @@ def test_serve_stage_picks_the_alias(
     assert _load_scorer().model_version == serving_env["production_version"]
 
 
+@pytest.mark.parametrize("cutoff", ["20", "nan", "-0.1", "inf"])
+def test_a_cutoff_that_is_not_a_probability_is_refused_at_load(
+    serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, cutoff: str
+) -> None:
+    """PAYLATER_SERVE_CUTOFF=20 (meant as 20 %) or nan loaded, and the service then approved
+    every request (no probability reaches 20; none is >= nan) without a word."""
+    from bentos.service import _load_scorer
+
+    monkeypatch.setenv("PAYLATER_SERVE_CUTOFF", cutoff)
+    with pytest.raises(ValueError, match=r"cutoff .* is not a probability between 0 and 1"):
+        _load_scorer()
+    monkeypatch.setenv("PAYLATER_SERVE_CUTOFF", "0")  # decline everything: a deliberate choice
+    assert _load_scorer().cutoff == 0.0
+
+
 def test_field_names_read_like_client_paths() -> None:
     from bentos.service import _field_name
 

@@ -28,15 +28,16 @@ class VerificationResult:
     at: str
     checked: int
     mismatches: list[str] = field(default_factory=list)
+    matched: int = 0
 
     @property
     def passed(self) -> bool:
         """Every golden request answered with the expected probability and version."""
-        return self.checked > 0 and not self.mismatches
+        return self.checked > 0 and self.matched == self.checked and not self.mismatches
 
     def detail(self) -> str:
         """One line (then the first mismatches) for the version tag and the CLI."""
-        head = f"{self.checked - len(self.mismatches)}/{self.checked} golden requests matched"
+        head = f"{self.matched}/{self.checked} golden requests matched"
         return "; ".join([head, *self.mismatches[:5]])
 
 
@@ -96,7 +97,9 @@ def verify(
         except (OSError, ValueError) as exc:  # unreachable, refused, HTTP error, not JSON
             result.mismatches.append(f"request {index}: {exc}")
             continue
-        result.mismatches.extend(check_answer(index, expected, version, answer))
+        problems = check_answer(index, expected, version, answer)
+        result.mismatches.extend(problems)
+        result.matched += not problems
     record_verification(version, result.passed, url, result.detail(), result.at)
     stage = str(get_version(c, version).current_stage or "None")
     outcome = "passed" if result.passed else "failed"

@@ -165,3 +165,19 @@ def test_golden_requests_are_the_models_own_answers(
         assert float(predict(loaded, x)[0]) == case["expected"]["default_probability"]
     with pytest.raises(Exception, match="has no version"):
         load_golden("42")
+
+
+def test_a_service_serving_another_model_is_counted_once_per_request(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """Another version's model answers with both a wrong version and wrong probabilities: two
+    problems a request, which the summary subtracted from the count ("-20/20 matched")."""
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    features = good_candidate.split.feature_names
+    with scoring_service(good_candidate.booster, features, "999", bias=0.01) as url:
+        result = CliRunner().invoke(app, ["registry", "verify", "--stage", "staging", "--url", url])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[1].startswith("0/20 golden requests matched; "), result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert tags["staging_verification_detail"].startswith("0/20 golden requests matched; ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import urllib.error
@@ -87,16 +88,25 @@ def verify(
         raise RegistryError(f"version {version} has no golden requests to verify with")
     endpoint = f"{url.rstrip('/')}/v2/score"
     result = VerificationResult(
-        version=version, url=url, at=datetime.now(UTC).isoformat(timespec="seconds"), checked=0
+        version=version,
+        url=url,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        checked=len(golden),
     )
     for index, case in enumerate(golden):
-        result.checked += 1
         expected = float(case["expected"]["default_probability"])
         try:
             answer = post_json(endpoint, case["request"], token, timeout)
-        except (OSError, ValueError) as exc:  # unreachable, refused, HTTP error, not JSON
+        except ValueError as exc:  # an HTTP error or not JSON: this request's answer is wrong
             result.mismatches.append(f"request {index}: {exc}")
             continue
+        except (OSError, http.client.HTTPException) as exc:
+            # Refused, unreachable, timed out, not HTTP: each other request would wait the same.
+            reason = getattr(exc, "reason", exc)
+            result.mismatches.append(f"request {index}: no answer from {endpoint} ({reason})")
+            if index + 1 < len(golden):
+                result.mismatches.append(f"the other {len(golden) - index - 1} were not sent")
+            break
         problems = check_answer(index, expected, version, answer)
         result.mismatches.extend(problems)
         result.matched += not problems

@@ -181,3 +181,29 @@ def test_a_service_serving_another_model_is_counted_once_per_request(
     assert result.output.splitlines()[1].startswith("0/20 golden requests matched; "), result.output
     tags = client().get_model_version(MODEL_NAME, version).tags
     assert tags["staging_verification_detail"].startswith("0/20 golden requests matched; ")
+
+
+def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_one(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """A port that accepts connections and never answers (a hung or still-loading service): each
+    of the 20 golden requests waited its whole --timeout (200 s at the default), in silence."""
+    import socket
+    import time
+
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes connections; nobody reads or answers
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        started = time.monotonic()
+        result = CliRunner().invoke(
+            app, ["registry", "verify", "--version", version, "--url", url, "--timeout", "2"]
+        )
+        elapsed = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert elapsed < 20, f"{elapsed:.0f} s: 20 requests x 2 s"
+    assert "request 0: no answer from" in result.output, result.output
+    assert "the other 19 were not sent" in result.output, result.output
+    assert client().get_model_version(MODEL_NAME, version).tags["staging_verification"] == "failed"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -259,3 +259,33 @@ def test_a_model_that_cannot_be_loaded_is_one_error_line(queue_db: str, launch: 
     lines = [line for line in log.splitlines() if line.strip()]
     assert lines[-1].startswith("error: cannot load model 'paylater-default:999': ")
     assert "Traceback" not in log
+
+
+def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seconds(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model production` and the default shadow 'staging' ask the registry every minute,
+    with a claimed batch in hand (the shadow's question under a lock every loop waits on).
+    With the tracking server down, MLflow's own retries made each question take minutes
+    (about 250 s here) while the batch's 30 s lease ran out. The version in hand keeps scoring."""
+    from worker import cli
+
+    class InHand:
+        model_version = "7"
+
+        def score(self, requests: Sequence[Any]) -> list[Any]:
+            return []
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setattr(cli, "MODEL_REFRESH_SECONDS", 0.0)
+    monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
+    following = cli.FollowingBackend("production", "unused", "declines", InHand())
+    shadow = cli.ShadowLoader("staging", lambda: following.model_version, "unused")
+    started = time.monotonic()
+    assert following.score([]) == [] and following.model_version == "7"
+    assert shadow() is None
+    assert time.monotonic() - started < 60

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -147,18 +148,40 @@ def build_bento(version: str) -> str:
     config = _bentofile()
     labels = {**config.pop("labels", {}), **{k: str(v) for k, v in model.info.labels.items()}}
     labels["model_version"] = version
-    # Rebuilding a version replaces its bento (same registry version, same content).
-    with contextlib.suppress(bentoml.exceptions.NotFound):
-        bentoml.bentos.delete(f"{BENTO_NAME}:{version}")
-    bento = bentoml.bentos.build(
-        **config,
-        version=version,
-        labels=labels,
-        models=[tag],
-        build_ctx=str(REPO_ROOT),
-    )
+    # Rebuilding a version replaces its bento (same registry version, same content). The one it
+    # replaces is set aside until the new one is built, and put back when the build fails (the
+    # package index unreachable, say): a rollback must not take away the bento it restores.
+    with tempfile.TemporaryDirectory(prefix="paylater-bento-") as scratch:
+        previous = _set_aside(f"{BENTO_NAME}:{version}", Path(scratch))
+        try:
+            bento = bentoml.bentos.build(
+                **config,
+                version=version,
+                labels=labels,
+                models=[tag],
+                build_ctx=str(REPO_ROOT),
+            )
+        except BaseException:
+            if previous is not None:
+                with contextlib.suppress(bentoml.exceptions.NotFound):
+                    bentoml.bentos.delete(f"{BENTO_NAME}:{version}")  # a half-built one
+                bentoml.bentos.import_bento(previous)
+                log.warning("building %s:%s failed: kept the existing one", BENTO_NAME, version)
+            raise
     log.info("built %s", bento.tag)
     return str(bento.tag)
+
+
+def _set_aside(tag: str, scratch: Path) -> str | None:
+    """Export bento `tag` into `scratch` and delete it from the store; None when there is none."""
+    import bentoml
+
+    try:
+        path = bentoml.bentos.export_bento(tag, str(scratch / "previous.bento"))
+    except bentoml.exceptions.NotFound:
+        return None
+    bentoml.bentos.delete(tag)
+    return path
 
 
 def import_and_build(version: str) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+
 import bentoml
+import pytest
 from typer.testing import CliRunner
 
 from bentos.cli import app
@@ -38,3 +41,26 @@ def test_import_of_a_missing_version_is_one_error_line(serving_env: dict[str, st
     assert result.exit_code == 1, result.output
     (line,) = result.output.splitlines()
     assert line.startswith("error: cannot load model '999': ")
+
+
+def test_a_failed_rebuild_keeps_the_bento_it_was_to_replace(
+    serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """promote and rollback rebuild the version's bento, deleting the old one first: a build that
+    failed (here the package index cannot be reached, so BentoML cannot lock the packages) left
+    no bento at all, and a rollback took away the very bento its hint says to serve."""
+    from bentos.build import build_bento
+    from registry.hooks import build_bento as rebuild_after_transition
+
+    version = serving_env["staging_version"]
+    tag = build_bento(version)
+    built_at = bentoml.bentos.get(tag).info.creation_time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("UV_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    outcome = rebuild_after_transition(version)
+    assert outcome.startswith("failed: ") and "lock" in outcome, outcome
+    kept = bentoml.bentos.get(tag)
+    assert kept.info.creation_time == built_at
+    assert [str(m.tag) for m in kept.info.models] == [f"paylater-default:{version}"]

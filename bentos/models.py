@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, m
 
 from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
 
+MAX_USER_ID = 2**63 - 1
+"""User ids are bigint: a larger one is the client's error (SQLite cannot even bind it)."""
+
 # extra="forbid": an unexpected field is a client bug worth a 422, not something to ignore.
 # allow_inf_nan=False: NaN/Infinity (which some JSON encoders emit) must never reach the model.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
@@ -19,7 +22,7 @@ class ScoreRequestV2(BaseModel):
     model_config = _STRICT
 
     user_id: int | None = Field(
-        default=None, ge=1, description="User whose online features are used."
+        default=None, ge=1, le=MAX_USER_ID, description="User whose online features are used."
     )
     amount_jpy: int = Field(
         ge=MIN_AMOUNT_JPY, le=MAX_AMOUNT_JPY, description="Requested top-up amount in yen."

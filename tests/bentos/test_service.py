@@ -175,6 +175,13 @@ BAD_INPUTS = [
     ("/v2/score", {"user_id": 1, "amount_jpy": 10**12}, "amount_jpy"),
     ("/v2/score", {"user_id": 1, "amount_jpy": "5000"}, "amount_jpy"),
     ("/v2/score", {"user_id": "one", "amount_jpy": 5_000}, "user_id"),
+    # Past bigint, no user can have it; the embedded SQLite source failed the lookup on it (503).
+    ("/v2/score", {"user_id": 2**63, "amount_jpy": 5_000}, "user_id"),
+    (
+        "/v2/score_batch",
+        [{"user_id": 1, "amount_jpy": 5_000}, {"user_id": 2**64, "amount_jpy": 5_000}],
+        "[1].user_id",
+    ),
     ("/v2/score", {"amount_jpy": 5_000}, "body"),
     ("/v2/score", {"user_id": 1, "amount_jpy": 5_000, "features": {}}, "body"),
     (

@@ -98,7 +98,9 @@ class Engine:
             return
         for key, value in scope["headers"]:
             if key == b"authorization":
-                if hmac.compare_digest(value, b"Bearer " + self.token):
+                scheme, _, credentials = value.partition(b" ")
+                # The scheme is case-insensitive (RFC 7235): OAuth clients send "bearer" too.
+                if scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self.token):
                     return
                 break
         raise Reply(401, "unauthorized", "missing or wrong bearer token")

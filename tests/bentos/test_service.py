@@ -262,6 +262,16 @@ def test_unknown_user_is_404_naming_it(served: SimpleNamespace) -> None:
 
 def test_token_protects_scoring(served: SimpleNamespace) -> None:
     request = {"user_id": 1, "amount_jpy": 5_000}
+    # The scheme is case-insensitive (RFC 7235); OAuth clients often send their token_type "bearer".
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        sent = urllib.request.Request(
+            served.base + "/v2/score",
+            data=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"{scheme} {TOKEN}"},
+        )
+        with urllib.request.urlopen(sent, timeout=30) as answer:
+            assert answer.status == 200, scheme
+    assert call(served.base, "/v2/score", request, token=TOKEN.upper())[0] == 401
     assert call(served.base, "/v2/score", request, token=None)[0] == 401
     assert call(served.base, "/v2/score", request, token="wrong")[0] == 401
     assert call(served.base, "/v2/score_batch", [request], token=None)[0] == 401

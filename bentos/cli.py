@@ -55,9 +55,17 @@ def build_cmd(
     version: str | None = typer.Option(None, help="Registry version number."),
 ) -> None:
     """Build paylater-scorer:<version> (importing the model first when missing)."""
-    from bentos.build import build_bento
+    from bentoml.exceptions import BentoMLException
+
+    from bentos.build import BENTO_NAME, build_bento, resolve_version
 
     target = _target(stage, version)
-    tag = load_or_exit(target, lambda: build_bento(target))
+    number = load_or_exit(target, lambda: resolve_version(target))
+    try:
+        tag = load_or_exit(target, lambda: build_bento(number))
+    except BentoMLException as exc:  # the build itself (packages not lockable, a bad bentofile)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        typer.echo(f"error: building {BENTO_NAME}:{number} failed: {reason}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(tag)
     typer.echo(f"serve it with: bentoml serve {tag} --host 127.0.0.1 --port 3000")

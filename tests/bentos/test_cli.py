@@ -64,3 +64,21 @@ def test_a_failed_rebuild_keeps_the_bento_it_was_to_replace(
     kept = bentoml.bentos.get(tag)
     assert kept.info.creation_time == built_at
     assert [str(m.tag) for m in kept.info.models] == [f"paylater-default:{version}"]
+
+
+def test_a_bento_build_that_fails_is_one_error_line(
+    serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`paylater bento build` with the package index out of reach printed BentoML's traceback
+    (167 lines) instead of saying what failed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("UV_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    version = serving_env["production_version"]
+    result = CliRunner().invoke(app, ["build", "--version", version])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: building paylater-scorer:{version} failed: "), result.output
+    assert "lock" in last, last

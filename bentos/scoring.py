@@ -9,6 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from paylater.postgres import connect_timeout
+
 if TYPE_CHECKING:
     import lightgbm as lgb
     import numpy as np
@@ -191,7 +193,9 @@ class FeatureStore:
         from psycopg.rows import dict_row
 
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.pg_url, autocommit=True, row_factory=dict_row)
+            self._conn = psycopg.connect(
+                self.pg_url, autocommit=True, row_factory=dict_row, **connect_timeout(self.pg_url)
+            )
         return self._conn
 
     def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -323,7 +327,10 @@ class CoalescingFeatureStore:
 
         if self._conn is None or self._conn.closed:
             self._conn = await psycopg.AsyncConnection.connect(
-                self._rows.pg_url, autocommit=True, row_factory=dict_row
+                self._rows.pg_url,
+                autocommit=True,
+                row_factory=dict_row,
+                **connect_timeout(self._rows.pg_url),
             )
         try:
             cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})

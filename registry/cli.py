@@ -301,16 +301,29 @@ def verify(
         None, "--token", envvar="PAYLATER_API_TOKEN", help="Bearer token."
     ),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per request."),
+    ready_timeout: float = typer.Option(
+        60.0,
+        "--ready-timeout",
+        help="Seconds to wait for the service's /readyz first (0: do not wait).",
+    ),
     actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
 ) -> None:
-    """Replay the version's golden requests against {url}/v2/score; record passed/failed on the version."""
+    """Wait for the service to be ready, replay the version's golden requests against
+    {url}/v2/score; record passed/failed on the version."""
     from registry.store import RegistryError
     from registry.verification import verify as run_verify
 
     def check() -> Any:
         if (stage is None) == (version is None):
             raise RegistryError("give exactly one of --stage or --version")
-        return run_verify(str(stage or version), url, _actor(actor), token=token, timeout=timeout)
+        return run_verify(
+            str(stage or version),
+            url,
+            _actor(actor),
+            token=token,
+            timeout=timeout,
+            ready_timeout=ready_timeout,
+        )
 
     result = _run(check)
     typer.echo(f"v{result.version} against {result.url}: {'PASSED' if result.passed else 'FAILED'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -73,19 +74,56 @@ def check_answer(
     return problems
 
 
+READY_TIMEOUT = 60.0
+"""How long verify waits for the service's /readyz by default: `bentoml serve … &` followed at once
+by verify (as the README has it) finds the port closed, then the model loading."""
+
+
+def wait_until_ready(url: str, ready_timeout: float, timeout: float, poll: float = 0.5) -> None:
+    """Poll {url}/readyz until the service is ready; RegistryError (naming the last answer) when it
+    is not within `ready_timeout` seconds.
+
+    Waited on: no connection (not listening yet), no answer, 503 (loading its model). Any other
+    answer goes ahead: a service without /readyz (behind a gateway, a stand-in) is judged by its
+    answers to the golden requests.
+    """
+    endpoint = f"{url.rstrip('/')}/readyz"
+    deadline = time.monotonic() + ready_timeout
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint, timeout=timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503:
+                return
+            last = f"HTTP 503: {exc.read()[:200].decode(errors='replace').strip()}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() >= deadline:
+            raise RegistryError(
+                f"the service at {url} was not ready within {ready_timeout:g} s ({last}):"
+                " nothing was verified or recorded"
+            )
+        time.sleep(poll)
+
+
 def verify(
     stage_or_version: str,
     url: str,
     actor: str,
     token: str | None = None,
     timeout: float = 10.0,
+    ready_timeout: float = READY_TIMEOUT,
 ) -> VerificationResult:
-    """Send every golden request of the version to {url}/v2/score, compare, and record on the version."""
+    """Wait for the service to be ready (up to `ready_timeout`; 0 does not wait), send every golden
+    request of the version to {url}/v2/score, compare, and record on the version."""
     c = client()
     version = resolve_version(stage_or_version, c)
     golden = load_golden(version)
     if not golden:
         raise RegistryError(f"version {version} has no golden requests to verify with")
+    if ready_timeout > 0:
+        wait_until_ready(url, ready_timeout, timeout)
     endpoint = f"{url.rstrip('/')}/v2/score"
     result = VerificationResult(
         version=version,

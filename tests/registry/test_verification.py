@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,11 +24,23 @@ from tasks.training import predict
 
 @contextmanager
 def scoring_service(
-    booster: Any, features: list[str], version: str, bias: float = 0.0
+    booster: Any, features: list[str], version: str, bias: float = 0.0, ready_after: float = 0.0
 ) -> Iterator[str]:
-    """POST /v2/score computed with `booster` (plus `bias`) on 127.0.0.1 at a free port."""
+    """POST /v2/score computed with `booster` (plus `bias`) on 127.0.0.1 at a free port; GET
+    /readyz answers 503 (loading) for the first `ready_after` seconds, then 200."""
+    ready_at = time.monotonic() + ready_after
 
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/readyz":
+                self.send_error(404)
+                return
+            loading = time.monotonic() < ready_at
+            self.send_response(503 if loading else 200)
+            self.send_header("Content-Length", "7" if loading else "2")
+            self.end_headers()
+            self.wfile.write(b"loading" if loading else b"ok")
+
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path != "/v2/score":
@@ -136,10 +149,31 @@ def test_verify_against_nothing_listening_fails_cleanly(
             f"http://127.0.0.1:{port}",
             "--timeout",
             "2",
+            "--ready-timeout",
+            "2",
         ],
     )
     assert result.exit_code == 1
-    assert client().get_model_version(MODEL_NAME, version).tags["staging_verification"] == "failed"
+    assert "was not ready within 2 s" in result.output, result.output
+    assert "nothing was verified or recorded" in result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert "staging_verification" not in tags, "a service never reached judges no model"
+
+
+def test_verify_waits_for_a_service_still_loading_its_model(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """`bentoml serve … &` then verify at once (the README's order): the service answers /readyz
+    503 while it loads; verify waits instead of recording a failure."""
+    version = register(good_candidate)
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    features = good_candidate.split.feature_names
+    with scoring_service(good_candidate.booster, features, version, ready_after=2.0) as url:
+        result = CliRunner().invoke(app, ["registry", "verify", "--stage", "staging", "--url", url])
+    assert result.exit_code == 0, result.output
+    assert "20/20 golden requests matched" in result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert tags["staging_verification"] == "passed"
 
 
 def test_golden_requests_are_the_models_own_answers(
@@ -189,7 +223,6 @@ def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_on
     """A port that accepts connections and never answers (a hung or still-loading service): each
     of the 20 golden requests waited its whole --timeout (200 s at the default), in silence."""
     import socket
-    import time
 
     version = register(good_candidate)
     policy.stage_candidate(version, "monthly-retrain", "gates passed")
@@ -199,7 +232,19 @@ def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_on
         url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         started = time.monotonic()
         result = CliRunner().invoke(
-            app, ["registry", "verify", "--version", version, "--url", url, "--timeout", "2"]
+            app,
+            [
+                "registry",
+                "verify",
+                "--version",
+                version,
+                "--url",
+                url,
+                "--timeout",
+                "2",
+                "--ready-timeout",
+                "0",  # straight to the golden requests
+            ],
         )
         elapsed = time.monotonic() - started
     assert result.exit_code == 1, result.output

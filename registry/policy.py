@@ -390,8 +390,9 @@ def promote(
 ) -> list[history.Transition]:
     """Staging -> Production after a passed staging verification; the old production is archived.
 
-    A version the gates rejected (it can reach Staging only by hand) needs `override_gate`; the
-    history then records that the gates were overridden, and why they said no.
+    A version the gates rejected, or never judged (registered by hand), can reach Staging only by
+    hand, and needs `override_gate`; the history then records that the gates were overridden,
+    and what they said.
     """
     if str(to).strip().lower() != "production":
         raise RegistryError(
@@ -420,14 +421,19 @@ def _promote(
             "run `paylater registry verify --stage staging --url URL` against the staging service first"
         )
     tags = mv.tags or {}
-    if tags.get("gate_status") == "rejected":
-        rejected = tags.get("rejected_reasons", "")
+    gate = tags.get("gate_status")
+    if gate != "passed":
+        if gate == "rejected":
+            verdict = tags.get("rejected_reasons", "")
+            said = f"was rejected by the gates ({verdict})"
+        else:
+            verdict = "never judged"
+            said = "was never judged by the gates (registered outside monthly_retrain)"
         if not override_gate:
             raise RegistryError(
-                f"version {number} was rejected by the gates ({rejected}): promote it only on "
-                "purpose, with --override-gate"
+                f"version {number} {said}: promote it only on purpose, with --override-gate"
             )
-        why = f"gates overridden ({rejected}): {why}"
+        why = f"gates overridden ({verdict}): {why}"
     # Promote first, then archive: the `production` alias always names a version.
     previous = _others_in_stage(c, "Production", number)
     changes = [move(c, number, "Production", "promote", actor, why)]

@@ -152,3 +152,11 @@ def empty_mlflow_db(target: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, target)
     return f"sqlite:///{target}"
+
+
+def stage_as_retrain(version: str) -> None:
+    """What monthly_retrain does for a candidate that passed its gates: record the pass, stage it."""
+    from registry import policy
+
+    policy.record_gate(version, policy.GateDecision(True, []), "monthly-retrain")
+    policy.stage_candidate(version, "monthly-retrain", "gates passed")

@@ -12,6 +12,7 @@ import pytest
 
 from registry import history, policy
 from registry.store import MODEL_NAME, RegistryError, client
+from registry.testing import stage_as_retrain
 
 
 def _state() -> dict[str, Any]:
@@ -106,7 +107,7 @@ def test_promote_rollback_history_round_trip(
     first = register(good_candidate)
     for n in range(3):
         version = register_copy(first) if n else first
-        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        stage_as_retrain(version)
         mark_verified(version)
         policy.promote(version, "Production", f"release {n}", "alice")
         versions.append(version)
@@ -157,7 +158,7 @@ def test_wrong_requests_change_nothing(
     mark_verified: Callable[[str], None],
 ) -> None:
     staged = register(good_candidate)
-    policy.stage_candidate(staged, "monthly-retrain", "gates passed")
+    stage_as_retrain(staged)
     unstaged = register_copy(staged)
     before = _state()
     cases = [
@@ -187,8 +188,8 @@ def test_new_staged_candidate_archives_the_previous_one(
 ) -> None:
     first = register(good_candidate)
     second = register_copy(first)
-    policy.stage_candidate(first, "monthly-retrain", "gates passed")
-    policy.stage_candidate(second, "monthly-retrain", "gates passed")
+    stage_as_retrain(first)
+    stage_as_retrain(second)
     c = client()
     assert c.get_model_version(MODEL_NAME, first).current_stage == "Archived"
     assert c.get_model_version(MODEL_NAME, second).current_stage == "Staging"
@@ -224,7 +225,7 @@ def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_
     from registry.store import AUDIT_EXPERIMENT
 
     first = register(good_candidate)
-    policy.stage_candidate(first, "monthly-retrain", "gates passed")
+    stage_as_retrain(first)
     mark_verified(first)
     policy.promote(first, "production", "release 1", "alice")
     c = client()
@@ -233,7 +234,7 @@ def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_
     c.delete_experiment(c.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id)
 
     second = register_copy(first)
-    policy.stage_candidate(second, "monthly-retrain", "gates passed")
+    stage_as_retrain(second)
     mark_verified(second)
     policy.promote(second, "production", "release 2", "alice")
 
@@ -278,7 +279,7 @@ def test_rollback_restores_the_previous_version_when_production_was_deleted(
     first = register(good_candidate)
     second = register_copy(first)
     for version in (first, second):
-        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        stage_as_retrain(version)
         mark_verified(version)
         policy.promote(version, "production", "release", "alice")
     c = client()
@@ -320,6 +321,26 @@ def test_a_gate_rejected_version_is_promoted_only_with_an_explicit_override(
     assert entry.reason == "gates overridden (AUC 0.61 below 0.65): looks fine"
 
 
+def test_a_version_the_gates_never_judged_is_promoted_only_with_an_explicit_override(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    # Registered by hand (not by monthly_retrain), staged and verified: verification shows the
+    # service serves it, not that it is better than production.
+    version = register(good_candidate)
+    policy.stage_candidate(version, "carol", "hand-made model")
+    mark_verified(version)
+    before = _state()
+    with pytest.raises(RegistryError, match=r"never judged by the gates.*--override-gate"):
+        policy.promote(version, "production", "looks fine", "carol")
+    assert _state() == before
+    policy.promote(version, "production", "looks fine", "carol", override_gate=True)
+    (entry,) = [e for e in history.read(client(), version) if e.action == "promote"]
+    assert entry.reason == "gates overridden (never judged): looks fine"
+
+
 def test_an_out_of_time_month_too_small_to_judge_is_rejected() -> None:
     # 30 rows with one default can show any AUC and calibration: the gates must not call that
     # a pass (nor compare production on it).
@@ -355,7 +376,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     import time
 
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     mark_verified(version)
     c = client()
     assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
@@ -391,11 +412,11 @@ def test_two_transitions_started_together_never_both_run(
     v1 = register(good_candidate)
     v2 = register_copy(v1)
     for version in (v1, v2):
-        policy.stage_candidate(version, "monthly-retrain", "gates passed")
+        stage_as_retrain(version)
         mark_verified(version)
         policy.promote(version, "production", "release", "alice")
     v3 = register_copy(v1)
-    policy.stage_candidate(v3, "monthly-retrain", "gates passed")
+    stage_as_retrain(v3)
     mark_verified(v3)
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     start = threading.Barrier(2)

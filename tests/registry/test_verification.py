@@ -19,6 +19,7 @@ from paylater.cli import app
 from paylater.product import fee_for
 from registry import history, policy
 from registry.store import MODEL_NAME, client
+from registry.testing import stage_as_retrain
 from tasks.training import predict
 
 
@@ -81,7 +82,7 @@ def test_verify_passes_for_the_right_model_then_promote_accepts(
     registry_home: Path, good_candidate: Any, register: Callable[..., str]
 ) -> None:
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     features = good_candidate.split.feature_names
     runner = CliRunner()
 
@@ -134,7 +135,7 @@ def test_verify_against_nothing_listening_fails_cleanly(
     import socket
 
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -166,7 +167,7 @@ def test_verify_waits_for_a_service_still_loading_its_model(
     """`bentoml serve … &` then verify at once (the README's order): the service answers /readyz
     503 while it loads; verify waits instead of recording a failure."""
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     features = good_candidate.split.feature_names
     with scoring_service(good_candidate.booster, features, version, ready_after=2.0) as url:
         result = CliRunner().invoke(app, ["registry", "verify", "--stage", "staging", "--url", url])
@@ -207,7 +208,7 @@ def test_a_service_serving_another_model_is_counted_once_per_request(
     """Another version's model answers with both a wrong version and wrong probabilities: two
     problems a request, which the summary subtracted from the count ("-20/20 matched")."""
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     features = good_candidate.split.feature_names
     with scoring_service(good_candidate.booster, features, "999", bias=0.01) as url:
         result = CliRunner().invoke(app, ["registry", "verify", "--stage", "staging", "--url", url])
@@ -225,7 +226,7 @@ def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_on
     import socket
 
     version = register(good_candidate)
-    policy.stage_candidate(version, "monthly-retrain", "gates passed")
+    stage_as_retrain(version)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # the kernel completes connections; nobody reads or answers

@@ -42,7 +42,16 @@ def resolve_version(stage_or_version: str) -> str:
         raise ValueError(
             f"expected production, staging or a version number, got {stage_or_version!r}"
         )
+    _require_registry()
     return str(_client().get_model_version_by_alias(MODEL_NAME, value).version)
+
+
+def _require_registry() -> None:
+    """RegistryError in seconds when the tracking server does not answer, instead of after
+    MLflow's own retries (about 4 minutes of silence while a service or worker starts)."""
+    from registry.store import require_reachable
+
+    require_reachable()
 
 
 def unloadable(exc: BaseException) -> str | None:
@@ -51,9 +60,11 @@ def unloadable(exc: BaseException) -> str | None:
     from bentoml.exceptions import NotFound
     from mlflow.exceptions import MlflowException
 
+    from registry.store import RegistryError
+
     if isinstance(exc, MlflowException):
         return " ".join(str(exc.message).split())
-    if isinstance(exc, NotFound | ValueError):
+    if isinstance(exc, NotFound | ValueError | RegistryError):
         return " ".join(str(exc).split())
     return None
 
@@ -86,6 +97,7 @@ def import_version(version: str) -> str:
     from paylater.settings import get_settings
 
     version = resolve_version(version)
+    _require_registry()
     mlflow.set_tracking_uri(get_settings().tracking_uri)
     mlflow.set_registry_uri(get_settings().tracking_uri)
     booster = mlflow.lightgbm.load_model(f"models:/{MODEL_NAME}/{version}")

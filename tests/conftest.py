@@ -63,3 +63,21 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture
+def silent_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A postgresql:// URL whose host takes the TCP connection and never answers (a server stuck
+    in startup, a proxy whose backend is gone); connect_timeout lowered to 2 s for the test."""
+    import socket
+
+    from paylater import postgres
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever answers libpq
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_SECONDS", 2)
+    try:
+        yield f"postgresql://paylater:secret@127.0.0.1:{silent.getsockname()[1]}/db"
+    finally:
+        silent.close()

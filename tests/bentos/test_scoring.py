@@ -155,31 +155,20 @@ def test_sqlite_feature_store_answers_like_the_online_table(tmp_path: Path) -> N
 
 
 def test_a_feature_database_that_never_answers_fails_the_lookup_in_seconds(
-    monkeypatch: pytest.MonkeyPatch,
+    silent_postgres: str,
 ) -> None:
     """Both lookups the service uses (threaded and coalescing) give up after connect_timeout, so
     a request gets its 503 instead of holding a worker thread for good."""
     import asyncio
-    import socket
     import time
 
     import psycopg
 
     from bentos.scoring import CoalescingFeatureStore
-    from paylater import postgres
 
-    silent = socket.socket()  # takes the TCP connection, never answers libpq
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_SECONDS", 2)
-    url = f"postgresql://paylater@127.0.0.1:{silent.getsockname()[1]}/source"
-    try:
-        started = time.monotonic()
-        with pytest.raises(psycopg.OperationalError, match="timeout"):
-            FeatureStore(url, ["topups_30d"]).lookup([1])
-        store = CoalescingFeatureStore(url, ["topups_30d"])
-        with pytest.raises(psycopg.OperationalError, match="timeout"):
-            asyncio.run(store.lookup([1]))
-        assert time.monotonic() - started < 25
-    finally:
-        silent.close()
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        FeatureStore(silent_postgres, ["topups_30d"]).lookup([1])
+    with pytest.raises(psycopg.OperationalError, match="timeout"):
+        asyncio.run(CoalescingFeatureStore(silent_postgres, ["topups_30d"]).lookup([1]))
+    assert time.monotonic() - started < 25

@@ -344,23 +344,14 @@ def test_thresholds_that_cannot_work_are_refused_naming_the_settings() -> None:
 
 
 def test_a_queue_database_that_never_answers_leaves_its_checks_unknown_in_seconds(
-    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+    paylater_home: Path, silent_postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A queue host that takes the connection and says nothing must not hold the 5-minute run."""
-    import socket
     import time
 
-    from paylater import postgres
     from tasks.monitoring import measure_all, open_queue_db
 
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_SECONDS", 2)
-    monkeypatch.setenv(
-        "PAYLATER_WORKER_DATABASE_URL",
-        f"postgresql://paylater@127.0.0.1:{silent.getsockname()[1]}/queue",
-    )
+    monkeypatch.setenv("PAYLATER_WORKER_DATABASE_URL", silent_postgres)
     settings = Settings()
     results: list[list[Measurement]] = []
     worker = threading.Thread(
@@ -368,12 +359,9 @@ def test_a_queue_database_that_never_answers_leaves_its_checks_unknown_in_second
         daemon=True,
     )
     started = time.monotonic()
-    try:
-        worker.start()
-        worker.join(60)
-        assert results, f"still measuring after {time.monotonic() - started:.0f} s"
-    finally:
-        silent.close()
+    worker.start()
+    worker.join(60)
+    assert results, f"still measuring after {time.monotonic() - started:.0f} s"
     queue_checks = {m.check: m for m in results[0] if m.check in {"queue_depth", "failure_rate"}}
     assert all(m.value is None for m in queue_checks.values())
     assert "timeout" in queue_checks["queue_depth"].detail

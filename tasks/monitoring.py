@@ -629,12 +629,21 @@ def reconcile(
     return owed
 
 
+RUNBOOK = "docs/runbook.md"
+"""The on-call runbook, relative to the repository: one section per check, anchored by its name."""
+
+
+def runbook_ref(check: str) -> str:
+    """Where the runbook tells what `check` means and what to do (its section's anchor)."""
+    return f"{RUNBOOK}#{check}"
+
+
 def firing_notice(result: CheckResult, escalated: bool = False) -> Notification:
-    """The alert sent when an incident opens or escalates."""
+    """The alert sent when an incident opens or escalates; its last line points at the runbook."""
     tag = "ESCALATED" if escalated else "FIRING"
     return Notification(
         subject=f"[{tag}] paylater {result.level}: {result.check}",
-        body=result.summary,
+        body=f"{result.summary}\nrunbook: {runbook_ref(result.check)}",
         severity=result.level,
         dedup_key=dedup_key(result.check),
     )

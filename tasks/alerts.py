@@ -115,49 +115,36 @@ def _without_path(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc.decode()}/…" if parsed.host else "a URL without host"
 
 
+def _refused(what: str, url: str, send: Callable[[], httpx.Response]) -> str | None:
+    """`send()` within the delivery deadline: None when the receiver accepted, else what went
+    wrong (the URL's path scrubbed from it: a webhook's or a heartbeat check's secret)."""
+    try:
+        response = _within_deadline(what, send)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+    if not response.is_success:
+        return f"answered {response.status_code} {response.text[:200]}"
+    return None
+
+
 def _post_webhook(url: str, payload: dict) -> bool:
     """POST the payload as JSON; False on any failure, logged naming the setting (never the
     URL's path, which is the webhook's secret)."""
-    where = f"the webhook PAYLATER_ALERT_WEBHOOK_URL ({_without_path(url)})"
-    try:
-        response = _within_deadline(
-            "the webhook", lambda: httpx.post(url, json=payload, timeout=10.0)
-        )
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+    problem = _refused("the webhook", url, lambda: httpx.post(url, json=payload, timeout=10.0))
+    if problem:
+        where = f"the webhook PAYLATER_ALERT_WEBHOOK_URL ({_without_path(url)})"
         log.error("alert %r not delivered to %s: %s", payload["subject"], where, problem)
-        return False
-    if not response.is_success:
-        log.error(
-            "alert %r not delivered to %s: answered %d %s",
-            payload["subject"],
-            where,
-            response.status_code,
-            response.text[:200],
-        )
-        return False
-    return True
+    return problem is None
 
 
 def heartbeat(url: str) -> bool:
     """GET the dead-man's switch `url`; False on any failure, logged naming the setting (never
     the URL's path, which holds the check's key)."""
-    where = f"the heartbeat PAYLATER_MONITOR_HEARTBEAT_URL ({_without_path(url)})"
-    try:
-        response = _within_deadline("the heartbeat", lambda: httpx.get(url, timeout=10.0))
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+    problem = _refused("the heartbeat", url, lambda: httpx.get(url, timeout=10.0))
+    if problem:
+        where = f"the heartbeat PAYLATER_MONITOR_HEARTBEAT_URL ({_without_path(url)})"
         log.error("heartbeat not delivered to %s: %s", where, problem)
-        return False
-    if not response.is_success:
-        log.error(
-            "heartbeat not delivered to %s: answered %d %s",
-            where,
-            response.status_code,
-            response.text[:200],
-        )
-        return False
-    return True
+    return problem is None
 
 
 def pagerduty_configured(settings: Settings) -> bool:

@@ -48,7 +48,8 @@ def resolve_version(stage_or_version: str) -> str:
 
 def _require_registry() -> None:
     """RegistryError in seconds when the tracking server does not answer, instead of after
-    MLflow's own retries (about 4 minutes of silence while a service or worker starts)."""
+    MLflow's own retries: about 4 minutes of silence while a service or worker starts, or while
+    a worker following an alias holds a claimed batch."""
     from registry.store import require_reachable
 
     require_reachable()

@@ -219,6 +219,9 @@ def open_queue_db(settings: Settings) -> sa.Engine:
     return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=connect_args)
 
 
+QUEUE_CHECKS = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
+"""The checks measure_queue answers, in its order."""
+
 QUEUE_QUERY_TIMEOUT_SECONDS = 10.0
 """The queue statistics' query (a few index scans) gives up after this: the checks are unknown."""
 
@@ -227,7 +230,7 @@ def measure_queue(
     engine: sa.Engine, now: datetime, window_minutes: int, min_jobs: int
 ) -> list[Measurement]:
     """Queue depth, oldest runnable queued job's age, and failure/dead-letter rates over a window."""
-    checks = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
+    checks = QUEUE_CHECKS
     if engine.dialect.name != "postgresql":
         reason = (
             f"the queue database is {engine.dialect.name}, and the scoring queue needs PostgreSQL:"
@@ -694,10 +697,9 @@ def _guarded(
 
 def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Measurement]:
     """Every operational measurement the monitor judges (unknown where a measurement failed)."""
-    queue = ("queue_depth", "oldest_queued_age", "failure_rate", "dead_letter_rate")
     return [
         *_guarded(
-            queue,
+            QUEUE_CHECKS,
             lambda: measure_queue(
                 engine, now, settings.monitor_window_minutes, settings.monitor_min_jobs
             ),

@@ -24,23 +24,6 @@ MODEL_REFRESH_SECONDS = 60.0
 
 ALIASES = ("production", "staging")
 
-REGISTRY_TIMEOUT_SECONDS = 5.0
-"""Longest wait for the tracking server's /health before a periodic registry question."""
-
-
-def resolve_alias(spec: str) -> str:
-    """The version the alias `spec` names now, asked only of a tracking server that answers.
-
-    These questions are asked with a claimed batch in hand: one /health request of at most
-    REGISTRY_TIMEOUT_SECONDS first, so a server that is down fails the question in seconds
-    instead of after MLflow's own retries (minutes, while the batch's lease runs out).
-    """
-    from bentos.build import resolve_version
-    from registry.store import require_reachable
-
-    require_reachable(timeout=REGISTRY_TIMEOUT_SECONDS)
-    return resolve_version(spec)
-
 
 def load_scorer(spec: str) -> Any:
     """A Scorer for 'production', 'staging', a registry version, or a model store tag (name:version)."""
@@ -94,8 +77,10 @@ def resolve_shadow_version(spec: str) -> str | None:
     """The registry version (or store tag) `spec` names now; None when it names nothing."""
     if ":" in spec or spec.strip().isdigit():
         return spec.strip()
+    from bentos.build import resolve_version
+
     try:
-        return resolve_alias(spec)
+        return resolve_version(spec)  # asks the tracking server's /health first
     except Exception as exc:  # no alias 'staging' is the normal state between candidates
         log.debug("no %s version: %r", spec, exc)
         return None
@@ -169,7 +154,9 @@ class FollowingBackend:
         """Load the version the alias names now, when it changed, and swap it in."""
         current = self.model_version
         try:
-            version = resolve_alias(self.spec)
+            from bentos.build import resolve_version
+
+            version = resolve_version(self.spec)  # asks the tracking server's /health first
         except Exception as exc:
             log.warning(
                 "model %s not resolvable (%r): still scoring with version %s",

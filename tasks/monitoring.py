@@ -55,6 +55,8 @@ class Measurement:
     check: str
     value: float | None
     detail: str = ""
+    # Measured, but on too little data to judge (a quiet window): unknown, yet not unmeasured.
+    sparse: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,8 @@ def measure_queue(
     window = f"{finished} jobs finished in the last {window_minutes} min"
     if finished == 0 or finished < min_jobs:  # min_jobs 0 would otherwise divide by zero
         reason = f"only {window} (< {max(min_jobs, 1)}): rate not judged"
-        failure = Measurement("failure_rate", None, reason)
-        dead = Measurement("dead_letter_rate", None, reason)
+        failure = Measurement("failure_rate", None, reason, sparse=True)
+        dead = Measurement("dead_letter_rate", None, reason, sparse=True)
     else:
         failure = Measurement("failure_rate", int(row.failed_in_window) / finished, window)
         dead = Measurement("dead_letter_rate", int(row.dead_in_window) / finished, window)

@@ -94,6 +94,9 @@ def test_measure_queue_with_min_jobs_zero_and_a_quiet_window(pg_url: str) -> Non
     got = {m.check: m for m in measure_queue(engine, NOW, window_minutes=15, min_jobs=0)}
     assert got["failure_rate"].value is None and got["dead_letter_rate"].value is None
     assert "0 jobs finished in the last 15 min" in got["failure_rate"].detail
+    # measured (the database answered), just too little to judge: no unmeasured warning
+    assert got["failure_rate"].sparse and got["dead_letter_rate"].sparse
+    assert not got["queue_depth"].sparse
     assert got["queue_depth"].value == 0
     engine.dispose()
 
@@ -119,6 +122,7 @@ def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(pg_url: s
     assert not hung, "measure_queue waited for the lock"
     assert {m.value for m in measured} == {None}
     assert all("did not answer" in m.detail for m in measured)
+    assert not any(m.sparse for m in measured)  # unmeasured: after a while, Slack hears of it
 
 
 def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:

@@ -16,8 +16,10 @@ from tasks.monitoring import (
     measure_all,
     open_queue_db,
     reconcile,
+    reconcile_unmeasured,
     status_json,
     thresholds,
+    unknown_alert_after,
     utc_now,
 )
 
@@ -34,6 +36,7 @@ def run_checks(now: datetime) -> list[CheckResult]:
     """Measure everything and judge it against the configured thresholds."""
     settings = get_settings()
     thresholds(settings)  # levels that cannot work fail the run now, naming their settings
+    unknown_alert_after(settings)
     engine = open_queue_db(settings)
     try:
         return judge(measure_all(settings, engine, now), settings)
@@ -64,11 +67,14 @@ def deliver(notification: Notification) -> bool:
 def update_incidents(
     results: list[CheckResult], now: datetime
 ) -> tuple[list[Notification], list[Notification]]:
-    """Open, escalate or resolve incidents and alert on each change; returns what was delivered
-    and what was not.
+    """Open, escalate or resolve incidents and alert on each change, then warn of checks left
+    unmeasured too long (and say when they are measured again); returns what was delivered and
+    what was not.
 
     An alert not delivered (no channel took it, or PagerDuty refused the page with a retryable
-    error) leaves its incident unchanged, so the next run sends it again.
+    error) leaves its incident (or unmeasured state) unchanged, so the next run sends it again.
+    An incident database that does not answer fails the run, as it always did: the flow's
+    failure alert and the withheld heartbeat say so.
     """
     undelivered: list[Notification] = []
 
@@ -78,10 +84,14 @@ def update_incidents(
             undelivered.append(notification)
         return sent
 
-    engine = open_queue_db(get_settings())
+    settings = get_settings()
+    engine = open_queue_db(settings)
     try:
         ensure_incident_table(engine)
-        return reconcile(engine, results, now, deliver=counted), undelivered
+        delivered = reconcile(engine, results, now, deliver=counted)
+        after = unknown_alert_after(settings)
+        delivered += reconcile_unmeasured(engine, results, now, after, deliver=counted)
+        return delivered, undelivered
     finally:
         engine.dispose()
 

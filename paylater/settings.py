@@ -202,6 +202,15 @@ class Settings(BaseSettings):
             " alerts not getting through. Unset: no heartbeat."
         ),
     )
+    monitor_unknown_alert_minutes: float = Field(
+        default=30.0,
+        description=(
+            "A check the monitor could not measure (its database, warehouse or the Prefect API not"
+            " answering) for this many minutes sends one warning to Slack naming it, since when and"
+            " why, and a RESOLVED notice once it is measured again; its incident, if open, stays"
+            " open. Above 0 (the monitor refuses 0; a large value, e.g. 1440, hears less)."
+        ),
+    )
     monitor_psi_ignore: list[str] = Field(
         default=["topup_days_since_last"],
         description=(

@@ -9,12 +9,19 @@ pages (PagerDuty, under the incident's dedup key) and the RESOLVED notice of an 
 reached critical resolves that page. A notice that was not delivered (no channel accepted it, or
 PagerDuty refused the page with a retryable error) undoes its incident change, so the next run
 sends it again.
+
+A check the monitor cannot measure (its database or the Prefect API not answering; not a quiet
+window with too few jobs to judge) is tracked apart, in `monitor_unmeasured`: unmeasured for
+PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES, it sends one warning (Slack only: the heartbeat already
+pages when the monitor itself cannot deliver), and a RESOLVED notice once it is measured again.
+Its incident, if one is open, stays as it is meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,6 +75,13 @@ class CheckResult:
     value: float | None
     threshold: Threshold
     summary: str
+    detail: str = ""  # what the measurement said (why it is unknown, when it is)
+    sparse: bool = False  # see Measurement.sparse
+
+    @property
+    def unmeasured(self) -> bool:
+        """Unknown because the measurement could not be taken (not for want of data)."""
+        return self.level == "unknown" and not self.sparse
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,24 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
     return limits
 
 
+def unknown_alert_after(settings: Settings) -> timedelta:
+    """How long a check may stay unmeasured before its notice; ValueError naming the setting
+    when it cannot work.
+
+    0 (or less) is refused rather than read as "off" or "at once": off would bring back the
+    silence this notice exists to end, and at once would turn every passing timeout into a
+    Slack message. A large value (1440: a day) is the way to hear less.
+    """
+    field = "monitor_unknown_alert_minutes"
+    minutes = getattr(settings, field)
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(
+            f"monitoring thresholds: {_env(field)} must be a number of minutes above 0 (is "
+            f"{minutes:g}): how long a check may go unmeasured before Slack is told"
+        )
+    return timedelta(minutes=minutes)
+
+
 def format_value(value: float | None, unit: str) -> str:
     """A value for humans: seconds as minutes/hours, ratios as percent."""
     if value is None:
@@ -199,7 +231,15 @@ def evaluate(measurement: Measurement, threshold: Threshold) -> CheckResult:
         summary += f" (>= {level} threshold {format_value(limit, threshold.unit)})"
     if measurement.detail:
         summary += f"; {measurement.detail}"
-    return CheckResult(measurement.check, level, value, threshold, summary)
+    return CheckResult(
+        measurement.check,
+        level,
+        value,
+        threshold,
+        summary,
+        detail=measurement.detail,
+        sparse=measurement.sparse,
+    )
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -555,9 +595,10 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
 
 
 def ensure_incident_table(engine: sa.Engine) -> None:
-    """Create monitor_incidents when missing."""
+    """Create monitor_incidents and monitor_unmeasured when missing."""
     with engine.begin() as conn:
         conn.execute(sa.text(load_sql("incidents_ddl")))
+        conn.execute(sa.text(load_sql("unmeasured_ddl")))
 
 
 def open_incidents(engine: sa.Engine) -> list[dict[str, Any]]:
@@ -566,9 +607,21 @@ def open_incidents(engine: sa.Engine) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in conn.execute(sa.text(load_sql("incidents_open")))]
 
 
+def unmeasured_checks(engine: sa.Engine) -> list[dict[str, Any]]:
+    """Every check the monitor cannot measure now, as dicts."""
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.text(load_sql("unmeasured_all")))]
+
+
 def dedup_key(check: str) -> str:
     """The key an incident keeps in PagerDuty/Slack from opening to resolution."""
     return f"paylater-monitor/{check}"
+
+
+def unmeasured_dedup_key(check: str) -> str:
+    """The key of a check's unmeasured notices: never its incident's, so that resolving one
+    cannot resolve the other (nor its page)."""
+    return f"{dedup_key(check)}/unmeasured"
 
 
 def reconcile(
@@ -622,6 +675,59 @@ def reconcile(
     return owed
 
 
+def reconcile_unmeasured(
+    engine: sa.Engine,
+    results: Iterable[CheckResult],
+    now: datetime,
+    after: timedelta,
+    deliver: Callable[[Notification], bool] | None = None,
+) -> list[Notification]:
+    """Track the checks that could not be measured; return the notifications this run owes.
+
+    A check unmeasured since a run at least `after` ago gets one warning; the first run that
+    measures it again (any level, or too few jobs to judge: its source answered) ends the
+    stretch, with a RESOLVED notice when the warning went out. Incidents are not touched.
+    `deliver` as for `reconcile`: a notice not delivered undoes its change, the next run resends.
+    """
+    owed: list[Notification] = []
+    with engine.connect() as conn:  # one connection, a transaction per check
+        for result in results:
+            with conn.begin() as transaction:
+                notice = _unmeasured_change(conn, result, now, after)
+                if notice is None:
+                    continue
+                if deliver is not None and not deliver(notice):
+                    log.warning(
+                        "%r not delivered: unmeasured state undone, next run retries",
+                        notice.subject,
+                    )
+                    transaction.rollback()
+                    continue
+                owed.append(notice)
+    return owed
+
+
+def _unmeasured_change(
+    conn: sa.Connection, result: CheckResult, now: datetime, after: timedelta
+) -> Notification | None:
+    """Record this run's view of one check in monitor_unmeasured; the notice it owes, if any."""
+    params = {"check_name": result.check, "reason": result.detail or result.summary, "now": now}
+    if not result.unmeasured:
+        ended = conn.execute(sa.text(load_sql("unmeasured_end")), params).first()
+        if ended is None or ended.notified_at is None:
+            return None  # nothing was said: nothing to resolve
+        return measured_again_notice(result, as_utc(ended.since), now)
+    seen = conn.execute(sa.text(load_sql("unmeasured_seen")), params).one()
+    since = as_utc(seen.since)
+    if seen.notified_at is not None or now - since < after:
+        return None
+    # Whichever monitor's UPDATE wins tells; a racing one finds notified_at set.
+    if conn.execute(sa.text(load_sql("unmeasured_notify")), params).first() is None:
+        return None
+    incident = conn.execute(sa.text(load_sql("incident_of")), params).first()
+    return unmeasured_notice(result, since, now, incident)
+
+
 RUNBOOK = "docs/runbook.md"
 """The on-call runbook, relative to the repository: one section per check, anchored by its name."""
 
@@ -653,6 +759,47 @@ def resolved_notice(
         severity="info",
         dedup_key=dedup_key(result.check),
         resolve_page=paged,
+    )
+
+
+UNMEASURED_SECTION = "check_unmeasured"
+"""The runbook section of every unmeasured notice (one for all checks: the cause is the source
+that did not answer, which the notice quotes, not the check)."""
+
+
+def unmeasured_notice(
+    result: CheckResult, since: datetime, now: datetime, incident: Any = None
+) -> Notification:
+    """The warning that a check has not been measured since `since`, quoting why; it names the
+    check's open incident (`incident`: a row with severity and opened_at), which stays open."""
+    lasted = format_value(max(0.0, (now - since).total_seconds()), "s")
+    lines = [
+        f"{result.check} not measured since {since:%Y-%m-%d %H:%M} UTC ({lasted}): "
+        f"{result.detail or result.summary}"
+    ]
+    if incident is not None:
+        opened = as_utc(incident.opened_at)
+        lines.append(
+            f"its {incident.severity} incident (open since {opened:%Y-%m-%d %H:%M} UTC) stays"
+            " open until the check is measured again"
+        )
+    lines.append(f"runbook: {RUNBOOK}#{UNMEASURED_SECTION}")
+    return Notification(
+        subject=f"[UNMEASURED] paylater warning: {result.check}",
+        body="\n".join(lines),
+        severity="warning",
+        dedup_key=unmeasured_dedup_key(result.check),
+    )
+
+
+def measured_again_notice(result: CheckResult, since: datetime, now: datetime) -> Notification:
+    """The notice that a check announced as unmeasured is measured again (Slack; never a page)."""
+    lasted = format_value(max(0.0, (now - since).total_seconds()), "s")
+    return Notification(
+        subject=f"[RESOLVED] paylater: {result.check} measured again",
+        body=f"{result.summary}; not measured for {lasted}",
+        severity="info",
+        dedup_key=unmeasured_dedup_key(result.check),
     )
 
 

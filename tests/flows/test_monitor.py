@@ -445,3 +445,135 @@ def test_monitor_deletes_jobs_past_their_retention(
     monitor()
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT count(*) FROM scoring_jobs").fetchone() == (3,)
+
+
+def test_a_check_unmeasured_past_the_threshold_warns_slack_once_and_resolves(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sync_age pages, then its ledger becomes unreadable: its incident stays open; past
+    PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES Slack hears one warning (no page), and a RESOLVED
+    notice once the ledger is read again. Time passes by moving the stretch's start back in the
+    database each run reads (every run is a fresh process as far as the state goes)."""
+    import pyarrow as pa
+
+    from flows.monitor import monitor
+    from tasks.warehouse import open_warehouse
+
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "30")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())  # an empty queue: measured (rates: too few jobs)
+    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1))
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=60))  # sync_age: critical
+
+    def slack() -> list[str]:
+        return sorted(p["subject"] for p in receiver.take())
+
+    def events() -> list[tuple[str, str]]:
+        return sorted((e["event_action"], e["dedup_key"]) for e in pagerduty.take())
+
+    def unmeasured_for(minutes: int) -> list[str]:
+        """Move every stretch's start `minutes` back; the checks unmeasured now."""
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE monitor_unmeasured SET since = since - make_interval(mins => %s)", [minutes]
+            )
+            return [r[0] for r in conn.execute("SELECT check_name FROM monitor_unmeasured")]
+
+    monitor()
+    assert slack() == ["[FIRING] paylater critical: sync_age"]
+    assert events() == [("trigger", "paylater-monitor/sync_age")]
+
+    warehouse = open_warehouse(warehouse_url)
+    warehouse.replace_table("sync_ledger", pa.table({"note": ["not the ledger"]}))
+    warehouse.close()
+    results = {r.check: r for r in monitor()}
+    assert results["sync_age"].level == "unknown" and results["failure_rate"].level == "unknown"
+    assert (slack(), events()) == ([], [])  # unmeasured since this run: not yet
+    assert unmeasured_for(31) == ["sync_age"]  # the quiet queue's rates are not unmeasured
+    monitor()
+    (warned,) = receiver.take()
+    assert warned["subject"] == "[UNMEASURED] paylater warning: sync_age"
+    assert warned["severity"] == "warning" and events() == []  # Slack only
+    body = warned["body"]  # the reason quoted is DuckDB's error, over two lines
+    assert body.startswith("sync_age not measured since ") and "sync ledger not readable" in body
+    *_, incident, runbook = body.splitlines()
+    assert incident.startswith("its critical incident (open since ")
+    assert runbook == "runbook: docs/runbook.md#check_unmeasured"
+    assert warned["dedup_key"] == "paylater-monitor/sync_age/unmeasured"
+
+    # the incident stayed as it was (sent once, not twice: tests/tasks/test_monitoring.py)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT check_name, severity FROM monitor_incidents").fetchall() == [
+            ("sync_age", "critical")
+        ]
+
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=1))
+    monitor()
+    assert slack() == [
+        "[RESOLVED] paylater: sync_age",
+        "[RESOLVED] paylater: sync_age measured again",
+    ]
+    assert events() == [("resolve", "paylater-monitor/sync_age")]  # the incident's page only
+    assert unmeasured_for(0) == []
+
+
+def test_unknown_alert_minutes_of_0_fails_the_run_naming_the_variable(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused before anything is measured, as thresholds that cannot work are; the run's
+    failure alert carries the message."""
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "0")
+    with pytest.raises(ValueError, match="PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES must be a number"):
+        monitor()
+    (failed,) = receiver.take()
+    assert "of 'monitor' failed" in failed["subject"]
+    assert "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES" in failed["body"]
+
+
+def test_an_unreachable_incident_database_fails_the_run_as_before(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue database (home of the incident and unmeasured tables) refusing connections:
+    no state can be kept, so the run fails, its failure alert goes out and the heartbeat is
+    withheld, exactly as before the unmeasured warning existed (which cannot be sent here)."""
+    import socket
+
+    import sqlalchemy
+
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    heartbeat = Receiver()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+    try:
+        port = closed.getsockname()[1]
+        monkeypatch.setenv("PAYLATER_WORKER_DATABASE_URL", f"postgresql://u:p@127.0.0.1:{port}/db")
+        monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", heartbeat.url)
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="Connection refused"):
+            monitor()
+        (failed,) = receiver.take()  # the failure alert, and nothing else
+        assert failed["subject"].endswith("of 'monitor' failed")
+    finally:
+        closed.close()
+        heartbeat.close()
+    assert heartbeat.gets == []

@@ -11,10 +11,12 @@ import yaml
 from tasks.monitoring import (
     RUNBOOK,
     THRESHOLD_SETTINGS,
+    UNMEASURED_SECTION,
     Measurement,
     Threshold,
     evaluate,
     firing_notice,
+    unmeasured_notice,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +91,14 @@ def test_a_firing_notice_ends_with_its_runbook_line(check: str, escalated: bool)
     tag = "ESCALATED" if escalated else "FIRING"
     assert notice.subject == f"[{tag}] paylater critical: {check}"
     assert (notice.severity, notice.dedup_key) == ("critical", f"paylater-monitor/{check}")
+
+
+@pytest.mark.parametrize("check", sorted(THRESHOLD_SETTINGS))
+def test_an_unmeasured_notice_ends_with_its_runbook_line(check: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    result = evaluate(Measurement(check, None, "not readable"), Threshold(1.0, 5.0, "jobs"))
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    notice = unmeasured_notice(result, now - timedelta(minutes=40), now)
+    assert notice.body.splitlines()[-1] == "runbook: docs/runbook.md#check_unmeasured"
+    assert anchor(UNMEASURED_SECTION) == UNMEASURED_SECTION and UNMEASURED_SECTION in headings()

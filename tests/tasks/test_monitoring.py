@@ -16,6 +16,7 @@ from tasks.monitoring import (
     CheckResult,
     Measurement,
     Threshold,
+    as_utc,
     ensure_incident_table,
     evaluate,
     judge,
@@ -25,8 +26,11 @@ from tasks.monitoring import (
     measure_sync_age,
     open_incidents,
     reconcile,
+    reconcile_unmeasured,
     sqlalchemy_url,
     thresholds,
+    unknown_alert_after,
+    unmeasured_checks,
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -369,3 +373,171 @@ def test_a_queue_database_that_never_answers_leaves_its_checks_unknown_in_second
     queue_checks = {m.check: m for m in results[0] if m.check in {"queue_depth", "failure_rate"}}
     assert all(m.value is None for m in queue_checks.values())
     assert "timeout" in queue_checks["queue_depth"].detail
+
+
+AFTER = timedelta(minutes=30)
+
+
+def unmeasured(
+    check: str = "sync_age", why: str = "warehouse not readable: timeout"
+) -> CheckResult:
+    """A check whose measurement could not be taken, as judge() makes it."""
+    return evaluate(Measurement(check, None, why), Threshold(60, 300, "s"))
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_an_unmeasured_check_warns_once_past_the_threshold_and_resolves_when_measured(
+    backend: str, pg_url: str, tmp_path: Path
+) -> None:
+    """Each run opens its own engine, as a restarted monitor would: the state is in the database.
+    The check's critical incident, open before it went unknown, stays open throughout."""
+    url = pg_url if backend == "postgres" else f"sqlite:///{tmp_path / 'source.db'}"
+
+    def run(results: list[CheckResult], minutes: float) -> list[str]:
+        engine = engine_for(url)
+        ensure_incident_table(engine)
+        at = NOW + timedelta(minutes=minutes)
+        notices = reconcile(engine, results, at) + reconcile_unmeasured(engine, results, at, AFTER)
+        engine.dispose()
+        return [f"{n.subject} | {n.body}" for n in notices]
+
+    assert run([result("critical", check="sync_age")], -60) == [
+        "[FIRING] paylater critical: sync_age | sync_age critical\nrunbook: docs/runbook.md#sync_age"
+    ]
+    assert run([unmeasured(why="ledger not readable: first")], 0) == []  # the stretch starts
+    assert run([unmeasured()], 25) == []
+    assert run([unmeasured()], 29.9) == []  # not before the threshold
+    (warned,) = run([unmeasured(why="warehouse not readable: timeout")], 30)
+    assert warned == (
+        "[UNMEASURED] paylater warning: sync_age | sync_age not measured since 2026-11-27 12:00 UTC"
+        " (1800 s): warehouse not readable: timeout\n"
+        "its critical incident (open since 2026-11-27 11:00 UTC) stays open until the check is"
+        " measured again\nrunbook: docs/runbook.md#check_unmeasured"
+    )
+    assert run([unmeasured()], 35) == [] and run([unmeasured()], 240) == []  # not twice
+    engine = engine_for(url)
+    (incident,) = open_incidents(engine)
+    assert (incident["severity"], as_utc(incident["opened_at"])) == (
+        "critical",
+        NOW - timedelta(hours=1),
+    )
+    (state,) = unmeasured_checks(engine)
+    assert as_utc(state["since"]) == NOW and state["reason"] == "warehouse not readable: timeout"
+    engine.dispose()
+    assert run([result("critical", check="sync_age")], 245) == [
+        "[RESOLVED] paylater: sync_age measured again | sync_age critical; not measured for 4.1 h"
+    ]  # the incident was not resolved (still critical): nothing for it
+    assert run([result("critical", check="sync_age")], 250) == []
+    assert run([unmeasured()], 255) == []  # a new stretch starts from 0
+    assert (
+        run([result("ok", check="sync_age")], 260)
+        == [
+            "[RESOLVED] paylater: sync_age | sync_age ok; open for 5.3 h"  # under 30 min unmeasured: silent
+        ]
+    )
+    engine = engine_for(url)
+    assert open_incidents(engine) == [] and unmeasured_checks(engine) == []
+    engine.dispose()
+
+
+def test_the_unmeasured_notices_are_slack_warnings_under_their_own_key(pg_url: str) -> None:
+    """Not a page (the heartbeat pages when the monitor cannot deliver at all), and a key apart
+    from the incident's, so resolving one cannot resolve the other's page."""
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    reconcile_unmeasured(engine, [unmeasured()], NOW, AFTER)
+    (warned,) = reconcile_unmeasured(engine, [unmeasured()], NOW + AFTER, AFTER)
+    (back,) = reconcile_unmeasured(engine, [result("ok", check="sync_age")], NOW + 2 * AFTER, AFTER)
+    engine.dispose()
+    assert (warned.severity, warned.resolve_page) == ("warning", False)
+    assert (back.severity, back.resolve_page) == ("info", False)
+    assert warned.dedup_key == back.dedup_key == "paylater-monitor/sync_age/unmeasured"
+
+
+def test_too_few_jobs_to_judge_is_measured_not_unmeasured(pg_url: str) -> None:
+    """A quiet night leaves the rates unknown for hours: no warning; and it ends a stretch of
+    the queue database not answering, since it answered."""
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    limit = Threshold(0.02, 0.1, "ratio")
+    quiet = evaluate(Measurement("failure_rate", None, "only 3 jobs finished", sparse=True), limit)
+    down = evaluate(Measurement("failure_rate", None, "the queue database did not answer"), limit)
+    assert quiet.level == down.level == "unknown" and down.unmeasured and not quiet.unmeasured
+    for minutes in (0, 60, 600):
+        at = NOW + timedelta(minutes=minutes)
+        assert reconcile_unmeasured(engine, [quiet], at, AFTER) == []
+    assert unmeasured_checks(engine) == []
+    reconcile_unmeasured(engine, [down], NOW, AFTER)
+    assert [c["check_name"] for c in unmeasured_checks(engine)] == ["failure_rate"]
+    assert reconcile_unmeasured(engine, [quiet], NOW + timedelta(minutes=5), AFTER) == []
+    assert unmeasured_checks(engine) == []  # not warned yet: ended without a word
+    engine.dispose()
+
+
+def test_an_undelivered_unmeasured_notice_is_sent_by_the_next_run(pg_url: str) -> None:
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    tried: list[str] = []
+
+    def down(n: object) -> bool:
+        tried.append(n.subject)  # type: ignore[attr-defined]
+        return False
+
+    def up(n: object) -> bool:
+        tried.append(n.subject)  # type: ignore[attr-defined]
+        return True
+
+    reconcile_unmeasured(engine, [unmeasured()], NOW, AFTER, deliver=up)
+    assert reconcile_unmeasured(engine, [unmeasured()], NOW + AFTER, AFTER, deliver=down) == []
+    assert unmeasured_checks(engine)[0]["notified_at"] is None
+    later = NOW + AFTER + timedelta(minutes=5)
+    assert len(reconcile_unmeasured(engine, [unmeasured()], later, AFTER, deliver=up)) == 1
+    back = [result("ok", check="sync_age")]
+    assert (
+        reconcile_unmeasured(engine, back, later + timedelta(minutes=5), AFTER, deliver=down) == []
+    )
+    assert len(unmeasured_checks(engine)) == 1  # the RESOLVED is still owed
+    assert (
+        len(reconcile_unmeasured(engine, back, later + timedelta(minutes=10), AFTER, deliver=up))
+        == 1
+    )
+    assert unmeasured_checks(engine) == []
+    assert [s.split("]")[0] for s in tried] == ["[UNMEASURED"] * 2 + ["[RESOLVED"] * 2
+    engine.dispose()
+
+
+def test_concurrent_monitors_warn_once_of_an_unmeasured_check(pg_url: str) -> None:
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    reconcile_unmeasured(engine, [unmeasured()], NOW, AFTER)
+    engine.dispose()
+    barrier = threading.Barrier(4)
+    sent: list[int] = []
+
+    def one_monitor() -> None:
+        engine = engine_for(pg_url)  # own engine and connection, like another process
+        barrier.wait()
+        sent.append(len(reconcile_unmeasured(engine, [unmeasured()], NOW + AFTER, AFTER)))
+        barrier.wait()
+        back = [result("ok", check="sync_age")]
+        sent.append(len(reconcile_unmeasured(engine, back, NOW + 2 * AFTER, AFTER)))
+        engine.dispose()
+
+    threads = [threading.Thread(target=one_monitor) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(sent) == 2  # one UNMEASURED, one RESOLVED among four racing monitors
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5", "nan", "inf"])
+def test_unknown_alert_minutes_that_cannot_work_are_refused_naming_the_variable(
+    minutes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert unknown_alert_after(Settings()) == timedelta(minutes=30)  # the default
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "2.5")
+    assert unknown_alert_after(Settings()) == timedelta(seconds=150)
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", minutes)
+    with pytest.raises(ValueError, match="PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES must be a number"):
+        unknown_alert_after(Settings())

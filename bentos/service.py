@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
@@ -30,6 +31,13 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 HOT_PATHS = ["/v1/score", "/v2/score", "/v2/score_batch"]
 MAX_BODY_BYTES = 4 * 1024 * 1024
 LOAD_WAIT_SECONDS = 60.0
+RESOLVED_VERSION_ENV = "PAYLATER_SERVE_RESOLVED_VERSION"
+"""The registry version PAYLATER_SERVE_STAGE named when `bentoml serve` started: set in its parent
+process before it spawns the workers, which inherit it (a worker restarted later too)."""
+RESOLVE_ERROR_ENV = "PAYLATER_SERVE_RESOLVE_ERROR"
+"""Set instead of RESOLVED_VERSION_ENV when the stage could not be resolved then: why."""
+RESOLVE_TIMEOUT_SECONDS = 120.0
+"""Longest wait for that answer (an unreachable tracking server answers in seconds)."""
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -313,6 +321,9 @@ class PaylaterScorer:
         from paylater.settings import get_settings
 
         settings = get_settings()
+        # BentoML's server logging passes WARNING and above from other loggers: which version a
+        # worker loaded is worth a line in the server's log.
+        log.setLevel(logging.INFO)
         ENGINE.token = settings.api_token.encode() if settings.api_token else None
         ENGINE.max_batch = settings.serve_max_batch
         # Loading runs beside the server so /readyz can say "not yet" instead of hanging.
@@ -328,10 +339,29 @@ class PaylaterScorer:
             gc.collect()
             gc.freeze()
             ENGINE.scorer = scorer  # last: a set scorer is what "ready" means
-            log.info("serving %s model version %s", scorer.feature_names, scorer.model_version)
+            log.info(
+                "serving model version %s (features %s)", scorer.model_version, scorer.feature_names
+            )
         except Exception as exc:  # keep serving /readyz=false and 503s with the reason
             log.exception("model load failed")
             ENGINE.load_error = f"model load failed: {exc}"
+
+    @bentoml.on_deployment
+    @staticmethod
+    def _resolve_stage_once() -> None:
+        """Pin the version PAYLATER_SERVE_STAGE names for this service's whole life.
+
+        BentoML runs this once, in `bentoml serve`'s parent process, before it creates the
+        workers; circus copies the parent's environment when it creates them and starts every
+        worker, a restarted one too, with that copy. A worker resolving the alias itself would load
+        whatever it names when BentoML restarts it (after a crash), next to a worker still serving
+        the version from before a promotion or a rollback.
+        """
+        # The decorated class is a bentoml Service; `bento` is set when served from a built bento,
+        # which serves the model it embeds.
+        if cast(Any, PaylaterScorer).bento is None:
+            log.setLevel(logging.INFO)
+            pin_served_version(os.environ)
 
     def __is_ready__(self) -> bool:
         """Ready once the model and feature store are loaded."""
@@ -356,8 +386,70 @@ class PaylaterScorer:
         )
 
 
+def pin_served_version(environ: MutableMapping[str, str]) -> None:
+    """Resolve PAYLATER_SERVE_STAGE now and record the version in `environ` (or, when it cannot
+    be resolved, why: the workers then answer 503 naming it, as for any model that cannot load)."""
+    from paylater.settings import get_settings
+
+    environ.pop(RESOLVED_VERSION_ENV, None)
+    environ.pop(RESOLVE_ERROR_ENV, None)
+    stage = "?"
+    try:
+        stage = get_settings().serve_stage
+        version = _resolve_in_child(stage)
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or repr(exc)
+        environ[RESOLVE_ERROR_ENV] = (
+            f"PAYLATER_SERVE_STAGE={stage} could not be resolved when the service started: {reason}"
+        )
+        log.error("%s; restart the service to try again", environ[RESOLVE_ERROR_ENV])
+        return
+    environ[RESOLVED_VERSION_ENV] = version
+    log.info(
+        "PAYLATER_SERVE_STAGE=%s names model version %s: this service serves it until restarted",
+        stage,
+        version,
+    )
+
+
+_RESOLVE = """\
+import sys
+from bentos.build import resolve_version, unloadable
+try:
+    print(resolve_version(sys.argv[1]))
+except Exception as exc:
+    sys.exit(unloadable(exc) or repr(exc))
+"""
+
+
+def _resolve_in_child(stage: str) -> str:
+    """bentos.build.resolve_version(stage), asked in a short-lived Python process: MLflow's imports
+    (about 180 MB) would otherwise stay in `bentoml serve`'s parent process for the service's life."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)  # where `bentos` imports from
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _RESOLVE, stage],
+            env={**os.environ, "PYTHONPATH": path},
+            capture_output=True,
+            text=True,
+            timeout=RESOLVE_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"no answer in {RESOLVE_TIMEOUT_SECONDS:.0f} s") from None
+    said = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode != 0 or not done.stdout.strip():
+        raise LookupError(said[-1] if said else f"no version (exit status {done.returncode})")
+    return done.stdout.split()[-1]
+
+
 def _load_scorer() -> Scorer:
-    """The model embedded in the served bento, else the one PAYLATER_SERVE_STAGE names."""
+    """The model embedded in the served bento, else the version PAYLATER_SERVE_STAGE named when
+    the service started (pinned by its parent process), else the one it names now."""
     from bentoml._internal.context import server_context
 
     from bentos.build import BENTO_NAME, model_tag
@@ -372,7 +464,13 @@ def _load_scorer() -> Scorer:
         return Scorer.from_store(
             model_tag(server_context.bento_version), cutoff=settings.serve_cutoff
         )
-    return Scorer.load(stage=settings.serve_stage, cutoff=settings.serve_cutoff)
+    if error := os.environ.get(RESOLVE_ERROR_ENV):
+        raise LookupError(error)
+    return Scorer.load(
+        stage=settings.serve_stage,
+        version=os.environ.get(RESOLVED_VERSION_ENV) or None,
+        cutoff=settings.serve_cutoff,
+    )
 
 
 def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStore | None:

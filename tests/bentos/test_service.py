@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,9 +57,10 @@ def call(
 @contextmanager
 def serving(
     target: str, env: dict[str, str], log: Path, up: Callable[[str], bool]
-) -> Iterator[str]:
+) -> Iterator[SimpleNamespace]:
     """`bentoml serve target` on a free loopback port until `up(base)` holds 10 times in a row
-    (each of the server's workers answers for itself); stopped afterwards."""
+    (each of the server's workers answers for itself); stopped afterwards. Yields its base URL
+    and the pid of the `bentoml serve` process (the parent of its workers)."""
     port = _free_port()
     bentoml = str(Path(sys.executable).parent / "bentoml")
     with log.open("wb") as out:
@@ -83,7 +85,7 @@ def serving(
             time.sleep(0.05 if ok else 0.5)
         if up_in_a_row < 10:
             pytest.fail(f"{target} not up: {log.read_text()[-3000:]}")
-        yield base
+        yield SimpleNamespace(base=base, pid=proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -120,8 +122,8 @@ def served(
     try:
         with serving(
             bento, env, log, lambda base: call(base, "/readyz", token=None)[0] == 200
-        ) as base:
-            yield SimpleNamespace(base=base, version=version, bento=bento, log=log)
+        ) as server:
+            yield SimpleNamespace(base=server.base, version=version, bento=bento, log=log)
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -136,6 +138,7 @@ def test_ready_and_serves_the_bento_model_version(served: SimpleNamespace) -> No
     assert 0.0 < body["default_probability"] < 1.0
     assert isinstance(body["reason_codes"], list)
     assert call(served.base, "/model_info", {})[1]["model_version"] == served.version
+    assert "PAYLATER_SERVE_STAGE=" not in served.log.read_text(), "a bento asks no registry"
 
 
 def test_v1_and_v2_agree(served: SimpleNamespace, catalog: SimpleNamespace) -> None:
@@ -304,7 +307,8 @@ def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
         """Both workers have tried to load, and failed."""
         return log.read_text().count("model load failed") == 2
 
-    with serving("bentos.service:PaylaterScorer", env, log, failed) as base:
+    with serving("bentos.service:PaylaterScorer", env, log, failed) as server:
+        base = server.base
         tracebacks = log.read_text().count("Traceback")
         assert call(base, "/readyz", token=None)[0] == 503
         for _ in range(4):  # each worker answers for itself
@@ -319,3 +323,76 @@ def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
                 assert "model load failed" in answer["detail"], (path, answer)
                 assert "version=999" in answer["detail"], (path, answer)
         assert log.read_text().count("Traceback") == tracebacks, "a refusal is no crash"
+
+
+def test_a_service_started_by_alias_keeps_its_version_when_a_worker_restarts_after_the_alias_moved(
+    serving_env: dict[str, str], catalog: SimpleNamespace, tmp_path: Path
+) -> None:
+    """`bentoml serve bentos.service:PaylaterScorer` serving `production`: the alias moves (a
+    promotion), then BentoML restarts a worker (killed here, as by the OOM killer). Each worker
+    resolved the alias itself when it started, so the restarted one served the new version next
+    to the other's old one; the version is resolved once, when the service starts."""
+    import psutil
+    from mlflow import MlflowClient
+
+    first, second = serving_env["production_version"], serving_env["staging_version"]
+    env = {"PAYLATER_SERVE_STAGE": "production", "PAYLATER_API_TOKEN": ""}
+    log = tmp_path / "serve.log"
+    request = {"amount_jpy": 20_000, "features": catalog.users[1]}
+    client = MlflowClient(serving_env["MLFLOW_TRACKING_URI"])
+
+    def loaded() -> list[str]:
+        """The model version each worker start loaded, in order."""
+        return re.findall(r"serving model version (\S+) ", log.read_text())
+
+    def ready(base: str) -> bool:
+        return len(loaded()) == 2 and call(base, "/readyz", token=None)[0] == 200
+
+    with serving("bentos.service:PaylaterScorer", env, log, ready) as server:
+        workers = [
+            p
+            for p in psutil.Process(server.pid).children(recursive=True)
+            if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 2, workers
+        client.set_registered_model_alias("paylater-default", "production", second)
+        try:
+            workers[0].kill()
+            deadline = time.monotonic() + 60
+            while len(loaded()) < 3 and time.monotonic() < deadline:
+                assert "model load failed" not in log.read_text(), log.read_text()[-3000:]
+                time.sleep(0.2)
+            assert loaded() == [first, first, first], log.read_text()[-3000:]
+            for _ in range(20):  # whichever worker answers
+                status, answer = call(server.base, "/v2/score", request, token=None)
+                assert (status, answer["model_version"]) == (200, first), answer
+                assert call(server.base, "/model_info", {}, token=None)[1]["model_version"] == first
+        finally:
+            client.set_registered_model_alias("paylater-default", "production", first)
+
+
+def test_a_stage_that_cannot_be_resolved_at_start_is_what_every_worker_answers(
+    serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracking server down when the service starts: the reason is pinned like a version
+    would be, so no worker asks the registry again (a restarted one would get an answer the
+    others never had); each worker's load fails naming it, which the routes answer as a 503
+    (as for the version that cannot be loaded above)."""
+    from bentos import service
+
+    monkeypatch.setenv("PAYLATER_SERVE_STAGE", "production")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    environ = {service.RESOLVED_VERSION_ENV: "stale"}
+    started = time.monotonic()
+    service.pin_served_version(environ)
+    assert time.monotonic() - started < 60
+    assert service.RESOLVED_VERSION_ENV not in environ
+    reason = environ[service.RESOLVE_ERROR_ENV]
+    assert reason.startswith("PAYLATER_SERVE_STAGE=production could not be resolved"), reason
+    assert "unreachable" in reason, reason
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", serving_env["MLFLOW_TRACKING_URI"])  # back up
+    monkeypatch.setenv(service.RESOLVE_ERROR_ENV, reason)
+    with pytest.raises(LookupError, match="could not be resolved when the service started"):
+        service._load_scorer()

@@ -199,6 +199,11 @@ class ShadowLoader:
 
     `primary_version`: the version the worker scores with, or a callable giving it (a worker that
     follows an alias changes it); the shadow is off while it is the same version.
+
+    Asking the registry and loading a model take seconds: they run on a thread of their own, so a
+    scoring loop asking for the shadow gets the current one (or none) at once, and the new one
+    once it is loaded. A version that fails to load leaves the current shadow in place (with a
+    warning) and is tried again at the next refresh.
     """
 
     def __init__(
@@ -207,55 +212,98 @@ class ShadowLoader:
         self.spec = spec
         self._primary = primary_version
         self.database_url = database_url
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the scoring loops take it: never held for I/O
+        self._refresh_lock = threading.Lock()  # one refresh at a time
         self._checked = -float("inf")
+        self._refreshing = False
         self._version: str | None = None  # what the spec resolved to: a version or a store tag
         self._model_version: str | None = None  # the model version that loads as, once known
         self._backend: ScoringBackend | None = None
+        self._loaded: str | None = None  # what the spec resolved to when _backend was loaded
 
     @property
     def primary_version(self) -> str:
         """The version the worker scores with now."""
         return self._primary() if callable(self._primary) else self._primary
 
-    def __call__(self) -> ScoringBackend | None:
-        """The current shadow backend, or None (no such version, or it is the primary)."""
+    @property
+    def current(self) -> ScoringBackend | None:
+        """The shadow backend now, without asking the registry; none while the primary scores
+        the same version."""
         with self._lock:
-            if time.monotonic() - self._checked >= SHADOW_REFRESH_SECONDS:
-                self._checked = time.monotonic()
-                self._refresh()
-            return self._backend
+            backend = self._backend
+        if backend is not None and backend.model_version == self.primary_version:
+            return None
+        return backend
 
-    def _refresh(self) -> None:
-        """Load the named version when it changed; none while it is the primary's.
+    def __call__(self) -> ScoringBackend | None:
+        """The current shadow backend, or None; starts a refresh beside the caller when one is due."""
+        with self._lock:
+            due = (
+                not self._refreshing and time.monotonic() - self._checked >= SHADOW_REFRESH_SECONDS
+            )
+            if due:
+                self._refreshing, self._checked = True, time.monotonic()
+        if due:
+            threading.Thread(
+                target=self._refresh_beside, name="shadow-refresh", daemon=True
+            ).start()
+        return self.current
+
+    def _refresh_beside(self) -> None:
+        """refresh(), on the refresh thread: an error is logged, never raised."""
+        try:
+            self.refresh()
+        except Exception as exc:
+            log.warning("shadow model %s: refresh failed (%r)", self.spec, exc)
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def refresh(self) -> None:
+        """Resolve the spec now and load the version it names when it changed (the caller waits
+        for the load; the scoring loops do not).
 
         What is compared with the primary is the model version the spec loads as: a registry
         version is its own, a store tag's is known once loaded (and kept while the tag stays),
         so a shadow put aside while the primary scored its version comes back when the primary
         moves away, and steps aside again when the primary moves to it.
         """
-        version = resolve_shadow_version(self.spec)
-        if version != self._version:
-            if self._backend is not None:
-                self._backend.close()
-            self._version, self._backend = version, None
-            self._model_version = None if version is None or ":" in version else version
-        if version is None:
-            return
-        if self._model_version == self.primary_version:
-            if self._backend is not None:
-                self._backend.close()  # the primary moved to the shadow's version
-                self._backend = None
-            return
-        if self._backend is not None:
-            return
-        backend = inprocess_backend(version, self.database_url)
-        self._model_version = backend.model_version
-        if backend.model_version == self.primary_version:
-            backend.close()
-            return
-        log.info("shadow scoring with model version %s", backend.model_version)
-        self._backend = backend
+        with self._refresh_lock:
+            version = resolve_shadow_version(self.spec)
+            if version != self._version:
+                self._version = version
+                self._model_version = None if version is None or ":" in version else version
+            if version is None or self._model_version == self.primary_version:
+                self._swap(None, None)  # nothing to shadow, or the primary scores it
+                return
+            if self._loaded == version:
+                return
+            try:
+                backend = inprocess_backend(version, self.database_url)
+            except Exception as exc:
+                log.warning(
+                    "shadow model %s (%s) not loadable (%r): still shadowing with %s",
+                    version,
+                    self.spec,
+                    exc,
+                    self._backend.model_version if self._backend else "none",
+                )
+                return
+            self._model_version = backend.model_version
+            if backend.model_version == self.primary_version:
+                backend.close()
+                self._swap(None, None)
+                return
+            log.info("shadow scoring with model version %s", backend.model_version)
+            self._swap(backend, version)
+
+    def _swap(self, backend: ScoringBackend | None, loaded: str | None) -> None:
+        """Make `backend` the shadow (loaded for what the spec resolved to) and close the old one."""
+        with self._lock:
+            old, self._backend, self._loaded = self._backend, backend, loaded
+        if old is not None and old is not backend:
+            old.close()
 
 
 def run_worker(
@@ -343,7 +391,9 @@ def run_worker(
         spec = settings.worker_shadow_model if shadow_model is None else shadow_model
         if spec:
             primary = scoring
-            shadow = ShadowLoader(spec, lambda: primary.model_version, features_db)
+            shadow_loader = ShadowLoader(spec, lambda: primary.model_version, features_db)
+            shadow_loader()  # starts loading the shadow while the worker starts
+            shadow = shadow_loader
     else:
         typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
         raise typer.Exit(2)

@@ -265,7 +265,7 @@ def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seco
     paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--model production` and the default shadow 'staging' ask the registry every minute,
-    with a claimed batch in hand (the shadow's question under a lock every loop waits on).
+    with a claimed batch in hand (the shadow's question, then, under a lock every loop waited on).
     With the tracking server down, MLflow's own retries made each question take minutes
     (about 250 s here) while the batch's 30 s lease ran out. The version in hand keeps scoring."""
     from worker import cli
@@ -287,5 +287,6 @@ def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seco
     shadow = cli.ShadowLoader("staging", lambda: following.model_version, "unused")
     started = time.monotonic()
     assert following.score([]) == [] and following.model_version == "7"
-    assert shadow() is None
+    shadow.refresh()  # what the shadow's refresh thread does
+    assert shadow.current is None
     assert time.monotonic() - started < 60

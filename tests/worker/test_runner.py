@@ -249,6 +249,12 @@ def test_queue_gauges_report_depth_and_oldest_age(queue_db: str, kit: Any) -> No
     assert 0.3 <= samples["paylater_worker_oldest_queued_age_seconds"] < 30
 
 
+def settled(loader: Any) -> Any:
+    """The shadow a ShadowLoader gives once it has asked the registry (and loaded) now."""
+    loader.refresh()
+    return loader.current
+
+
 def test_shadow_loader_follows_the_staging_version(
     queue_db: str, booster: Any, staging_booster: Any, kit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -263,15 +269,15 @@ def test_shadow_loader_follows_the_staging_version(
     )
     monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
     loader = cli.ShadowLoader("staging", primary_version="7", database_url=queue_db)
-    assert loader() is None
+    assert settled(loader) is None
     staging["version"] = "7"
-    assert loader() is None
+    assert settled(loader) is None
     staging["version"] = "8"
-    shadow = loader()
+    shadow = settled(loader)
     assert shadow is not None and shadow.model_version == "8"
-    assert loader() is shadow  # cached while the version stays
+    assert settled(loader) is shadow  # cached while the version stays
     staging["version"] = None
-    assert loader() is None
+    assert settled(loader) is None
 
 
 def test_payload_python_cannot_decode_fails_alone_instead_of_blocking_the_queue(
@@ -455,7 +461,7 @@ def test_a_worker_scoring_production_follows_a_rollback_without_a_restart(
     monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
     monkeypatch.setattr(cli, "resolve_shadow_version", lambda spec: "8")
     shadow = cli.ShadowLoader("staging", lambda: following.model_version, queue_db)
-    assert shadow() is not None and following.model_version == "7"
+    assert settled(shadow) is not None and following.model_version == "7"
 
     def score_all(n: int) -> set[str]:
         ids = kit.enqueue_many(queue_db, n)
@@ -482,9 +488,11 @@ def test_a_worker_scoring_production_follows_a_rollback_without_a_restart(
     alias["production"] = "8"  # promoted (or rolled back to): no restart
     assert score_all(20) == {"8"}
     assert following.model_version == "8" and shadow() is None  # staging is production now
+    assert settled(shadow) is None
     alias["production"] = "7"  # rolled back: staging's 8 is shadowed again
     assert score_all(5) == {"7"}
-    assert shadow() is not None and shadow().model_version == "8"
+    again = settled(shadow)
+    assert again is not None and again.model_version == "8"
     alias["production"] = None  # the registry cannot be asked: keep scoring with what we have
     assert score_all(5) == {"7"}
     following.close()
@@ -510,12 +518,13 @@ def test_a_store_tag_shadow_steps_aside_and_back_as_a_following_primary_moves(
     monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
     primary = {"version": "8"}
     loader = cli.ShadowLoader(tag, lambda: primary["version"], queue_db)
-    assert loader() is None and loader() is None and loads == [tag]
+    assert settled(loader) is None and settled(loader) is None and loads == [tag]
     primary["version"] = "7"  # rolled back: the tag's version 8 is a candidate again
-    shadow = loader()
+    shadow = settled(loader)
     assert shadow is not None and shadow.model_version == "8"
     primary["version"] = "8"  # promoted: the shadow would score what the primary scores
-    assert loader() is None
+    assert loader.current is None  # at once, before the next refresh
+    assert settled(loader) is None
     assert len(loads) == 2, loads
 
 
@@ -622,6 +631,74 @@ def test_a_following_backend_loading_a_new_version_does_not_hold_up_the_other_lo
     loaded.set()
     refresher.join(5)
     assert following.model_version == "8"
+
+
+def test_loading_a_new_shadow_version_never_holds_up_a_scoring_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kit: Any
+) -> None:
+    """Staging moved to 9, whose load takes seconds: the shadow was loaded under the lock each
+    loop's shadow lookup takes, so every loop waited for it. Now the loops get version 8 at once
+    until 9 is loaded, then 9; a version that fails to load leaves 9 in place, with a warning."""
+    import threading
+
+    from worker import cli
+
+    class Fake:
+        def __init__(self, version: str) -> None:
+            self.model_version = version
+            self.closed = False
+
+        def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+            return []
+
+        def close(self) -> None:
+            self.closed = True
+
+    loading, release = threading.Event(), threading.Event()
+    tried: list[str] = []
+
+    def load(version: str, *_: object) -> Fake:
+        tried.append(version)
+        if version == "9":
+            loading.set()
+            assert release.wait(10)
+        if version == "10":
+            raise OSError("model file missing")
+        return Fake(version)
+
+    staging = {"version": "8"}
+    monkeypatch.setattr(cli, "resolve_shadow_version", lambda spec: staging["version"])
+    monkeypatch.setattr(cli, "inprocess_backend", load)
+    monkeypatch.setattr(cli, "SHADOW_REFRESH_SECONDS", 0.0)
+    loader = cli.ShadowLoader("staging", "7", "unused")
+    kit.wait_until(lambda: loader() is not None, 5, "shadow version 8 to load")
+    eight = loader()
+    assert eight is not None and eight.model_version == "8"
+
+    staging["version"] = "9"
+    threading.Timer(3.0, release.set).start()  # ends the load at the latest (the old code waits)
+    started = time.monotonic()
+    assert loader() is eight
+    assert loading.wait(5)
+    answers = {loader() for _ in range(100)}  # while 9 loads
+    assert time.monotonic() - started < 1.0, "the scoring side waited for the load"
+    assert answers == {eight} and not eight.closed
+    release.set()
+    kit.wait_until(lambda: getattr(loader(), "model_version", None) == "9", 5, "9 to load")
+    nine = loader()
+    assert eight.closed
+
+    caplog.set_level("WARNING", logger="worker.cli")
+    staging["version"] = "10"
+
+    def tried_twice() -> bool:
+        loader()  # a scoring loop's lookup: it starts a refresh when none runs
+        return tried.count("10") >= 2
+
+    kit.wait_until(tried_twice, 5, "10 to be tried (and tried again)")
+    assert loader() is nine and isinstance(nine, Fake) and not nine.closed
+    assert "shadow model 10 (staging) not loadable (OSError('model file missing'))" in caplog.text
+    assert "still shadowing with 9" in caplog.text
 
 
 class HangingService:

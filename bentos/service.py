@@ -368,16 +368,21 @@ class PaylaterScorer:
         return ENGINE.scorer is not None
 
     @bentoml.api(route="/model_info")
-    def model_info(self) -> ModelInfo:
+    def model_info(self, ctx: bentoml.Context) -> ModelInfo:
         """The served model version, its features and cutoff; 503 with the reason while there is
-        none (loading, or a load that failed), as the scoring routes answer."""
+        none (loading, or a load that failed), as the scoring routes answer. Behind the API token
+        like them: the feature names and the cutoff tell a caller how to game a decision. (The
+        probes /readyz and /livez and Prometheus' /metrics stay open.)"""
         try:
+            ENGINE.check_token(ctx.request.scope)
             scorer = ENGINE.ready_scorer()
         except Reply as reply:
             # BentoML turns any exception here into 500 "unexpected error" with a traceback in the
-            # log; a Response is passed through as it is.
+            # log; a Response is passed through as it is, with the status set on the context
+            # (BentoML copies ctx.response.status_code onto whatever a method with ctx returns).
             from starlette.responses import JSONResponse
 
+            ctx.response.status_code = reply.status
             return cast(ModelInfo, JSONResponse(reply.body, status_code=reply.status))
         return ModelInfo(
             model_version=scorer.model_version,

@@ -378,7 +378,7 @@ class Settings(BaseSettings):
     )
     api_token: str | None = Field(
         default=None,
-        description="Bearer token the scoring APIs require (unset: open, e.g. on loopback).",
+        description="Bearer token the scoring APIs and /model_info require (unset: open, e.g. on loopback).",
     )
     # --- end serving ---
 

@@ -282,6 +282,13 @@ def test_token_protects_scoring(served: SimpleNamespace) -> None:
         call(served.base, "/v1/score", {"customer_id": "1", "requested_yen": 5_000}, token=None)[0]
         == 401
     )
+    # The model's feature names and cutoff are no one else's business either; the probes and
+    # Prometheus' scrape stay open.
+    assert call(served.base, "/model_info", {}, token=None)[0] == 401
+    assert call(served.base, "/model_info", {}, token="wrong")[0] == 401
+    assert call(served.base, "/model_info", {})[0] == 200
+    assert call(served.base, "/readyz", token=None)[0] == 200
+    assert call(served.base, "/metrics", token=None)[0] == 200
 
 
 def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> None:

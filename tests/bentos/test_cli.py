@@ -11,6 +11,17 @@ from typer.testing import CliRunner
 from bentos.cli import app
 
 
+def unreachable_package_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point uv, which BentoML locks the bento's packages with, at a loopback port nobody
+    listens on, and let it give up at the first refusal: its default 3 retries with backoff
+    cost about 9 s per build and prove nothing more than one refused connection does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("UV_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")
+
+
 def test_import_by_stage_and_version(serving_env: dict[str, str]) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["import", "--stage", "staging"])
@@ -75,10 +86,7 @@ def test_a_failed_rebuild_keeps_the_bento_it_was_to_replace(
     version = serving_env["staging_version"]
     tag = build_bento(version)
     built_at = bentoml.bentos.get(tag).info.creation_time
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    monkeypatch.setenv("UV_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    unreachable_package_index(monkeypatch)
     outcome = rebuild_after_transition(version)
     assert outcome.startswith("failed: ") and "lock" in outcome, outcome
     kept = bentoml.bentos.get(tag)
@@ -91,10 +99,7 @@ def test_a_bento_build_that_fails_is_one_error_line(
 ) -> None:
     """`paylater bento build` with the package index out of reach printed BentoML's traceback
     (167 lines) instead of saying what failed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    monkeypatch.setenv("UV_INDEX_URL", f"http://127.0.0.1:{closed}/simple")
+    unreachable_package_index(monkeypatch)
     version = serving_env["production_version"]
     result = CliRunner().invoke(app, ["build", "--version", version])
     assert result.exit_code == 1, result.output

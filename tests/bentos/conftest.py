@@ -94,13 +94,16 @@ def register(booster: Any, cutoff: float = 0.4, alias: str | None = None) -> str
 def registry_template(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """An MLflow sqlite registry holding versions 1 (production) and 2 (staging), built once.
 
-    Creating an MLflow database runs its migrations (seconds); modules copy this file instead.
+    Creating an MLflow database runs its migrations (~10 s): the store starts as a copy of the
+    session's migrated template, and modules copy this file in turn.
     Artifacts live beside it (never in the working directory's ./mlruns).
     """
     import mlflow
 
+    from registry.testing import empty_mlflow_db
+
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = empty_mlflow_db(root / "mlflow.db")
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -23,6 +23,7 @@ OPEN_WHEN_TOLD = """
 import os, sys, time
 import mlflow
 from registry.store import client
+open(sys.argv[2], "w").close()  # imported: at the start line
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.005)
 client().search_experiments(max_results=1)
@@ -38,17 +39,26 @@ def test_concurrent_first_opens_of_a_sqlite_store_all_succeed(tmp_path: Path) ->
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PYTHONPATH": str(ROOT),
     }
+    ready = [tmp_path / f"ready-{i}" for i in range(4)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", OPEN_WHEN_TOLD, str(go)],
+            [sys.executable, "-c", OPEN_WHEN_TOLD, str(go), str(flag)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(4)
+        for flag in ready
     ]
-    time.sleep(8)  # let every process import MLflow and wait at the start line
+    # Every process has imported MLflow and waits at the start line (a fixed 8 s sleep here was
+    # both too long on an idle machine and too short on a busy one).
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready):
+        assert time.monotonic() < deadline, "the openers never got to the start line"
+        assert all(p.poll() is None for p in procs), [
+            p.stderr.read()[-600:] for p in procs if p.poll() is not None and p.stderr
+        ]
+        time.sleep(0.05)
     go.touch()
     outcomes = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
     failed = [err[-600:] for code, err in outcomes if code != 0]

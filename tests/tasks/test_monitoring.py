@@ -105,9 +105,18 @@ def test_measure_queue_with_min_jobs_zero_and_a_quiet_window(pg_url: str) -> Non
     engine.dispose()
 
 
-def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(pg_url: str) -> None:
+def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A migration holding ACCESS EXCLUSIVE on scoring_jobs: the queue checks are unknown within
-    a bounded time, so the run goes on to judge (and alert on) everything else."""
+    a bounded time, so the run goes on to judge (and alert on) everything else.
+
+    The query's timeout is lowered to 1 s here (the shipped 10 s only made the test wait); the
+    detail naming 1 s shows the configured timeout is the one that ended the wait."""
+    from tasks import monitoring
+
+    assert monitoring.QUEUE_QUERY_TIMEOUT_SECONDS < 90  # the shipped bound, within the join below
+    monkeypatch.setattr(monitoring, "QUEUE_QUERY_TIMEOUT_SECONDS", 1.0)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())
     engine = engine_for(pg_url)
@@ -125,7 +134,7 @@ def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(pg_url: s
     engine.dispose()
     assert not hung, "measure_queue waited for the lock"
     assert {m.value for m in measured} == {None}
-    assert all("did not answer" in m.detail for m in measured)
+    assert all("did not answer within 1 s" in m.detail for m in measured), measured
     assert not any(m.sparse for m in measured)  # unmeasured: after a while, Slack hears of it
 
 

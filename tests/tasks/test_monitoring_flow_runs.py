@@ -248,10 +248,16 @@ def test_a_run_rescheduled_for_later_is_not_late(crashing_flow: tuple[Any, str])
     assert m.value == 1.0 and f"due {later:%Y-%m-%d %H:%M} UTC" in m.detail, m.detail
 
 
-def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minutes() -> None:
+def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An API that accepts connections and never answers (overloaded, a hung proxy) leaves both
     checks unknown within the read budget: the queue checks measured before it must not wait
-    the client's default 60 s timeout times its retries before anybody is paged."""
+    the client's default 60 s timeout times its retries before anybody is paged.
+
+    Each request's timeout is lowered to 1 s here (the shipped 10 s only made the test wait):
+    one unanswered request then ends the read, where the client's retries would take over a
+    minute of backoff, past the bound below."""
     import socket
     import threading
     import time
@@ -259,8 +265,11 @@ def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minute
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from paylater.settings import Settings
+    from tasks import monitoring
     from tasks.monitoring import FLOW_RUN_READ_BUDGET_SECONDS, measure_flow_runs
 
+    assert monitoring.FLOW_RUN_READ_TIMEOUT_SECONDS <= FLOW_RUN_READ_BUDGET_SECONDS
+    monkeypatch.setattr(monitoring, "FLOW_RUN_READ_TIMEOUT_SECONDS", 1.0)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)  # accepted by the kernel, never answered

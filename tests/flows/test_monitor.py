@@ -13,6 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+QUICK_SHUTDOWN = {"poll_interval": 0.05}
+"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
+
 WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
 UNSET = (
     "PAYLATER_WORKER_DATABASE_URL",
@@ -53,7 +56,9 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True
+        )
         self.thread.start()
 
     def take(self) -> list[dict]:

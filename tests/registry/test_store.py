@@ -17,6 +17,9 @@ import pytest
 
 from registry.store import RegistryError, require_reachable
 
+QUICK_SHUTDOWN = {"poll_interval": 0.05}
+"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
+
 ROOT = Path(__file__).resolve().parents[2]
 
 OPEN_WHEN_TOLD = """
@@ -79,7 +82,7 @@ def answering(status: int) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -22,6 +22,9 @@ from registry.store import MODEL_NAME, client
 from registry.testing import stage_as_retrain
 from tasks.training import predict
 
+QUICK_SHUTDOWN = {"poll_interval": 0.05}
+"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
+
 
 @contextmanager
 def scoring_service(
@@ -69,7 +72,7 @@ def scoring_service(
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

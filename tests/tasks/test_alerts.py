@@ -15,6 +15,9 @@ import pytest
 
 from tasks.alerts import alert_on_failure, notify
 
+QUICK_SHUTDOWN = {"poll_interval": 0.05}
+"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
+
 
 class Receiver:
     """A loopback HTTP server on a free port that records every JSON body POSTed to it."""
@@ -38,7 +41,9 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -295,7 +300,9 @@ class Trickler:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True
+        ).start()
 
     def close(self) -> None:
         self.stop.set()

@@ -109,7 +109,14 @@ def prefect_harness(prefect_db_template: Path) -> Iterator[None]:
     mkdtemp: that folder gets a copy of the migrated template first, so the harness's server
     starts in ~11 s instead of ~26 s. Should a Prefect release name the file otherwise, the copy
     is merely unused and the server migrates its own database, as before.
+
+    Flow-run heartbeats are off in this process: Prefect's heartbeat thread sleeps in 1 s steps
+    and every flow run waits for it to notice the run ended (about 1 s per flow and subflow run:
+    a flow with one subflow took 2.2 s with them, 0.7 s without). Heartbeats only let a server
+    notice a run whose process vanished; no test here relies on them (a killed run is reported
+    Crashed by its Runner, which is what tests/tasks/test_monitoring_flow_runs.py checks).
     """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing import utilities
 
     def seeded_mkdtemp() -> str:
@@ -120,6 +127,7 @@ def prefect_harness(prefect_db_template: Path) -> Iterator[None]:
     with (
         mock.patch.object(utilities, "mkdtemp", seeded_mkdtemp),
         utilities.prefect_test_harness(server_startup_timeout=180),
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     ):
         yield
 

@@ -85,15 +85,43 @@ def worse_candidate(
     return _train(table, (root / "datasets").as_uri(), None)
 
 
+_SHIPPED: dict[str, float] = {}
+QUICK_LOCK_SETTLE_SECONDS = 0.02
+
+
+def _shipped_lock_settle_seconds() -> float:
+    """registry.policy.LOCK_SETTLE_SECONDS as shipped (read before any test patched it)."""
+    from registry import policy
+
+    return _SHIPPED.setdefault("settle", policy.LOCK_SETTLE_SECONDS)
+
+
 @pytest.fixture
 def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off."""
+    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off.
+
+    Transitions pause QUICK_LOCK_SETTLE_SECONDS, not the shipped 0.3 s, between writing the
+    transition lock and reading it back: the pause only matters to transitions racing each
+    other (tests of that race request `racing_transitions`), and it cost 0.3 s per staging,
+    promote and rollback, about 12 s in test_policy.py alone.
+    """
+    from registry import policy
     from registry.testing import empty_mlflow_db
 
+    _shipped_lock_settle_seconds()
     empty_mlflow_db(paylater_home / "mlflow.db")
     monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
     monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")  # tiny OOT month: ECE is mostly noise
+    monkeypatch.setattr(policy, "LOCK_SETTLE_SECONDS", QUICK_LOCK_SETTLE_SECONDS)
     return paylater_home
+
+
+@pytest.fixture
+def racing_transitions(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transition lock's shipped settle pause, for tests of transitions started together."""
+    from registry import policy
+
+    monkeypatch.setattr(policy, "LOCK_SETTLE_SECONDS", _shipped_lock_settle_seconds())
 
 
 @pytest.fixture

@@ -398,6 +398,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
 
 def test_two_transitions_started_together_never_both_run(
     registry_home: Path,
+    racing_transitions: None,
     good_candidate: Any,
     register: Callable[..., str],
     register_copy: Callable[[str], str],

@@ -323,7 +323,8 @@ def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
     try:
         for var in PAGERDUTY_VARS:
             monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 2.0)
+        # The receiver trickles a byte every 0.5 s: only the deadline can end a delivery.
+        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 1.0)
         base = f"http://127.0.0.1:{trickler.port}"
         name = f"alerts-{uuid.uuid4().hex[:8]}"
         SlackWebhook(url=f"json://127.0.0.1:{trickler.port}/slack", allow_private_urls=True).save(
@@ -343,6 +344,6 @@ def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
         assert not sender.is_alive(), "notify is still waiting on the receiver"
         assert outcome == [False]  # nothing delivered: the caller may send it again
         assert sorted(trickler.paths) == ["/hook", "/slack", "/v2/enqueue"]
-        assert "PagerDuty did not answer within 2 s" in caplog.text
+        assert "PagerDuty did not answer within 1 s" in caplog.text
     finally:
         trickler.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client import generate_latest
 
@@ -37,16 +38,25 @@ def test_every_worker_metric_the_rules_read_is_one_the_worker_exports() -> None:
     assert yaml.safe_load(rules)["groups"]
 
 
-def test_a_scrape_does_not_hang_on_a_locked_queue_table(pg_url: str) -> None:
+def test_a_scrape_does_not_hang_on_a_locked_queue_table(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A migration holding ACCESS EXCLUSIVE on scoring_jobs (or a database that stopped
     answering) must cost one scrape without queue gauges, not a scrape that never ends: it held
     the collector's lock, so every later scrape hung behind it (and Prometheus saw the worker
-    as down)."""
+    as down).
+
+    The collector's timeout is 1 s here (the shipped 5 s only made the test wait); the shipped
+    value is checked to fit in Prometheus' default 10 s scrape timeout."""
     import threading
 
     import psycopg
 
+    from worker import metrics
     from worker.metrics import QueueCollector
+
+    assert metrics.COLLECT_TIMEOUT_SECONDS < 10
+    monkeypatch.setattr(metrics, "COLLECT_TIMEOUT_SECONDS", 1)
 
     schema = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -59,24 +59,31 @@ def test_unknown_scheme_is_one_clear_error(paylater_home: Path) -> None:
         open_storage("s3:///prefix")
 
 
-@pytest.fixture
-def moto_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real moto S3 server on a free loopback port, with dummy credentials in the environment."""
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[str]:
+    """A real moto S3 server on a free loopback port, for the module: each test uses buckets of
+    its own, and stopping a server costs up to 0.5 s (its serve_forever's poll)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_endpoint(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The moto S3 server, with dummy credentials in the environment."""
     for name, value in [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ]:
         monkeypatch.setenv(name, value)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+    return moto_server
 
 
 def test_s3_from_environment(
@@ -122,20 +129,25 @@ def test_s3_through_prefect_aws_block(
     exercise(store)
 
 
-@pytest.fixture
-def gcs_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """gcp-storage-emulator in memory on a free loopback port, reached via STORAGE_EMULATOR_HOST."""
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[str]:
+    """gcp-storage-emulator in memory on a free loopback port, for the module (as moto_server)."""
     from gcp_storage_emulator.server import create_server
 
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="risk-gcs")
     server.start()
-    host = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
     try:
-        yield host
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def gcs_emulator(gcs_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The emulator, reached via STORAGE_EMULATOR_HOST."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    return gcs_server
 
 
 def test_gcs_against_emulator(gcs_emulator: str, paylater_home: Path) -> None:

@@ -152,13 +152,13 @@ def test_verify_against_nothing_listening_fails_cleanly(
             "--url",
             f"http://127.0.0.1:{port}",
             "--timeout",
-            "2",
+            "1",
             "--ready-timeout",
-            "2",
+            "1",
         ],
     )
     assert result.exit_code == 1
-    assert "was not ready within 2 s" in result.output, result.output
+    assert "was not ready within 1 s" in result.output, result.output
     assert "nothing was verified or recorded" in result.output
     tags = client().get_model_version(MODEL_NAME, version).tags
     assert "staging_verification" not in tags, "a service never reached judges no model"
@@ -245,14 +245,14 @@ def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_on
                 "--url",
                 url,
                 "--timeout",
-                "2",
+                "1",
                 "--ready-timeout",
                 "0",  # straight to the golden requests
             ],
         )
         elapsed = time.monotonic() - started
     assert result.exit_code == 1, result.output
-    assert elapsed < 20, f"{elapsed:.0f} s: 20 requests x 2 s"
+    assert elapsed < 10, f"{elapsed:.0f} s: 20 requests x 1 s"
     assert "request 0: no answer from" in result.output, result.output
     assert "the other 19 were not sent" in result.output, result.output
     assert client().get_model_version(MODEL_NAME, version).tags["staging_verification"] == "failed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ USER_FEATURES = (
     "balance_avg_30d_jpy",
 )
 SQL_HASH = "synthetic-sql-hash"
-_TEMPLATE_DIR = Path(tempfile.gettempdir()) / "paylater-mlflow-templates"
+_TEMPLATE_DIR = Path(tempfile.gettempdir()) / "paylater-test-templates"
 
 
 def _fees(amounts: np.ndarray) -> np.ndarray:
@@ -137,18 +138,28 @@ def write_truth(table: pa.Table, truth: np.ndarray, home: Path) -> Path:
     return path
 
 
+def cached_template(name: str, build: Callable[[Path], None]) -> Path:
+    """The file `name` in this machine's template folder, built once by `build(scratch)` into a
+    scratch file and published atomically, so concurrent builders each publish a whole file."""
+    template = _TEMPLATE_DIR / name
+    if not template.is_file():
+        _TEMPLATE_DIR.mkdir(parents=True, exist_ok=True)
+        scratch = _TEMPLATE_DIR / f"building-{os.getpid()}-{name}"
+        build(scratch)
+        os.replace(scratch, template)
+    return template
+
+
 def empty_mlflow_db(target: Path) -> str:
     """A migrated, empty MLflow sqlite store at `target`: migrations (~10 s) run once, then copies."""
     import mlflow
 
-    template = _TEMPLATE_DIR / f"mlflow-{mlflow.__version__}.db"
-    if not template.is_file():
+    def migrate(scratch: Path) -> None:
         from mlflow import MlflowClient
 
-        _TEMPLATE_DIR.mkdir(parents=True, exist_ok=True)
-        scratch = _TEMPLATE_DIR / f"building-{os.getpid()}.db"
         MlflowClient(tracking_uri=f"sqlite:///{scratch}").search_experiments()
-        os.replace(scratch, template)  # atomic: concurrent builders each publish a whole file
+
+    template = cached_template(f"mlflow-{mlflow.__version__}.db", migrate)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, target)
     return f"sqlite:///{target}"

@@ -67,19 +67,14 @@ def prefect_db_template() -> Path:
 
     A server on a fresh database spends ~15 s in its migrations before it answers; this file is
     migrated once per machine and Prefect version (`prefect server database upgrade`, into a
-    scratch file published atomically, as registry.testing does for MLflow), then copied.
+    scratch file published atomically by registry.testing.cached_template), then copied.
     """
     import prefect
 
-    template = (
-        Path(tempfile.gettempdir())
-        / "paylater-prefect-templates"
-        / f"prefect-{prefect.__version__}.db"
-    )
-    if not template.is_file():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        scratch = template.with_name(f"building-{os.getpid()}.db")
-        home = template.with_name(f"home-{os.getpid()}")
+    from registry.testing import cached_template
+
+    def migrate(scratch: Path) -> None:
+        home = scratch.with_suffix(".home")
         env = os.environ | {
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{scratch}",
@@ -97,8 +92,8 @@ def prefect_db_template() -> Path:
         assert done.returncode == 0, (
             f"migrating a Prefect database failed:\n{done.stdout}{done.stderr}"
         )
-        os.replace(scratch, template)
-    return template
+
+    return cached_template(f"prefect-{prefect.__version__}.db", migrate)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from paylater.testing import listen_port
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 N_USER_FEATURES = 58  # + request amount and fee = the 60-feature model of the issue
@@ -37,13 +38,6 @@ CONNECTIONS = (1, 16, 64)
 def _env_int(name: str, default: int) -> int:
     """An integer knob from the environment."""
     return int(os.environ.get(name, default))
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def user_feature_names() -> list[str]:
@@ -387,7 +381,7 @@ def main() -> None:
         bento = build_bento(version)
         scorer = Scorer.from_store(model_tag(version))
         script = wrk_script(tmp / "score.lua", users)
-        bento_port, flask_port = free_port(), free_port()
+        bento_port, flask_port = listen_port(), listen_port()
         bento_cmd = [
             str(BIN / "bentoml"),
             "serve",

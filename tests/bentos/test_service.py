@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from paylater.testing import listen_port
+
 TOKEN = "s3cret-token"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_BATCH = 5
@@ -60,38 +62,64 @@ def serving(
 ) -> Iterator[SimpleNamespace]:
     """`bentoml serve target` on a free loopback port until `up(base)` holds 10 times in a row
     (each of the server's workers answers for itself); stopped afterwards. Yields its base URL
-    and the pid of the `bentoml serve` process (the parent of its workers)."""
-    port = _free_port()
+    and the pid of the `bentoml serve` process (the parent of its workers). A server that
+    exits because another process took its port in the meantime is started again on another."""
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO_ROOT,  # where `bentos.service:PaylaterScorer` imports from
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline, up_in_a_row = time.monotonic() + 120, 0
-        while time.monotonic() < deadline and up_in_a_row < 10:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                ok = up(base)
-            except OSError:
-                ok = False
-            up_in_a_row = up_in_a_row + 1 if ok else 0
-            time.sleep(0.05 if ok else 0.5)
-        if up_in_a_row < 10:
+    for attempt in range(3):
+        port = listen_port()
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+                env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=REPO_ROOT,  # where `bentos.service:PaylaterScorer` imports from
+            )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if _wait_up(proc, base, log, up):
+                break
+        except BaseException:
+            _stop(proc)
+            raise
+        _stop(proc)
+        if attempt == 2 or "Address already in use" not in log.read_text():
             pytest.fail(f"{target} not up: {log.read_text()[-3000:]}")
+    try:
         yield SimpleNamespace(base=base, pid=proc.pid)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _stop(proc)
+
+
+def _wait_up(
+    proc: subprocess.Popen[bytes], base: str, log: Path, up: Callable[[str], bool]
+) -> bool:
+    """Whether `up(base)` held 10 times in a row within 120 s; False at once if `proc` exits."""
+    deadline, up_in_a_row = time.monotonic() + 120, 0
+    while time.monotonic() < deadline and up_in_a_row < 10:
+        if proc.poll() is not None:
+            return False
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            ok = up(base)
+        except OSError:
+            ok = False
+        up_in_a_row = up_in_a_row + 1 if ok else 0
+        time.sleep(0.05 if ok else 0.5)
+    return up_in_a_row >= 10
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it is not gone in 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # its workers too, even if it has exited itself
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture(scope="module")

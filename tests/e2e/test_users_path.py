@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,19 +24,13 @@ import httpx
 import psycopg
 import pytest
 
+from paylater.testing import listen_port
 from paylater.timeutil import default_as_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(
@@ -115,7 +108,7 @@ def system(
         for k, v in os.environ.items()
         if not k.startswith(("PAYLATER_", "MLFLOW_", "PREFECT_", "BENTOML_"))
     }
-    prefect_port = free_port()
+    prefect_port = listen_port()
     env.update(
         PAYLATER_HOME=str(home),
         PAYLATER_SOURCE_URL=pg_url,
@@ -231,7 +224,7 @@ def test_users_path(system: tuple[Processes, dict[str, str]]) -> None:
 
     # The staging service starts (seconds) while the registry is read, is checked with the
     # golden requests, then promotion.
-    staging_port = free_port()
+    staging_port = listen_port()
     procs.start(
         "bento-staging", bentoml, "serve", "bentos.service:PaylaterScorer", "--host", "127.0.0.1",
         "--port", str(staging_port), PAYLATER_SERVE_STAGE="staging",
@@ -267,7 +260,7 @@ def test_users_path(system: tuple[Processes, dict[str, str]]) -> None:
 
     # The built bento of the promoted version (starting while the history is read), and a job
     # scored through it by the worker.
-    prod_port = free_port()
+    prod_port = listen_port()
     procs.start(
         "bento-production", bentoml, "serve", f"paylater-scorer:{version}", "--host", "127.0.0.1",
         "--port", str(prod_port),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from paylater.cli import app
+from paylater.testing import listen_port
 from registry import policy
 from registry.store import client, require_reachable
 
@@ -25,9 +25,7 @@ from registry.store import client, require_reachable
 @pytest.fixture
 def mlflow_server(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts; stopped after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = listen_port()
     server_home = registry_home / "server"
     backend = server_home / "backend.db"
     from registry.testing import empty_mlflow_db

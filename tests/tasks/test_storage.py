@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from paylater.settings import Settings
+from paylater.testing import listen_port
 from tasks import storage
 from tasks.storage import DatasetStorage, StorageError, open_storage
-
-
-def free_port() -> int:
-    """A free loopback TCP port, chosen now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def exercise(store: DatasetStorage) -> None:
@@ -65,7 +58,7 @@ def moto_server() -> Iterator[str]:
     its own, and stopping a server costs up to 0.5 s (its serve_forever's poll)."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
+    port = listen_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -134,7 +127,7 @@ def gcs_server() -> Iterator[str]:
     """gcp-storage-emulator in memory on a free loopback port, for the module (as moto_server)."""
     from gcp_storage_emulator.server import create_server
 
-    port = free_port()
+    port = listen_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="risk-gcs")
     server.start()
     try:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from paylater.testing import listen_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 COUNT = "SELECT count(*) FROM scoring_jobs WHERE status = %s"
@@ -97,7 +99,7 @@ def test_four_workers_never_double_score_and_sigterm_drains(
     """Four processes each hold a batch at once; one gets SIGTERM then: it writes that batch and
     exits 0 without claiming more, and the other three score the rest, every job exactly once."""
     kit.enqueue_many(queue_db, 2_000)
-    port = free_port()
+    port = listen_port()
     with features_locked(queue_db):
         procs = [
             launch("--batch-size", "25", "--concurrency", "1", *extra)

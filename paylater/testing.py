@@ -1,0 +1,53 @@
+"""Helpers the test suite and the benches share: ports for the loopback servers they start."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from pathlib import Path
+
+# Below this, ports are often fixed by convention (PostgreSQL 5432, MLflow 5000, Prefect 4200).
+_LOWEST = 20_000
+_handed_out: set[int] = set()
+_lock = threading.Lock()
+
+
+def ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux's default where it cannot be read)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def listen_port(host: str = "127.0.0.1") -> int:
+    """A port for a server the caller is about to start on `host`.
+
+    A port from `bind(0)` comes from the ephemeral range, which is also where every outgoing
+    connection takes its local port: in the moment between choosing the port and the server
+    binding it, a client connecting anywhere (to PostgreSQL, say) can take it, and the server
+    fails with "Address already in use". So the port is drawn from below that range, checked
+    free now, and never handed out twice by this process. Falls back to `bind(0)` when the
+    range leaves no room below it."""
+    low, _ = ephemeral_range()
+    if low - _LOWEST >= 1_000:
+        with _lock:
+            for _ in range(200):
+                port = random.randrange(_LOWEST, low)
+                if port not in _handed_out and _bindable(host, port):
+                    _handed_out.add(port)
+                    return port
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paylater.settings import Settings, get_settings
+from paylater.timeutil import day_end_utc
 from tasks.features import build_scoring_table, build_training_table
 from tasks.storage import DatasetStorage, StorageError, join_uri, open_storage
 from tasks.warehouse.base import Warehouse, open_warehouse
@@ -216,8 +217,22 @@ def source_watermark(warehouse: Warehouse, as_of: date) -> datetime | None:
         return None
 
 
+def refuse_unended(as_of: date) -> None:
+    """DatasetError while `as_of` has not ended in the business time zone.
+
+    Its features would miss the rest of the day, its labels would count repayments still to come,
+    and its scoring rows, published, would make every later build of a past day look like a
+    backfill that leaves the online table as it is.
+    """
+    if day_end_utc(as_of) > datetime.now(UTC):
+        raise DatasetError(
+            f"as_of {as_of} has not ended yet in the business time zone: build it once it has"
+        )
+
+
 def _build_and_store(kind: str, as_of: date, settings: Settings | None) -> Manifest:
     """Build one dataset (`training` or `scoring`) in the warehouse and store it with its manifest."""
+    refuse_unended(as_of)
     settings = settings or get_settings()
     build_table = build_training_table if kind == "training" else build_scoring_table
     warehouse = open_warehouse(settings.warehouse)

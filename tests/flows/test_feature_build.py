@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.feature_build import feature_build
-from tasks.datasets import load_scoring_dataset, load_training_dataset
+from tasks.datasets import DatasetError, load_scoring_dataset, load_training_dataset
 from tasks.features import FeatureSqlError
 from tasks.warehouse import open_warehouse
 
@@ -68,3 +68,24 @@ def test_feature_build_names_missing_tables(prefect_harness: None, paylater_home
     make_warehouse(paylater_home / "warehouse.duckdb", with_events=False)
     with pytest.raises(FeatureSqlError, match=r"lacks source table\(s\) \['app_events'\]"):
         feature_build(as_of=date(2026, 7, 15))
+
+
+def test_a_day_that_has_not_ended_is_refused_and_the_online_table_kept(
+    prefect_harness: None, paylater_home: Path
+) -> None:
+    """A build for today or a later day (a typo, a clock off) would label charges by repayments
+    still to come and put a future as_of online, after which every real day's build is "older"
+    and left unpublished: the service would score with frozen features."""
+    from paylater.timeutil import today
+
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    feature_build(as_of=date(2026, 7, 15))
+    for day in (today(), today().replace(year=today().year + 1)):
+        with pytest.raises(DatasetError, match=f"as_of {day} has not ended yet"):
+            feature_build(as_of=day)
+        assert not (paylater_home / "datasets" / "training" / f"as_of={day}").exists()
+        assert not (paylater_home / "datasets" / "scoring" / f"as_of={day}").exists()
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        assert db.execute("SELECT DISTINCT as_of FROM user_features_latest").fetchall() == [
+            ("2026-07-15",)
+        ]

@@ -331,7 +331,17 @@ def build_training_table(
         "label_default",
         table["label_default"].cast(pa.int8()),
     )
-    return in_order(table, "charge_id"), feature_sql
+    table = in_order(table, "charge_id")
+    if repeats_a_key(table, "charge_id"):
+        parts = [
+            ("requests_training.sql", feature_sql.requests_training, "request_id"),
+            (Path(settings.feature_label_sql).name, feature_sql.label, "charge_id"),
+            *_layer_parts(feature_sql),
+        ]
+        raise _repeats_error(
+            warehouse, "training", feature_sql.requests_training, parts, mapping, as_of, settings
+        )
+    return table, feature_sql
 
 
 def build_scoring_table(
@@ -344,7 +354,16 @@ def build_scoring_table(
     require_tables(warehouse, mapping)
     sql = scoring_sql(feature_sql, mapping) + "\nORDER BY r.user_id"
     table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
-    return in_order(table, "user_id"), feature_sql
+    table = in_order(table, "user_id")
+    if repeats_a_key(table, "user_id"):
+        parts = [
+            ("requests_scoring.sql", feature_sql.requests_scoring, "user_id"),
+            *_layer_parts(feature_sql),
+        ]
+        raise _repeats_error(
+            warehouse, "scoring", feature_sql.requests_scoring, parts, mapping, as_of, settings
+        )
+    return table, feature_sql
 
 
 def in_order(table: pa.Table, key: str) -> pa.Table:
@@ -356,3 +375,50 @@ def in_order(table: pa.Table, key: str) -> pa.Table:
     if len(column) < 2 or pc.all(pc.less(column[:-1], column[1:])).as_py():
         return table
     return table.sort_by(key)
+
+
+def repeats_a_key(table: pa.Table, key: str) -> bool:
+    """Whether a table sorted by `key` holds a key twice (the check is one pass over the column)."""
+    column = table[key]
+    return len(column) >= 2 and bool(pc.any(pc.equal(column[:-1], column[1:])).as_py())
+
+
+def _layer_parts(feature_sql: FeatureSql) -> list[tuple[str, str, str]]:
+    """(file name, SQL, key column) of every layer."""
+    return [
+        (f"{name.removeprefix('layer_')}.sql", sql, "request_id")
+        for name, sql, _ in feature_sql.layers
+    ]
+
+
+def _repeats_error(
+    warehouse: Warehouse,
+    kind: str,
+    requests_sql: str,
+    parts: list[tuple[str, str, str]],
+    mapping: Mapping[str, str],
+    as_of: date,
+    settings: Settings,
+) -> FeatureSqlError:
+    """Name the SQL files that return a key more than once (each must return one row per key).
+
+    `parts` starts with the requests query. Run only once a build came out with repeated rows,
+    so it costs nothing on a sound build.
+    """
+    found = []
+    for file_name, part_sql, key in parts:
+        sql = map_tables(
+            f"WITH requests AS (\n{requests_sql.strip()}\n),\npart AS (\n{part_sql.strip()}\n)\n"
+            f"SELECT {key} AS k FROM part GROUP BY {key} HAVING COUNT(*) > 1 ORDER BY k LIMIT 3",
+            mapping,
+        )
+        repeated = warehouse.query_arrow(sql, query_params(sql, as_of, settings))["k"].to_pylist()
+        if repeated:
+            found.append(f"{file_name} returns {key} {repeated} more than once")
+            if part_sql is requests_sql:
+                break  # every layer repeats what the requests repeat
+    detail = "; ".join(found) or "no single SQL file does: check the tables they join"
+    return FeatureSqlError(
+        f"the {kind} rows for as_of {as_of} repeat a key, which would repeat those rows: {detail}"
+        " (each query must return at most one row per key; a mapped table may hold a key twice)"
+    )

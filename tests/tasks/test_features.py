@@ -699,3 +699,57 @@ def test_a_result_the_warehouse_ordered_is_kept_and_any_other_is_sorted() -> Non
     shuffled = pa.table({"charge_id": [5, 1, 9, 2], "x": [0.5, 0.1, 0.9, 0.2]})
     assert features.in_order(shuffled, "charge_id").equals(ordered)
     assert features.in_order(ordered.slice(0, 1), "charge_id").num_rows == 1
+
+
+def copy_sql(folder: Path) -> Path:
+    """The shipped feature SQL copied into `folder` (to add or change a file there)."""
+    folder.mkdir()
+    for path in features.default_sql_dir().glob("*.sql"):
+        (folder / path.name).write_text(path.read_text())
+    return folder
+
+
+def test_a_layer_returning_several_rows_per_request_is_named_not_multiplied(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer (or mapped table) with more than one row per request silently repeated training
+    and scoring rows: a model trained on duplicated charges, a publish failing on its key."""
+    load(warehouse, source)
+    folder = copy_sql(tmp_path / "sql")
+    (folder / "60_topup_amounts.sql").write_text(
+        "SELECT r.request_id, t.amount_jpy AS topup_amount_jpy\n"
+        "FROM requests AS r JOIN topups AS t ON t.user_id = r.user_id\n"
+    )
+    monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
+    for build in (features.build_training_table, features.build_scoring_table):
+        with pytest.raises(features.FeatureSqlError, match=r"60_topup_amounts\.sql returns"):
+            build(warehouse, AS_OF, Settings())
+
+
+def test_a_mapped_table_repeating_a_key_is_named(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    load(warehouse, source)
+    # A users table mapped to a history (two rows of user 2) repeats scoring requests.
+    warehouse.execute("CREATE TABLE users_history AS SELECT * FROM users")
+    warehouse.execute("INSERT INTO users_history SELECT * FROM users WHERE user_id = 2")
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"users": "users_history"}')
+    with pytest.raises(features.FeatureSqlError, match=r"requests_scoring\.sql returns.*\b2\b"):
+        features.build_scoring_table(warehouse, AS_OF, Settings())
+    # Two label rows for one charge repeat a training row.
+    monkeypatch.delenv("PAYLATER_FEATURE_TABLES")
+    folder = copy_sql(paylater_home / "sql")
+    (folder / "label.sql").write_text(
+        (folder / "label.sql").read_text() + "\nUNION ALL\nSELECT charge_id, 1 AS label_default "
+        "FROM deferred_charges WHERE user_id = 1\n"
+    )
+    monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
+    with pytest.raises(features.FeatureSqlError, match=r"label\.sql returns"):
+        features.build_training_table(warehouse, AS_OF, Settings())

@@ -325,23 +325,19 @@ def build_training_table(
     mapping = table_mapping(settings)
     require_tables(warehouse, mapping)
     sql = training_sql(feature_sql, mapping) + "\nORDER BY r.charge_id"
-    table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
+    parts = [
+        QueryPart("requests_training.sql", feature_sql.requests_training, "request_id"),
+        QueryPart(Path(settings.feature_label_sql).name, feature_sql.label, "charge_id"),
+        *_layer_parts(feature_sql),
+    ]
+    build = _Build("training", as_of, parts, mapping, settings)
+    table = build.run(warehouse, sql)
     table = table.set_column(
         table.schema.get_field_index("label_default"),
         "label_default",
         table["label_default"].cast(pa.int8()),
     )
-    table = in_order(table, "charge_id")
-    if repeats_a_key(table, "charge_id"):
-        parts = [
-            ("requests_training.sql", feature_sql.requests_training, "request_id"),
-            (Path(settings.feature_label_sql).name, feature_sql.label, "charge_id"),
-            *_layer_parts(feature_sql),
-        ]
-        raise _repeats_error(
-            warehouse, "training", feature_sql.requests_training, parts, mapping, as_of, settings
-        )
-    return table, feature_sql
+    return build.checked(warehouse, table, "charge_id"), feature_sql
 
 
 def build_scoring_table(
@@ -353,17 +349,12 @@ def build_scoring_table(
     mapping = table_mapping(settings)
     require_tables(warehouse, mapping)
     sql = scoring_sql(feature_sql, mapping) + "\nORDER BY r.user_id"
-    table = normalize_types(warehouse.query_arrow(sql, query_params(sql, as_of, settings)))
-    table = in_order(table, "user_id")
-    if repeats_a_key(table, "user_id"):
-        parts = [
-            ("requests_scoring.sql", feature_sql.requests_scoring, "user_id"),
-            *_layer_parts(feature_sql),
-        ]
-        raise _repeats_error(
-            warehouse, "scoring", feature_sql.requests_scoring, parts, mapping, as_of, settings
-        )
-    return table, feature_sql
+    parts = [
+        QueryPart("requests_scoring.sql", feature_sql.requests_scoring, "user_id"),
+        *_layer_parts(feature_sql),
+    ]
+    build = _Build("scoring", as_of, parts, mapping, settings)
+    return build.checked(warehouse, build.run(warehouse, sql), "user_id"), feature_sql
 
 
 def in_order(table: pa.Table, key: str) -> pa.Table:
@@ -383,42 +374,119 @@ def repeats_a_key(table: pa.Table, key: str) -> bool:
     return len(column) >= 2 and bool(pc.any(pc.equal(column[:-1], column[1:])).as_py())
 
 
-def _layer_parts(feature_sql: FeatureSql) -> list[tuple[str, str, str]]:
-    """(file name, SQL, key column) of every layer."""
+def is_rejected_sql(exc: BaseException) -> bool:
+    """Whether the warehouse rejected the query itself (unknown table or column, bad syntax or
+    types): DuckDB's ProgrammingError family, BigQuery's 400 and 404. These fail the same way
+    every time; other errors (a dropped connection, a 5xx) may pass on a retry."""
+    module = type(exc).__module__
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if module.lstrip("_").startswith("duckdb"):
+        return "ProgrammingError" in names
+    if module.startswith("google."):
+        return bool(names & {"BadRequest", "NotFound"})
+    return False
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """One SQL file of a dataset's query and the key it returns one row per."""
+
+    file_name: str
+    sql: str
+    key: str
+
+
+def _layer_parts(feature_sql: FeatureSql) -> list[QueryPart]:
+    """Every layer as a QueryPart."""
     return [
-        (f"{name.removeprefix('layer_')}.sql", sql, "request_id")
+        QueryPart(f"{name.removeprefix('layer_')}.sql", sql, "request_id")
         for name, sql, _ in feature_sql.layers
     ]
 
 
-def _repeats_error(
-    warehouse: Warehouse,
-    kind: str,
-    requests_sql: str,
-    parts: list[tuple[str, str, str]],
-    mapping: Mapping[str, str],
-    as_of: date,
-    settings: Settings,
-) -> FeatureSqlError:
-    """Name the SQL files that return a key more than once (each must return one row per key).
+@dataclass(frozen=True)
+class _Build:
+    """One dataset's query for one day, and how to say which SQL file is wrong when it is.
 
-    `parts` starts with the requests query. Run only once a build came out with repeated rows,
-    so it costs nothing on a sound build.
+    The diagnoses query each file on its own, and run only once the whole query failed or came
+    out with repeated keys, so a sound build pays nothing for them.
     """
-    found = []
-    for file_name, part_sql, key in parts:
-        sql = map_tables(
-            f"WITH requests AS (\n{requests_sql.strip()}\n),\npart AS (\n{part_sql.strip()}\n)\n"
-            f"SELECT {key} AS k FROM part GROUP BY {key} HAVING COUNT(*) > 1 ORDER BY k LIMIT 3",
-            mapping,
+
+    kind: str
+    as_of: date
+    parts: list[QueryPart]
+    """The requests query first, then the label (training) and the layers."""
+    mapping: Mapping[str, str]
+    settings: Settings
+
+    def run(self, warehouse: Warehouse, sql: str) -> pa.Table:
+        """The query's rows; FeatureSqlError naming the file when the warehouse rejects it."""
+        try:
+            return normalize_types(
+                warehouse.query_arrow(sql, query_params(sql, self.as_of, self.settings))
+            )
+        except Exception as exc:
+            if not is_rejected_sql(exc):
+                raise
+            raise FeatureSqlError(self._rejected(warehouse, exc)) from exc
+
+    def checked(self, warehouse: Warehouse, table: pa.Table, key: str) -> pa.Table:
+        """`table` sorted by `key`; FeatureSqlError naming the files when a key repeats."""
+        table = in_order(table, key)
+        if repeats_a_key(table, key):
+            raise FeatureSqlError(self._repeated(warehouse))
+        return table
+
+    def _part_query(self, part: QueryPart, select: str) -> str:
+        """`select` over one part, with the requests it may read, tables mapped."""
+        requests = self.parts[0].sql.strip()
+        return map_tables(
+            f"WITH requests AS (\n{requests}\n),\npart AS (\n{part.sql.strip()}\n)\n{select}",
+            self.mapping,
         )
-        repeated = warehouse.query_arrow(sql, query_params(sql, as_of, settings))["k"].to_pylist()
-        if repeated:
-            found.append(f"{file_name} returns {key} {repeated} more than once")
-            if part_sql is requests_sql:
-                break  # every layer repeats what the requests repeat
-    detail = "; ".join(found) or "no single SQL file does: check the tables they join"
-    return FeatureSqlError(
-        f"the {kind} rows for as_of {as_of} repeat a key, which would repeat those rows: {detail}"
-        " (each query must return at most one row per key; a mapped table may hold a key twice)"
-    )
+
+    def _where(self) -> str:
+        """What the message adds about the table mapping."""
+        mapped = ", ".join(f"{k} -> {v}" for k, v in sorted(self.mapping.items()))
+        return f" (tables mapped by PAYLATER_FEATURE_TABLES: {mapped})" if mapped else ""
+
+    def _rejected(self, warehouse: Warehouse, error: Exception) -> str:
+        """The first file the warehouse rejects on its own, and why."""
+        for part in self.parts:
+            sql = self._part_query(part, "SELECT * FROM part LIMIT 0")
+            try:
+                warehouse.query_arrow(sql, query_params(sql, self.as_of, self.settings))
+            except Exception as exc:
+                if not is_rejected_sql(exc):
+                    raise
+                error, culprit = exc, part.file_name
+                break
+        else:
+            culprit = "the query joining them"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (
+            f"the {self.kind} query for as_of {self.as_of} is rejected by the warehouse in "
+            f"{culprit}: {reason}{self._where()}"
+        )
+
+    def _repeated(self, warehouse: Warehouse) -> str:
+        """The files that return a key more than once (the requests alone when they do)."""
+        found = []
+        for part in self.parts:
+            sql = self._part_query(
+                part,
+                f"SELECT {part.key} AS k FROM part GROUP BY {part.key} HAVING COUNT(*) > 1 "
+                "ORDER BY k LIMIT 3",
+            )
+            params = query_params(sql, self.as_of, self.settings)
+            repeated = warehouse.query_arrow(sql, params)["k"].to_pylist()
+            if repeated:
+                found.append(f"{part.file_name} returns {part.key} {repeated} more than once")
+                if part is self.parts[0]:
+                    break  # every layer repeats what the requests repeat
+        detail = "; ".join(found) or "no single SQL file does: check the tables they join"
+        return (
+            f"the {self.kind} rows for as_of {self.as_of} repeat a key, which would repeat those"
+            f" rows: {detail} (each query must return at most one row per key; a mapped table"
+            f" may hold a key twice){self._where()}"
+        )

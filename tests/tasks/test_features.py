@@ -753,3 +753,32 @@ def test_a_mapped_table_repeating_a_key_is_named(
     monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
     with pytest.raises(features.FeatureSqlError, match=r"label\.sql returns"):
         features.build_training_table(warehouse, AS_OF, Settings())
+
+
+def test_a_mapped_table_the_sql_cannot_read_is_named_with_its_file(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mapped table lacking a column, or in a schema that does not exist, failed with the
+    warehouse's bare error (no file, no mapping) and was retried as if it were an I/O hiccup."""
+    load(warehouse, source)
+    warehouse.execute(
+        "CREATE TABLE card_tx AS SELECT * EXCLUDE (merchant_category) FROM card_transactions"
+    )
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"card_transactions": "card_tx"}')
+    for build in (features.build_training_table, features.build_scoring_table):
+        with pytest.raises(
+            features.FeatureSqlError,
+            match=r"rejected by the warehouse in 10_card\.sql: .*merchant_category.*"
+            r"card_transactions -> card_tx",
+        ):
+            build(warehouse, AS_OF, Settings())
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"users": "crm.users"}')
+    with pytest.raises(
+        features.FeatureSqlError, match=r"in requests_scoring\.sql: .*crm.*users -> crm\.users"
+    ):
+        features.build_scoring_table(warehouse, AS_OF, Settings())
+    with pytest.raises(features.FeatureSqlError, match=r"in 50_account\.sql: .*crm"):
+        features.build_training_table(warehouse, AS_OF, Settings())

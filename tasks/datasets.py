@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paylater.settings import Settings, get_settings
-from paylater.timeutil import day_end_utc
+from paylater.timeutil import today
 from tasks.features import build_scoring_table, build_training_table
 from tasks.storage import DatasetStorage, StorageError, join_uri, open_storage
 from tasks.warehouse.base import Warehouse, open_warehouse
@@ -224,7 +224,7 @@ def refuse_unended(as_of: date) -> None:
     and its scoring rows, published, would make every later build of a past day look like a
     backfill that leaves the online table as it is.
     """
-    if day_end_utc(as_of) > datetime.now(UTC):
+    if as_of >= today():  # not day_end_utc: date.max has no next day
         raise DatasetError(
             f"as_of {as_of} has not ended yet in the business time zone: build it once it has"
         )

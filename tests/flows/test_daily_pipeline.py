@@ -120,3 +120,31 @@ def test_incomplete_ledger_blocks_the_feature_build(paylater_home: Path) -> None
     warehouse.close()
     with pytest.raises(SyncNotComplete, match=r"not started.*deferred_charges \(not synced\)"):
         require_complete_sync.fn(AS_OF)
+
+
+def test_a_sync_that_ends_cancelled_stops_the_chain_even_with_a_complete_ledger(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun of a synced day whose sync is cancelled (by an operator, or its infrastructure)
+    has not failed, and the ledger of the earlier run still reads complete: the chain built
+    features from a warehouse the cancelled sync may have left half way."""
+    from prefect import flow
+    from prefect.states import Cancelled
+
+    import flows.daily_pipeline
+    from flows.daily_sync import daily_sync
+
+    make_source(paylater_home / "source.db")
+    make_events_table(paylater_home)
+    daily_sync.fn(as_of=AS_OF)  # the earlier, complete run of the day
+
+    @flow(name="daily-sync")
+    def cancelled_sync(as_of: date, announce: bool = True) -> object:
+        return Cancelled(message="cancelled by an operator")
+
+    monkeypatch.setattr(flows.daily_pipeline, "daily_sync", cancelled_sync)
+    with pytest.raises(
+        SyncNotComplete, match="daily_sync ended Cancelled: cancelled by an operator"
+    ):
+        daily_pipeline(as_of=AS_OF)
+    assert not (paylater_home / "datasets").exists()

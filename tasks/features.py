@@ -35,6 +35,7 @@ REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
 SCORING_HEAD = ("user_id", "as_of")
 
 _LAYER_FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
+_LAYER_LIKE = re.compile(r"^\d+_")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A warehouse table: table, dataset.table or project.dataset.table (project ids allow hyphens).
 _TABLE_REF = re.compile(r"^([A-Za-z0-9_-]+\.){0,2}[A-Za-z_][A-Za-z0-9_]*$")
@@ -116,6 +117,11 @@ def load_feature_sql(settings: Settings | None = None) -> FeatureSql:
     for path in sorted(folder.glob("*.sql")):
         match = _LAYER_FILE.match(path.name)
         if not match:
+            if _LAYER_LIKE.match(path.name):  # skipped, its features would be missing unsaid
+                raise FeatureSqlError(
+                    f"{path.name} looks like a feature layer but is not named NN_name.sql"
+                    " (lower-case letters, digits and underscores): rename it"
+                )
             continue
         text = _read(path)
         files[path.name] = text

@@ -782,3 +782,16 @@ def test_a_mapped_table_the_sql_cannot_read_is_named_with_its_file(
         features.build_scoring_table(warehouse, AS_OF, Settings())
     with pytest.raises(features.FeatureSqlError, match=r"in 50_account\.sql: .*crm"):
         features.build_training_table(warehouse, AS_OF, Settings())
+
+
+@pytest.mark.parametrize("name", ["60_Topup_Amounts.sql", "60_topup-amounts.sql"])
+def test_a_layer_file_whose_name_the_loader_would_skip_is_refused(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A layer named NN_<name>.sql with a capital or a hyphen in <name> was skipped without a
+    word: the build ran, and its features were silently missing from every dataset."""
+    folder = copy_sql(tmp_path / "sql")
+    (folder / name).write_text("SELECT request_id, 1 AS topup_flag FROM requests")
+    monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
+    with pytest.raises(features.FeatureSqlError, match=f"{name} looks like a feature layer"):
+        features.load_feature_sql(Settings())

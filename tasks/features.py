@@ -179,22 +179,48 @@ def table_mapping(settings: Settings | None = None) -> dict[str, str]:
 
 
 def map_tables(sql: str, mapping: Mapping[str, str]) -> str:
-    """Rewrite logical table names after FROM/JOIN to the configured ones, leaving the rest as written.
+    """Rewrite references to logical tables to the configured ones, leaving the rest as written.
 
-    Token-level on purpose: regenerating the SQL from sqlglot's tree would rewrite some BigQuery
+    Every table reference counts, after FROM or JOIN or in a comma join; a CTE of the same name,
+    where it is in scope, is not a table. The names are replaced in the text, at the positions
+    sqlglot's parse gives: regenerating the SQL from the tree would rewrite some BigQuery
     time-zone expressions into forms its DuckDB transpiler then gets wrong.
     """
     if not mapping:
         return sql
-    tokens = sqlglot.tokenize(sql, read="bigquery")
+    try:
+        tree = sqlglot.parse_one(sql, read="bigquery")
+    except sqlglot.errors.ParseError as exc:
+        raise FeatureSqlError(
+            f"feature SQL does not parse as BigQuery Standard SQL: {exc}"
+        ) from exc
     edits = []
-    for before, token in itertools.pairwise(tokens):
-        if before.token_type in (TokenType.FROM, TokenType.JOIN) and token.text in mapping:
-            physical = mapping[token.text]
-            edits.append((token.start, token.end, f"`{physical}`" if "-" in physical else physical))
-    for start, end, text in reversed(edits):
+    for table in tree.find_all(exp.Table):
+        name = table.this
+        if (
+            isinstance(name, exp.Identifier)
+            and not table.db
+            and name.name in mapping
+            and not _names_a_cte(table)
+            and "start" in name.meta
+        ):
+            physical = mapping[name.name]
+            quoted = f"`{physical}`" if "-" in physical else physical
+            edits.append((name.meta["start"], name.meta["end"], quoted))
+    for start, end, text in sorted(edits, reverse=True):
         sql = sql[:start] + text + sql[end + 1 :]
     return sql
+
+
+def _names_a_cte(table: exp.Table) -> bool:
+    """Whether a table reference names a CTE of a WITH around it (in its scope, not any)."""
+    node = table.parent
+    while node is not None:
+        with_clause = node.args.get("with_") if isinstance(node, exp.Query) else None
+        if with_clause and any(cte.alias_or_name == table.name for cte in with_clause.expressions):
+            return True
+        node = node.parent
+    return False
 
 
 def assemble(

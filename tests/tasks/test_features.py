@@ -795,3 +795,52 @@ def test_a_layer_file_whose_name_the_loader_would_skip_is_refused(
     monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
     with pytest.raises(features.FeatureSqlError, match=f"{name} looks like a feature layer"):
         features.load_feature_sql(Settings())
+
+
+def test_a_mapped_table_joined_with_a_comma_is_mapped_too(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only names after FROM or JOIN were mapped: a layer joining `requests AS r, topups AS t`
+    read the unmapped `topups` (a stale or other copy the warehouse also holds) without a word."""
+    load(warehouse, source)
+    warehouse.execute("CREATE TABLE my_topups AS SELECT * FROM topups")
+    warehouse.execute("DELETE FROM topups")  # the stale copy: no top-ups at all
+    folder = copy_sql(tmp_path / "sql")
+    (folder / "60_topup_total.sql").write_text(
+        "-- Every top-up before the request day (comma join on purpose).\n"
+        "SELECT r.request_id, COUNT(*) AS topup_count_ever\n"
+        "FROM requests AS r, topups AS t\n"
+        "WHERE t.user_id = r.user_id\n"
+        "  AND t.topped_up_at < TIMESTAMP_MICROS(UNIX_DATE(r.request_date) * 86400000000"
+        " - @utc_offset_us)\n"
+        "GROUP BY r.request_id\n"
+    )
+    # A CTE named like a logical table is the CTE where it is in scope, not the mapped table.
+    (folder / "70_cte_named_topups.sql").write_text(
+        "WITH topups AS (SELECT request_id, 1 AS one FROM requests)\n"
+        "SELECT request_id, one AS cte_flag FROM topups\n"
+    )
+    monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"topups": "my_topups"}')
+    table, _ = features.build_scoring_table(warehouse, AS_OF, Settings())
+    assert set(table["cte_flag"].to_pylist()) == {1}
+    day = AS_OF + timedelta(days=1)
+    expected = {
+        u: sum(
+            1 for t in source["topups"] if t["user_id"] == u and local_date(t["topped_up_at"]) < day
+        )
+        for u in table["user_id"].to_pylist()
+    }
+    got = dict(
+        zip(table["user_id"].to_pylist(), table["topup_count_ever"].to_pylist(), strict=True)
+    )
+    assert {u: n or 0 for u, n in got.items()} == expected and any(expected.values())
+    # The shipped layers read the mapped table as well.
+    assert_rows_equal(
+        table.drop_columns(["topup_count_ever", "cte_flag"]).to_pylist(),
+        ref_scoring(source, AS_OF),
+    )

@@ -33,6 +33,8 @@ LOGICAL_TABLES = ("users", "card_transactions", "topups", "deferred_charges", "a
 TRAINING_HEAD = ("charge_id", "user_id", "requested_at", "request_date")
 REQUEST_FEATURES = ("request_amount_jpy", "request_fee_jpy")
 SCORING_HEAD = ("user_id", "as_of")
+DATASET_COLUMNS = (*TRAINING_HEAD, *SCORING_HEAD, "label_default", *REQUEST_FEATURES)
+"""Columns the datasets carry besides the layers' features: no layer may select them."""
 
 _LAYER_FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 _LAYER_LIKE = re.compile(r"^\d+_")
@@ -128,6 +130,11 @@ def load_feature_sql(settings: Settings | None = None) -> FeatureSql:
         columns = selected_columns(text, path.name)
         if columns[0] != "request_id":
             raise FeatureSqlError(f"{path.name} must select request_id first, got {columns[0]!r}")
+        taken = sorted(set(columns[1:]) & set(DATASET_COLUMNS))
+        if taken:
+            raise FeatureSqlError(
+                f"{path.name} selects {taken}, which the datasets already carry: rename them"
+            )
         layers.append((f"layer_{match.group(1)}_{match.group(2)}", text, tuple(columns[1:])))
     if not layers:
         raise FeatureSqlError(f"no feature layers (NN_name.sql) in {folder}")

@@ -844,3 +844,23 @@ def test_a_mapped_table_joined_with_a_comma_is_mapped_too(
         table.drop_columns(["topup_count_ever", "cte_flag"]).to_pylist(),
         ref_scoring(source, AS_OF),
     )
+
+
+@pytest.mark.parametrize("column", ["user_id", "as_of", "label_default", "request_amount_jpy"])
+def test_a_layer_feature_named_like_a_dataset_column_is_refused(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    tmp_path: Path,
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    column: str,
+) -> None:
+    """A layer column named like one the datasets already carry gave the dataset that name
+    twice: the training set was written so (a layer's `user_id` listed as a model feature), the
+    scoring build failed with pyarrow's 'Field "user_id" exists 2 times in schema'."""
+    load(warehouse, source)
+    folder = copy_sql(tmp_path / "sql")
+    (folder / "60_extra.sql").write_text(f"SELECT request_id, 1 AS {column} FROM requests")
+    monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
+    with pytest.raises(features.FeatureSqlError, match=f"60_extra.sql.*{column}"):
+        features.load_feature_sql(Settings())

@@ -864,3 +864,34 @@ def test_a_layer_feature_named_like_a_dataset_column_is_refused(
     monkeypatch.setenv("PAYLATER_FEATURE_SQL_DIR", str(folder))
     with pytest.raises(features.FeatureSqlError, match=f"60_extra.sql.*{column}"):
         features.load_feature_sql(Settings())
+
+
+def shifted(source: dict[str, list[dict[str, Any]]], days: int) -> dict[str, list[dict[str, Any]]]:
+    """The source moved `days` later (every date and time; Tokyo has no daylight saving)."""
+    delta = timedelta(days=days)
+    return {
+        name: [{k: v + delta if isinstance(v, date) else v for k, v in row.items()} for row in rows]
+        for name, rows in source.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "as_of",
+    [date(2028, 2, 28), date(2028, 2, 29), date(2028, 3, 31), date(2028, 5, 31), date(2028, 7, 31)],
+    ids=str,
+)
+def test_month_ends_and_a_leap_day_match_the_reference(
+    warehouse: DuckDBWarehouse,
+    source: dict[str, list[dict[str, Any]]],
+    settings: Settings,
+    as_of: date,
+) -> None:
+    """Windows and monthly lags across month ends and 29 February (the source moved to 2028)."""
+    src = shifted(source, (date(2027, 12, 1) - date(2025, 12, 1)).days)
+    load(warehouse, src)
+    training, _ = features.build_training_table(warehouse, as_of, settings)
+    assert_rows_equal(training.to_pylist(), ref_training(src, as_of))
+    scoring, _ = features.build_scoring_table(warehouse, as_of, settings)
+    expected = ref_scoring(src, as_of)
+    assert len(expected) == 5
+    assert_rows_equal(scoring.to_pylist(), expected)

@@ -895,3 +895,27 @@ def test_month_ends_and_a_leap_day_match_the_reference(
     expected = ref_scoring(src, as_of)
     assert len(expected) == 5
     assert_rows_equal(scoring.to_pylist(), expected)
+
+
+def test_only_errors_that_reject_the_query_itself_are_feature_sql_errors() -> None:
+    """BigQuery's 400 and 404 and DuckDB's binder, catalog and parser errors fail the same way
+    every time; a 5xx, a dropped connection or a locked DuckDB file may pass on a retry."""
+    import duckdb
+    from google.api_core import exceptions as google
+
+    rejected = [
+        google.BadRequest("Unrecognized name: merchant_category"),
+        google.NotFound("Not found: Table p:d.cards"),
+        duckdb.BinderException("x"),
+        duckdb.CatalogException("x"),
+        duckdb.ParserException("x"),
+    ]
+    passing = [
+        google.ServiceUnavailable("backend error"),
+        google.InternalServerError("x"),
+        google.TooManyRequests("x"),
+        duckdb.IOException("Could not set lock on file"),
+        ConnectionError("reset"),
+    ]
+    assert [features.is_rejected_sql(e) for e in rejected] == [True] * len(rejected)
+    assert [features.is_rejected_sql(e) for e in passing] == [False] * len(passing)

@@ -56,7 +56,16 @@ def _columns(scoring: pa.Table, dialect: str) -> list[tuple[str, str]]:
         raise PublishError(
             f"scoring table must start with user_id, as_of; got {scoring.column_names[:2]}"
         )
-    return [(_ident(f.name), sql_type(f.type, dialect)) for f in scoring.schema]
+    columns = [(_ident(f.name), sql_type(f.type, dialect)) for f in scoring.schema]
+    too_long = [n for n, _ in columns if len(n.encode()) > POSTGRES_NAME_BYTES]
+    if dialect == "postgresql" and too_long:
+        # Cut short, the column would not be the feature the model asks for.
+        raise PublishError(
+            f"feature names {too_long} are {[len(n.encode()) for n in too_long]} bytes; "
+            f"PostgreSQL keeps at most {POSTGRES_NAME_BYTES} (it cuts longer names without an "
+            "error): shorten them in the feature SQL"
+        )
+    return columns
 
 
 def publish_user_features(

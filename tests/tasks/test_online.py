@@ -241,3 +241,20 @@ def test_a_feature_database_that_never_answers_fails_the_publish_in_seconds(
     with pytest.raises(psycopg.OperationalError, match="timeout"):
         publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), silent_postgres)
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.postgres
+def test_a_feature_name_postgresql_would_cut_short_is_refused(
+    pg_url: str, paylater_home: Path
+) -> None:
+    # PostgreSQL cuts a 64-byte column name to 63 without an error: the online table would hold
+    # a column the model does not know (its jobs held as "does not fit the model"), or two
+    # features cut to one name would fail the publish as a column "specified more than once".
+    publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url)
+    long_name = "card_share_" + "x" * 53  # 64 bytes
+    too_long = scoring([1, 2], date(2026, 11, 27), 1.0).append_column(
+        long_name, pa.array([1.0, 2.0], pa.float64())
+    )
+    with pytest.raises(PublishError, match=f"{long_name}.*\\[64\\] bytes.*at most 63"):
+        publish_user_features(too_long, pg_url)
+    assert online_as_of(pg_url) == [(date(2026, 11, 26), 2)]

@@ -8,7 +8,7 @@ dataset is complete exactly when its manifest exists.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,7 +68,11 @@ class LocalStorage:
         """Write to a temporary file in the target folder, fsync, then rename over the target."""
         target = self.root / _check_key(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+        # Not mkstemp: its 0600 would stay with the file after the rename, and other users of a
+        # shared volume (a retrain or dashboard running as another user) could not read it.
+        # 0666 less the umask, as any other file the process writes.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)

@@ -195,3 +195,23 @@ def test_a_missing_bucket_is_a_storage_error_naming_it(
     monkeypatch.setenv("PAYLATER_DATASET_URL", "s3://no-such-bucket/paylater")
     with pytest.raises(DatasetError, match=r"no-such-bucket.*S3 answered NoSuchBucket"):
         load_training_dataset(date(2026, 7, 1))
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_local_files_get_the_permissions_the_umask_gives(
+    tmp_path: Path, paylater_home: Path, umask: int, mode: int
+) -> None:
+    # Datasets were written 0600 whatever the umask (a temporary file's mode, kept by the
+    # rename), in folders of 0755: a retrain, dashboard or worker running as another user of a
+    # shared volume could list them but not read them.
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        store = open_storage((tmp_path / "datasets").as_uri())
+        store.write_bytes("training/as_of=2026-07-01/manifest.json", b"{}")
+    finally:
+        os.umask(previous)
+    written = tmp_path / "datasets/training/as_of=2026-07-01/manifest.json"
+    assert stat.S_IMODE(written.stat().st_mode) == mode

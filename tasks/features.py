@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ def load_feature_sql(settings: Settings | None = None) -> FeatureSql:
     label_columns = selected_columns(files[f"label:{label_path.name}"], str(label_path))
     if not {"charge_id", "label_default"} <= set(label_columns):
         raise FeatureSqlError(f"{label_path} must select charge_id and label_default")
+    if settings.feature_tables:
+        # Not SQL text, but it decides which tables the text reads: two builds from other tables
+        # must not claim the same hash. Without a mapping the hash is the files' alone, as ever.
+        files["feature_tables"] = json.dumps(dict(sorted(settings.feature_tables.items())))
     return FeatureSql(
         requests_training=files["requests_training.sql"],
         requests_scoring=files["requests_scoring.sql"],
@@ -160,7 +165,7 @@ def _check_unique(names: list[str]) -> None:
 
 
 def sql_hash(files: Mapping[str, str]) -> str:
-    """sha256 over the SQL files (name and text) that build a dataset."""
+    """sha256 over the SQL files (name and text) that build a dataset, and any table mapping."""
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + files[name].encode() + b"\0")

@@ -919,3 +919,18 @@ def test_only_errors_that_reject_the_query_itself_are_feature_sql_errors() -> No
     ]
     assert [features.is_rejected_sql(e) for e in rejected] == [True] * len(rejected)
     assert [features.is_rejected_sql(e) for e in passing] == [False] * len(passing)
+
+
+def test_the_sql_hash_tells_builds_from_other_tables_apart(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's and the model version's feature_sql_hash said two builds ran the same SQL
+    when PAYLATER_FEATURE_TABLES pointed one of them at other tables."""
+    default = features.load_feature_sql(Settings()).sql_hash
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"card_transactions": "card_tx"}')
+    mapped = features.load_feature_sql(Settings()).sql_hash
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"card_transactions": "card_tx_v2"}')
+    other = features.load_feature_sql(Settings()).sql_hash
+    assert len({default, mapped, other}) == 3
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", "{}")  # no mapping: the hash it always had
+    assert features.load_feature_sql(Settings()).sql_hash == default

@@ -64,7 +64,7 @@ def scoring_dataset(as_of: date) -> Manifest:
 def publish_online(manifest: Manifest) -> int:
     """Swap the stored scoring rows into user_features_latest."""
     scoring, _ = load_scoring_dataset(manifest.as_of)
-    published = publish_user_features(scoring)
+    published = publish_user_features(scoring, as_of=manifest.as_of)
     if published == 0:
         get_run_logger().warning(
             "user_features_latest holds a later day than %s (a backfill?): left as it is",

@@ -69,24 +69,26 @@ def _columns(scoring: pa.Table, dialect: str) -> list[tuple[str, str]]:
 
 
 def publish_user_features(
-    scoring: pa.Table, source_url: str | None = None, settings: Settings | None = None
+    scoring: pa.Table,
+    source_url: str | None = None,
+    settings: Settings | None = None,
+    as_of: date | None = None,
 ) -> int:
     """Replace the online feature table with `scoring`; returns the rows published, 0 when the
     table already holds a later `as_of` (it is then left as it is). A scoring table without rows
-    is refused: it would leave the service with no features for anyone."""
+    is refused, unless its day is older: it would leave the service with no features for anyone.
+
+    `as_of`: the scoring rows' day (default: read from the rows, which an empty table lacks).
+    """
     settings = settings or get_settings()
     url = source_url or settings.source
     table = _ident(settings.online_features_table)
-    if scoring.num_rows == 0:
-        raise PublishError(
-            f"the scoring table has no rows (an empty warehouse or a sync that loaded no users?): "
-            f"{table} left as it is"
-        )
+    day = as_of or _as_of(scoring)
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme in ("postgresql", "postgres"):
-        return _publish_postgres(scoring, url, table)
+        return _publish_postgres(scoring, url, table, day)
     if scheme == "sqlite":
-        return _publish_sqlite(scoring, url, table)
+        return _publish_sqlite(scoring, url, table, day)
     raise PublishError(
         f"cannot publish online features to {url!r}: use postgresql:// or sqlite:///"
     )
@@ -109,6 +111,15 @@ def _as_of(scoring: pa.Table) -> date | None:
     return value if isinstance(value, date) else None
 
 
+def _refuse_empty(scoring: pa.Table, table: str) -> None:
+    """PublishError for a scoring table without rows (checked once the day is known not older)."""
+    if scoring.num_rows == 0:
+        raise PublishError(
+            f"the scoring table has no rows (an empty warehouse or a sync that loaded no users?): "
+            f"{table} left as it is"
+        )
+
+
 def _is_older(new: date | None, published: date | None, table: str) -> bool:
     """Whether `new` is older than the day already published (and say so)."""
     if new is None or published is None or new >= published:
@@ -123,7 +134,7 @@ _STAGING_SUFFIX = "__new_pkey"
 """The longest name publishing derives from the table's: its staging table's primary key."""
 
 
-def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
+def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None) -> int:
     """COPY into a new table, give it the old one's grants, then drop the old one and rename, all
     in one transaction."""
     import psycopg
@@ -157,8 +168,9 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
             published = conn.execute(
                 sql.SQL("SELECT max(as_of) FROM {}").format(sql.Identifier(table))
             ).fetchone()
-            if _is_older(_as_of(scoring), published[0] if published else None, table):
+            if _is_older(day, published[0] if published else None, table):
                 return 0
+        _refuse_empty(scoring, table)
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(staging)))
         conn.execute(
             sql.SQL("CREATE TABLE {} ({})").format(
@@ -198,7 +210,7 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str) -> int:
     return scoring.num_rows
 
 
-def _publish_sqlite(scoring: pa.Table, url: str, table: str) -> int:
+def _publish_sqlite(scoring: pa.Table, url: str, table: str, day: date | None) -> int:
     """Insert into a new table, then drop the old one and rename, all in one transaction."""
     path = url.removeprefix("sqlite:///")
     columns = _columns(scoring, "sqlite")
@@ -221,11 +233,10 @@ def _publish_sqlite(scoring: pa.Table, url: str, table: str) -> int:
         ).fetchone()
         if exists:
             (published,) = conn.execute(f'SELECT max(as_of) FROM "{table}"').fetchone()
-            if _is_older(
-                _as_of(scoring), date.fromisoformat(published) if published else None, table
-            ):
+            if _is_older(day, date.fromisoformat(published) if published else None, table):
                 conn.execute("ROLLBACK")
                 return 0
+        _refuse_empty(scoring, table)
         conn.execute(f'DROP TABLE IF EXISTS "{staging}"')
         conn.execute(f'CREATE TABLE "{staging}" ({definitions}, "updated_at" TEXT NOT NULL)')
         conn.executemany(

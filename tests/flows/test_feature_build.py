@@ -89,3 +89,18 @@ def test_a_day_that_has_not_ended_is_refused_and_the_online_table_kept(
         assert db.execute("SELECT DISTINCT as_of FROM user_features_latest").fetchall() == [
             ("2026-07-15",)
         ]
+
+
+def test_a_backfilled_day_before_the_first_signup_completes_without_publishing(
+    prefect_harness: None, paylater_home: Path
+) -> None:
+    """A backfill over the first days (no active user yet: an empty scoring set) failed at the
+    publish, stopping the backfill, though an older day never replaces the online table."""
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    feature_build(as_of=date(2026, 7, 15))
+    before_launch = feature_build(as_of=date(2026, 1, 1))
+    assert (before_launch.scoring_rows, before_launch.online_rows) == (0, 0)
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        assert db.execute(
+            "SELECT as_of, count(*) FROM user_features_latest GROUP BY 1"
+        ).fetchall() == [("2026-07-15", 2)]

@@ -219,7 +219,23 @@ def test_an_empty_scoring_table_never_replaces_the_online_features(
     empty = scoring([1], date(2026, 11, 27), 1.0).slice(0, 0)
     with pytest.raises(PublishError, match="no rows"):
         publish_user_features(empty, url)
+    with pytest.raises(PublishError, match="no rows"):
+        publish_user_features(empty, url, as_of=date(2026, 11, 27))
     assert online_as_of(url) == [published]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite")])
+def test_an_empty_scoring_table_of_an_older_day_is_left_unpublished_not_refused(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, paylater_home: Path
+) -> None:
+    # A backfill from the product's first days (before anyone had signed up, or after a SQL
+    # change, over the whole history) builds days whose scoring set is empty: as for any older
+    # day, the online table is kept, and the backfill goes on instead of stopping there.
+    url, published_day = online_url(backend, request, tmp_path, date(2026, 11, 26))
+    publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url)
+    empty = scoring([1], date(2026, 11, 27), 1.0).slice(0, 0)
+    assert publish_user_features(empty, url, as_of=date(2026, 1, 2)) == 0
+    assert online_as_of(url) == [(published_day, 2)]
 
 
 def test_an_online_table_name_postgresql_would_cut_short_is_refused(pg_url: str) -> None:

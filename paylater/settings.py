@@ -157,10 +157,12 @@ class Settings(BaseSettings):
         default=54.0, description="Hours since the last successful sync finished: critical."
     )
     monitor_feature_age_warning_hours: float = Field(
-        default=30.0, description="Hours since the newest scoring dataset was built: warning."
+        default=30.0,
+        description="Hours since the online features were published or the newest scoring dataset built, whichever is earlier: warning.",
     )
     monitor_feature_age_critical_hours: float = Field(
-        default=54.0, description="Hours since the newest scoring dataset was built: critical."
+        default=54.0,
+        description="Hours since the online features were published or the newest scoring dataset built, whichever is earlier: critical.",
     )
     monitor_psi_warning: float = Field(
         default=0.10, description="PSI of a feature or the score: warning."

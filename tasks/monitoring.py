@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from paylater.postgres import connect_timeout
 from paylater.settings import Settings
+from tasks.online import last_published
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +356,14 @@ def measure_sync_age(warehouse_url: str, now: datetime) -> Measurement:
 
 
 def measure_feature_age(
-    newest_manifest: Callable[[], dict[str, Any] | None], now: datetime
+    newest_manifest: Callable[[], dict[str, Any] | None],
+    now: datetime,
+    published: Callable[[], Any] | None = None,
 ) -> Measurement:
-    """Seconds since the newest scoring dataset was built (manifest's build time or watermark)."""
+    """Seconds since the features the service scores with were built: the newest scoring
+    dataset's build time, or the online table's publish time when that is older (a build whose
+    publish failed leaves the service on the previous day's features). `published` returns a
+    tasks.online.Published, or None while nothing was published."""
     try:
         manifest = newest_manifest()
     except Exception as exc:
@@ -367,11 +373,27 @@ def measure_feature_age(
     built = manifest_built_at(manifest)
     if built is None:
         return Measurement("feature_build_age", None, "newest manifest has no build time")
-    return Measurement(
-        "feature_build_age",
-        (now - built).total_seconds(),
-        f"newest scoring dataset as_of {manifest.get('as_of')} built {built:%Y-%m-%d %H:%M} UTC",
+    dataset = (
+        f"newest scoring dataset as_of {manifest.get('as_of')} built {built:%Y-%m-%d %H:%M} UTC"
     )
+    if published is None:
+        return Measurement("feature_build_age", (now - built).total_seconds(), dataset)
+    try:
+        online = published()
+    except Exception as exc:
+        return Measurement("feature_build_age", None, f"online feature table not readable: {exc}")
+    if online is None:
+        return Measurement(
+            "feature_build_age",
+            None,
+            f"{dataset}, but the online feature table holds nothing published: the publish failed",
+        )
+    at = as_utc(online.published_at)
+    age = max(now - built, now - at).total_seconds()
+    detail = f"online features as_of {online.as_of} published {at:%Y-%m-%d %H:%M} UTC; {dataset}"
+    if online.as_of is not None and online.as_of.isoformat() < str(manifest.get("as_of")):
+        detail += " (its publish failed: the service scores with the older features)"
+    return Measurement("feature_build_age", age, detail)
 
 
 def manifest_built_at(manifest: dict[str, Any]) -> datetime | None:
@@ -856,7 +878,13 @@ def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Me
         *_guarded(("sync_age",), lambda: [measure_sync_age(settings.warehouse, now)]),
         *_guarded(
             ("feature_build_age",),
-            lambda: [measure_feature_age(lambda: newest_scoring_manifest(settings), now)],
+            lambda: [
+                measure_feature_age(
+                    lambda: newest_scoring_manifest(settings),
+                    now,
+                    lambda: last_published(settings=settings),
+                )
+            ],
         ),
         *_guarded(
             ("crashed_flows", "failed_flows", "late_flow_runs"),

@@ -13,7 +13,9 @@ import io
 import logging
 import re
 import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -91,6 +93,77 @@ def publish_user_features(
         return _publish_sqlite(scoring, url, table, day)
     raise PublishError(
         f"cannot publish online features to {url!r}: use postgresql:// or sqlite:///"
+    )
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the online table holds: its features' day and when they were published."""
+
+    as_of: date | None
+    published_at: datetime
+
+
+def last_published(
+    source_url: str | None = None, settings: Settings | None = None, timeout_seconds: float = 10.0
+) -> Published | None:
+    """The online table's day and publish time (None while nothing was ever published).
+
+    On PostgreSQL a query waits at most `timeout_seconds`: a publish holds the table's lock only
+    for its swap, but a hung one must not hang the monitor with it."""
+    settings = settings or get_settings()
+    url = source_url or settings.source
+    table = _ident(settings.online_features_table)
+    scheme = urlparse(url).scheme.split("+")[0]
+    if scheme in ("postgresql", "postgres"):
+        day, at = _last_published_postgres(url, table, timeout_seconds)
+    elif scheme == "sqlite":
+        day, at = _last_published_sqlite(url.removeprefix("sqlite:///"), table)
+    else:
+        raise PublishError(
+            f"cannot read online features from {url!r}: use postgresql:// or sqlite:///"
+        )
+    if at is None:
+        return None
+    return Published(day, at if at.tzinfo else at.replace(tzinfo=UTC))
+
+
+def _last_published_postgres(
+    url: str, table: str, timeout_seconds: float
+) -> tuple[date | None, datetime | None]:
+    """(max as_of, max updated_at) of the table, (None, None) without it."""
+    import psycopg
+    from psycopg import sql
+
+    scheme, rest = url.split("://", 1)
+    conninfo = f"postgresql://{rest}" if "+" in scheme else url
+    with psycopg.connect(conninfo, **connect_timeout(conninfo)) as conn:
+        conn.execute(f"SET statement_timeout = {int(timeout_seconds * 1000)}")
+        if conn.execute("SELECT to_regclass(quote_ident(%s))", [table]).fetchone() == (None,):
+            return None, None
+        row = conn.execute(
+            sql.SQL("SELECT max(as_of), max(updated_at) FROM {}").format(sql.Identifier(table))
+        ).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _last_published_sqlite(path: str, table: str) -> tuple[date | None, datetime | None]:
+    """(max as_of, max updated_at) of the table, (None, None) without it."""
+    if not Path(path).is_file():  # and reading creates none
+        raise PublishError(f"the online feature database {path} does not exist")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table]
+        ).fetchone()
+        if not exists:
+            return None, None
+        day, at = conn.execute(f'SELECT max(as_of), max(updated_at) FROM "{table}"').fetchone()
+    finally:
+        conn.close()
+    return (
+        date.fromisoformat(day) if day else None,
+        datetime.fromisoformat(at) if at else None,
     )
 
 

@@ -150,8 +150,15 @@ def write_ledger(warehouse_url: str, finished_at: datetime) -> None:
     warehouse.close()
 
 
-def write_scoring_manifest(home: Path, built_at: datetime) -> None:
-    """A complete (manifest-bearing) scoring dataset folder built at `built_at`."""
+def write_scoring_manifest(
+    home: Path,
+    built_at: datetime,
+    source_url: str,
+    published: tuple[date, datetime] | None = None,
+) -> None:
+    """A complete (manifest-bearing) scoring dataset folder of 2026-11-26 built at `built_at`, and
+    the online table in `source_url` as its publish left it: that day, published a second later,
+    unless `published` gives another (day, publish time)."""
     folder = home / "datasets" / "scoring" / "as_of=2026-11-26"
     folder.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -167,6 +174,14 @@ def write_scoring_manifest(home: Path, built_at: datetime) -> None:
         "built_at": built_at.isoformat(),
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    day, at = published or (date(2026, 11, 26), built_at + timedelta(seconds=1))
+    with psycopg.connect(source_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS user_features_latest")
+        conn.execute(
+            "CREATE TABLE user_features_latest"
+            " (user_id bigint PRIMARY KEY, as_of date NOT NULL, updated_at timestamptz NOT NULL)"
+        )
+        conn.execute("INSERT INTO user_features_latest VALUES (1, %s, %s)", [day, at])
 
 
 def test_monitor_alerts_once_per_incident_and_resolves(
@@ -182,7 +197,7 @@ def test_monitor_alerts_once_per_incident_and_resolves(
     now = datetime.now(UTC)
     queue_a_late_job(pg_url)
     write_ledger(warehouse_url, now - timedelta(hours=40))  # warning (30 h), not critical (54 h)
-    write_scoring_manifest(paylater_home, now - timedelta(hours=60))  # critical
+    write_scoring_manifest(paylater_home, now - timedelta(hours=60), pg_url)  # critical
 
     monitor()
     fired = {p["subject"]: p for p in receiver.take()}
@@ -202,7 +217,7 @@ def test_monitor_alerts_once_per_incident_and_resolves(
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
     write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=1))
-    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1))
+    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1), pg_url)
     results = {r.check: r.level for r in monitor()}
     resolved = receiver.take()
     assert sorted(p["subject"] for p in resolved) == [
@@ -215,6 +230,38 @@ def test_monitor_alerts_once_per_incident_and_resolves(
 
     monitor()
     assert receiver.take() == []
+
+
+def test_a_build_whose_publish_failed_alerts_on_the_online_features_age(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dataset of 2026-11-26 was built an hour ago, but its publish failed: the service still
+    scores with the features of 2026-11-25, published 40 hours ago. Judged by the dataset alone,
+    the check said ok."""
+    from flows.monitor import monitor
+
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    now = datetime.now(UTC)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+    write_ledger(warehouse_url, now - timedelta(hours=1))
+    write_scoring_manifest(
+        paylater_home,
+        now - timedelta(hours=1),
+        pg_url,
+        published=(date(2026, 11, 25), now - timedelta(hours=40)),
+    )
+    results = {r.check: r for r in monitor()}
+    assert results["feature_build_age"].level == "warning"
+    assert results["feature_build_age"].value == pytest.approx(40 * 3600, abs=120)
+    (fired,) = receiver.take()
+    assert fired["subject"] == "[FIRING] paylater warning: feature_build_age"
+    assert "online features as_of 2026-11-25" in fired["body"]
+    assert "its publish failed" in fired["body"]
 
 
 def test_monitor_retries_an_alert_the_webhook_refused(
@@ -475,7 +522,7 @@ def test_a_check_unmeasured_past_the_threshold_warns_slack_once_and_resolves(
     monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "30")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())  # an empty queue: measured (rates: too few jobs)
-    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1))
+    write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=1), pg_url)
     write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=60))  # sync_age: critical
 
     def slack() -> list[str]:

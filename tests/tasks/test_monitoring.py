@@ -235,6 +235,32 @@ def test_feature_age_from_the_newest_manifest() -> None:
     assert "bucket unreachable" in measure_feature_age(broken, NOW).detail
 
 
+def test_feature_age_is_that_of_the_online_features_when_their_publish_failed() -> None:
+    from tasks.online import Published
+
+    built = {"as_of": "2026-11-26", "built_at": (NOW - timedelta(hours=3)).isoformat()}
+    published_then = Published(date(2026, 11, 26), NOW - timedelta(hours=2, minutes=59))
+    fresh = measure_feature_age(lambda: built, NOW, lambda: published_then)
+    assert fresh.value == pytest.approx(3 * 3600)  # built, then published: the build's age
+    assert "online features as_of 2026-11-26" in fresh.detail
+    assert "publish failed" not in fresh.detail
+    # Today's build wrote its dataset but its publish failed: the service scores with yesterday's.
+    stale = Published(date(2026, 11, 25), NOW - timedelta(hours=27))
+    got = measure_feature_age(lambda: built, NOW, lambda: stale)
+    assert got.value == pytest.approx(27 * 3600)
+    assert "as_of 2026-11-25" in got.detail and "its publish failed" in got.detail
+    nothing = measure_feature_age(lambda: built, NOW, lambda: None)
+    assert nothing.value is None and "holds nothing published" in nothing.detail
+
+    def unreachable() -> None:
+        raise OSError("connection refused")
+
+    down = measure_feature_age(lambda: built, NOW, unreachable)
+    assert down.value is None and "online feature table not readable: connection refused" in (
+        down.detail
+    )
+
+
 def result(level: str, value: float = 1.0, check: str = "oldest_queued_age") -> CheckResult:
     """A judged check at `level`."""
     return CheckResult(check, level, value, Threshold(60, 300, "s"), f"{check} {level}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from paylater.settings import Settings
-from tasks.online import PublishError, publish_user_features
+from tasks.online import PublishError, last_published, publish_user_features
 
 
 def scoring(users: list[int], as_of: date, spend: float) -> pa.Table:
@@ -274,3 +274,32 @@ def test_a_feature_name_postgresql_would_cut_short_is_refused(
     with pytest.raises(PublishError, match=f"{long_name}.*\\[64\\] bytes.*at most 63"):
         publish_user_features(too_long, pg_url)
     assert online_as_of(pg_url) == [(date(2026, 11, 26), 2)]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", pytest.param("sqlite")])
+def test_last_published_tells_the_day_and_time_of_the_last_publish(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, paylater_home: Path
+) -> None:
+    # The monitor's feature_build_age reads it: what the service scores with, not what was built.
+    url, _ = online_url(backend, request, tmp_path, date(2026, 11, 26))
+    if backend == "sqlite":
+        with pytest.raises(PublishError, match="does not exist"):
+            last_published(url)
+        assert not (tmp_path / "source.db").exists()
+        sqlite3.connect(tmp_path / "source.db").close()
+    assert last_published(url) is None
+    before = datetime.now(UTC)
+    publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), url)
+    after = datetime.now(UTC)
+    first = last_published(url)
+    assert first is not None and first.as_of == date(2026, 11, 26)
+    assert before - timedelta(seconds=1) <= first.published_at <= after + timedelta(seconds=1)
+    # An older day (a backfill) is not published, so the answer does not move.
+    publish_user_features(scoring([1], date(2026, 10, 3), 1.0), url)
+    assert last_published(url) == first
+    publish_user_features(scoring([1], date(2026, 11, 27), 1.0), url)
+    newer = last_published(url)
+    assert newer is not None and newer.as_of == date(2026, 11, 27)
+    assert newer.published_at >= first.published_at
+    with pytest.raises(PublishError, match="cannot read online features"):
+        last_published("duckdb:///elsewhere.duckdb")

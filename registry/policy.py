@@ -463,14 +463,23 @@ def rollback(reason: str | None, actor: str) -> list[history.Transition]:
     """Restore the most recent earlier production version; the current one is archived."""
     why = _require_reason(reason)
     c = client()
+    # What the person saw in production when asking: a rollback that waited for another one
+    # must not roll back the version that one restored.
+    seen = alias_version(c, "production")
     with transition_lock(c, actor, "rolling back"):
-        return _rollback(c, why, actor)
+        return _rollback(c, why, actor, seen)
 
 
-def _rollback(c: MlflowClient, why: str, actor: str) -> list[history.Transition]:
-    """rollback(), under the transition lock."""
+def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[history.Transition]:
+    """rollback(), under the transition lock; refused when production is no longer `seen`."""
     entries = history.read(c)
     current = alias_version(c, "production")
+    if current != seen:
+        raise RegistryError(
+            f"production changed from {_named(seen)} to {_named(current)} while this rollback"
+            " waited for another transition: nothing was changed; run it again if"
+            f" {_named(current)} must be rolled back too"
+        )
     current_exists = current is not None
     if current is None:
         # Deleting a version drops its aliases: if the last version promoted or rolled back to
@@ -494,6 +503,11 @@ def _rollback(c: MlflowClient, why: str, actor: str) -> list[history.Transition]
             move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}")
         )
     return changes
+
+
+def _named(version: str | None) -> str:
+    """A version as the messages name it."""
+    return f"v{version}" if version else "no version"
 
 
 def _deleted_production(

@@ -497,3 +497,61 @@ def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
     ):
         pytest.fail("the lock was taken")
     assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == other
+
+
+def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second_time(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two people answer the same incident with `registry rollback`: the second waits for the
+    first's lock. Production was v3 when both started; once v3 is rolled back, the second must
+    not go on to roll back v2 too (two versions back, to a model nobody asked for)."""
+    import threading
+    import time
+
+    first = register(good_candidate)
+    versions = []
+    for n in range(3):
+        version = register_copy(first) if n else first
+        stage_as_retrain(version)
+        mark_verified(version)
+        policy.promote(version, "production", f"release {n}", "alice")
+        versions.append(version)
+    v1, v2, v3 = versions
+    c = client()
+    c.set_registered_model_tag(
+        MODEL_NAME, policy.LOCK_TAG, f"dave | rolling back | {time.time():.0f} | abc"
+    )
+    waiting = threading.Event()
+    real_lock = policy.transition_lock
+
+    def lock_seen_waiting(*args: Any, **kwargs: Any) -> Any:
+        waiting.set()  # bob's rollback has looked at production and now waits for dave's lock
+        return real_lock(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "transition_lock", lock_seen_waiting)
+    outcome: dict[str, object] = {}
+
+    def bob() -> None:
+        try:
+            outcome["bob"] = policy.rollback("approval rate dropped", "bob")
+        except RegistryError as exc:
+            outcome["bob"] = exc
+
+    thread = threading.Thread(target=bob)
+    thread.start()
+    assert waiting.wait(60)
+    policy._rollback(c, "approval rate dropped", "dave", v3)  # under dave's lock
+    c.delete_registered_model_tag(MODEL_NAME, policy.LOCK_TAG)
+    thread.join(60)
+
+    assert isinstance(outcome.get("bob"), RegistryError), outcome
+    assert f"from v{v3} to v{v2}" in str(outcome["bob"])
+    assert policy.resolve_version("production") == v2
+    stages = _state()["stages"]
+    assert [v for v, s in stages.items() if s == "Production"] == [v2]
+    assert stages[v1] == "Archived"

@@ -155,13 +155,18 @@ def promote(
         False, "--override-gate", help="Promote a version the gates rejected (recorded)."
     ),
 ) -> None:
-    """Staging -> Production (needs a passed staging verification); the old production is archived."""
+    """Staging -> Production (needs a passed staging verification); the old production is archived.
+    Run again, it finishes a promote that was interrupted, or says there is nothing to change."""
     from registry import policy
     from registry.hooks import build_bento
 
     changes = _run(
         lambda: policy.promote(version, to, reason, _actor(actor), override_gate=override_gate)
     )
+    if not changes:
+        number = _run(lambda: policy.resolve_version(version))  # `production` names it too
+        typer.echo(f"v{number} is already in production: nothing changed")
+        return
     _print_transitions(changes)
     typer.echo(f"bento: {build_bento(changes[0].version)}")
     typer.echo(_restart_hint(changes[0].version))

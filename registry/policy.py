@@ -390,6 +390,9 @@ def promote(
 ) -> list[history.Transition]:
     """Staging -> Production after a passed staging verification; the old production is archived.
 
+    Run again on a version already in Production, it finishes what an interrupted promote left
+    (the alias, the archiving of the old version) and returns only those changes, if any.
+
     A version the gates rejected, or never judged (registered by hand), can reach Staging only by
     hand, and needs `override_gate`; the history then records that the gates were overridden,
     and what they said.
@@ -410,7 +413,9 @@ def _promote(
 ) -> list[history.Transition]:
     """promote(), under the transition lock: checks read the state no one else is changing."""
     mv = get_version(c, number)
-    if mv.current_stage != "Staging":
+    # Production too: a promote that stopped half way (the registry failed after the version
+    # moved) is finished by running it again, under the same checks.
+    if mv.current_stage not in {"Staging", "Production"}:
         raise RegistryError(
             f"version {number} is in stage {mv.current_stage}, not Staging: only a staged version can be promoted"
         )
@@ -436,7 +441,9 @@ def _promote(
         why = f"gates overridden ({verdict}): {why}"
     # Promote first, then archive: the `production` alias always names a version.
     previous = _others_in_stage(c, "Production", number)
-    changes = [move(c, number, "Production", "promote", actor, why)]
+    changes = []
+    if mv.current_stage != "Production" or alias_version(c, "production") != number:
+        changes.append(move(c, number, "Production", "promote", actor, why))
     changes += [
         move(c, old, "Archived", "archive", actor, f"replaced in production by v{number}: {why}")
         for old in previous

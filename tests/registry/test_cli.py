@@ -227,3 +227,28 @@ def test_an_unreachable_registry_answers_in_seconds_by_default(
     assert result.output.startswith("error: ") and unreachable_registry in result.output
     assert time.monotonic() - started < 30
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_promoting_the_production_version_again_says_nothing_changed(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """A promote repeated (the first one's answer was lost, or two people released together)
+    changes nothing and says so, instead of a traceback."""
+    runner = CliRunner()
+    version = register(good_candidate)
+    assert gate_and_stage(good_candidate, version).passed
+    mark_verified(version)
+    args = ["registry", "promote", version, "--to", "production", "--reason", "ok"]
+    assert runner.invoke(app, args).exit_code == 0
+    entries = len(runner.invoke(app, ["registry", "history"]).output.splitlines())
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output == f"v{version} is already in production: nothing changed\n"
+    by_alias = runner.invoke(app, ["registry", "promote", "production", *args[3:]])
+    assert by_alias.output == again.output, by_alias.output
+    assert len(runner.invoke(app, ["registry", "history"]).output.splitlines()) == entries

@@ -555,3 +555,69 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
     stages = _state()["stages"]
     assert [v for v, s in stages.items() if s == "Production"] == [v2]
     assert stages[v1] == "Archived"
+
+
+def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A promote that stopped after moving the new version (the registry failed before the old
+    one was archived, or before the alias moved) left two versions in the Production stage.
+    Running the same command again finishes it: one version in Production, the alias on it."""
+    from mlflow import MlflowClient
+
+    v1 = register(good_candidate)
+    stage_as_retrain(v1)
+    mark_verified(v1)
+    policy.promote(v1, "production", "release 1", "alice")
+    v2 = register_copy(v1)
+    stage_as_retrain(v2)
+    mark_verified(v2)
+
+    real_move = policy.move
+
+    def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
+        if to_stage == "Archived":
+            raise RuntimeError("tracking server answered 503")
+        return real_move(c, version, to_stage, *args)
+
+    monkeypatch.setattr(policy, "move", fails_archiving)
+    with pytest.raises(RuntimeError, match="503"):
+        policy.promote(v2, "production", "release 2", "alice")
+    monkeypatch.setattr(policy, "move", real_move)
+    assert _state()["stages"] == {v1: "Production", v2: "Production"}
+
+    changes = policy.promote(v2, "production", "release 2", "alice")
+    assert [(t.version, t.to_stage) for t in changes] == [(v1, "Archived")]
+    state = _state()
+    assert state["stages"] == {v1: "Archived", v2: "Production"}
+    assert state["aliases"] == {"staging": None, "production": v2}
+    assert policy.promote(v2, "production", "release 2", "alice") == [], "nothing left to do"
+    assert _state() == state
+
+    # Stopped after the stage changed, before the alias moved: the alias still named v2.
+    v3 = register_copy(v1)
+    stage_as_retrain(v3)
+    mark_verified(v3)
+    real_alias = MlflowClient.set_registered_model_alias
+
+    def alias_fails(self: MlflowClient, name: str, alias: str, version: str) -> None:
+        if alias == "production":
+            raise RuntimeError("tracking server answered 503")
+        real_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", alias_fails)
+    with pytest.raises(RuntimeError, match="503"):
+        policy.promote(v3, "production", "release 3", "alice")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real_alias)
+    assert policy.resolve_version("production") == v2
+    policy.promote(v3, "production", "release 3", "alice")
+    state = _state()
+    assert state["stages"] == {v1: "Archived", v2: "Archived", v3: "Production"}
+    assert state["aliases"] == {"staging": None, "production": v3}
+    assert [e.to_stage for e in history.read(client(), v3)][-1] == "Production"
+    assert policy.rollback("v3 misbehaves", "bob")[0].version == v2

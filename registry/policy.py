@@ -494,8 +494,22 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
         current = _deleted_production(c, entries)
     if current is None:
         raise RegistryError("nothing is in production: there is nothing to roll back")
+    # Versions still in the Production stage beside the alias's: a transition stopped before
+    # archiving them (the registry failed half way), so no entry says they left production.
+    left = _others_in_stage(c, "Production", current) if current_exists else []
+    archive = [current] if current_exists else []
+    if left and _last_entry(entries, current, "rollback"):
+        # A rollback to `current` stopped half way: finish it, go no further back.
+        return [
+            move(c, old, "Archived", "rollback", actor, f"rolled back to v{current}: {why}")
+            for old in left
+        ]
+    # A promote that stopped half way left the version it replaced in Production: that one
+    # was serving just before, so it is the first to restore.
+    entered = {v: e for v in left if (e := _last_entry(entries, v, ""))}
+    replaced = sorted(entered, key=lambda v: entered[v].seq, reverse=True)
     target = None
-    for candidate in rollback_target(entries, current):
+    for candidate in [*replaced, *rollback_target(entries, current)]:
         try:
             get_version(c, candidate)
         except RegistryError:
@@ -505,11 +519,23 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
     if target is None:
         raise RegistryError(f"no earlier production version to roll back to from v{current}")
     changes = [move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}")]
-    if current_exists:
-        changes.append(
-            move(c, current, "Archived", "rollback", actor, f"rolled back to v{target}: {why}")
-        )
+    changes += [
+        move(c, old, "Archived", "rollback", actor, f"rolled back to v{target}: {why}")
+        for old in [*archive, *left]
+        if old != target
+    ]
     return changes
+
+
+def _last_entry(
+    entries: Sequence[history.Transition], version: str, action: str
+) -> history.Transition | None:
+    """The version's latest audit entry, if it put the version into Production (by `action`,
+    when given)."""
+    mine = [e for e in entries if e.version == version]
+    if not mine or mine[-1].to_stage != "Production":
+        return None
+    return mine[-1] if not action or mine[-1].action == action else None
 
 
 def _named(version: str | None) -> str:

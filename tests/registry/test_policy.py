@@ -621,3 +621,63 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     assert state["aliases"] == {"staging": None, "production": v3}
     assert [e.to_stage for e in history.read(client(), v3)][-1] == "Production"
     assert policy.rollback("v3 misbehaves", "bob")[0].version == v2
+
+
+def _fail_archiving(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make the registry fail when a transition archives a version; returns the undo."""
+    real_move = policy.move
+
+    def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
+        if to_stage == "Archived":
+            raise RuntimeError("tracking server answered 503")
+        return real_move(c, version, to_stage, *args)
+
+    monkeypatch.setattr(policy, "move", fails_archiving)
+    return lambda: monkeypatch.setattr(policy, "move", real_move)
+
+
+def test_a_rollback_after_an_interrupted_promote_or_rollback_goes_back_one_version(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transition that stopped before archiving the version it replaced leaves two versions in
+    the Production stage and no audit entry of the old one leaving. A rollback run then (again,
+    after an interrupted rollback; or to undo an interrupted promote) must restore the version
+    that was in production just before, not the one before that, and leave one in Production."""
+    first = register(good_candidate)
+    versions = []
+    for n in range(3):
+        version = register_copy(first) if n else first
+        stage_as_retrain(version)
+        mark_verified(version)
+        if n < 2:
+            policy.promote(version, "production", f"release {n}", "alice")
+        versions.append(version)
+    v1, v2, v3 = versions
+
+    undo = _fail_archiving(monkeypatch)
+    with pytest.raises(RuntimeError, match="503"):
+        policy.promote(v3, "production", "release 2", "alice")
+    undo()
+    assert _state()["stages"] == {v1: "Archived", v2: "Production", v3: "Production"}
+    changes = policy.rollback("v3 misbehaves", "bob")
+    assert [(t.version, t.to_stage) for t in changes] == [(v2, "Production"), (v3, "Archived")]
+    assert _state()["stages"] == {v1: "Archived", v2: "Production", v3: "Archived"}
+
+    # Promote v3 again properly, then a rollback that stops half way, run again.
+    stage_as_retrain(v3)
+    policy.promote(v3, "production", "fixed", "alice")
+    undo = _fail_archiving(monkeypatch)
+    with pytest.raises(RuntimeError, match="503"):
+        policy.rollback("v3 misbehaves again", "bob")
+    undo()
+    assert _state()["stages"] == {v1: "Archived", v2: "Production", v3: "Production"}
+    changes = policy.rollback("v3 misbehaves again", "bob")
+    assert [(t.version, t.to_stage) for t in changes] == [(v3, "Archived")]
+    state = _state()
+    assert state["stages"] == {v1: "Archived", v2: "Production", v3: "Archived"}
+    assert state["aliases"]["production"] == v2

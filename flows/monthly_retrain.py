@@ -168,7 +168,7 @@ def gate(version: str, split: TrainingSplit, evaluation: CandidateEvaluation) ->
         evaluation.probs,
         split.feature_names,
         GateThresholds.from_settings(),
-        score_production(split.oot_rows),
+        score_production(split.oot_rows, split.oot_month),
     )
     record_gate(version, decision, ACTOR)
     return decision

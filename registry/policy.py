@@ -66,6 +66,8 @@ class ProductionBaseline:
     features: list[str]
     probs: npt.NDArray[np.float64] | None
     problem: str = ""
+    trained_on_oot: str = ""
+    """The OOT month (YYYY-MM) when production was fitted on it: its figures there are in-sample."""
 
 
 @dataclass
@@ -123,6 +125,16 @@ def evaluate_gates(
         reasons.append(
             f"feature set differs from production v{baseline.version}: added {added or '[]'}, "
             f"removed {removed or '[]'} (set gate_allow_feature_changes once serving follows)"
+        )
+    if baseline.trained_on_oot:
+        # In-sample figures would favour production; the candidate is older data than it.
+        reasons.append(
+            f"production v{baseline.version} was trained on the out-of-time month"
+            f" {baseline.trained_on_oot}: the candidate cannot be compared with it there (a retrain"
+            " for an as_of before production's?); retrain with a later as_of"
+        )
+        return GateDecision(
+            passed=False, reasons=reasons, checks=checks, production_version=baseline.version
         )
     if baseline.probs is None and removed and thresholds.allow_feature_changes:
         # Production needs features the candidate's rows no longer have: there is nothing to

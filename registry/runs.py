@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from registry.store import (
     client,
     configure_mlflow,
     ensure_experiment,
+    is_absent,
     normalise_version,
 )
 
@@ -288,14 +290,34 @@ def load_golden(version: str) -> list[dict[str, Any]]:
     return golden
 
 
-def score_production(oot_rows: pa.Table) -> ProductionBaseline | None:
-    """The production version's probabilities on the candidate's OOT rows (None: no production yet)."""
+def trained_months(version: str) -> list[str]:
+    """The request months (YYYY-MM) a version was fitted on, from its run (empty when unknown)."""
+    from mlflow.exceptions import MlflowException
+
+    mv = get_version(client(), version)
+    if not mv.run_id:
+        return []
+    try:
+        params = client().get_run(str(mv.run_id)).data.params
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
+        return []
+    return [m for m in params.get("train_months", "").split(",") if m]
+
+
+def score_production(oot_rows: pa.Table, oot_month: date) -> ProductionBaseline | None:
+    """The production version's probabilities on the candidate's OOT rows (None: no production
+    yet), unless production was fitted on that month (then its figures there are in-sample)."""
     from tasks.training import feature_matrix, predict
 
     current = alias_version(client(), "production")
     if current is None:
         return None
     features = version_features(current)
+    month = oot_month.strftime("%Y-%m")
+    if month in trained_months(current):
+        return ProductionBaseline(current, features, None, trained_on_oot=month)
     try:
         x = feature_matrix(oot_rows, features)
     except ValueError as exc:

@@ -26,8 +26,9 @@ class Candidate:
     evaluation: Any
 
 
-def _train(table: Any, url: str, truth_dir: Path | None) -> Candidate:
-    """Store the dataset, split, train and evaluate as the flow does."""
+def _train(table: Any, url: str, truth_dir: Path | None, months: int = MONTHS) -> Candidate:
+    """Store the dataset as of the end of `months` request months, split, train and evaluate as
+    the flow does."""
     from registry.testing import as_of_after, write_dataset
     from tasks.evaluation import evaluate_candidate
     from tasks.training import (
@@ -39,7 +40,7 @@ def _train(table: Any, url: str, truth_dir: Path | None) -> Candidate:
         train_booster,
     )
 
-    as_of = as_of_after(FIRST_MONTH, MONTHS)
+    as_of = as_of_after(FIRST_MONTH, months)
     dataset = DatasetRef.from_manifest(write_dataset(table, as_of, url))
     params = TrainingParams(
         learning_rate=0.1,
@@ -83,6 +84,16 @@ def worse_candidate(
     root = tmp_path_factory.mktemp("worse")
     table = scramble_labels_before(good_candidate.table, good_candidate.split.oot_month)
     return _train(table, (root / "datasets").as_uri(), None)
+
+
+@pytest.fixture(scope="module")
+def older_candidate(
+    good_candidate: Candidate, tmp_path_factory: pytest.TempPathFactory
+) -> Candidate:
+    """The good candidate's data a month earlier: its out-of-time month is one the good
+    candidate trained on."""
+    root = tmp_path_factory.mktemp("older")
+    return _train(good_candidate.table, (root / "datasets").as_uri(), None, months=MONTHS - 1)
 
 
 _SHIPPED: dict[str, float] = {}

@@ -208,7 +208,7 @@ def test_an_unreachable_registry_is_not_taken_for_an_empty_one(
     with pytest.raises(MlflowException):
         policy.alias_version(client(), "production")
     with pytest.raises(MlflowException):
-        score_production(good_candidate.split.oot_rows)
+        score_production(good_candidate.split.oot_rows, good_candidate.split.oot_month)
     with pytest.raises(MlflowException):
         policy.rollback("bad model", "bob")  # not "nothing is in production"
     with pytest.raises(MlflowException):
@@ -681,3 +681,33 @@ def test_a_rollback_after_an_interrupted_promote_or_rollback_goes_back_one_versi
     state = _state()
     assert state["stages"] == {v1: "Archived", v2: "Production", v3: "Archived"}
     assert state["aliases"]["production"] == v2
+
+
+def test_a_candidate_is_not_compared_with_a_production_model_trained_on_its_out_of_time_month(
+    registry_home: Path,
+    good_candidate: Any,
+    older_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """A retrain run for an earlier as_of (a missed month run late) gets an out-of-time month
+    production was fitted on: production's figures there are in-sample, so the comparison says
+    nothing, and the candidate (older data than production's) must not be staged on it."""
+    production = register(good_candidate)
+    assert gate_and_stage(good_candidate, production).passed
+    mark_verified(production)
+    policy.promote(production, "production", "release", "alice")
+    oot = older_candidate.split.oot_month
+    assert oot in good_candidate.split.train_months
+
+    older = register(older_candidate)
+    decision = gate_and_stage(older_candidate, older)
+    assert not decision.passed
+    assert decision.production_version == production
+    assert any(
+        f"production v{production} was trained on the out-of-time month {oot:%Y-%m}" in r
+        for r in decision.reasons
+    ), decision.reasons
+    assert "production_auc" not in decision.checks, "in-sample figures are no comparison"
+    assert _state()["aliases"] == {"staging": None, "production": production}

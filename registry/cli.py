@@ -204,12 +204,22 @@ def show_history(
 ) -> None:
     """Every transition: version, from, to, who, when, why (kept in the MLflow backend)."""
     from registry import history
+    from registry.policy import get_version
     from registry.store import RegistryError, client, normalise_version
 
     def load() -> list[history.Transition]:
-        if version is not None and not version.strip().isdigit():
+        if version is None:
+            return history.read(client())
+        if not version.strip().isdigit():
             raise RegistryError(f"not a version number: {version!r}")
-        return history.read(client(), None if version is None else normalise_version(version))
+        c = client()
+        entries = history.read(c, normalise_version(version))
+        if not entries:
+            try:
+                get_version(c, version)  # exists: registered by hand, nothing recorded yet
+            except RegistryError as exc:
+                raise RegistryError(f"{exc}, and no history of one") from None
+        return entries
 
     for e in _run(load):
         if as_json:

@@ -252,3 +252,18 @@ def test_promoting_the_production_version_again_says_nothing_changed(
     by_alias = runner.invoke(app, ["registry", "promote", "production", *args[3:]])
     assert by_alias.output == again.output, by_alias.output
     assert len(runner.invoke(app, ["registry", "history"]).output.splitlines()) == entries
+
+
+def test_history_of_a_version_that_never_existed_says_so(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """An empty answer read as "nothing happened to v9"; a deleted version keeps its history."""
+    runner = CliRunner()
+    version = register(good_candidate)
+    result = runner.invoke(app, ["registry", "history", "--version", "9"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "paylater-default has no version 9, and no history of one" in result.output
+
+    client().delete_model_version("paylater-default", version)
+    kept = runner.invoke(app, ["registry", "history", "--version", version])
+    assert kept.exit_code == 0 and "register" in kept.output, kept.output

@@ -168,8 +168,9 @@ def promote(
         typer.echo(f"v{number} is already in production: nothing changed")
         return
     _print_transitions(changes)
-    typer.echo(f"bento: {build_bento(changes[0].version)}")
-    typer.echo(_restart_hint(changes[0].version))
+    serving = _in_production(changes)
+    typer.echo(f"bento: {build_bento(serving)}")
+    typer.echo(_restart_hint(serving))
 
 
 @app.command("rollback")
@@ -183,8 +184,18 @@ def rollback(
 
     changes = _run(lambda: policy.rollback(reason, _actor(actor)))
     _print_transitions(changes)
-    typer.echo(f"bento: {build_bento(changes[0].version)}")
-    typer.echo(_restart_hint(changes[0].version))
+    serving = _in_production(changes)
+    typer.echo(f"bento: {build_bento(serving)}")
+    typer.echo(_restart_hint(serving))
+
+
+def _in_production(changes: list[Any]) -> str:
+    """The version a promote or rollback left in production (its changes may only archive, when
+    they finish one that was interrupted)."""
+    from registry.policy import resolve_version
+
+    moved = [t.version for t in changes if t.to_stage == "Production"]
+    return moved[0] if moved else _run(lambda: resolve_version("production"))
 
 
 def _restart_hint(version: str) -> str:

@@ -86,6 +86,22 @@ def _metrics(run_id: str | None) -> dict[str, float]:
         return {}
 
 
+def _run_data(mlflow_client: Any, run_id: str | None) -> Any:
+    """A run's data, or None when the version has no run or it was purged (`mlflow gc`)."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import is_absent
+
+    if not run_id:
+        return None
+    try:
+        return mlflow_client.get_run(run_id).data
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise  # unreachable or denied: _run says so in one line
+        return None
+
+
 def _print_transitions(transitions: list[Any]) -> None:
     """One line per transition."""
     for t in transitions:
@@ -251,13 +267,13 @@ def compare(
     from registry.policy import get_version, resolve_version
     from registry.store import client
 
-    def load() -> tuple[Any, Any]:
+    def load() -> tuple[Any, Any, list[Any]]:
         c = client()
-        return get_version(c, resolve_version(a, c)), get_version(c, resolve_version(b, c))
+        va = get_version(c, resolve_version(a, c))
+        vb = get_version(c, resolve_version(b, c))
+        return va, vb, [_run_data(c, mv.run_id) for mv in (va, vb)]
 
-    va, vb = _run(load)
-    c = client()
-    runs = [c.get_run(mv.run_id).data if mv.run_id else None for mv in (va, vb)]
+    va, vb, runs = _run(load)
     typer.echo(f"{'':28} {'v' + str(va.version):>24} {'v' + str(vb.version):>24}")
     typer.echo(f"{'stage':28} {va.current_stage:>24} {vb.current_stage:>24}")
     ma, mb = (r.metrics if r else {} for r in runs)

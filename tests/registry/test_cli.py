@@ -308,3 +308,39 @@ def test_finishing_an_interrupted_promote_names_the_production_version(
     assert again.output.splitlines()[-1].endswith(
         f"paylater-scorer:{v2} or bentos.service:PaylaterScorer)"
     )
+
+
+def test_compare_with_a_version_whose_run_was_purged_still_answers(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+) -> None:
+    """A version outlives its training run once someone deletes the run and `mlflow gc` purges
+    it; compare then showed a traceback instead of the figures it still has."""
+    from registry.store import MODEL_NAME
+
+    first = register(good_candidate)
+    c = client()
+    run_id = c.get_model_version(MODEL_NAME, first).run_id
+    other_run = c.create_run(c.get_run(run_id).info.experiment_id).info.run_id
+    orphan = c.create_model_version(
+        MODEL_NAME, c.get_model_version(MODEL_NAME, first).source, run_id=other_run
+    ).version
+    c.delete_run(other_run)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "gc",
+            "--backend-store-uri",
+            f"sqlite:///{registry_home / 'mlflow.db'}",
+            "--run-ids",
+            other_run,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = CliRunner().invoke(app, ["registry", "compare", first, str(orphan)])
+    assert result.exit_code == 0, result.output
+    assert "auc" in result.output and "dataset_digest" in result.output

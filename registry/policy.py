@@ -433,9 +433,17 @@ def _promote(
         )
     verification = (mv.tags or {}).get(VERIFICATION_TAG)
     if verification != "passed":
+        # Staged in the MLflow UI, a version has the stage but not the `staging` alias, which
+        # `verify --stage staging` (and the staging service) would follow to another version.
+        how = (
+            "--stage staging --url URL` against the staging service"
+            if alias_version(c, "staging") == number
+            else f"--version {number} --url URL` against a service serving it"
+            f" (PAYLATER_SERVE_STAGE={number})"
+        )
         raise RegistryError(
             f"version {number} has no passed staging verification (status: {verification or 'never run'}); "
-            "run `paylater registry verify --stage staging --url URL` against the staging service first"
+            f"run `paylater registry verify {how} first"
         )
     tags = mv.tags or {}
     gate = tags.get("gate_status")

@@ -711,3 +711,29 @@ def test_a_candidate_is_not_compared_with_a_production_model_trained_on_its_out_
     ), decision.reasons
     assert "production_auc" not in decision.checks, "in-sample figures are no comparison"
     assert _state()["aliases"] == {"staging": None, "production": production}
+
+
+def test_promoting_a_version_staged_in_the_mlflow_ui_says_how_to_verify_it(
+    registry_home: Path,
+    good_candidate: Any,
+    worse_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """The runbook's way to ship a rejected version: stage it by hand in the MLflow UI (which
+    moves no alias), verify, promote with --override-gate. `verify --stage staging` would check
+    the version the `staging` alias names, another one: the refusal must name the version."""
+    staged = register(good_candidate)
+    assert gate_and_stage(good_candidate, staged).passed
+    rejected = register(worse_candidate)
+    policy.record_gate(rejected, policy.GateDecision(False, ["AUC 0.51 below 0.65"]), "retrain")
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button; stages are deprecated
+        client().transition_model_version_stage(MODEL_NAME, rejected, "Staging")
+
+    with pytest.raises(RegistryError, match="no passed staging verification") as refused:
+        policy.promote(rejected, "production", "owner agreed", "carol", override_gate=True)
+    assert f"paylater registry verify --version {rejected} --url URL" in str(refused.value)
+    mark_verified(rejected)
+    policy.promote(rejected, "production", "owner agreed", "carol", override_gate=True)
+    assert _state()["aliases"] == {"staging": staged, "production": rejected}

@@ -107,6 +107,12 @@ def test_round_trip_through_a_real_mlflow_server(
     )
     rolled = runner.invoke(app, ["registry", "rollback", "--reason", "no earlier one"])
     assert rolled.exit_code == 1 and "no earlier production version" in rolled.output
+    # Gated against production over HTTP: its training months come from its run's params.
+    third = register(good_candidate)
+    judged = gate_and_stage(good_candidate, third)
+    assert judged.passed and judged.production_version == v2, judged.reasons
+    assert "production_auc" in judged.checks
+    versions.append(third)
 
     listing = runner.invoke(app, ["registry", "list"])
     assert listing.exit_code == 0, listing.output
@@ -115,6 +121,7 @@ def test_round_trip_through_a_real_mlflow_server(
         listing.output
     )
     assert any(line.split()[:2] == [v1, "Archived"] for line in lines), listing.output
+    assert any(line.split()[:3] == [third, "Staging", "staging"] for line in lines), listing.output
 
     shown = runner.invoke(app, ["registry", "show", "production"])
     assert (
@@ -132,7 +139,8 @@ def test_round_trip_through_a_real_mlflow_server(
     ]
     transitions = [(e["version"], e["from_stage"], e["to_stage"], e["action"]) for e in entries]
     assert (v1, "Staging", "Archived", "supersede") in transitions
-    assert transitions[-1] == (v2, "Staging", "Production", "promote")
+    assert (v2, "Staging", "Production", "promote") in transitions
+    assert transitions[-1] == (third, "None", "Staging", "stage")
     assert all(e["actor"] and e["at"] for e in entries)
 
 

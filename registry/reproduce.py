@@ -71,6 +71,27 @@ def read_logged_dataset(uri: str, digest: str) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
+_AT_COMMIT = "run it with --at-logged-commit"
+
+
+def _other_code(version: str) -> str:
+    """The start of the refusal when this checkout's training code is not the version's."""
+    return f"version {version} cannot be retrained by this checkout's code"
+
+
+def logged_params(version: str, logged: dict[str, object]) -> TrainingParams:
+    """The version's logged training params, or RegistryError when this code's params differ
+    (a parameter added or removed since): retraining would not be the same training."""
+    known = set(TrainingParams.model_fields)
+    missing, unknown = sorted(known - set(logged)), sorted(set(logged) - known)
+    if missing or unknown:
+        raise RegistryError(
+            f"{_other_code(version)}: its logged training params lack {missing or '[]'} and have"
+            f" {unknown or '[]'} unknown here; {_AT_COMMIT}"
+        )
+    return TrainingParams.model_validate(logged)
+
+
 def reproduce(stage_or_version: str) -> ReproduceResult:
     """Retrain version N exactly as logged and check its predictions are bit-for-bit the same."""
     import mlflow.artifacts
@@ -86,13 +107,16 @@ def reproduce(stage_or_version: str) -> ReproduceResult:
     table = read_logged_dataset(tags["dataset_uri"], tags["dataset_digest"])
     configure_mlflow()
     run_id = str(get_version(c, version).run_id)
-    params = TrainingParams.model_validate_json(
-        mlflow.artifacts.load_text(f"runs:/{run_id}/{PARAMS_PATH}")
+    params = logged_params(
+        version, json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{PARAMS_PATH}"))
     )
     features = list(json.loads(tags["feature_names"]))
-    split = split_out_of_time(
-        table, features, date.fromisoformat(tags["as_of"]), params.early_stopping_share
-    )
+    try:
+        split = split_out_of_time(
+            table, features, date.fromisoformat(tags["as_of"]), params.early_stopping_share
+        )
+    except ValueError as exc:
+        raise RegistryError(f"{_other_code(version)}: {exc}; {_AT_COMMIT}") from exc
     retrained = frozen(train_booster(split, params))
     logged = load_booster(version)
     oot_x = feature_matrix(split.oot_rows, features)  # the golden requests are among these rows

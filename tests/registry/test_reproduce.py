@@ -101,3 +101,32 @@ def test_commit_outside_a_git_checkout_comes_from_the_image(
     assert runs.git_commit() == ("unknown", False)
     monkeypatch.setenv("PAYLATER_GIT_COMMIT", "0123abc")
     assert runs.git_commit() == ("0123abc", False)
+
+
+def test_a_version_this_checkouts_code_cannot_retrain_gets_one_clear_line(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """A version logged by code whose training params differ from this checkout's (a parameter
+    added since): reproduce said so with a pydantic traceback, not what to do about it."""
+    import json
+
+    from registry.runs import PARAMS_PATH
+
+    version = register(good_candidate)
+    c = client()
+    original = c.get_model_version(MODEL_NAME, version)
+    older = c.create_run(c.get_run(original.run_id).info.experiment_id).info.run_id
+    params = json.loads(good_candidate.params.model_dump_json())
+    del params["max_bin"]  # the older code did not know it
+    c.log_text(older, json.dumps(params), PARAMS_PATH)
+    c.set_terminated(older)
+    logged_by_older = c.create_model_version(
+        MODEL_NAME, original.source, run_id=older, tags=original.tags
+    ).version
+
+    result = CliRunner().invoke(app, ["registry", "reproduce", str(logged_by_older)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert f"version {logged_by_older} cannot be retrained by this checkout's code" in lines[0]
+    assert "max_bin" in lines[0] and "--at-logged-commit" in lines[0]

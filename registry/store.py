@@ -45,26 +45,34 @@ def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
     """RegistryError unless the tracking server answers its /health endpoint within `timeout`.
 
     A single request, without MLflow's retries (7, with exponential backoff: minutes of silence):
-    long jobs call this before they start work whose results only the server can keep. Any answer
-    below 500 counts as reachable (a server behind authentication may refuse /health); a 5xx is a
-    proxy whose server is down. Embedded stores (sqlite, file) need no server.
+    long jobs call this before they start work whose results only the server can keep. It is
+    sent the way MLflow sends its own (MLFLOW_TRACKING_* TLS settings, credentials, the CA bundle
+    of the environment), so a server MLflow can use is never refused here. Any answer below 500
+    counts as reachable (a server behind authentication may refuse /health); a 5xx is a proxy
+    whose server is down. Embedded stores (sqlite, file) need no server.
     """
-    from urllib.error import HTTPError, URLError
-    from urllib.request import urlopen
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
     try:
-        with urlopen(url, timeout=timeout):
+        answer = http_request(
+            get_default_host_creds(uri.rstrip("/")),
+            "/health",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+        )
+    except MlflowException as exc:
+        reason = " ".join(str(exc.message).split())[:300]
+    else:
+        if answer.status_code < 500:
             return
-    except HTTPError as exc:
-        if exc.code < 500:
-            return
-        reason = f"HTTP {exc.code}"
-    except (URLError, OSError) as exc:
-        reason = str(getattr(exc, "reason", exc))
+        reason = f"HTTP {answer.status_code}"
     raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason})")
 
 

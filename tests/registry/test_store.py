@@ -69,8 +69,9 @@ def test_concurrent_first_opens_of_a_sqlite_store_all_succeed(tmp_path: Path) ->
 
 
 @contextmanager
-def answering(status: int) -> Iterator[str]:
-    """A loopback HTTP server answering every GET with `status`; yields its URL."""
+def answering(status: int, tls: Path | None = None) -> Iterator[str]:
+    """A loopback HTTP server answering every GET with `status` (over TLS with the cert.pem and
+    key.pem in `tls`); yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -82,10 +83,16 @@ def answering(status: int) -> Iterator[str]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -117,3 +124,35 @@ def test_a_tracking_server_refusing_anonymous_requests_is_reachable(
 
 def test_an_embedded_store_needs_no_server(paylater_home: Path) -> None:
     require_reachable()
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with cert.pem and key.pem: a self-signed certificate for 127.0.0.1 (a company CA's
+    server, as far as a client that was not told to trust it can tell)."""
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem"),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return folder
+
+
+def test_a_tracking_server_mlflow_is_told_to_trust_is_reachable(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, self_signed: Path
+) -> None:
+    """MLflow trusts a server whose certificate is named by MLFLOW_TRACKING_SERVER_CERT_PATH (or
+    any with MLFLOW_TRACKING_INSECURE_TLS): the retrain's check before training must ask the way
+    MLflow will, not refuse to train against a server MLflow can use."""
+    with answering(200, tls=self_signed) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with pytest.raises(RegistryError, match=r"unreachable.*CERTIFICATE_VERIFY_FAILED"):
+            require_reachable()  # not told to trust it: MLflow would refuse it too
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(self_signed / "cert.pem"))
+        require_reachable()
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        with pytest.warns(Warning, match="Unverified HTTPS request"):
+            require_reachable()

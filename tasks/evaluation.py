@@ -246,6 +246,11 @@ def evaluate_candidate(
     if truth is None or not truth[1].any():
         return evaluation
     true_p, found = truth
+    if len(np.unique(y[found])) < 2:
+        # A diagnostic only: the truth covers too few of these charges to compare on, and must
+        # not fail the retrain (the candidate's own metrics need both classes, checked above).
+        evaluation.oracle = {"rows_share": float(found.mean())}
+        return evaluation
     oracle = classification_metrics(y[found], true_p[found])
     model_on_same = (
         evaluation.metrics if found.all() else classification_metrics(y[found], p[found])

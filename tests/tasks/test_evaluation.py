@@ -102,3 +102,19 @@ def test_ece_keeps_tied_scores_in_one_bin() -> None:
     shuffled = rng.permutation(len(two))
     assert expected_calibration_error(y, two) == pytest.approx(0.0)
     assert expected_calibration_error(y[shuffled], two[shuffled]) == pytest.approx(0.0)
+
+
+def test_truth_covering_only_repaid_charges_does_not_fail_the_evaluation(tmp_path: Path) -> None:
+    """The oracle's figures are a diagnostic of synthetic data: a truth file covering a few OOT
+    charges (from another generator run), all repaid, failed the whole retrain over them."""
+    rng = np.random.default_rng(4)
+    ids = np.arange(1, 1001)
+    y = (rng.random(len(ids)) < 0.2).astype(int)
+    p = np.clip(0.2 + 0.3 * (y - 0.2) + rng.normal(0, 0.1, len(ids)), 0.01, 0.99)
+    repaid = ids[y == 0][:5]
+    path = tmp_path / "truth.parquet"
+    pq.write_table(pa.table({"charge_id": repaid, "default_probability": [0.1] * 5}), path)
+
+    evaluation = evaluate_candidate(y, p, ids, path)
+    assert evaluation.metrics == classification_metrics(y, p)
+    assert evaluation.oracle == {"rows_share": 0.005}, "nothing to compare on one class"

@@ -144,6 +144,17 @@ def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
         if found.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(found.experiment_id)
         return str(found.experiment_id)
+    from mlflow.exceptions import MlflowException
+
     root = _local_artifact_root()
     location = f"{root.rstrip('/')}/{name}" if root else None
-    return str(mlflow_client.create_experiment(name, artifact_location=location))
+    try:
+        return str(mlflow_client.create_experiment(name, artifact_location=location))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        # Another process using a fresh backend created it since the lookup: use that one.
+        created = mlflow_client.get_experiment_by_name(name)
+        if created is None:
+            raise
+        return str(created.experiment_id)

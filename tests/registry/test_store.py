@@ -156,3 +156,35 @@ def test_a_tracking_server_mlflow_is_told_to_trust_is_reachable(
         monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
         with pytest.warns(Warning, match="Unverified HTTPS request"):
             require_reachable()
+
+
+def test_an_experiment_another_process_created_meanwhile_is_used_not_an_error(
+    paylater_home: Path,
+) -> None:
+    """Two processes using a fresh backend at once (the first retrain registering while a
+    verification records its audit entry) both find no experiment, both create it: the second
+    create failed with RESOURCE_ALREADY_EXISTS, failing a retrain or a transition half way."""
+    from typing import Any
+
+    from registry.store import client, ensure_experiment
+
+    c = client()
+
+    class CreatedJustAfterTheLookup:
+        """The real client; another process creates the experiment right after our lookup."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(c, name)
+
+        def get_experiment_by_name(self, name: str) -> Any:
+            if c.get_experiment_by_name(name) is None:
+                c.create_experiment(name)  # the other process
+                return None
+            return c.get_experiment_by_name(name)
+
+    experiment_id = ensure_experiment(
+        CreatedJustAfterTheLookup(), "paylater-default-registry-audit"
+    )  # type: ignore[arg-type]
+    assert (
+        experiment_id == c.get_experiment_by_name("paylater-default-registry-audit").experiment_id
+    )

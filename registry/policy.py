@@ -462,7 +462,11 @@ def _promote(
     # Promote first, then archive: the `production` alias always names a version.
     previous = _others_in_stage(c, "Production", number)
     changes = []
-    if mv.current_stage != "Production" or alias_version(c, "production") != number:
+    if (
+        mv.current_stage != "Production"
+        or alias_version(c, "production") != number
+        or _last_entry(history.read(c, number), number, "") is None  # its audit entry is missing
+    ):
         changes.append(move(c, number, "Production", "promote", actor, why))
     changes += [
         move(c, old, "Archived", "archive", actor, f"replaced in production by v{number}: {why}")

@@ -622,6 +622,32 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     assert [e.to_stage for e in history.read(client(), v3)][-1] == "Production"
     assert policy.rollback("v3 misbehaves", "bob")[0].version == v2
 
+    # Stopped after the alias moved, before the audit entry was written: the history must still
+    # say who promoted it, when and why.
+    v4 = register_copy(v1)
+    stage_as_retrain(v4)
+    mark_verified(v4)
+    real_record = history.record
+
+    def record_fails(c: Any, version: str, *args: Any) -> Any:
+        if version == v4 and args[2] == "promote":
+            raise RuntimeError("tracking server answered 503")
+        return real_record(c, version, *args)
+
+    monkeypatch.setattr(history, "record", record_fails)
+    with pytest.raises(RuntimeError, match="503"):
+        policy.promote(v4, "production", "release 4", "alice")
+    monkeypatch.setattr(history, "record", real_record)
+    assert policy.resolve_version("production") == v4
+    policy.promote(v4, "production", "release 4", "alice")
+    entries = history.read(client(), v4)
+    assert [(e.action, e.to_stage, e.reason) for e in entries][-1] == (
+        "promote",
+        "Production",
+        "release 4",
+    )
+    assert _state()["stages"][v2] == "Archived"
+
 
 def _fail_archiving(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Make the registry fail when a transition archives a version; returns the undo."""

@@ -329,11 +329,9 @@ def test_compare_with_a_version_whose_run_was_purged_still_answers(
 
     first = register(good_candidate)
     c = client()
-    run_id = c.get_model_version(MODEL_NAME, first).run_id
-    other_run = c.create_run(c.get_run(run_id).info.experiment_id).info.run_id
-    orphan = c.create_model_version(
-        MODEL_NAME, c.get_model_version(MODEL_NAME, first).source, run_id=other_run
-    ).version
+    registered = c.get_model_version(MODEL_NAME, first)
+    other_run = c.create_run(c.get_run(str(registered.run_id)).info.experiment_id).info.run_id
+    orphan = c.create_model_version(MODEL_NAME, str(registered.source), run_id=other_run).version
     c.delete_run(other_run)
     subprocess.run(
         [

@@ -115,13 +115,13 @@ def test_a_version_this_checkouts_code_cannot_retrain_gets_one_clear_line(
     version = register(good_candidate)
     c = client()
     original = c.get_model_version(MODEL_NAME, version)
-    older = c.create_run(c.get_run(original.run_id).info.experiment_id).info.run_id
+    older = c.create_run(c.get_run(str(original.run_id)).info.experiment_id).info.run_id
     params = json.loads(good_candidate.params.model_dump_json())
     del params["max_bin"]  # the older code did not know it
     c.log_text(older, json.dumps(params), PARAMS_PATH)
     c.set_terminated(older)
     logged_by_older = c.create_model_version(
-        MODEL_NAME, original.source, run_id=older, tags=original.tags
+        MODEL_NAME, str(original.source), run_id=older, tags=original.tags
     ).version
 
     result = CliRunner().invoke(app, ["registry", "reproduce", str(logged_by_older)])

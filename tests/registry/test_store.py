@@ -182,9 +182,8 @@ def test_an_experiment_another_process_created_meanwhile_is_used_not_an_error(
                 return None
             return c.get_experiment_by_name(name)
 
-    experiment_id = ensure_experiment(
-        CreatedJustAfterTheLookup(), "paylater-default-registry-audit"
-    )  # type: ignore[arg-type]
-    assert (
-        experiment_id == c.get_experiment_by_name("paylater-default-registry-audit").experiment_id
-    )
+    name = "paylater-default-registry-audit"
+    racing: Any = CreatedJustAfterTheLookup()
+    experiment_id = ensure_experiment(racing, name)
+    created = c.get_experiment_by_name(name)
+    assert created is not None and experiment_id == created.experiment_id

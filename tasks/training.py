@@ -191,6 +191,12 @@ def split_out_of_time(
     table: pa.Table, feature_names: Sequence[str], as_of: date, early_stopping_share: int
 ) -> TrainingSplit:
     """Latest matured request month = OOT; earlier months fit the model, 1 in N of them stops it early."""
+    if early_stopping_share < 2:
+        # N=1 would leave nothing to fit; trained another way, the logged N would misstate it.
+        raise ValueError(
+            f"early_stopping_share must be at least 2, got {early_stopping_share}"
+            " (1 in N in-time charges form the early-stopping set)"
+        )
     matured = matured_charges(table, as_of)
     if matured.num_rows == 0:
         raise ValueError(f"no matured, labelled charges as of {as_of}")
@@ -208,7 +214,7 @@ def split_out_of_time(
     oot = matured.filter(pa.array(is_oot))
     charge_ids = np.asarray(in_time["charge_id"].to_numpy(zero_copy_only=False))
     # Early stopping on a fixed in-time slice keeps the OOT month unseen by any fitting decision.
-    is_stop = charge_ids % max(early_stopping_share, 2) == 0
+    is_stop = charge_ids % early_stopping_share == 0
     fit, stop = in_time.filter(pa.array(~is_stop)), in_time.filter(pa.array(is_stop))
     if stop.num_rows == 0 or fit.num_rows == 0:
         raise ValueError("too few in-time charges to hold out an early-stopping slice")

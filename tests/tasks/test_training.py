@@ -120,3 +120,13 @@ def test_dataset_ref_reads_manifest_objects_and_mappings() -> None:
     assert from_dict.model_features() == ["request_amount_jpy", "request_fee_jpy", "txn_count_30d"]
     with pytest.raises(ValueError, match="no features"):
         DatasetRef.from_manifest(body | {"features": []})
+
+
+def test_an_early_stopping_share_below_two_is_refused_not_silently_changed(table: pa.Table) -> None:
+    """N=1 (or 0) was trained as N=2 while the run logged 1: the logged params did not say how
+    the model was trained."""
+    for share in (0, 1):
+        with pytest.raises(
+            ValueError, match=f"early_stopping_share must be at least 2, got {share}"
+        ):
+            split_out_of_time(table, FEATURES, date(2025, 7, 1), share)

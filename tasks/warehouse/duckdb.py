@@ -203,8 +203,13 @@ class DuckDBWarehouse:
             self.conn.register("_staged", pa.Table.from_batches(held, schema=data.schema))
             try:
                 yield "_staged"
-            finally:
-                self.conn.unregister("_staged")
+            except BaseException:
+                # A failed statement aborts the transaction, which then refuses even this until
+                # its rollback: the statement's own error is the one to raise.
+                with contextlib.suppress(duckdb.Error):
+                    self.conn.unregister("_staged")
+                raise
+            self.conn.unregister("_staged")
             return
         rest = pa.RecordBatchReader.from_batches(data.schema, itertools.chain(held, data))
         with self._incoming(rest) as incoming:

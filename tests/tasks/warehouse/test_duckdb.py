@@ -119,3 +119,28 @@ def test_a_large_bulk_commit_goes_into_the_file_not_the_log(tmp_path: Path) -> N
     reopened = open_warehouse(f"duckdb:///{path}")
     assert reopened.query_arrow("SELECT count(*) AS n FROM t").to_pylist() == [{"n": 200_001}]
     reopened.close()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_statement_failing_on_a_staged_increment_reports_its_own_error(
+    tmp_path: Path, in_memory: bool
+) -> None:
+    # A merge that fails on the staged rows (out of memory, a disk full, a value the target
+    # cannot hold) aborts the transaction. Letting go of the staged rows must not then raise
+    # "transaction is aborted" in its place: the ledger and the alert would say only that.
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    wh.create_table_if_missing("t", pa.schema([("id", pa.int64())]))
+    staged_rows = pa.table({"id": ["1", "x"]})
+    limit = 10 if in_memory else 0
+    with (
+        pytest.raises(duckdb.ConversionException, match="'x'"),
+        wh.transaction(),
+        wh.staged(staged_rows, in_memory_rows=limit) as s,  # type: ignore[attr-defined]
+    ):
+        wh.execute(f"INSERT INTO t SELECT CAST(id AS INT64) FROM {s}")
+    assert wh.query_arrow("SELECT COUNT(*) AS n FROM t").column("n").to_pylist() == [0]
+    # The next sync on this connection stages and merges as usual.
+    with wh.transaction(), wh.staged(pa.table({"id": [7]}), in_memory_rows=10) as s:  # type: ignore[attr-defined]
+        wh.execute(f"INSERT INTO t SELECT id FROM {s}")
+    assert wh.query_arrow("SELECT id FROM t").column("id").to_pylist() == [7]
+    wh.close()

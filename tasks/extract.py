@@ -100,18 +100,21 @@ class Window:
 
 
 class Figures(NamedTuple):
-    """The three counts of one table in one snapshot."""
+    """The counts of one table in one snapshot."""
 
     in_window: int
     in_band: int
     after: int
+    # Rows whose cursor is NULL: no window holds them, so no sync would ever read them.
+    null_cursor: int = 0
 
 
 class SourceCounts:
     """Counts taken in the read's snapshot, the figures a sync is checked against.
 
     in_band: rows with band_start <= cursor < end (band_start None: every row before the end);
-    after: rows with cursor >= end. Full mode: in_window = in_band = all rows, after = 0.
+    after: rows with cursor >= end; null_cursor: rows whose cursor is NULL. Full mode:
+    in_window = in_band = all rows, after = null_cursor = 0.
 
     Made from Figures already counted, or from a function that waits for figures still being
     counted elsewhere (in the same snapshot): then the first figure asked for waits for them, and
@@ -163,6 +166,11 @@ class SourceCounts:
     def after(self) -> int:
         """Rows changed at or after the window's end."""
         return self.figures.after
+
+    @property
+    def null_cursor(self) -> int:
+        """Rows whose cursor is NULL (in no window)."""
+        return self.figures.null_cursor
 
     @property
     def total(self) -> int:
@@ -584,6 +592,8 @@ def pg_figures(
         total = row(f"SELECT count(*) AS n FROM {table}", [])["n"]
         return Figures(total, total, 0)
     cursor = quote(spec.cursor)
+    # An index range too (btree indexes hold NULLs); nothing to find under NOT NULL.
+    null_cursor = row(f"SELECT count(*) AS n FROM {table} WHERE {cursor} IS NULL", [])["n"]
     if band_start is not None and window.start is not None and band_start <= window.start:
         # The usual incremental day: one index range scan from the band's start counts all
         # three (the window lies inside the band; rows after the end are few).
@@ -594,7 +604,7 @@ def pg_figures(
             f" FROM {table} WHERE {cursor} >= $1",
             [band_start, window.start, window.end],
         )
-        return Figures(counted["in_window"], counted["in_band"], counted["after"])
+        return Figures(counted["in_window"], counted["in_band"], counted["after"], null_cursor)
     where, params = window_sql(spec, window, lambda i: f"${i}")
     in_window = row(f"SELECT count(*) AS n FROM {table} WHERE {where}", params)["n"]
     # Rows at or after the end are few (changed since the day ended): an index range.
@@ -608,7 +618,7 @@ def pg_figures(
             f"SELECT count(*) AS n FROM {table} WHERE {cursor} >= $1 AND {cursor} < $2",
             [band_start, window.end],
         )["n"]
-    return Figures(in_window, in_band, after)
+    return Figures(in_window, in_band, after, null_cursor)
 
 
 class BackgroundCount:
@@ -969,14 +979,15 @@ class SqliteSnapshot:
             band = f"{cursor} >= ? AND {cursor} < ?" if band_start else f"{cursor} < ?"
             sql = (
                 f"SELECT count(*) FILTER (WHERE {where}) AS a, count(*) FILTER (WHERE {band}) AS b,"
-                f" count(*) FILTER (WHERE {cursor} >= ?) AS c FROM {table}"
+                f" count(*) FILTER (WHERE {cursor} >= ?) AS c,"
+                f" count(*) FILTER (WHERE {cursor} IS NULL) AS d FROM {table}"
             )
             band_params = [band_start, window.end] if band_start else [window.end]
             params = [*params, *band_params, window.end]
         with self.source.conn.cursor() as cur:
             cur.execute(sql, self._params(params))
             row = cur.fetch_arrow_table().to_pylist()[0]
-        figures = Figures(row["a"], row["b"], row["c"])
+        figures = Figures(row["a"], row["b"], row["c"], row.get("d") or 0)
         return SourceCounts(figures, band_start if spec.cursor else None)
 
     def read(self, spec: TableSpec, window: Window, expected_rows: int = 0) -> ExtractStream:

@@ -16,6 +16,7 @@ the file at commit instead of going through the write-ahead log first.
 Checks (a failure rolls the table back and records a failed ledger row), all counted in the
 same source snapshot as the read:
   rows_extracted == source rows in the window;  rows_loaded == rows_extracted;
+  incremental: no source row has a NULL cursor (no window would ever read it);
   incremental, for a band of change times [B, watermark_to):
     source rows with B <= updated_at < watermark_to
       <= warehouse rows with updated_at >= B
@@ -359,6 +360,14 @@ def _checked(spec: TableSpec, stream: Any, loaded: int, source: SourceCounts) ->
     """The figures of a loaded increment, once rows read == rows in the source window and rows
     loaded == rows read (call after the stream has been consumed)."""
     counts = _Counts(extracted=stream.rows, loaded=loaded)
+    unstamped = source.null_cursor
+    _check(
+        not unstamped,
+        spec.name,
+        f"{unstamped} source {'row has' if unstamped == 1 else 'rows have'} a NULL {spec.cursor}:"
+        " no window reads such a row, so it would never reach the warehouse; give it a change"
+        f" time (or sync a view whose {spec.cursor} is never NULL)",
+    )
     _check(
         counts.extracted == source.in_window,
         spec.name,

@@ -185,7 +185,7 @@ def test_whole_table_count_runs_beside_the_read_in_its_snapshot(
         committed.set()
         read = snapshot.read(spec, Window(None, END), counts.estimate).reader.read_all()
         # Counted after the insert committed, yet in the read's snapshot.
-        assert counts.figures == (3000, 3000, 0) and counts.total == 3000 == read.num_rows
+        assert counts.figures == (3000, 3000, 0, 0) and counts.total == 3000 == read.num_rows
     source.close()
 
 

@@ -720,6 +720,53 @@ def test_check_ledger_names_missing_tables(warehouse) -> None:
         ledger_watermark(warehouse, D1)
 
 
+NULLABLE_CURSOR = {
+    "postgres": "CREATE TABLE charges_loose AS SELECT * FROM deferred_charges WITH NO DATA;"
+    " ALTER TABLE charges_loose ADD PRIMARY KEY (charge_id);",
+    "sqlite": "CREATE TABLE charges_loose AS SELECT * FROM deferred_charges WHERE 0;",
+}
+
+
+@pytest.mark.parametrize("keep_changes", [True, False])
+def test_rows_with_a_null_cursor_fail_the_sync_instead_of_never_arriving(
+    source_db, warehouse, keep_changes: bool
+) -> None:
+    # A row whose change time is NULL lies in no window (NULL < end is not true): every sync
+    # succeeded without it, and no check noticed, since the counts skip it as the read does.
+    if source_db.kind == "postgres":
+        with psycopg.connect(source_db.url, autocommit=True) as conn:
+            conn.execute(NULLABLE_CURSOR["postgres"])
+    else:
+        with sqlite3.connect(str(source_db.path)) as conn:
+            conn.executescript(NULLABLE_CURSOR["sqlite"])
+    source_db.insert("charges_loose", [charge(10, "2026-11-19 03:00")])
+    configured = next(s for s in configured_tables() if s.name == "deferred_charges")
+    spec = sync.TableSpec(
+        "charges_loose",
+        ("charge_id",),
+        "incremental",
+        "updated_at",
+        configured.columns,
+        keep_changes=keep_changes,
+    )
+    source = open_source(source_db.url)
+    try:
+        (spec,) = validate_tables(source, [spec])
+        assert sync_table(source, warehouse, spec, D1).status == "succeeded"
+        # New rows the application wrote without a change time (a band check cannot see them:
+        # the warehouse never held them).
+        unstamped = [{**charge(c, "2026-11-20 16:00"), "updated_at": None} for c in (11, 12)]
+        source_db.insert("charges_loose", [*unstamped, charge(13, "2026-11-20 16:00")])
+        with pytest.raises(
+            CountMismatch, match=r"charges_loose: 2 source rows have a NULL updated_at"
+        ):
+            sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert [r["charge_id"] for r in rows(warehouse, "charges_loose", "charge_id")] == [10]
+    assert "NULL updated_at" in failed_ledger_error(warehouse, "charges_loose", D2)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_infinite_times_and_dates_keep_their_order(
     pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, parallel: bool

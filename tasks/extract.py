@@ -477,6 +477,7 @@ class PostgresSource:
         """A new connection (not autocommit: ADBC commits bound statements itself in autocommit
         mode, which would end a snapshot), or SourceUnavailable.
 
+        Its session's zone is UTC, whatever the server's or the database's is.
         The first one creates the driver's database object, which connects once more on its own
         to load the server's type catalogue (about 22 of the 30 ms here); every later one shares
         that database object and only connects (about 8 ms). The object lives until the last
@@ -485,8 +486,21 @@ class PostgresSource:
         try:
             with self._open_lock:
                 if self.conn is None:
-                    return self._connect(self._uri, autocommit=False)
-                return self.conn.adbc_clone()
+                    conn = self._connect(self._uri, autocommit=False)
+                else:
+                    conn = self.conn.adbc_clone()
+            try:
+                with conn.cursor() as cur:
+                    # A `timestamp` without time zone holds UTC, as the read types it; the
+                    # window's bounds are instants, which the server compares with it in the
+                    # session's zone.
+                    cur.execute("SET TIME ZONE 'UTC'")
+                conn.commit()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
+            return conn
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SourceUnavailable(

@@ -768,6 +768,47 @@ def test_rows_with_a_null_cursor_fail_the_sync_instead_of_never_arriving(
 
 
 @pytest.mark.parametrize("parallel", [False, True])
+def test_a_time_without_zone_is_utc_whatever_the_server_zone(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, parallel: bool
+) -> None:
+    # A `timestamp` (without time zone) cursor holds UTC like everything else, and the read
+    # types it so. The window's bounds are instants, compared with it in the session's zone: on
+    # a server (or database) whose TimeZone is Asia/Tokyo the read took rows 9 hours past the
+    # watermark while the counts did not, and every sync failed its count check.
+    name = pg_url.rpartition("/")[2]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = 'Asia/Tokyo'")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE plans (plan_id bigint PRIMARY KEY, seen_at timestamp,"
+            " updated_at timestamp NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO plans SELECT g, '2026-11-20 14:59:59', '2026-11-20 14:59:59'"
+            " FROM generate_series(1, 100) g"
+        )
+        conn.execute(
+            "INSERT INTO plans SELECT g, '2026-11-20 15:00', '2026-11-20 15:00'"
+            " FROM generate_series(101, 150) g"
+        )
+    if parallel:
+        monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 0)
+        monkeypatch.setattr(extract, "WINDOW_PARALLEL_MIN_ROWS", 0)
+    source = open_source(pg_url, readers=2)
+    try:
+        (spec,) = validate_tables(source, [sync.TableSpec("plans", ("plan_id",), "incremental")])
+        first = sync_table(source, warehouse, spec, D1)
+        second = sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert (first.rows_extracted, second.rows_extracted) == (100, 50)
+    held = warehouse.query_arrow(
+        "SELECT MIN(seen_at) AS lo, MAX(seen_at) AS hi FROM plans WHERE plan_id > 100"
+    ).to_pylist()
+    assert held == [{"lo": utc("2026-11-20 15:00"), "hi": utc("2026-11-20 15:00")}]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
 def test_infinite_times_and_dates_keep_their_order(
     pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, parallel: bool
 ) -> None:

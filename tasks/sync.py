@@ -31,6 +31,10 @@ source key) and otherwise `check_days` (default 7) before the watermark, at the 
 window's start, so that a daily check costs index ranges instead of a scan of the source table:
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
 Full tables: warehouse_rows == source rows.
+Columns: before anything is written, an incremental table's warehouse tables (current and
+`__changes`) must hold exactly the columns and types the sync reads (SchemaMismatch otherwise,
+naming each difference): the sync never alters a table, and a column added, removed or retyped
+at the source would otherwise fail deep in the load, or sync on with the column NULL.
 Keys: unless the source's own constraints make the primary key unique and never NULL (a primary
 key or unique index over key columns, the key columns NOT NULL and held in the warehouse in
 their source type: found once per table by validate_tables), the loaded rows (the increment
@@ -69,6 +73,7 @@ from tasks.sync_config import (
     ConfigError,
     CountMismatch,
     KeyViolation,
+    SchemaMismatch,
     SourceUnavailable,
     SyncError,
     TableSpec,
@@ -82,6 +87,7 @@ __all__ = [
     "ConfigError",
     "CountMismatch",
     "KeyViolation",
+    "SchemaMismatch",
     "SourceUnavailable",
     "SyncError",
     "SyncIncomplete",
@@ -480,6 +486,41 @@ def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: Source
     return counts
 
 
+def column_drift(read: dict[str, str], held: dict[str, str]) -> list[str]:
+    """How the columns the sync reads differ from those a warehouse table holds, one phrase each."""
+    added = [f"{c} ({t}) is not in it" for c, t in read.items() if c not in held]
+    removed = [f"{c} ({t}) is no longer read" for c, t in held.items() if c not in read]
+    retyped = [
+        f"{c} is {t} now, {held[c]} there" for c, t in read.items() if c in held and held[c] != t
+    ]
+    return [*added, *removed, *retyped]
+
+
+def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> None:
+    """SchemaMismatch unless the incremental table's warehouse tables (current, and `__changes`
+    when used) hold exactly the columns and types the sync reads; a missing table is created
+    later. A full table is replaced whole, its columns with it."""
+    if spec.mode == "full":
+        return
+    tables = [spec.name]
+    if not streams_directly(warehouse, spec):
+        tables.append(spec.changes_table)
+    for table in tables:
+        held = warehouse.column_types(table)
+        if held is None:
+            continue
+        if table == spec.changes_table:
+            held.pop("as_of", None)
+        drift = column_drift(spec.columns, held)
+        if drift:
+            raise SchemaMismatch(
+                f"sync of {spec.name}: the warehouse table {table} does not hold the columns the"
+                f" sync reads: {'; '.join(drift)}. The sync never alters a warehouse table: alter"
+                f" {' and '.join(tables)} to match (a column added there is NULL in the rows"
+                " already held until they change at the source)"
+            )
+
+
 def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
     """Replace the ledger row of (table, as_of) with `result`."""
     row = result.model_dump()
@@ -533,6 +574,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
     schema = spec.arrow_schema()
     stream = None
     try:
+        check_held_columns(warehouse, spec)
         warehouse.create_table_if_missing(spec.name, schema)
         if spec.mode == "incremental" and not streams_directly(warehouse, spec):
             warehouse.create_table_if_missing(

@@ -42,6 +42,11 @@ class CountMismatch(SyncError):
     """Rows extracted, loaded or held by the warehouse disagree with the source."""
 
 
+class SchemaMismatch(SyncError):
+    """The warehouse table holds other columns (or types) than the sync reads: the source or the
+    configuration changed since the table was created, and the sync never alters a table."""
+
+
 class KeyViolation(SyncError):
     """The rows read repeat a primary-key value or have a NULL in one, which the source's own
     constraints do not rule out (a view, a table without a key): merged, they would corrupt the

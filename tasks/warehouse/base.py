@@ -31,6 +31,11 @@ class Warehouse(Protocol):
         """Whether `table` exists."""
         ...
 
+    def column_types(self, table: str) -> dict[str, str] | None:
+        """Columns of `table` -> type name (int64, float64, bool, string, date, timestamp, or the
+        warehouse's own name for any other type); None when the table does not exist."""
+        ...
+
     def replace_table(self, table: str, data: pa.Table | pa.RecordBatchReader) -> None:
         """Atomically replace `table` with `data` (created if missing)."""
         ...

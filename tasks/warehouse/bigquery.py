@@ -38,6 +38,21 @@ _BQ_TYPES = {
 }
 
 
+# The sync's type names of BigQuery's column types (legacy names included, as the API reports
+# them for tables created through it).
+_TYPE_NAMES = {
+    "INT64": "int64",
+    "INTEGER": "int64",
+    "FLOAT64": "float64",
+    "FLOAT": "float64",
+    "BOOL": "bool",
+    "BOOLEAN": "bool",
+    "STRING": "string",
+    "DATE": "date",
+    "TIMESTAMP": "timestamp",
+}
+
+
 def bigquery_type(arrow_type: pa.DataType) -> str:
     """The BigQuery column type of an Arrow type."""
     if pa.types.is_timestamp(arrow_type):
@@ -155,6 +170,16 @@ class BigQueryWarehouse:
             return True
         except NotFound:
             return False
+
+    def column_types(self, table: str) -> dict[str, str] | None:
+        """Columns of `table` with the sync's type names, from its metadata (no query job)."""
+        from google.api_core.exceptions import NotFound
+
+        try:
+            fields = self.client.get_table(self._ref(table)).schema
+        except NotFound:
+            return None
+        return {f.name: _TYPE_NAMES.get(f.field_type, f.field_type) for f in fields}
 
     def create_table_if_missing(
         self, table: str, schema: pa.Schema, partition_column: str | None = None

@@ -24,6 +24,15 @@ import sqlglot.dialects.duckdb
 from tasks.warehouse.base import WarehouseError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# DuckDB's column types of the sync's type names (tasks.sync_config.ARROW_TYPES).
+_TYPE_NAMES = {
+    "BIGINT": "int64",
+    "DOUBLE": "float64",
+    "BOOLEAN": "bool",
+    "VARCHAR": "string",
+    "DATE": "date",
+    "TIMESTAMP WITH TIME ZONE": "timestamp",
+}
 # DuckDB logs a commit to its write-ahead log unless the log would pass checkpoint_threshold
 # (16 MB by default); past it, it checkpoints into the database file at once instead. A bulk
 # transaction commits under this lower threshold, so that a sync's load is written once rather
@@ -90,6 +99,16 @@ class DuckDBWarehouse:
             "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
         ).fetchall()  # fetchall: DuckDB 2 keeps a half-read result open and refuses other work
         return bool(rows and rows[0][0])
+
+    def column_types(self, table: str) -> dict[str, str] | None:
+        """Columns of `table` in the main schema with the sync's type names (None: no table)."""
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_catalog = current_database() AND table_schema = 'main'"
+            " AND table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        return {name: _TYPE_NAMES.get(kind, kind) for name, kind in rows} or None
 
     @contextmanager
     def transaction(self, bulk: bool = False) -> Iterator[None]:

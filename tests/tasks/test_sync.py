@@ -720,6 +720,54 @@ def test_check_ledger_names_missing_tables(warehouse) -> None:
         ledger_watermark(warehouse, D1)
 
 
+SOURCE_DRIFT = {
+    "added": ("ALTER TABLE plans ADD COLUMN tier text", r"tier \(string\) is not in it"),
+    "removed": ("ALTER TABLE plans DROP COLUMN note", r"note \(string\) is no longer read"),
+    "retyped": (
+        "ALTER TABLE plans ALTER COLUMN note TYPE bigint USING 0",
+        r"note is int64 now, string there",
+    ),
+}
+
+
+@pytest.mark.parametrize("drift", sorted(SOURCE_DRIFT))
+@pytest.mark.parametrize("keep_changes", [True, False])
+def test_a_source_column_added_removed_or_retyped_fails_the_table_saying_which(
+    pg_url: str, warehouse, drift: str, keep_changes: bool
+) -> None:
+    # Columns taken from the catalogue follow the source; the warehouse table keeps the ones it
+    # was created with (the sync never alters it). An added column failed deep in the load with
+    # DuckDB's binder error, a retyped one with a conversion error, and a removed one synced on,
+    # its values NULL from then on with nothing said.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE plans (plan_id bigint PRIMARY KEY, note text,"
+            " updated_at timestamptz NOT NULL)"
+        )
+        conn.execute("INSERT INTO plans VALUES (1, 'a', '2026-11-20 01:00+00')")
+    spec = sync.TableSpec("plans", ("plan_id",), "incremental", keep_changes=keep_changes)
+    source = open_source(pg_url)
+    try:
+        assert sync_table(source, warehouse, validate_tables(source, [spec])[0], D1).status == (
+            "succeeded"
+        )
+        before = digest(warehouse)
+        ddl, message = SOURCE_DRIFT[drift]
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(ddl)
+            conn.execute("UPDATE plans SET updated_at = '2026-11-21 01:00+00'")
+        (drifted,) = validate_tables(source, [spec])
+        with pytest.raises(sync.SchemaMismatch, match=message) as err:
+            sync_table(source, warehouse, drifted, D2)
+    finally:
+        source.close()
+    assert "\n" not in str(err.value)
+    assert "the warehouse table plans" in str(err.value)
+    assert failed_ledger_error(warehouse, "plans", D2).startswith("SchemaMismatch: sync of plans")
+    warehouse.execute("DELETE FROM sync_ledger WHERE as_of = @d", {"d": D2})
+    assert digest(warehouse) == before  # nothing written but the failed ledger row
+
+
 NULLABLE_CURSOR = {
     "postgres": "CREATE TABLE charges_loose AS SELECT * FROM deferred_charges WITH NO DATA;"
     " ALTER TABLE charges_loose ADD PRIMARY KEY (charge_id);",

@@ -10,6 +10,7 @@ checks see real numbers, carries the work out on an in-memory DuckDB with BigQue
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,15 @@ _DUCK_TYPES = {
     "STRING": "VARCHAR",
     "DATE": "DATE",
     "TIMESTAMP": "TIMESTAMPTZ",
+}
+
+_LEGACY_TYPES = {
+    "BIGINT": "INTEGER",
+    "DOUBLE": "FLOAT",
+    "BOOLEAN": "BOOLEAN",
+    "VARCHAR": "STRING",
+    "DATE": "DATE",
+    "TIMESTAMP WITH TIME ZONE": "TIMESTAMP",
 }
 
 
@@ -77,9 +87,17 @@ class FakeBigQueryClient:
         return found[0][0] > 0
 
     def get_table(self, ref: str) -> Any:
-        if not self._exists(self._table(ref)):
+        table = self._table(ref)
+        if not self._exists(table):
             raise NotFound(ref)
-        return SimpleNamespace(table_id=self._table(ref))
+        columns = self.db.execute(
+            "SELECT column_name, data_type FROM information_schema.columns"
+            " WHERE table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        # The API reports column types by their legacy names (INTEGER, FLOAT, BOOLEAN).
+        schema = [bigquery.SchemaField(c, _LEGACY_TYPES[t]) for c, t in columns]
+        return SimpleNamespace(table_id=table, schema=schema)
 
     def create_table(self, table: bigquery.Table, exists_ok: bool = False) -> bigquery.Table:
         self.created.append(table)
@@ -228,6 +246,31 @@ def test_failure_rolls_back_the_session_transaction(tmp_path: Path, monkeypatch)
     ]
     failed = warehouse.query_arrow("SELECT status, error FROM sync_ledger").to_pylist()
     assert failed == [{"status": "failed", "error": "OSError: connection reset"}]
+
+
+def test_a_column_the_warehouse_table_lacks_fails_before_any_load_job(tmp_path: Path) -> None:
+    # BigQuery would refuse the load into the change partition (its schema differs), after the
+    # source was read; the sync says which column differs first, from the table's metadata.
+    from tasks.sync import SchemaMismatch
+
+    client = FakeBigQueryClient()
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    assert sync_table(source, warehouse, charges, date(2026, 11, 20)).status == "succeeded"
+    assert warehouse.column_types("deferred_charges") == charges.columns
+    loads = len(client.loads)
+    wider = replace(charges, columns={**charges.columns, "channel": "string"})
+    with pytest.raises(
+        SchemaMismatch,
+        match=r"the warehouse table deferred_charges does not hold .*: channel \(string\) is not",
+    ):
+        sync_table(source, warehouse, wider, date(2026, 11, 21))
+    source.close()
+    assert len(client.loads) == loads
+    assert warehouse.column_types("missing_table") is None
 
 
 def test_full_table_load_and_parameters(tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The column `<table>__changes` is partitioned by: the as_of that read each row.
+CHANGES_PARTITION = "as_of"
 
 
 class SyncError(RuntimeError):
@@ -115,6 +117,11 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
     cursor = raw.get("cursor", "updated_at" if mode == "incremental" else None)
     if cursor is not None:
         check_identifier(cursor, f"cursor of table {name}:")
+    elif mode == "incremental":
+        raise ConfigError(
+            f"sync config: table {name} is incremental but has no cursor; name its change-time"
+            " column (or use mode: full)"
+        )
     columns = raw.get("columns") or {}
     if not isinstance(columns, dict):
         raise ConfigError(f"sync config: columns of table {name} must map column -> type")
@@ -197,6 +204,13 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
                 )
             columns[column] = type_name
         resolved = replace(spec, columns=columns)
+    if spec.mode == "incremental" and CHANGES_PARTITION in resolved.columns:
+        # The change table appends its partition column to the columns read.
+        raise ConfigError(
+            f"sync config: column {spec.name}.{CHANGES_PARTITION} has the name of the change"
+            f" table's partition column; list the table's columns without it (or sync a view"
+            " that renames it)"
+        )
     if spec.mode == "incremental" and spec.cursor:
         # The window and the count checks compare the cursor with instants. A source type other
         # than a timestamp or text (SQLite's times) would only fail in the sync, after it wrote.

@@ -637,6 +637,12 @@ def test_a_failed_read_does_not_wait_for_the_background_count(
             "tables:\n  - {name: users, primary_key: user_id}\n",
             "cursor users.updated_at is string, not a timestamp",
         ),
+        (
+            # Without a cursor an incremental table read everything once, then failed each day
+            # in the merge, which compares versions by updated_at.
+            "tables:\n  - {name: users, primary_key: user_id, cursor: null}\n",
+            "table users is incremental but has no cursor",
+        ),
     ],
 )
 def test_bad_configuration_is_one_clear_error_and_writes_nothing(
@@ -673,6 +679,30 @@ def test_a_cursor_that_is_not_a_timestamp_is_refused_before_anything_is_written(
         validate_configured_tables()
     assert "\n" not in str(err.value)
     assert not list(paylater_home.iterdir())  # no warehouse file was created
+
+
+def test_a_source_column_named_as_of_is_refused_before_anything_is_written(
+    pg_url: str, paylater_home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # The change table adds its partition column as_of to the columns read: a source column of
+    # that name (a snapshot date, say) was written twice and the sync failed with "loaded 0 rows
+    # but extracted 1", after creating its tables.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE balances (balance_id bigint PRIMARY KEY, as_of date,"
+            " updated_at timestamptz NOT NULL)"
+        )
+    config = tmp_path / "tables.yaml"
+    config.write_text("tables:\n  - {name: balances, primary_key: balance_id}\n")
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    with pytest.raises(ConfigError, match=r"column balances\.as_of has the name of the") as err:
+        validate_configured_tables()
+    assert "\n" not in str(err.value)
+    assert not list(paylater_home.iterdir())  # no warehouse file was created
+    config.write_text("tables:\n  - {name: balances, primary_key: balance_id, mode: full}\n")
+    (spec,) = validate_configured_tables()  # a full table has no change table
+    assert "as_of" in spec.columns
 
 
 def test_unreachable_database_and_unknown_warehouse(paylater_home: Path, monkeypatch) -> None:

@@ -424,7 +424,7 @@ def check_band(
     counts.warehouse = _count(warehouse, spec.name)
     if source.band_start is None:
         held = counts.warehouse
-        band = "older than the watermark"
+        what, band = "rows", "before the watermark"
     else:
         held = _count(
             warehouse,
@@ -432,12 +432,22 @@ def check_band(
             f"WHERE {_bq(spec.cursor or 'updated_at')} >= @band_start",
             {"band_start": source.band_start},
         )
-        band = f"changed from {source.band_start:%Y-%m-%d %H:%M} UTC to the watermark"
+        what = f"rows changed since {source.band_start:%Y-%m-%d %H:%M} UTC"
+        band = "from then to the watermark"
+    # Each side has one likely cause, which the message names with what to do about it.
     _check(
-        source.in_band <= held <= source.in_band + source.after,
+        source.in_band <= held,
         spec.name,
-        f"warehouse holds {held} rows, outside [{source.in_band}, {source.in_band + source.after}] "
-        f"(source rows {band}, plus those changed after it)",
+        f"warehouse holds {held} {what}, fewer than the {source.in_band} the source holds {band}:"
+        " a row committed after an earlier sync with an older change time was never read"
+        " (rerun the as_of its change time falls in)",
+    )
+    _check(
+        held <= source.in_band + source.after,
+        spec.name,
+        f"warehouse holds {held} {what}, more than the {source.in_band + source.after} the source"
+        f" holds {band} or after it: rows deleted at the source stay in the warehouse (the sync"
+        f" never deletes a row; delete them from {spec.name} too)",
     )
 
 

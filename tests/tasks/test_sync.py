@@ -434,10 +434,37 @@ def test_a_row_committed_late_behind_the_watermark_fails_the_count_check(
         s for s in validate_tables(source, configured_tables()) if s.name == "card_transactions"
     )
     with pytest.raises(
-        CountMismatch, match=r"card_transactions: warehouse holds 3 rows, outside \[4, 4\]"
+        CountMismatch,
+        match=r"card_transactions: warehouse holds 3 rows changed since 2026-11-14 15:00 UTC,"
+        r" fewer than the 4 the source holds from then to the watermark: a row committed after an earlier sync with an older change time"
+        r" was never read \(rerun the as_of its change time falls in\)",
     ):
         sync_table(source, warehouse, spec, D2)
     source.close()
+    assert [r["transaction_id"] for r in transactions(warehouse)] == [100]
+
+
+def test_a_row_deleted_at_the_source_fails_the_count_check_saying_so(
+    pg_url: str, warehouse
+) -> None:
+    # The sync reads changed rows, never the absence of one: a row deleted at the source stays
+    # in the warehouse, and the band check finds one row too many. The error said only that the
+    # count was outside a range.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    db.run("DELETE FROM card_transactions WHERE transaction_id = ?", [(100,)])
+    source = open_source(db.url)
+    try:
+        with pytest.raises(
+            CountMismatch,
+            match=r"card_transactions: warehouse holds 2 rows changed since 2026-11-14 15:00 UTC,"
+            r" more than the 1 the source holds from then to the watermark or after it: rows"
+            r" deleted at the source stay in the warehouse",
+        ):
+            sync_table(source, warehouse, pg_spec(source, "card_transactions"), D2)
+    finally:
+        source.close()
     assert [r["transaction_id"] for r in transactions(warehouse)] == [100]
 
 

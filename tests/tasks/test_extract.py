@@ -311,7 +311,7 @@ def test_postgres_column_types_as_information_schema_has_them(pg_url: str) -> No
         conn.execute(
             "CREATE TABLE typed (id integer, gone text, amount yen, note varchar(20), code char(2),"
             " at timestamptz, local_at timestamp, day date, ok boolean, ratio double precision,"
-            " small smallint, weird jsonb, tags text[])"
+            " small smallint, weird jsonb, tags text[], token uuid)"
         )
         conn.execute("ALTER TABLE typed DROP COLUMN gone")
         expected = {
@@ -330,9 +330,11 @@ def test_postgres_column_types_as_information_schema_has_them(pg_url: str) -> No
         source.close()
     assert types == expected
     assert list(types) == [
-        "id", "amount", "note", "code", "at", "local_at", "day", "ok", "ratio", "small", "weird", "tags"
+        "id", "amount", "note", "code", "at", "local_at", "day", "ok", "ratio", "small", "weird", "tags",
+        "token",
     ]  # fmt: skip
     assert types["amount"] == "int64" and types["weird"] is None and types["tags"] is None
+    assert types["token"] == "string"  # read as its text
 
 
 def test_a_source_that_never_answers_is_unavailable_in_seconds(silent_postgres: str) -> None:

@@ -872,6 +872,54 @@ def test_rows_with_a_null_cursor_fail_the_sync_instead_of_never_arriving(
     assert "NULL updated_at" in failed_ledger_error(warehouse, "charges_loose", D2)
 
 
+def test_uuid_and_enum_columns_arrive_as_their_text(pg_url: str, warehouse) -> None:
+    # The driver hands a uuid over as its 16 bytes: listed as a string, it failed the table with
+    # "ArrowInvalid: Invalid UTF8 payload", and a uuid key could not be synced at all.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TYPE device_kind AS ENUM ('phone', 'tablet')")
+        conn.execute(
+            "CREATE TABLE devices (device_id uuid PRIMARY KEY, kind device_kind NOT NULL,"
+            " label varchar(20), code char(3), updated_at timestamptz NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO devices VALUES"
+            " ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'phone', 'ママの電話', 'ab',"
+            "  '2026-11-20 01:00+00'),"
+            " ('00000000-0000-0000-0000-000000000001', 'tablet', NULL, NULL, '2026-11-20 02:00+00')"
+        )
+    columns = {
+        "device_id": "string",
+        "kind": "string",
+        "label": "string",
+        "code": "string",
+        "updated_at": "timestamp",
+    }
+    source = open_source(pg_url)
+    try:
+        # The enum's type is the source's own; the uuid is a string without being listed.
+        assert source.column_types("devices") == {**columns, "kind": None}
+        (spec,) = validate_tables(
+            source, [sync.TableSpec("devices", ("device_id",), "incremental", columns=columns)]
+        )
+        assert spec.key_enforced  # the uuid primary key holds as its text
+        assert sync_table(source, warehouse, spec, D1).status == "succeeded"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE devices SET kind = 'phone', updated_at = '2026-11-21 01:00+00'"
+                " WHERE device_id = '00000000-0000-0000-0000-000000000001'"
+            )
+        assert sync_table(source, warehouse, spec, D2).warehouse_rows == 2
+    finally:
+        source.close()
+    # A char(n) keeps its padding, as the driver reads it (a cast to text would drop it).
+    assert rows(warehouse, "devices", "device_id") == [
+        {"device_id": "00000000-0000-0000-0000-000000000001", "kind": "phone", "label": None,
+         "code": None, "updated_at": utc("2026-11-21 01:00")},
+        {"device_id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "kind": "phone",
+         "label": "ママの電話", "code": "ab ", "updated_at": utc("2026-11-20 01:00")},
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_a_time_without_zone_is_utc_whatever_the_server_zone(
     pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, parallel: bool

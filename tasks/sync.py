@@ -2,7 +2,9 @@
 
 Incremental tables: the rows with watermark_from <= updated_at < watermark_to, where
 watermark_to = day_end_utc(as_of) and watermark_from is the watermark of the latest earlier as_of
-that succeeded, are merged into `<table>` by primary key, the newer updated_at winning. With
+that succeeded (`lookback_minutes` earlier, when set: the windows then overlap, and the rows of
+the overlap are read again, at their versions then), are merged into `<table>` by primary key,
+the newer updated_at winning. With
 `keep_changes` (the default) they first land in `<table>__changes` (partition as_of, replaced on
 rerun), the history of what changed when. (A rerun reads the window as the source holds it now:
 re-syncing an old as_of after later days drops from its partition the rows changed again since,
@@ -26,7 +28,10 @@ values tile (-inf, watermark_to), so every source row whose current version lies
 was read by some window and is held at that version (lower bound); a warehouse row in the band
 whose source row is not in it has a newer version, after the watermark (upper bound). A row
 that escaped every window (a transaction committing after the sync with an older updated_at)
-breaks the lower bound. B is -inf on a first sync (the whole table: every warehouse key is a
+breaks the lower bound when it is new, or its previous version is older than the band; an
+update of a row the band already holds leaves both counts as they were, and the warehouse keeps
+the previous version unnoticed (only `lookback_minutes` reads such an update, if it is late by
+less than that). B is -inf on a first sync (the whole table: every warehouse key is a
 source key) and otherwise `check_days` (default 7) before the watermark, at the latest the
 window's start, so that a daily check costs index ranges instead of a scan of the source table:
 a row lost further back than the band goes unnoticed (check_days: null checks everything daily).
@@ -213,6 +218,17 @@ def previous_watermark(warehouse: Warehouse, table: str, as_of: date) -> datetim
     ).to_pylist()
     value = rows[0]["watermark_from"] if rows else None
     return value.astimezone(UTC) if value is not None else None
+
+
+def window_start(warehouse: Warehouse, spec: TableSpec, as_of: date) -> datetime | None:
+    """Where as_of's read starts: the previous watermark, `lookback_minutes` earlier (None:
+    -infinity, a first sync, and always for a full table)."""
+    if spec.mode == "full":
+        return None
+    start = previous_watermark(warehouse, spec.name, as_of)
+    if start is None:
+        return None
+    return start - timedelta(minutes=spec.lookback_minutes)
 
 
 def _bq(name: str) -> str:
@@ -560,10 +576,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
     started = time.monotonic()
     watermark_to = refuse_unended(as_of)
     ensure_ledger(warehouse)
-    window = Window(
-        previous_watermark(warehouse, spec.name, as_of) if spec.mode == "incremental" else None,
-        watermark_to,
-    )
+    window = Window(window_start(warehouse, spec, as_of), watermark_to)
 
     def result(status: Literal["succeeded", "failed"], counts: _Counts | None, error: str | None):
         return TableResult(

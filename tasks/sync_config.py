@@ -71,6 +71,11 @@ class TableSpec:
     # The incremental count check covers rows changed in the last `check_days` days before the
     # window's end (at least the window); None: the whole table (one source scan every day).
     check_days: int | None = 7
+    # An incremental window starts this many minutes before the previous watermark, re-reading
+    # the end of the previous window: a row committed after that sync with an older change time
+    # (a batch backdating updated_at, a transaction open across the sync) is read then. The
+    # counts cannot see such an update of a row they already count; re-reading is idempotent.
+    lookback_minutes: int = 0
     # Set by validation, never configured: whether the source's own constraints (a primary key or
     # unique index over key columns, every key column NOT NULL) make `primary_key` unique and
     # never NULL. Unless they do, the sync checks the rows it read for repeated and NULL keys.
@@ -102,7 +107,10 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
     """One `tables:` entry -> TableSpec, or a ConfigError saying what is wrong."""
     if not isinstance(raw, dict):
         raise ConfigError(f"sync config {where}: each table must be a mapping")
-    known = {"name", "primary_key", "mode", "cursor", "columns", "keep_changes", "check_days"}
+    known = {
+        "name", "primary_key", "mode", "cursor", "columns", "keep_changes", "check_days",
+        "lookback_minutes",
+    }  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"sync config {where}: unknown key(s) {', '.join(unknown)}")
@@ -142,6 +150,11 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
         raise ConfigError(
             f"sync config: check_days of table {name} must be a whole number of days >= 1 or null"
         )
+    lookback = raw.get("lookback_minutes", 0)
+    if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 0:
+        raise ConfigError(
+            f"sync config: lookback_minutes of table {name} must be a whole number of minutes >= 0"
+        )
     return TableSpec(
         name=name,
         primary_key=tuple(check_identifier(k, f"primary key of {name}:") for k in keys),
@@ -150,6 +163,7 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
         columns=dict(columns),
         keep_changes=keep_changes,
         check_days=check_days,
+        lookback_minutes=lookback,
     )
 
 

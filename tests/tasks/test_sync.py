@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -468,6 +469,46 @@ def test_a_row_deleted_at_the_source_fails_the_count_check_saying_so(
     assert [r["transaction_id"] for r in transactions(warehouse)] == [100]
 
 
+@pytest.mark.parametrize("keep_changes", [True, False])
+def test_a_late_update_is_read_again_within_the_lookback(
+    pg_url: str, warehouse, keep_changes: bool
+) -> None:
+    # An update committed after D1's sync with a change time before its watermark (a batch that
+    # backdates updated_at, a transaction open across the sync) is in no later window. When the
+    # row's previous version is in the check band too, the counts agree and the warehouse kept
+    # the old version for good, every check passing. A lookback re-reads the end of the
+    # previous window.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE plans (plan_id bigint PRIMARY KEY, note text,"
+            " updated_at timestamptz NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO plans VALUES (1, 'old', '2026-11-20 10:00+00'),"
+            " (2, 'kept', '2026-11-20 12:00+00')"
+        )
+    plain = sync.TableSpec("plans", ("plan_id",), "incremental", keep_changes=keep_changes)
+    source = open_source(pg_url)
+    try:
+        (spec,) = validate_tables(source, [replace(plain, lookback_minutes=180)])
+        sync_table(source, warehouse, spec, D1)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE plans SET note = 'new', updated_at = '2026-11-20 14:30+00'"
+                         " WHERE plan_id = 1")  # fmt: skip
+        second = sync_table(source, warehouse, spec, D2)
+        again = sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert rows(warehouse, "plans", "plan_id")[0]["note"] == "new"
+    # The window started 3 hours before D1's watermark: the late row, and row 2 at its version.
+    assert second.watermark_from == utc("2026-11-20 12:00")
+    assert (second.rows_extracted, second.warehouse_rows) == (2, 2)
+    assert again.model_dump(exclude={"duration_seconds", "finished_at"}) == second.model_dump(
+        exclude={"duration_seconds", "finished_at"}
+    )
+    assert [r["note"] for r in rows(warehouse, "plans", "plan_id")] == ["new", "kept"]
+
+
 def pg_spec(source, table: str):
     """One configured table, validated against `source`."""
     return next(s for s in validate_tables(source, configured_tables()) if s.name == table)
@@ -663,6 +704,10 @@ def test_a_failed_read_does_not_wait_for_the_background_count(
             # SQLite stores times as text: unless listed as a timestamp, the cursor is a string.
             "tables:\n  - {name: users, primary_key: user_id}\n",
             "cursor users.updated_at is string, not a timestamp",
+        ),
+        (
+            "tables:\n  - {name: users, primary_key: user_id, lookback_minutes: -30}\n",
+            "lookback_minutes of table users must be a whole number of minutes >= 0",
         ),
         (
             # Without a cursor an incremental table read everything once, then failed each day

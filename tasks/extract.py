@@ -724,7 +724,18 @@ class PostgresSnapshot:
         cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         # SET TRANSACTION SNAPSHOT takes no bind parameter; the id comes from the server.
         check_snapshot_id(self.snapshot_id)
-        cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+        try:
+            cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+        except Exception as exc:
+            # The transaction that exported it has ended: during a sync, only because its
+            # session was lost (a failover, a terminated backend): as transient as that.
+            if "invalid snapshot identifier" not in str(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0]
+            raise SourceUnavailable(
+                f"source connection lost during the read: the snapshot {self.snapshot_id} ended"
+                f" before a reader joined it ({reason})"
+            ) from exc
 
     def counts(
         self, spec: TableSpec, window: Window, band_start: datetime | None = None

@@ -14,7 +14,7 @@ import pytest
 
 from tasks import extract
 from tasks.extract import Figures, SourceCounts, Window, inline, open_source, pg_literal, redact
-from tasks.sync import configured_tables, validate_tables
+from tasks.sync import SourceUnavailable, configured_tables, is_transient, validate_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 END = datetime(2026, 11, 21, 15, tzinfo=UTC)
@@ -231,6 +231,37 @@ def test_a_large_first_read_splits_while_the_count_runs(
         assert snapshot.read(spec, Window(None, END), 10).reader.read_all().num_rows == rows
     small.close()
     assert split[1:] == [0]
+
+
+def test_a_reader_joining_a_snapshot_whose_session_ended_is_a_transient_failure(
+    pg_url: str,
+) -> None:
+    # A failover or a terminated session ends the transaction that exported the snapshot; a
+    # slice reader or a background count still connecting then cannot join it. The server says
+    # "invalid snapshot identifier" (a ProgrammingError), which was not taken for a lost
+    # session: the sync failed for the day instead of being retried. (The exporting transaction
+    # is ended here by leaving the snapshot: killing its session between two statements aborts
+    # the process with the pinned driver, apache/arrow-adbc#3878.)
+    fill_charges(pg_url, 1000)
+    source = open_source(pg_url, readers=2)
+    spec = charges_spec(source)
+    try:
+        with source.snapshot() as snapshot:
+            pass
+        with pytest.raises(
+            SourceUnavailable, match=r"snapshot \S+ ended before a reader joined it"
+        ) as lost:
+            next(snapshot._slice_reader("SELECT 1")())
+        assert is_transient(lost.value)
+        counts = snapshot.counts(spec, Window(None, END))  # a whole-table count: in the background
+        with pytest.raises(
+            SourceUnavailable, match=r"snapshot \S+ ended before a reader joined it"
+        ) as lost:
+            _ = counts.in_window
+        assert is_transient(lost.value)
+    finally:
+        snapshot.close()
+        source.close()
 
 
 def test_source_counts_known_or_waited_for() -> None:

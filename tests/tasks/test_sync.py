@@ -1087,7 +1087,12 @@ def test_a_source_connection_lost_mid_read_is_a_transient_failure_with_its_cause
     with pytest.raises(SourceUnavailable, match="source connection lost during the read") as failed:
         sync_table(source, warehouse, replace(spec, mode=mode), D1)
     assert sync.is_transient(failed.value) and terminated
-    assert "terminat" in str(failed.value) or "closed the connection" in str(failed.value)
+    # The driver's words for the lost session, or (a reader still connecting when the session
+    # went) the server's for the snapshot it could no longer join.
+    assert any(
+        words in str(failed.value)
+        for words in ("terminat", "closed the connection", "ended before a reader joined it")
+    )
     ledger = warehouse.query_arrow("SELECT status, error FROM sync_ledger").to_pylist()
     assert ledger == [{"status": "failed", "error": f"SourceUnavailable: {failed.value}"}]
     assert (

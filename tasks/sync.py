@@ -111,6 +111,9 @@ LEDGER = "sync_ledger"
 # An increment up to this many rows (a day's, typically) is merged from an Arrow table in memory
 # (~150 bytes a row); a larger one, such as a catch-up over weeks, is staged in a temporary table.
 STAGE_IN_MEMORY_ROWS = 1_000_000
+# ... and up to this many bytes: a wide table's rows (long texts, many columns) would otherwise
+# hold gigabytes in memory below the row limit.
+STAGE_IN_MEMORY_BYTES = 256 << 20
 LEDGER_SCHEMA = pa.schema(
     [
         ("table_name", pa.string()),
@@ -426,7 +429,9 @@ def load_direct(
         counts = _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
         check_keys(warehouse, spec, spec.name)  # the table holds just the rows read
         return counts
-    with warehouse.staged(stream.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS) as staged:
+    with warehouse.staged(
+        stream.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS, in_memory_bytes=STAGE_IN_MEMORY_BYTES
+    ) as staged:
         counts = _checked(spec, stream, _count(warehouse, staged), source)
         check_keys(warehouse, spec, staged)
         merge_staged(warehouse, spec, staged)

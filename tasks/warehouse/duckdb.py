@@ -199,24 +199,29 @@ class DuckDBWarehouse:
 
     @contextmanager
     def staged(
-        self, data: pa.Table | pa.RecordBatchReader, in_memory_rows: int = 0
+        self,
+        data: pa.Table | pa.RecordBatchReader,
+        in_memory_rows: int = 0,
+        in_memory_bytes: int | None = None,
     ) -> Iterator[str]:
         """`data` materialised for a MERGE to read: scanned several times, unlike a reader.
 
-        Up to `in_memory_rows` rows (a day's increment, typically) stay an Arrow table DuckDB
-        scans in place: no copy into DuckDB's format. More go into a temporary table, which
-        spills to disk when large, outside the database file; dropped afterwards. The size is
-        found by reading, not asked for beforehand: the batches are held until the limit, and
-        past it they and the rest of the stream go to the temporary table.
+        Up to `in_memory_rows` rows (a day's increment, typically) and `in_memory_bytes` bytes
+        of Arrow buffers (None: no byte limit) stay an Arrow table DuckDB scans in place: no
+        copy into DuckDB's format. More go into a temporary table, which spills to disk when
+        large, outside the database file; dropped afterwards. The size is found by reading, not
+        asked for beforehand: the batches are held until a limit, and past it they and the rest
+        of the stream go to the temporary table.
         """
         if isinstance(data, pa.Table):
             data = data.to_reader()
         held: list[pa.RecordBatch] = []
-        rows = 0
+        rows = size = 0
         for batch in data:
             held.append(batch)
             rows += batch.num_rows
-            if rows > in_memory_rows:
+            size += batch.nbytes
+            if rows > in_memory_rows or (in_memory_bytes is not None and size > in_memory_bytes):
                 break
         else:
             self.conn.register("_staged", pa.Table.from_batches(held, schema=data.schema))

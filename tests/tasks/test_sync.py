@@ -367,14 +367,17 @@ def transactions(wh: Warehouse) -> list[dict[str, Any]]:
     return rows(wh, "card_transactions", "transaction_id")
 
 
-@pytest.mark.parametrize("staging", ["in memory", "temporary table"])
+@pytest.mark.parametrize("staging", ["in memory", "temporary table", "temporary table (wide)"])
 def test_without_change_history_updates_crash_and_rerun(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staging: str
 ) -> None:
     # card_transactions is configured with keep_changes: false (streamed and merged directly).
-    # A day's increment is merged from Arrow in memory; a large one from a temporary table.
+    # A day's increment is merged from Arrow in memory; a large one (in rows, or in bytes) from
+    # a temporary table.
     if staging == "temporary table":
         monkeypatch.setattr(sync, "STAGE_IN_MEMORY_ROWS", 0)
+    if staging == "temporary table (wide)":
+        monkeypatch.setattr(sync, "STAGE_IN_MEMORY_BYTES", 0)
     assert not next(s for s in configured_tables() if s.name == "card_transactions").keep_changes
     db = SourceDB("postgres", pg_url)
     seed(db)

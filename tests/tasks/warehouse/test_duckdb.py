@@ -89,6 +89,34 @@ def test_staged_keeps_up_to_the_limit_in_memory_and_spills_the_rest(
     wh.close()
 
 
+def test_staged_spills_wide_rows_past_the_byte_limit_under_the_row_limit(tmp_path: Path) -> None:
+    # A row limit alone let a wide table's increment (long texts, many columns) sit in memory
+    # whole: 1M rows of 2 KB is 2 GB. Past the byte limit the rest goes to a temporary table.
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    schema = pa.schema([("id", pa.int64()), ("body", pa.string())])
+    batches = [pa.record_batch([[i], ["x" * 10_000]], schema=schema) for i in range(5)]
+
+    def staged_in_memory(limit: int | None) -> bool:
+        reader = pa.RecordBatchReader.from_batches(schema, iter(batches))
+        with wh.staged(reader, in_memory_rows=1000, in_memory_bytes=limit) as staged:  # type: ignore[attr-defined]
+            found = (
+                wh.query_arrow(
+                    "SELECT COUNT(*) AS n FROM duckdb_tables()"
+                    f" WHERE temporary AND table_name = '{staged}'"
+                )
+                .column("n")[0]
+                .as_py()
+            )
+            ids = wh.query_arrow(f"SELECT id FROM {staged} ORDER BY id").column("id").to_pylist()
+        assert ids == list(range(5))
+        return found == 0
+
+    assert staged_in_memory(None)
+    assert staged_in_memory(100_000)
+    assert not staged_in_memory(30_000)
+    wh.close()
+
+
 def test_a_large_bulk_commit_goes_into_the_file_not_the_log(tmp_path: Path) -> None:
     path = tmp_path / "w.duckdb"
     wal = Path(f"{path}.wal")

@@ -3,8 +3,9 @@
 Incremental tables: the rows with watermark_from <= updated_at < watermark_to, where
 watermark_to = day_end_utc(as_of) and watermark_from is the watermark of the latest earlier as_of
 that succeeded (`lookback_minutes` earlier, when set: the windows then overlap, and the rows of
-the overlap are read again, at their versions then), are merged into `<table>` by primary key,
-the newer updated_at winning. With
+the overlap are read again, at their versions then; -infinity when the current table was dropped
+or emptied by hand after holding rows), are merged into `<table>` by primary key, the newer
+updated_at winning. With
 `keep_changes` (the default) they first land in `<table>__changes` (partition as_of, replaced on
 rerun), the history of what changed when. (A rerun reads the window as the source holds it now:
 re-syncing an old as_of after later days drops from its partition the rows changed again since,
@@ -214,22 +215,32 @@ def ensure_ledger(warehouse: Warehouse) -> None:
     warehouse.create_table_if_missing(LEDGER, LEDGER_SCHEMA)
 
 
-def previous_watermark(warehouse: Warehouse, table: str, as_of: date) -> datetime | None:
-    """The start of as_of's window: the latest earlier succeeded watermark (None: -infinity)."""
+def previous_sync(warehouse: Warehouse, table: str, as_of: date) -> tuple[datetime | None, int]:
+    """The latest earlier succeeded watermark of `table` (None: never synced) and the rows the
+    warehouse table held after that sync."""
     rows = warehouse.query_arrow(
         sql_text("sync_previous_watermark.sql"), {"table_name": table, "as_of": as_of}
     ).to_pylist()
-    value = rows[0]["watermark_from"] if rows else None
-    return value.astimezone(UTC) if value is not None else None
+    if not rows:
+        return None, 0
+    return rows[0]["watermark_from"].astimezone(UTC), int(rows[0]["warehouse_rows"] or 0)
 
 
 def window_start(warehouse: Warehouse, spec: TableSpec, as_of: date) -> datetime | None:
     """Where as_of's read starts: the previous watermark, `lookback_minutes` earlier (None:
-    -infinity, a first sync, and always for a full table)."""
+    -infinity, a first sync, and always for a full table).
+
+    A current table that is missing or empty although the previous sync left rows in it (it was
+    dropped or emptied by hand) holds none of the rows earlier windows brought: it is read from
+    the start again. (A table that was empty then, its source too, starts at the watermark, so
+    that a rerun reads what the first run read.)
+    """
     if spec.mode == "full":
         return None
-    start = previous_watermark(warehouse, spec.name, as_of)
+    start, held_then = previous_sync(warehouse, spec.name, as_of)
     if start is None:
+        return None
+    if held_then and (not warehouse.table_exists(spec.name) or _count(warehouse, spec.name) == 0):
         return None
     return start - timedelta(minutes=spec.lookback_minutes)
 

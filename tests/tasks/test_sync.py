@@ -241,6 +241,30 @@ def test_full_history_then_increments_bring_updates_of_old_rows(source_db, wareh
     assert changes == [{"as_of": D1, "n": 2}, {"as_of": D2, "n": 3}]
 
 
+@pytest.mark.parametrize("lost", ["dropped", "emptied"])
+def test_a_warehouse_table_dropped_or_emptied_is_read_again_from_the_start(
+    pg_url: str, warehouse, lost: str
+) -> None:
+    # The ledger still said the earlier days succeeded, so the next window started at their
+    # watermark: the recreated table got one day of rows, and the count check blamed a late
+    # commit (or, with no change in the band's days, passed with the history gone).
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    sync_all(db, warehouse, D2)
+    before = rows(warehouse, "deferred_charges", "charge_id")
+    if lost == "dropped":
+        warehouse.execute("DROP TABLE deferred_charges")
+    else:
+        warehouse.execute("DELETE FROM deferred_charges WHERE TRUE")
+    third = {r.table_name: r for r in sync_all(db, warehouse, D3)}
+    assert third["deferred_charges"].watermark_from is None
+    assert third["deferred_charges"].rows_extracted == 3
+    assert rows(warehouse, "deferred_charges", "charge_id") == before
+    # A table that holds rows starts at the previous watermark, as before.
+    assert third["users"].watermark_from == utc("2026-11-21 15:00")
+
+
 def test_rerun_is_idempotent_and_older_as_of_never_regresses(pg_url, warehouse) -> None:
     source_db = SourceDB("postgres", pg_url)
     seed(source_db)

@@ -211,6 +211,11 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
     else:
         columns: dict[str, str] = {}
         for column, type_name in source_types.items():
+            if not _IDENT.match(column):
+                raise ConfigError(
+                    f"sync config: source column {spec.name}.{column} is not a plain identifier"
+                    " the sync can name; list the table's columns (without it)"
+                )
             if type_name is None:
                 raise ConfigError(
                     f"sync config: source column {spec.name}.{column} has no type the sync can "

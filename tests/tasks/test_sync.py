@@ -804,6 +804,33 @@ def test_a_source_column_named_as_of_is_refused_before_anything_is_written(
     assert "as_of" in spec.columns
 
 
+def test_a_source_column_the_sync_cannot_name_is_refused_at_validation(
+    pg_url: str, paylater_home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    # Columns taken from the catalogue were not checked as identifiers until the read quoted
+    # them: the sync failed each day after creating its tables, naming only "identifier".
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            'CREATE TABLE fees (fee_id bigint PRIMARY KEY, "金額" bigint,'
+            " updated_at timestamptz NOT NULL)"
+        )
+    config = tmp_path / "tables.yaml"
+    config.write_text("tables:\n  - {name: fees, primary_key: fee_id}\n")
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    with pytest.raises(
+        ConfigError, match=r"source column fees\.金額 is not a plain identifier.*list the table's"
+    ):
+        validate_configured_tables()
+    assert not list(paylater_home.iterdir())  # no warehouse file was created
+    config.write_text(
+        "tables:\n  - {name: fees, primary_key: fee_id,"
+        " columns: {fee_id: int64, updated_at: timestamp}}\n"
+    )
+    (spec,) = validate_configured_tables()  # listed without it, the table syncs
+    assert list(spec.columns) == ["fee_id", "updated_at"]
+
+
 def test_unreachable_database_and_unknown_warehouse(paylater_home: Path, monkeypatch) -> None:
     monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://sync:s3cret@127.0.0.1:1/nowhere")
     with pytest.raises(SourceUnavailable, match=r"127\.0\.0\.1:1/nowhere unreachable") as err:

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         le=8,
-        description="Parallel source readers for a large extract (each reads a slice of the key range).",
+        description="Parallel source readers for a large extract (each reads a slice: of the time window for an incremental day, of an integer key range otherwise).",
     )
     alert_slack_block: str | None = Field(
         default=None,

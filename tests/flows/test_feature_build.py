@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ def test_a_day_that_has_not_ended_is_refused_and_the_online_table_kept(
 
     make_warehouse(paylater_home / "warehouse.duckdb")
     feature_build(as_of=date(2026, 7, 15))
-    for day in (today(), today().replace(year=today().year + 1), date.max):
+    for day in (today(), today() + timedelta(days=366), date.max):
         with pytest.raises(DatasetError, match=f"as_of {day} has not ended yet"):
             feature_build(as_of=day)
         assert not (paylater_home / "datasets" / "training" / f"as_of={day}").exists()

@@ -182,6 +182,53 @@ def mark_verified() -> Callable[[str], None]:
 
 
 @pytest.fixture
+def releases(
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+) -> Callable[..., list[str]]:
+    """`count` versions of one candidate, in turn staged as a retrain would and verified, the
+    first `promoted` of them (default: all) promoted to production ("release 0", "release 1",
+    ...): a production history to roll back, or versions ready to promote."""
+    from registry import policy
+    from registry.testing import stage_as_retrain
+
+    def run(candidate: Candidate, count: int, promoted: int | None = None) -> list[str]:
+        first = register(candidate)
+        versions = []
+        for n in range(count):
+            version = register_copy(first) if n else first
+            stage_as_retrain(version)
+            mark_verified(version)
+            if n < (count if promoted is None else promoted):
+                policy.promote(version, "production", f"release {n}", "alice")
+            versions.append(version)
+        return versions
+
+    return run
+
+
+@pytest.fixture
+def fail_archiving(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Callable[[], None]]:
+    """Call it to make the registry fail when a transition archives a version (an interrupted
+    promote or rollback); it returns the undo."""
+    from registry import policy
+
+    def start() -> Callable[[], None]:
+        real_move = policy.move
+
+        def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
+            if to_stage == "Archived":
+                raise RuntimeError("tracking server answered 503")
+            return real_move(c, version, to_stage, *args)
+
+        monkeypatch.setattr(policy, "move", fails_archiving)
+        return lambda: monkeypatch.setattr(policy, "move", real_move)
+
+    return start
+
+
+@pytest.fixture
 def register_copy() -> Callable[[str], str]:
     """Another registry version of an already logged model (same run, source and tags): cheap versions."""
     from registry.store import MODEL_NAME, client

@@ -280,34 +280,18 @@ def test_history_of_a_version_that_never_existed_says_so(
 def test_finishing_an_interrupted_promote_names_the_production_version(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
-    monkeypatch: pytest.MonkeyPatch,
+    releases: Callable[..., list[str]],
+    fail_archiving: Callable[[], Callable[[], None]],
 ) -> None:
     """Run again, a promote's only change may be archiving the old version: the bento built and
     the restart hint are still the new production version's, not the archived one's."""
-    from registry.testing import stage_as_retrain
 
     runner = CliRunner()
-    v1 = register(good_candidate)
-    v2 = register_copy(v1)
-    for version in (v1, v2):
-        stage_as_retrain(version)
-        mark_verified(version)
-        if version == v1:
-            policy.promote(v1, "production", "release 1", "alice")
-    real_move = policy.move
-
-    def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
-        if to_stage == "Archived":
-            raise RuntimeError("tracking server answered 503")
-        return real_move(c, version, to_stage, *args)
-
-    monkeypatch.setattr(policy, "move", fails_archiving)
+    v1, v2 = releases(good_candidate, 2, promoted=1)
+    undo = fail_archiving()
     args = ["registry", "promote", v2, "--to", "production", "--reason", "release 2"]
     assert runner.invoke(app, args).exit_code == 1
-    monkeypatch.setattr(policy, "move", real_move)
+    undo()
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output

@@ -99,18 +99,9 @@ def test_first_candidate_staged_worse_one_rejected_production_unchanged(
 def test_promote_rollback_history_round_trip(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
+    releases: Callable[..., list[str]],
 ) -> None:
-    versions = []
-    first = register(good_candidate)
-    for n in range(3):
-        version = register_copy(first) if n else first
-        stage_as_retrain(version)
-        mark_verified(version)
-        policy.promote(version, "Production", f"release {n}", "alice")
-        versions.append(version)
+    versions = releases(good_candidate, 3)
     v1, v2, v3 = versions
     c = client()
     assert policy.resolve_version("production") == v3
@@ -272,16 +263,9 @@ def test_allowed_feature_removal_is_not_rejected_for_production_lacking_that_fea
 def test_rollback_restores_the_previous_version_when_production_was_deleted(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
+    releases: Callable[..., list[str]],
 ) -> None:
-    first = register(good_candidate)
-    second = register_copy(first)
-    for version in (first, second):
-        stage_as_retrain(version)
-        mark_verified(version)
-        policy.promote(version, "production", "release", "alice")
+    first, second = releases(good_candidate, 2)
     c = client()
     # The bad production version is deleted (MLflow drops its alias with it): nothing serves.
     c.delete_model_version(MODEL_NAME, second)
@@ -400,9 +384,7 @@ def test_two_transitions_started_together_never_both_run(
     registry_home: Path,
     racing_transitions: None,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
+    releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A promote of v2 and a rollback to v1 started at the same moment: one runs, the other waits
@@ -410,15 +392,7 @@ def test_two_transitions_started_together_never_both_run(
     exactly one version is in the Production stage."""
     import threading
 
-    v1 = register(good_candidate)
-    v2 = register_copy(v1)
-    for version in (v1, v2):
-        stage_as_retrain(version)
-        mark_verified(version)
-        policy.promote(version, "production", "release", "alice")
-    v3 = register_copy(v1)
-    stage_as_retrain(v3)
-    mark_verified(v3)
+    v1, _, v3 = releases(good_candidate, 3, promoted=2)
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     start = threading.Barrier(2)
     outcomes: dict[str, object] = {}
@@ -502,9 +476,7 @@ def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
 def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second_time(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
+    releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two people answer the same incident with `registry rollback`: the second waits for the
@@ -513,15 +485,7 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
     import threading
     import time
 
-    first = register(good_candidate)
-    versions = []
-    for n in range(3):
-        version = register_copy(first) if n else first
-        stage_as_retrain(version)
-        mark_verified(version)
-        policy.promote(version, "production", f"release {n}", "alice")
-        versions.append(version)
-    v1, v2, v3 = versions
+    v1, v2, v3 = releases(good_candidate, 3)
     c = client()
     c.set_registered_model_tag(
         MODEL_NAME, policy.LOCK_TAG, f"dave | rolling back | {time.time():.0f} | abc"
@@ -560,7 +524,8 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
 def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
+    releases: Callable[..., list[str]],
+    fail_archiving: Callable[[], Callable[[], None]],
     register_copy: Callable[[str], str],
     mark_verified: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
@@ -570,25 +535,12 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     Running the same command again finishes it: one version in Production, the alias on it."""
     from mlflow import MlflowClient
 
-    v1 = register(good_candidate)
-    stage_as_retrain(v1)
-    mark_verified(v1)
-    policy.promote(v1, "production", "release 1", "alice")
-    v2 = register_copy(v1)
-    stage_as_retrain(v2)
-    mark_verified(v2)
+    v1, v2 = releases(good_candidate, 2, promoted=1)
 
-    real_move = policy.move
-
-    def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
-        if to_stage == "Archived":
-            raise RuntimeError("tracking server answered 503")
-        return real_move(c, version, to_stage, *args)
-
-    monkeypatch.setattr(policy, "move", fails_archiving)
+    undo = fail_archiving()
     with pytest.raises(RuntimeError, match="503"):
         policy.promote(v2, "production", "release 2", "alice")
-    monkeypatch.setattr(policy, "move", real_move)
+    undo()
     assert _state()["stages"] == {v1: "Production", v2: "Production"}
 
     changes = policy.promote(v2, "production", "release 2", "alice")
@@ -649,43 +601,19 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     assert _state()["stages"][v2] == "Archived"
 
 
-def _fail_archiving(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Make the registry fail when a transition archives a version; returns the undo."""
-    real_move = policy.move
-
-    def fails_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
-        if to_stage == "Archived":
-            raise RuntimeError("tracking server answered 503")
-        return real_move(c, version, to_stage, *args)
-
-    monkeypatch.setattr(policy, "move", fails_archiving)
-    return lambda: monkeypatch.setattr(policy, "move", real_move)
-
-
 def test_a_rollback_after_an_interrupted_promote_or_rollback_goes_back_one_version(
     registry_home: Path,
     good_candidate: Any,
-    register: Callable[..., str],
-    register_copy: Callable[[str], str],
-    mark_verified: Callable[[str], None],
-    monkeypatch: pytest.MonkeyPatch,
+    releases: Callable[..., list[str]],
+    fail_archiving: Callable[[], Callable[[], None]],
 ) -> None:
     """A transition that stopped before archiving the version it replaced leaves two versions in
     the Production stage and no audit entry of the old one leaving. A rollback run then (again,
     after an interrupted rollback; or to undo an interrupted promote) must restore the version
     that was in production just before, not the one before that, and leave one in Production."""
-    first = register(good_candidate)
-    versions = []
-    for n in range(3):
-        version = register_copy(first) if n else first
-        stage_as_retrain(version)
-        mark_verified(version)
-        if n < 2:
-            policy.promote(version, "production", f"release {n}", "alice")
-        versions.append(version)
-    v1, v2, v3 = versions
+    v1, v2, v3 = releases(good_candidate, 3, promoted=2)
 
-    undo = _fail_archiving(monkeypatch)
+    undo = fail_archiving()
     with pytest.raises(RuntimeError, match="503"):
         policy.promote(v3, "production", "release 2", "alice")
     undo()
@@ -697,7 +625,7 @@ def test_a_rollback_after_an_interrupted_promote_or_rollback_goes_back_one_versi
     # Promote v3 again properly, then a rollback that stops half way, run again.
     stage_as_retrain(v3)
     policy.promote(v3, "production", "fixed", "alice")
-    undo = _fail_archiving(monkeypatch)
+    undo = fail_archiving()
     with pytest.raises(RuntimeError, match="503"):
         policy.rollback("v3 misbehaves again", "bob")
     undo()

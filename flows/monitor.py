@@ -11,6 +11,7 @@ from paylater.settings import get_settings
 from tasks.monitoring import (
     CheckResult,
     Notification,
+    check_windows,
     ensure_incident_table,
     judge,
     measure_all,
@@ -37,6 +38,7 @@ def run_checks(now: datetime) -> list[CheckResult]:
     settings = get_settings()
     thresholds(settings)  # levels that cannot work fail the run now, naming their settings
     unknown_alert_after(settings)
+    check_windows(settings)
     engine = open_queue_db(settings)
     try:
         return judge(measure_all(settings, engine, now), settings)

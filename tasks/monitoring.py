@@ -202,6 +202,41 @@ def unknown_alert_after(settings: Settings) -> timedelta:
     return timedelta(minutes=minutes)
 
 
+# The windows the checks look through: (settings field, unit, what a value at or below 0 does).
+WINDOW_SETTINGS = (
+    (
+        "monitor_window_minutes",
+        "minutes",
+        "no finished job falls in it, so the failure and dead-letter rates are never judged",
+    ),
+    (
+        "monitor_flow_window_hours",
+        "hours",
+        "no flow run ends in it, so crashed and failed flows are never counted",
+    ),
+    (
+        "monitor_late_run_minutes",
+        "minutes",
+        "a run counts as late the moment it is due (below 0: before it is due)",
+    ),
+)
+
+
+def check_windows(settings: Settings) -> None:
+    """Refuse windows that cannot work: each must be a finite number above 0 (ValueError naming
+    the variables; the checks would otherwise stay silent, or page, for good)."""
+    problems = []
+    for name, unit, symptom in WINDOW_SETTINGS:
+        value = float(getattr(settings, name))
+        if not (math.isfinite(value) and value > 0):
+            problems.append(
+                f"{_env(name)} must be a number of {unit} above 0 (is {value:g}): at or below 0 "
+                f"{symptom}"
+            )
+    if problems:
+        raise ValueError("monitoring thresholds: " + "; ".join(problems))
+
+
 def format_value(value: float | None, unit: str) -> str:
     """A value for humans: seconds as minutes/hours, ratios as percent."""
     if value is None:

@@ -576,3 +576,36 @@ def test_unknown_alert_minutes_that_cannot_work_are_refused_naming_the_variable(
     monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", minutes)
     with pytest.raises(ValueError, match="PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES must be a number"):
         unknown_alert_after(Settings())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PAYLATER_MONITOR_WINDOW_MINUTES", "0"),
+        ("PAYLATER_MONITOR_WINDOW_MINUTES", "-15"),
+        ("PAYLATER_MONITOR_FLOW_WINDOW_HOURS", "0"),
+        ("PAYLATER_MONITOR_FLOW_WINDOW_HOURS", "nan"),
+        ("PAYLATER_MONITOR_LATE_RUN_MINUTES", "-30"),
+        ("PAYLATER_MONITOR_LATE_RUN_MINUTES", "nan"),
+    ],
+)
+def test_windows_that_cannot_work_are_refused_naming_the_variable(
+    variable: str, value: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rate window of 0 minutes holds no finished job, so the failure and dead-letter rates
+    are 'too few to judge' on every run: a queue failing every job never alerts, and nothing
+    says why. A flow window of 0 hours counts no crash; a negative lateness makes every
+    scheduled run late. Each is refused, naming the variable, as thresholds are."""
+    from tasks.monitoring import check_windows
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+        for _ in range(30):
+            add_job(conn, "dead", NOW - timedelta(minutes=1))
+    check_windows(Settings())  # the defaults are fine
+    broken = {"failure_rate": 1.0}
+    judged = measure_queue(engine_for(pg_url), NOW, 15, 20)
+    assert {m.check: m.value for m in judged if m.check in broken} == broken
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"{variable} must be"):
+        check_windows(Settings())

@@ -51,21 +51,40 @@ def store(daily: DailyMonitoring) -> None:
         warehouse.close()
 
 
-@task
+@task(retries=2, retry_delay_seconds=60)
 def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]:
-    """Open or resolve the drift incidents and alert (same dedup table as the 5-minute monitor)."""
+    """Open or resolve the drift incidents and alert (same dedup table as the 5-minute monitor).
+
+    An alert not delivered (Slack 429/5xx, PagerDuty refusing the page) leaves its incident
+    unchanged for a resend, and these checks run once a day: the task fails, so Prefect resends
+    it, and once its retries run out the flow fails (the monitor's failed_flows check pages).
+    """
     settings = get_settings()
     engine = open_queue_db(settings)
+    undelivered: list[Notification] = []
+
+    def counted(notification: Notification) -> bool:
+        sent = deliver(notification)
+        if not sent:
+            undelivered.append(notification)
+        return sent
+
     try:
         ensure_incident_table(engine)
-        return reconcile(
+        delivered = reconcile(
             engine,
             judge(drift_measurements(daily, settings.monitor_psi_ignore), settings),
             now,
-            deliver=deliver,
+            deliver=counted,
         )
     finally:
         engine.dispose()
+    if undelivered:
+        subjects = "; ".join(n.subject for n in undelivered)
+        raise RuntimeError(
+            f"drift alert(s) not delivered, incident(s) left for a resend: {subjects}"
+        )
+    return delivered
 
 
 @task
@@ -89,12 +108,15 @@ def monitoring_report() -> Path:
     now = utc_now()
     daily = compute_daily(now)
     store(daily)
-    drift_incidents(daily, now)
+    # The report is built even when a drift alert could not be delivered; the run fails after it.
+    alerted = drift_incidents(daily, now, return_state=True)
     path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
     create_markdown_artifact(
         key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"
     )
     get_run_logger().info("monitoring report written to %s", path)
+    if alerted.is_failed():
+        alerted.result()  # raises the task's error: the run fails, naming the alerts
     return path
 
 

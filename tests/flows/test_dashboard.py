@@ -202,3 +202,62 @@ def test_monitoring_report_end_to_end(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["monitoring-dashboard"]))
         )
     assert artifacts and str(path) in str(artifacts[-1].data)
+
+
+def test_a_drift_alert_the_webhook_refused_fails_the_task_and_is_resent(
+    pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drift checks run once a day: a drift alert Slack refused (429, 5xx) rolls its incident
+    back for a resend, and without one the next chance is tomorrow's run, with nothing said. The
+    task fails (Prefect retries it; once retries run out the flow fails, and the monitor's
+    failed_flows check pages) and a resend delivers it, once."""
+    from flows.dashboard import drift_incidents
+    from paylater.settings import get_settings
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+    from tasks.monitoring import open_incidents, open_queue_db
+
+    answers = [503]
+    payloads: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            payloads.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(answers[0])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True).start()
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/h"
+    )
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY",
+        "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    drift = DriftReport({"txn_count_30d": 1.5}, None, reference_rows=800, current_rows=800)
+    daily = DailyMonitoring(date(2026, 7, 1), drift=drift, reference_day=date(2026, 5, 1))
+    now = datetime.now(UTC)
+    try:
+        with pytest.raises(RuntimeError, match="feature_psi_max"):
+            drift_incidents.fn(daily, now)
+        engine = open_queue_db(get_settings())
+        assert open_incidents(engine) == []  # rolled back: the resend opens it
+        answers[0] = 200
+        (sent,) = drift_incidents.fn(daily, now)
+        assert sent.subject == "[FIRING] paylater critical: feature_psi_max"
+        assert drift_incidents.fn(daily, now) == []  # delivered once, not again
+        assert [i["check_name"] for i in open_incidents(engine)] == ["feature_psi_max"]
+        engine.dispose()
+        assert len(payloads) == 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -305,14 +305,13 @@ class DailyMonitoring:
     reference_score_rows: int = 0  # the model's scores of its training requests
 
 
-def recent_production_scores(engine: sa.Engine, since: datetime) -> list[float]:
-    """Probabilities the production worker wrote since `since` ([] without a queue)."""
+def recent_production_scores(engine: sa.Engine, since: datetime, version: str) -> list[float]:
+    """Probabilities model `version` wrote since `since` ([] without a queue)."""
     if not sa.inspect(engine).has_table("scoring_results"):
         return []
+    params = {"since": since, "version": version}
     with engine.connect() as conn:
-        return [
-            float(r[0]) for r in conn.execute(sa.text(load_sql("recent_scores")), {"since": since})
-        ]
+        return [float(r[0]) for r in conn.execute(sa.text(load_sql("recent_scores")), params)]
 
 
 def reference_day(available: list[date], trained: date, current: date) -> date | None:
@@ -357,10 +356,13 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
     else:
         out.model_version = model.version
         reference_scores = model_scores(model, training)
-        current_scores = recent_production_scores(engine, now - timedelta(days=1)) or None
+        since = now - timedelta(days=1)
+        current_scores = recent_production_scores(engine, since, model.version) or None
         out.score_rows = len(current_scores or [])
         if current_scores is None:
-            out.notes.append("no production scores in the last day: no score PSI")
+            out.notes.append(
+                f"no production scores of version {model.version} in the last day: no score PSI"
+            )
         out.vintages = production_vintages(training, training_manifest.as_of, model)
     trained = (model.trained_as_of if model else None) or training_manifest.as_of
     day = reference_day(snapshots, trained, scoring_manifest.as_of)

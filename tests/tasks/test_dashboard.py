@@ -207,3 +207,39 @@ def test_an_ignored_feature_is_shown_but_not_alerted_on() -> None:
     assert score.value is None  # no scores given
     unfiltered, _ = drift_measurements(daily)
     assert [r.level for r in judge([unfiltered], settings)] == ["critical"]
+
+
+def test_score_psi_reads_only_the_production_versions_scores(pg_url: str) -> None:
+    """The day after a promotion (or a rollback), the last day of scoring_results holds both
+    versions' scores; the reference is the new version's scores of its training requests, so the
+    old version's scores would read as drift (a page) when nothing moved."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from tasks.dashboard import recent_production_scores
+    from tasks.drift import psi
+
+    schema = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
+    rng = np.random.default_rng(7)
+    reference = rng.uniform(0.0, 0.2, 2000)  # the new version's scores of its training requests
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(schema.read_text())
+        for version, low, high, hours in (("1", 0.5, 0.9, 20), ("2", 0.0, 0.2, 2)):
+            for p in rng.uniform(low, high, 400):
+                (job,) = conn.execute(
+                    "INSERT INTO scoring_jobs (user_id, payload, status) VALUES (1, '{}', 'done')"
+                    " RETURNING id"
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO scoring_results"
+                    " (job_id, probability, decision, model_version, reason_codes, scored_at)"
+                    " VALUES (%s, %s, 'approve', %s, '[]', %s)",
+                    [job, float(p), version, NOW - timedelta(hours=hours)],
+                )
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        scores = recent_production_scores(engine, NOW - timedelta(days=1), "2")
+    finally:
+        engine.dispose()
+    assert len(scores) == 400
+    assert psi(reference, scores) < 0.1

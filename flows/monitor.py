@@ -32,6 +32,71 @@ def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
     hook(flow, flow_run, state)
 
 
+def alert_on_new_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """alert_on_failure, unless the previous finished run of this flow failed with the same
+    message: a cause that fails every 5-minute run (a setting, the queue database down) is told
+    once, not 12 times an hour; the heartbeat, withheld meanwhile, keeps paging."""
+    import logging
+
+    if _failed_alike_before(flow_run, state):
+        logging.getLogger(__name__).warning(
+            "monitor failed as its previous run did (%s): Slack already told", state.message
+        )
+        return
+    alert_on_failure(flow, flow_run, state)
+
+
+def _failed_alike_before(flow_run: Any, state: Any) -> bool:
+    """Whether the previous finished run of this flow (same deployment, or none) FAILED with the
+    same message; False when the Prefect API cannot say (better told twice than never)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from tasks.monitoring import FLOW_RUN_READ_TIMEOUT_SECONDS, TERMINAL_STATES
+
+    deployment = getattr(flow_run, "deployment_id", None)
+    same_deployment = (
+        FlowRunFilterDeploymentId(any_=[deployment])
+        if deployment
+        else FlowRunFilterDeploymentId(is_null_=True)
+    )
+    finished = FlowRunFilterStateType(any_=[StateType(n) for n in TERMINAL_STATES])
+    try:
+        with (
+            temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+            get_client(
+                httpx_settings={"timeout": FLOW_RUN_READ_TIMEOUT_SECONDS}, sync_client=True
+            ) as client,
+        ):
+            previous = client.read_flow_runs(
+                flow_filter=FlowFilter(id=FlowFilterId(any_=[flow_run.flow_id])),
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(not_any_=[flow_run.id]),
+                    deployment_id=same_deployment,
+                    state=FlowRunFilterState(type=finished),
+                ),
+                sort=FlowRunSort.END_TIME_DESC,
+                limit=1,
+            )
+    except Exception:  # the API down: tell
+        return False
+    if not previous or previous[0].state is None:
+        return False
+    before = previous[0].state
+    return before.type == StateType.FAILED and (before.message or "") == (state.message or "")
+
+
 @task
 def run_checks(now: datetime) -> list[CheckResult]:
     """Measure everything and judge it against the configured thresholds."""
@@ -138,7 +203,7 @@ def purge_finished_jobs(now: datetime) -> int:
         return queue.purge(conn, before)
 
 
-@flow(name="monitor", on_failure=[alert_on_failure])
+@flow(name="monitor", on_failure=[alert_on_new_failure])
 def monitor() -> list[CheckResult]:
     """Check the system, update incident state, and alert on what opened or cleared; then delete
     jobs past their retention."""

@@ -649,3 +649,40 @@ def test_an_unreachable_incident_database_fails_the_run_as_before(
         closed.close()
         heartbeat.close()
     assert heartbeat.gets == []
+
+
+def test_a_monitor_failing_run_after_run_tells_slack_once_until_a_run_completes(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The monitor runs every 5 minutes: a cause that fails it (a setting, the queue database
+    down) failed every run, and each run's failure hook told Slack again, 12 times an hour, all
+    night. The same failure as the previous finished run is told once; a different one, or the
+    first after a run that completed, is told."""
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    # Values no other test uses: their failure messages are this test's own.
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "-4.25")
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            monitor()
+    (failed,) = receiver.take()
+    assert "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES" in failed["body"]
+    monkeypatch.delenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES")
+    monkeypatch.setenv("PAYLATER_MONITOR_WINDOW_MINUTES", "-6")  # another failure: told
+    with pytest.raises(ValueError):
+        monitor()
+    (other,) = receiver.take()
+    assert "PAYLATER_MONITOR_WINDOW_MINUTES" in other["body"]
+    monkeypatch.delenv("PAYLATER_MONITOR_WINDOW_MINUTES")
+    monitor()  # completes
+    receiver.take()  # whatever the checks said
+    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "-4.25")
+    with pytest.raises(ValueError):
+        monitor()
+    (again,) = [p for p in receiver.take() if "of 'monitor' failed" in p["subject"]]
+    assert "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES" in again["body"]

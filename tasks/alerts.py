@@ -235,6 +235,8 @@ def send_page(
     event = pagerduty_event(routing_key, action, subject, body, dedup_key)
     try:
         response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))
+    except httpx.InvalidURL as exc:  # not an HTTPError: a typo a resend cannot mend
+        return Page(False, False, f"PAYLATER_ALERT_PAGERDUTY_EVENTS_URL {url!r} is invalid: {exc}")
     except httpx.HTTPError as exc:
         return Page(False, True, f"PagerDuty not reached at {url}: {exc!r}")
     except DeliveryTimeout as exc:

@@ -347,3 +347,20 @@ def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
         assert "PagerDuty did not answer within 1 s" in caplog.text
     finally:
         trickler.close()
+
+
+def test_a_malformed_pagerduty_url_is_a_clear_refusal_not_an_exception(
+    paylater_home, receiver, monkeypatch, caplog
+) -> None:
+    """notify never raises: a typo in the Events API URL (a bad port) raised httpx.InvalidURL out
+    of it, failing the monitor's incident update on every run instead of telling Slack once."""
+    for var in PAGERDUTY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com:44x3/")
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    # Resending cannot mend a URL: Slack is told now, flagged unpaged, and the notice counts as sent.
+    assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True) is True
+    (told,) = receiver.bodies
+    assert "NOT PAGED" in told["text"] and "PAYLATER_ALERT_PAGERDUTY_EVENTS_URL" in told["text"]
+    assert FAKE_KEY not in caplog.text

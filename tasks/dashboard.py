@@ -355,7 +355,15 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
         out.notes.append("no production model: no score PSI or vintages")
     else:
         out.model_version = model.version
-        reference_scores = model_scores(model, training)
+        try:
+            reference_scores = model_scores(model, training)
+            out.vintages = production_vintages(training, training_manifest.as_of, model)
+        except ValueError as exc:  # e.g. a feature the model uses gone from the feature SQL
+            reference_scores = None
+            out.notes.append(
+                f"production model version {model.version} not scored on the training set "
+                f"as_of {training_manifest.as_of} ({exc}): no score PSI or vintages"
+            )
         since = now - timedelta(days=1)
         current_scores = recent_production_scores(engine, since, model.version) or None
         out.score_rows = len(current_scores or [])
@@ -363,7 +371,6 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
             out.notes.append(
                 f"no production scores of version {model.version} in the last day: no score PSI"
             )
-        out.vintages = production_vintages(training, training_manifest.as_of, model)
     trained = (model.trained_as_of if model else None) or training_manifest.as_of
     day = reference_day(snapshots, trained, scoring_manifest.as_of)
     if day is None:

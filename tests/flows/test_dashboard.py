@@ -261,3 +261,54 @@ def test_a_drift_alert_the_webhook_refused_fails_the_task_and_is_resent(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_production_model_the_training_set_cannot_score_does_not_hide_feature_drift(
+    pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feature SQL dropped a column the production model uses: its scores and vintages cannot
+    be computed on the new training set, but the daily run raised, so the feature drift (which
+    is what shows such a change) was never computed, stored or alerted on either."""
+    import sqlalchemy as sa
+
+    from registry.testing import (
+        USER_FEATURES,
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+    )
+    from registry.testing import write_dataset as write_training
+    from tasks.dashboard import daily_monitoring
+    from tasks.datasets import write_dataset
+    from tasks.storage import open_storage
+
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
+    monkeypatch.delenv("PAYLATER_WORKER_DATABASE_URL", raising=False)
+    training, _ = synthetic_training_table(1200, FIRST_MONTH, 6, seed=4)
+    training = training.append_column("gone_30d", training["txn_count_30d"])
+    features = ["request_amount_jpy", *USER_FEATURES, "gone_30d"]
+    register_production_model(training, features, as_of_after(FIRST_MONTH, 4))
+    as_of = as_of_after(FIRST_MONTH, 6)
+    write_training(training.drop_columns(["gone_30d"]), as_of)  # the feature SQL dropped it
+    users = training.select(["user_id", *USER_FEATURES]).slice(0, 400)
+    shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
+    for day, table in ((as_of_after(FIRST_MONTH, 4), users), (as_of, shifted)):
+        write_dataset(
+            open_storage(),
+            "scoring",
+            day,
+            table.append_column("as_of", pa.array([day] * table.num_rows, pa.date32())),
+            features=list(USER_FEATURES),
+            sql_hash="x",
+            source_watermark=None,
+        )
+    engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        daily = daily_monitoring(engine, datetime.now(UTC))
+    finally:
+        engine.dispose()
+    assert daily.drift is not None and daily.drift.feature_psi["txn_count_30d"] > 0.25
+    assert daily.drift.score_psi is None and daily.vintages == []
+    assert any("lacks model features: gone_30d" in note for note in daily.notes)

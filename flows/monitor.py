@@ -115,7 +115,10 @@ def deliver(notification: Notification) -> bool:
     """Send through tasks.alerts.notify: Slack for all, PagerDuty triggers criticals and resolves.
 
     `retried`: a refused notice is resent by the next run, so while PagerDuty refuses a page with
-    a retryable error, Slack is not told yet (it hears the notice once, after the page).
+    a retryable error, Slack is not told yet (it hears the notice once, after the page), but only
+    with a heartbeat configured: its withheld ping pages meanwhile. Without one, holding Slack
+    back left a critical alert unheard anywhere for as long as PagerDuty was down; Slack is told
+    at once, marked NOT PAGED, and the notice is still resent until PagerDuty takes it.
     """
     from tasks.alerts import notify
 
@@ -126,7 +129,7 @@ def deliver(notification: Notification) -> bool:
         severity=n.severity,
         dedup_key=n.dedup_key,
         resolve=n.resolve_page,
-        retried=True,
+        retried=bool(get_settings().monitor_heartbeat_url),
     )
 
 

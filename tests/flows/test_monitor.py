@@ -357,6 +357,8 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    # The heartbeat pages while a page is refused, so Slack may wait for the page.
+    monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", f"{receiver.url}/heartbeat")
     queue_a_late_job(pg_url)
     write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # sync_age: warning
 
@@ -686,3 +688,35 @@ def test_a_monitor_failing_run_after_run_tells_slack_once_until_a_run_completes(
         monitor()
     (again,) = [p for p in receiver.take() if "of 'monitor' failed" in p["subject"]]
     assert "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES" in again["body"]
+
+
+def test_without_a_heartbeat_slack_hears_a_critical_alert_pagerduty_refuses(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no heartbeat configured (the default), nothing else pages while PagerDuty answers
+    5xx: holding Slack back until the page went through left the critical alert unheard for the
+    whole PagerDuty outage. Slack is told, marked NOT PAGED, and the page is still resent."""
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    monkeypatch.delenv("PAYLATER_MONITOR_HEARTBEAT_URL", raising=False)
+    queue_a_late_job(pg_url)
+    key = "paylater-monitor/oldest_queued_age"
+    pagerduty.status = 503
+    monitor()
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty.take()] == [("trigger", key)]
+    (told,) = [p for p in receiver.take() if "oldest_queued_age" in p["subject"]]
+    assert told["subject"] == "[FIRING] paylater critical: oldest_queued_age"
+    assert "NOT PAGED" in told["text"] and "503" in told["text"]
+    pagerduty.status = 202
+    monitor()  # resent: paged now
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty.take()] == [("trigger", key)]
+    monitor()
+    assert pagerduty.take() == []

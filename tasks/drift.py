@@ -1,10 +1,11 @@
 """Distribution drift (PSI) and vintage performance; plain functions, no Prefect.
 
 PSI (population stability index) of a feature or score, current sample against a reference:
-- bins: the reference's deciles (quantiles 0.1 … 0.9 of its non-NULL values, duplicates dropped,
+- bins: the reference's deciles (quantiles 0.1 … 0.9 of its finite values, duplicates dropped,
   so a feature with heavy ties gets fewer bins); intervals are right-closed, (e[i-1], e[i]], the
   first and last open-ended, so current values outside the reference range still land in a bin;
-- NULLs (and NaN) form their own bin, so a jump in missing values shows up as drift;
+- -inf and +inf (DuckDB's x / 0.0, ln(0)) form a bin each, and NULLs (and NaN) another, so a jump
+  in missing or infinite values shows up as drift;
 - PSI = sum over bins of (c - r) * ln(c / r), with r, c the shares of each sample per bin;
 - a bin empty in one sample gets the share EPSILON = 1e-4 instead of 0 (no renormalisation:
   the shift it adds is negligible), which keeps PSI finite; a bin empty in both adds 0.
@@ -37,20 +38,24 @@ NON_FEATURE_COLUMNS = frozenset(
 
 
 def quantile_edges(reference: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """Interior cut points: the reference's 1/bins … (bins-1)/bins quantiles, deduplicated."""
+    """Interior cut points: the reference's 1/bins … (bins-1)/bins quantiles of its finite values
+    (an infinity would make them NaN: inf - inf), deduplicated."""
     if bins < 2:
         raise ValueError(f"PSI needs at least 2 bins, got {bins}")
-    values = reference[~np.isnan(reference)]
+    values = reference[np.isfinite(reference)]
     if values.size == 0:
         return np.empty(0)
     return np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
 
 
 def bin_shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Share of `values` per bin: len(edges)+1 right-closed value bins, then the NULL bin."""
-    missing = np.isnan(values)
-    index = np.searchsorted(edges, values[~missing], side="left")
-    counts = np.append(np.bincount(index, minlength=edges.size + 1), missing.sum())
+    """Share of `values` per bin: len(edges)+1 right-closed finite bins, then -inf, +inf, NULL."""
+    finite = np.isfinite(values)
+    index = np.searchsorted(edges, values[finite], side="left")
+    counts = np.append(
+        np.bincount(index, minlength=edges.size + 1),
+        [np.sum(values == -np.inf), np.sum(values == np.inf), np.isnan(values).sum()],
+    )
     return counts / max(values.size, 1)
 
 

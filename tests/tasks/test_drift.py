@@ -137,3 +137,25 @@ def test_log_drift_to_mlflow_logs_metrics_and_artifact(tmp_path: Path) -> None:
         assert json.loads(report.to_json()) == artifact
     finally:
         mlflow.set_tracking_uri("")
+
+
+def test_infinities_get_bins_of_their_own_and_never_blind_the_quantiles() -> None:
+    """DuckDB's DOUBLE arithmetic gives inf/-inf (x / 0.0, ln(0)). The reference's quantiles took
+    them in (inf - inf is NaN, so edges became NaN) and every value fell in one bin: a reference
+    of infinities read PSI 0 against any current sample, a drift from finite to infinite values
+    was hidden. Infinities are now counted in a -inf and a +inf bin, beside the NULL bin."""
+    rng = np.random.default_rng(3)
+    finite = rng.normal(size=1000)
+    inf = np.full(1000, np.inf)
+    assert psi(inf, finite) > 0.25  # was 0.0
+    assert psi(finite, inf) > 0.25
+    assert psi(-inf, inf) > 0.25
+    # a fifth of the values infinite on both sides: the same distribution, PSI 0
+    mixed = np.concatenate([finite, np.full(250, np.inf), np.full(50, -np.inf)])
+    assert np.all(np.isfinite(quantile_edges(mixed, 10)))
+    assert psi(mixed, mixed.copy()) == pytest.approx(0.0, abs=1e-12)
+    # the infinite share doubling is drift the bins see
+    doubled = np.concatenate([finite[:700], np.full(600, np.inf)])
+    shares = bin_shares(doubled, quantile_edges(mixed, 10))
+    assert shares[-2] == pytest.approx(600 / 1300)  # the +inf bin, before the NULL bin
+    assert psi(mixed, doubled) > 0.1

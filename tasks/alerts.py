@@ -305,6 +305,13 @@ def _tell_chat(
         sent |= _post_webhook(settings.alert_webhook_url, payload)
     if not (addressed or pagerduty_configured(settings)):
         log.warning("no alert channel configured; alert was: %s", text)
+    elif not addressed and severity != "critical":
+        # PagerDuty takes critical alerts only: this one would otherwise vanish without a trace.
+        log.warning(
+            "alert reached no chat channel (PagerDuty takes critical alerts only; set"
+            " PAYLATER_ALERT_SLACK_BLOCK or PAYLATER_ALERT_WEBHOOK_URL): %s",
+            text,
+        )
     elif addressed and not sent:
         log.error("alert reached no chat channel: %s", text)
     return sent or not addressed

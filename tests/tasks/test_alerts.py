@@ -364,3 +364,20 @@ def test_a_malformed_pagerduty_url_is_a_clear_refusal_not_an_exception(
     (told,) = receiver.bodies
     assert "NOT PAGED" in told["text"] and "PAYLATER_ALERT_PAGERDUTY_EVENTS_URL" in told["text"]
     assert FAKE_KEY not in caplog.text
+
+
+def test_a_warning_with_only_pagerduty_configured_is_logged_as_reaching_no_channel(
+    paylater_home, pagerduty, monkeypatch, caplog
+) -> None:
+    """PagerDuty takes critical alerts only: with no chat channel configured, warnings (a sync
+    late by 30 h, an unmeasured check) went nowhere, and not even the log said so."""
+    monkeypatch.delenv("PAYLATER_ALERT_WEBHOOK_URL", raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    assert notify("[FIRING] paylater warning: sync_age", "b", severity="warning") is True
+    assert pagerduty.bodies == []
+    told = [r.getMessage() for r in caplog.records if "sync_age" in r.getMessage()]
+    assert len(told) == 1 and "no chat channel" in told[0]
+    assert "PAYLATER_ALERT_WEBHOOK_URL" in told[0]
+    caplog.clear()
+    assert notify("[FIRING] paylater critical: q", "b", severity="critical", dedup_key="k")
+    assert len(pagerduty.bodies) == 1 and caplog.text == ""  # paged: nothing to say

@@ -33,6 +33,7 @@ from tasks.drift import (
     vintage_rows,
 )
 from tasks.monitoring import Measurement, load_sql, open_incidents
+from tasks.storage import LocalStorage
 
 PLOT_IDS = (
     "plot-score-distribution",
@@ -262,10 +263,12 @@ def write_dashboard(document: str, reports_dir: Path, as_of: date) -> Path:
     """Write the report as reports/monitoring-<as_of>.html and reports/monitoring-latest.html."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     path = reports_dir / f"monitoring-{as_of.isoformat()}.html"
+    # LocalStorage writes each file through a scratch file of its own, renamed over the target:
+    # readers never see a half-written report, and two reports written at once (a backfill's
+    # days) never rename each other's.
+    folder = LocalStorage(reports_dir.as_uri(), reports_dir)
     for target in (path, reports_dir / "monitoring-latest.html"):
-        partial = target.with_suffix(".html.partial")
-        partial.write_text(document, encoding="utf-8")
-        partial.replace(target)  # readers never see a half-written report
+        folder.write_bytes(target.name, document.encode("utf-8"))
     return path
 
 

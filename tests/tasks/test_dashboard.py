@@ -243,3 +243,36 @@ def test_score_psi_reads_only_the_production_versions_scores(pg_url: str) -> Non
         engine.dispose()
     assert len(scores) == 400
     assert psi(reference, scores) < 0.1
+
+
+def test_reports_written_at_once_never_leave_a_mixed_or_missing_file(tmp_path: Path) -> None:
+    """Two monitoring-report runs finishing together (a backfill's days): each write goes through
+    a scratch file of its own, so neither renames the other's half-written one, nor fails."""
+    import threading
+
+    from tasks.dashboard import write_dashboard
+
+    documents = {name: name * 2_000_000 for name in ("a", "b")}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def writer(document: str) -> None:
+        start.wait()
+        try:
+            for _ in range(30):
+                write_dashboard(document, tmp_path, date(2026, 11, 26))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(d,)) for d in documents.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for name in ("monitoring-2026-11-26.html", "monitoring-latest.html"):
+        assert (tmp_path / name).read_text() in documents.values()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "monitoring-2026-11-26.html",
+        "monitoring-latest.html",
+    ]

@@ -529,11 +529,26 @@ def measure_late_runs(
     return Measurement("late_flow_runs", float(len(late)), detail)
 
 
+def current_deployment_id() -> str | None:
+    """The deployment of the flow run this code runs in (None outside one, or when unknown)."""
+    try:
+        from prefect.runtime import deployment
+
+        found = deployment.id
+    except Exception:  # the API asked for it and did not answer: then nothing is skipped
+        return None
+    return str(found) if found else None
+
+
 def read_flow_runs(
-    now: datetime, window_hours: float, late_minutes: float
+    now: datetime, window_hours: float, late_minutes: float, own_deployment: str | None = None
 ) -> tuple[list[FlowRunInfo], list[FlowRunInfo]]:
     """From the Prefect API: the latest run of every deployment that finished in the window, and
     the runs waiting past their start by `late_minutes`.
+
+    `own_deployment` (the monitor's, when it runs as one) is left out of the finished runs: the
+    run now measuring shows that job runs again, so its previous run's failure is over; judged,
+    one transient failure of the monitor paged at its next run and resolved at the one after.
 
     Only deployment runs count: the jobs the system runs. An ad-hoc run interrupted or failing on
     someone's terminal is Crashed or Failed too, and no later deployment run would ever clear it.
@@ -580,6 +595,8 @@ def read_flow_runs(
     ):
         latest: dict[str, FlowRun] = {}
         for deployment in client.read_deployments(limit=200):
+            if str(deployment.id) == own_deployment:
+                continue
             in_time()
             newest = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
@@ -632,7 +649,10 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
     """Crashed jobs and late runs, from the Prefect API (unknown when it cannot be read)."""
     try:
         latest, waiting = read_flow_runs(
-            now, settings.monitor_flow_window_hours, settings.monitor_late_run_minutes
+            now,
+            settings.monitor_flow_window_hours,
+            settings.monitor_late_run_minutes,
+            own_deployment=current_deployment_id(),
         )
     except Exception as exc:  # the API down must not stop the other checks
         reason = f"Prefect API not readable: {type(exc).__name__}: {exc}"

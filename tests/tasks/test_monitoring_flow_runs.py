@@ -93,7 +93,19 @@ from prefect import flow
 
 
 @flow(name="{name}")
-def job(die: bool = True, fail: bool = False) -> None:
+def job(die: bool = True, fail: bool = False, measure_to: str = "") -> None:
+    if measure_to:  # measure as the monitor does, from inside a run of this deployment
+        import json
+        from datetime import UTC, datetime
+
+        from tasks.monitoring import current_deployment_id, read_flow_runs
+
+        own = current_deployment_id()
+        latest, _ = read_flow_runs(datetime.now(UTC), 48, 30, own_deployment=own)
+        seen = [r.state_type for r in latest if r.flow == "{name}"]
+        with open(measure_to, "w") as out:
+            json.dump({{"own": own, "seen": seen}}, out)
+        return
     if die:
         os.kill(os.getpid(), signal.SIGKILL)
     if fail:
@@ -207,6 +219,26 @@ def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
     run_deployment_once(job, {"die": False})  # the job's next run finishes
     latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert measure_failed_flows(ours(latest, name)).value == 0.0
+
+
+def test_the_monitor_does_not_count_its_own_previous_failure(
+    crashing_flow: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A run of a deployment that measures the flow runs (the monitor) leaves its own deployment
+    out: the failure of its previous run is over, since it runs again. Counted, one transient
+    failure of the monitor paged at its next run, and resolved at the one after."""
+    import json
+
+    job, name = crashing_flow
+    run_deployment_once(job, {"die": False, "fail": True})
+    # Measured from outside the deployment, its failed run counts.
+    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    assert [r.state_type for r in ours(latest, name)] == ["FAILED"]
+    out = tmp_path / "measured.json"
+    run_deployment_once(job, {"die": False, "measure_to": str(out)})
+    measured = json.loads(out.read_text())
+    assert measured["own"] is not None, "the run knows its deployment"
+    assert measured["seen"] == []
 
 
 def test_a_run_nobody_picks_up_is_late(crashing_flow: tuple[Any, str]) -> None:

@@ -9,10 +9,12 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="Synthetic source data: generate, advance.")
 
 
-def _fail(message: str) -> None:
-    """One clear error line, exit code 1."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=1)
+def _fail(exc: Exception) -> None:
+    """One clear error line, exit code 1 (an invalid setting named by its environment variable)."""
+    from paylater.cli import error_line  # imported here: paylater.cli imports this module
+
+    typer.echo(f"error: {error_line(exc)}", err=True)
+    raise typer.Exit(code=1) from exc
 
 
 @app.command("generate")
@@ -34,8 +36,9 @@ def generate_command(
     from paylater.timeutil import resolve_as_of
     from tasks.warehouse import WarehouseError
 
-    settings = get_settings()
     try:
+        # Inside the try: an invalid PAYLATER_* variable is a ValidationError (a ValueError).
+        settings = get_settings()
         last_day: date = resolve_as_of(end_date)
         report = generate_into(
             users=users,
@@ -49,7 +52,7 @@ def generate_command(
             replace=replace,
         )
     except (SourceNotEmpty, SourceUnavailable, WarehouseError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     for line in report.lines():
         typer.echo(line)
@@ -65,8 +68,8 @@ def advance_command(
     from paylater.settings import get_settings
     from tasks.warehouse import WarehouseError
 
-    settings = get_settings()
     try:
+        settings = get_settings()  # inside the try, as in generate
         report = advance_into(days, settings.source, settings.warehouse, settings.truth_dir)
     except (
         SourceNotEmpty,
@@ -75,7 +78,7 @@ def advance_command(
         FileNotFoundError,
         ValueError,
     ) as exc:
-        _fail(str(exc))
+        _fail(exc)
         return
     for line in report.lines():
         typer.echo(line)

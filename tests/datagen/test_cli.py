@@ -53,3 +53,15 @@ def test_unreachable_postgres_source_is_one_clear_error(
     assert result.exit_code == 1
     assert result.output.startswith("error: cannot connect to the source database")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["generate", "--users", "10", "--months", "1"], ["advance"]])
+def test_invalid_setting_is_one_error_line_naming_the_variable(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    monkeypatch.setenv("PAYLATER_TIMEZONE", "Mars/Olympus")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: PAYLATER_TIMEZONE: ")
+    assert len(result.output.strip().splitlines()) == 1
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught error

@@ -58,19 +58,27 @@ class SourceDB(Protocol):
     def close(self) -> None: ...
 
 
+def redact(url: str) -> str:
+    """A URL with its password hidden, a URL missing its scheme (user:password@host/db) too."""
+    with_scheme = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    return re.sub(r"^([^:/@]+):[^@/]*@", r"\1:***@", with_scheme)
+
+
 def open_source(url: str) -> SourceDB:
     """Connect to sqlite:///path or postgresql://... (SQLAlchemy-style URLs)."""
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise ValueError(
-            f"source URL {url!r} has no scheme: use sqlite:///path or postgresql://..."
+            f"source URL {redact(url)!r} has no scheme: use sqlite:///path or postgresql://..."
         )
     kind = scheme.split("+", 1)[0]
     if kind == "sqlite":
         return SqliteSource(url)
     if kind in ("postgresql", "postgres"):
         return PostgresSource(url)
-    raise ValueError(f"source URL {url!r} is of unknown kind {scheme!r}: use sqlite or postgresql")
+    raise ValueError(
+        f"source URL {redact(url)!r} is of unknown kind {scheme!r}: use sqlite or postgresql"
+    )
 
 
 def _to_sqlite_types(data: pa.Table) -> pa.Table:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import re
 import shutil
 import threading
 import time
@@ -21,6 +20,7 @@ from datagen.generator import Chunk, Simulation, SourceData
 from datagen.load import (
     SourceNotEmpty,
     open_source,
+    redact,
     split_by_day,
     write_app_event_days,
 )
@@ -57,11 +57,6 @@ class WriteReport:
             out.append(f"  {table:18} {rows:>12,} inserted{extra}")
         out.append(f"took {self.seconds:.1f} s")
         return out
-
-
-def redact(url: str) -> str:
-    """A URL with its password hidden."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def load(source_url: str, data: SourceData, replace: bool = False) -> dict[str, int]:

@@ -90,3 +90,15 @@ def test_app_events_replace_their_day_partitions_idempotently(
     finally:
         warehouse.close()
     assert got == {"n": events.num_rows, "days": 8}
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgress://app:S3cretPw@db.internal/source", "app:S3cretPw@db.internal/source"],
+)
+def test_a_malformed_source_url_is_refused_without_its_password(url: str) -> None:
+    from datagen.load import open_source
+
+    with pytest.raises(ValueError, match="source URL") as refused:
+        open_source(url)
+    assert "S3cretPw" not in str(refused.value)

@@ -171,11 +171,15 @@ class PostgresSource:
     def __init__(self, url: str) -> None:
         import psycopg
 
+        from paylater.postgres import connect_timeout
+
         rest = url.split("://", 1)[1]
         self.url = url
+        conninfo = "postgresql://" + rest
         try:
-            self.conn = psycopg.connect("postgresql://" + rest, connect_timeout=10)
-        except psycopg.OperationalError as exc:
+            self.conn = psycopg.connect(conninfo, **connect_timeout(conninfo))
+        # ProgrammingError: libpq refused the URL itself (an unknown query parameter).
+        except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise SourceUnavailable(f"cannot connect to the source database: {first_line}") from exc
 

@@ -65,3 +65,14 @@ def test_invalid_setting_is_one_error_line_naming_the_variable(
     assert result.output.startswith("error: PAYLATER_TIMEZONE: ")
     assert len(result.output.strip().splitlines()) == 1
     assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught error
+
+
+def test_a_postgres_url_with_an_unknown_parameter_is_one_error_line(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://app:pw@127.0.0.1/source?sslmod=require")
+    result = runner.invoke(app, ["generate", "--users", "10", "--months", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: cannot connect to the source database")
+    assert "sslmod" in result.output and "pw@" not in result.output
+    assert isinstance(result.exception, SystemExit)

@@ -221,7 +221,9 @@ class Settings(BaseSettings):
             " 25th), so its PSI against any other day of the month is large without any drift."
         ),
     )
-    monitor_report_days: int = Field(default=30, description="Days of history the dashboard plots.")
+    monitor_report_days: int = Field(
+        default=30, ge=1, description="Days of history the dashboard plots."
+    )
     # --- end monitoring ---
 
     # --- retrain / registry (owner: retrain; tasks/training.py, registry/, flows/monthly_retrain.py) ---
@@ -231,38 +233,52 @@ class Settings(BaseSettings):
         default=None,
         description="Artifact root of new MLflow experiments on an embedded (sqlite/file) store; default <home>/mlartifacts.",
     )
-    train_learning_rate: float = Field(default=0.05, description="LightGBM learning_rate.")
-    train_num_leaves: int = Field(default=15, description="LightGBM num_leaves.")
-    train_min_data_in_leaf: int = Field(default=200, description="LightGBM min_data_in_leaf.")
-    train_feature_fraction: float = Field(default=0.9, description="LightGBM feature_fraction.")
-    train_lambda_l2: float = Field(default=1.0, description="LightGBM lambda_l2.")
-    train_max_bin: int = Field(default=255, description="LightGBM max_bin.")
-    train_num_boost_round: int = Field(default=2000, description="Upper bound on boosting rounds.")
+    train_learning_rate: float = Field(default=0.05, gt=0, description="LightGBM learning_rate.")
+    train_num_leaves: int = Field(default=15, ge=2, description="LightGBM num_leaves.")
+    train_min_data_in_leaf: int = Field(default=200, ge=0, description="LightGBM min_data_in_leaf.")
+    train_feature_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="LightGBM feature_fraction."
+    )
+    train_lambda_l2: float = Field(default=1.0, ge=0, description="LightGBM lambda_l2.")
+    train_max_bin: int = Field(default=255, ge=2, description="LightGBM max_bin.")
+    train_num_boost_round: int = Field(
+        default=2000, ge=1, description="Upper bound on boosting rounds."
+    )
     train_early_stopping_rounds: int = Field(
         default=50,
+        ge=1,
         description="Stop when the early-stopping log loss has not improved for this many rounds.",
     )
     train_early_stopping_share: int = Field(
         default=10,
+        ge=2,  # 1 would put every in-time charge in the stopping set, none left to fit
         description="1 in N in-time charges (charge_id % N == 0) form the early-stopping set; the OOT month is never seen.",
     )
     train_num_threads: int = Field(
-        default=2, description="LightGBM threads; part of the params, since results depend on it."
+        default=2,
+        ge=1,  # 0 is LightGBM's "all cores": results would depend on the machine
+        description="LightGBM threads; part of the params, since results depend on it.",
     )
     train_seed: int = Field(
         default=42, description="LightGBM seed (all of its random seeds derive from it)."
     )
     decision_cutoff: float = Field(
         default=0.2,
+        ge=0,
+        le=1,  # 20 meant as 20 % would register versions that approve everyone (NaN fails too)
         description="Default probability at or above which a request is declined (tag `cutoff` on each version).",
     )
     golden_request_count: int = Field(
         default=20,
+        ge=1,  # a version without golden requests can never be verified, so never promoted
         description="OOT rows stored with each version as golden requests for staging checks.",
     )
-    gate_min_auc: float = Field(default=0.65, description="Absolute gate: OOT AUC at least this.")
+    gate_min_auc: float = Field(
+        default=0.65, ge=0, le=1, description="Absolute gate: OOT AUC at least this."
+    )
     gate_max_ece: float = Field(
         default=0.02,
+        ge=0,
         description="Absolute gate: OOT expected calibration error (10 equal-mass bins) at most this.",
     )
     gate_max_auc_drop: float = Field(
@@ -271,6 +287,7 @@ class Settings(BaseSettings):
     )
     gate_max_score_psi: float = Field(
         default=0.25,
+        ge=0,
         description="Relative gate: PSI of candidate vs production scores on the OOT month at most this.",
     )
     gate_min_oot_rows: int = Field(
@@ -355,7 +372,10 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Idle poll interval: the fallback when a NOTIFY is missed."
     )
     worker_metrics_port: int | None = Field(
-        default=None, description="Port of the Prometheus /metrics server (unset: no server)."
+        default=None,
+        ge=1,  # 0 would be a random port no Prometheus could be pointed at
+        le=65535,
+        description="Port of the Prometheus /metrics server (unset: no server).",
     )
     worker_retention_days: float = Field(
         default=90.0,

@@ -38,3 +38,59 @@ def test_settings_follow_the_environment_as_it_changes(
     assert get_settings().timezone == first.timezone
     with pytest.raises(ValidationError):
         first.timezone = "UTC"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PAYLATER_DECISION_CUTOFF", "20"),  # meant as 20 %: every candidate would approve all
+        ("PAYLATER_DECISION_CUTOFF", "-0.1"),
+        ("PAYLATER_DECISION_CUTOFF", "nan"),
+        ("PAYLATER_GOLDEN_REQUEST_COUNT", "0"),  # a version nobody could ever verify
+        ("PAYLATER_TRAIN_EARLY_STOPPING_SHARE", "1"),  # every in-time charge would stop, none fit
+        ("PAYLATER_TRAIN_NUM_THREADS", "0"),  # LightGBM's "all cores": not reproducible elsewhere
+        ("PAYLATER_TRAIN_LEARNING_RATE", "0"),
+        ("PAYLATER_TRAIN_FEATURE_FRACTION", "1.5"),
+        ("PAYLATER_TRAIN_NUM_LEAVES", "1"),
+        ("PAYLATER_TRAIN_MAX_BIN", "1"),
+        ("PAYLATER_TRAIN_NUM_BOOST_ROUND", "0"),
+        ("PAYLATER_TRAIN_EARLY_STOPPING_ROUNDS", "0"),
+        ("PAYLATER_TRAIN_LAMBDA_L2", "-1"),
+        ("PAYLATER_TRAIN_MIN_DATA_IN_LEAF", "-5"),
+        ("PAYLATER_GATE_MIN_AUC", "65"),  # meant as 65 %: no candidate would ever pass
+        ("PAYLATER_GATE_MAX_ECE", "-0.01"),
+        ("PAYLATER_GATE_MAX_SCORE_PSI", "-1"),
+        ("PAYLATER_MONITOR_REPORT_DAYS", "0"),
+        ("PAYLATER_WORKER_METRICS_PORT", "70000"),
+        ("PAYLATER_WORKER_METRICS_PORT", "0"),
+    ],
+)
+def test_nonsense_values_are_refused_naming_the_variable(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A value no run could use is refused when the settings are read, not after hours of work
+    (a retrain registering a version whose cutoff the service then refuses to load)."""
+    from paylater.cli import error_line
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        get_settings()
+    assert error_line(refused.value).startswith(f"{variable}: ")
+
+
+def test_sensible_edge_values_are_accepted(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for variable, value in [
+        ("PAYLATER_DECISION_CUTOFF", "0"),
+        ("PAYLATER_GOLDEN_REQUEST_COUNT", "1"),
+        ("PAYLATER_TRAIN_EARLY_STOPPING_SHARE", "2"),
+        ("PAYLATER_TRAIN_FEATURE_FRACTION", "1"),
+        ("PAYLATER_TRAIN_LAMBDA_L2", "0"),
+        ("PAYLATER_TRAIN_MIN_DATA_IN_LEAF", "0"),
+        ("PAYLATER_GATE_MAX_AUC_DROP", "-0.01"),  # the candidate must beat production by 0.01
+        ("PAYLATER_WORKER_METRICS_PORT", "65535"),
+    ]:
+        monkeypatch.setenv(variable, value)
+    s = get_settings()
+    assert (s.decision_cutoff, s.train_early_stopping_share, s.worker_metrics_port) == (0, 2, 65535)

@@ -29,13 +29,24 @@ def resolve_as_of(as_of: date | str | None) -> date:
     if as_of is None:
         return default_as_of()
     if isinstance(as_of, datetime):
-        return as_of.date()
+        return _business_date(as_of)
     if isinstance(as_of, date):
         return as_of
+    text = str(as_of).strip()
     try:
-        return date.fromisoformat(str(as_of).strip()[:10])
+        return date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        # The whole text: a prefix cut to 10 characters took `2026-10-311` for the 31st.
+        return _business_date(datetime.fromisoformat(text))
     except ValueError as exc:
         raise ValueError(f"as_of must be a date like 2026-11-26, got {as_of!r}") from exc
+
+
+def _business_date(moment: datetime) -> date:
+    """The business day `moment` falls in; a naive datetime is taken as already local."""
+    return moment.astimezone(business_zone()).date() if moment.tzinfo else moment.date()
 
 
 def day_start_utc(day: date) -> datetime:

@@ -35,3 +35,17 @@ def test_days_follow_the_configured_zone(
 def test_as_of_given_as_a_date_or_a_datetime_is_that_day() -> None:
     assert resolve_as_of(date(2026, 2, 28)) == date(2026, 2, 28)
     assert resolve_as_of(datetime(2026, 2, 28, 23, 59)) == date(2026, 2, 28)
+
+
+@pytest.mark.parametrize("text", ["2026-11-261", "2026-11-26 tomorrow", "2026-11-26T99:00"])
+def test_as_of_with_trailing_text_is_refused_not_truncated(text: str) -> None:
+    """`--end 2026-10-311` is a typo to report, not the 31st."""
+    with pytest.raises(ValueError, match="as_of must be a date"):
+        resolve_as_of(text)
+
+
+def test_an_instant_with_an_offset_is_the_business_day_it_falls_in(paylater_home: Path) -> None:
+    # 16:00 UTC on the 26th is 01:00 on the 27th in Tokyo.
+    assert resolve_as_of("2026-11-26T16:00:00+00:00") == date(2026, 11, 27)
+    assert resolve_as_of(datetime(2026, 11, 26, 16, 0, tzinfo=UTC)) == date(2026, 11, 27)
+    assert resolve_as_of("2026-11-26T16:00:00") == date(2026, 11, 26)  # no offset: that day

@@ -137,6 +137,9 @@ def backfill(
             while len(pending) >= concurrency:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 settle(done)
+            # Collect days that ended meanwhile too: a failure already known must stop the next
+            # day even while a slot is free (a check of a complete day took that long).
+            settle({future for future in pending if future.done()})
             if failed:
                 break
             if not force and is_complete(day):

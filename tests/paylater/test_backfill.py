@@ -147,3 +147,41 @@ def test_deployment_run_still_going_after_the_timeout_is_not_called_ended(
     message = str(failure.value)
     assert "still Running" in message and "ended" not in message
     assert "calm-otter" in message
+
+
+def test_no_day_starts_once_an_earlier_day_is_known_to_have_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrency 2: day 1 fails while day 2 (complete) is being checked; day 3 must not start,
+    although a slot is free (the failed day's future had not been collected yet)."""
+    import concurrent.futures
+
+    import paylater.backfill as bf
+
+    finished = threading.Event()
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            future = super().submit(fn, *args, **kwargs)
+            # Callbacks run once the future is done: the failure is then known.
+            future.add_done_callback(lambda _: finished.set())
+            return future
+
+    monkeypatch.setattr(bf, "ThreadPoolExecutor", Pool)
+    ran: list[date] = []
+
+    def run(day: date) -> str:
+        ran.append(day)
+        if day == D1:
+            raise RuntimeError("source unreachable")
+        return "ok"
+
+    def is_complete(day: date) -> bool:
+        if day == date(2026, 11, 2):
+            assert finished.wait(30)  # day 1 has failed before day 2's check ends
+            return True
+        return False
+
+    with pytest.raises(BackfillError, match="2026-11-01 failed"):
+        backfill(D1, D5, run, concurrency=2, is_complete=is_complete)
+    assert ran == [D1]

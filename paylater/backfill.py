@@ -98,6 +98,11 @@ def run_through_deployment(as_of: date, timeout_s: float = 3600) -> str:
     return f"flow run {flow_run.name} completed"
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as `Type: message` on one line (driver messages span several)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 def backfill(
     start: date,
     end: date,
@@ -112,6 +117,9 @@ def backfill(
     Stops submitting after the first failure (later days may depend on it) and raises
     BackfillError naming it; days already done are skipped on the next run.
     """
+    from tasks.storage import StorageError
+    from tasks.warehouse import WarehouseError
+
     if concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     outcomes: list[DayOutcome] = []
@@ -123,7 +131,7 @@ def backfill(
             day = pending.pop(future)
             exc = future.exception()
             outcome = (
-                DayOutcome(day, "failed", f"{type(exc).__name__}: {exc}")
+                DayOutcome(day, "failed", _one_line(exc))
                 if exc
                 else DayOutcome(day, "completed", future.result())
             )
@@ -142,7 +150,17 @@ def backfill(
             settle({future for future in pending if future.done()})
             if failed:
                 break
-            if not force and is_complete(day):
+            try:
+                complete = not force and is_complete(day)
+            except (ValueError, WarehouseError, StorageError):
+                raise  # a misconfiguration, the same for every day: one error line
+            except Exception as exc:  # e.g. a DuckDB warehouse another process holds
+                # Stop as a failed day does, so the days already run are still reported.
+                outcome = DayOutcome(day, "failed", f"checking it: {_one_line(exc)}")
+                failed.append(outcome)
+                report(outcome)
+                break
+            if complete:
                 outcome = DayOutcome(day, "skipped", "already complete")
                 outcomes.append(outcome)
                 report(outcome)

@@ -185,3 +185,24 @@ def test_no_day_starts_once_an_earlier_day_is_known_to_have_failed(
     with pytest.raises(BackfillError, match="2026-11-01 failed"):
         backfill(D1, D5, run, concurrency=2, is_complete=is_complete)
     assert ran == [D1]
+
+
+def test_a_day_that_cannot_be_checked_stops_the_backfill_like_a_failed_day() -> None:
+    """The check opens the warehouse; one held by another process must not end the backfill
+    with a traceback and without a word on the days it completed."""
+    ran: list[date] = []
+    reported: list[str] = []
+
+    def run(day: date) -> str:
+        ran.append(day)
+        return "ok"
+
+    def is_complete(day: date) -> bool:
+        if day == date(2026, 11, 2):
+            raise OSError("Could not set lock on file\n'warehouse.duckdb'")
+        return False
+
+    with pytest.raises(BackfillError, match=r"2026-11-02 failed \(checking it: OSError: .*lock"):
+        backfill(D1, D5, run, is_complete=is_complete, report=lambda o: reported.append(o.status))
+    assert ran == [D1]
+    assert reported == ["completed", "failed"]

@@ -102,3 +102,34 @@ def test_unreachable_queue_database_is_one_error_line(paylater_home: Path, comma
     assert line.startswith(
         f"error: cannot reach the queue database postgresql://app:***@127.0.0.1:{port}/queue: "
     )
+
+
+def test_backfill_with_the_warehouse_locked_by_another_process_is_one_error_line(
+    paylater_home: Path,
+) -> None:
+    """A DuckDB warehouse another process holds (a scheduled sync, a notebook)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " sys.stdin.read()",
+            str(paylater_home / "warehouse.duckdb"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, BACKFILL)
+    finally:
+        holder.communicate("")
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    *_, line = result.output.splitlines()
+    assert line.startswith("error: backfill stopped: 2026-11-01 failed (checking it: ")
+    assert "lock" in line

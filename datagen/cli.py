@@ -30,6 +30,8 @@ def generate_command(
     replace: bool = typer.Option(False, "--replace", help="Overwrite a source that holds data."),
 ) -> None:
     """Simulate M months of history for N users into the source DB, the warehouse and the truth folder."""
+    import duckdb
+
     from datagen.load import SourceNotEmpty, SourceUnavailable
     from datagen.pipeline import generate_into
     from paylater.settings import get_settings
@@ -51,7 +53,8 @@ def generate_command(
             truth_dir=settings.truth_dir,
             replace=replace,
         )
-    except (SourceNotEmpty, SourceUnavailable, WarehouseError, ValueError) as exc:
+    # duckdb.Error: the warehouse file held by another process (it is opened before any write).
+    except (SourceNotEmpty, SourceUnavailable, WarehouseError, duckdb.Error, ValueError) as exc:
         _fail(exc)
         return
     for line in report.lines():
@@ -63,6 +66,8 @@ def advance_command(
     days: int = typer.Option(1, "--days", min=1, help="Business days to add after the latest one."),
 ) -> None:
     """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
+    import duckdb
+
     from datagen.load import SourceNotEmpty, SourceUnavailable
     from datagen.pipeline import advance_into
     from paylater.settings import get_settings
@@ -75,6 +80,7 @@ def advance_command(
         SourceNotEmpty,
         SourceUnavailable,
         WarehouseError,
+        duckdb.Error,
         FileNotFoundError,
         ValueError,
     ) as exc:

@@ -76,3 +76,38 @@ def test_a_postgres_url_with_an_unknown_parameter_is_one_error_line(
     assert result.output.startswith("error: cannot connect to the source database")
     assert "sslmod" in result.output and "pw@" not in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_a_warehouse_held_by_another_process_is_one_error_line(paylater_home: Path) -> None:
+    """The DuckDB warehouse open elsewhere (a sync, a notebook): no traceback, the source as it was."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    args = ["generate", "--users", "40", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
+    assert runner.invoke(app, args).exit_code == 0
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " sys.stdin.read()",
+            str(paylater_home / "warehouse.duckdb"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        results = [runner.invoke(app, ["advance"]), runner.invoke(app, [*args, "--replace"])]
+    finally:
+        holder.communicate("")
+    for result in results:
+        assert isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1
+        (line,) = result.output.splitlines()
+        assert line.startswith("error: ") and "lock" in line
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        (latest,) = db.execute("SELECT max(requested_at) FROM deferred_charges").fetchone()
+    assert latest < "2026-06-30T15:00"  # advance added no day (2026-07-01 starts then in UTC)

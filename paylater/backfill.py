@@ -77,10 +77,18 @@ def run_through_deployment(as_of: date, timeout_s: float = 3600) -> str:
     """Run the `daily-pipeline` deployment for one day and wait for its final state."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
-    flow_run = run_deployment(
-        DEPLOYMENT, parameters={"as_of": as_of.isoformat()}, timeout=timeout_s
-    )
+    try:
+        flow_run = run_deployment(
+            DEPLOYMENT, parameters={"as_of": as_of.isoformat()}, timeout=timeout_s
+        )
+    except ObjectNotFound as exc:  # whose own message is "None"
+        raise BackfillError(
+            f"deployment {DEPLOYMENT} not found on the Prefect API: create it with "
+            "`prefect --no-prompt deploy --all` from the repository root, or run the backfill "
+            "--in-process"
+        ) from exc
     assert isinstance(
         flow_run, FlowRun
     )  # called from sync code: run_deployment does not return a coroutine

@@ -206,3 +206,14 @@ def test_a_day_that_cannot_be_checked_stops_the_backfill_like_a_failed_day() -> 
         backfill(D1, D5, run, is_complete=is_complete, report=lambda o: reported.append(o.status))
     assert ran == [D1]
     assert reported == ["completed", "failed"]
+
+
+def test_a_deployment_that_was_never_deployed_is_named(prefect_harness: None) -> None:
+    """`--deployment` before `prefect deploy`: Prefect says only `ObjectNotFound: None`."""
+    from paylater.backfill import run_through_deployment
+
+    with pytest.raises(BackfillError) as failure:
+        run_through_deployment(D1, timeout_s=60)
+    message = str(failure.value)
+    assert "deployment daily-pipeline/daily-pipeline not found" in message
+    assert "prefect --no-prompt deploy --all" in message and "--in-process" in message

@@ -41,7 +41,7 @@ def generate_command(
     try:
         # Inside the try: an invalid PAYLATER_* variable is a ValidationError (a ValueError).
         settings = get_settings()
-        last_day: date = resolve_as_of(end_date)
+        last_day: date = resolve_as_of(end_date, "--end-date")
         report = generate_into(
             users=users,
             months=months,

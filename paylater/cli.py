@@ -58,7 +58,7 @@ def backfill_command(
     from tasks.warehouse import WarehouseError
 
     try:
-        first, last = resolve_as_of(start), resolve_as_of(end)
+        first, last = resolve_as_of(start, "--start"), resolve_as_of(end, "--end")
         latest = default_as_of()
         if last > latest:
             # A sync refuses a day that has not ended; say so before running the earlier days.

@@ -24,8 +24,10 @@ def default_as_of(now: datetime | None = None) -> date:
     return today(now) - timedelta(days=1)
 
 
-def resolve_as_of(as_of: date | str | None) -> date:
-    """An explicit `as_of`, parsed if given as text (templated Prefect parameters arrive as strings)."""
+def resolve_as_of(as_of: date | str | None, name: str = "as_of") -> date:
+    """An explicit `as_of`, parsed if given as text (templated Prefect parameters arrive as strings).
+
+    `name`: what an error calls the value (a CLI names its flag)."""
     if as_of is None:
         return default_as_of()
     if isinstance(as_of, datetime):
@@ -41,7 +43,7 @@ def resolve_as_of(as_of: date | str | None) -> date:
         # The whole text: a prefix cut to 10 characters took `2026-10-311` for the 31st.
         return _business_date(datetime.fromisoformat(text))
     except ValueError as exc:
-        raise ValueError(f"as_of must be a date like 2026-11-26, got {as_of!r}") from exc
+        raise ValueError(f"{name} must be a date like 2026-11-26, got {as_of!r}") from exc
 
 
 def _business_date(moment: datetime) -> date:

@@ -111,3 +111,9 @@ def test_a_warehouse_held_by_another_process_is_one_error_line(paylater_home: Pa
     with sqlite3.connect(paylater_home / "source.db") as db:
         (latest,) = db.execute("SELECT max(requested_at) FROM deferred_charges").fetchone()
     assert latest < "2026-06-30T15:00"  # advance added no day (2026-07-01 starts then in UTC)
+
+
+def test_an_end_date_that_does_not_exist_names_the_flag(paylater_home: Path) -> None:
+    result = runner.invoke(app, ["generate", "--users", "10", "--end-date", "2026-02-30"])
+    assert result.exit_code == 1
+    assert result.output == "error: --end-date must be a date like 2026-11-26, got '2026-02-30'\n"

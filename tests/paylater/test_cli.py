@@ -133,3 +133,14 @@ def test_backfill_with_the_warehouse_locked_by_another_process_is_one_error_line
     *_, line = result.output.splitlines()
     assert line.startswith("error: backfill stopped: 2026-11-01 failed (checking it: ")
     assert "lock" in line
+
+
+@pytest.mark.parametrize("flag", ["--start", "--end"])
+def test_backfill_with_a_date_that_does_not_exist_names_the_flag(
+    paylater_home: Path, flag: str
+) -> None:
+    args = {"--start": "2026-11-01", "--end": "2026-11-02", flag: "2026-02-30"}
+    result = CliRunner().invoke(app, ["backfill", *[x for kv in args.items() for x in kv]])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line == f"error: {flag} must be a date like 2026-11-26, got '2026-02-30'"

@@ -39,7 +39,7 @@ Results
 
 Look at it
   MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///$PAYLATER_HOME/mlflow.db --host 127.0.0.1 --port 5000
-  Registry:         .venv/bin/paylater registry list     (show VERSION, history, compare A B)
+  Registry:         PAYLATER_HOME=$PAYLATER_HOME .venv/bin/paylater registry list     (show VERSION, history, compare A B)
 TXT
 
 # MLflow keeps its history across demos: a candidate trained on a regenerated world can fail the
@@ -49,7 +49,7 @@ if ! $bin/paylater registry show staging >/dev/null 2>&1; then
   cat <<TXT
 
 Nothing is staged: the newest candidate did not pass the gates (its reasons:
-.venv/bin/paylater registry show VERSION). A production version, if the registry list shows one,
+PAYLATER_HOME=$PAYLATER_HOME .venv/bin/paylater registry show VERSION). A production version, if the registry list shows one,
 keeps serving:
   PAYLATER_HOME=$PAYLATER_HOME BENTOML_HOME=$BENTOML_HOME PAYLATER_SERVE_STAGE=production .venv/bin/bentoml serve bentos.service:PaylaterScorer --host 127.0.0.1 --port 3000
 To start the registry afresh, remove $PAYLATER_HOME/mlflow.db and $PAYLATER_HOME/mlartifacts and run make demo again.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import typer
 
 from bentos.cli import app as bento_app
@@ -20,13 +23,24 @@ app.command("enqueue")(enqueue)
 def error_line(exc: Exception) -> str:
     """What is wrong, on one line; an invalid setting is named by its environment variable."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     if isinstance(exc, ValidationError):
         return "; ".join(
             f"{_variable(str(err['loc'][0]))}: {err['msg']} (got {err['input']!r})"
             for err in exc.errors()
         )
+    if isinstance(exc, SettingsError) and (field := _UNPARSED_FIELD.search(str(exc))):
+        # A list or map setting that is not JSON: pydantic-settings names only the field.
+        variable = _variable(field.group(1))
+        return (
+            f"{variable}: not valid JSON ({exc.__cause__ or exc}) "
+            f"(got {os.environ.get(variable)!r})"
+        )
     return " ".join(str(exc).split())
+
+
+_UNPARSED_FIELD = re.compile(r'error parsing value for field "(\w+)"')
 
 
 def _variable(field: str) -> str:

@@ -144,3 +144,21 @@ def test_backfill_with_a_date_that_does_not_exist_names_the_flag(
     assert result.exit_code == 1
     (line,) = result.output.splitlines()
     assert line == f"error: {flag} must be a date like 2026-11-26, got '2026-02-30'"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PAYLATER_MONITOR_PSI_IGNORE", "topup_days_since_last"),  # a bare name, not a JSON list
+        ("PAYLATER_FEATURE_TABLES", '{"users": "my.users"'),
+    ],
+)
+def test_a_setting_that_is_not_json_names_its_variable_and_value(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: {variable}: not valid JSON (")
+    assert line.endswith(f"(got {value!r})")

@@ -21,7 +21,9 @@ def _fail(exc: Exception) -> None:
 def generate_command(
     users: int = typer.Option(1000, "--users", min=1, help="Users in the simulated world."),
     months: int = typer.Option(12, "--months", min=1, help="Months of history to simulate."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: PAYLATER_SEED)."),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, help="Random seed (default: PAYLATER_SEED)."
+    ),
     end_date: str | None = typer.Option(
         None,
         "--end-date",

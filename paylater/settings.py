@@ -72,7 +72,11 @@ class Settings(BaseSettings):
         default="Asia/Tokyo",
         description="Business time zone: `as_of` dates and day boundaries are taken in it.",
     )
-    seed: int = Field(default=20261127, description="Default seed of the synthetic data generator.")
+    seed: int = Field(
+        default=20261127,
+        ge=0,  # numpy's generators take no negative seed
+        description="Default seed of the synthetic data generator.",
+    )
     # --- daily sync and alerts (owner: sync) ---
     sync_tables: Path | None = Field(
         default=None,

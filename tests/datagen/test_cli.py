@@ -117,3 +117,15 @@ def test_an_end_date_that_does_not_exist_names_the_flag(paylater_home: Path) -> 
     result = runner.invoke(app, ["generate", "--users", "10", "--end-date", "2026-02-30"])
     assert result.exit_code == 1
     assert result.output == "error: --end-date must be a date like 2026-11-26, got '2026-02-30'\n"
+
+
+def test_a_negative_seed_is_refused_naming_it_before_anything_is_created(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flag = runner.invoke(app, ["generate", "--users", "5", "--months", "1", "--seed", "-1"])
+    assert flag.exit_code == 2 and "--seed" in flag.output
+    monkeypatch.setenv("PAYLATER_SEED", "-1")
+    setting = runner.invoke(app, ["generate", "--users", "5", "--months", "1"])
+    assert setting.exit_code == 1
+    assert setting.output.startswith("error: PAYLATER_SEED: ")
+    assert not (paylater_home / "source.db").exists()

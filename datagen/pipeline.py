@@ -210,9 +210,11 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
         for _ in range(days):
             truth.append(_advance_one_day(sim, source, warehouse, report))
             report.last_day = sim.last_day
-        # Truth and state are written only after the source committed every day.
-        sim.save(truth_dir / STATE_FOLDER)
-        pq.write_table(pa.concat_tables(truth), truth_dir / TRUTH_FILE)
+            # State and truth follow every day the source committed: should a later day fail,
+            # the next advance resumes after the last day the source holds instead of
+            # simulating it again on top of its own rows.
+            sim.save(truth_dir / STATE_FOLDER)
+            pq.write_table(pa.concat_tables(truth), truth_dir / TRUTH_FILE)
     finally:
         source.close()
         warehouse.close()
@@ -221,7 +223,8 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
 
 
 def _advance_one_day(sim: Simulation, source: Any, warehouse: Any, report: WriteReport) -> pa.Table:
-    """New rows of the next day plus the updates falling due in it, committed together."""
+    """New rows of the next day plus the updates falling due in it, committed together (the
+    day's app events written just before)."""
     day = date.fromordinal(sim.last_day.toordinal() + 1)
     t0 = sim.clock.start_us(day.toordinal())
     t1 = sim.clock.start_us(day.toordinal() + 1)
@@ -243,10 +246,12 @@ def _advance_one_day(sim: Simulation, source: Any, warehouse: Any, report: Write
     for table, rows in updates.items():
         source.update(table, rows)
         report.updated[table] = report.updated.get(table, 0) + rows.num_rows
-    source.commit()
+    # App events first: they replace their day's partition, so a day that fails after them is
+    # simply written again, while the source commit is what makes the day count as done.
     report.inserted["app_events"] = report.inserted.get("app_events", 0) + write_app_event_days(
         warehouse, chunk.app_events
     )
+    source.commit()
     return chunk.truth
 
 

@@ -83,3 +83,52 @@ def test_reports_name_the_zone_the_days_were_simulated_in(tmp_path: Path) -> Non
     assert "(business days, Asia/Kolkata)" in report.lines()[0]
     report = advance_into(1, source, warehouse, tmp_path / "truth")
     assert "(business days, Asia/Kolkata)" in report.lines()[0]
+
+
+def test_an_advance_that_fails_on_a_later_day_resumes_where_it_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`advance --days 3` failing on its 2nd day (the warehouse write) kept day 1 in the source
+    but not in the generator's state: the next advance simulated day 1 again and every insert
+    collided with the rows already there, for good."""
+    import sqlite3
+
+    import datagen.pipeline as pipeline
+    from datagen.generator import Simulation
+
+    def dump(home: Path) -> list[list[tuple[object, ...]]]:
+        with sqlite3.connect(home / "source.db") as conn:
+            return [
+                conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                for t in ("users", "card_transactions", "topups", "deferred_charges")
+            ]
+
+    homes = {name: tmp_path / name for name in ("straight", "resumed")}
+    urls = {
+        name: (f"sqlite:///{home / 'source.db'}", f"duckdb:///{home / 'warehouse.duckdb'}")
+        for name, home in homes.items()
+    }
+    for name, home in homes.items():
+        generate_into(80, 1, 3, END, "Asia/Tokyo", *urls[name], home / "truth")
+    advance_into(3, *urls["straight"], homes["straight"] / "truth")
+
+    real_write = pipeline.write_app_event_days
+    calls: list[int] = []
+
+    def failing_second_day(warehouse: object, days: object) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(warehouse, days)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "write_app_event_days", failing_second_day)
+    with pytest.raises(OSError, match="disk full"):
+        advance_into(3, *urls["resumed"], homes["resumed"] / "truth")
+    monkeypatch.setattr(pipeline, "write_app_event_days", real_write)
+    done = Simulation.load(homes["resumed"] / "truth" / "generator").last_day
+    assert done == END + timedelta(days=1)  # the day that finished is kept, the failed one not
+    advance_into(2, *urls["resumed"], homes["resumed"] / "truth")
+
+    assert dump(homes["resumed"]) == dump(homes["straight"])
+    truths = [pq.read_table(home / "truth" / "deferred_charges.parquet") for home in homes.values()]
+    assert truths[0].sort_by("charge_id").equals(truths[1].sort_by("charge_id"))

@@ -98,3 +98,51 @@ def test_container_pool_job_variables_fit_worker_template(pool: str, worker: str
 def test_no_credentials_in_file() -> None:
     text = (ROOT / "prefect.yaml").read_text()
     assert not re.search(r"(?i)(password|secret|token|api_key|access_key)\s*:\s*\S", text)
+
+
+def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
+    prefect_db_template: Path, tmp_path: Path
+) -> None:
+    """`prefect deploy` resolves `{{ $PAYLATER_CODE_DIR }}` in the pull step from its own
+    environment: the PAYLATER_CODE_DIR of a container pool's job variables (or of the image)
+    never reaches it. So container deployments must be deployed with the image's code folder,
+    and the README must say so (it gave only `PAYLATER_CODE_DIR=$PWD`, the deployer's checkout)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    assert "PAYLATER_CODE_DIR=/opt/paylater prefect --no-prompt deploy" in readme
+
+    (tmp_path / "prefect").mkdir()
+    shutil.copyfile(prefect_db_template, tmp_path / "prefect" / "prefect.db")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PAYLATER_CODE_DIR="/opt/paylater",
+        PYTHONPATH=str(ROOT),
+    )
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for args in (
+        ["work-pool", "create", "local-pool", "--type", "process"],
+        ["--no-prompt", "deploy", "-n", "daily-pipeline"],
+    ):
+        done = subprocess.run([prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+    read = (
+        "import asyncio\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        d = await c.read_deployment_by_name('daily-pipeline/daily-pipeline')\n"
+        "        print(d.pull_steps[0]['prefect.deployments.steps.set_working_directory'])\n"
+        "asyncio.run(main())\n"
+    )
+    env.pop("PAYLATER_CODE_DIR")
+    shown = subprocess.run(
+        [sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "{'directory': '/opt/paylater'}" in shown.stdout

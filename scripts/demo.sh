@@ -12,6 +12,18 @@ months=${DEMO_MONTHS:-12}
 bin=.venv/bin
 step() { printf '\n==> %s\n' "$*"; }
 
+# The demo runs on the embedded defaults only: backend URLs exported for a real deployment (the
+# README's "Running it for real") must not receive synthetic users or a demo candidate.
+ignored=()
+for var in PAYLATER_SOURCE_URL PAYLATER_WAREHOUSE_URL PAYLATER_DATASET_URL \
+  PAYLATER_WORKER_DATABASE_URL MLFLOW_TRACKING_URI PAYLATER_MLFLOW_TRACKING_URI PREFECT_API_URL; do
+  if [ -n "${!var:-}" ]; then
+    echo "demo: ignoring $var for the demo (it uses the embedded defaults under PAYLATER_HOME)"
+    ignored+=("$var")
+    unset "$var"
+  fi
+done
+
 # The data stores are rebuilt from a fresh simulated world; MLflow keeps its history, as it would.
 step "resetting the demo data stores under $PAYLATER_HOME (MLflow history is kept)"
 rm -rf "$PAYLATER_HOME/source.db" "$PAYLATER_HOME/warehouse.duckdb" "$PAYLATER_HOME/datasets" "$PAYLATER_HOME/truth"
@@ -28,6 +40,10 @@ $bin/python -m flows.monthly_retrain
 
 step "the model registry"
 $bin/paylater registry list
+
+if [ ${#ignored[@]} -gt 0 ]; then
+  printf '\nYour shell still exports %s: unset them before the commands below, which would\notherwise use those backends instead of the demo'"'"'s.\n' "${ignored[*]}"
+fi
 
 cat <<TXT
 

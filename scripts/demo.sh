@@ -14,8 +14,9 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # The demo runs on the embedded defaults only: backend URLs exported for a real deployment (the
 # README's "Running it for real") must not receive synthetic users or a demo candidate.
+# DEMO_KEEP_BACKENDS=1 keeps them, for a demo on backends of your own (a local PostgreSQL).
 ignored=()
-for var in PAYLATER_SOURCE_URL PAYLATER_WAREHOUSE_URL PAYLATER_DATASET_URL \
+[ "${DEMO_KEEP_BACKENDS:-0}" = 1 ] || for var in PAYLATER_SOURCE_URL PAYLATER_WAREHOUSE_URL PAYLATER_DATASET_URL \
   PAYLATER_WORKER_DATABASE_URL MLFLOW_TRACKING_URI PAYLATER_MLFLOW_TRACKING_URI PREFECT_API_URL; do
   if [ -n "${!var:-}" ]; then
     echo "demo: ignoring $var for the demo (it uses the embedded defaults under PAYLATER_HOME)"

@@ -60,3 +60,13 @@ def test_the_demo_never_writes_to_backends_exported_for_a_real_deployment(tmp_pa
     leaked = [name for name in real if f"\n{name}=" in f"\n{recorded}"]
     assert leaked == []
     assert "PAYLATER_SOURCE_URL" in done.stdout  # the user is told what was set aside
+
+    seen.unlink()
+    kept = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "demo.sh")],
+        env={**env, "DEMO_KEEP_BACKENDS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert kept.returncode == 0, kept.stderr
+    assert "PAYLATER_SOURCE_URL=postgresql://app:pw@prod-db/ops" in seen.read_text()  # opted in

@@ -295,6 +295,14 @@ class HttpBackend:
             return [InvalidRequest(f"scoring service rejected the request: {detail}")]
         if status in (401, 403, 502, 503, 504):
             raise BackendUnavailable(f"scoring service {self.url} answered {status}: {body}")
+        if status in (404, 405):
+            # Not the unknown-user answer: no such route here (a wrong URL, a service without
+            # /v2). A deployment mistake, no request's fault: split down, every job would be
+            # dead-lettered; instead the jobs wait, as for a service that is down.
+            raise BackendUnavailable(
+                f"scoring service answered {status} to POST {self.url}/v2/score_batch"
+                f" (is --url the service's base URL?): {body}"
+            )
         if status != 200:
             # A 422 or 500 for a batch: the worker splits it to find the request at fault.
             raise RuntimeError(f"scoring service answered {status}: {body}")

@@ -119,3 +119,21 @@ def test_declines_mode_matches_all_mode_except_approvals_reasons(
         assert b.reason_codes == (a.reason_codes if a.decision == "decline" else [])  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="reason_codes must be one of"):
         InProcessBackend(scorer, queue_db, "some")
+
+
+def test_a_scoring_url_without_the_routes_holds_jobs_instead_of_dead_lettering(
+    queue_db: str, bento_v2: str, kit: Any
+) -> None:
+    """A URL with a wrong path (here /v2 twice) answers 404 not_found to every call: a deployment
+    mistake, not any job's fault, so the jobs wait queued with no attempt spent and the error
+    naming the route; before, the batch was split down to single jobs and each dead-lettered."""
+    ids = kit.enqueue_many(queue_db, 4)
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1)
+    worker = Worker(queue_db, HttpBackend(f"{bento_v2}/v2"), config)
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 4
+    rows = kit.query(
+        queue_db, "SELECT status, attempts, error FROM scoring_jobs WHERE id = ANY(%s)", (ids,)
+    )
+    assert {(status, attempts) for status, attempts, _ in rows} == {("queued", 0)}
+    assert all("404" in error and "/v2/v2/score_batch" in error for _, _, error in rows)

@@ -442,7 +442,11 @@ def enqueue(
         raise typer.Exit(2) from exc
     with connect_or_exit(db_url) as conn:
         queue.ensure_schema(conn)
-        job_id, created = queue.enqueue(conn, user_id, amount_jpy, idempotency_key)
+        try:
+            job_id, created = queue.enqueue(conn, user_id, amount_jpy, idempotency_key)
+        except queue.IdempotencyConflict as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
         typer.echo(job_id)
         if not created:
             typer.echo(

@@ -26,6 +26,17 @@ class NotPostgres(ValueError):
     """The queue database URL does not name a PostgreSQL database."""
 
 
+class IdempotencyConflict(ValueError):
+    """An idempotency key already names a job for another request (user or amount)."""
+
+    def __init__(self, key: str | None, job_id: int, user_id: int, payload: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} already names job {job_id} for user_id {user_id} and"
+            f" payload {payload}: a different request needs a key of its own"
+        )
+        self.job_id = job_id
+
+
 @dataclass(frozen=True)
 class Job:
     """A claimed job: what the worker needs to score it and to prove it still holds it."""
@@ -134,7 +145,8 @@ def enqueue(
     amount_jpy: Any,
     idempotency_key: str | None = None,
 ) -> tuple[int, bool]:
-    """Enqueue one job; returns (job id, created). A known idempotency key returns its job."""
+    """Enqueue one job; returns (job id, created). A known idempotency key returns its job when
+    it is the same request (user and amount); IdempotencyConflict when it names another one."""
     from psycopg.types.json import Jsonb
 
     params = {
@@ -149,7 +161,10 @@ def enqueue(
         found = conn.execute(sql("job_by_key"), params).fetchone()
     if found is None:  # the key's job was deleted between the two statements
         raise RuntimeError(f"idempotency key {idempotency_key!r} conflicted but its job is gone")
-    return int(found[0]), False
+    job_id, same_request, found_user, found_payload = found
+    if not same_request:
+        raise IdempotencyConflict(idempotency_key, int(job_id), int(found_user), found_payload)
+    return int(job_id), False
 
 
 def claim(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -> list[Job]:

@@ -5,6 +5,10 @@
 --   ON CONFLICT (idempotency_key) DO NOTHING
 --   RETURNING id;                       -- no row back: the key was already enqueued
 --
+-- No row back: read the key's job (SELECT id, user_id, payload ... WHERE idempotency_key = ...)
+-- and use it only when user_id and payload->'amount_jpy' are the ones just sent; otherwise the key
+-- names another request (a client bug) and that job's result is not this request's answer
+-- (worker/sql/job_by_key.sql; `paylater enqueue` and worker.queue.enqueue refuse such a key).
 -- then reads the answer from scoring_results (job_id = id) once scoring_jobs.status = 'done'.
 -- payload: {"amount_jpy": <int yen within paylater.product limits>}; other keys are ignored.
 --

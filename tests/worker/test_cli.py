@@ -171,7 +171,8 @@ def test_kill_9_mid_batch_every_job_still_scored_once(queue_db: str, launch: Any
 
 
 def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, kit: Any) -> None:
-    """The same key twice prints the same job id; a SQLite queue URL is a clear error."""
+    """The same key twice prints the same job id, the key for another request is refused; a
+    SQLite queue URL is a clear error."""
     cmd = [
         sys.executable,
         "-m",
@@ -191,6 +192,11 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, ki
     assert [r.returncode for r in runs] == [0, 0]
     assert runs[0].stdout == runs[1].stdout and "already enqueued" in runs[1].stderr
     assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]
+    # The key for another amount: refused, never the first request's job (or its result).
+    other = [*cmd[:-1], "6000", "--idempotency-key", "order-9"]
+    reused = subprocess.run(other, env=launch.env, capture_output=True, text=True)
+    assert reused.returncode == 2 and reused.stdout == ""
+    assert reused.stderr.startswith("error: ") and "needs a key of its own" in reused.stderr
     sqlite = subprocess.run(
         [*cmd, "--database-url", "sqlite:///x.db"], env=launch.env, capture_output=True, text=True
     )

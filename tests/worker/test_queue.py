@@ -194,3 +194,16 @@ def test_a_queue_host_that_never_answers_fails_the_connect_in_seconds(
     assert time.monotonic() - started < 15
     with pytest.raises(psycopg.OperationalError, match="timeout"):
         queue.connect(silent_postgres + "?connect_timeout=3")  # the URL's own wins
+
+
+def test_a_key_reused_for_a_different_request_is_refused(queue_db: str, kit: Any) -> None:
+    """A retried request gets its job back; the same key for another user or amount (a client
+    bug) is refused naming both requests, never answered with the other request's job."""
+    with queue.connect(queue_db) as conn:
+        job_id, _ = queue.enqueue(conn, 3, 30_000, "order-9")
+        assert queue.enqueue(conn, 3, 30_000, "order-9") == (job_id, False)
+        for user_id, amount in [(4, 30_000), (3, 31_000)]:
+            with pytest.raises(queue.IdempotencyConflict, match="order-9") as caught:
+                queue.enqueue(conn, user_id, amount, "order-9")
+            assert caught.value.job_id == job_id
+    assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]

@@ -45,6 +45,12 @@ class WorkerMetrics:
         self.dead_lettered = Counter(
             "paylater_worker_jobs_dead_lettered", "Jobs that ran out of attempts.", registry=r
         )
+        self.held = Counter(
+            "paylater_worker_jobs_held",
+            "Jobs given back with no attempt spent: the scoring service or feature database could"
+            " not be reached (not failed attempts; the queue-age alerts cover an outage).",
+            registry=r,
+        )
         self.lease_lost = Counter(
             "paylater_worker_lease_lost",
             "Scores dropped because another worker had re-claimed the job (lease ran out).",

@@ -95,6 +95,7 @@ class Totals:
     processed: int = 0
     failed: int = 0
     retried: int = 0
+    held: int = 0
     dead: int = 0
     lease_lost: int = 0
     batches: int = 0
@@ -110,7 +111,7 @@ class Totals:
         """One line for the log."""
         return (
             f"claimed={self.claimed} processed={self.processed} failed={self.failed} "
-            f"retried={self.retried} dead={self.dead} lease_lost={self.lease_lost} batches={self.batches}"
+            f"retried={self.retried} held={self.held} dead={self.dead} lease_lost={self.lease_lost} batches={self.batches}"
         )
 
 
@@ -492,13 +493,18 @@ class Worker:
         statuses: dict[int, str],
     ) -> None:
         """Update totals and metrics after a batch committed."""
-        new_status = list(statuses.values())
+        # Held: given back for a backend that could not be reached, no attempt spent; not a
+        # failed attempt (the failure-rate alerts would read an outage as 100 % failures).
+        unavailable = {f.job_id for f in failures if f.unavailable}
+        held = sum(1 for job_id, status in statuses.items() if job_id in unavailable)
+        new_status = [status for job_id, status in statuses.items() if job_id not in unavailable]
         lost = len(scored) - len(written) + len(failures) - len(statuses)
         counts = {
             "claimed": len(jobs),
             "processed": len(written),
             "failed": new_status.count("failed"),
             "retried": new_status.count("queued"),
+            "held": held,
             "dead": new_status.count("dead"),
             "lease_lost": lost,
             "batches": 1,
@@ -514,6 +520,7 @@ class Worker:
         m.failed.labels("invalid").inc(counts["failed"])
         m.failed.labels("error").inc(counts["retried"] + counts["dead"])
         m.dead_lettered.inc(counts["dead"])
+        m.held.inc(held)
         m.lease_lost.inc(lost)
         now = datetime.now(UTC)
         created = {job.id: job.created_at for job in jobs}

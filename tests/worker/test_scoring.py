@@ -137,3 +137,29 @@ def test_a_scoring_url_without_the_routes_holds_jobs_instead_of_dead_lettering(
     )
     assert {(status, attempts) for status, attempts, _ in rows} == {("queued", 0)}
     assert all("404" in error and "/v2/v2/score_batch" in error for _, _, error in rows)
+
+
+def test_jobs_held_for_an_unreachable_service_are_not_counted_as_failed_attempts(
+    queue_db: str, kit: Any
+) -> None:
+    """Held jobs spend no attempt, and the runbook says they are not failed attempts: counted as
+    failed{reason="error"}, every poll of a backlog during an outage fed the failure-rate alerts
+    (100 % for its length) and the retried total. They are counted as held instead."""
+    from prometheus_client import generate_latest
+
+    from worker.metrics import WorkerMetrics
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    kit.enqueue_many(queue_db, 3)
+    metrics = WorkerMetrics()
+    config = WorkerConfig(batch_size=10, concurrency=1, backoff_seconds=0)
+    worker = Worker(queue_db, HttpBackend(dead_url), config, metrics=metrics)
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 3
+        assert worker.run_once(conn) == 3  # claimed again at once: no backoff configured
+    exported = generate_latest(metrics.registry).decode()
+    assert 'paylater_worker_jobs_failed_total{reason="error"} 0.0' in exported
+    assert "paylater_worker_jobs_held_total 6.0" in exported
+    assert (worker.totals.retried, worker.totals.held) == (0, 6)

@@ -74,7 +74,7 @@ class WorkerMetrics:
 
 
 class QueueCollector(Collector):
-    """Queue depth and oldest queued age, read from the table at scrape time."""
+    """Queue depth and the oldest due job's age, read from the table at scrape time."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -112,7 +112,8 @@ class QueueCollector(Collector):
         )
         yield GaugeMetricFamily(
             "paylater_worker_oldest_queued_age_seconds",
-            "Age of the oldest queued job that is due now (0 when none).",
+            "Age of the oldest job due now: queued past its run_after, or running past an"
+            " expired lease (its worker died); 0 when none.",
             value=oldest,
         )
 

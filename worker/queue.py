@@ -258,7 +258,7 @@ def job_status(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | N
 
 
 def queue_stats(conn: psycopg.Connection[Any]) -> tuple[int, float]:
-    """(queued jobs, age in seconds of the oldest due queued job)."""
+    """(queued jobs, age in seconds of the oldest due job: queued, or running past its lease)."""
     row = conn.execute(sql("queue_stats")).fetchone()
     assert row is not None  # an aggregate always returns a row
     return int(row[0]), float(row[1])

@@ -207,3 +207,23 @@ def test_a_key_reused_for_a_different_request_is_refused(queue_db: str, kit: Any
                 queue.enqueue(conn, user_id, amount, "order-9")
             assert caught.value.job_id == job_id
     assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]
+
+
+def test_queue_age_gauge_counts_jobs_whose_worker_died_holding_them(
+    queue_db: str, kit: Any
+) -> None:
+    """A job left running past its lease (its worker killed) is due and late, as the monitor's
+    oldest_queued_age counts it; the worker's gauge, its Prometheus twin, read only queued jobs,
+    so a crash-looping worker holding the whole backlog showed an age of 0 and no alert."""
+    with queue.connect(queue_db) as conn:
+        job_id, _ = queue.enqueue(conn, 1, 5_000)
+        conn.execute(
+            "UPDATE scoring_jobs SET created_at = now() - interval '1 hour' WHERE id = %s",
+            (job_id,),
+        )
+        [job] = queue.claim(conn, 10, lease_seconds=0)  # the lease is over at once: worker "died"
+        assert job.id == job_id
+        depth, oldest = queue.queue_stats(conn)
+        assert depth == 0 and oldest >= 3_600
+        queue.claim(conn, 10, lease_seconds=600)  # re-claimed by a live worker: not late any more
+        assert queue.queue_stats(conn) == (0, 0.0)

@@ -37,6 +37,10 @@ class IdempotencyConflict(ValueError):
         self.job_id = job_id
 
 
+LEASE_EXPIRED = "lease expired: "
+"""How worker/sql/claim.sql starts the error of a job it takes back from a worker that died."""
+
+
 @dataclass(frozen=True)
 class Job:
     """A claimed job: what the worker needs to score it and to prove it still holds it."""
@@ -47,6 +51,11 @@ class Job:
     attempt: int
     created_at: datetime
     previous_error: str | None = None
+
+    @property
+    def taken_back(self) -> bool:
+        """Claimed from a worker that died holding it (claim.sql claims such a job alone)."""
+        return bool(self.previous_error and self.previous_error.startswith(LEASE_EXPIRED))
 
 
 @dataclass(frozen=True)

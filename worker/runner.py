@@ -181,9 +181,14 @@ class Worker:
 
     def run_once(self, conn: psycopg.Connection[Any]) -> int:
         """Claim, score and record one batch; returns how many jobs were claimed."""
+        return self._run_batch(conn)[0]
+
+    def _run_batch(self, conn: psycopg.Connection[Any]) -> tuple[int, bool]:
+        """run_once, also saying whether more jobs are likely due now: the batch was full, or it
+        was a job taken back from a dead worker, which is claimed alone (worker/sql/claim.sql)."""
         jobs = queue.claim(conn, self.config.batch_size, self.config.lease_seconds)
         if not jobs:
-            return 0
+            return 0, False
         scored, shadows, failures = self.process(jobs, Claim(conn, jobs, self.config.lease_seconds))
         # A single statement is atomic on its own; a transaction only when there are two.
         if failures and scored:
@@ -207,7 +212,8 @@ class Worker:
             if self.backend_down.is_set():
                 log.info("backend reachable again: scoring resumed")
             self.backend_down.clear()
-        return len(jobs)
+        more = len(jobs) >= self.config.batch_size or any(job.taken_back for job in jobs)
+        return len(jobs), more
 
     def process(
         self, jobs: Sequence[queue.Job], claim: Claim | None = None
@@ -558,7 +564,7 @@ class Worker:
                 try:
                     if conn is None or conn.closed:
                         conn = queue.connect(self.url)
-                    claimed = self.run_once(conn)
+                    _, more = self._run_batch(conn)
                 except Exception as exc:
                     # The database went away or a statement failed: the claimed jobs' leases will
                     # run out and another attempt picks them up. Back off, reconnect, go on.
@@ -572,8 +578,10 @@ class Worker:
                     # Jobs given back cost no attempt: pause, or a backlog would be claimed and
                     # given back as fast as the database allows for the length of the outage.
                     self.stop_event.wait(self.config.poll_seconds)
-                elif claimed >= self.config.batch_size:
-                    self.wake.notify()  # a full batch: likely more, bring an idle peer in
+                elif more:
+                    # A full batch, or a job taken back from a dead worker (claimed alone, the
+                    # rest of its batch likely due too): claim again at once, with an idle peer.
+                    self.wake.notify()
                 else:
                     self.wake.wait(self.config.poll_seconds)
         finally:

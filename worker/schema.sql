@@ -19,7 +19,8 @@
 -- A transient failure puts the job back to queued with run_after pushed out (exponential backoff).
 -- A backend that cannot be reached at all (scoring service or feature database down) does the
 -- same without spending an attempt: an outage never dead-letters jobs.
--- A worker that dies leaves its jobs running; they are claimed again once lease_until has passed.
+-- A worker that dies leaves its jobs running; they are claimed again once lease_until has passed,
+-- each alone (one of them may be what killed it: only that one should die with the next worker).
 -- Retention: the monitor deletes finished jobs (with their results) PAYLATER_WORKER_RETENTION_DAYS
 -- after they finished (default 90), so an idempotency key is remembered that long after its job.
 -- Safe to apply repeatedly (the worker applies it at start under an advisory lock).

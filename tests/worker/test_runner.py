@@ -1092,3 +1092,49 @@ def test_a_lone_job_is_not_blamed_when_the_service_answers_nobody(
     assert (status, attempts) == ("queued", 0), rows
     assert HUNG not in error and "nothing else answered to compare with" in error, error
     assert service.batches[-2:] == [[6], [2]], service.batches
+
+
+class WorkerKilled(BaseException):
+    """Stands for the worker process dying (OOM, segfault): nothing after it runs, no except."""
+
+
+class KillsWorkerOnUser(FailsOnUser):
+    """A real backend whose process dies whenever one user's rows are scored."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Outcome]:
+        """Die like the process would when the poison user is in the call."""
+        self.calls += 1
+        if any(r.user_id == self.poison_user for r in requests):
+            raise WorkerKilled(f"worker died scoring user {self.poison_user}")
+        return self.inner.score(requests)
+
+
+def test_a_job_that_kills_its_worker_is_dead_lettered_alone_not_with_its_batch(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """A job that kills every worker scoring it: its batch-mates' leases ran out with it, and they
+    were re-claimed together with it, died with it each time and were dead-lettered with it at
+    max_attempts (never scored). Jobs taken back from a dead worker are now claimed one at a
+    time: the batch-mates are scored, the killer alone is dead-lettered, saying its workers died."""
+    ids = kit.enqueue_many(queue_db, 10)  # users 2..11: user 5 kills the worker
+    [(killer_id,)] = kit.query(queue_db, "SELECT id FROM scoring_jobs WHERE user_id = 5")
+    backend = KillsWorkerOnUser(backend_for(queue_db, kit.make_scorer(booster, "7")), 5)
+    # Lease 0: a dead worker's jobs are due again at once (no wait for the lease in the test).
+    config = WorkerConfig(batch_size=50, concurrency=1, lease_seconds=0, max_attempts=3)
+    deaths = 0
+    with queue.connect(queue_db) as conn:
+        for _ in range(50):  # each iteration: a (re)started worker's next batch
+            if not kit.query(
+                queue_db, "SELECT 1 FROM scoring_jobs WHERE status IN ('queued', 'running')"
+            ):
+                break
+            try:
+                Worker(queue_db, backend, config).run_once(conn)
+            except WorkerKilled:
+                deaths += 1
+    rows = dict(kit.query(queue_db, "SELECT id, status FROM scoring_jobs"))
+    assert rows == {i: "dead" if i == killer_id else "done" for i in ids}
+    [(attempts, error)] = kit.query(
+        queue_db, "SELECT attempts, error FROM scoring_jobs WHERE id = %s", (killer_id,)
+    )
+    assert deaths == 3 and attempts == 4 and "lease expired" in error

@@ -70,7 +70,7 @@ class Scorer:
     ) -> None:
         self.booster = booster
         self.model_version = str(model_version)
-        self.feature_names = list(feature_names)
+        self.feature_names = _model_order(booster, feature_names)
         self.cutoff = float(cutoff)
         if not 0.0 <= self.cutoff <= 1.0:  # NaN fails this too
             # Every probability is below 20 (meant as 20 %) and none is >= NaN: approve-all.
@@ -172,6 +172,23 @@ class Scorer:
             Score(p, "decline" if p >= self.cutoff else "approve", self.model_version, r)
             for p, r in zip(proba.tolist(), reasons, strict=True)
         ]
+
+
+def _model_order(booster: lgb.Booster, feature_names: Sequence[str]) -> list[str]:
+    """The features in the column order the model was trained on: the matrix is built in this
+    order, so a list naming them in another order would feed each value to another feature."""
+    names = list(feature_names)
+    trained = list(booster.feature_name())
+    if trained == names or all(re.fullmatch(r"Column_[0-9]+", n) for n in trained):
+        return names  # the same, or a model trained without names: the list is all there is
+    if sorted(trained) == sorted(names):
+        return trained
+    missing = [n for n in trained if n not in names]
+    unknown = [n for n in names if n not in trained]
+    raise ValueError(
+        f"feature_names do not match the model's features: the model has {missing or 'no others'}"
+        f" not listed, the list has {unknown or 'no others'} the model lacks"
+    )
 
 
 class FeatureStore:

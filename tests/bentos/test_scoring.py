@@ -172,3 +172,20 @@ def test_a_feature_database_that_never_answers_fails_the_lookup_in_seconds(
     with pytest.raises(psycopg.OperationalError, match="timeout"):
         asyncio.run(CoalescingFeatureStore(silent_postgres, ["topups_30d"]).lookup([1]))
     assert time.monotonic() - started < 25
+
+
+def test_feature_names_listed_out_of_the_models_order_score_like_the_model() -> None:
+    """The version's feature_names tag is the column order of the matrix the model is fed: a tag
+    listing the same features in another order (sorted, say) fed each value to another feature's
+    splits, and every score was silently wrong. The model's own order is used; names the model
+    does not have are refused at load."""
+    from tests.bentos.conftest import FEATURES, KNOWN_USERS, train_booster
+
+    booster = train_booster()
+    right = Scorer(booster, model_version="1", feature_names=FEATURES)
+    shuffled = Scorer(booster, model_version="1", feature_names=sorted(FEATURES))
+    assert shuffled.feature_names == FEATURES
+    rows = [right.request_row(a, u) for u in KNOWN_USERS.values() for a in (1_000, 90_000)]
+    assert shuffled.score_rows(rows) == right.score_rows(rows)
+    with pytest.raises(ValueError, match="late_repayments_365d"):
+        Scorer(booster, model_version="1", feature_names=[*FEATURES[:-1], "late_ratio"])

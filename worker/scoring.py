@@ -293,7 +293,16 @@ class HttpBackend:
         if status == 422 and len(requests) == 1:
             detail = body.get("detail") if isinstance(body, dict) else body
             return [InvalidRequest(f"scoring service rejected the request: {detail}")]
-        if status in (401, 403, 502, 503, 504):
+        if status == 504:
+            # The service (BentoML's traffic timeout) or a gateway gave up on this batch: no
+            # answer in time, as the client's own timeout, searched the same way.
+            raise BackendTimeout(
+                f"scoring service {self.url} answered 504 (no answer in time) to a batch of"
+                f" {len(requests)}: {body}"
+            )
+        if status in (401, 403, 429, 502, 503):
+            # Wrong token, overloaded (429: BentoML past traffic.max_concurrency), down: no
+            # request's fault, so no attempt spent.
             raise BackendUnavailable(f"scoring service {self.url} answered {status}: {body}")
         if status in (404, 405):
             # Not the unknown-user answer: no such route here (a wrong URL, a service without

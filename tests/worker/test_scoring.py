@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,24 +16,16 @@ from worker.runner import Worker, WorkerConfig
 from worker.scoring import BackendUnavailable, HttpBackend, InvalidRequest, ScoreRequest
 
 
-@pytest.fixture
-def bento_v2(queue_db: str, booster: Any, kit: Any) -> Iterator[str]:
-    """bentos.service's /v2 ASGI routes with the test model and feature store, over real HTTP."""
+@contextmanager
+def serving(app: Any, kit: Any) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a free loopback port; its base URL."""
     import uvicorn
 
-    from bentos.scoring import CoalescingFeatureStore
-    from bentos.service import ENGINE, V2
-
-    scorer = kit.make_scorer(booster, "7")
-    saved = (ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token)
-    features = CoalescingFeatureStore(queue_db, scorer.user_feature_names)
-    ENGINE.scorer, ENGINE.features = scorer, features
-    ENGINE.max_batch, ENGINE.token = 1000, None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(V2, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -42,7 +35,32 @@ def bento_v2(queue_db: str, booster: Any, kit: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)  # the feature connection dies with the test database
+
+
+@pytest.fixture
+def engine(queue_db: str, booster: Any, kit: Any) -> Iterator[Any]:
+    """bentos.service's ENGINE with the test model and feature store (restored afterwards)."""
+    from bentos.scoring import CoalescingFeatureStore
+    from bentos.service import ENGINE
+
+    scorer = kit.make_scorer(booster, "7")
+    saved = (ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token)
+    features = CoalescingFeatureStore(queue_db, scorer.user_feature_names)
+    ENGINE.scorer, ENGINE.features = scorer, features
+    ENGINE.max_batch, ENGINE.token = 1000, None
+    try:
+        yield ENGINE
+    finally:
         ENGINE.scorer, ENGINE.features, ENGINE.max_batch, ENGINE.token = saved
+
+
+@pytest.fixture
+def bento_v2(engine: Any, kit: Any) -> Iterator[str]:
+    """bentos.service's /v2 ASGI routes with the test model and feature store, over real HTTP."""
+    from bentos.service import V2
+
+    with serving(V2, kit) as url:
+        yield url
 
 
 def test_http_backend_scores_like_in_process_and_fails_unknown_users_alone(
@@ -163,3 +181,61 @@ def test_jobs_held_for_an_unreachable_service_are_not_counted_as_failed_attempts
     assert 'paylater_worker_jobs_failed_total{reason="error"} 0.0' in exported
     assert "paylater_worker_jobs_held_total 6.0" in exported
     assert (worker.totals.retried, worker.totals.held) == (0, 6)
+
+
+def test_a_service_at_its_concurrency_limit_holds_jobs_instead_of_dead_lettering(
+    queue_db: str, engine: Any, kit: Any
+) -> None:
+    """BentoML answers 429 past traffic.max_concurrency (so may a gateway): the worker split the
+    batch down to single jobs, each 429 again, each spending an attempt, and an overloaded
+    service dead-lettered the queue. An overload is nobody's fault: jobs wait, no attempt spent."""
+    from bentoml._internal.server.http.traffic import MaxConcurrencyMiddleware
+
+    from bentos.service import V2
+
+    ids = kit.enqueue_many(queue_db, 4)
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1)
+    # No slot free: the state of a service whose every slot other callers hold.
+    busy = MaxConcurrencyMiddleware(V2, max_concurrency=0)
+    with serving(busy, kit) as url, queue.connect(queue_db) as conn:
+        assert Worker(queue_db, HttpBackend(url), config).run_once(conn) == 4
+    rows = kit.query(
+        queue_db, "SELECT status, attempts, error FROM scoring_jobs WHERE id = ANY(%s)", (ids,)
+    )
+    assert {(status, attempts) for status, attempts, _ in rows} == {("queued", 0)}
+    assert all("429" in error for _, _, error in rows)
+
+
+def test_a_504_from_the_service_searches_the_batch_for_the_request_it_hangs_on(
+    queue_db: str, engine: Any, kit: Any
+) -> None:
+    """BentoML's own traffic timeout answers 504 for a request it gave up on: no answer in time,
+    as the client's timeout. It was taken for an outage, so a job the service hangs on held its
+    batch-mates queued forever; now the halves are tried, the batch-mates are scored and the job
+    it hangs on alone spends its attempt."""
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from bentos.service import V2
+
+    ids = kit.enqueue_many(queue_db, 8)  # users 2..9: the service hangs on user 5
+    [(stuck_id,)] = kit.query(queue_db, "SELECT id FROM scoring_jobs WHERE user_id = 5")
+
+    async def hangs_on_user_5(scope: Any, receive: Any, send: Any) -> None:
+        """V2, stuck (past the traffic timeout) on any batch holding user 5."""
+        message = await receive()
+        if scope["type"] == "http" and b'"user_id":5,' in message.get("body", b""):
+            await asyncio.sleep(30)
+
+        async def replay() -> Any:
+            return message
+
+        await V2(scope, replay, send)
+
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1, lease_seconds=60)
+    timed = TimeoutMiddleware(hangs_on_user_5, timeout=0.3)
+    with serving(timed, kit) as url, queue.connect(queue_db) as conn:
+        assert Worker(queue_db, HttpBackend(url), config).run_once(conn) == 8
+    rows = dict(kit.query(queue_db, "SELECT id, status FROM scoring_jobs"))
+    assert rows == {i: "dead" if i == stuck_id else "done" for i in ids}

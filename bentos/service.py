@@ -324,7 +324,7 @@ class PaylaterScorer:
         # BentoML's server logging passes WARNING and above from other loggers: which version a
         # worker loaded is worth a line in the server's log.
         log.setLevel(logging.INFO)
-        ENGINE.token = settings.api_token.encode() if settings.api_token else None
+        ENGINE.token = api_token()
         ENGINE.max_batch = settings.serve_max_batch
         # Loading runs beside the server so /readyz can say "not yet" instead of hanging.
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -389,6 +389,16 @@ class PaylaterScorer:
             feature_names=scorer.feature_names,
             cutoff=scorer.cutoff,
         )
+
+
+def api_token() -> bytes | None:
+    """PAYLATER_API_TOKEN as requests must carry it, or None (no auth) when unset or blank.
+    Stripped: a token from a secret file or `echo` ends in a newline no header can carry, and
+    every client would be answered 401."""
+    from paylater.settings import get_settings
+
+    token = (get_settings().api_token or "").strip()
+    return token.encode() if token else None
 
 
 def pin_served_version(environ: MutableMapping[str, str]) -> None:

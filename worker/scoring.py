@@ -267,6 +267,8 @@ class HttpBackend:
         self.url = url.rstrip("/")
         self.max_batch = max_batch
         self.timeout_seconds = timeout_seconds
+        # Stripped as the service strips it: a newline from a secret file is in no header.
+        token = (token or "").strip()
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(timeout=timeout_seconds, headers=headers)
         self.model_version = "unknown"  # learnt from the first answer
@@ -332,6 +334,10 @@ class HttpBackend:
             ) from exc
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
             raise BackendUnavailable(f"scoring service {self.url} unreachable: {exc}") from exc
+        except httpx.LocalProtocolError as exc:
+            # This client cannot even send the call (a token no header can carry, say): the
+            # worker's configuration, no request's fault.
+            raise BackendUnavailable(f"cannot call scoring service {self.url}: {exc}") from exc
         try:
             body = response.json()
         except ValueError:

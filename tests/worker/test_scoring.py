@@ -239,3 +239,24 @@ def test_a_504_from_the_service_searches_the_batch_for_the_request_it_hangs_on(
         assert Worker(queue_db, HttpBackend(url), config).run_once(conn) == 8
     rows = dict(kit.query(queue_db, "SELECT id, status FROM scoring_jobs"))
     assert rows == {i: "dead" if i == stuck_id else "done" for i in ids}
+
+
+def test_a_token_with_a_trailing_newline_scores_instead_of_dead_lettering(
+    queue_db: str, engine: Any, kit: Any
+) -> None:
+    """PAYLATER_API_TOKEN from a secret file ends in a newline, which no header may carry: httpx
+    refused every call with LocalProtocolError, taken for a request's fault, and every job was
+    split down, retried and dead-lettered. The token is stripped as the service strips it."""
+    from bentos.service import V2
+
+    ids = kit.enqueue_many(queue_db, 3)
+    engine.token = b"s3cret"
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1)
+    with serving(V2, kit) as url, queue.connect(queue_db) as conn:
+        backend = HttpBackend(url, token="s3cret\n")
+        assert Worker(queue_db, backend, config).run_once(conn) == 3
+        # A token no header can carry even stripped: the worker's configuration, jobs held.
+        with pytest.raises(BackendUnavailable, match="cannot call"):
+            HttpBackend(url, token="s3c\nret").score([ScoreRequest(1, 3, 5_000)])
+    rows = kit.query(queue_db, "SELECT status FROM scoring_jobs WHERE id = ANY(%s)", (ids,))
+    assert rows == [("done",)] * 3

@@ -270,10 +270,12 @@ class Worker:
         requests: Sequence[ScoreRequest],
         hung: AbstractSet[int] = frozenset(),
         claim: Claim | None = None,
+        vetted: bool = False,
     ) -> list[Outcome | Exception]:
         """The backend's outcomes; when the batch call fails, halves are retried to isolate the
         job at fault. `hung`: ids of jobs an earlier attempt found hanging the backend; `claim`:
-        the batch's lease (None: unbounded)."""
+        the batch's lease (None: unbounded); `vetted`: the backend is known not to fail every
+        request (these are halves of a batch already checked)."""
         if not requests:
             return []
         started = time.monotonic()
@@ -313,14 +315,37 @@ class Worker:
                 )
             ]
         except Exception as exc:
+            if not vetted and (broken := self.fails_everyone(backend, requests, exc)) is not None:
+                return [broken] * len(requests)  # the backend's fault: every job waits
             if len(requests) == 1:
                 log.warning("job %s failed to score: %r", requests[0].job_id, exc)
                 return [exc]
             middle = len(requests) // 2
-            return self.score(backend, requests[:middle], hung, claim) + self.score(
-                backend, requests[middle:], hung, claim
+            return self.score(backend, requests[:middle], hung, claim, True) + self.score(
+                backend, requests[middle:], hung, claim, True
             )
         return self._answered(outcomes, requests)
+
+    def fails_everyone(
+        self, backend: ScoringBackend, requests: Sequence[ScoreRequest], error: Exception
+    ) -> BackendUnavailable | None:
+        """After `requests` failed with `error`: BackendUnavailable when the last request the
+        backend answered (another user's), asked again alone, fails too (a bad deploy answering
+        500 to everything: split down, every job would spend its attempts and be dead-lettered);
+        None when it is answered, or there is no such request yet (the batch is then searched)."""
+        reference = self.reference
+        if reference is None or reference.user_id in {r.user_id for r in requests}:
+            return None
+        try:
+            _checked(list(backend.score([reference])), [reference])
+        except BackendTimeout:
+            return None  # slow, not failing: the search tells
+        except Exception as again:
+            return BackendUnavailable(
+                f"the scoring backend fails every request: {type(error).__name__}: {error};"
+                f" user {reference.user_id}'s request, answered before, fails too ({again})"
+            )
+        return None
 
     def _answered(
         self, outcomes: list[Outcome | Exception], requests: Sequence[ScoreRequest]

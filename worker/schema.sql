@@ -17,8 +17,9 @@
 --   failed  the request itself is invalid (bad payload, unknown user): never retried, error says why;
 --   dead    attempts ran out (scoring kept failing, or workers kept dying on it): error holds the last cause.
 -- A transient failure puts the job back to queued with run_after pushed out (exponential backoff).
--- A backend that cannot be reached at all (scoring service or feature database down) does the
--- same without spending an attempt: an outage never dead-letters jobs.
+-- A backend that cannot be reached at all (scoring service or feature database down), or that
+-- fails every request (the last one it answered fails too), does the same without spending an
+-- attempt: an outage never dead-letters jobs.
 -- A worker that dies leaves its jobs running; they are claimed again once lease_until has passed,
 -- each alone (one of them may be what killed it: only that one should die with the next worker).
 -- Retention: the monitor deletes finished jobs (with their results) PAYLATER_WORKER_RETENTION_DAYS

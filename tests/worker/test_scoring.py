@@ -260,3 +260,47 @@ def test_a_token_with_a_trailing_newline_scores_instead_of_dead_lettering(
             HttpBackend(url, token="s3c\nret").score([ScoreRequest(1, 3, 5_000)])
     rows = kit.query(queue_db, "SELECT status FROM scoring_jobs WHERE id = ANY(%s)", (ids,))
     assert rows == [("done",)] * 3
+
+
+def test_a_service_failing_every_request_holds_jobs_instead_of_dead_lettering_them(
+    queue_db: str, engine: Any, kit: Any
+) -> None:
+    """A service answering 500 to every call (a bad deploy): each batch was split down to single
+    jobs (about 2n calls), each spent an attempt, and within a few backoffs the whole queue was
+    dead-lettered. When the request it answered last (another user's) now fails too, the fault
+    is the service's: jobs are held, no attempt spent, and scored once it answers again."""
+    from bentos.service import V2
+
+    broken = {"now": False}
+
+    async def sometimes_broken(scope: Any, receive: Any, send: Any) -> None:
+        """V2, or a 500 to every call while broken (as the routes answer an internal error)."""
+        if not broken["now"] or scope["type"] != "http":
+            await V2(scope, receive, send)
+            return
+        body = b'{"error":"internal","detail":"internal error, logged"}'
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1, backoff_seconds=0)
+    with serving(sometimes_broken, kit) as url, queue.connect(queue_db) as conn:
+        worker = Worker(queue_db, HttpBackend(url), config)
+        first = [queue.enqueue(conn, user, 5_000)[0] for user in (30, 31)]
+        assert worker.run_once(conn) == 2  # answered: user 30's request is the reference
+        broken["now"] = True
+        later = kit.enqueue_many(queue_db, 4)  # users 2..5
+        assert worker.run_once(conn) == 4
+        rows = kit.query(
+            queue_db,
+            "SELECT status, attempts, error FROM scoring_jobs WHERE id = ANY(%s)",
+            (later,),
+        )
+        assert {(status, attempts) for status, attempts, _ in rows} == {("queued", 0)}
+        assert all("fails every request" in error for _, _, error in rows)
+        broken["now"] = False
+        assert worker.run_once(conn) == 4
+    rows = kit.query(
+        queue_db, "SELECT status FROM scoring_jobs WHERE id = ANY(%s)", (first + later,)
+    )
+    assert rows == [("done",)] * 6

@@ -27,6 +27,12 @@ DEFAULT_CUTOFF = 0.5
 
 N_REASON_CODES = 3
 
+LOOKUP_TIMEOUT_SECONDS = 5.0
+"""Longest wait for the online table's answer to the service's lookup. A database host gone
+silent mid-query (a failover, a partition: no reset) would otherwise hold the query for the TCP
+timeout, many minutes, and every request on the worker, sharing it, until BentoML's 504. On
+expiry psycopg tries to cancel the query (up to about 10 s more), then the lookup fails (503)."""
+
 # Readable codes for the features whose names alone would not tell an operator much.
 _READABLE_CODES = {
     "request_amount_jpy": "REQUESTED_AMOUNT_HIGH",
@@ -338,7 +344,10 @@ class CoalescingFeatureStore:
             self._busy = False
 
     async def _query(self, ids: list[int]) -> dict[int, dict[str, Any]]:
-        """One round trip for `ids`, reconnecting after a broken connection."""
+        """One round trip for `ids`, reconnecting after a broken connection; TimeoutError after
+        LOOKUP_TIMEOUT_SECONDS without an answer."""
+        import asyncio
+
         import psycopg
         from psycopg.rows import dict_row
 
@@ -350,11 +359,16 @@ class CoalescingFeatureStore:
                 **connect_timeout(self._rows.pg_url),
             )
         try:
-            cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
-            rows = await cursor.fetchall()
-        except Exception:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):
+                cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
+                rows = await cursor.fetchall()
+        except Exception as exc:
             await self._conn.close()
             self._conn = None
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(
+                    f"no answer from the feature database in {LOOKUP_TIMEOUT_SECONDS:g} s"
+                ) from None
             raise
         return {int(r["user_id"]): self._rows._features_of(r) for r in rows}
 

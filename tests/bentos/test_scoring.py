@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -189,3 +190,87 @@ def test_feature_names_listed_out_of_the_models_order_score_like_the_model() -> 
     assert shuffled.score_rows(rows) == right.score_rows(rows)
     with pytest.raises(ValueError, match="late_repayments_365d"):
         Scorer(booster, model_version="1", feature_names=[*FEATURES[:-1], "late_ratio"])
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding while keeping every connection open:
+    a database host gone silent mid-query (a failover, a network partition), not refusing."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        """Pair each client with an upstream connection, pumped both ways."""
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        """Copy bytes, holding them while frozen."""
+        import time
+
+        try:
+            while data := src.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.02)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self.listener.close()
+
+
+def test_a_feature_database_gone_silent_mid_query_fails_the_lookup_and_recovers(
+    online_features: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's lookups share one query at a time per worker: a database that stopped
+    answering mid-query (its host gone, no reset) held that query for the TCP timeout, minutes,
+    and every request on the worker waited behind it until BentoML answered 504. The lookup now
+    gives up after LOOKUP_TIMEOUT_SECONDS (a 503), and the next one reconnects."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from bentos import scoring
+    from bentos.scoring import CoalescingFeatureStore
+
+    monkeypatch.setattr(scoring, "LOOKUP_TIMEOUT_SECONDS", 0.5)
+    parts = urlsplit(online_features)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxied = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}")
+    names = ["days_since_signup", "topups_30d"]
+
+    async def scenario() -> None:
+        store = CoalescingFeatureStore(proxied.geturl(), names)
+        assert sorted(await store.lookup([1, 2])) == [1, 2]
+        proxy.frozen.set()
+        # The outer bound only keeps a failing test from hanging: its TimeoutError has no text.
+        with pytest.raises(TimeoutError, match="feature database"):
+            await asyncio.wait_for(store.lookup([1]), 60)
+        proxy.frozen.clear()
+        assert sorted(await store.lookup([3])) == [3]
+        await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()

@@ -308,9 +308,9 @@ class ShadowLoader:
 
 def run_worker(
     concurrency: int = typer.Option(
-        None, help="Claim-score-write loops (threads) in this process."
+        None, min=1, help="Claim-score-write loops (threads) in this process."
     ),
-    batch_size: int = typer.Option(None, help="Jobs claimed per round trip."),
+    batch_size: int = typer.Option(None, min=1, help="Jobs claimed per round trip."),
     backend: str = typer.Option(None, help="'inprocess' (model store) or 'http' (the bento)."),
     url: str = typer.Option(None, help="Bento base URL for --backend http."),
     model: str = typer.Option(None, help="production | staging | <version> | <store tag>."),
@@ -324,7 +324,7 @@ def run_worker(
     metrics_port: int = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     metrics_host: str = typer.Option("0.0.0.0", help="Address of the metrics server."),
     lease_seconds: float = typer.Option(None, help="Lease of a claimed batch (crash recovery)."),
-    max_attempts: int = typer.Option(None, help="Attempts before dead-lettering."),
+    max_attempts: int = typer.Option(None, min=1, help="Attempts before dead-lettering."),
     poll_seconds: float = typer.Option(None, help="Idle poll interval (NOTIFY wakes sooner)."),
     database_url: str = typer.Option(None, help="Queue database (default: settings)."),
 ) -> None:
@@ -336,6 +336,12 @@ def run_worker(
     from worker.scoring import HttpBackend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The settings refuse such values; their command-line overrides must too (--max-attempts 0
+    # dead-lettered every job unscored). The integer options are bounded by typer (min=1).
+    for option, seconds in (("--lease-seconds", lease_seconds), ("--poll-seconds", poll_seconds)):
+        if seconds is not None and not seconds > 0:
+            typer.echo(f"error: {option} must be more than 0 seconds, got {seconds:g}", err=True)
+            raise typer.Exit(2)
     settings = get_settings()
     try:
         db_url = require_postgres(database_url, "--database-url") if database_url else queue_url()

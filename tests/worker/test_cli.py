@@ -298,3 +298,30 @@ def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seco
     shadow.refresh()  # what the shadow's refresh thread does
     assert shadow.current is None
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-attempts", "0"),
+        ("--batch-size", "0"),
+        ("--concurrency", "0"),
+        ("--lease-seconds", "0"),
+    ],
+)
+def test_a_worker_option_out_of_range_is_refused_before_any_job_is_touched(
+    queue_db: str, launch: Any, kit: Any, option: str, value: str
+) -> None:
+    """The settings refuse these values, the command-line overrides did not: --max-attempts 0
+    dead-lettered every job unscored (\"lease expired\"), --batch-size 0 claimed nothing forever,
+    --concurrency 0 exited at once saying it stopped, --lease-seconds 0 let every batch be claimed
+    again while being scored. Each is now a usage error (exit 2) naming the option."""
+    ids = kit.enqueue_many(queue_db, 3)
+    proc = launch(option, value)
+    kit.wait_until(lambda: proc.poll() is not None, 30, f"the worker to refuse {option} {value}")
+    assert proc.returncode == 2
+    assert option in launch.logs()[proc.pid]
+    rows = kit.query(
+        queue_db, "SELECT status, attempts FROM scoring_jobs WHERE id = ANY(%s)", (ids,)
+    )
+    assert rows == [("queued", 0)] * 3

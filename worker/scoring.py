@@ -345,13 +345,19 @@ class HttpBackend:
         return response.status_code, body
 
     def _outcome(self, item: dict[str, Any]) -> Outcome:
-        """A v2 answer as an outcome."""
-        self.model_version = str(item["model_version"])
+        """A v2 answer as an outcome; RuntimeError naming what is wrong with an answer the
+        results table cannot hold (it would fail the write of the whole batch)."""
+        probability = float(item["default_probability"])
+        decision, version = str(item["decision"]), str(item["model_version"])
+        if decision not in ("approve", "decline"):
+            raise RuntimeError(f"scoring service answered decision {decision!r}: not a v2 answer")
+        if not 0.0 <= probability <= 1.0:  # NaN fails this too
+            raise RuntimeError(f"scoring service answered probability {probability!r}")
+        if not version:
+            raise RuntimeError("scoring service answered no model_version")
+        self.model_version = version
         return ScoreOutcome(
-            float(item["default_probability"]),
-            str(item["decision"]),
-            str(item["model_version"]),
-            [str(c) for c in item.get("reason_codes") or []],
+            probability, decision, version, [str(c) for c in item.get("reason_codes") or []]
         )
 
     def close(self) -> None:

@@ -304,3 +304,41 @@ def test_a_service_failing_every_request_holds_jobs_instead_of_dead_lettering_th
         queue_db, "SELECT status FROM scoring_jobs WHERE id = ANY(%s)", (first + later,)
     )
     assert rows == [("done",)] * 6
+
+
+def test_an_unusable_score_from_the_service_fails_its_jobs_with_the_reason(
+    queue_db: str, engine: Any, kit: Any
+) -> None:
+    """A service answering a decision the results table does not allow (a newer service's
+    'review', say) made the batch's write fail: the loop reconnected, every job of the batch
+    stayed running until its lease ran out, and was dead-lettered as 'lease expired' at last.
+    Such an answer is now refused when it arrives: the jobs fail their attempt saying why."""
+    import json
+
+    from bentos.service import V2
+
+    async def says_review(scope: Any, receive: Any, send: Any) -> None:
+        """V2, with every decision rewritten to 'review'."""
+
+        async def rewrite(message: Any) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                items = json.loads(message["body"])
+                for item in items:
+                    item["decision"] = "review"
+                message = {**message, "body": json.dumps(items).encode()}
+            elif message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [h for h in message["headers"] if h[0] != b"content-length"],
+                }
+            await send(message)
+
+        await V2(scope, receive, rewrite)
+
+    ids = kit.enqueue_many(queue_db, 2)
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1)
+    with serving(says_review, kit) as url, queue.connect(queue_db) as conn:
+        assert Worker(queue_db, HttpBackend(url), config).run_once(conn) == 2
+    rows = kit.query(queue_db, "SELECT status, error FROM scoring_jobs WHERE id = ANY(%s)", (ids,))
+    assert [status for status, _ in rows] == ["dead", "dead"]
+    assert all("decision 'review'" in error for _, error in rows)

@@ -39,6 +39,16 @@ _READABLE_CODES = {
     "request_fee_jpy": "REQUEST_FEE_HIGH",
 }
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ONLINE_TABLE = "user_features_latest"
+"""The online feature table's default name (PAYLATER_ONLINE_FEATURES_TABLE names another)."""
+
+
+def online_table_name(table: str) -> str:
+    """`table`, checked to be a plain identifier (the publish creates it under that name)."""
+    if not _TABLE.match(table):
+        raise ValueError(f"invalid online feature table name {table!r}")
+    return table
 
 
 class Score(NamedTuple):
@@ -198,17 +208,23 @@ def _model_order(booster: lgb.Booster, feature_names: Sequence[str]) -> list[str
 
 
 class FeatureStore:
-    """Looks users up in `user_features_latest` (the online table), one connection per process."""
+    """Looks users up in the online table (`user_features_latest`), one connection per process."""
 
-    def __init__(self, pg_url: str, feature_names: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, pg_url: str, feature_names: Iterable[str] | None = None, table: str = ONLINE_TABLE
+    ) -> None:
+        from psycopg import sql
+
         self.pg_url = pg_url
+        self.table = online_table_name(table)
         self.feature_names = list(feature_names) if feature_names is not None else None
         for name in self.feature_names or []:
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"invalid feature name {name!r}")
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
-        self._sql = resources.files("bentos").joinpath("sql/user_features_lookup.sql").read_text()
+        text = resources.files("bentos").joinpath("sql/user_features_lookup.sql").read_text()
+        self._sql = sql.SQL(text).format(table=sql.Identifier(self.table))
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The open connection, reopened after a failure or server restart."""
@@ -245,7 +261,7 @@ class FeatureStore:
             names = [k for k in row if k not in ("user_id", "as_of", "updated_at")]
         absent = [n for n in names if n not in row]
         if absent:
-            raise ValueError(f"user_features_latest lacks feature columns: {', '.join(absent)}")
+            raise ValueError(f"{self.table} lacks feature columns: {', '.join(absent)}")
         return {n: (None if (v := row[n]) is None else float(v)) for n in names}
 
     def get(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -271,9 +287,11 @@ class SqliteFeatureStore:
     since sqlite3 connections must not cross threads and the file may be replaced by a publish.
     """
 
-    def __init__(self, sqlite_path: str, feature_names: Iterable[str]) -> None:
+    def __init__(
+        self, sqlite_path: str, feature_names: Iterable[str], table: str = ONLINE_TABLE
+    ) -> None:
         self.path = sqlite_path
-        self._rows = FeatureStore("", feature_names)  # validated names and row mapping
+        self._rows = FeatureStore("", feature_names, table)  # validated names and row mapping
 
     def _query(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         """One query for `ids` on a fresh read-only connection."""
@@ -283,7 +301,7 @@ class SqliteFeatureStore:
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
             conn.row_factory = sqlite3.Row
             rows = conn.execute(
-                f"SELECT * FROM user_features_latest WHERE user_id IN ({marks})", ids
+                f'SELECT * FROM "{self._rows.table}" WHERE user_id IN ({marks})', ids
             ).fetchall()
         return {int(r["user_id"]): self._rows._features_of(dict(r)) for r in rows}
 
@@ -306,8 +324,10 @@ class CoalescingFeatureStore:
     event loop keeps parsing and scoring meanwhile instead of blocking on the socket.
     """
 
-    def __init__(self, pg_url: str, feature_names: Iterable[str]) -> None:
-        self._rows = FeatureStore(pg_url, feature_names)  # validated names, SQL and row mapping
+    def __init__(
+        self, pg_url: str, feature_names: Iterable[str], table: str = ONLINE_TABLE
+    ) -> None:
+        self._rows = FeatureStore(pg_url, feature_names, table)  # names, SQL and row mapping
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._waiting: list[tuple[Sequence[int], Any]] = []
         self._busy = False

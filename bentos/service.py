@@ -493,12 +493,13 @@ def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStor
     from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
     from paylater.settings import get_settings
 
-    url = get_settings().source
+    settings = get_settings()
+    url, table = settings.source, settings.online_features_table
     if url.startswith("sqlite:///"):
-        return SqliteFeatureStore(url.removeprefix("sqlite:///"), scorer.user_feature_names)
+        return SqliteFeatureStore(url.removeprefix("sqlite:///"), scorer.user_feature_names, table)
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         log.warning("source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", url)
         return None
     return CoalescingFeatureStore(
-        url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names
+        url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names, table
     )

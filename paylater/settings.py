@@ -49,9 +49,8 @@ class Settings(BaseSettings):
     online_features_table: str = Field(
         default="user_features_latest",
         description=(
-            "Online feature table in the source database, replaced atomically on each publish."
-            " The service and the in-process worker read user_features_latest whatever this"
-            " says: another name leaves them scoring with features no build refreshes."
+            "Online feature table in the source database, replaced atomically on each publish;"
+            " the service, the in-process worker and the monitor read it under this name too."
         ),
     )
     dataset_s3_block: str | None = Field(

@@ -40,10 +40,12 @@ def inprocess_backend(
     spec: str, database_url: str, reason_codes: str = "declines"
 ) -> ScoringBackend:
     """The model `spec` scored in this process with features from user_features_latest."""
+    from paylater.settings import get_settings
     from worker.scoring import InProcessBackend
 
     scorer = load_scorer(spec)
-    return InProcessBackend(scorer, database_url, reason_codes)
+    table = get_settings().online_features_table
+    return InProcessBackend(scorer, database_url, reason_codes, table)
 
 
 def connect_or_exit(db_url: str) -> Any:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bentos.scoring import ONLINE_TABLE, online_table_name
 from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
 
 if TYPE_CHECKING:
@@ -119,16 +120,20 @@ class OnlineFeatures:
     at 500 jobs a batch, per-row dicts cost more CPU than the plain predict.
     """
 
-    def __init__(self, database_url: str, user_feature_names: Sequence[str]) -> None:
+    def __init__(
+        self, database_url: str, user_feature_names: Sequence[str], table: str = ONLINE_TABLE
+    ) -> None:
         from psycopg import sql
 
         for name in user_feature_names:
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"invalid feature name {name!r}")
         self.database_url = database_url
-        self.query = sql.SQL(
-            "SELECT user_id, {} FROM user_features_latest WHERE user_id = ANY(%(user_ids)s)"
-        ).format(sql.SQL(", ").join(sql.Identifier(n) for n in user_feature_names))
+        self.table = online_table_name(table)
+        self.query = sql.SQL("SELECT user_id, {} FROM {} WHERE user_id = ANY(%(user_ids)s)").format(
+            sql.SQL(", ").join(sql.Identifier(n) for n in user_feature_names),
+            sql.Identifier(self.table),
+        )
         self.width = len(user_feature_names)
         self._query_text: str | None = None
         self._local = threading.local()  # one connection per worker loop: no lock between loops
@@ -155,9 +160,7 @@ class OnlineFeatures:
                 # A model promoted before the feature build that publishes its features (or no
                 # publish yet): a deployment mismatch, no request's fault; jobs wait for the fix.
                 cause = str(exc).splitlines()[0]
-                raise BackendUnavailable(
-                    f"user_features_latest does not fit the model: {cause}"
-                ) from exc
+                raise BackendUnavailable(f"{self.table} does not fit the model: {cause}") from exc
             raise
         index = {row[0]: i for i, row in enumerate(rows)}
         matrix = np.array([row[1:] for row in rows], dtype=np.float64).reshape(
@@ -191,13 +194,19 @@ class OnlineFeatures:
 class InProcessBackend:
     """A Scorer (model from the BentoML store) fed from user_features_latest, in this process."""
 
-    def __init__(self, scorer: Scorer, database_url: str, reason_codes: str = "all") -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        database_url: str,
+        reason_codes: str = "all",
+        table: str = ONLINE_TABLE,
+    ) -> None:
         if reason_codes not in REASON_CODE_MODES:
             raise ValueError(
                 f"reason_codes must be one of {REASON_CODE_MODES}, got {reason_codes!r}"
             )
         self.scorer = scorer
-        self.features = OnlineFeatures(database_url, scorer.user_feature_names)
+        self.features = OnlineFeatures(database_url, scorer.user_feature_names, table)
         self.reason_codes = reason_codes
         self.model_version = scorer.model_version
         names = scorer.feature_names

@@ -274,3 +274,45 @@ def test_a_feature_database_gone_silent_mid_query_fails_the_lookup_and_recovers(
         asyncio.run(scenario())
     finally:
         proxy.close()
+
+
+def test_an_online_table_of_another_name_is_read_where_the_build_publishes_it(
+    pg_url: str, tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PAYLATER_ONLINE_FEATURES_TABLE names the table the feature build publishes to; the service
+    (and the in-process worker, tests/worker) read that one. They read user_features_latest
+    whatever it said, so with another name they scored with features no build refreshed."""
+    import asyncio
+    from datetime import date
+
+    import pyarrow as pa
+
+    from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
+    from bentos.service import _feature_store
+    from tasks.online import publish_user_features
+
+    monkeypatch.setenv("PAYLATER_ONLINE_FEATURES_TABLE", "risk_features")
+    rows = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "as_of": pa.array([date(2026, 11, 26)] * 2, pa.date32()),
+            "topups_30d": pa.array([4.0, None], pa.float64()),
+        }
+    )
+    sqlite_url = f"sqlite:///{tmp_path / 'source.db'}"
+    for url in (pg_url, sqlite_url):
+        publish_user_features(rows, url)
+    want = {1: {"topups_30d": 4.0}, 2: {"topups_30d": None}}
+    assert FeatureStore(pg_url, ["topups_30d"], "risk_features").lookup([1, 2, 3]) == want
+    coalescing = CoalescingFeatureStore(pg_url, ["topups_30d"], "risk_features")
+    assert asyncio.run(coalescing.lookup([1, 2])) == want
+    sqlite = SqliteFeatureStore(str(tmp_path / "source.db"), ["topups_30d"], "risk_features")
+    assert asyncio.run(sqlite.lookup([1, 2])) == want
+
+    scorer = SimpleNamespace(user_feature_names=["topups_30d"])
+    for url in (pg_url, sqlite_url):
+        monkeypatch.setenv("PAYLATER_SOURCE_URL", url)
+        store = _feature_store(scorer)  # type: ignore[arg-type]
+        assert store is not None and asyncio.run(store.lookup([1, 2])) == want
+    with pytest.raises(ValueError, match="invalid online feature table name"):
+        FeatureStore(pg_url, ["topups_30d"], "risk features; DROP TABLE x")

@@ -342,3 +342,32 @@ def test_an_unusable_score_from_the_service_fails_its_jobs_with_the_reason(
     rows = kit.query(queue_db, "SELECT status, error FROM scoring_jobs WHERE id = ANY(%s)", (ids,))
     assert [status for status, _ in rows] == ["dead", "dead"]
     assert all("decision 'review'" in error for _, error in rows)
+
+
+def test_in_process_features_are_read_from_the_configured_online_table(pg_url: str) -> None:
+    """The in-process worker reads the table the feature build publishes to
+    (PAYLATER_ONLINE_FEATURES_TABLE), not always user_features_latest."""
+    from datetime import date
+
+    import pyarrow as pa
+
+    from paylater.settings import Settings
+    from tasks.online import publish_user_features
+    from worker.scoring import OnlineFeatures
+
+    rows = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "as_of": pa.array([date(2026, 11, 26)] * 2, pa.date32()),
+            "topups_30d": pa.array([4.0, None], pa.float64()),
+        }
+    )
+    publish_user_features(rows, pg_url, Settings(online_features_table="risk_features"))
+    features = OnlineFeatures(pg_url, ["topups_30d"], "risk_features")
+    try:
+        index, matrix = features.lookup([2, 1, 3])
+    finally:
+        features.close()
+    assert sorted(index) == [1, 2]
+    assert matrix[index[1]].tolist() == [4.0]
+    assert matrix[index[2]].tolist()[0] != matrix[index[2]].tolist()[0]  # NULL is NaN

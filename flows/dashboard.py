@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.monitor import alert_on_failure, deliver
+from flows.monitor import Deliveries, alert_on_failure
 from paylater.settings import get_settings
 from tasks.dashboard import (
     DailyMonitoring,
@@ -61,14 +61,7 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
     """
     settings = get_settings()
     engine = open_queue_db(settings)
-    undelivered: list[Notification] = []
-
-    def counted(notification: Notification) -> bool:
-        sent = deliver(notification)
-        if not sent:
-            undelivered.append(notification)
-        return sent
-
+    counted = Deliveries()
     try:
         ensure_incident_table(engine)
         delivered = reconcile(
@@ -79,8 +72,8 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
         )
     finally:
         engine.dispose()
-    if undelivered:
-        subjects = "; ".join(n.subject for n in undelivered)
+    if counted.undelivered:
+        subjects = "; ".join(n.subject for n in counted.undelivered)
         raise RuntimeError(
             f"drift alert(s) not delivered, incident(s) left for a resend: {subjects}"
         )

@@ -133,6 +133,19 @@ def deliver(notification: Notification) -> bool:
     )
 
 
+class Deliveries:
+    """`deliver`, remembering each notification it could not deliver (to resend, to report)."""
+
+    def __init__(self) -> None:
+        self.undelivered: list[Notification] = []
+
+    def __call__(self, notification: Notification) -> bool:
+        sent = deliver(notification)
+        if not sent:
+            self.undelivered.append(notification)
+        return sent
+
+
 @task
 def update_incidents(
     results: list[CheckResult], now: datetime
@@ -146,14 +159,7 @@ def update_incidents(
     An incident database that does not answer fails the run, as it always did: the flow's
     failure alert and the withheld heartbeat say so.
     """
-    undelivered: list[Notification] = []
-
-    def counted(notification: Notification) -> bool:
-        sent = deliver(notification)
-        if not sent:
-            undelivered.append(notification)
-        return sent
-
+    counted = Deliveries()
     settings = get_settings()
     engine = open_queue_db(settings)
     try:
@@ -161,7 +167,7 @@ def update_incidents(
         delivered = reconcile(engine, results, now, deliver=counted)
         after = unknown_alert_after(settings)
         delivered += reconcile_unmeasured(engine, results, now, after, deliver=counted)
-        return delivered, undelivered
+        return delivered, counted.undelivered
     finally:
         engine.dispose()
 

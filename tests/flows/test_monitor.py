@@ -579,7 +579,18 @@ def test_a_check_unmeasured_past_the_threshold_warns_slack_once_and_resolves(
     assert unmeasured_for(0) == []
 
 
-def test_unknown_alert_minutes_of_0_fails_the_run_naming_the_variable(
+@pytest.mark.parametrize(
+    "variable",
+    [
+        # 0 minutes: every check would warn of being unmeasured at its first miss.
+        "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES",
+        # A window of 0 minutes holds no finished job: every run would call the failure rate too
+        # sparse to judge, and a queue failing every job would never alert.
+        "PAYLATER_MONITOR_WINDOW_MINUTES",
+    ],
+)
+def test_a_setting_of_0_that_cannot_work_fails_the_run_naming_the_variable(
+    variable: str,
     prefect_harness: None,
     pg_url: str,
     paylater_home: Path,
@@ -591,32 +602,12 @@ def test_unknown_alert_minutes_of_0_fails_the_run_naming_the_variable(
     from flows.monitor import monitor
 
     point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "0")
-    with pytest.raises(ValueError, match="PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES must be a number"):
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(ValueError, match=f"{variable} must be a number"):
         monitor()
     (failed,) = receiver.take()
     assert "of 'monitor' failed" in failed["subject"]
-    assert "PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES" in failed["body"]
-
-
-def test_a_rate_window_of_0_fails_the_run_naming_the_variable(
-    prefect_harness: None,
-    pg_url: str,
-    paylater_home: Path,
-    receiver: Receiver,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A window of 0 minutes holds no finished job: every run would call the failure rate too
-    sparse to judge, and a queue failing every job would never alert. Refused before measuring."""
-    from flows.monitor import monitor
-
-    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_MONITOR_WINDOW_MINUTES", "0")
-    with pytest.raises(ValueError, match="PAYLATER_MONITOR_WINDOW_MINUTES must be a number"):
-        monitor()
-    (failed,) = receiver.take()
-    assert "of 'monitor' failed" in failed["subject"]
-    assert "PAYLATER_MONITOR_WINDOW_MINUTES" in failed["body"]
+    assert variable in failed["body"]
 
 
 def test_an_unreachable_incident_database_fails_the_run_as_before(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Below this, ports are often fixed by convention (PostgreSQL 5432, MLflow 5000, Prefect 4200).
@@ -51,3 +55,26 @@ def listen_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def duckdb_held_elsewhere(path: Path) -> Iterator[None]:
+    """`path` opened by another process (a scheduled sync, a notebook) for the block: DuckDB
+    lets one process write a database file, so this one cannot open it meanwhile."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
+            " sys.stdin.read()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from datagen.cli import app
+from paylater.testing import duckdb_held_elsewhere
 
 runner = CliRunner()
 
@@ -81,28 +82,11 @@ def test_a_postgres_url_with_an_unknown_parameter_is_one_error_line(
 def test_a_warehouse_held_by_another_process_is_one_error_line(paylater_home: Path) -> None:
     """The DuckDB warehouse open elsewhere (a sync, a notebook): no traceback, the source as it was."""
     import sqlite3
-    import subprocess
-    import sys
 
     args = ["generate", "--users", "40", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
     assert runner.invoke(app, args).exit_code == 0
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
-            " sys.stdin.read()",
-            str(paylater_home / "warehouse.duckdb"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with duckdb_held_elsewhere(paylater_home / "warehouse.duckdb"):
         results = [runner.invoke(app, ["advance"]), runner.invoke(app, [*args, "--replace"])]
-    finally:
-        holder.communicate("")
     for result in results:
         assert isinstance(result.exception, SystemExit), result.exception
         assert result.exit_code == 1

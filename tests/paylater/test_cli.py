@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from paylater.cli import app
+from paylater.testing import duckdb_held_elsewhere
 
 BACKFILL = ["backfill", "--start", "2026-11-01", "--end", "2026-11-02"]
 
@@ -108,26 +109,8 @@ def test_backfill_with_the_warehouse_locked_by_another_process_is_one_error_line
     paylater_home: Path,
 ) -> None:
     """A DuckDB warehouse another process holds (a scheduled sync, a notebook)."""
-    import subprocess
-    import sys
-
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('held', flush=True);"
-            " sys.stdin.read()",
-            str(paylater_home / "warehouse.duckdb"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with duckdb_held_elsewhere(paylater_home / "warehouse.duckdb"):
         result = CliRunner().invoke(app, BACKFILL)
-    finally:
-        holder.communicate("")
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1
     *_, line = result.output.splitlines()

@@ -213,8 +213,6 @@ class FeatureStore:
     def __init__(
         self, pg_url: str, feature_names: Iterable[str] | None = None, table: str = ONLINE_TABLE
     ) -> None:
-        from psycopg import sql
-
         self.pg_url = pg_url
         self.table = online_table_name(table)
         self.feature_names = list(feature_names) if feature_names is not None else None
@@ -224,7 +222,9 @@ class FeatureStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         text = resources.files("bentos").joinpath("sql/user_features_lookup.sql").read_text()
-        self._sql = sql.SQL(text).format(table=sql.Identifier(self.table))
+        # Plain text, quoted here (the name is a checked identifier): a composed query would be
+        # rendered again on every lookup, on the service's hot path.
+        self._sql = text.replace("{table}", f'"{self.table}"')
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The open connection, reopened after a failure or server restart."""

@@ -452,7 +452,7 @@ def enqueue(
         queue.ensure_schema(conn)
         try:
             job_id, created = queue.enqueue(conn, user_id, amount_jpy, idempotency_key)
-        except queue.IdempotencyConflict as exc:
+        except (queue.IdempotencyConflict, queue.EmptyIdempotencyKey) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         typer.echo(job_id)

@@ -37,6 +37,15 @@ class IdempotencyConflict(ValueError):
         self.job_id = job_id
 
 
+class EmptyIdempotencyKey(ValueError):
+    """An idempotency key that is empty or blank: every request sending it would share one job."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} is empty: omit it, or give each request a key of its own"
+        )
+
+
 LEASE_EXPIRED = "lease expired: "
 """How worker/sql/claim.sql starts the error of a job it takes back from a worker that died."""
 
@@ -155,8 +164,12 @@ def enqueue(
     idempotency_key: str | None = None,
 ) -> tuple[int, bool]:
     """Enqueue one job; returns (job id, created). A known idempotency key returns its job when
-    it is the same request (user and amount); IdempotencyConflict when it names another one."""
+    it is the same request (user and amount); IdempotencyConflict when it names another one.
+    An empty or blank key is refused (EmptyIdempotencyKey), not taken as one shared key."""
     from psycopg.types.json import Jsonb
+
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise EmptyIdempotencyKey(idempotency_key)
 
     params = {
         "idempotency_key": idempotency_key,

@@ -9,6 +9,8 @@
 -- and use it only when user_id and payload->'amount_jpy' are the ones just sent; otherwise the key
 -- names another request (a client bug) and that job's result is not this request's answer
 -- (worker/sql/job_by_key.sql; `paylater enqueue` and worker.queue.enqueue refuse such a key).
+-- Send NULL, never '', for "no key": an empty key is one key that every such request shares
+-- (worker.queue.enqueue refuses it).
 -- then reads the answer from scoring_results (job_id = id) once scoring_jobs.status = 'done'.
 -- payload: {"amount_jpy": <int yen within paylater.product limits>}; other keys are ignored.
 --

@@ -197,6 +197,11 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, ki
     reused = subprocess.run(other, env=launch.env, capture_output=True, text=True)
     assert reused.returncode == 2 and reused.stdout == ""
     assert reused.stderr.startswith("error: ") and "needs a key of its own" in reused.stderr
+    empty = subprocess.run(
+        [*cmd, "--idempotency-key", ""], env=launch.env, capture_output=True, text=True
+    )
+    assert empty.returncode == 2 and empty.stdout == ""
+    assert empty.stderr.startswith("error: ") and "is empty" in empty.stderr
     sqlite = subprocess.run(
         [*cmd, "--database-url", "sqlite:///x.db"], env=launch.env, capture_output=True, text=True
     )

@@ -209,6 +209,19 @@ def test_a_key_reused_for_a_different_request_is_refused(queue_db: str, kit: Any
     assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]
 
 
+def test_an_empty_idempotency_key_is_refused_not_shared(queue_db: str, kit: Any) -> None:
+    """A client that sends "" (an unset field serialised as empty) would give every request the
+    same key: the second user would be refused, or answered with the first user's job."""
+    with queue.connect(queue_db) as conn:
+        for key in ("", "   "):
+            with pytest.raises(queue.EmptyIdempotencyKey, match="is empty"):
+                queue.enqueue(conn, 3, 30_000, key)
+        queue.enqueue(conn, 3, 30_000)  # no key at all: fine
+    assert kit.query(queue_db, "SELECT count(*), count(idempotency_key) FROM scoring_jobs") == [
+        (1, 0)
+    ]
+
+
 def test_queue_age_gauge_counts_jobs_whose_worker_died_holding_them(
     queue_db: str, kit: Any
 ) -> None:

@@ -491,6 +491,7 @@ def _load_scorer() -> Scorer:
 def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStore | None:
     """The online feature store in the source database: PostgreSQL, or the embedded SQLite file."""
     from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
+    from paylater.postgres import libpq_url
     from paylater.settings import get_settings
 
     settings = get_settings()
@@ -500,6 +501,4 @@ def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStor
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         log.warning("source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", url)
         return None
-    return CoalescingFeatureStore(
-        url.replace("postgresql+psycopg://", "postgresql://"), scorer.user_feature_names, table
-    )
+    return CoalescingFeatureStore(libpq_url(url), scorer.user_feature_names, table)

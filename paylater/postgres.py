@@ -23,3 +23,9 @@ def bounded_url(url: str) -> str:
         return url
     separator = "&" if "?" in url else "?"
     return f"{url}{separator}connect_timeout={CONNECT_TIMEOUT_SECONDS}"
+
+
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy-style URL (postgresql+psycopg://) as libpq takes it (postgresql://)."""
+    scheme, rest = url.split("://", 1)
+    return f"postgresql://{rest}" if "+" in scheme else url

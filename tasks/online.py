@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from paylater.postgres import connect_timeout
+from paylater.postgres import connect_timeout, libpq_url
 from paylater.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,7 @@ def _last_published_postgres(
     import psycopg
     from psycopg import sql
 
-    scheme, rest = url.split("://", 1)
-    conninfo = f"postgresql://{rest}" if "+" in scheme else url
+    conninfo = libpq_url(url)
     with psycopg.connect(conninfo, **connect_timeout(conninfo)) as conn:
         conn.execute(f"SET statement_timeout = {int(timeout_seconds * 1000)}")
         if conn.execute("SELECT to_regclass(quote_ident(%s))", [table]).fetchone() == (None,):
@@ -223,8 +222,7 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None)
             " PAYLATER_ONLINE_FEATURES_TABLE"
         )
 
-    scheme, rest = url.split("://", 1)
-    conninfo = f"postgresql://{rest}" if "+" in scheme else url
+    conninfo = libpq_url(url)
     columns = _columns(scoring, "postgresql")
     staging = f"{table}__new"
     column_defs: list[sql.Composable] = [

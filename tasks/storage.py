@@ -1,7 +1,8 @@
 """Dataset storage chosen by URL: file:// (local folder), s3:// (prefect-aws or boto3), gs:// (prefect-gcp or google-cloud-storage).
 
-Every write is atomic per object: a local file is written beside its target and renamed over it;
-an S3 or GCS object appears whole on a single PUT. Datasets write their manifest last, so a
+Every write is atomic per object: a local file is written beside its target, fsynced, renamed
+over it, and its folder fsynced (with every folder the write created), so a file the build
+reported as written survives a power loss; an S3 or GCS object appears whole on a single PUT. Datasets write their manifest last, so a
 dataset is complete exactly when its manifest exists.
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from paylater.settings import Settings, get_settings
@@ -57,6 +58,49 @@ def join_uri(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{key}"
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make the entries of `folder` (files renamed or created in it) durable."""
+    # A rename is only in the folder's own data: without this, a power loss can undo it even
+    # though the renamed file's bytes were fsynced.
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_folders(folder: Path) -> None:
+    """`mkdir -p` whose new folders survive a power loss (each one's parent fsynced)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)  # exist_ok: a concurrent writer may create it first
+        fsync_folder(created.parent)
+
+
+def write_file_atomically(target: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a file whole or not at all, durably: a temporary file in the target's folder,
+    flushed and fsynced, renamed over the target, then the folder fsynced."""
+    make_folders(target.parent)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    # Not mkstemp: its 0600 would stay with the file after the rename, and other users of a
+    # shared volume (a retrain or dashboard running as another user) could not read it.
+    # 0666 less the umask, as any other file the process writes.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(target.parent)
+
+
 class LocalStorage:
     """A local folder (file:// URL)."""
 
@@ -65,23 +109,8 @@ class LocalStorage:
         self.root = root
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Write to a temporary file in the target folder, fsync, then rename over the target."""
-        target = self.root / _check_key(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
-        # Not mkstemp: its 0600 would stay with the file after the rename, and other users of a
-        # shared volume (a retrain or dashboard running as another user) could not read it.
-        # 0666 less the umask, as any other file the process writes.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the file atomically and durably (see write_file_atomically)."""
+        write_file_atomically(self.root / _check_key(key), lambda handle: handle.write(data))
 
     def read_bytes(self, key: str) -> bytes:
         """The file's bytes."""

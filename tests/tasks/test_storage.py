@@ -215,3 +215,56 @@ def test_local_files_get_the_permissions_the_umask_gives(
         os.umask(previous)
     written = tmp_path / "datasets/training/as_of=2026-07-01/manifest.json"
     assert stat.S_IMODE(written.stat().st_mode) == mode
+
+
+def test_a_local_write_fsyncs_the_folders_its_rename_and_mkdirs_changed(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was fsynced and renamed into place but its folder never was: after a power loss
+    # a dataset the build reported as written could miss its directory entry (and a new
+    # as_of folder its own entry in the kind's folder).
+    import os
+    import stat
+
+    root = tmp_path / "datasets"
+    (root / "training").mkdir(parents=True)
+    key = "training/as_of=2026-07-01/manifest.json"
+    target = root / key
+    synced: list[tuple[Path, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            # What the folder holds at the moment it is synced: the rename must come first.
+            folder = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            synced.append((folder, target.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    open_storage(root.as_uri()).write_bytes(key, b"{}")
+    assert (target.parent, True) in synced  # the new entry, after the rename
+    assert (root / "training", False) in synced  # the new as_of folder's entry, before it
+    assert target.read_bytes() == b"{}"
+    assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]
+
+
+def test_a_failed_local_write_leaves_the_previous_file_and_no_temporary(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    store = open_storage((tmp_path / "datasets").as_uri())
+    key = "training/as_of=2026-07-01/manifest.json"
+    store.write_bytes(key, b"first")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.write_bytes(key, b"second")
+    monkeypatch.undo()
+    assert store.read_bytes(key) == b"first"
+    assert [p.name for p in (tmp_path / "datasets/training/as_of=2026-07-01").iterdir()] == [
+        "manifest.json"
+    ]

@@ -21,7 +21,9 @@ Public API (no I/O unless named so):
 - `write_app_events(warehouse_url, table) -> int`: replace the warehouse's app_events partition of
   every business day in `table`.
 - `generate_into(...)` / `advance_into(days, source_url, warehouse_url, truth_dir)`: what
-  `paylater demo-data generate` and `advance` run (streamed loading, state kept in truth/generator).
+  `paylater demo-data generate` and `advance` run (streamed loading, state kept in truth/generator
+  and saved atomically; each day's rows committed with its `datagen_progress` record, so an
+  advance resumes after a crash at any point).
 - `default_logit(...)`: the known function behind the truth.
 """
 

@@ -70,7 +70,7 @@ def advance_command(
     """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
     import duckdb
 
-    from datagen.load import SourceNotEmpty, SourceUnavailable
+    from datagen.load import SourceMoved, SourceNotEmpty, SourceUnavailable
     from datagen.pipeline import advance_into
     from paylater.settings import get_settings
     from tasks.warehouse import WarehouseError
@@ -78,7 +78,9 @@ def advance_command(
     try:
         settings = get_settings()  # inside the try, as in generate
         report = advance_into(days, settings.source, settings.warehouse, settings.truth_dir)
+    # ValueError includes StateDamaged (an unreadable state file) and a state of another world.
     except (
+        SourceMoved,
         SourceNotEmpty,
         SourceUnavailable,
         WarehouseError,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import calendar
 import json
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +29,8 @@ from datagen.tables import (
 )
 
 STATE_VERSION = 2  # 2: per-day windows replace the averages in the saved population
+META_FILE = "meta.json"
+STATE_TABLES = ("population", "charges", "pending_refunds")
 PRE_WINDOW_SHARE = 0.55
 """Share of the requested users who signed up before the simulated window (the rest join during it)."""
 
@@ -82,6 +86,16 @@ class Meta:
     signup_rate: float
     counters: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
+    world: str = ""
+    """Made by each generate, recorded in the source beside the last committed day ("" before)."""
+    files: dict[str, str] = field(
+        default_factory=lambda: {name: f"{name}.parquet" for name in STATE_TABLES}
+    )
+    """The Parquet file of each state table (the defaults: states saved before files were named)."""
+
+
+class StateDamaged(ValueError):
+    """The saved generator state cannot be read back."""
 
 
 def window_start(end_date: date, months: int) -> date:
@@ -190,32 +204,102 @@ class Simulation:
         return users_table(self.pop, self.clock.start_us(horizon.toordinal() + 1))
 
     def save(self, folder: Path) -> None:
-        """Persist everything `advance` needs (traits and state are evaluation-only truth)."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Persist everything `advance` needs (traits and state are evaluation-only truth).
+
+        The tables go to files of new names and meta.json, which names them, is replaced last:
+        a save that dies anywhere (killed, disk full) leaves the previous state whole.
+        """
+        from tasks.storage import fsync_folder, make_folders, write_file_atomically
+
+        make_folders(folder)
         self.meta.counters = asdict(self.counters)
-        pq.write_table(self.pop.to_arrow(), folder / "population.parquet")
-        pq.write_table(pa.table(self.charges or _EMPTY_CHARGES), folder / "charges.parquet")
-        pq.write_table(self.pending_refunds, folder / "pending_refunds.parquet")
-        (folder / "meta.json").write_text(json.dumps(asdict(self.meta), indent=2))
+        generation = secrets.token_hex(6)
+        tables = {
+            "population": self.pop.to_arrow(),
+            "charges": pa.table(self.charges or _EMPTY_CHARGES),
+            "pending_refunds": self.pending_refunds,
+        }
+        files = {name: f"{name}.{generation}.parquet" for name in tables}
+        for name, table in tables.items():
+            write_file_atomically(folder / files[name], _parquet_writer(table))
+        self.meta.files = files
+        body = (json.dumps(asdict(self.meta), indent=2) + "\n").encode()
+        write_file_atomically(folder / META_FILE, lambda handle: handle.write(body))
+        _remove_unnamed(folder, set(files.values()))
+        fsync_folder(folder)
 
     @classmethod
     def load(cls, folder: Path) -> Simulation:
-        """Restore a saved simulation."""
-        meta_path = folder / "meta.json"
+        """Restore a saved simulation (StateDamaged, saying how to recover, if it is unreadable)."""
+        meta_path = folder / META_FILE
         if not meta_path.exists():
             raise FileNotFoundError(
                 f"no generator state at {folder}: run `paylater demo-data generate` first"
+                " (with --replace if the source already holds data)"
             )
-        meta = Meta(**json.loads(meta_path.read_text()))
+        meta = _read_meta(meta_path)
         if meta.version != STATE_VERSION:
             raise ValueError(f"generator state version {meta.version} is not {STATE_VERSION}")
-        pop = Population.from_arrow(pq.read_table(folder / "population.parquet"))
-        charges_t = pq.read_table(folder / "charges.parquet")
-        charges = {
-            c: np.array(charges_t.column(c).to_numpy(), copy=True) for c in charges_t.column_names
-        }
-        refunds = pq.read_table(folder / "pending_refunds.parquet")
-        return cls(meta, pop, charges if len(charges_t) else {}, refunds)
+        tables = {name: _read_state_table(folder, meta, name) for name in STATE_TABLES}
+        try:
+            pop = Population.from_arrow(tables["population"])
+            charges_t = tables["charges"]
+            charges = {
+                c: np.array(charges_t.column(c).to_numpy(), copy=True)
+                for c in charges_t.column_names
+            }
+        except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+            raise _damaged(folder, META_FILE, exc) from exc
+        return cls(meta, pop, charges if len(charges_t) else {}, tables["pending_refunds"])
+
+
+def _parquet_writer(table: pa.Table) -> Callable[[IO[bytes]], None]:
+    """Write `table` as Parquet into an open file."""
+
+    def write(handle: IO[bytes]) -> None:
+        pq.write_table(table, handle)
+
+    return write
+
+
+def _remove_unnamed(folder: Path, keep: set[str]) -> None:
+    """Delete state tables of earlier saves and temporaries of saves that died."""
+    for path in folder.iterdir():
+        stale_table = path.suffix == ".parquet" and path.name not in keep
+        if stale_table or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            path.unlink(missing_ok=True)
+
+
+def _damaged(folder: Path, name: str, exc: BaseException) -> StateDamaged:
+    """The error for an unreadable state file, with the ways out."""
+    reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return StateDamaged(
+        f"generator state at {folder} is damaged ({name}: {reason}). It cannot be rebuilt from"
+        " the source: restore that folder from a backup, or start the world again with"
+        " `paylater demo-data generate --replace` (which replaces every source row)"
+    )
+
+
+def _read_meta(path: Path) -> Meta:
+    """meta.json, or StateDamaged if it is truncated, empty or not a state's."""
+    try:
+        body = json.loads(path.read_text())
+        meta = Meta(**body)
+        if set(meta.files) != set(STATE_TABLES):
+            raise ValueError(f"names tables {sorted(meta.files)}, not {list(STATE_TABLES)}")
+        date.fromisoformat(meta.last_day)
+    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise _damaged(path.parent, path.name, exc) from exc
+    return meta
+
+
+def _read_state_table(folder: Path, meta: Meta, name: str) -> pa.Table:
+    """One state table, or StateDamaged if its file is missing or unreadable."""
+    path = folder / meta.files[name]
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _damaged(folder, path.name, exc) from exc
 
 
 _EMPTY_CHARGES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,18 @@ class SourceNotEmpty(RuntimeError):
 
 class SourceUnavailable(RuntimeError):
     """The source database cannot be reached or opened."""
+
+
+class SourceMoved(RuntimeError):
+    """The source's recorded progress moved while this run wrote a day (another run wrote it)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the source holds of the simulated world: its id and last committed business day."""
+
+    world: str
+    last_day: date
 
 
 def _sql(name: str) -> str:
@@ -54,6 +67,8 @@ class SourceDB(Protocol):
     def clear(self) -> None: ...
     def append(self, table: str, data: pa.Table) -> None: ...
     def update(self, table: str, data: pa.Table) -> None: ...
+    def progress(self) -> Progress | None: ...
+    def record_progress(self, world: str, previous: date | None, day: date) -> None: ...
     def commit(self) -> None: ...
     def close(self) -> None: ...
 
@@ -100,7 +115,49 @@ def iso_utc_text(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Arr
     return pc.binary_join_element_wise(with_t, pa.scalar("+00:00"), pa.scalar(""))
 
 
-class SqliteSource:
+class _ProgressRecord:
+    """The datagen_progress row, on top of three statements each backend provides."""
+
+    def _query(self, name: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run datagen/sql/<name>.sql; its rows, if it returns any."""
+        raise NotImplementedError
+
+    def _changed_rows(self) -> int:
+        """Rows the last statement changed."""
+        raise NotImplementedError
+
+    def _has_progress_table(self) -> bool:
+        """Whether datagen_progress exists (not before the first generate that recorded it)."""
+        raise NotImplementedError
+
+    def progress(self) -> Progress | None:
+        """The recorded world and last day; None for a source generated before they were."""
+        if not self._has_progress_table():
+            return None
+        rows = self._query("progress_read")
+        if len(rows) != 1:
+            return None
+        world, last_day = rows[0]
+        return Progress(str(world), date.fromisoformat(str(last_day)))
+
+    def record_progress(self, world: str, previous: date | None, day: date) -> None:
+        """Record `day` as committed in the open transaction: from `previous` (an advance, which
+        must find it there) or afresh (previous None: a generate)."""
+        self._query("progress_create")
+        if previous is not None:
+            self._query("progress_advance", (day.isoformat(), world, previous.isoformat()))
+            if self._changed_rows() == 1:
+                return
+            if self._query("progress_read"):  # a source that held no record yet takes one
+                raise SourceMoved(
+                    f"the source no longer ends on {previous} of this world: another"
+                    " `paylater demo-data` run wrote to it meanwhile; run advance again"
+                )
+        self._query("progress_clear")
+        self._query("progress_insert", (world, day.isoformat()))
+
+
+class SqliteSource(_ProgressRecord):
     """The embedded SQLite source, written through ADBC (Arrow in, no per-row Python)."""
 
     def __init__(self, url: str) -> None:
@@ -156,6 +213,28 @@ class SqliteSource:
             with self.conn.cursor() as cur:
                 cur.executemany(_sql(f"update_{_check_table(table)}"), _to_sqlite_types(data))
 
+    def _query(self, name: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run datagen/sql/<name>.sql; its rows, if it returns any."""
+        with self.conn.cursor() as cur:
+            cur.execute(_sql(name), params)
+            return list(cur.fetchall()) if cur.description else []
+
+    def _changed_rows(self) -> int:
+        """Rows the last statement changed (ADBC's rowcount is -1 for SQLite)."""
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT changes()")
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+    def _has_progress_table(self) -> bool:
+        """Whether datagen_progress exists."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'datagen_progress'"
+            )
+            row = cur.fetchone()
+            return bool(row and row[0])
+
     def commit(self) -> None:
         """Commit the open transaction."""
         self.conn.commit()
@@ -165,7 +244,7 @@ class SqliteSource:
         self.conn.close()
 
 
-class PostgresSource:
+class PostgresSource(_ProgressRecord):
     """PostgreSQL through psycopg: COPY (CSV written by Arrow) for inserts, batched updates."""
 
     def __init__(self, url: str) -> None:
@@ -175,6 +254,7 @@ class PostgresSource:
 
         rest = url.split("://", 1)[1]
         self.url = url
+        self._last_rowcount = -1
         conninfo = "postgresql://" + rest
         try:
             self.conn = psycopg.connect(conninfo, **connect_timeout(conninfo))
@@ -224,6 +304,21 @@ class PostgresSource:
             statement = _sql(f"update_{_check_table(table)}").replace("?", "%s")
             with self.conn.cursor() as cur:
                 cur.executemany(statement, _rows(data))
+
+    def _query(self, name: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run datagen/sql/<name>.sql; its rows, if it returns any."""
+        cur = self.conn.execute(_sql(name).replace("?", "%s"), params)
+        self._last_rowcount = cur.rowcount
+        return list(cur.fetchall()) if cur.description else []
+
+    def _changed_rows(self) -> int:
+        """Rows the last statement changed."""
+        return self._last_rowcount
+
+    def _has_progress_table(self) -> bool:
+        """Whether datagen_progress exists (on the search path)."""
+        row = self.conn.execute("SELECT to_regclass('datagen_progress') IS NOT NULL").fetchone()
+        return bool(row and row[0])
 
     def commit(self) -> None:
         """Commit the open transaction."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import queue
-import shutil
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +18,14 @@ import pyarrow.parquet as pq
 
 from datagen.generator import Chunk, Simulation, SourceData
 from datagen.load import (
+    SourceDB,
     SourceNotEmpty,
     open_source,
     redact,
     split_by_day,
     write_app_event_days,
 )
-from datagen.tables import TRUTH, charges_table, users_table
+from datagen.tables import charges_table, truth_table, users_table
 
 TRUTH_FILE = "deferred_charges.parquet"
 STATE_FOLDER = "generator"
@@ -42,6 +43,8 @@ class WriteReport:
     zone: str = "Asia/Tokyo"
     inserted: dict[str, int] = field(default_factory=dict)
     updated: dict[str, int] = field(default_factory=dict)
+    recovered: list[date] = field(default_factory=list)
+    """Days an interrupted run had committed to the source; their state and truth caught up."""
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -52,6 +55,12 @@ class WriteReport:
             f"warehouse  {redact(self.warehouse)} (app_events, one partition per day)",
             f"truth      {self.truth}",
         ]
+        if self.recovered:
+            days = ", ".join(d.isoformat() for d in self.recovered)
+            out.append(
+                f"recovered  {days} (in the source already; an earlier run stopped before"
+                " saving its state)"
+            )
         for table, rows in self.inserted.items():
             extra = f", {self.updated[table]:,} updated" if table in self.updated else ""
             out.append(f"  {table:18} {rows:>12,} inserted{extra}")
@@ -129,17 +138,17 @@ def generate_into(
             source_url, warehouse_url, str(truth_dir / TRUTH_FILE), sim.last_day, end_date, zone
         )
         report.first_day = date.fromordinal(sim.last_day.toordinal() + 1)
-        truth = _stream(sim.run(plan, end_date), source, warehouse, report.inserted)
+        _stream(sim.run(plan, end_date), source, warehouse, report.inserted)
         users_rows = sim.users_table(end_date)
         source.append("users", users_rows)
         report.inserted = {"users": users_rows.num_rows, **report.inserted}
         source.ensure_schema()
+        # A new world id, committed with its rows: an advance refuses a state of another world
+        # (this generate dying before it saved its state leaves the previous world's).
+        sim.meta.world = secrets.token_hex(8)
+        source.record_progress(sim.meta.world, None, end_date)
         source.commit()
-        state = truth_dir / STATE_FOLDER
-        if state.exists():
-            shutil.rmtree(state)
-        sim.save(state)
-        pq.write_table(pa.concat_tables([TRUTH.empty_table(), *truth]), truth_dir / TRUTH_FILE)
+        _persist(sim, truth_dir)
     finally:
         source.close()
         warehouse.close()
@@ -147,9 +156,7 @@ def generate_into(
     return report
 
 
-def _stream(
-    chunks: Iterator[Chunk], source: Any, warehouse: Any, inserted: dict[str, int]
-) -> list[pa.Table]:
+def _stream(chunks: Iterator[Chunk], source: Any, warehouse: Any, inserted: dict[str, int]) -> None:
     """Load chunks on a second thread (COPY and DuckDB release the GIL) while generating the next."""
     pending: queue.Queue[Chunk | None] = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
@@ -172,49 +179,55 @@ def _stream(
 
     thread = threading.Thread(target=loader, name="datagen-loader", daemon=True)
     thread.start()
-    truth = []
     try:
         for chunk in chunks:
             if failure:
                 break
-            truth.append(chunk.truth)
             pending.put(chunk)
     finally:
         pending.put(None)
         thread.join()
     if failure:
         raise failure[0]
-    return truth
 
 
 def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path) -> WriteReport:
-    """Simulate `days` more business days after the latest one, with status changes of old rows."""
+    """Simulate `days` more business days after the latest one, with status changes of old rows.
+
+    Each day's rows and its progress record are committed together, then truth and state are
+    saved: a run killed between the two leaves the source a day ahead of the state, and the next
+    run simulates that day again without writing it (the same seed gives the same rows) before
+    adding its own.
+    """
     from tasks.warehouse import open_warehouse
 
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
     started = time.perf_counter()
-    sim = Simulation.load(truth_dir / STATE_FOLDER)
-    first = date.fromordinal(sim.last_day.toordinal() + 1)
-    report = WriteReport(
-        source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first, sim.meta.zone
-    )
+    state = truth_dir / STATE_FOLDER
+    sim = Simulation.load(state)
     source = open_source(source_url)
     warehouse = open_warehouse(warehouse_url)
-    truth = [pq.read_table(truth_dir / TRUTH_FILE)]
     try:
         if not any(source.row_counts().values()):
             raise SourceNotEmpty(
                 f"source {redact(source_url)} is empty: run `paylater demo-data generate` first"
             )
+        committed = _committed_day(source, sim, state)
+        first = date.fromordinal(committed.toordinal() + 1)
+        report = WriteReport(
+            source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first, sim.meta.zone
+        )
+        while sim.last_day < committed:
+            _advance_one_day(sim, None, warehouse, report)
+            report.recovered.append(sim.last_day)
+            _persist(sim, truth_dir)
         for _ in range(days):
-            truth.append(_advance_one_day(sim, source, warehouse, report))
+            _advance_one_day(sim, source, warehouse, report)
             report.last_day = sim.last_day
             # State and truth follow every day the source committed: should a later day fail,
-            # the next advance resumes after the last day the source holds instead of
-            # simulating it again on top of its own rows.
-            sim.save(truth_dir / STATE_FOLDER)
-            pq.write_table(pa.concat_tables(truth), truth_dir / TRUTH_FILE)
+            # the next advance resumes after the last day the source holds.
+            _persist(sim, truth_dir)
     finally:
         source.close()
         warehouse.close()
@@ -222,10 +235,48 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
     return report
 
 
-def _advance_one_day(sim: Simulation, source: Any, warehouse: Any, report: WriteReport) -> pa.Table:
-    """New rows of the next day plus the updates falling due in it, committed together (the
-    day's app events written just before)."""
-    day = date.fromordinal(sim.last_day.toordinal() + 1)
+def _committed_day(source: SourceDB, sim: Simulation, state: Path) -> date:
+    """The last day the source holds of this state's world (the state's own day on a source
+    generated before days were recorded there)."""
+    progress = source.progress()
+    if progress is None:
+        return sim.last_day
+    if progress.world != sim.meta.world:
+        raise ValueError(
+            f"the generator state at {state} is not of the world in source"
+            f" {redact(source.url)} (generated through {progress.last_day}): the generate that"
+            " wrote the source stopped before saving its state, or the state belongs to another"
+            " source; run `paylater demo-data generate --replace` again"
+        )
+    if progress.last_day < sim.last_day:
+        raise ValueError(
+            f"source {redact(source.url)} ends on {progress.last_day} but the generator state at"
+            f" {state} on {sim.last_day}: the source was restored or rolled back; restore the state"
+            " saved with it, or run `paylater demo-data generate --replace`"
+        )
+    return progress.last_day
+
+
+def _persist(sim: Simulation, truth_dir: Path) -> None:
+    """Truth, then state (each atomic): truth is never behind the state, and neither is behind
+    the source once this returns."""
+    from tasks.storage import write_file_atomically
+
+    # The state holds every charge with its true probability: the truth is derived from it, in
+    # the order the charges were simulated, rather than appended to (a re-run day would repeat).
+    truth = truth_table(sim.charges)
+    write_file_atomically(truth_dir / TRUTH_FILE, lambda handle: pq.write_table(truth, handle))
+    sim.save(truth_dir / STATE_FOLDER)
+
+
+def _advance_one_day(
+    sim: Simulation, source: SourceDB | None, warehouse: Any, report: WriteReport
+) -> None:
+    """Simulate the next day; with a source, commit its new rows, the updates falling due in it
+    and its progress record together (the day's app events written just before). Without one
+    (a day the source holds already), only its app events are written again."""
+    previous = sim.last_day
+    day = date.fromordinal(previous.toordinal() + 1)
     t0 = sim.clock.start_us(day.toordinal())
     t1 = sim.clock.start_us(day.toordinal() + 1)
     updates = _status_changes(sim, t0, t1)
@@ -234,6 +285,11 @@ def _advance_one_day(sim: Simulation, source: Any, warehouse: Any, report: Write
     n_before = len(sim.pop)
     (chunk,) = list(sim.run(np.array([signups]), day))
     new_users = users_table(sim.pop, t1, np.arange(n_before, len(sim.pop)))
+    # App events first: they replace their day's partition, so a day that fails after them is
+    # simply written again, while the source commit is what makes the day count as done.
+    events = write_app_event_days(warehouse, chunk.app_events)
+    if source is None:
+        return
     inserts = {
         "users": new_users,
         "card_transactions": chunk.card_transactions,
@@ -246,13 +302,9 @@ def _advance_one_day(sim: Simulation, source: Any, warehouse: Any, report: Write
     for table, rows in updates.items():
         source.update(table, rows)
         report.updated[table] = report.updated.get(table, 0) + rows.num_rows
-    # App events first: they replace their day's partition, so a day that fails after them is
-    # simply written again, while the source commit is what makes the day count as done.
-    report.inserted["app_events"] = report.inserted.get("app_events", 0) + write_app_event_days(
-        warehouse, chunk.app_events
-    )
+    report.inserted["app_events"] = report.inserted.get("app_events", 0) + events
+    source.record_progress(sim.meta.world, previous, day)
     source.commit()
-    return chunk.truth
 
 
 def _status_changes(sim: Simulation, t0: int, t1: int) -> dict[str, pa.Table]:

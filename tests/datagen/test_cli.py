@@ -113,3 +113,14 @@ def test_a_negative_seed_is_refused_naming_it_before_anything_is_created(
     assert setting.exit_code == 1
     assert setting.output.startswith("error: PAYLATER_SEED: ")
     assert not (paylater_home / "source.db").exists()
+
+
+def test_a_damaged_state_file_is_one_error_line_saying_how_to_recover(paylater_home: Path) -> None:
+    args = ["generate", "--users", "40", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
+    assert runner.invoke(app, args).exit_code == 0
+    (paylater_home / "truth" / "generator" / "meta.json").write_text("")
+    result = runner.invoke(app, ["advance"])
+    assert result.exit_code == 1
+    assert "is damaged (meta.json:" in result.output
+    assert "paylater demo-data generate --replace" in result.output
+    assert "Traceback" not in result.output

@@ -102,3 +102,40 @@ def test_a_malformed_source_url_is_refused_without_its_password(url: str) -> Non
     with pytest.raises(ValueError, match="source URL") as refused:
         open_source(url)
     assert "S3cretPw" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_progress_moves_only_from_the_day_a_run_started_from(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Two advances of the same state both wrote their day; the progress record, committed with
+    each day's rows, lets the second one find the source moved instead of writing over it."""
+    from datagen.load import Progress, SourceMoved, open_source
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'source.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    day = date(2026, 9, 30)
+    first, second = open_source(url), open_source(url)
+    try:
+        assert first.progress() is None  # a source generated before progress was recorded
+        first.record_progress("w1", None, day)
+        first.commit()
+        assert second.progress() == Progress("w1", day)
+        second.commit()  # ends its read (SQLite would hold the first one's commit back)
+        first.record_progress("w1", day, day + timedelta(days=1))
+        first.commit()
+        with pytest.raises(SourceMoved, match="another"):
+            second.record_progress("w1", day, day + timedelta(days=1))
+        second.close()
+        second = open_source(url)
+        assert second.progress() == Progress("w1", day + timedelta(days=1))
+        second.record_progress("w2", None, day)  # a generate starts a new world
+        second.commit()
+        assert first.progress() == Progress("w2", day)
+    finally:
+        first.close()
+        second.close()

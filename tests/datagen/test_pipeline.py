@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
 
+import duckdb
 import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from datagen import advance_into, generate_into
+from datagen import advance_into, generate, generate_into
 from paylater.product import GRACE_DAYS
 from paylater.timeutil import day_end_utc, day_start_utc
 
@@ -132,3 +139,238 @@ def test_an_advance_that_fails_on_a_later_day_resumes_where_it_stopped(
     assert dump(homes["resumed"]) == dump(homes["straight"])
     truths = [pq.read_table(home / "truth" / "deferred_charges.parquet") for home in homes.values()]
     assert truths[0].sort_by("charge_id").equals(truths[1].sort_by("charge_id"))
+
+
+def _pg_rows(url: str) -> list[list[tuple[object, ...]]]:
+    """Every row of the four source tables, in key order."""
+    with psycopg.connect(url) as conn:
+        return [
+            conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+            for t in ("users", "card_transactions", "topups", "deferred_charges")
+        ]
+
+
+@pytest.fixture
+def second_pg_url(pg_server_url: str) -> Iterator[str]:
+    """Another fresh database on the real server, for a run to compare with."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{pg_server_url.rpartition('/')[0]}/{name}"
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_KILL_ADVANCE = """
+import os, signal, sys
+from pathlib import Path
+
+import datagen.generator
+import datagen.pipeline
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+{patch}
+datagen.pipeline.advance_into(int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+"""
+
+# Points after a day's rows are committed to the source where the advancing process is killed.
+_CRASH_POINTS = {
+    "right_after_commit": "datagen.pipeline._persist = die",
+    "between_truth_and_state": "datagen.generator.Simulation.save = die",
+    "mid_state_save": """
+import tasks.storage
+real_write = tasks.storage.write_file_atomically
+
+
+def write_until_meta(target, write):
+    if target.name == "meta.json":
+        die()
+    real_write(target, write)
+
+
+tasks.storage.write_file_atomically = write_until_meta
+""",
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("crash_point", sorted(_CRASH_POINTS))
+def test_an_advance_killed_after_its_commit_resumes_to_the_rows_of_an_uninterrupted_run(
+    pg_url: str, second_pg_url: str, tmp_path: Path, crash_point: str
+) -> None:
+    """A process killed between committing day 1 to PostgreSQL and saving the generator's state
+    left state that still ended the day before: the next advance simulated day 1 again and
+    collided with its own rows (duplicate key) for good."""
+    homes = {"straight": tmp_path / "straight", "killed": tmp_path / "killed"}
+    urls = {"straight": pg_url, "killed": second_pg_url}
+    for name, home in homes.items():
+        warehouse = f"duckdb:///{home / 'warehouse.duckdb'}"
+        generate_into(80, 1, 3, END, "Asia/Tokyo", urls[name], warehouse, home / "truth")
+    straight = homes["straight"]
+    advance_into(3, pg_url, f"duckdb:///{straight / 'warehouse.duckdb'}", straight / "truth")
+
+    killed = homes["killed"]
+    warehouse = f"duckdb:///{killed / 'warehouse.duckdb'}"
+    script = _KILL_ADVANCE.format(patch=_CRASH_POINTS[crash_point])
+    args = ["2", second_pg_url, warehouse, str(killed / "truth")]
+    process = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=False
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    with psycopg.connect(second_pg_url) as conn:
+        latest = conn.execute("SELECT max(authorized_at) FROM card_transactions").fetchone()
+    assert latest is not None and latest[0] >= day_start_utc(END + timedelta(days=1))
+
+    advance_into(2, second_pg_url, warehouse, killed / "truth")
+
+    assert _pg_rows(second_pg_url) == _pg_rows(pg_url)
+    truths = [pq.read_table(home / "truth" / "deferred_charges.parquet") for home in homes.values()]
+    assert truths[0].equals(truths[1])
+    events = []
+    for home in homes.values():
+        with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+            events.append(conn.execute("SELECT * FROM app_events ORDER BY event_id").fetchall())
+    assert events[0] == events[1]
+
+
+def _sqlite_world(home: Path, seed: int = 3) -> tuple[str, str, Path]:
+    """A small generated world in SQLite and DuckDB under `home`: source, warehouse, truth folder."""
+    urls = (f"sqlite:///{home / 'source.db'}", f"duckdb:///{home / 'warehouse.duckdb'}")
+    generate_into(80, 1, seed, END, "Asia/Tokyo", *urls, home / "truth", replace=True)
+    return urls[0], urls[1], home / "truth"
+
+
+def _sqlite_rows(home: Path) -> list[list[tuple[object, ...]]]:
+    """Every row of the four source tables, in key order."""
+    import sqlite3
+
+    with sqlite3.connect(home / "source.db") as conn:
+        return [
+            conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+            for t in ("users", "card_transactions", "topups", "deferred_charges")
+        ]
+
+
+def test_generate_writes_the_truth_the_simulation_drew(tmp_path: Path) -> None:
+    _, _, truth_dir = _sqlite_world(tmp_path)
+    drawn = generate(80, 1, seed=3, end_date=END).truth
+    assert pq.read_table(truth_dir / "deferred_charges.parquet").equals(drawn)
+
+
+def test_a_state_save_that_dies_half_way_leaves_the_previous_state_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state's files were rewritten in place one after the other: a disk filling up after
+    the population was written left it a day ahead of the charges and meta.json, and the next
+    advance ran on that mixture without a word."""
+    from datagen.generator import Simulation
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    advance_into(2, *_sqlite_world(straight))
+    source, warehouse, truth_dir = _sqlite_world(resumed)
+    before = Simulation.load(truth_dir / "generator")
+
+    real_write = pq.write_table
+
+    def disk_full_on_charges(table: object, where: object, **kwargs: object) -> None:
+        if "due_day" in table.column_names:  # type: ignore[attr-defined]
+            raise OSError(28, "No space left on device")
+        real_write(table, where, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pq, "write_table", disk_full_on_charges)
+    with pytest.raises(OSError, match="No space left"):
+        advance_into(1, source, warehouse, truth_dir)
+    monkeypatch.undo()
+
+    after = Simulation.load(truth_dir / "generator")
+    assert after.last_day == before.last_day == END
+    assert after.pop.to_arrow().equals(before.pop.to_arrow())
+    assert not [p.name for p in (truth_dir / "generator").iterdir() if p.name.endswith(".tmp")]
+    report = advance_into(1, source, warehouse, truth_dir)
+    assert report.recovered == [END + timedelta(days=1)]
+    assert report.last_day == END + timedelta(days=2)
+    assert _sqlite_rows(resumed) == _sqlite_rows(straight)
+
+
+def _truncate_meta(state: Path) -> str:
+    (state / "meta.json").write_text("")
+    return "meta.json"
+
+
+def _cut_meta_in_half(state: Path) -> str:
+    text = (state / "meta.json").read_text()
+    (state / "meta.json").write_text(text[: len(text) // 2])
+    return "meta.json"
+
+
+def _truncate_population(state: Path) -> str:
+    import json
+
+    name = json.loads((state / "meta.json").read_text())["files"]["population"]
+    data = (state / name).read_bytes()
+    (state / name).write_bytes(data[: len(data) // 2])
+    return str(name)
+
+
+@pytest.mark.parametrize("damage", [_truncate_meta, _cut_meta_in_half, _truncate_population])
+def test_a_damaged_state_file_is_one_error_naming_it_and_the_way_out(
+    tmp_path: Path, damage: Callable[[Path], str]
+) -> None:
+    """An empty or cut meta.json failed as `Expecting value: line 1 column 1 (char 0)`, a cut
+    Parquet file as Arrow's parse error: neither said which file, nor what to do."""
+    from datagen.generator import StateDamaged
+
+    source, warehouse, truth_dir = _sqlite_world(tmp_path)
+    name = damage(truth_dir / "generator")
+    with pytest.raises(StateDamaged) as caught:
+        advance_into(1, source, warehouse, truth_dir)
+    message = str(caught.value)
+    assert f"generator state at {truth_dir / 'generator'} is damaged ({name}:" in message
+    assert "backup" in message and "paylater demo-data generate --replace" in message
+
+
+def test_an_advance_refuses_the_state_of_another_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generate --replace dying after its commit left the previous world's state beside the
+    new world's rows: advance simulated the old world on top of them."""
+    import datagen.pipeline as pipeline
+
+    source, warehouse, truth_dir = _sqlite_world(tmp_path, seed=3)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_persist", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _sqlite_world(tmp_path, seed=4)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"not of the world .* generate --replace"):
+        advance_into(1, source, warehouse, truth_dir)
+
+
+def test_a_state_saved_before_files_were_named_still_advances(tmp_path: Path) -> None:
+    import json
+
+    straight, legacy = tmp_path / "straight", tmp_path / "legacy"
+    advance_into(1, *_sqlite_world(straight))
+    source, warehouse, truth_dir = _sqlite_world(legacy)
+    state = truth_dir / "generator"
+    meta = json.loads((state / "meta.json").read_text())
+    for table, name in meta.pop("files").items():
+        (state / name).rename(state / f"{table}.parquet")
+    del meta["world"]
+    (state / "meta.json").write_text(json.dumps(meta))
+    with sqlite3.connect(legacy / "source.db") as conn:
+        conn.execute("DROP TABLE datagen_progress")
+    advance_into(1, source, warehouse, truth_dir)
+    assert _sqlite_rows(legacy) == _sqlite_rows(straight)
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith("population")) != [
+        "population.parquet"
+    ]

@@ -124,3 +124,7 @@ def test_a_damaged_state_file_is_one_error_line_saying_how_to_recover(paylater_h
     assert "is damaged (meta.json:" in result.output
     assert "paylater demo-data generate --replace" in result.output
     assert "Traceback" not in result.output
+    # The way out it names works.
+    assert runner.invoke(app, [*args, "--replace"]).exit_code == 0
+    advanced = runner.invoke(app, ["advance"])
+    assert advanced.exit_code == 0, advanced.output

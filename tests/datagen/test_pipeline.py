@@ -220,7 +220,11 @@ def test_an_advance_killed_after_its_commit_resumes_to_the_rows_of_an_uninterrup
     script = _KILL_ADVANCE.format(patch=_CRASH_POINTS[crash_point])
     args = ["2", second_pg_url, warehouse, str(killed / "truth")]
     process = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, check=False
+        [sys.executable, "-c", script, *args],
+        cwd=Path(__file__).resolve().parents[2],  # `-c` imports from the working folder
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert process.returncode == -signal.SIGKILL, process.stderr
     with psycopg.connect(second_pg_url) as conn:

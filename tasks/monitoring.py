@@ -5,8 +5,9 @@ not be measured) against thresholds from settings. Incidents live in the `monito
 table of the queue database, so deduplication holds across runs and across processes: an alert
 goes out when an incident opens (or escalates to critical), a RESOLVED notice when it clears, and
 nothing while it lasts. An 'unknown' level leaves the incident as it is. A critical notice
-pages (PagerDuty, under the incident's dedup key) and the RESOLVED notice of an incident that
-reached critical resolves that page. A notice that was not delivered (no channel accepted it, or
+pages (PagerDuty, under the incident's dedup key); the RESOLVED notice of an incident that
+reached critical resolves that page, and so does the DE-ESCALATED notice of a critical incident
+back at warning (which stays open, on Slack). A notice that was not delivered (no channel accepted it, or
 PagerDuty refused the page with a retryable error) undoes its incident change, so the next run
 sends it again.
 
@@ -734,12 +735,15 @@ def reconcile(
                     notice = resolved_notice(result, as_utc(gone.opened_at), now, paged)
             else:
                 opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
-                escalated = None
+                escalated = calmer = None
                 if opened is None:
                     escalated = conn.execute(sa.text(load_sql("incident_escalate")), params).first()
+                    calmer = conn.execute(sa.text(load_sql("incident_deescalate")), params).first()
                     conn.execute(sa.text(load_sql("incident_touch")), params)
                 if opened is not None or escalated is not None:
                     notice = firing_notice(result, escalated=escalated is not None)
+                elif calmer is not None:
+                    notice = deescalated_notice(result)
             if notice is None:
                 continue
             if deliver is not None and not deliver(notice):
@@ -822,6 +826,21 @@ def firing_notice(result: CheckResult, escalated: bool = False) -> Notification:
         body=f"{result.summary}\nrunbook: {runbook_ref(result.check)}",
         severity=result.level,
         dedup_key=dedup_key(result.check),
+    )
+
+
+def deescalated_notice(result: CheckResult) -> Notification:
+    """The notice sent when a critical incident falls back to warning: its page is resolved
+    (a warning wakes nobody), the incident stays open on Slack."""
+    return Notification(
+        subject=f"[DE-ESCALATED] paylater {result.level}: {result.check}",
+        body=(
+            f"{result.summary}\nno longer critical: its PagerDuty page is resolved, the"
+            f" {result.level} stays open here\nrunbook: {runbook_ref(result.check)}"
+        ),
+        severity=result.level,
+        dedup_key=dedup_key(result.check),
+        resolve_page=True,
     )
 
 

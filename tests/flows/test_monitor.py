@@ -402,6 +402,41 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     assert (events(), slack()) == ([], [])
 
 
+def test_a_critical_incident_back_at_warning_resolves_its_page_not_its_slack_warning(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sync_age critical pages; back at warning, PagerDuty gets the resolve (nobody stays paged
+    for a warning) and Slack a DE-ESCALATED warning; cleared, Slack alone hears RESOLVED."""
+    from flows.monitor import monitor
+
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    sync_key = "paylater-monitor/sync_age"
+
+    def seen() -> tuple[list[tuple[str, str]], list[str]]:
+        events = [(e["event_action"], e["dedup_key"]) for e in pagerduty.take()]
+        slack = [p["subject"] for p in receiver.take() if "sync_age" in p["subject"]]
+        return events, slack
+
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=60))  # critical (54 h)
+    monitor()
+    assert seen() == ([("trigger", sync_key)], ["[FIRING] paylater critical: sync_age"])
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # warning (30 h)
+    monitor()
+    assert seen() == ([("resolve", sync_key)], ["[DE-ESCALATED] paylater warning: sync_age"])
+    monitor()
+    assert seen() == ([], [])
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=1))
+    monitor()
+    assert seen() == ([], ["[RESOLVED] paylater: sync_age"])
+
+
 def test_a_page_pagerduty_accepted_is_resolved_even_while_slack_refuses(
     prefect_harness: None,
     pg_url: str,

@@ -282,8 +282,7 @@ def test_incident_alerts_once_escalates_once_and_resolves_once(
     assert reconcile(engine, [result("unknown")], NOW + timedelta(minutes=6)) == []
     escalated = reconcile(engine, [result("critical")], NOW + timedelta(minutes=10))
     assert [n.severity for n in escalated] == ["critical"] and "ESCALATED" in escalated[0].subject
-    assert reconcile(engine, [result("warning")], NOW + timedelta(minutes=15)) == []  # silent
-    assert reconcile(engine, [result("critical")], NOW + timedelta(minutes=20)) == []
+    assert reconcile(engine, [result("critical")], NOW + timedelta(minutes=12)) == []
     assert open_incidents(engine)[0]["severity"] == "critical"
     resolved = reconcile(engine, [result("ok")], NOW + timedelta(minutes=25))
     assert [n.severity for n in resolved] == ["info"] and "RESOLVED" in resolved[0].subject
@@ -293,6 +292,35 @@ def test_incident_alerts_once_escalates_once_and_resolves_once(
     assert not first[0].resolve_page and escalated[0].dedup_key == first[0].dedup_key
     assert reconcile(engine, [result("ok")], NOW + timedelta(minutes=30)) == []
     assert open_incidents(engine) == []
+    engine.dispose()
+
+
+def test_a_critical_incident_back_at_warning_resolves_its_page_and_stays_on_slack(
+    pg_url: str,
+) -> None:
+    """Critical back to warning: the page is resolved (nobody must be woken for a warning), the
+    incident stays open at warning (Slack), and a new critical pages again under the same key."""
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    (fired,) = reconcile(engine, [result("critical")], NOW)
+    assert fired.severity == "critical" and not fired.resolve_page
+    (calmer,) = reconcile(engine, [result("warning")], NOW + timedelta(minutes=5))
+    assert calmer.subject == "[DE-ESCALATED] paylater warning: oldest_queued_age"
+    assert calmer.severity == "warning" and calmer.resolve_page  # PagerDuty resolves the page
+    assert calmer.dedup_key == fired.dedup_key and "runbook: " in calmer.body
+    (incident,) = open_incidents(engine)
+    assert (incident["severity"], incident["peak_severity"]) == ("warning", "warning")
+    assert incident["opened_at"] == NOW  # the same incident, still open
+    assert reconcile(engine, [result("warning")], NOW + timedelta(minutes=10)) == []
+    (again,) = reconcile(engine, [result("critical")], NOW + timedelta(minutes=15))
+    assert "ESCALATED" in again.subject and again.severity == "critical"
+    (resolved,) = reconcile(engine, [result("ok")], NOW + timedelta(minutes=20))
+    assert resolved.resolve_page and "open for 1200 s" in resolved.body
+    # A warning that never paged resolves on Slack alone.
+    reconcile(engine, [result("critical")], NOW + timedelta(minutes=25))
+    reconcile(engine, [result("warning")], NOW + timedelta(minutes=30))
+    (quiet,) = reconcile(engine, [result("ok")], NOW + timedelta(minutes=35))
+    assert not quiet.resolve_page
     engine.dispose()
 
 

@@ -18,6 +18,7 @@ from tasks.monitoring import (
     open_queue_db,
     reconcile,
     reconcile_unmeasured,
+    resolve_after_runs,
     status_json,
     thresholds,
     unknown_alert_after,
@@ -103,6 +104,7 @@ def run_checks(now: datetime) -> list[CheckResult]:
     settings = get_settings()
     thresholds(settings)  # levels that cannot work fail the run now, naming their settings
     unknown_alert_after(settings)
+    resolve_after_runs(settings)
     check_windows(settings)
     engine = open_queue_db(settings)
     try:
@@ -164,7 +166,8 @@ def update_incidents(
     engine = open_queue_db(settings)
     try:
         ensure_incident_table(engine)
-        delivered = reconcile(engine, results, now, deliver=counted)
+        clear_runs = resolve_after_runs(settings)
+        delivered = reconcile(engine, results, now, deliver=counted, clear_runs=clear_runs)
         after = unknown_alert_after(settings)
         delivered += reconcile_unmeasured(engine, results, now, after, deliver=counted)
         return delivered, counted.undelivered

@@ -231,6 +231,17 @@ class Settings(BaseSettings):
     monitor_report_days: int = Field(
         default=30, ge=1, description="Days of history the dashboard plots."
     )
+    monitor_resolve_after_runs: int = Field(
+        default=3,
+        description=(
+            "Hysteresis: an incident of the monitor's checks steps down only after this many"
+            " measured runs in a row below its level (3: 15 minutes at one run every 5), so a"
+            " value flapping around a threshold keeps one incident instead of alerting and"
+            " resolving every run. Its level is then the highest of those runs: all ok resolves"
+            " it, none critical resolves its page. Opening and escalating stay immediate. 1:"
+            " resolve at the first clear run."
+        ),
+    )
     # --- end monitoring ---
 
     # --- retrain / registry (owner: retrain; tasks/training.py, registry/, flows/monthly_retrain.py) ---

@@ -4,7 +4,9 @@ A check turns a measurement into a level ('ok', 'warning', 'critical', or 'unkno
 not be measured) against thresholds from settings. Incidents live in the `monitor_incidents`
 table of the queue database, so deduplication holds across runs and across processes: an alert
 goes out when an incident opens (or escalates to critical), a RESOLVED notice when it clears, and
-nothing while it lasts. An 'unknown' level leaves the incident as it is. A critical notice
+nothing while it lasts. It steps down (resolves, or back from critical to warning) only after
+`clear_runs` measured runs in a row below its level, so a value flapping around a threshold stays
+one incident (the monitor's PAYLATER_MONITOR_RESOLVE_AFTER_RUNS). An 'unknown' level leaves the incident as it is. A critical notice
 pages (PagerDuty, under the incident's dedup key); the RESOLVED notice of an incident that
 reached critical resolves that page, and so does the DE-ESCALATED notice of a critical incident
 back at warning (which stays open, on Slack). A notice that was not delivered (no channel accepted it, or
@@ -201,6 +203,19 @@ def unknown_alert_after(settings: Settings) -> timedelta:
             f"{minutes:g}): how long a check may go unmeasured before Slack is told"
         )
     return timedelta(minutes=minutes)
+
+
+def resolve_after_runs(settings: Settings) -> int:
+    """How many measured runs in a row below an incident's level step it down (hysteresis);
+    ValueError naming the setting when it cannot work (below 1: nothing would ever resolve)."""
+    field = "monitor_resolve_after_runs"
+    runs = getattr(settings, field)
+    if runs < 1:
+        raise ValueError(
+            f"monitoring thresholds: {_env(field)} must be 1 or more (is {runs}): the measured"
+            " runs in a row below its level after which an incident resolves (1: at once)"
+        )
+    return int(runs)
 
 
 # The windows the checks look through: (settings field, unit, what a value at or below 0 does).
@@ -672,11 +687,28 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
 # --- incidents ----------------------------------------------------------------------------
 
 
+INCIDENT_COUNTERS = ("runs_ok", "runs_below_critical")
+"""Columns monitor_incidents gained for hysteresis; an older table gets them added, at 0."""
+
+
 def ensure_incident_table(engine: sa.Engine) -> None:
-    """Create monitor_incidents and monitor_unmeasured when missing."""
+    """Create monitor_incidents and monitor_unmeasured when missing; add the hysteresis counters
+    to an incident table made before them (its open incidents then start counting at 0)."""
     with engine.begin() as conn:
         conn.execute(sa.text(load_sql("incidents_ddl")))
         conn.execute(sa.text(load_sql("unmeasured_ddl")))
+        present = {c["name"] for c in sa.inspect(conn).get_columns("monitor_incidents")}
+        # IF NOT EXISTS: a monitor racing this one may add them first (SQLite lacks it, and
+        # runs one writer at a time).
+        guard = "IF NOT EXISTS " if conn.dialect.name == "postgresql" else ""
+        for column in INCIDENT_COUNTERS:
+            if column not in present:
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE monitor_incidents ADD COLUMN {guard}{column}"
+                        " integer NOT NULL DEFAULT 0"
+                    )
+                )
 
 
 def open_incidents(engine: sa.Engine) -> list[dict[str, Any]]:
@@ -707,8 +739,15 @@ def reconcile(
     results: Iterable[CheckResult],
     now: datetime,
     deliver: Callable[[Notification], bool] | None = None,
+    clear_runs: int = 1,
 ) -> list[Notification]:
     """Update incident state from check results; return the notifications this run owes.
+
+    An incident opens, or escalates to critical, at the first run that measures its level; it
+    steps down only once `clear_runs` measured runs in a row stayed below its level (its level is
+    then the highest of those runs): critical back to warning resolves its page, ok resolves it.
+    A value flapping around a threshold thus keeps one incident, instead of paging and resolving
+    every run. Unknown results neither count nor break a streak.
 
     With `deliver`, each notification is sent inside the transaction that changed its incident,
     and a delivery that fails (webhook down, PagerDuty 429/5xx) rolls that change back, so the
@@ -719,31 +758,8 @@ def reconcile(
     for result in results:
         if result.level == "unknown":
             continue
-        params = {
-            "check_name": result.check,
-            "severity": result.level,
-            "value": result.value,
-            "summary": result.summary,
-            "now": now,
-        }
         with engine.connect() as conn, conn.begin() as transaction:
-            notice = None
-            if result.level == "ok":
-                gone = conn.execute(sa.text(load_sql("incident_resolve")), params).first()
-                if gone is not None:
-                    paged = gone.peak_severity == "critical"
-                    notice = resolved_notice(result, as_utc(gone.opened_at), now, paged)
-            else:
-                opened = conn.execute(sa.text(load_sql("incident_open")), params).first()
-                escalated = calmer = None
-                if opened is None:
-                    escalated = conn.execute(sa.text(load_sql("incident_escalate")), params).first()
-                    calmer = conn.execute(sa.text(load_sql("incident_deescalate")), params).first()
-                    conn.execute(sa.text(load_sql("incident_touch")), params)
-                if opened is not None or escalated is not None:
-                    notice = firing_notice(result, escalated=escalated is not None)
-                elif calmer is not None:
-                    notice = deescalated_notice(result)
+            notice = _incident_change(conn, result, now, clear_runs)
             if notice is None:
                 continue
             if deliver is not None and not deliver(notice):
@@ -754,6 +770,38 @@ def reconcile(
                 continue
             owed.append(notice)
     return owed
+
+
+def _incident_change(
+    conn: sa.Connection, result: CheckResult, now: datetime, clear_runs: int
+) -> Notification | None:
+    """Record one measured result in monitor_incidents; the notice it owes, if any."""
+    params = {
+        "check_name": result.check,
+        "severity": result.level,
+        "value": result.value,
+        "summary": result.summary,
+        "now": now,
+    }
+    opening = result.level != "ok"
+    if opening and conn.execute(sa.text(load_sql("incident_open")), params).first() is not None:
+        return firing_notice(result)
+    incident = conn.execute(sa.text(load_sql("incident_step")), params).first()
+    if incident is None:
+        return None  # ok, and nothing open (or a racing monitor just resolved it)
+    if result.level == "critical":
+        if incident.peak_severity == "critical":
+            return None
+        conn.execute(sa.text(load_sql("incident_set_level")), {**params, "level": "critical"})
+        return firing_notice(result, escalated=True)
+    if incident.runs_ok >= clear_runs:
+        conn.execute(sa.text(load_sql("incident_resolve")), params)
+        paged = incident.peak_severity == "critical"
+        return resolved_notice(result, as_utc(incident.opened_at), now, paged)
+    if incident.peak_severity == "critical" and incident.runs_below_critical >= clear_runs:
+        conn.execute(sa.text(load_sql("incident_set_level")), {**params, "level": "warning"})
+        return deescalated_notice(result)
+    return None
 
 
 def reconcile_unmeasured(
@@ -833,12 +881,12 @@ def deescalated_notice(result: CheckResult) -> Notification:
     """The notice sent when a critical incident falls back to warning: its page is resolved
     (a warning wakes nobody), the incident stays open on Slack."""
     return Notification(
-        subject=f"[DE-ESCALATED] paylater {result.level}: {result.check}",
+        subject=f"[DE-ESCALATED] paylater warning: {result.check}",
         body=(
             f"{result.summary}\nno longer critical: its PagerDuty page is resolved, the"
-            f" {result.level} stays open here\nrunbook: {runbook_ref(result.check)}"
+            f" warning stays open here\nrunbook: {runbook_ref(result.check)}"
         ),
-        severity=result.level,
+        severity="warning",
         dedup_key=dedup_key(result.check),
         resolve_page=True,
     )

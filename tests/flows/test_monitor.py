@@ -105,6 +105,9 @@ def point_monitor_at(
         monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", webhook)
     for var in UNSET:
         monkeypatch.delenv(var, raising=False)
+    # These tests follow one incident change per run; the hysteresis of the default (3 runs in a
+    # row below a level) has a test of its own.
+    monkeypatch.setenv("PAYLATER_MONITOR_RESOLVE_AFTER_RUNS", "1")
     return warehouse_url
 
 
@@ -230,6 +233,44 @@ def test_monitor_alerts_once_per_incident_and_resolves(
 
     monitor()
     assert receiver.take() == []
+
+
+def test_a_value_flapping_around_its_threshold_alerts_once_and_resolves_once(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the default hysteresis, a queue whose oldest job is late one run and not the next
+    keeps one incident: FIRING once, and RESOLVED only after 3 clear runs in a row."""
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.delenv("PAYLATER_MONITOR_RESOLVE_AFTER_RUNS")  # the default
+
+    def queue(late: bool) -> None:
+        if late:
+            queue_a_late_job(pg_url)
+        else:
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute("UPDATE scoring_jobs SET status = 'done', updated_at = now()")
+
+    def run() -> list[str]:
+        levels = {r.check: r.level for r in monitor()}
+        assert levels["oldest_queued_age"] in ("ok", "critical")
+        return [p["subject"] for p in receiver.take() if "oldest_queued_age" in p["subject"]]
+
+    queue(late=True)
+    assert run() == ["[FIRING] paylater critical: oldest_queued_age"]
+    for late in (False, True, False, False):
+        queue(late)
+        assert run() == [], f"late={late}"  # flapping, then 2 clear runs: held, silent
+    with psycopg.connect(pg_url) as conn:
+        (runs_ok,) = conn.execute("SELECT runs_ok FROM monitor_incidents").fetchone()
+    assert runs_ok == 2
+    assert run() == ["[RESOLVED] paylater: oldest_queued_age"]
+    assert run() == []
 
 
 def test_a_build_whose_publish_failed_alerts_on_the_online_features_age(

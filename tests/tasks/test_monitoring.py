@@ -324,6 +324,80 @@ def test_a_critical_incident_back_at_warning_resolves_its_page_and_stays_on_slac
     engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_an_incident_steps_down_only_after_runs_in_a_row_below_its_level(
+    backend: str, pg_url: str, tmp_path: Path
+) -> None:
+    """A value flapping around its threshold run after run keeps one incident open, silent: it
+    resolves (or a page is resolved) only once `clear_runs` measured runs in a row stay below."""
+    url = pg_url if backend == "postgres" else f"sqlite:///{tmp_path / 'source.db'}"
+    engine = engine_for(url)
+    ensure_incident_table(engine)
+    minute = iter(range(0, 500, 5))
+
+    def run(level: str) -> list[str]:
+        at = NOW + timedelta(minutes=next(minute))
+        return [n.subject for n in reconcile(engine, [result(level)], at, clear_runs=3)]
+
+    assert run("warning") == ["[FIRING] paylater warning: oldest_queued_age"]
+    for level in ("ok", "warning", "ok", "ok", "warning", "ok", "unknown", "ok"):
+        assert run(level) == [], level  # flapping, and 2 clear runs at most: held
+    (incident,) = open_incidents(engine)
+    assert incident["severity"] == "warning" and as_utc(incident["opened_at"]) == NOW
+    assert run("unknown") == []  # not measured: neither counts nor breaks the streak
+    assert run("ok") == ["[RESOLVED] paylater: oldest_queued_age"]  # 3rd measured clear run
+    assert open_incidents(engine) == []
+
+    # A page is resolved after 3 runs in a row below critical, whatever their level.
+    assert run("critical") == ["[FIRING] paylater critical: oldest_queued_age"]
+    assert run("warning") == run("ok") == run("critical") == []
+    assert run("ok") == run("warning") == []
+    assert open_incidents(engine)[0]["peak_severity"] == "critical"  # still paged
+    assert run("ok") == ["[DE-ESCALATED] paylater warning: oldest_queued_age"]  # warning, ok, ok
+    (incident,) = open_incidents(engine)
+    assert (incident["severity"], incident["peak_severity"]) == ("warning", "warning")
+    assert run("ok") == []  # a warning 3 runs ago
+    assert run("ok") == ["[RESOLVED] paylater: oldest_queued_age"]  # 3 ok in a row
+    engine.dispose()
+
+
+OLD_INCIDENTS_DDL = """
+CREATE TABLE monitor_incidents (
+    check_name text PRIMARY KEY, severity text NOT NULL, peak_severity text NOT NULL,
+    value double precision, summary text NOT NULL,
+    opened_at timestamp with time zone NOT NULL, last_seen_at timestamp with time zone NOT NULL
+)"""
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_an_incident_table_from_before_hysteresis_gets_its_counters(
+    backend: str, pg_url: str, tmp_path: Path
+) -> None:
+    """A production table made by an earlier release, holding a critical incident recorded as
+    warning with its page open (what a de-escalation left before it resolved pages): the new
+    columns are added, and the stuck page is resolved after the runs below critical."""
+    url = pg_url if backend == "postgres" else f"sqlite:///{tmp_path / 'source.db'}"
+    engine = engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(OLD_INCIDENTS_DDL))
+        conn.execute(
+            sa.text(
+                "INSERT INTO monitor_incidents VALUES ('oldest_queued_age', 'warning', 'critical',"
+                " 90, 'old', :at, :at)"
+            ),
+            {"at": NOW},
+        )
+    ensure_incident_table(engine)
+    ensure_incident_table(engine)  # idempotent
+    (incident,) = open_incidents(engine)
+    assert incident["check_name"] == "oldest_queued_age"
+    later = [NOW + timedelta(minutes=m) for m in (5, 10)]
+    assert reconcile(engine, [result("warning")], later[0], clear_runs=2) == []
+    (calmer,) = reconcile(engine, [result("warning")], later[1], clear_runs=2)
+    assert calmer.resolve_page and "DE-ESCALATED" in calmer.subject
+    engine.dispose()
+
+
 def test_only_an_incident_that_paged_resolves_a_page(pg_url: str) -> None:
     engine = engine_for(pg_url)
     ensure_incident_table(engine)
@@ -637,3 +711,12 @@ def test_windows_that_cannot_work_are_refused_naming_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=f"{variable} must be"):
         check_windows(Settings())
+
+
+def test_resolve_after_runs_below_1_is_refused_naming_the_variable() -> None:
+    from tasks.monitoring import resolve_after_runs
+
+    assert resolve_after_runs(Settings()) == 3
+    assert resolve_after_runs(Settings(monitor_resolve_after_runs=1)) == 1
+    with pytest.raises(ValueError, match="PAYLATER_MONITOR_RESOLVE_AFTER_RUNS must be 1 or more"):
+        resolve_after_runs(Settings(monitor_resolve_after_runs=0))

@@ -242,6 +242,23 @@ class Settings(BaseSettings):
             " resolve at the first clear run."
         ),
     )
+    monitor_stuck_run_hours: float = Field(
+        default=3.0,
+        description=(
+            "A deployment's flow run RUNNING (or CANCELLING) this long is stuck: its process died"
+            " unseen (host lost, a hang) and Prefect will never mark it Crashed. 3: three times"
+            " the longest job (the monthly retrain, under an hour; Cloud Run's job timeout in"
+            " prefect.yaml is 1 h). Raise it above your longest run, a backfill's daily-pipeline"
+            " run included."
+        ),
+    )
+    monitor_stuck_runs_critical: int = Field(
+        default=1,
+        description=(
+            "Stuck flow runs: critical (pages). 1: every stuck run pages, as a crash does; a"
+            " higher number makes fewer a warning."
+        ),
+    )
     # --- end monitoring ---
 
     # --- retrain / registry (owner: retrain; tasks/training.py, registry/, flows/monthly_retrain.py) ---

@@ -116,6 +116,7 @@ THRESHOLD_SETTINGS: dict[str, tuple[str | None, str]] = {
     "crashed_flows": (None, "monitor_crashed_flows_critical"),
     "failed_flows": (None, "monitor_failed_flows_critical"),
     "late_flow_runs": (None, "monitor_late_runs_critical"),
+    "stuck_flow_runs": (None, "monitor_stuck_runs_critical"),
     "feature_psi_max": ("monitor_psi_warning", "monitor_psi_critical"),
     "score_psi": ("monitor_psi_warning", "monitor_psi_critical"),
 }
@@ -180,6 +181,7 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
         "crashed_flows": Threshold(1, s.monitor_crashed_flows_critical, "flows"),
         "failed_flows": Threshold(1, s.monitor_failed_flows_critical, "flows"),
         "late_flow_runs": Threshold(1, s.monitor_late_runs_critical, "runs"),
+        "stuck_flow_runs": Threshold(1, s.monitor_stuck_runs_critical, "runs"),
         "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
         "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
     }
@@ -234,6 +236,11 @@ WINDOW_SETTINGS = (
         "monitor_late_run_minutes",
         "minutes",
         "a run counts as late the moment it is due (below 0: before it is due)",
+    ),
+    (
+        "monitor_stuck_run_hours",
+        "hours",
+        "every running flow run counts as stuck the moment it starts",
     ),
 )
 
@@ -468,14 +475,22 @@ class FlowRunInfo:
     # When it is due: a scheduled run's state's time (Prefect keeps expected_start_time from the
     # run's first state, so a run put back to Scheduled for later would look late), else that.
     expected_start_time: datetime | None
+    deployment: str = ""  # the deployment's name ('' for an ad-hoc run)
+    # When it entered its current state (a running run: since when it runs, this attempt).
+    state_since: datetime | None = None
 
 
+FLOW_RUN_CHECKS = ("crashed_flows", "failed_flows", "late_flow_runs", "stuck_flow_runs")
+"""The checks measure_flow_runs answers, in its order."""
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 FLOW_RUN_READ_TIMEOUT_SECONDS = 10.0
 """One Prefect API request of the flow-run checks, not retried: the next monitor run is the retry."""
 FLOW_RUN_READ_BUDGET_SECONDS = 30.0
 """All of them: past it the checks are unknown, and the others are judged and alerted on."""
 WAITING_STATES = ("SCHEDULED", "PENDING")
+RUNNING_STATES = ("RUNNING", "CANCELLING")
+"""States a run leaves only by a report from its process (or its worker): a process that died
+unseen leaves the run in them for good. CANCELLING too: a cancel whose worker is gone."""
 
 
 def _listed(runs: list[FlowRunInfo], describe: Callable[[FlowRunInfo], str]) -> str:
@@ -545,6 +560,50 @@ def measure_late_runs(
     return Measurement("late_flow_runs", float(len(late)), detail)
 
 
+def measure_stuck_runs(
+    running: Iterable[FlowRunInfo], now: datetime, stuck_hours: float
+) -> Measurement:
+    """Deployment runs RUNNING (or CANCELLING) for `stuck_hours` or more, longest first.
+
+    A run whose process vanished without a word (its host lost, an OOM kill of the whole
+    machine, a hang) is never reported Crashed: it stays RUNNING, so the crashed, failed and late
+    checks never see it, and its job silently stops producing.
+    """
+    cutoff = now - timedelta(hours=stuck_hours)
+    stuck = sorted(
+        (
+            r
+            for r in running
+            if r.state_type in RUNNING_STATES
+            and r.state_since is not None
+            and as_utc(r.state_since) <= cutoff
+        ),
+        key=lambda r: as_utc(r.state_since or cutoff),
+    )
+
+    def describe(r: FlowRunInfo) -> str:
+        since = as_utc(r.state_since or cutoff)
+        lasted = format_value((now - since).total_seconds(), "s")
+        state = "" if r.state_type == "RUNNING" else f" ({r.state_type})"
+        return (
+            f"{r.flow}/{r.name} (deployment {r.deployment or 'none'}) running{state} since"
+            f" {since:%Y-%m-%d %H:%M} UTC, for {lasted}"
+        )
+
+    return Measurement("stuck_flow_runs", float(len(stuck)), _listed(stuck, describe))
+
+
+def current_flow_run_id() -> str | None:
+    """The flow run this code runs in (None outside one)."""
+    try:
+        from prefect.runtime import flow_run
+
+        found = flow_run.id
+    except Exception:
+        return None
+    return str(found) if found else None
+
+
 def current_deployment_id() -> str | None:
     """The deployment of the flow run this code runs in (None outside one, or when unknown)."""
     try:
@@ -557,10 +616,15 @@ def current_deployment_id() -> str | None:
 
 
 def read_flow_runs(
-    now: datetime, window_hours: float, late_minutes: float, own_deployment: str | None = None
-) -> tuple[list[FlowRunInfo], list[FlowRunInfo]]:
-    """From the Prefect API: the latest run of every deployment that finished in the window, and
-    the runs waiting past their start by `late_minutes`.
+    now: datetime,
+    window_hours: float,
+    late_minutes: float,
+    own_deployment: str | None = None,
+    own_run: str | None = None,
+) -> tuple[list[FlowRunInfo], list[FlowRunInfo], list[FlowRunInfo]]:
+    """From the Prefect API: the latest run of every deployment that finished in the window, the
+    runs waiting past their start by `late_minutes`, and the deployment runs running now (oldest
+    first; `own_run`, the run measuring, left out: it is running, and is not what is stuck).
 
     `own_deployment` (the monitor's, when it runs as one) is left out of the finished runs: the
     run now measuring shows that job runs again, so its previous run's failure is over; judged,
@@ -576,6 +640,7 @@ def read_flow_runs(
     (each request FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
     import time
+    from uuid import UUID
 
     from prefect import get_client
     from prefect.client.schemas.filters import (
@@ -587,6 +652,7 @@ def read_flow_runs(
         FlowRunFilterDeploymentId,
         FlowRunFilterEndTime,
         FlowRunFilterExpectedStartTime,
+        FlowRunFilterId,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
@@ -610,7 +676,8 @@ def read_flow_runs(
         ) as client,
     ):
         latest: dict[str, FlowRun] = {}
-        for deployment in client.read_deployments(limit=200):
+        deployments = client.read_deployments(limit=200)
+        for deployment in deployments:
             if str(deployment.id) == own_deployment:
                 continue
             in_time()
@@ -639,10 +706,21 @@ def read_flow_runs(
             sort=FlowRunSort.EXPECTED_START_TIME_ASC,
             limit=200,
         )
-        flow_ids = list({r.flow_id for r in [*latest.values(), *waiting]})
+        in_time()
+        running = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(not_any_=[UUID(own_run)]) if own_run else None,
+                state=states(*RUNNING_STATES),
+                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+            ),
+            sort=FlowRunSort.START_TIME_ASC,
+            limit=200,
+        )
+        flow_ids = list({r.flow_id for r in [*latest.values(), *waiting, *running]})
         in_time()
         flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
         names = {f.id: f.name for f in flows}
+    deployment_names = {d.id: d.name for d in deployments}
 
     def info(run: FlowRun) -> FlowRunInfo:
         state = run.state
@@ -656,19 +734,27 @@ def read_flow_runs(
             message=(state.message or "") if state else "",
             end_time=run.end_time,
             expected_start_time=due,
+            deployment=deployment_names.get(run.deployment_id, "") if run.deployment_id else "",
+            state_since=state.timestamp if state else None,
         )
 
-    return [info(r) for r in latest.values()], [info(r) for r in waiting]
+    return (
+        [info(r) for r in latest.values()],
+        [info(r) for r in waiting],
+        [info(r) for r in running],
+    )
 
 
 def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
-    """Crashed jobs and late runs, from the Prefect API (unknown when it cannot be read)."""
+    """Crashed and failed jobs, late and stuck runs, from the Prefect API (unknown when it cannot
+    be read)."""
     try:
-        latest, waiting = read_flow_runs(
+        latest, waiting, running = read_flow_runs(
             now,
             settings.monitor_flow_window_hours,
             settings.monitor_late_run_minutes,
             own_deployment=current_deployment_id(),
+            own_run=current_flow_run_id(),
         )
     except Exception as exc:  # the API down must not stop the other checks
         reason = f"Prefect API not readable: {type(exc).__name__}: {exc}"
@@ -676,11 +762,13 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
             Measurement("crashed_flows", None, reason),
             Measurement("failed_flows", None, reason),
             Measurement("late_flow_runs", None, reason),
+            Measurement("stuck_flow_runs", None, reason),
         ]
     return [
         measure_crashed_flows(latest),
         measure_failed_flows(latest),
         measure_late_runs(waiting, now, settings.monitor_late_run_minutes),
+        measure_stuck_runs(running, now, settings.monitor_stuck_run_hours),
     ]
 
 
@@ -1009,7 +1097,7 @@ def measure_all(settings: Settings, engine: sa.Engine, now: datetime) -> list[Me
             ],
         ),
         *_guarded(
-            ("crashed_flows", "failed_flows", "late_flow_runs"),
+            FLOW_RUN_CHECKS,
             lambda: measure_flow_runs(settings, now),
         ),
     ]

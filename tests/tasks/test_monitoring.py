@@ -689,6 +689,7 @@ def test_unknown_alert_minutes_that_cannot_work_are_refused_naming_the_variable(
         ("PAYLATER_MONITOR_FLOW_WINDOW_HOURS", "nan"),
         ("PAYLATER_MONITOR_LATE_RUN_MINUTES", "-30"),
         ("PAYLATER_MONITOR_LATE_RUN_MINUTES", "nan"),
+        ("PAYLATER_MONITOR_STUCK_RUN_HOURS", "0"),
     ],
 )
 def test_windows_that_cannot_work_are_refused_naming_the_variable(

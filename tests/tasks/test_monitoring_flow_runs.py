@@ -24,6 +24,7 @@ from tasks.monitoring import (
     measure_crashed_flows,
     measure_failed_flows,
     measure_late_runs,
+    measure_stuck_runs,
     read_flow_runs,
 )
 
@@ -68,6 +69,31 @@ def test_failed_flows_counts_jobs_whose_latest_run_failed() -> None:
     assert measure_failed_flows([]).value == 0.0
 
 
+def test_stuck_runs_are_the_ones_running_past_the_limit() -> None:
+    def running(hours: float, name: str) -> FlowRunInfo:
+        since = NOW - timedelta(hours=hours)
+        return FlowRunInfo(
+            flow="monthly-retrain",
+            name=name,
+            state_type="RUNNING",
+            message="",
+            end_time=None,
+            expected_start_time=since,
+            deployment="monthly-retrain",
+            state_since=since,
+        )
+
+    runs = [running(1, "busy"), running(7.5, "hung"), running(3.5, "lost")]
+    m = measure_stuck_runs(runs, NOW, stuck_hours=3)
+    assert m.check == "stuck_flow_runs" and m.value == 2.0
+    assert m.detail.startswith(
+        "monthly-retrain/hung (deployment monthly-retrain) running since 2026-11-27 04:30 UTC,"
+        " for 7.5 h"
+    ), m.detail
+    assert "lost" in m.detail and "busy" not in m.detail
+    assert measure_stuck_runs(runs[:1], NOW, stuck_hours=3).value == 0.0
+
+
 def test_late_runs_are_the_ones_waiting_past_the_limit() -> None:
     waiting = [
         run_info("SCHEDULED", 45, name="late-one"),
@@ -93,7 +119,11 @@ from prefect import flow
 
 
 @flow(name="{name}")
-def job(die: bool = True, fail: bool = False, measure_to: str = "") -> None:
+def job(die: bool = True, fail: bool = False, measure_to: str = "", hang: bool = False) -> None:
+    if hang:  # a job that never ends (a lock it waits on, a host about to be lost)
+        import time
+
+        time.sleep(600)
     if measure_to:  # measure as the monitor does, from inside a run of this deployment
         import json
         from datetime import UTC, datetime
@@ -101,7 +131,7 @@ def job(die: bool = True, fail: bool = False, measure_to: str = "") -> None:
         from tasks.monitoring import current_deployment_id, read_flow_runs
 
         own = current_deployment_id()
-        latest, _ = read_flow_runs(datetime.now(UTC), 48, 30, own_deployment=own)
+        latest, _, _ = read_flow_runs(datetime.now(UTC), 48, 30, own_deployment=own)
         seen = [r.state_type for r in latest if r.flow == "{name}"]
         with open(measure_to, "w") as out:
             json.dump({{"own": own, "seen": seen}}, out)
@@ -185,7 +215,7 @@ def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
 ) -> None:
     job, name = crashing_flow
     run_deployment_once(job, {"die": True})
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (crash,) = ours(latest, name)
     assert crash.state_type == "CRASHED", crash
     m = measure_crashed_flows(ours(latest, name))
@@ -193,7 +223,7 @@ def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
     assert "SIGKILL" in m.detail or "-9" in m.detail, m.detail
 
     run_deployment_once(job, {"die": False})  # the job's next run finishes
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (newest,) = ours(latest, name)
     assert newest.state_type == "COMPLETED"
     assert measure_crashed_flows(ours(latest, name)).value == 0.0
@@ -208,7 +238,7 @@ def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
 ) -> None:
     job, name = crashing_flow
     run_deployment_once(job, {"die": False, "fail": True})
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (failure,) = ours(latest, name)
     assert failure.state_type == "FAILED", failure
     m = measure_failed_flows(ours(latest, name))
@@ -217,7 +247,7 @@ def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
     assert measure_crashed_flows(ours(latest, name)).value == 0.0
 
     run_deployment_once(job, {"die": False})  # the job's next run finishes
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert measure_failed_flows(ours(latest, name)).value == 0.0
 
 
@@ -232,7 +262,7 @@ def test_the_monitor_does_not_count_its_own_previous_failure(
     job, name = crashing_flow
     run_deployment_once(job, {"die": False, "fail": True})
     # Measured from outside the deployment, its failed run counts.
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert [r.state_type for r in ours(latest, name)] == ["FAILED"]
     out = tmp_path / "measured.json"
     run_deployment_once(job, {"die": False, "measure_to": str(out)})
@@ -252,7 +282,7 @@ def test_a_run_nobody_picks_up_is_late(crashing_flow: tuple[Any, str]) -> None:
                 job, state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(minutes=minutes))
             )
     now = datetime.now(UTC)
-    _, waiting = read_flow_runs(now, window_hours=48, late_minutes=30)
+    _, waiting, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
     (late,) = ours(waiting, name)
     assert late.state_type == "SCHEDULED"
     assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 1.0
@@ -271,6 +301,7 @@ def test_an_unreachable_prefect_api_leaves_both_checks_unknown() -> None:
         ("crashed_flows", None),
         ("failed_flows", None),
         ("late_flow_runs", None),
+        ("stuck_flow_runs", None),
     ]
     assert all("Prefect API not readable" in m.detail for m in results)
 
@@ -290,11 +321,11 @@ def test_a_run_rescheduled_for_later_is_not_late(crashing_flow: tuple[Any, str])
         later = datetime.now(UTC) + timedelta(minutes=10)
         client.set_flow_run_state(run.id, AwaitingRetry(scheduled_time=later), force=True)
     now = datetime.now(UTC)
-    _, waiting = read_flow_runs(now, window_hours=48, late_minutes=30)
+    _, waiting, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
     assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 0.0
     # Its new time passed by the limit, it is late.
     then = later + timedelta(minutes=31)
-    _, waiting = read_flow_runs(then, window_hours=48, late_minutes=30)
+    _, waiting, _ = read_flow_runs(then, window_hours=48, late_minutes=30)
     m = measure_late_runs(ours(waiting, name), then, late_minutes=30)
     assert m.value == 1.0 and f"due {later:%Y-%m-%d %H:%M} UTC" in m.detail, m.detail
 
@@ -342,6 +373,7 @@ def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minute
         ("crashed_flows", None),
         ("failed_flows", None),
         ("late_flow_runs", None),
+        ("stuck_flow_runs", None),
     ]
 
 
@@ -356,5 +388,72 @@ def test_an_ad_hoc_run_that_crashed_is_not_a_crashed_job(crashing_flow: tuple[An
         run = client.create_flow_run(job, state=Running())
         client.set_flow_run_state(run.id, Crashed(message="Execution was interrupted"), force=True)
         assert client.read_flow_run(run.id).state_type.value == "CRASHED"
-    latest, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert ours(latest, name) == []
+
+
+def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
+    crashing_flow: tuple[Any, str], tmp_path: Path
+) -> None:
+    """The host of a deployment's run is lost: its process and the one that started it die at
+    once (SIGKILL to the process group), so nobody reports it Crashed and the API shows it
+    RUNNING for good. Past the limit it is stuck, named with its deployment; the run measuring
+    (the monitor's own) is left out."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from prefect import get_client
+    from prefect.runner import Runner
+    from prefect.settings import PREFECT_API_URL
+
+    job, name = crashing_flow
+
+    async def deploy_and_create() -> Any:
+        deployment_id = await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").add_flow(
+            job, name="crash-check"
+        )
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deployment_id, parameters={"die": False, "hang": True}
+            )
+
+    run = asyncio.run(deploy_and_create())
+    env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    prefect_bin = Path(sys.executable).parent / "prefect"
+    process = subprocess.Popen(
+        [str(prefect_bin), "flow-run", "execute", str(run.id)],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while client.read_flow_run(run.id).state_type.value != "RUNNING":
+                assert process.poll() is None, "the run's process ended before it ran"
+                assert time.monotonic() < deadline, "the run never started"
+                time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the host is gone: nobody reports anything
+        process.wait()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run.id).state_type.value == "RUNNING"
+
+    now = datetime.now(UTC)
+    assert ours(read_flow_runs(now, 48, 30)[2], name) != []  # running, not stuck yet
+    assert measure_stuck_runs(ours(read_flow_runs(now, 48, 30)[2], name), now, 3).value == 0.0
+    later = now + timedelta(hours=4)
+    latest, waiting, running = read_flow_runs(later, 48, 30)
+    # What no other check sees: not finished (crashed, failed), not waiting (late).
+    assert ours(latest, name) == [] and ours(waiting, name) == []
+    (stuck,) = ours(running, name)
+    m = measure_stuck_runs([stuck], later, stuck_hours=3)
+    assert m.value == 1.0, m.detail
+    assert f"{name}/{run.name} (deployment crash-check) running since" in m.detail
+    assert "for 4.0 h" in m.detail, m.detail
+    # Measured from inside that very run (the monitor's own current run), it is not counted.
+    assert ours(read_flow_runs(later, 48, 30, own_run=str(run.id))[2], name) == []

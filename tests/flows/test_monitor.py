@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -271,6 +272,61 @@ def test_a_value_flapping_around_its_threshold_alerts_once_and_resolves_once(
     assert runs_ok == 2
     assert run() == ["[RESOLVED] paylater: oldest_queued_age"]
     assert run() == []
+
+
+def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment's run the API shows RUNNING past PAYLATER_MONITOR_STUCK_RUN_HOURS (what a
+    run whose host was lost looks like: nobody reports it again) pages, naming the run, its
+    deployment and since when. (The process really vanishing, and the monitor's own run left
+    out, are tests/tasks/test_monitoring_flow_runs.py's.)"""
+    import asyncio
+    import time
+    import uuid
+
+    from prefect import flow, get_client
+    from prefect.runner import Runner
+    from prefect.states import Running
+
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    monkeypatch.setenv("PAYLATER_MONITOR_STUCK_RUN_HOURS", str(2 / 3600))  # 2 s
+    name = f"paylater-test-stuck-{uuid.uuid4().hex[:8]}"
+
+    @flow(name=name)
+    def job() -> None:
+        """Never run here: only its deployment's run exists."""
+
+    async def a_run_left_running() -> Any:
+        deployment_id = await Runner(name=f"r-{uuid.uuid4().hex[:8]}").add_flow(job, name="nightly")
+        async with get_client() as client:
+            run = await client.create_flow_run_from_deployment(deployment_id)
+            await client.set_flow_run_state(run.id, Running(), force=True)
+            return run
+
+    run = asyncio.run(a_run_left_running())
+    try:
+        time.sleep(2.5)  # past the 2 s limit (the limit, not an assertion, waits)
+        results = {r.check: r for r in monitor()}
+        stuck = results["stuck_flow_runs"]
+        assert stuck.level == "critical" and stuck.value == 1.0, stuck.summary
+        (fired,) = [p for p in receiver.take() if "stuck_flow_runs" in p["subject"]]
+        assert fired["subject"] == "[FIRING] paylater critical: stuck_flow_runs"
+        assert f"{name}/{run.name} (deployment nightly) running since" in fired["body"]
+        assert "runbook: docs/runbook.md#stuck_flow_runs" in fired["body"]
+        assert [e["event_action"] for e in pagerduty.take()] == ["trigger"]
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_flow_run(run.id)
 
 
 def test_a_build_whose_publish_failed_alerts_on_the_online_features_age(

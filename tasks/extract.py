@@ -34,7 +34,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from paylater.postgres import bounded_url
-from tasks.sync_config import ConfigError, SourceUnavailable, TableSpec, check_identifier
+from tasks.sync_config import (
+    ConfigError,
+    SourceTimeout,
+    SourceUnavailable,
+    TableSpec,
+    check_identifier,
+)
 
 # Below this many rows one reader is faster than coordinating several: a first sync split over
 # the key range. An incremental window is split over its time range from a lower size, since a
@@ -200,15 +206,36 @@ class SourceCounts:
         return f"SourceCounts({figures}, band_start={self.band_start!r}, estimate={self.estimate})"
 
 
+# How the server words a statement cancelled by its statement_timeout: running it again meets
+# the same limit, so it is not transient (SourceTimeout), unlike the other cancellations below.
+_STATEMENT_TIMEOUT = re.compile(r"canceling statement due to statement timeout", re.IGNORECASE)
 # How libpq and the server word a session that ended or a statement they cancelled (a restart,
-# a failover, pg_terminate_backend, statement_timeout, a conflict with recovery on a replica):
-# nothing wrong with the data, so the task that read it is worth retrying.
+# a failover, pg_terminate_backend, a conflict with recovery on a replica): nothing wrong with
+# the data, so the task that read it is worth retrying.
 _SESSION_LOST = re.compile(
     r"server closed the connection|terminating connection|could not receive data|"
     r"no connection to the server|connection to server|PQgetCopyData\(\) failed|"
     r"canceling statement due to",
     re.IGNORECASE,
 )
+
+
+def statement_timeout(error: BaseException, table: str) -> SourceTimeout | None:
+    """SourceTimeout naming the setting to raise when `error` (the driver's, from a count or the
+    read) is PostgreSQL cancelling a statement for its statement_timeout; None otherwise."""
+    if isinstance(error, SourceTimeout):
+        return error
+    if not _STATEMENT_TIMEOUT.search(str(error)):
+        return None
+    reason = str(error).strip().splitlines()[0]
+    timeout = SourceTimeout(
+        f"sync of {table}: a source query ran past PostgreSQL's statement_timeout and was"
+        f" cancelled ({reason}); not retried, since it would time out again: raise"
+        " statement_timeout for the sync's role or database (ALTER ROLE ... SET"
+        " statement_timeout = '30min'), or in the source URL (options=-c statement_timeout=...)"
+    )
+    timeout.__cause__ = error
+    return timeout
 
 
 class ExtractStream:
@@ -233,12 +260,15 @@ class ExtractStream:
 
     def failure(self) -> Exception | None:
         """The extract's own error, if it failed; SourceUnavailable (transient) when the source
-        session was lost or its statement cancelled. The driver raises those as OSError or
-        ArrowInvalid, which say nothing about retrying."""
+        session was lost or its statement cancelled (other than by statement_timeout: see
+        `statement_timeout`). The driver raises those as OSError or ArrowInvalid, which say
+        nothing about retrying."""
         error = self.error
         if not isinstance(error, Exception):
             return None
-        if not isinstance(error, SourceUnavailable) and _SESSION_LOST.search(str(error)):
+        text = str(error)
+        session_lost = _SESSION_LOST.search(text) and not _STATEMENT_TIMEOUT.search(text)
+        if not isinstance(error, SourceUnavailable) and session_lost:
             reason = str(error).strip().splitlines()[0]
             lost = SourceUnavailable(f"source connection lost during the read: {reason}")
             lost.__cause__ = error

@@ -74,12 +74,13 @@ from pydantic import BaseModel, Field
 
 from paylater.settings import get_settings
 from paylater.timeutil import day_end_utc
-from tasks.extract import Source, SourceCounts, Window, open_source
+from tasks.extract import Source, SourceCounts, Window, open_source, statement_timeout
 from tasks.sync_config import (
     ConfigError,
     CountMismatch,
     KeyViolation,
     SchemaMismatch,
+    SourceTimeout,
     SourceUnavailable,
     SyncError,
     TableSpec,
@@ -94,6 +95,7 @@ __all__ = [
     "CountMismatch",
     "KeyViolation",
     "SchemaMismatch",
+    "SourceTimeout",
     "SourceUnavailable",
     "SyncError",
     "SyncIncomplete",
@@ -636,6 +638,9 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
         # (the source connection lost, a statement timeout) is the cause, and what decides
         # whether the task is retried.
         cause = (stream.failure() if stream is not None else None) or exc
+        # A statement timeout, wherever it struck (a count, the read), is no lost session.
+        timed_out = statement_timeout(stream.error if stream and stream.error else cause, spec.name)
+        cause = timed_out or statement_timeout(exc, spec.name) or cause
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
         with contextlib.suppress(Exception):
@@ -718,6 +723,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, SyncError | WarehouseError):
         return False
+    if statement_timeout(exc, "a table") is not None:
+        return False  # the driver's own error, before sync_table named it: the same again
     names = {cls.__name__ for cls in type(exc).__mro__}
     return isinstance(exc, ConnectionError | TimeoutError) or "OperationalError" in names
 

@@ -40,6 +40,12 @@ class SourceUnavailable(SyncError):
     """The operational database cannot be reached (transient: the task retries it)."""
 
 
+class SourceTimeout(SyncError):
+    """A source query ran past PostgreSQL's statement_timeout and was cancelled. Not transient:
+    a retry runs the same query against the same limit, so it would only burn the sync's window
+    timing out again; the setting must be raised (or the read made cheaper)."""
+
+
 class CountMismatch(SyncError):
     """Rows extracted, loaded or held by the warehouse disagree with the source."""
 

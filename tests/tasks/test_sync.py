@@ -1184,3 +1184,48 @@ def test_sync_report_says_a_shared_cause_once() -> None:
         " (3 tables: users, card_transactions, deferred_charges);"
         " sync of topups: extracted 3, source holds 4"
     )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first", [True, False])
+def test_a_statement_timeout_fails_the_table_naming_the_setting_and_is_not_retried(
+    pg_url: str, warehouse, first: bool
+) -> None:
+    # A source query cancelled by PostgreSQL's statement_timeout was taken for a lost session
+    # (SourceUnavailable, or the driver's OperationalError from a count): the task retried it,
+    # timing out again twice and burning the sync's window. Each query here sleeps 0.5 s per row
+    # against a 100 ms timeout: the first sync's count and read, or a later day's read.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE plans (plan_id bigint PRIMARY KEY, note text,"
+            " updated_at timestamptz NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO plans VALUES (1, 'a', '2026-11-20 10:00+00'), (2, 'b', '2026-11-21 10:00+00')"
+        )
+        conn.execute(
+            "CREATE VIEW slow_plans AS SELECT p.* FROM plans p CROSS JOIN LATERAL"
+            " (SELECT pg_sleep(CASE WHEN current_setting('statement_timeout') = '0' THEN 0"
+            " ELSE 0.5 END)) AS s"
+        )
+    source = open_source(pg_url)
+    try:
+        (spec,) = validate_tables(
+            source, [sync.TableSpec("slow_plans", ("plan_id",), "incremental")]
+        )
+        if not first:
+            sync_table(source, warehouse, spec, D1)  # no timeout yet
+    finally:
+        source.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {pg_url.rpartition('/')[2]} SET statement_timeout = '100ms'")
+    source = open_source(pg_url)
+    try:
+        with pytest.raises(sync.SourceTimeout, match=r"statement_timeout") as failed:
+            sync_table(source, warehouse, spec, D2 if not first else D1)
+    finally:
+        source.close()
+    assert not sync.is_transient(failed.value)
+    assert "canceling statement due to statement timeout" in str(failed.value)
+    error = failed_ledger_error(warehouse, "slow_plans", D2 if not first else D1)
+    assert error.startswith("SourceTimeout:") and "statement_timeout" in error

@@ -47,8 +47,13 @@ def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
     states = [sync_table_task(spec, day, return_state=True) for spec in tables]
     report = sync_report(day, states, [spec.name for spec in tables])
     for table in report.tables:
+        deleted = (
+            f", {table.rows_deleted} deleted (gone from the source)"
+            if table.rows_deleted is not None
+            else ""
+        )
         print(
-            f"{table.table_name}: {table.rows_extracted} rows extracted, "
+            f"{table.table_name}: {table.rows_extracted} rows extracted{deleted}, "
             f"{table.warehouse_rows} in the warehouse, {table.duration_seconds:.2f} s"
         )
     if announce:

@@ -292,6 +292,10 @@ class Snapshot(Protocol):
         `expected_rows` (an estimate will do) only sizes the read: how many readers split it."""
         ...
 
+    def keys(self, spec: TableSpec) -> ExtractStream:
+        """The primary-key values of every row of the table (to find rows deleted since)."""
+        ...
+
 
 class Source(Protocol):
     """An operational database the sync reads."""
@@ -882,6 +886,17 @@ class PostgresSnapshot:
         readers.insert(0, lambda: self._main_batches(bounded[0]))
         return ExtractStream(schema, _interleave(schema, readers))
 
+    def keys(self, spec: TableSpec) -> ExtractStream:
+        """Every row's primary key, on the snapshot's own connection (after the read has ended):
+        an index-only scan where the key is indexed."""
+        schema = spec.key_schema()
+        declared = {
+            r["column_name"]: r["data_type"] for r in self._rows(_PG_COLUMNS_SQL, [spec.name])
+        }
+        columns = ", ".join(_pg_select(field, declared.get(field.name)) for field in schema)
+        sql = f"SELECT {columns} FROM {quote(spec.name)}"
+        return ExtractStream(schema, self._slice_on_main(sql, schema))
+
     def _slice_on_main(self, sql: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         """Read on the snapshot's own connection."""
         for batch in self._main_batches(sql):
@@ -1081,6 +1096,24 @@ class SqliteSnapshot:
         def batches() -> Iterator[pa.RecordBatch]:
             with self.source.conn.cursor() as cur:
                 for batch in _adbc_batches(cur, sql, self._params(params)):
+                    yield to_schema(batch, schema, sentinel_nulls=True)
+
+        return ExtractStream(schema, batches())
+
+    def keys(self, spec: TableSpec) -> ExtractStream:
+        """Every row's primary key, typed as the warehouse table's key columns."""
+        schema = spec.key_schema()
+        selected = [
+            quote(f.name)
+            if pa.types.is_integer(f.type)
+            else f"COALESCE({quote(f.name)}, char(0)) AS {quote(f.name)}"
+            for f in schema
+        ]
+        sql = f"SELECT {', '.join(selected)} FROM {quote(spec.name)}"
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with self.source.conn.cursor() as cur:
+                for batch in _adbc_batches(cur, sql, []):
                     yield to_schema(batch, schema, sentinel_nulls=True)
 
         return ExtractStream(schema, batches())

@@ -24,7 +24,10 @@ same source snapshot as the read:
     source rows with B <= updated_at < watermark_to
       <= warehouse rows with updated_at >= B
       <= that + source rows with updated_at >= watermark_to.
-Why those bounds: rows are never deleted at the source and the windows of successive as_of
+Why those bounds: rows are never deleted at the source (or, with `deletes: propagate`, the rows
+whose key the source no longer holds are deleted from the current table first, in the same
+transaction; with `deletes: fail` a broken upper bound counts those rows for its message) and the
+windows of successive as_of
 values tile (-inf, watermark_to), so every source row whose current version lies in the band
 was read by some window and is held at that version (lower bound); a warehouse row in the band
 whose source row is not in it has a newer version, after the watermark (upper bound). A row
@@ -61,7 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -131,6 +134,9 @@ LEDGER_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error", pa.string()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        # Added later (a ledger created before it gains it: see ensure_ledger); NULL unless the
+        # table propagates deletes.
+        ("rows_deleted", pa.int64()),
     ]
 )
 
@@ -150,6 +156,11 @@ class TableResult(BaseModel):
     rows_extracted: int | None = None
     rows_loaded: int | None = None
     warehouse_rows: int | None = None
+    rows_deleted: int | None = Field(
+        default=None,
+        description="Warehouse rows deleted because their key is gone from the source"
+        " (deletes: propagate); None when the table does not propagate deletes.",
+    )
     duration_seconds: float
     status: Literal["succeeded", "failed"]
     error: str | None = None
@@ -175,6 +186,7 @@ class _Counts:
     extracted: int = 0
     loaded: int = 0
     warehouse: int = 0
+    deleted: int | None = None
 
 
 def sql_text(name: str) -> str:
@@ -213,8 +225,13 @@ def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
 
 
 def ensure_ledger(warehouse: Warehouse) -> None:
-    """Create the sync_ledger table unless it exists."""
+    """Create the sync_ledger table unless it exists; add the columns a ledger created by an
+    earlier release lacks (the ledger is the sync's own table, unlike the tables it copies)."""
     warehouse.create_table_if_missing(LEDGER, LEDGER_SCHEMA)
+    held = warehouse.column_types(LEDGER) or {}
+    for name in ("rows_deleted",):
+        if name not in held:
+            warehouse.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} INT64")
 
 
 def previous_sync(warehouse: Warehouse, table: str, as_of: date) -> tuple[datetime | None, int]:
@@ -272,6 +289,53 @@ def merge_sql(spec: TableSpec, template: str = "sync_merge.sql", changes: str | 
         cursor=_bq(cursor),
         update_set=", ".join(f"{_bq(c)} = source.{_bq(c)}" for c in non_key),
     )
+
+
+def gone_sql(spec: TableSpec, template: str, keys: str) -> str:
+    """A statement over the current rows whose key is not among the source keys in `keys`."""
+    return Template(sql_text(template)).substitute(
+        table=_bq(spec.name),
+        keys=_bq(keys),
+        target_key_columns=", ".join(f"target.{_bq(k)}" for k in spec.primary_key),
+        key_match=" AND ".join(f"target.{_bq(k)} = source.{_bq(k)}" for k in spec.primary_key),
+    )
+
+
+@contextlib.contextmanager
+def source_keys(warehouse: Warehouse, spec: TableSpec, keys: Any) -> Iterator[str]:
+    """Every source key (an ExtractStream) as a warehouse table for the statements above.
+
+    DuckDB: staged inside the table's transaction (in memory, or a temporary table when large).
+    BigQuery: loaded into `<table>__source_keys` (a load job, outside the transaction; replaced
+    at the next use, since BigQuery's transactions take no DDL to drop it).
+    """
+    if isinstance(warehouse, DuckDBWarehouse):
+        with warehouse.staged(
+            keys.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS, in_memory_bytes=STAGE_IN_MEMORY_BYTES
+        ) as staged:
+            yield staged
+        return
+    table = f"{spec.name}__source_keys"
+    warehouse.replace_table(table, keys.reader)
+    yield table
+
+
+def delete_gone(warehouse: Warehouse, spec: TableSpec, keys: Any) -> int:
+    """deletes: propagate. Delete the current rows whose key the source no longer holds (call in
+    the table's transaction, after the merge); how many were deleted."""
+    before = _count(warehouse, spec.name)
+    with source_keys(warehouse, spec, keys) as table:
+        warehouse.execute(gone_sql(spec, "sync_delete_gone.sql", table))
+    return before - _count(warehouse, spec.name)
+
+
+def find_gone(warehouse: Warehouse, spec: TableSpec, keys: Any) -> tuple[int, str]:
+    """How many current rows have a key the source no longer holds, and the first such key."""
+    with source_keys(warehouse, spec, keys) as table:
+        found = warehouse.query_arrow(gone_sql(spec, "sync_find_gone.sql", table)).to_pylist()
+    if not found:
+        return 0, ""
+    return int(found[0]["_sync_gone"]), _key_text(spec, found[0])
 
 
 def key_sql(spec: TableSpec, template: str, changes: str | None, having: str = "") -> str:
@@ -383,14 +447,25 @@ def streams_directly(warehouse: Warehouse, spec: TableSpec) -> bool:
 
 
 def load_incremental(
-    warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
+    warehouse: Warehouse,
+    spec: TableSpec,
+    as_of: date,
+    stream: Any,
+    source: SourceCounts,
+    keys: Callable[[], Any],
 ) -> _Counts:
-    """Load the window's rows and merge them into the current table (call in a transaction)."""
+    """Load the window's rows and merge them into the current table (call in a transaction).
+
+    `keys`: reads every source key in the read's snapshot (call after the read has ended): for
+    deletes: propagate, and to count the rows deleted at the source when the check finds some.
+    """
     if streams_directly(warehouse, spec):
         counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source)
     else:
         counts = load_through_changes(warehouse, spec, as_of, stream, source)
-    check_band(warehouse, spec, source, counts)
+    if spec.deletes == "propagate":
+        counts.deleted = delete_gone(warehouse, spec, keys())
+    check_band(warehouse, spec, source, counts, keys)
     return counts
 
 
@@ -452,7 +527,11 @@ def load_direct(
 
 
 def check_band(
-    warehouse: Warehouse, spec: TableSpec, source: SourceCounts, counts: _Counts
+    warehouse: Warehouse,
+    spec: TableSpec,
+    source: SourceCounts,
+    counts: _Counts,
+    keys: Callable[[], Any] | None = None,
 ) -> None:
     """After the merge: source rows in the band <= warehouse rows in it <= those + rows after."""
     counts.warehouse = _count(warehouse, spec.name)
@@ -476,8 +555,22 @@ def check_band(
         " a row committed after an earlier sync with an older change time was never read"
         " (rerun the as_of its change time falls in)",
     )
+    if held <= source.in_band + source.after:
+        return
+    gone, example = find_gone(warehouse, spec, keys()) if keys else (0, "")
+    if gone:
+        rows = "1 row" if gone == 1 else f"{gone} rows"
+        exist = "exists" if gone == 1 else "exist"
+        raise CountMismatch(
+            f"sync of {spec.name}: {rows} held in the warehouse (e.g. {example}) no longer"
+            f" {exist} at the source: deleted there, and the table's deletes policy is fail. To"
+            f" delete them from the warehouse with each day's load, set `deletes: propagate` for"
+            f" {spec.name} in the sync configuration (PAYLATER_SYNC_TABLES or"
+            " tasks/sync_tables.yaml) and rerun this as_of; or delete them from"
+            f" {spec.name} by hand and rerun"
+        )
     _check(
-        held <= source.in_band + source.after,
+        False,
         spec.name,
         f"warehouse holds {held} {what}, more than the {source.in_band + source.after} the source"
         f" holds {band} or after it: rows deleted at the source stay in the warehouse (the sync"
@@ -606,6 +699,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             rows_extracted=counts.extracted if counts else None,
             rows_loaded=counts.loaded if counts else None,
             warehouse_rows=counts.warehouse if counts else None,
+            rows_deleted=counts.deleted if counts else None,
             duration_seconds=round(time.monotonic() - started, 3),
             status=status,
             error=error,
@@ -627,7 +721,9 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             source_counts = snapshot.counts(spec, window, band_start(spec, window))
             stream = snapshot.read(spec, window, source_counts.estimate)
             if spec.mode == "incremental":
-                counts = load_incremental(warehouse, spec, as_of, stream, source_counts)
+                counts = load_incremental(
+                    warehouse, spec, as_of, stream, source_counts, lambda: snapshot.keys(spec)
+                )
             else:
                 counts = load_full(warehouse, spec, stream, source_counts)
             done = result("succeeded", counts, None)

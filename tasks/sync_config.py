@@ -82,6 +82,11 @@ class TableSpec:
     # (a batch backdating updated_at, a transaction open across the sync) is read then. The
     # counts cannot see such an update of a row they already count; re-reading is idempotent.
     lookback_minutes: int = 0
+    # What a row deleted at the source does to an incremental table. "fail": the count check
+    # fails the table, naming how many held keys the source no longer has and the way out.
+    # "propagate": each sync reads the source's keys (one key scan, in the read's snapshot) and
+    # deletes the warehouse rows whose keys are gone, in the same transaction as the day's load.
+    deletes: Literal["fail", "propagate"] = "fail"
     # Set by validation, never configured: whether the source's own constraints (a primary key or
     # unique index over key columns, every key column NOT NULL) make `primary_key` unique and
     # never NULL. Unless they do, the sync checks the rows it read for repeated and NULL keys.
@@ -95,6 +100,10 @@ class TableSpec:
     def arrow_schema(self) -> pa.Schema:
         """The warehouse Arrow schema of this table (columns must be resolved)."""
         return pa.schema([pa.field(c, ARROW_TYPES[t]) for c, t in self.columns.items()])
+
+    def key_schema(self) -> pa.Schema:
+        """The Arrow schema of the primary-key columns alone (columns must be resolved)."""
+        return pa.schema([pa.field(k, ARROW_TYPES[self.columns[k]]) for k in self.primary_key])
 
 
 def check_identifier(name: Any, what: str) -> str:
@@ -115,7 +124,7 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
         raise ConfigError(f"sync config {where}: each table must be a mapping")
     known = {
         "name", "primary_key", "mode", "cursor", "columns", "keep_changes", "check_days",
-        "lookback_minutes",
+        "lookback_minutes", "deletes",
     }  # fmt: skip
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -161,6 +170,16 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
         raise ConfigError(
             f"sync config: lookback_minutes of table {name} must be a whole number of minutes >= 0"
         )
+    deletes = raw.get("deletes", "fail")
+    if deletes not in ("fail", "propagate"):
+        raise ConfigError(
+            f"sync config: deletes of table {name} is {deletes!r}; use fail or propagate"
+        )
+    if deletes == "propagate" and mode == "full":
+        raise ConfigError(
+            f"sync config: table {name} is full (replaced whole, deletes included): deletes"
+            " applies to incremental tables only"
+        )
     return TableSpec(
         name=name,
         primary_key=tuple(check_identifier(k, f"primary key of {name}:") for k in keys),
@@ -170,6 +189,7 @@ def _parse_table(raw: Any, where: str) -> TableSpec:
         keep_changes=keep_changes,
         check_days=check_days,
         lookback_minutes=lookback,
+        deletes=deletes,
     )
 
 

@@ -137,3 +137,37 @@ def test_a_day_that_has_not_ended_is_refused_once_before_any_table(
     assert ran == []
     (alert,) = alerts_received
     assert alert["text"].count("has not ended yet") == 1, alert["text"]
+
+
+def test_a_propagated_delete_is_in_the_flow_report(
+    prefect_harness, paylater_home: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """A table with `deletes: propagate` (here on the SQLite source) reports what it deleted."""
+    import flows.daily_sync
+
+    monkeypatch.setattr(flows.daily_sync, "emit_event", lambda **kw: None)
+    make_source(paylater_home / "source.db")
+    config = (ROOT / "tasks/sync_tables.yaml").read_text()
+    config = config.replace(
+        "  - name: topups\n    primary_key: [topup_id]\n",
+        "  - name: topups\n    primary_key: [topup_id]\n    deletes: propagate\n",
+    )
+    assert "deletes: propagate" in config
+    (tmp_path / "tables.yaml").write_text(config)
+    monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(tmp_path / "tables.yaml"))
+    daily_sync(as_of=date(2026, 11, 20))
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        db.execute("DELETE FROM topups WHERE topup_id = 1")
+    caplog.clear()
+    report = daily_sync(as_of=date(2026, 11, 21))
+    deleted = {t.table_name: t.rows_deleted for t in report.tables}
+    assert deleted == {
+        "users": None,
+        "card_transactions": None,
+        "topups": 1,
+        "deferred_charges": None,
+    }
+    assert next(t for t in report.tables if t.table_name == "topups").warehouse_rows == 0
+    assert "topups: 0 rows extracted, 1 deleted (gone from the source), 0 in the warehouse" in (
+        caplog.text
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
 
 from paylater.timeutil import resolve_as_of
@@ -56,6 +56,8 @@ def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
             f"{table.table_name}: {table.rows_extracted} rows extracted{deleted}, "
             f"{table.warehouse_rows} in the warehouse, {table.duration_seconds:.2f} s"
         )
+        if table.warning:
+            get_run_logger().warning(f"{table.table_name}: {table.warning}")
     if announce:
         announce_completed(report)
     return report

@@ -131,6 +131,15 @@ class Figures(NamedTuple):
     null_cursor: int = 0
 
 
+class Ahead(NamedTuple):
+    """Rows whose cursor lies after an instant (the sync's clock): the earliest and latest of
+    those change times as the source writes them (PostgreSQL's text, 'infinity' included)."""
+
+    rows: int
+    earliest: str | None = None
+    latest: str | None = None
+
+
 class SourceCounts:
     """Counts taken in the read's snapshot, the figures a sync is checked against.
 
@@ -294,6 +303,10 @@ class Snapshot(Protocol):
 
     def keys(self, spec: TableSpec) -> ExtractStream:
         """The primary-key values of every row of the table (to find rows deleted since)."""
+        ...
+
+    def ahead(self, spec: TableSpec, instant: datetime) -> Ahead:
+        """The rows whose cursor lies after `instant` (call after the read has ended)."""
         ...
 
 
@@ -886,6 +899,17 @@ class PostgresSnapshot:
         readers.insert(0, lambda: self._main_batches(bounded[0]))
         return ExtractStream(schema, _interleave(schema, readers))
 
+    def ahead(self, spec: TableSpec, instant: datetime) -> Ahead:
+        """Rows changed after `instant`, on the snapshot's own connection: an index range (rows
+        after the window's end are few). Times as the server writes them in UTC."""
+        cursor = quote(spec.cursor or "updated_at")
+        row = self._scalar_row(
+            f"SELECT count(*) AS n, min({cursor})::text AS earliest,"
+            f" max({cursor})::text AS latest FROM {quote(spec.name)} WHERE {cursor} > $1",
+            [instant],
+        )
+        return Ahead(int(row["n"]), row["earliest"], row["latest"])
+
     def keys(self, spec: TableSpec) -> ExtractStream:
         """Every row's primary key, on the snapshot's own connection (after the read has ended):
         an index-only scan where the key is indexed."""
@@ -1099,6 +1123,18 @@ class SqliteSnapshot:
                     yield to_schema(batch, schema, sentinel_nulls=True)
 
         return ExtractStream(schema, batches())
+
+    def ahead(self, spec: TableSpec, instant: datetime) -> Ahead:
+        """Rows changed after `instant` (text comparison of the stored UTC text)."""
+        cursor = quote(spec.cursor or "updated_at")
+        sql = (
+            f"SELECT count(*) AS n, min({cursor}) AS earliest, max({cursor}) AS latest"
+            f" FROM {quote(spec.name)} WHERE {cursor} > ?"
+        )
+        with self.source.conn.cursor() as cur:
+            cur.execute(sql, self._params([instant]))
+            row = cur.fetch_arrow_table().to_pylist()[0]
+        return Ahead(int(row["n"]), row["earliest"], row["latest"])
 
     def keys(self, spec: TableSpec) -> ExtractStream:
         """Every row's primary key, typed as the warehouse table's key columns."""

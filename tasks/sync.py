@@ -120,6 +120,9 @@ STAGE_IN_MEMORY_ROWS = 1_000_000
 # ... and up to this many bytes: a wide table's rows (long texts, many columns) would otherwise
 # hold gigabytes in memory below the row limit.
 STAGE_IN_MEMORY_BYTES = 256 << 20
+# A change time less than this ahead of the sync's clock is a clock a little ahead, not worth a
+# warning: the row is read with the next day like any row changed after the day ended.
+AHEAD_GRACE = timedelta(minutes=5)
 LEDGER_SCHEMA = pa.schema(
     [
         ("table_name", pa.string()),
@@ -137,6 +140,8 @@ LEDGER_SCHEMA = pa.schema(
         # Added later (a ledger created before it gains it: see ensure_ledger); NULL unless the
         # table propagates deletes.
         ("rows_deleted", pa.int64()),
+        # Likewise: what a succeeded sync wants an operator to know (rows changed ahead of it).
+        ("warning", pa.string()),
     ]
 )
 
@@ -164,6 +169,11 @@ class TableResult(BaseModel):
     duration_seconds: float
     status: Literal["succeeded", "failed"]
     error: str | None = None
+    warning: str | None = Field(
+        default=None,
+        description="What a succeeded sync wants an operator to know: source rows whose change"
+        " time lies ahead of the sync's clock, which no window has read yet.",
+    )
     finished_at: datetime
 
 
@@ -187,6 +197,7 @@ class _Counts:
     loaded: int = 0
     warehouse: int = 0
     deleted: int | None = None
+    warning: str | None = None
 
 
 def sql_text(name: str) -> str:
@@ -229,9 +240,9 @@ def ensure_ledger(warehouse: Warehouse) -> None:
     earlier release lacks (the ledger is the sync's own table, unlike the tables it copies)."""
     warehouse.create_table_if_missing(LEDGER, LEDGER_SCHEMA)
     held = warehouse.column_types(LEDGER) or {}
-    for name in ("rows_deleted",):
+    for name, kind in (("rows_deleted", "INT64"), ("warning", "STRING")):
         if name not in held:
-            warehouse.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} INT64")
+            warehouse.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} {kind}")
 
 
 def previous_sync(warehouse: Warehouse, table: str, as_of: date) -> tuple[datetime | None, int]:
@@ -668,6 +679,37 @@ def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
     warehouse.execute(sql_text("sync_ledger_insert.sql"), row)
 
 
+def utc_now() -> datetime:
+    """The sync's clock (one place, so that a test can move it)."""
+    return datetime.now(UTC)
+
+
+def ahead_warning(spec: TableSpec, snapshot: Any, now: datetime) -> str | None:
+    """A warning when source rows changed more than AHEAD_GRACE after `now` (the sync's clock).
+
+    Such a row is after this window's end like any row changed since the day ended, and is read
+    by the window of the day its change time falls in, not before: read now, its future version
+    would outrank (newer wins) the real updates that come before that time, and it would land in
+    the wrong day's history. But a time far ahead is probably wrong ('infinity', a mistyped
+    year), and such a row would wait for years unseen, so the sync says so while it waits.
+    """
+    if spec.mode != "incremental":
+        return None
+    found = snapshot.ahead(spec, now + AHEAD_GRACE)
+    if not found.rows:
+        return None
+    rows = "1 source row has" if found.rows == 1 else f"{found.rows} source rows have"
+    times = (
+        found.earliest if found.earliest == found.latest else f"{found.earliest} to {found.latest}"
+    )
+    return (
+        f"{rows} an {spec.cursor} ahead of the sync's clock ({times}; now {now:%Y-%m-%d %H:%M}"
+        f" UTC): each is read by the sync of the day its {spec.cursor} falls in, not before. A"
+        " source clock ahead of the sync's, or a wrong value: fix it at the source (a current"
+        f" {spec.cursor}) and the next sync reads the row"
+    )
+
+
 def refuse_unended(as_of: date) -> datetime:
     """The end of `as_of` in UTC (the window's end); SyncError while that day has not ended.
 
@@ -675,7 +717,7 @@ def refuse_unended(as_of: date) -> datetime:
     end, so rows changed later that day would never reach the warehouse.
     """
     end = day_end_utc(as_of)  # once: each call reads the settings for the time zone
-    if end > datetime.now(UTC):
+    if end > utc_now():
         raise SyncError(
             f"as_of {as_of} has not ended yet in the business time zone; sync it tomorrow"
         )
@@ -700,6 +742,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             rows_loaded=counts.loaded if counts else None,
             warehouse_rows=counts.warehouse if counts else None,
             rows_deleted=counts.deleted if counts else None,
+            warning=counts.warning if counts else None,
             duration_seconds=round(time.monotonic() - started, 3),
             status=status,
             error=error,
@@ -726,6 +769,7 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
                 )
             else:
                 counts = load_full(warehouse, spec, stream, source_counts)
+            counts.warning = ahead_warning(spec, snapshot, utc_now())
             done = result("succeeded", counts, None)
             write_ledger(warehouse, done)
         return done

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1309,3 +1309,51 @@ def test_a_bad_deletes_policy_is_refused(tmp_path: Path, entry: str, message: st
     path.write_text(f"tables:\n  - name: t\n    primary_key: [id]\n    {entry}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         sync.load_config(path)
+
+
+def test_a_change_time_in_the_future_is_read_when_its_day_comes_and_warned_of_until_then(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row whose updated_at lies ahead of the sync's clock (a source clock ahead, a wrong value)
+    # is after every window synced so far: it reaches the warehouse only with the day its time
+    # falls in, and a wrong value far ahead ('infinity', a year typed wrong) never does. The
+    # sync said nothing. It now succeeds and warns, naming the rows and when they will be read;
+    # the watermark stays the day's end, so no row between it and them is skipped.
+    from paylater.timeutil import day_end_utc, resolve_as_of
+
+    now = datetime.now(UTC)
+    yesterday = resolve_as_of(None)
+    ahead = now + timedelta(days=2)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE plans (plan_id bigint PRIMARY KEY, note text,"
+            " updated_at timestamptz NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO plans VALUES (1, 'now', %s), (2, 'ahead', %s), (3, 'wrong', 'infinity')",
+            [day_end_utc(yesterday) - timedelta(hours=1), ahead],
+        )
+    source = open_source(pg_url)
+    try:
+        (spec,) = validate_tables(source, [sync.TableSpec("plans", ("plan_id",), "incremental")])
+        first = sync_table(source, warehouse, spec, yesterday)
+        assert first.status == "succeeded" and first.watermark_to == day_end_utc(yesterday)
+        assert [r["plan_id"] for r in rows(warehouse, "plans", "plan_id")] == [1]
+        assert first.warning is not None
+        assert first.warning.startswith(
+            "2 source rows have an updated_at ahead of the sync's clock"
+        ), first.warning
+        assert "infinity" in first.warning and "read by the sync of the day" in first.warning
+        (ledger,) = warehouse.query_arrow("SELECT warning FROM sync_ledger").to_pylist()
+        assert ledger == {"warning": first.warning}
+
+        # Three days on (the sync's clock moved), the day holding row 2's time is synced.
+        later = now + timedelta(days=3)
+        monkeypatch.setattr(sync, "utc_now", lambda: later)
+        day = resolve_as_of(ahead)
+        second = sync_table(source, warehouse, spec, day)
+    finally:
+        source.close()
+    assert second.status == "succeeded" and second.watermark_from == day_end_utc(yesterday)
+    assert [r["plan_id"] for r in rows(warehouse, "plans", "plan_id")] == [1, 2]
+    assert second.warning is not None and second.warning.startswith("1 source row has")

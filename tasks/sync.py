@@ -65,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -312,37 +313,48 @@ def gone_sql(spec: TableSpec, template: str, keys: str) -> str:
     )
 
 
-@contextlib.contextmanager
-def source_keys(warehouse: Warehouse, spec: TableSpec, keys: Any) -> Iterator[str]:
-    """Every source key (an ExtractStream) as a warehouse table for the statements above.
+def load_source_keys(warehouse: Warehouse, spec: TableSpec, keys: Any) -> str:
+    """BigQuery: every source key (an ExtractStream) loaded into `<table>__source_keys`.
 
-    DuckDB: staged inside the table's transaction (in memory, or a temporary table when large).
-    BigQuery: loaded into `<table>__source_keys` (a load job, outside the transaction; replaced
-    at the next use, since BigQuery's transactions take no DDL to drop it).
+    A load job, so it must run before the transaction's first statement: BigQuery's transaction
+    reads its tables as of then, and would not see a table loaded later. Replaced at the next
+    use (a transaction takes no DDL to drop it).
     """
-    if isinstance(warehouse, DuckDBWarehouse):
-        with warehouse.staged(
-            keys.reader, in_memory_rows=STAGE_IN_MEMORY_ROWS, in_memory_bytes=STAGE_IN_MEMORY_BYTES
-        ) as staged:
-            yield staged
-        return
     table = f"{spec.name}__source_keys"
     warehouse.replace_table(table, keys.reader)
-    yield table
+    return table
 
 
-def delete_gone(warehouse: Warehouse, spec: TableSpec, keys: Any) -> int:
+@contextlib.contextmanager
+def source_keys(warehouse: Warehouse, keys: Callable[[], Any], loaded: str | None) -> Iterator[str]:
+    """Every source key as a warehouse table for the statements above: `loaded` (BigQuery, see
+    load_source_keys), or on DuckDB staged inside the table's transaction (in memory, or a
+    temporary table when large)."""
+    if loaded is not None:
+        yield loaded
+        return
+    if not isinstance(warehouse, DuckDBWarehouse):
+        raise WarehouseError("source keys must be loaded before the transaction begins")
+    with warehouse.staged(
+        keys().reader, in_memory_rows=STAGE_IN_MEMORY_ROWS, in_memory_bytes=STAGE_IN_MEMORY_BYTES
+    ) as staged:
+        yield staged
+
+
+def delete_gone(warehouse: Warehouse, spec: TableSpec, keys: AbstractContextManager[str]) -> int:
     """deletes: propagate. Delete the current rows whose key the source no longer holds (call in
     the table's transaction, after the merge); how many were deleted."""
     before = _count(warehouse, spec.name)
-    with source_keys(warehouse, spec, keys) as table:
+    with keys as table:
         warehouse.execute(gone_sql(spec, "sync_delete_gone.sql", table))
     return before - _count(warehouse, spec.name)
 
 
-def find_gone(warehouse: Warehouse, spec: TableSpec, keys: Any) -> tuple[int, str]:
+def find_gone(
+    warehouse: Warehouse, spec: TableSpec, keys: AbstractContextManager[str]
+) -> tuple[int, str]:
     """How many current rows have a key the source no longer holds, and the first such key."""
-    with source_keys(warehouse, spec, keys) as table:
+    with keys as table:
         found = warehouse.query_arrow(gone_sql(spec, "sync_find_gone.sql", table)).to_pylist()
     if not found:
         return 0, ""
@@ -470,13 +482,25 @@ def load_incremental(
     `keys`: reads every source key in the read's snapshot (call after the read has ended): for
     deletes: propagate, and to count the rows deleted at the source when the check finds some.
     """
+    loaded: str | None = None
+
+    def load_keys() -> None:
+        nonlocal loaded
+        loaded = load_source_keys(warehouse, spec, keys())
+
+    duckdb = isinstance(warehouse, DuckDBWarehouse)
     if streams_directly(warehouse, spec):
         counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source)
     else:
-        counts = load_through_changes(warehouse, spec, as_of, stream, source)
+        # BigQuery: loaded with the increment, before the transaction's first statement.
+        early = load_keys if spec.deletes == "propagate" and not duckdb else None
+        counts = load_through_changes(warehouse, spec, as_of, stream, source, early)
     if spec.deletes == "propagate":
-        counts.deleted = delete_gone(warehouse, spec, keys())
-    check_band(warehouse, spec, source, counts, keys)
+        counts.deleted = delete_gone(warehouse, spec, source_keys(warehouse, keys, loaded))
+    # Counting the rows deleted for the fail message needs the keys inside the transaction:
+    # DuckDB stages them there; BigQuery's transaction could not see them loaded now.
+    gone = (lambda: source_keys(warehouse, keys, None)) if duckdb else None
+    check_band(warehouse, spec, source, counts, gone)
     return counts
 
 
@@ -506,12 +530,22 @@ def _checked(spec: TableSpec, stream: Any, loaded: int, source: SourceCounts) ->
 
 
 def load_through_changes(
-    warehouse: Warehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
+    warehouse: Warehouse,
+    spec: TableSpec,
+    as_of: date,
+    stream: Any,
+    source: SourceCounts,
+    after_load: Callable[[], None] | None = None,
 ) -> _Counts:
-    """Replace the as_of partition of the changes table, then merge it."""
+    """Replace the as_of partition of the changes table, then merge it.
+
+    `after_load`: run once the read has ended, before any statement (BigQuery's transaction
+    begins at the first)."""
     warehouse.replace_partition(
         spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
     )
+    if after_load is not None:
+        after_load()
     loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
     counts = _checked(spec, stream, loaded, source)
     check_keys(warehouse, spec, None, {"as_of": as_of})
@@ -542,7 +576,7 @@ def check_band(
     spec: TableSpec,
     source: SourceCounts,
     counts: _Counts,
-    keys: Callable[[], Any] | None = None,
+    keys: Callable[[], AbstractContextManager[str]] | None = None,
 ) -> None:
     """After the merge: source rows in the band <= warehouse rows in it <= those + rows after."""
     counts.warehouse = _count(warehouse, spec.name)
@@ -568,12 +602,17 @@ def check_band(
     )
     if held <= source.in_band + source.after:
         return
-    gone, example = find_gone(warehouse, spec, keys()) if keys else (0, "")
+    if keys is not None:
+        gone, example = find_gone(warehouse, spec, keys())
+    else:  # not counted (BigQuery): at least the excess was deleted
+        gone, example = held - source.in_band - source.after, ""
     if gone:
         rows = "1 row" if gone == 1 else f"{gone} rows"
+        rows = rows if keys else f"at least {rows}"
         exist = "exists" if gone == 1 else "exist"
+        named = f" (e.g. {example})" if example else ""
         raise CountMismatch(
-            f"sync of {spec.name}: {rows} held in the warehouse (e.g. {example}) no longer"
+            f"sync of {spec.name}: {rows} held in the warehouse{named} no longer"
             f" {exist} at the source: deleted there, and the table's deletes policy is fail. To"
             f" delete them from the warehouse with each day's load, set `deletes: propagate` for"
             f" {spec.name} in the sync configuration (PAYLATER_SYNC_TABLES or"
@@ -584,8 +623,7 @@ def check_band(
         False,
         spec.name,
         f"warehouse holds {held} {what}, more than the {source.in_band + source.after} the source"
-        f" holds {band} or after it: rows deleted at the source stay in the warehouse (the sync"
-        f" never deletes a row; delete them from {spec.name} too)",
+        f" holds {band} or after it, though every key it holds is still at the source",
     )
 
 

@@ -300,3 +300,45 @@ def test_urls() -> None:
         BigQueryWarehouse.from_url("bigquery://my-proj/dw; drop", client=client)
     with pytest.raises(WarehouseError, match="unknown kind 'redshift'"):
         open_warehouse("redshift://cluster/db")
+
+
+def test_deletes_propagate_loads_the_source_keys_before_the_transaction(tmp_path: Path) -> None:
+    # BigQuery's transaction reads its tables as of its first statement: the source keys must
+    # be loaded before it, or the DELETE would compare with yesterday's keys (or no table).
+    from dataclasses import replace
+
+    from tasks.sync import CountMismatch
+
+    client = FakeBigQueryClient()
+    events: list[str] = []
+    query, load = client.query, client.load_table_from_file
+
+    def recorded_query(sql: str, *args: Any, **kwargs: Any) -> FakeJob:
+        events.append(sql.strip().splitlines()[-1] if "BEGIN TRANSACTION" in sql else "query")
+        return query(sql, *args, **kwargs)
+
+    def recorded_load(file: Any, destination: str, *args: Any, **kwargs: Any) -> FakeJob:
+        events.append(f"load {destination.rpartition('.')[2]}")
+        return load(file, destination, *args, **kwargs)
+
+    client.query = recorded_query  # type: ignore[method-assign]
+    client.load_table_from_file = recorded_load  # type: ignore[method-assign]
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    sync_table(source, warehouse, charges, date(2026, 11, 21))
+    with sqlite3.connect(tmp_path / "src.db") as db:
+        db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
+    with pytest.raises(CountMismatch, match=r"at least 1 row held in the warehouse no longer exists"):
+        sync_table(source, warehouse, charges, date(2026, 11, 22))  # deletes: fail
+    events.clear()
+    result = sync_table(
+        source, warehouse, replace(charges, deletes="propagate"), date(2026, 11, 22)
+    )
+    source.close()
+    assert (result.rows_deleted, result.warehouse_rows) == (1, 1)
+    assert events.index("load deferred_charges__source_keys") < events.index("BEGIN TRANSACTION")
+    held = warehouse.query_arrow("SELECT charge_id FROM deferred_charges").to_pylist()
+    assert held == [{"charge_id": 2}]

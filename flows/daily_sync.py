@@ -15,6 +15,7 @@ from prefect.events import emit_event
 from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
 from tasks.sync import (
+    ConfigError,
     SyncReport,
     refuse_unended,
     sync_report,
@@ -35,16 +36,28 @@ def announce_completed(report: SyncReport) -> None:
 
 
 @flow(name="daily-sync", on_failure=[alert_on_failure], log_prints=True)
-def daily_sync(as_of: date | None = None, announce: bool = True) -> SyncReport:
+def daily_sync(
+    as_of: date | None = None, announce: bool = True, reread: list[str] | None = None
+) -> SyncReport:
     """Sync every configured table for `as_of` (default: yesterday in Asia/Tokyo).
 
     `announce`: emit `paylater.sync.completed` once every table succeeded, which starts the
     feature-build deployment; daily_pipeline, which builds the features itself, passes False.
+    `reread`: tables whose whole history is read again, replacing their warehouse rows in one
+    transaction (the old copy stays until the new one is complete): rows deleted at the source
+    long ago, a copy that went wrong.
     """
     day = resolve_as_of(as_of)
     refuse_unended(day)  # said once for the day, not once per table by every table task
     tables = validate_sync_config()
-    states = [sync_table_task(spec, day, return_state=True) for spec in tables]
+    wanted = set(reread or ())
+    unknown = sorted(wanted - {spec.name for spec in tables})
+    if unknown:
+        raise ConfigError(
+            f"reread names table(s) the sync does not copy: {', '.join(unknown)}"
+            f" (configured: {', '.join(spec.name for spec in tables)})"
+        )
+    states = [sync_table_task(spec, day, spec.name in wanted, return_state=True) for spec in tables]
     report = sync_report(day, states, [spec.name for spec in tables])
     for table in report.tables:
         deleted = (

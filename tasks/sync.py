@@ -476,11 +476,13 @@ def load_incremental(
     stream: Any,
     source: SourceCounts,
     keys: Callable[[], Any],
+    reread: bool = False,
 ) -> _Counts:
     """Load the window's rows and merge them into the current table (call in a transaction).
 
     `keys`: reads every source key in the read's snapshot (call after the read has ended): for
     deletes: propagate, and to count the rows deleted at the source when the check finds some.
+    `reread`: the window is the whole history, which replaces the current table's rows.
     """
     loaded: str | None = None
 
@@ -490,11 +492,13 @@ def load_incremental(
 
     duckdb = isinstance(warehouse, DuckDBWarehouse)
     if streams_directly(warehouse, spec):
+        if reread:
+            empty_current(warehouse, spec)
         counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source)
     else:
         # BigQuery: loaded with the increment, before the transaction's first statement.
         early = load_keys if spec.deletes == "propagate" and not duckdb else None
-        counts = load_through_changes(warehouse, spec, as_of, stream, source, early)
+        counts = load_through_changes(warehouse, spec, as_of, stream, source, early, reread)
     if spec.deletes == "propagate":
         counts.deleted = delete_gone(warehouse, spec, source_keys(warehouse, keys, loaded))
     # Counting the rows deleted for the fail message needs the keys inside the transaction:
@@ -536,11 +540,13 @@ def load_through_changes(
     stream: Any,
     source: SourceCounts,
     after_load: Callable[[], None] | None = None,
+    reread: bool = False,
 ) -> _Counts:
     """Replace the as_of partition of the changes table, then merge it.
 
     `after_load`: run once the read has ended, before any statement (BigQuery's transaction
-    begins at the first)."""
+    begins at the first). `reread`: the partition holds the whole history, which replaces the
+    current table's rows instead of being merged into them."""
     warehouse.replace_partition(
         spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
     )
@@ -549,8 +555,16 @@ def load_through_changes(
     loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", {"as_of": as_of})
     counts = _checked(spec, stream, loaded, source)
     check_keys(warehouse, spec, None, {"as_of": as_of})
+    if reread:
+        empty_current(warehouse, spec)
     merge_changes(warehouse, spec, as_of)
     return counts
+
+
+def empty_current(warehouse: Warehouse, spec: TableSpec) -> None:
+    """Delete every row of the current table, inside the table's transaction: readers keep
+    seeing the old copy until the re-read that replaces it commits (or rolls back)."""
+    warehouse.execute(f"DELETE FROM {_bq(spec.name)} WHERE TRUE")
 
 
 def load_direct(
@@ -762,12 +776,21 @@ def refuse_unended(as_of: date) -> datetime:
     return end
 
 
-def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date) -> TableResult:
-    """Sync one table for one as_of; on failure roll back, record a failed row, and raise."""
+def sync_table(
+    source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date, reread: bool = False
+) -> TableResult:
+    """Sync one table for one as_of; on failure roll back, record a failed row, and raise.
+
+    `reread`: read an incremental table's whole history up to as_of's watermark and replace the
+    current table's rows with it, in the one transaction (a full table always is): for rows
+    deleted at the source before the check band, or a copy that went wrong. Its checks are a
+    first sync's (the whole table); with keep_changes the whole table lands in as_of's partition.
+    """
     started = time.monotonic()
     watermark_to = refuse_unended(as_of)
     ensure_ledger(warehouse)
-    window = Window(window_start(warehouse, spec, as_of), watermark_to)
+    start = None if reread else window_start(warehouse, spec, as_of)
+    window = Window(start, watermark_to)
 
     def result(status: Literal["succeeded", "failed"], counts: _Counts | None, error: str | None):
         return TableResult(
@@ -803,7 +826,13 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
             stream = snapshot.read(spec, window, source_counts.estimate)
             if spec.mode == "incremental":
                 counts = load_incremental(
-                    warehouse, spec, as_of, stream, source_counts, lambda: snapshot.keys(spec)
+                    warehouse,
+                    spec,
+                    as_of,
+                    stream,
+                    source_counts,
+                    lambda: snapshot.keys(spec),
+                    reread,
                 )
             else:
                 counts = load_full(warehouse, spec, stream, source_counts)
@@ -829,14 +858,15 @@ def sync_table(source: Source, warehouse: Warehouse, spec: TableSpec, as_of: dat
         raise
 
 
-def sync_one(spec: TableSpec, as_of: date) -> TableResult:
-    """Open the configured source and warehouse, and sync one (validated) table."""
+def sync_one(spec: TableSpec, as_of: date, reread: bool = False) -> TableResult:
+    """Open the configured source and warehouse, and sync one (validated) table (`reread`: see
+    sync_table)."""
     settings = get_settings()
     source = open_source(settings.source, settings.sync_readers)
     try:
         warehouse = open_warehouse(settings.warehouse)
         try:
-            return sync_table(source, warehouse, spec, as_of)
+            return sync_table(source, warehouse, spec, as_of, reread)
         finally:
             warehouse.close()
     finally:
@@ -934,9 +964,9 @@ def validate_sync_config() -> list[TableSpec]:
     retry_delay_seconds=[10, 60],
     retry_condition_fn=retry_transient,
 )
-def sync_table_task(spec: TableSpec, as_of: date) -> TableResult:
-    """Sync one configured table for one as_of."""
-    return sync_one(spec, as_of)
+def sync_table_task(spec: TableSpec, as_of: date, reread: bool = False) -> TableResult:
+    """Sync one configured table for one as_of (`reread`: its whole history, see sync_table)."""
+    return sync_one(spec, as_of, reread)
 
 
 def sync_report(as_of: date, states: list[Any], names: list[str] | None = None) -> SyncReport:

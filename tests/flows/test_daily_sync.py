@@ -171,3 +171,23 @@ def test_a_propagated_delete_is_in_the_flow_report(
     assert "topups: 0 rows extracted, 1 deleted (gone from the source), 0 in the warehouse" in (
         caplog.text
     )
+
+
+def test_a_reread_is_asked_of_the_flow_by_table_name(
+    prefect_harness, paylater_home: Path, monkeypatch
+) -> None:
+    """`reread` reads the named tables whole (the others as usual); an unknown name is refused
+    before any table is synced."""
+    import flows.daily_sync
+
+    monkeypatch.setattr(flows.daily_sync, "emit_event", lambda **kw: None)
+    make_source(paylater_home / "source.db")
+    daily_sync(as_of=date(2026, 11, 20))
+    with pytest.raises(
+        ConfigError, match="reread names table\\(s\\) the sync does not copy: loans"
+    ):
+        daily_sync(as_of=date(2026, 11, 21), reread=["loans"])
+    report = daily_sync(as_of=date(2026, 11, 21), reread=["topups"])
+    starts = {t.table_name: t.watermark_from for t in report.tables}
+    assert starts["topups"] is None and starts["users"] is not None
+    assert {t.table_name: t.warehouse_rows for t in report.tables}["topups"] == 1

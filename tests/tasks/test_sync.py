@@ -1357,3 +1357,43 @@ def test_a_change_time_in_the_future_is_read_when_its_day_comes_and_warned_of_un
     assert second.status == "succeeded" and second.watermark_from == day_end_utc(yesterday)
     assert [r["plan_id"] for r in rows(warehouse, "plans", "plan_id")] == [1, 2]
     assert second.warning is not None and second.warning.startswith("1 source row has")
+
+
+@pytest.mark.parametrize("table", ["card_transactions", "deferred_charges"])
+def test_a_reread_replaces_the_table_whole_and_atomically(
+    pg_url: str, warehouse, monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    # The way to bring a table back in line (rows deleted at the source before the check band,
+    # a copy gone wrong) was to drop or empty it by hand and let the next sync read it whole:
+    # the table was empty, or half there, until then. A reread replaces it in one transaction.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    sync_all(db, warehouse, D2)
+    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    gone = {"card_transactions": 100, "deferred_charges": 10}[table]
+    db.run(f"DELETE FROM {table} WHERE {key} = ?", [(gone,)])
+    before = rows(warehouse, table, key)
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, table)
+        real = extract.pg_figures
+
+        def one_more_held(row, spec, window, band_start) -> Figures:
+            figures = real(row, spec, window, band_start)
+            return figures._replace(in_band=figures.in_band + 1)
+
+        # The re-read fails its last check, after the table was emptied and loaded: it rolls
+        # back to the old copy.
+        monkeypatch.setattr(extract, "pg_figures", one_more_held)
+        with pytest.raises(CountMismatch, match="fewer than the"):
+            sync_table(source, warehouse, spec, D3, reread=True)
+        assert rows(warehouse, table, key) == before
+        monkeypatch.undo()
+        result = sync_table(source, warehouse, spec, D3, reread=True)
+    finally:
+        source.close()
+    after = rows(warehouse, table, key)
+    assert [r[key] for r in after] == [r[key] for r in before if r[key] != gone]
+    assert result.status == "succeeded" and result.watermark_from is None
+    assert result.rows_extracted == result.warehouse_rows == len(after)

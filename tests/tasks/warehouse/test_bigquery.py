@@ -331,7 +331,9 @@ def test_deletes_propagate_loads_the_source_keys_before_the_transaction(tmp_path
     sync_table(source, warehouse, charges, date(2026, 11, 21))
     with sqlite3.connect(tmp_path / "src.db") as db:
         db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
-    with pytest.raises(CountMismatch, match=r"at least 1 row held in the warehouse no longer exists"):
+    with pytest.raises(
+        CountMismatch, match=r"at least 1 row held in the warehouse no longer exists"
+    ):
         sync_table(source, warehouse, charges, date(2026, 11, 22))  # deletes: fail
     events.clear()
     result = sync_table(

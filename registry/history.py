@@ -4,6 +4,13 @@ Each transition is one run in the experiment `paylater-default-registry-audit`, 
 Chosen over a JSON list tag on the registered model because runs are append-only (two people acting at
 once cannot overwrite each other's entry, which a read-modify-write tag would allow), have no size
 limit, survive restarts with the backend, and can be searched and filtered in the MLflow UI and API.
+
+Entries are ordered by the tracking server's clock, not by the clocks of the machines that ran the
+commands (a laptop an hour off would otherwise put its rollback before the promote it undid): a
+stage change's entry carries the time the server stamped on the version when it moved it, and other
+entries the time the server stamps on a version updated for the purpose (its description written
+back unchanged). The writer's own clock only breaks ties within one millisecond of the server's.
+Entries written before this carried no server time and are placed by their writer's clock.
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ class Transition:
     reason: str
     action: str
     seq: int
+    """The writer's clock (ns): a tie-break within one server millisecond."""
+    server_ms: int = 0
+    """The tracking server's time of the event (ms); 0 for entries written before it was kept."""
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the entry falls in the history: by the server's clock, else the writer's."""
+        return (self.server_ms or self.seq // 1_000_000, self.seq)
 
     def as_dict(self) -> dict[str, str | int]:
         """Plain dict for JSON output."""
@@ -60,30 +75,47 @@ def record(
     action: str,
     actor: str,
     reason: str,
+    server_ms: int | None = None,
 ) -> Transition:
-    """Append one transition to the audit history."""
+    """Append one transition to the audit history, at `server_ms` (the tracking server's time of
+    the event) or, when not given, at the server's time of now."""
     experiment_id = ensure_experiment(mlflow_client, AUDIT_EXPERIMENT)
+    number = normalise_version(version)
+    stamp = int(server_ms) if server_ms else server_now(mlflow_client, number)
     seq = time.time_ns()
     entry = Transition(
-        version=normalise_version(version),
+        version=number,
         from_stage=from_stage,
         to_stage=to_stage,
         actor=actor,
-        at=datetime.fromtimestamp(seq / 1e9, UTC).isoformat(timespec="microseconds"),
+        at=datetime.fromtimestamp(stamp / 1000, UTC).isoformat(timespec="milliseconds"),
         reason=reason,
         action=action,
         seq=seq,
+        server_ms=stamp,
     )
     tags = {f"{_PREFIX}{k}": str(v) for k, v in entry.as_dict().items()}
     tags[f"{_PREFIX}model"] = MODEL_NAME
     run = mlflow_client.create_run(
         experiment_id,
-        start_time=seq // 1_000_000,
+        start_time=stamp,
         tags=tags,
         run_name=f"v{entry.version} {action}: {from_stage} -> {to_stage}",
     )
-    mlflow_client.set_terminated(run.info.run_id, end_time=seq // 1_000_000)
+    mlflow_client.set_terminated(run.info.run_id, end_time=stamp)
     return entry
+
+
+def server_now(mlflow_client: MlflowClient, version: str) -> int:
+    """The tracking server's time now (ms), as it stamps `version` updated with its own
+    description: the one clock every machine recording transitions shares. Run times cannot
+    serve: the client sends them."""
+    current = mlflow_client.get_model_version(MODEL_NAME, version)
+    updated = mlflow_client.update_model_version(
+        MODEL_NAME, version, description=current.description or ""
+    )
+    stamp = updated.last_updated_timestamp
+    return int(stamp) if stamp else time.time_ns() // 1_000_000  # a store that keeps none
 
 
 def read(mlflow_client: MlflowClient, version: str | None = None) -> list[Transition]:
@@ -112,8 +144,9 @@ def read(mlflow_client: MlflowClient, version: str | None = None) -> list[Transi
                     reason=tags.get(f"{_PREFIX}reason", ""),
                     action=tags.get(f"{_PREFIX}action", ""),
                     seq=int(tags.get(f"{_PREFIX}seq", "0")),
+                    server_ms=int(tags.get(f"{_PREFIX}server_ms", "0")),
                 )
             )
         token = page.token
         if not token:
-            return sorted(entries, key=lambda e: e.seq)
+            return sorted(entries, key=lambda e: e.position)

@@ -333,7 +333,7 @@ def move(
     from_stage = str(mv.current_stage or "None")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated, still the UI's view
-        mlflow_client.transition_model_version_stage(
+        moved = mlflow_client.transition_model_version_stage(
             MODEL_NAME, number, to_stage, archive_existing_versions=False
         )
     old_alias = STAGE_ALIASES.get(from_stage)
@@ -346,7 +346,16 @@ def move(
     new_alias = STAGE_ALIASES.get(to_stage)
     if new_alias:
         mlflow_client.set_registered_model_alias(MODEL_NAME, new_alias, number)
-    return history.record(mlflow_client, number, from_stage, to_stage, action, actor, reason)
+    return history.record(
+        mlflow_client,
+        number,
+        from_stage,
+        to_stage,
+        action,
+        actor,
+        reason,
+        server_ms=moved.last_updated_timestamp,
+    )
 
 
 def _others_in_stage(mlflow_client: MlflowClient, stage: str, keep: str) -> list[str]:
@@ -477,11 +486,11 @@ def _promote(
 
 def rollback_target(entries: Sequence[history.Transition], current: str) -> list[str]:
     """Earlier production versions to restore, most recently demoted first; rolled-back ones excluded."""
-    left_at: dict[str, int] = {}
+    left_at: dict[str, tuple[int, int]] = {}
     rolled_back: set[str] = set()
     for entry in entries:
         if entry.from_stage == "Production" and entry.to_stage != "Production":
-            left_at[entry.version] = entry.seq
+            left_at[entry.version] = entry.position
             if entry.action == "rollback":
                 rolled_back.add(entry.version)
         if entry.to_stage == "Production" and entry.action == "promote":
@@ -531,7 +540,7 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
     # A promote that stopped half way left the version it replaced in Production: that one
     # was serving just before, so it is the first to restore.
     entered = {v: e for v in left if (e := _last_entry(entries, v, ""))}
-    replaced = sorted(entered, key=lambda v: entered[v].seq, reverse=True)
+    replaced = sorted(entered, key=lambda v: entered[v].position, reverse=True)
     target = None
     for candidate in [*replaced, *rollback_target(entries, current)]:
         try:

@@ -216,6 +216,7 @@ def log_candidate(
             actor,
             f"monthly_retrain as_of {dataset.as_of.isoformat()}"
             + (f", issue {issue}" if issue else ""),
+            server_ms=get_version(mlflow_client, version).creation_timestamp,
         )
     except Exception as exc:
         _reject_unfinished(version, exc, actor)

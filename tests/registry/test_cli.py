@@ -141,7 +141,7 @@ def test_round_trip_through_a_real_mlflow_server(
     assert (v1, "Staging", "Archived", "supersede") in transitions
     assert (v2, "Staging", "Production", "promote") in transitions
     assert transitions[-1] == (third, "None", "Staging", "stage")
-    assert all(e["actor"] and e["at"] for e in entries)
+    assert all(e["actor"] and e["at"] and e["server_ms"] for e in entries)
 
 
 def test_cli_errors_are_clear_and_change_nothing(registry_home: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def test_promote_rollback_history_round_trip(
         (v1, "Production", "bob"),
         (v2, "Archived", "bob"),
     ]
-    assert all(e.at for e in entries) and entries == sorted(entries, key=lambda e: e.seq)
+    assert all(e.at for e in entries) and entries == sorted(entries, key=lambda e: e.position)
 
 
 def test_wrong_requests_change_nothing(
@@ -581,10 +582,10 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
     mark_verified(v4)
     real_record = history.record
 
-    def record_fails(c: Any, version: str, *args: Any) -> Any:
+    def record_fails(c: Any, version: str, *args: Any, **kwargs: Any) -> Any:
         if version == v4 and args[2] == "promote":
             raise RuntimeError("tracking server answered 503")
-        return real_record(c, version, *args)
+        return real_record(c, version, *args, **kwargs)
 
     monkeypatch.setattr(history, "record", record_fails)
     with pytest.raises(RuntimeError, match="503"):
@@ -691,3 +692,27 @@ def test_promoting_a_version_staged_in_the_mlflow_ui_says_how_to_verify_it(
     mark_verified(rejected)
     policy.promote(rejected, "production", "owner agreed", "carol", override_gate=True)
     assert _state()["aliases"] == {"staging": staged, "production": rejected}
+
+
+def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bob's laptop runs an hour behind: his rollback of v3 must still come after the promote
+    of v3 in the history (here the embedded store's clock is the server's), or the next
+    rollback takes v3, the version just rolled back, for a release to restore."""
+    v1, v2, v3 = releases(good_candidate, 3)
+    real_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 3600 * 10**9)
+    policy.rollback("v3 misbehaves", "bob")
+    monkeypatch.setattr(time, "time_ns", real_ns)
+    entries = history.read(client())
+    assert [(e.version, e.action, e.to_stage) for e in entries][-2:] == [
+        (v2, "rollback", "Production"),
+        (v3, "rollback", "Archived"),
+    ]
+    assert all(e.server_ms for e in entries)
+    changes = policy.rollback("v2 too", "carol")
+    assert changes[0].version == v1, "v3 was rolled back: never restored by the next rollback"

@@ -13,7 +13,7 @@ import typer
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Model registry: list, show, promote, rollback, history, compare, reproduce, verify.",
+    help="Model registry: list, show, promote, rollback, unlock, history, compare, reproduce, verify.",
 )
 T = TypeVar("T")
 ACTOR_HELP = "Who is acting (recorded in the history); default $USER."
@@ -187,6 +187,26 @@ def promote(
     serving = _in_production(changes)
     typer.echo(f"bento: {build_bento(serving)}")
     typer.echo(_restart_hint(serving))
+
+
+@app.command("unlock")
+def unlock(
+    reason: str = typer.Option(..., "--reason", help="Why (kept on the registered model)."),
+    actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+) -> None:
+    """Break the transition lock a promote, rollback or staging left when its process died or
+    the tracking server failed under it (one older than 5 minutes is taken over by itself)."""
+    from registry import policy
+
+    held = _run(lambda: policy.unlock(reason, _actor(actor)))
+    if held is None:
+        typer.echo("no transition lock is held: nothing changed")
+        return
+    typer.echo(
+        f"broke the transition lock held by {held}; a transition still running stops at its"
+        " next step. Check `paylater registry list` and `history`: run again the promote or"
+        " rollback that was interrupted, it finishes what was left"
+    )
 
 
 @app.command("rollback")

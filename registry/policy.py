@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +18,20 @@ import numpy.typing as npt
 
 from paylater.settings import Settings, get_settings
 from registry import history
-from registry.store import MODEL_NAME, RegistryError, client, is_absent, normalise_version
+from registry.store import (
+    MODEL_NAME,
+    RegistryError,
+    client,
+    is_absent,
+    normalise_version,
+    server_clock,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+log = logging.getLogger(__name__)
 
 STAGE_ALIASES = {"Staging": "staging", "Production": "production"}
 """Stages are deprecated upstream; each is mirrored by an alias that always points at the same version."""
@@ -239,13 +249,18 @@ LOCK_SETTLE_SECONDS = 0.3
 and only the one whose write landed last still reads its own token."""
 
 
+_HELD: ContextVar[str | None] = ContextVar("transition_lock_token", default=None)
+"""The token of the lock this context's transition holds: each move checks it still does."""
+
+
 @contextmanager
 def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Iterator[None]:
     """Hold the registry's transition lock: one promote, rollback or staging at a time.
 
     MLflow has no compare-and-set, so this is a tag written, then read back after a pause: of
     two transitions that start within the pause, the one that reads another's token refuses. It
-    guards this project's transitions, not stage changes made by hand in the MLflow UI.
+    guards this project's transitions, not stage changes made by hand in the MLflow UI. Its age
+    is measured by the tracking server's clock: the holder's and the reader's may disagree.
     """
     from mlflow.exceptions import MlflowException
 
@@ -256,10 +271,11 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
             raise
         yield  # no registered model yet: nothing to move, the transition says so itself
         return
-    token = f"{actor} | {what} | {time.time():.0f} | {uuid.uuid4().hex}"
+    token = f"{actor} | {what} | {server_clock():.0f} | {uuid.uuid4().hex}"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
-        if held is None or _lock_age(held) > LOCK_STALE_SECONDS:
+        now = server_clock() if held else 0.0
+        if held is None or _lock_age(held, now) > LOCK_STALE_SECONDS:
             try:
                 mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
             except MlflowException as exc:
@@ -269,22 +285,93 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
                 # second fails on the row's key. The other transition holds the lock.
             else:
                 time.sleep(LOCK_SETTLE_SECONDS)
-            held = _lock_holder(mlflow_client)
+            stale, held = held, _lock_holder(mlflow_client)
             if held == token:
+                if stale:
+                    log.warning(
+                        "took over the transition lock left by %s (older than %.0f s: its"
+                        " holder is taken for gone); check `paylater registry history` for"
+                        " what it had done",
+                        _describe(stale, now),
+                        LOCK_STALE_SECONDS,
+                    )
                 break
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another registry transition is in progress ({_describe(held)}): nothing was"
-                f" changed; run this again once it has ended (a lock older than"
-                f" {LOCK_STALE_SECONDS:.0f} s is taken over)"
+                f" changed; run this again once it has ended. A lock older than"
+                f" {LOCK_STALE_SECONDS:.0f} s is taken over; if its holder is gone (its process"
+                " died, the tracking server failed under it), `paylater registry unlock --reason"
+                " TEXT` breaks it now"
             )
         time.sleep(1.0)
         held = _lock_holder(mlflow_client)
+    mine = _HELD.set(token)
     try:
         yield
+    except BaseException:
+        _release(mlflow_client, token, failed=True)
+        raise
+    else:
+        _release(mlflow_client, token, failed=False)
     finally:
+        _HELD.reset(mine)
+
+
+def _release(mlflow_client: MlflowClient, token: str, failed: bool) -> None:
+    """Delete the lock if it is still `token`. After a failed transition (often: the tracking
+    server failed), a release that fails too is logged, not raised over the first error."""
+    try:
         if _lock_holder(mlflow_client) == token:
             mlflow_client.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+    except Exception as exc:
+        if not failed:
+            raise
+        log.warning(
+            "the transition lock could not be released (%r): it is taken over after %.0f s, or"
+            " `paylater registry unlock --reason TEXT` breaks it",
+            exc,
+            LOCK_STALE_SECONDS,
+        )
+
+
+def confirm_lock(mlflow_client: MlflowClient) -> None:
+    """RegistryError unless this context's transition still holds the lock (when it holds one).
+
+    A holder slow past LOCK_STALE_SECONDS, or whose lock was broken by `registry unlock`, stops
+    at its next step instead of moving stages beside the transition that took the lock over.
+    """
+    token = _HELD.get()
+    if token is None:
+        return
+    held = _lock_holder(mlflow_client)
+    if held != token:
+        raise RegistryError(
+            f"this transition's lock was taken over ({_describe(held)}) while it ran: it stopped"
+            " here; see `paylater registry list` and `paylater registry history`, then run the"
+            " command again if it is still wanted"
+        )
+
+
+def unlock(reason: str | None, actor: str) -> str | None:
+    """Break the transition lock (its holder is gone); returns who held it, None when no one did.
+
+    The break is kept on the registered model (tag `transition_lock_broken`: who, when, why, the
+    lock). A holder that is still running stops at its next step (confirm_lock).
+    """
+    why = _require_reason(reason)
+    c = client()
+    held = _lock_holder(c)
+    if held is None:
+        return None
+    described = _describe(held)
+    if _lock_holder(c) == held:  # taken since by another transition: that one is not broken
+        c.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+    stamp = f"{server_clock():.0f}"
+    c.set_registered_model_tag(
+        MODEL_NAME, "transition_lock_broken", f"{actor} | {stamp} | {why} | was: {held}"
+    )
+    return described
 
 
 def _lock_holder(mlflow_client: MlflowClient) -> str | None:
@@ -292,15 +379,17 @@ def _lock_holder(mlflow_client: MlflowClient) -> str | None:
     return (mlflow_client.get_registered_model(MODEL_NAME).tags or {}).get(LOCK_TAG)
 
 
-def _lock_age(token: str) -> float:
-    """Seconds since the lock was taken (a token that cannot be read counts as stale)."""
+def _lock_age(token: str, now: float | None = None) -> float:
+    """Seconds from the lock's taking to `now` (default: this machine's clock); a token that
+    cannot be read counts as stale."""
     try:
-        return time.time() - float(token.rsplit(" | ", 2)[1])
+        taken = float(token.rsplit(" | ", 2)[1])
     except (IndexError, ValueError):
         return float("inf")
+    return (time.time() if now is None else now) - taken
 
 
-def _describe(token: str | None) -> str:
+def _describe(token: str | None, now: float | None = None) -> str:
     """Who holds the lock, doing what, for how long."""
     if not token:
         return "it has just ended"
@@ -309,7 +398,12 @@ def _describe(token: str | None) -> str:
     if " | " not in head:
         return token
     actor, what = head.rsplit(" | ", 1)
-    return f"{what} by {actor}, {max(0.0, _lock_age(token)):.0f} s ago"
+    if now is None:
+        try:
+            now = server_clock()
+        except Exception:  # describing a holder must not fail the message it goes into
+            now = time.time()
+    return f"{what} by {actor}, {max(0.0, _lock_age(token, now)):.0f} s ago"
 
 
 def _require_reason(reason: str | None) -> str:
@@ -327,7 +421,9 @@ def move(
     actor: str,
     reason: str,
 ) -> history.Transition:
-    """Set a version's stage, keep the stage aliases in step, and record the transition."""
+    """Set a version's stage, keep the stage aliases in step, and record the transition (at
+    the tracking server's time of the stage change)."""
+    confirm_lock(mlflow_client)
     mv = get_version(mlflow_client, version)
     number = normalise_version(mv.version)
     from_stage = str(mv.current_stage or "None")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,36 @@ def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
             return
         reason = f"HTTP {answer.status_code}"
     raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason})")
+
+
+def server_clock(timeout: float = REACHABLE_TIMEOUT_S) -> float:
+    """Seconds since the epoch by the tracking server's clock (its HTTP `Date` header, whole
+    seconds); this machine's clock for an embedded store, whose server is this process.
+
+    Locks and audit order compare times written by different machines: the server's clock is the
+    one they all share. A server (or proxy) that sends no `Date` leaves this machine's clock.
+    """
+    from email.utils import parsedate_to_datetime
+
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return time.time()
+    answer = http_request(
+        get_default_host_creds(uri.rstrip("/")),
+        "/health",
+        "GET",
+        max_retries=0,
+        timeout=timeout,
+        raise_on_status=False,
+    )
+    stamp = answer.headers.get("Date")
+    try:
+        return parsedate_to_datetime(stamp).timestamp() if stamp else time.time()
+    except (TypeError, ValueError):
+        return time.time()
 
 
 _READY: set[str] = set()

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from paylater.cli import app
 from paylater.testing import listen_port
 from registry import policy
-from registry.store import client, require_reachable
+from registry.store import MODEL_NAME, client, require_reachable, server_clock
 
 
 @pytest.fixture
@@ -87,6 +87,7 @@ def test_round_trip_through_a_real_mlflow_server(
     register: Callable[..., str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert client().tracking_uri == mlflow_server
     require_reachable()  # the real server's /health
@@ -142,6 +143,42 @@ def test_round_trip_through_a_real_mlflow_server(
     assert (v2, "Staging", "Production", "promote") in transitions
     assert transitions[-1] == (third, "None", "Staging", "stage")
     assert all(e["actor"] and e["at"] and e["server_ms"] for e in entries)
+
+    # A machine whose clock runs an hour ahead must not take a live lock for one a dead process
+    # left: the lock's age is read on the tracking server's clock (its Date header).
+    c = client()
+    live = f"dave | rolling back | {server_clock():.0f} | abc"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, live)
+    real_time = time.time
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    try:
+        assert abs(server_clock() - real_time()) < 5, "the server's clock, not this machine's"
+        refused = runner.invoke(app, ["registry", "rollback", "--reason", "incident"])
+    finally:
+        monkeypatch.setattr(time, "time", real_time)
+    assert refused.exit_code == 1 and "rolling back by dave" in refused.output, refused.output
+    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == live
+    assert policy.resolve_version("production") == v2
+
+
+def test_unlock_breaks_a_left_lock_naming_its_holder(registry_home: Path) -> None:
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    runner = CliRunner()
+    unlocked = runner.invoke(app, ["registry", "unlock", "--reason", "nothing held"])
+    assert unlocked.exit_code == 0 and "no transition lock is held" in unlocked.output
+    left = f"alice | promoting v7 | {time.time() - 42:.0f} | abc"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    assert runner.invoke(app, ["registry", "unlock"]).exit_code == 2, "a reason is required"
+    unlocked = runner.invoke(
+        app, ["registry", "unlock", "--reason", "server died", "--actor", "bob"]
+    )
+    assert unlocked.exit_code == 0, unlocked.output
+    assert "broke the transition lock held by promoting v7 by alice, 4" in unlocked.output
+    tags = c.get_registered_model(MODEL_NAME).tags
+    assert policy.LOCK_TAG not in tags
+    assert tags["transition_lock_broken"].endswith(f"| server died | was: {left}")
 
 
 def test_cli_errors_are_clear_and_change_nothing(registry_home: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -354,6 +356,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     register: Callable[..., str],
     mark_verified: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While another promote, rollback or staging holds the lock, a transition waits, then
     refuses naming who holds it; the lock is released after each transition, and a lock left by
@@ -369,14 +372,19 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     held = f"dave | rolling back | {time.time():.0f} | abc"
     c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, held)
     before = _state()
-    with pytest.raises(RegistryError, match=r"rolling back by dave, [0-9]+ s ago"):
+    with pytest.raises(RegistryError, match=r"rolling back by dave, [0-9]+ s ago") as refused:
         policy.promote(version, "production", "release", "alice")
+    assert "`paylater registry unlock --reason TEXT` breaks it" in str(refused.value)
     assert _state() == before
     assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == held
 
     stale = f"dave | rolling back | {time.time() - policy.LOCK_STALE_SECONDS - 5:.0f} | abc"
     c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, stale)
-    policy.promote(version, "production", "release", "alice")
+    with caplog.at_level(logging.WARNING, logger="registry.policy"):
+        policy.promote(version, "production", "release", "alice")
+    assert re.search(
+        r"took over the transition lock left by rolling back by dave, 30[5-9] s ago", caplog.text
+    ), caplog.text
     assert policy.resolve_version("production") == version
     assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
 
@@ -716,3 +724,87 @@ def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
     assert all(e.server_ms for e in entries)
     changes = policy.rollback("v2 too", "carol")
     assert changes[0].version == v1, "v3 was rolled back: never restored by the next rollback"
+
+
+def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A promote that outlived its lock (taken over as stale, or broken by `registry unlock`)
+    must not go on moving stages beside the transition now holding it: it stops at its next
+    move and says so; running it again later finishes it."""
+    v1, v2 = releases(good_candidate, 2, promoted=1)
+    c = client()
+    real_record = history.record
+    other = f"bob | rolling back | {time.time():.0f} | other"
+
+    def taken_over_after_promote(mlflow_client: Any, version: str, *args: Any, **kw: Any) -> Any:
+        entry = real_record(mlflow_client, version, *args, **kw)
+        if args[2] == "promote":
+            c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, other)
+        return entry
+
+    monkeypatch.setattr(history, "record", taken_over_after_promote)
+    with pytest.raises(RegistryError, match=r"lock was taken over \(rolling back by bob"):
+        policy.promote(v2, "production", "release 1", "alice")
+    monkeypatch.setattr(history, "record", real_record)
+    assert _state()["stages"] == {v1: "Production", v2: "Production"}, "v1 was not archived"
+    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == other, "bob's lock kept"
+
+    c.delete_registered_model_tag(MODEL_NAME, policy.LOCK_TAG)  # bob's transition ended
+    assert [(t.version, t.to_stage) for t in policy.promote(v2, "production", "r", "alice")] == [
+        (v1, "Archived")
+    ]
+
+
+def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_broken(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tracking server fails in the middle of a promote: the promote fails with that error
+    (not the lock release's), the lock stays, and every later transition refuses naming the
+    holder and `registry unlock`; unlock breaks it, and the promote run again finishes."""
+    from mlflow.exceptions import MlflowException
+
+    v1, v2 = releases(good_candidate, 2, promoted=1)
+    real_move, real_holder = policy.move, policy._lock_holder
+    down = {"now": False}
+
+    def server_fails_while_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
+        if to_stage == "Archived":
+            down["now"] = True
+            raise MlflowException("API request failed: 503 Service Unavailable")
+        return real_move(c, version, to_stage, *args)
+
+    def holder(c: Any) -> str | None:
+        if down["now"]:
+            raise MlflowException("API request failed: connection refused")
+        return real_holder(c)
+
+    monkeypatch.setattr(policy, "move", server_fails_while_archiving)
+    monkeypatch.setattr(policy, "_lock_holder", holder)
+    with pytest.raises(MlflowException, match="503"):
+        policy.promote(v2, "production", "release 1", "alice")
+    monkeypatch.setattr(policy, "move", real_move)
+    monkeypatch.setattr(policy, "_lock_holder", real_holder)
+
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    with pytest.raises(RegistryError, match=f"promoting v{v2} by alice") as refused:
+        policy.rollback("bad release", "bob")
+    assert "paylater registry unlock" in str(refused.value)
+    broken = policy.unlock("server restarted under alice's promote", "bob")
+    assert broken is not None and re.fullmatch(rf"promoting v{v2} by alice, [0-9]+ s ago", broken)
+    tags = client().get_registered_model(MODEL_NAME).tags
+    assert policy.LOCK_TAG not in tags
+    assert tags["transition_lock_broken"].startswith("bob | ")
+    assert f"was: alice | promoting v{v2} | " in tags["transition_lock_broken"]
+    assert policy.unlock("again", "bob") is None, "no lock: nothing to break"
+
+    assert [(t.version, t.to_stage) for t in policy.promote(v2, "production", "r1", "alice")] == [
+        (v1, "Archived")
+    ]
+    assert _state()["stages"] == {v1: "Archived", v2: "Production"}

@@ -13,7 +13,8 @@ import typer
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Model registry: list, show, promote, rollback, unlock, history, compare, reproduce, verify.",
+    help="Model registry: list, show, promote, rollback, regate, unlock, history, compare,"
+    " reproduce, verify.",
 )
 T = TypeVar("T")
 ACTOR_HELP = "Who is acting (recorded in the history); default $USER."
@@ -187,6 +188,27 @@ def promote(
     serving = _in_production(changes)
     typer.echo(f"bento: {build_bento(serving)}")
     typer.echo(_restart_hint(serving))
+
+
+@app.command("regate")
+def regate(
+    version: str = typer.Argument(..., help="Version number (or staging)."),
+    actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
+) -> None:
+    """Judge a version's gates again against today's production, on its own out-of-time month
+    (what promote asks for when production changed after the version was gated)."""
+    from registry.regate import regate as run_regate
+
+    number, decision = _run(lambda: run_regate(version, _actor(actor)))
+    against = decision.production_version
+    verdict = "PASSED" if decision.passed else "REJECTED"
+    typer.echo(f"v{number} against production {f'v{against}' if against else '(none)'}: {verdict}")
+    for key, value in sorted(decision.checks.items()):
+        typer.echo(f"  {key:16} {value:.6f}")
+    for reason in decision.reasons:
+        typer.echo(f"  - {reason}")
+    if not decision.passed:
+        raise typer.Exit(1)
 
 
 @app.command("unlock")

@@ -88,6 +88,8 @@ class GateDecision:
     reasons: list[str]
     checks: dict[str, float] = field(default_factory=dict)
     production_version: str | None = None
+    """Production when the candidate was judged (None: there was none); promote refuses once
+    production is another version, the decision being about a model no longer serving."""
 
 
 def evaluate_gates(
@@ -149,7 +151,12 @@ def evaluate_gates(
     if baseline.probs is None and removed and thresholds.allow_feature_changes:
         # Production needs features the candidate's rows no longer have: there is nothing to
         # compare it on, and the change was allowed, so the absolute gates decide alone.
-        return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
+        return GateDecision(
+            passed=not reasons,
+            reasons=reasons,
+            checks=checks,
+            production_version=baseline.version,
+        )
     if baseline.probs is None:
         reasons.append(
             f"production v{baseline.version} could not be scored on this OOT month: {baseline.problem}"
@@ -482,8 +489,9 @@ def stage_candidate(version: str, actor: str, reason: str) -> list[history.Trans
     return changes
 
 
-def record_gate(version: str, decision: GateDecision, actor: str) -> None:
-    """Write the gate outcome on the version; a rejection is tagged and audited, its stage unchanged."""
+def record_gate(version: str, decision: GateDecision, actor: str, audit: str | None = None) -> None:
+    """Write the gate outcome on the version, with the production version it was judged against;
+    a rejection is tagged and audited, its stage unchanged; `audit` names an entry for any outcome."""
     c = client()
     number = normalise_version(version)
     status = "passed" if decision.passed else "rejected"
@@ -497,9 +505,18 @@ def record_gate(version: str, decision: GateDecision, actor: str) -> None:
         tags |= {"rejected": "true", "rejected_reasons": "; ".join(decision.reasons)}
     for key, value in tags.items():
         c.set_model_version_tag(MODEL_NAME, number, key, value)
-    if not decision.passed:
+    if decision.passed:
+        # A version judged again (regate) must not keep an earlier rejection's tags.
+        for key in ("rejected", "rejected_reasons"):
+            if key in (get_version(c, number).tags or {}):
+                c.delete_model_version_tag(MODEL_NAME, number, key)
+    if audit or not decision.passed:
         stage = str(get_version(c, number).current_stage or "None")
-        history.record(c, number, stage, stage, "reject", actor, "; ".join(decision.reasons))
+        against = f"against production {_named(decision.production_version)}"
+        said = "; ".join(decision.reasons) if decision.reasons else "all gates met"
+        history.record(
+            c, number, stage, stage, audit or "reject", actor, f"{status} {against}: {said}"
+        )
 
 
 def promote(
@@ -564,6 +581,10 @@ def _promote(
                 f"version {number} {said}: promote it only on purpose, with --override-gate"
             )
         why = f"gates overridden ({verdict}): {why}"
+    elif mv.current_stage == "Staging" and (stale := gate_out_of_date(c, number)):
+        if not override_gate:
+            raise RegistryError(stale)
+        why = f"gates overridden (out of date: {stale.split(':', 1)[0]}): {why}"
     # Promote first, then archive: the `production` alias always names a version.
     previous = _others_in_stage(c, "Production", number)
     changes = []
@@ -578,6 +599,43 @@ def _promote(
         for old in previous
     ]
     return changes
+
+
+def production_disagreement(c: MlflowClient, besides: str) -> str | None:
+    """What is wrong when the `production` alias and the Production stage name different
+    versions (`besides` not counted): a stage changed outside paylater, in the MLflow UI."""
+    alias = alias_version(c, "production")
+    by_stage = {
+        normalise_version(mv.version) for mv in all_versions(c) if mv.current_stage == "Production"
+    } - {besides}
+    if by_stage <= ({alias} if alias else set()):
+        return None
+    listed = ", ".join(f"v{v}" for v in sorted(by_stage, key=int)) or "no version"
+    return (
+        f"the `production` alias names {_named(alias)} but the Production stage holds {listed}"
+        " (a stage changed outside paylater, in the MLflow UI?): make them"
+        " agree first (move the stage back in the UI, or `paylater registry promote` /"
+        " `rollback`, which move both)"
+    )
+
+
+def gate_out_of_date(c: MlflowClient, number: str) -> str | None:
+    """Why a version's passed gate no longer holds (None: it does): production is no longer the
+    version it was judged against, by alias or by stage."""
+    tags = get_version(c, number).tags or {}
+    judged = tags.get("gate_production_version") or None
+    current = alias_version(c, "production")
+    regate = f"`paylater registry regate {number}`"
+    if current != judged:
+        return (
+            f"version {number} was gated against production {_named(judged)}, but production is"
+            f" now {_named(current)}: that gate decision no longer holds; run {regate} to judge"
+            f" it against {_named(current)} on its out-of-time month, then promote it"
+        )
+    disagreement = production_disagreement(c, number)
+    if disagreement:
+        return f"version {number} cannot be promoted on its gate decision: {disagreement}, then run {regate}"
+    return None
 
 
 def rollback_target(entries: Sequence[history.Transition], current: str) -> list[str]:

@@ -166,8 +166,11 @@ def empty_mlflow_db(target: Path) -> str:
 
 
 def stage_as_retrain(version: str) -> None:
-    """What monthly_retrain does for a candidate that passed its gates: record the pass, stage it."""
+    """What monthly_retrain does for a candidate that passed its gates (against today's
+    production): record the pass, stage it."""
     from registry import policy
 
-    policy.record_gate(version, policy.GateDecision(True, []), "monthly-retrain")
+    production = policy.alias_version(policy.client(), "production")
+    decision = policy.GateDecision(True, [], production_version=production)
+    policy.record_gate(version, decision, "monthly-retrain")
     policy.stage_candidate(version, "monthly-retrain", "gates passed")

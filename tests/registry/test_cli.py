@@ -144,6 +144,10 @@ def test_round_trip_through_a_real_mlflow_server(
     assert transitions[-1] == (third, "None", "Staging", "stage")
     assert all(e["actor"] and e["at"] and e["server_ms"] for e in entries)
 
+    regated = runner.invoke(app, ["registry", "regate", third])
+    assert regated.exit_code == 0, regated.output
+    assert f"v{third} against production v{v2}: PASSED" in regated.output
+
     # A machine whose clock runs an hour ahead must not take a live lock for one a dead process
     # left: the lock's age is read on the tracking server's clock (its Date header).
     c = client()

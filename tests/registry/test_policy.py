@@ -255,7 +255,10 @@ def test_allowed_feature_removal_is_not_rejected_for_production_lacking_that_fea
     allowed = policy.GateThresholds(0.5, 1.0, 0.01, 0.25, True)
     decision = policy.evaluate_gates(y, p, ["a"], allowed, baseline)
     assert decision.passed, decision.reasons
-    assert decision.production_version is None, "nothing was compared with production"
+    # Nothing was compared with production, but it was judged with v3 in production: another
+    # production version (one this candidate's rows can score) would need another judgement.
+    assert decision.production_version == "3"
+    assert policy.GateDecision(True, [], production_version="3").production_version == "3"
     assert set(decision.checks) == {"candidate_auc", "candidate_ece"}
     weak = policy.GateThresholds(0.999, 1.0, 0.01, 0.25, True)
     assert not policy.evaluate_gates(y, p, ["a"], weak, baseline).passed
@@ -702,28 +705,79 @@ def test_promoting_a_version_staged_in_the_mlflow_ui_says_how_to_verify_it(
     assert _state()["aliases"] == {"staging": staged, "production": rejected}
 
 
-def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
+def test_a_candidate_production_changed_under_is_promoted_only_once_regated(
     registry_home: Path,
     good_candidate: Any,
     releases: Callable[..., list[str]],
-    monkeypatch: pytest.MonkeyPatch,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
 ) -> None:
-    """Bob's laptop runs an hour behind: his rollback of v3 must still come after the promote
-    of v3 in the history (here the embedded store's clock is the server's), or the next
-    rollback takes v3, the version just rolled back, for a release to restore."""
-    v1, v2, v3 = releases(good_candidate, 3)
-    real_ns = time.time_ns
-    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 3600 * 10**9)
-    policy.rollback("v3 misbehaves", "bob")
-    monkeypatch.setattr(time, "time_ns", real_ns)
-    entries = history.read(client())
-    assert [(e.version, e.action, e.to_stage) for e in entries][-2:] == [
-        (v2, "rollback", "Production"),
-        (v3, "rollback", "Archived"),
-    ]
-    assert all(e.server_ms for e in entries)
-    changes = policy.rollback("v2 too", "carol")
-    assert changes[0].version == v1, "v3 was rolled back: never restored by the next rollback"
+    """The retrain gated the candidate against production v2 and staged it; then production
+    changed (a rollback to v1) before anyone promoted it. Promote must not act on a decision
+    about v2: it refuses, naming `regate`, which judges the candidate against v1 on the same
+    out-of-time rows (the same figures as the retrain's when production is the same)."""
+    from registry.regate import regate
+
+    v1, v2 = releases(good_candidate, 2)
+    candidate = register(good_candidate)
+    staged = gate_and_stage(good_candidate, candidate)
+    assert staged.passed and staged.production_version == v2
+    assert client().get_model_version(MODEL_NAME, candidate).tags["gate_production_version"] == v2
+    mark_verified(candidate)
+    assert regate(candidate, "carol") == (candidate, staged), "same data, same production"
+
+    policy.rollback("approval rate dropped", "bob")
+    before = _state()
+    with pytest.raises(RegistryError) as refused:
+        policy.promote(candidate, "production", "verified on staging", "alice")
+    said = str(refused.value)
+    assert f"gated against production v{v2}, but production is now v{v1}" in said
+    assert f"`paylater registry regate {candidate}`" in said
+    assert _state() == before
+
+    _, decision = regate(candidate, "carol")
+    assert decision.passed and decision.production_version == v1
+    assert "production_auc" in decision.checks
+    policy.promote(candidate, "production", "verified on staging", "alice")
+    assert policy.resolve_version("production") == candidate
+    entries = history.read(client(), candidate)
+    assert [e.action for e in entries][-3:] == ["regate", "regate", "promote"]
+    assert entries[-2].reason.startswith(f"passed against production v{v1}")
+
+
+def test_a_production_stage_set_in_the_mlflow_ui_stops_promotion_on_an_old_gate(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """A stage change made in the MLflow UI moves no alias: v1 put back in Production there
+    leaves the `production` alias on v2. Promote cannot tell which production the candidate
+    must beat, so it refuses, and regate too, until stage and alias agree."""
+    from registry.regate import regate
+
+    v1, v2 = releases(good_candidate, 2)
+    candidate = register(good_candidate)
+    assert gate_and_stage(good_candidate, candidate).production_version == v2
+    mark_verified(candidate)
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button
+        client().transition_model_version_stage(MODEL_NAME, v1, "Production")
+
+    before = _state()
+    with pytest.raises(RegistryError, match=f"Production stage holds v{v1}, v{v2} ") as refused:
+        policy.promote(candidate, "production", "verified", "alice")
+    assert f"paylater registry regate {candidate}" in str(refused.value)
+    with pytest.raises(RegistryError, match="cannot tell which version to gate"):
+        regate(candidate, "carol")
+    assert _state() == before
+
+    with pytest.warns(FutureWarning, match="stages"):  # put back in the UI
+        client().transition_model_version_stage(MODEL_NAME, v1, "Archived")
+    policy.promote(candidate, "production", "verified", "alice")
+    assert policy.resolve_version("production") == candidate
 
 
 def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
@@ -808,3 +862,27 @@ def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_bro
         (v1, "Archived")
     ]
     assert _state()["stages"] == {v1: "Archived", v2: "Production"}
+
+
+def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bob's laptop runs an hour behind: his rollback of v3 must still come after the promote
+    of v3 in the history (here the embedded store's clock is the server's), or the next
+    rollback takes v3, the version just rolled back, for a release to restore."""
+    v1, v2, v3 = releases(good_candidate, 3)
+    real_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() - 3600 * 10**9)
+    policy.rollback("v3 misbehaves", "bob")
+    monkeypatch.setattr(time, "time_ns", real_ns)
+    entries = history.read(client())
+    assert [(e.version, e.action, e.to_stage) for e in entries][-2:] == [
+        (v2, "rollback", "Production"),
+        (v3, "rollback", "Archived"),
+    ]
+    assert all(e.server_ms for e in entries)
+    changes = policy.rollback("v2 too", "carol")
+    assert changes[0].version == v1, "v3 was rolled back: never restored by the next rollback"

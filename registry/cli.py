@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,29 @@ def _interactive_retries() -> Iterator[None]:
         os.environ.pop(RETRIES_VARIABLE, None)
 
 
+class _Warnings(logging.Handler):
+    """The registry's warnings (a stale lock taken over, a lock left unreleased) as `warning:`
+    lines on stderr: the person at the terminal must see them, whatever logging is set up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """One line per warning."""
+        typer.echo(f"warning: {record.getMessage()}", err=True)
+
+
+@contextmanager
+def _shown_warnings() -> Iterator[None]:
+    """registry.policy's warnings go to stderr for the block (and only there: not twice)."""
+    logger = logging.getLogger("registry.policy")
+    handler, propagate = _Warnings(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def _run(action: Callable[[], T]) -> T:
     """Run a registry action; a RegistryError, or MLflow failing the request (unreachable, denied),
     becomes one clear line on stderr and exit code 1."""
@@ -48,7 +72,7 @@ def _run(action: Callable[[], T]) -> T:
     from registry.store import RegistryError, tracking_uri
 
     try:
-        with _interactive_retries():
+        with _interactive_retries(), _shown_warnings():
             return action()
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)

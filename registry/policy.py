@@ -366,9 +366,16 @@ def unlock(reason: str | None, actor: str) -> str | None:
     The break is kept on the registered model (tag `transition_lock_broken`: who, when, why, the
     lock). A holder that is still running stops at its next step (confirm_lock).
     """
+    from mlflow.exceptions import MlflowException
+
     why = _require_reason(reason)
     c = client()
-    held = _lock_holder(c)
+    try:
+        held = _lock_holder(c)
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
+        return None  # no registered model yet: no transition ever held the lock
     if held is None:
         return None
     described = _describe(held)

@@ -167,11 +167,13 @@ def test_round_trip_through_a_real_mlflow_server(
 
 
 def test_unlock_breaks_a_left_lock_naming_its_holder(registry_home: Path) -> None:
-    c = client()
-    c.create_registered_model(MODEL_NAME)
     runner = CliRunner()
-    unlocked = runner.invoke(app, ["registry", "unlock", "--reason", "nothing held"])
-    assert unlocked.exit_code == 0 and "no transition lock is held" in unlocked.output
+    for _ in ("no registered model yet", "no lock"):
+        unlocked = runner.invoke(app, ["registry", "unlock", "--reason", "nothing held"])
+        assert unlocked.exit_code == 0 and "no transition lock is held" in unlocked.output
+        c = client()
+        if not policy.all_versions(c) and not c.search_registered_models():
+            c.create_registered_model(MODEL_NAME)
     left = f"alice | promoting v7 | {time.time() - 42:.0f} | abc"
     c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
     assert runner.invoke(app, ["registry", "unlock"]).exit_code == 2, "a reason is required"
@@ -375,3 +377,23 @@ def test_compare_with_a_version_whose_run_was_purged_still_answers(
     result = CliRunner().invoke(app, ["registry", "compare", first, str(orphan)])
     assert result.exit_code == 0, result.output
     assert "auc" in result.output and "dataset_digest" in result.output
+
+
+def test_taking_over_a_stale_lock_says_whose_it_was(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    version = register(good_candidate)
+    assert gate_and_stage(good_candidate, version).passed
+    mark_verified(version)
+    left = f"dave | rolling back | {time.time() - policy.LOCK_STALE_SECONDS - 60:.0f} | abc"
+    client().set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    promoted = CliRunner().invoke(
+        app, ["registry", "promote", version, "--to", "production", "--reason", "verified"]
+    )
+    assert promoted.exit_code == 0, promoted.output
+    assert "took over the transition lock left by rolling back by dave, 36" in promoted.output
+    assert policy.resolve_version("production") == version

@@ -379,8 +379,13 @@ def unlock(reason: str | None, actor: str) -> str | None:
     if held is None:
         return None
     described = _describe(held)
-    if _lock_holder(c) == held:  # taken since by another transition: that one is not broken
-        c.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+    now_held = _lock_holder(c)
+    if now_held != held:  # taken since by another transition, which is alive: not broken
+        raise RegistryError(
+            f"the lock changed while it was being broken (now: {_describe(now_held)}): nothing"
+            " was broken; run this again if that holder is gone too"
+        )
+    c.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
     stamp = f"{server_clock():.0f}"
     c.set_registered_model_tag(
         MODEL_NAME, "transition_lock_broken", f"{actor} | {stamp} | {why} | was: {held}"

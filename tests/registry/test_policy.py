@@ -886,3 +886,30 @@ def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
     assert all(e.server_ms for e in entries)
     changes = policy.rollback("v2 too", "carol")
     assert changes[0].version == v1, "v3 was rolled back: never restored by the next rollback"
+
+
+def test_unlock_never_breaks_a_lock_taken_over_while_it_looked(
+    registry_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Carol breaks alice's dead lock just as bob's rollback takes it over: bob's live lock
+    must stay, and nothing be recorded as broken."""
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    dead = f"alice | promoting v7 | {time.time() - 600:.0f} | a"
+    alive = f"bob | rolling back | {time.time():.0f} | b"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, dead)
+    real_holder = policy._lock_holder
+    reads: list[str | None] = []
+
+    def bob_takes_over_after_the_first_read(mlflow_client: Any) -> str | None:
+        found = real_holder(mlflow_client)
+        if not reads:
+            c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, alive)
+        reads.append(found)
+        return found
+
+    monkeypatch.setattr(policy, "_lock_holder", bob_takes_over_after_the_first_read)
+    with pytest.raises(RegistryError, match="rolling back by bob"):
+        policy.unlock("alice's promote died", "carol")
+    tags = c.get_registered_model(MODEL_NAME).tags
+    assert tags[policy.LOCK_TAG] == alive and "transition_lock_broken" not in tags

@@ -29,3 +29,52 @@ def test_a_uri_only_client_gets_the_timeout_in_the_uri() -> None:
     assert bounded_url("postgresql://u@h/db?connect_timeout=3") == (
         "postgresql://u@h/db?connect_timeout=3"
     )
+
+
+def test_connections_carry_keepalives_and_a_tcp_user_timeout_unless_the_url_sets_them() -> None:
+    from paylater.postgres import tcp_bounds
+
+    assert tcp_bounds("postgresql://u@h/db") == {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
+    own = tcp_bounds("postgresql://u@h/db?keepalives_idle=5&tcp_user_timeout=9000")
+    assert "keepalives_idle" not in own and "tcp_user_timeout" not in own
+    assert own["keepalives_count"] == 3
+    assert "tcp_user_timeout" not in tcp_bounds("host=h dbname=db tcp_user_timeout=1000")
+
+
+def _options(conn: object) -> dict[str, str]:
+    """The libpq connection options a live connection was opened with."""
+    return {
+        o.keyword.decode(): (o.val or b"").decode()
+        for o in conn.pgconn.info  # type: ignore[attr-defined]
+    }
+
+
+def test_a_bounded_connection_is_opened_with_the_tcp_bounds(pg_url: str) -> None:
+    from paylater.postgres import connect_bounded
+
+    with connect_bounded(pg_url, 5.0) as conn:
+        options = _options(conn)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert options["keepalives_idle"] == "30" and options["tcp_user_timeout"] == "30000"
+
+
+def test_a_call_past_its_bound_fails_and_closes_the_connection(pg_url: str) -> None:
+    """The bound is psycopg's own wait timeout: the call gives up without the server's help (a
+    silent host would answer no cancel either), and the half-used connection is closed."""
+    import psycopg
+
+    from paylater.postgres import NoAnswer, connect_bounded
+
+    with connect_bounded(pg_url, 0.5, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_sleep(0.05)").fetchone() == ("",)
+        with pytest.raises(NoAnswer, match=r"no answer from the database within 0\.5 s"):
+            conn.execute("SELECT pg_sleep(30)")
+        assert conn.closed
+    assert issubclass(NoAnswer, psycopg.OperationalError)  # handled as a database gone away

@@ -420,6 +420,18 @@ class Settings(BaseSettings):
             " by the monitor; 0: kept forever. Keep it above PAYLATER_MONITOR_REPORT_DAYS."
         ),
     )
+    # A silent network (partition, failed-over host) otherwise holds a call for good: no error,
+    # no draining. Healthy worker statements take milliseconds; a call longer than the lease is
+    # moot anyway (another worker may have the jobs by then).
+    worker_database_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Longest wait for the queue or feature database to answer one call (a claim, a"
+            " write, a feature lookup); then the worker logs it, reconnects and gives its batch"
+            " back. Raise it only if healthy statements really run this long."
+        ),
+    )
     # --- end worker ---
 
     # --- serving (owner: serving; bentos/) ---

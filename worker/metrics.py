@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # Enqueue-to-result latency: the app waits on this, so the buckets are fine below a second.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 FAILURE_REASONS = ("invalid", "error")
+DATABASE_ERROR_REASONS = ("no_answer", "error")
 COLLECT_TIMEOUT_SECONDS = 5
 """Connecting to the queue database and reading its backlog, each, at scrape time (Prometheus'
 default scrape timeout is 10 s)."""
@@ -48,7 +49,8 @@ class WorkerMetrics:
         self.held = Counter(
             "paylater_worker_jobs_held",
             "Jobs given back with no attempt spent: the scoring service or feature database could"
-            " not be reached (not failed attempts; the queue-age alerts cover an outage).",
+            " not be reached, or the queue connection was lost before the batch was written (not"
+            " failed attempts; the queue-age alerts cover an outage).",
             registry=r,
         )
         self.lease_lost = Counter(
@@ -56,6 +58,16 @@ class WorkerMetrics:
             "Scores dropped because another worker had re-claimed the job (lease ran out).",
             registry=r,
         )
+        self.database_errors = Counter(
+            "paylater_worker_database_errors",
+            "Queue database calls that failed (reason=error) or got no answer within"
+            " PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS (reason=no_answer: a silent network);"
+            " the loop reconnects and gives its batch back.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in DATABASE_ERROR_REASONS:
+            self.database_errors.labels(reason)
         self.shadow_failed = Counter(
             "paylater_worker_shadow_failed", "Batches the shadow model failed to score.", registry=r
         )
@@ -83,17 +95,18 @@ class QueueCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """One query per scrape; a failed query reports nothing rather than stale numbers."""
-        import psycopg
-
+        from paylater.postgres import connect_bounded
         from worker.queue import queue_stats, require_postgres
 
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
-                    # Bounded, so a locked table or a database that stopped answering costs one
-                    # scrape its gauges instead of hanging it and every scrape queued behind it.
-                    self._conn = psycopg.connect(
+                    # Bounded, so a locked table or a database that stopped answering (a silent
+                    # network: no statement_timeout reaches it) costs one scrape its gauges
+                    # instead of hanging it and every scrape queued behind it.
+                    self._conn = connect_bounded(
                         require_postgres(self.url),
+                        COLLECT_TIMEOUT_SECONDS + 1,  # the server's statement_timeout speaks first
                         autocommit=True,
                         connect_timeout=COLLECT_TIMEOUT_SECONDS,
                     )

@@ -10,7 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from paylater.postgres import connect_timeout
+from paylater.postgres import connect_bounded
 
 if TYPE_CHECKING:
     import psycopg
@@ -142,12 +142,13 @@ def queue_url() -> str:
     return require_postgres(settings.worker_database_url or settings.source)
 
 
-def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
-    """A connection to the queue database (paylater.postgres.connect_timeout bounds the connect)."""
-    import psycopg
-
-    url = require_postgres(url)
-    return psycopg.connect(url, autocommit=autocommit, **connect_timeout(url))
+def connect(
+    url: str, *, autocommit: bool = True, answer_timeout: float | None = None
+) -> psycopg.Connection[Any]:
+    """A connection to the queue database: connect timeout, TCP keepalives and tcp_user_timeout
+    (paylater.postgres.tcp_bounds); each call waits at most `answer_timeout` seconds for the
+    server, then raises paylater.postgres.NoAnswer and closes the connection (None: unbounded)."""
+    return connect_bounded(require_postgres(url), answer_timeout, autocommit=autocommit)
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

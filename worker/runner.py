@@ -67,6 +67,7 @@ class WorkerConfig:
     backoff_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     poll_seconds: float = 1.0
+    database_timeout_seconds: float = 30.0
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> WorkerConfig:
@@ -82,6 +83,7 @@ class WorkerConfig:
             "backoff_seconds": s.worker_backoff_seconds,
             "backoff_max_seconds": s.worker_backoff_max_seconds,
             "poll_seconds": s.worker_poll_seconds,
+            "database_timeout_seconds": s.worker_database_timeout_seconds,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -99,6 +101,7 @@ class Totals:
     dead: int = 0
     lease_lost: int = 0
     batches: int = 0
+    database_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -111,7 +114,8 @@ class Totals:
         """One line for the log."""
         return (
             f"claimed={self.claimed} processed={self.processed} failed={self.failed} "
-            f"retried={self.retried} held={self.held} dead={self.dead} lease_lost={self.lease_lost} batches={self.batches}"
+            f"retried={self.retried} held={self.held} dead={self.dead} lease_lost={self.lease_lost}"
+            f" batches={self.batches} database_errors={self.database_errors}"
         )
 
 
@@ -146,6 +150,21 @@ class Wakeup:
                 self._pending -= 1
                 return True
             return False
+
+
+class Unwritten(Exception):
+    """A batch claimed, then not written: the queue connection failed under it."""
+
+    def __init__(self, jobs: Sequence[queue.Job]) -> None:
+        super().__init__(f"a batch of {len(jobs)} claimed jobs was not written")
+        self.jobs = jobs
+
+
+GIVEN_BACK = (
+    "given back (no attempt spent): the worker lost its queue connection before writing this"
+    " attempt"
+)
+"""The error of a job given back after its batch's write failed with the connection."""
 
 
 ShadowSource = Callable[[], ScoringBackend | None]
@@ -189,15 +208,22 @@ class Worker:
         jobs = queue.claim(conn, self.config.batch_size, self.config.lease_seconds)
         if not jobs:
             return 0, False
-        scored, shadows, failures = self.process(jobs, Claim(conn, jobs, self.config.lease_seconds))
-        # A single statement is atomic on its own; a transaction only when there are two.
-        if failures and scored:
-            with conn.transaction():
+        try:
+            scored, shadows, failures = self.process(
+                jobs, Claim(conn, jobs, self.config.lease_seconds)
+            )
+            # A single statement is atomic on its own; a transaction only when there are two.
+            if failures and scored:
+                with conn.transaction():
+                    written = queue.finish(conn, scored, shadows)
+                    statuses = self._fail(conn, failures)
+            else:
                 written = queue.finish(conn, scored, shadows)
                 statuses = self._fail(conn, failures)
-        else:
-            written = queue.finish(conn, scored, shadows)
-            statuses = self._fail(conn, failures)
+        except Exception as exc:
+            if conn.closed:  # the connection failed under the batch: give it back once reconnected
+                raise Unwritten(jobs) from exc
+            raise
         self._account(jobs, scored, written, failures, statuses)
         unavailable = next((f for f in failures if f.unavailable), None)
         if unavailable is not None:
@@ -584,16 +610,25 @@ class Worker:
     def loop(self) -> None:
         """Claim batches until stopped; idle, wait for a NOTIFY or the poll interval."""
         conn: psycopg.Connection[Any] | None = None
+        unwritten: Sequence[queue.Job] = ()  # claimed, then cut off from the database
         try:
             while not self.stop_event.is_set():
                 try:
                     if conn is None or conn.closed:
-                        conn = queue.connect(self.url)
+                        conn = queue.connect(
+                            self.url, answer_timeout=self.config.database_timeout_seconds
+                        )
+                        if unwritten:
+                            self._give_back(conn, unwritten)
+                            unwritten = ()
                     _, more = self._run_batch(conn)
                 except Exception as exc:
-                    # The database went away or a statement failed: the claimed jobs' leases will
-                    # run out and another attempt picks them up. Back off, reconnect, go on.
-                    log.exception("batch failed; reconnecting: %r", exc)
+                    # The database went away, went silent or a statement failed. A batch cut off
+                    # is given back once the database answers again (else its leases run out and
+                    # another attempt picks it up). Back off, reconnect, go on.
+                    if isinstance(exc, Unwritten):
+                        unwritten = exc.jobs
+                    self._database_failed(exc)
                     if conn is not None:
                         conn.close()
                     conn = None
@@ -613,11 +648,53 @@ class Worker:
             if conn is not None:
                 conn.close()
 
+    def _database_failed(self, exc: BaseException) -> None:
+        """Log a failed batch or reconnect; count a database failure, naming a silent one."""
+        import psycopg
+
+        from paylater.postgres import NoAnswer
+
+        cause = exc.__cause__ if isinstance(exc, Unwritten) else exc
+        silent = isinstance(cause, NoAnswer) or isinstance(cause and cause.__context__, NoAnswer)
+        if silent or isinstance(cause, psycopg.Error):
+            self.totals.add(database_errors=1)
+            if self.metrics:
+                self.metrics.database_errors.labels("no_answer" if silent else "error").inc()
+        if silent:
+            log.error(
+                "the queue database gave no answer within %g s (network silent? host failed"
+                " over?); reconnecting%s: %s",
+                self.config.database_timeout_seconds,
+                f", then giving back {len(exc.jobs)} claimed jobs"
+                if isinstance(exc, Unwritten)
+                else "",
+                cause,
+            )
+        else:
+            log.exception("batch failed; reconnecting: %r", exc)
+
+    def _give_back(self, conn: psycopg.Connection[Any], jobs: Sequence[queue.Job]) -> None:
+        """Requeue jobs this worker claimed and could not write, no attempt spent (fenced: jobs
+        written after all, or re-claimed by another worker, are left alone)."""
+        failures = [queue.Failed(j.id, j.attempt, GIVEN_BACK, False, True) for j in jobs]
+        statuses = self._fail(conn, failures)
+        self.totals.add(held=len(statuses))
+        if self.metrics:
+            self.metrics.held.inc(len(statuses))
+        log.warning(
+            "database answering again: %d of %d jobs cut off before their write given back"
+            " (the others were written or re-claimed meanwhile)",
+            len(statuses),
+            len(jobs),
+        )
+
     def _listen(self) -> None:
         """LISTEN for new jobs and wake the loops; polling covers the gaps while reconnecting."""
         while not self.stop_event.is_set():
             try:
-                with queue.connect(self.url) as conn:
+                # Keepalives find a silent network under an idle LISTEN (notifies then raises).
+                timeout = self.config.database_timeout_seconds
+                with queue.connect(self.url, answer_timeout=timeout) as conn:
                     conn.execute(f"LISTEN {queue.NOTIFY_CHANNEL}")
                     while not self.stop_event.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):

@@ -121,7 +121,11 @@ class OnlineFeatures:
     """
 
     def __init__(
-        self, database_url: str, user_feature_names: Sequence[str], table: str = ONLINE_TABLE
+        self,
+        database_url: str,
+        user_feature_names: Sequence[str],
+        table: str = ONLINE_TABLE,
+        answer_timeout: float | None = None,
     ) -> None:
         from psycopg import sql
 
@@ -129,6 +133,8 @@ class OnlineFeatures:
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"invalid feature name {name!r}")
         self.database_url = database_url
+        # A silent database fails the lookup (the jobs are held), instead of hanging the worker.
+        self.answer_timeout = answer_timeout or _database_timeout()
         self.table = online_table_name(table)
         self.query = sql.SQL("SELECT user_id, {} FROM {} WHERE user_id = ANY(%(user_ids)s)").format(
             sql.SQL(", ").join(sql.Identifier(n) for n in user_feature_names),
@@ -180,7 +186,7 @@ class OnlineFeatures:
 
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = self._local.conn = connect(self.database_url)
+            conn = self._local.conn = connect(self.database_url, answer_timeout=self.answer_timeout)
             self._all.append(conn)
         return conn
 
@@ -189,6 +195,13 @@ class OnlineFeatures:
         for conn in self._all:
             conn.close()
         self._all.clear()
+
+
+def _database_timeout() -> float:
+    """PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS."""
+    from paylater.settings import get_settings
+
+    return get_settings().worker_database_timeout_seconds
 
 
 class InProcessBackend:
@@ -200,13 +213,16 @@ class InProcessBackend:
         database_url: str,
         reason_codes: str = "all",
         table: str = ONLINE_TABLE,
+        answer_timeout: float | None = None,
     ) -> None:
         if reason_codes not in REASON_CODE_MODES:
             raise ValueError(
                 f"reason_codes must be one of {REASON_CODE_MODES}, got {reason_codes!r}"
             )
         self.scorer = scorer
-        self.features = OnlineFeatures(database_url, scorer.user_feature_names, table)
+        self.features = OnlineFeatures(
+            database_url, scorer.user_feature_names, table, answer_timeout
+        )
         self.reason_codes = reason_codes
         self.model_version = scorer.model_version
         names = scorer.feature_names

@@ -1,0 +1,227 @@
+"""A database the network stopped answering (a partition, a failed-over host): the worker reports
+it, reconnects when it answers again, and loses no job. Real PostgreSQL behind a real TCP proxy on
+loopback that, on command, keeps every connection open and forwards nothing."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+TIMEOUT_SECONDS = 2.0
+"""PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS in these tests."""
+
+
+class BlackHoleProxy:
+    """Forwards loopback connections to PostgreSQL; `silence()` keeps them (and new ones) open
+    but forwards nothing either way, as a partition looks to the worker; `resume()` undoes it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._forwarding = threading.Event()
+        self._forwarding.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = [self._server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        """Stop forwarding; every connection stays open."""
+        self._forwarding.clear()
+
+    def resume(self, reset: bool = False) -> None:
+        """Forward again: what was sent meanwhile is delivered then (a partition that healed in
+        time), or with `reset` every connection open during the silence is cut first and its
+        undelivered data lost (one that outlasted TCP's retries: the connections died)."""
+        if reset:
+            for sock in self._sockets[1:]:
+                sock.close()
+        self._forwarding.set()
+
+    def close(self) -> None:
+        """Close every socket (unblocks whatever still waits on one)."""
+        self._closed.set()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        """Accept clients, each with its own connection to PostgreSQL."""
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        """Copy src to dst while forwarding; silent, read nothing (the sender's data waits)."""
+        while not self._closed.is_set():
+            if not self._forwarding.wait(0.1):
+                continue
+            try:
+                readable, _, _ = select.select([src], [], [], 0.1)
+                if not readable or not self._forwarding.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+            except (OSError, ValueError):
+                return
+
+
+@pytest.fixture
+def proxy(pg_url: str) -> Iterator[BlackHoleProxy]:
+    """A black-hole proxy in front of the test server."""
+    parts = urlsplit(pg_url)
+    proxy = BlackHoleProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def silent_after(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The worker's database calls bounded to TIMEOUT_SECONDS (through the settings)."""
+    monkeypatch.setenv("PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS", str(TIMEOUT_SECONDS))
+    return TIMEOUT_SECONDS
+
+
+def through(url: str, proxy: BlackHoleProxy) -> str:
+    """`url` via the proxy, with a short connect timeout so reconnects while silent fail soon."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=netloc, query="connect_timeout=2"))
+
+
+class GatedBackend:
+    """A real backend whose first batch waits for `release` once it has its scores: the test
+    silences the network while the worker holds a claimed batch."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.model_version = inner.model_version
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, requests: Sequence[Any]) -> list[Any]:
+        """The inner backend's outcomes; the first call waits for `release` before returning."""
+        outcomes = self.inner.score(requests)
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the batch"
+        return list(outcomes)
+
+    def close(self) -> None:
+        """Close the inner backend."""
+        self.inner.close()
+
+
+def sample(metrics: Any, name: str, **labels: str) -> float:
+    """A metric's current value (0 when it does not exist)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def jobs_of(kit: Any, url: str, ids: list[int]) -> list[tuple[Any, ...]]:
+    """(status, attempts, results) of each job."""
+    return kit.query(
+        url,
+        """SELECT j.status, j.attempts, count(r.job_id) FROM scoring_jobs j
+           LEFT JOIN scoring_results r ON r.job_id = j.id
+           WHERE j.id = ANY(%s) GROUP BY j.id ORDER BY j.id""",
+        (ids,),
+    )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("reset", [True, False], ids=["connections-lost", "partition-healed"])
+def test_a_queue_gone_silent_under_a_claimed_batch_is_reported_and_no_job_lost(
+    reset: bool,
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    silent_after: float,
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    # A lease far longer than the test: only an explicit give-back can requeue the batch.
+    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
+    metrics = WorkerMetrics()
+    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    with kit.running(worker):
+        assert backend.entered.wait(60), "the worker never claimed the batch"
+        proxy.silence()
+        backend.release.set()  # the write of the scores now meets a silent network
+        kit.wait_until(
+            lambda: sample(metrics, "paylater_worker_database_errors_total", reason="no_answer"),
+            90,
+            "the worker to report the queue database silent",
+        )
+        assert all(status == "running" for status, _, _ in jobs_of(kit, queue_db, ids))
+        proxy.resume(reset=reset)
+        kit.wait_until(
+            lambda: all(s == "done" for s, _, _ in jobs_of(kit, queue_db, ids)),
+            90,
+            "the batch to be written, or given back and scored, once the database answers",
+        )
+    # Scored once, no attempt spent: given back after the write was lost, or the write delivered
+    # late and the give-back fenced off by it.
+    assert jobs_of(kit, queue_db, ids) == [("done", 1, 1)] * len(ids)
+    held = sample(metrics, "paylater_worker_jobs_held_total")
+    assert held == (len(ids) if reset else 0)
+    assert any("gave no answer within" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(240)
+def test_a_feature_database_gone_silent_holds_the_jobs_until_it_answers(
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    silent_after: float,
+    kit: Any,
+) -> None:
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    features = InProcessBackend(kit.make_scorer(booster, "7"), through(queue_db, proxy))
+    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
+    metrics = WorkerMetrics()
+    worker = Worker(queue_db, features, config, metrics=metrics)
+    with kit.running(worker):
+        ids = kit.enqueue_many(queue_db, 6)
+        kit.wait_until(
+            lambda: all(s == "done" for s, _, _ in jobs_of(kit, queue_db, ids)),
+            60,
+            "the first jobs to be scored",
+        )
+        proxy.silence()  # the lookup connection, open and idle, stops answering
+        later = kit.enqueue_many(queue_db, 6)
+        kit.wait_until(
+            lambda: sample(metrics, "paylater_worker_jobs_held_total") >= len(later),
+            90,
+            "the jobs to be held while the feature database is silent",
+        )
+        proxy.resume()
+        kit.wait_until(
+            lambda: all(s == "done" for s, _, _ in jobs_of(kit, queue_db, later)),
+            90,
+            "the held jobs to be scored once the feature database answers",
+        )
+    assert jobs_of(kit, queue_db, later) == [("done", 1, 1)] * len(later)
+    features.close()

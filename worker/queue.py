@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 NOTIFY_CHANNEL = "scoring_jobs"
 """The channel the INSERT trigger of scoring_jobs notifies (worker/schema.sql)."""
 
+IDLE_IN_TRANSACTION_FACTOR = 2
+"""A worker transaction (finish, then fail) is never idle longer than a round trip; twice the
+answer timeout leaves a slow-but-healthy one alone."""
+
 _SCHEMA_LOCK_KEY = 7_262_011
 """Advisory lock serialising schema application when several workers start at once."""
 
@@ -147,8 +151,17 @@ def connect(
 ) -> psycopg.Connection[Any]:
     """A connection to the queue database: connect timeout, TCP keepalives and tcp_user_timeout
     (paylater.postgres.tcp_bounds); each call waits at most `answer_timeout` seconds for the
-    server, then raises paylater.postgres.NoAnswer and closes the connection (None: unbounded)."""
-    return connect_bounded(require_postgres(url), answer_timeout, autocommit=autocommit)
+    server, then raises paylater.postgres.NoAnswer and closes the connection (None: unbounded).
+    Bounded, the session's transactions are too: one whose client went silent before its COMMIT
+    is ended by the server after IDLE_IN_TRANSACTION_FACTOR answer timeouts, instead of holding
+    its jobs' row locks (which every claim skips) until the server's keepalives notice, hours."""
+    conn = connect_bounded(require_postgres(url), answer_timeout, autocommit=autocommit)
+    if answer_timeout is not None:
+        idle_ms = int(IDLE_IN_TRANSACTION_FACTOR * answer_timeout * 1000)
+        conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),)
+        )
+    return conn
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

@@ -225,3 +225,28 @@ def test_a_feature_database_gone_silent_holds_the_jobs_until_it_answers(
         )
     assert jobs_of(kit, queue_db, later) == [("done", 1, 1)] * len(later)
     features.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_transaction_whose_client_went_silent_does_not_hold_its_jobs_locked(
+    queue_db: str, proxy: BlackHoleProxy, kit: Any
+) -> None:
+    """A worker cut off between its write and its COMMIT left the server holding the jobs' row
+    locks (claims skip them) until the server's own keepalives noticed, hours. The server now
+    ends such a transaction after twice the answer timeout."""
+    from worker.queue import connect
+
+    [job] = kit.enqueue_many(queue_db, 1)
+    conn = connect(through(queue_db, proxy), answer_timeout=TIMEOUT_SECONDS)
+    conn.execute("BEGIN")
+    conn.execute("SELECT id FROM scoring_jobs WHERE id = %s FOR UPDATE", (job,))
+    proxy.silence()  # the COMMIT, or anything else, never arrives
+
+    def claimable() -> bool:
+        rows = kit.query(
+            queue_db, "SELECT id FROM scoring_jobs WHERE id = %s FOR UPDATE SKIP LOCKED", (job,)
+        )
+        return bool(rows)
+
+    kit.wait_until(claimable, 90, "the silent client's transaction to let go of the job")
+    conn.close()

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from paylater.postgres import connect_timeout
+from paylater.postgres import connect_bounded, tcp_bounds
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -31,7 +31,8 @@ LOOKUP_TIMEOUT_SECONDS = 5.0
 """Longest wait for the online table's answer to the service's lookup. A database host gone
 silent mid-query (a failover, a partition: no reset) would otherwise hold the query for the TCP
 timeout, many minutes, and every request on the worker, sharing it, until BentoML's 504. On
-expiry psycopg tries to cancel the query (up to about 10 s more), then the lookup fails (503)."""
+expiry the coalescing lookup has psycopg try to cancel the query (up to about 10 s more), then
+fails (503); the threaded FeatureStore closes its connection at once (paylater.postgres.NoAnswer)."""
 
 # Readable codes for the features whose names alone would not tell an operator much.
 _READABLE_CODES = {
@@ -228,12 +229,12 @@ class FeatureStore:
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The open connection, reopened after a failure or server restart."""
-        import psycopg
         from psycopg.rows import dict_row
 
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(
-                self.pg_url, autocommit=True, row_factory=dict_row, **connect_timeout(self.pg_url)
+            # Bounded calls: a host gone silent mid-query fails the lookup, not holds it for good.
+            self._conn = connect_bounded(
+                self.pg_url, LOOKUP_TIMEOUT_SECONDS, autocommit=True, row_factory=dict_row
             )
         return self._conn
 
@@ -376,7 +377,7 @@ class CoalescingFeatureStore:
                 self._rows.pg_url,
                 autocommit=True,
                 row_factory=dict_row,
-                **connect_timeout(self._rows.pg_url),
+                **tcp_bounds(self._rows.pg_url),
             )
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):

@@ -316,3 +316,34 @@ def test_an_online_table_of_another_name_is_read_where_the_build_publishes_it(
         assert store is not None and asyncio.run(store.lookup([1, 2])) == want
     with pytest.raises(ValueError, match="invalid online feature table name"):
         FeatureStore(pg_url, ["topups_30d"], "risk features; DROP TABLE x")
+
+
+@pytest.mark.timeout(120)
+def test_the_threaded_lookup_gone_silent_mid_query_fails_and_recovers(
+    online_features: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FeatureStore's calls were unbounded: a host gone silent held its lookup (and every caller
+    behind its lock) for good. Now the call gives up after LOOKUP_TIMEOUT_SECONDS and the next
+    lookup reconnects; its connections carry TCP keepalives and a tcp_user_timeout too."""
+    from urllib.parse import urlsplit
+
+    from bentos import scoring
+    from paylater.postgres import NoAnswer
+
+    monkeypatch.setattr(scoring, "LOOKUP_TIMEOUT_SECONDS", 0.5)
+    parts = urlsplit(online_features)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxied = parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}")
+    store = FeatureStore(proxied.geturl(), ["days_since_signup", "topups_30d"])
+    try:
+        assert sorted(store.lookup([1, 2])) == [1, 2]
+        options = {o.keyword.decode(): o.val for o in store._connection().pgconn.info}
+        assert options["keepalives_idle"] == b"30" and options["tcp_user_timeout"] == b"30000"
+        proxy.frozen.set()
+        with pytest.raises(NoAnswer, match="no answer from the database"):
+            store.lookup([1])
+        proxy.frozen.clear()
+        assert sorted(store.lookup([3])) == [3]
+    finally:
+        store.close()
+        proxy.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from paylater.settings import get_settings
 
@@ -53,21 +53,12 @@ def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
     whose server is down. Embedded stores (sqlite, file) need no server.
     """
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking._tracking_service.utils import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
 
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        answer = http_request(
-            get_default_host_creds(uri.rstrip("/")),
-            "/health",
-            "GET",
-            max_retries=0,
-            timeout=timeout,
-            raise_on_status=False,
-        )
+        answer = _health(uri, timeout)
     except MlflowException as exc:
         reason = " ".join(str(exc.message).split())[:300]
     else:
@@ -75,6 +66,22 @@ def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
             return
         reason = f"HTTP {answer.status_code}"
     raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason})")
+
+
+def _health(uri: str, timeout: float) -> Any:
+    """The tracking server's answer to GET /health: one request, no retries, sent the way MLflow
+    sends its own (its TLS settings, credentials, CA bundle)."""
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    return http_request(
+        get_default_host_creds(uri.rstrip("/")),
+        "/health",
+        "GET",
+        max_retries=0,
+        timeout=timeout,
+        raise_on_status=False,
+    )
 
 
 def server_clock(timeout: float = REACHABLE_TIMEOUT_S) -> float:
@@ -86,20 +93,10 @@ def server_clock(timeout: float = REACHABLE_TIMEOUT_S) -> float:
     """
     from email.utils import parsedate_to_datetime
 
-    from mlflow.tracking._tracking_service.utils import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return time.time()
-    answer = http_request(
-        get_default_host_creds(uri.rstrip("/")),
-        "/health",
-        "GET",
-        max_retries=0,
-        timeout=timeout,
-        raise_on_status=False,
-    )
+    answer = _health(uri, timeout)
     stamp = answer.headers.get("Date")
     try:
         return parsedate_to_datetime(stamp).timestamp() if stamp else time.time()

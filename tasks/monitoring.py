@@ -534,21 +534,27 @@ def measure_failed_flows(latest: Iterable[FlowRunInfo]) -> Measurement:
     return _latest_ended(latest, "FAILED", "failed_flows")
 
 
+def _overdue(
+    runs: Iterable[FlowRunInfo],
+    states: tuple[str, ...],
+    since: Callable[[FlowRunInfo], datetime | None],
+    cutoff: datetime,
+) -> list[FlowRunInfo]:
+    """The runs in one of `states` whose `since` time is at or before `cutoff`, oldest first."""
+    found = [
+        (as_utc(when), r)
+        for r in runs
+        if r.state_type in states and (when := since(r)) is not None and as_utc(when) <= cutoff
+    ]
+    return [r for _, r in sorted(found, key=lambda pair: pair[0])]
+
+
 def measure_late_runs(
     waiting: Iterable[FlowRunInfo], now: datetime, late_minutes: float
 ) -> Measurement:
     """Flow runs still waiting `late_minutes` after their scheduled start: no worker takes them."""
     cutoff = now - timedelta(minutes=late_minutes)
-    late = sorted(
-        (
-            r
-            for r in waiting
-            if r.state_type in WAITING_STATES
-            and r.expected_start_time is not None
-            and as_utc(r.expected_start_time) <= cutoff
-        ),
-        key=lambda r: as_utc(r.expected_start_time or cutoff),
-    )
+    late = _overdue(waiting, WAITING_STATES, lambda r: r.expected_start_time, cutoff)
 
     def describe(r: FlowRunInfo) -> str:
         due = as_utc(r.expected_start_time or cutoff)
@@ -570,16 +576,7 @@ def measure_stuck_runs(
     checks never see it, and its job silently stops producing.
     """
     cutoff = now - timedelta(hours=stuck_hours)
-    stuck = sorted(
-        (
-            r
-            for r in running
-            if r.state_type in RUNNING_STATES
-            and r.state_since is not None
-            and as_utc(r.state_since) <= cutoff
-        ),
-        key=lambda r: as_utc(r.state_since or cutoff),
-    )
+    stuck = _overdue(running, RUNNING_STATES, lambda r: r.state_since, cutoff)
 
     def describe(r: FlowRunInfo) -> str:
         since = as_utc(r.state_since or cutoff)

@@ -35,7 +35,7 @@ def generate_command(
     import duckdb
 
     from datagen.load import SourceNotEmpty, SourceUnavailable
-    from datagen.pipeline import generate_into
+    from datagen.pipeline import GenerateIncomplete, generate_into
     from paylater.settings import get_settings
     from paylater.timeutil import resolve_as_of
     from tasks.warehouse import WarehouseError
@@ -56,7 +56,15 @@ def generate_command(
             replace=replace,
         )
     # duckdb.Error: the warehouse file held by another process (it is opened before any write).
-    except (SourceNotEmpty, SourceUnavailable, WarehouseError, duckdb.Error, ValueError) as exc:
+    # GenerateIncomplete: the source committed, the rest did not; its message says to rerun.
+    except (
+        GenerateIncomplete,
+        SourceNotEmpty,
+        SourceUnavailable,
+        WarehouseError,
+        duckdb.Error,
+        ValueError,
+    ) as exc:
         _fail(exc)
         return
     for line in report.lines():

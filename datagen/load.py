@@ -355,11 +355,13 @@ def _statements(script: str) -> Iterable[str]:
     return [s.strip() for s in without_comments.split(";") if s.strip()]
 
 
-def write_app_event_days(warehouse: Any, days: Iterable[tuple[date, pa.Table]]) -> int:
-    """Replace the app_events partition of each business day (idempotent); returns rows written."""
+def write_app_event_days(
+    warehouse: Any, days: Iterable[tuple[date, pa.Table]], table_name: str = "app_events"
+) -> int:
+    """Replace each business day's partition of app events (idempotent); returns rows written."""
     written = 0
     for day, table in days:
-        warehouse.replace_partition("app_events", "event_date", day, table)
+        warehouse.replace_partition(table_name, "event_date", day, table)
         written += table.num_rows
     return written
 

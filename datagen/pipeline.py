@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import secrets
 import threading
@@ -29,6 +30,13 @@ from datagen.tables import charges_table, truth_table, users_table
 
 TRUTH_FILE = "deferred_charges.parquet"
 STATE_FOLDER = "generator"
+APP_EVENTS = "app_events"
+NEXT_APP_EVENTS = "app_events_generating"
+"""Where a generate writes its app events until its source rows are committed (then renamed)."""
+
+
+class GenerateIncomplete(RuntimeError):
+    """A generate committed its source rows but not its warehouse events, truth or state."""
 
 
 @dataclass
@@ -120,19 +128,17 @@ def generate_into(
     replace: bool = False,
 ) -> WriteReport:
     """Simulate and stream month-sized chunks into the source while the next chunk is generated."""
-    from tasks.warehouse import open_warehouse
-
     started = time.perf_counter()
-    source = open_source(source_url)
-    warehouse = open_warehouse(warehouse_url)
-    try:
+    with _opened(source_url, warehouse_url) as (source, warehouse):
         source.ensure_schema()
         source.commit()
         _refuse_or_clear(source, replace)
         # Indexes are built once at the end: cheaper than maintaining them row by row.
         source.drop_indexes()
-        if replace and warehouse.table_exists("app_events"):
-            warehouse.execute("DROP TABLE app_events")
+        # The new world's events go beside app_events, which keeps the previous world's until
+        # the source has committed the new one: a run failing before that changes nothing.
+        if warehouse.table_exists(NEXT_APP_EVENTS):  # left by a generate that died
+            warehouse.execute(f"DROP TABLE {NEXT_APP_EVENTS}")
         sim, plan = Simulation.begin(users, months, seed, end_date, zone)
         report = WriteReport(
             source_url, warehouse_url, str(truth_dir / TRUTH_FILE), sim.last_day, end_date, zone
@@ -148,12 +154,52 @@ def generate_into(
         sim.meta.world = secrets.token_hex(8)
         source.record_progress(sim.meta.world, None, end_date)
         source.commit()
-        _persist(sim, truth_dir)
-    finally:
-        source.close()
-        warehouse.close()
+        # The two stores cannot commit together: the warehouse follows the source, and the
+        # state, which lets advance run, comes last. Any failure from here leaves a source whose
+        # world no state names, which advance refuses until a generate --replace runs again.
+        try:
+            _swap_in_app_events(warehouse)
+            _persist(sim, truth_dir)
+        except Exception as exc:
+            raise GenerateIncomplete(
+                f"generate stopped after committing the new world to source {redact(source_url)}"
+                f" ({type(exc).__name__}: {exc}); the warehouse's app_events, the truth or the"
+                " generator state may still be the previous world's, and advance refuses to run"
+                " until `paylater demo-data generate --replace` is run again"
+            ) from exc
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextlib.contextmanager
+def _opened(source_url: str, warehouse_url: str) -> Iterator[tuple[SourceDB, Any]]:
+    """The source and the warehouse, both closed on the way out (the source too if the
+    warehouse cannot be opened)."""
+    from tasks.warehouse import open_warehouse
+
+    with contextlib.ExitStack() as stack:
+        source = open_source(source_url)
+        stack.callback(source.close)
+        warehouse = open_warehouse(warehouse_url)
+        stack.callback(warehouse.close)
+        yield source, warehouse
+
+
+def _swap_in_app_events(warehouse: Any) -> None:
+    """Replace app_events with the table the generate wrote, in one step where the warehouse can."""
+    if not warehouse.table_exists(NEXT_APP_EVENTS):  # a world without a single app event
+        if warehouse.table_exists(APP_EVENTS):
+            warehouse.execute(f"DROP TABLE {APP_EVENTS}")
+        return
+    if warehouse.dialect == "bigquery":
+        # DDL cannot run in a BigQuery transaction; a table copy replaces the table atomically
+        # and keeps its day partitioning. A failure before the drop leaves the copy to redo.
+        warehouse.execute(f"CREATE OR REPLACE TABLE {APP_EVENTS} COPY {NEXT_APP_EVENTS}")
+        warehouse.execute(f"DROP TABLE {NEXT_APP_EVENTS}")
+        return
+    with warehouse.transaction():  # DuckDB: DDL is transactional, and a rename copies nothing
+        warehouse.execute(f"DROP TABLE IF EXISTS {APP_EVENTS}")
+        warehouse.execute(f"ALTER TABLE {NEXT_APP_EVENTS} RENAME TO {APP_EVENTS}")
 
 
 def _stream(chunks: Iterator[Chunk], source: Any, warehouse: Any, inserted: dict[str, int]) -> None:
@@ -173,7 +219,8 @@ def _stream(chunks: Iterator[Chunk], source: Any, warehouse: Any, inserted: dict
                     rows = getattr(chunk, table)
                     source.append(table, rows)
                     inserted[table] += rows.num_rows
-                inserted["app_events"] += write_app_event_days(warehouse, chunk.app_events)
+                events = write_app_event_days(warehouse, chunk.app_events, NEXT_APP_EVENTS)
+                inserted["app_events"] += events
             except BaseException as exc:  # re-raised on the generating thread below
                 failure.append(exc)
 
@@ -199,16 +246,12 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
     run simulates that day again without writing it (the same seed gives the same rows) before
     adding its own.
     """
-    from tasks.warehouse import open_warehouse
-
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
     started = time.perf_counter()
     state = truth_dir / STATE_FOLDER
     sim = Simulation.load(state)
-    source = open_source(source_url)
-    warehouse = open_warehouse(warehouse_url)
-    try:
+    with _opened(source_url, warehouse_url) as (source, warehouse):
         if not any(source.row_counts().values()):
             raise SourceNotEmpty(
                 f"source {redact(source_url)} is empty: run `paylater demo-data generate` first"
@@ -228,9 +271,6 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
             # State and truth follow every day the source committed: should a later day fail,
             # the next advance resumes after the last day the source holds.
             _persist(sim, truth_dir)
-    finally:
-        source.close()
-        warehouse.close()
     report.seconds = time.perf_counter() - started
     return report
 

@@ -378,3 +378,116 @@ def test_a_state_saved_before_files_were_named_still_advances(tmp_path: Path) ->
     assert sorted(p.name for p in state.iterdir() if p.name.startswith("population")) != [
         "population.parquet"
     ]
+
+
+def _world(
+    url: str, home: Path
+) -> tuple[list[list[tuple[object, ...]]], list[tuple[object, ...]], bytes, bytes]:
+    """What a world leaves: source rows, warehouse app events, state meta and truth file."""
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        events = conn.execute("SELECT * FROM app_events ORDER BY event_id").fetchall()
+    truth = home / "truth"
+    meta = (truth / "generator" / "meta.json").read_bytes()
+    return _pg_rows(url), events, meta, (truth / "deferred_charges.parquet").read_bytes()
+
+
+@pytest.mark.postgres
+def test_a_replace_failing_part_way_leaves_the_previous_world_whole(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate --replace dropped the warehouse's app_events before writing the new world: a
+    failure part way rolled the source back to the old world, whose app events were gone."""
+    import datagen.pipeline as pipeline
+
+    warehouse = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    generate_into(80, 2, 3, END, "Asia/Tokyo", pg_url, warehouse, tmp_path / "truth")
+    before = _world(pg_url, tmp_path)
+    assert before[1]  # the old world has app events to lose
+
+    real_write = pipeline.write_app_event_days
+    calls: list[int] = []
+
+    def failing_second_chunk(*args: object) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_write(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "write_app_event_days", failing_second_chunk)
+    with pytest.raises(OSError, match="disk full"):
+        generate_into(90, 2, 4, END, "Asia/Tokyo", pg_url, warehouse, tmp_path / "truth", True)
+    monkeypatch.undo()
+
+    assert len(calls) == 2  # it failed part way, after a chunk was written
+    assert _world(pg_url, tmp_path) == before
+    advance_into(1, pg_url, warehouse, tmp_path / "truth")  # and the old world goes on
+
+
+@pytest.mark.postgres
+def test_a_replace_failing_after_its_source_commit_says_to_rerun_and_a_rerun_repairs(
+    pg_url: str, second_pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure between the source's commit and the state's save must not let advance run on
+    mixed worlds; the error says so, and generate --replace again gives the straight result."""
+    import datagen.pipeline as pipeline
+
+    homes = {"straight": tmp_path / "straight", "failed": tmp_path / "failed"}
+    urls = {"straight": pg_url, "failed": second_pg_url}
+    warehouses = {n: f"duckdb:///{h / 'warehouse.duckdb'}" for n, h in homes.items()}
+    for name, home in homes.items():
+        generate_into(80, 1, 3, END, "Asia/Tokyo", urls[name], warehouses[name], home / "truth")
+    straight, failed = homes["straight"], homes["failed"]
+    args = ("Asia/Tokyo", second_pg_url, warehouses["failed"], failed / "truth", True)
+
+    def broken(*_: object) -> None:
+        raise OSError("warehouse gone")
+
+    for step in ("_swap_in_app_events", "_persist"):
+        monkeypatch.setattr(pipeline, step, broken)
+        with pytest.raises(pipeline.GenerateIncomplete, match=r"generate --replace") as caught:
+            generate_into(90, 1, 4, END, *args)
+        assert "warehouse gone" in str(caught.value)
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match=r"not of the world .* generate --replace"):
+            advance_into(1, second_pg_url, warehouses["failed"], failed / "truth")
+
+    generate_into(90, 1, 4, END, *args)
+    generate_into(
+        90, 1, 4, END, "Asia/Tokyo", pg_url, warehouses["straight"], straight / "truth", True
+    )
+    left, right = _world(pg_url, straight), _world(second_pg_url, failed)
+    assert left[0] == right[0] and left[1] == right[1]
+    with duckdb.connect(str(failed / "warehouse.duckdb"), read_only=True) as conn:
+        tables = conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    assert ("app_events_generating",) not in tables
+
+
+@pytest.mark.postgres
+def test_a_warehouse_that_cannot_be_opened_leaves_no_source_connection_open(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate and advance opened the source, then the warehouse: when the warehouse failed to
+    open, the source connection stayed open until the process ended."""
+    import datagen.pipeline as pipeline
+    from datagen.load import PostgresSource
+    from tasks.warehouse import WarehouseError
+
+    good = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    generate_into(80, 1, 3, END, "Asia/Tokyo", pg_url, good, tmp_path / "truth")
+    opened: list[PostgresSource] = []
+
+    def open_and_keep(url: str) -> PostgresSource:
+        opened.append(PostgresSource(url))
+        return opened[-1]
+
+    monkeypatch.setattr(pipeline, "open_source", open_and_keep)
+    bad = "nowhere://warehouse"
+    runs: list[Callable[[], object]] = [
+        lambda: generate_into(80, 1, 3, END, "Asia/Tokyo", pg_url, bad, tmp_path / "t2", True),
+        lambda: advance_into(1, pg_url, bad, tmp_path / "truth"),
+    ]
+    for run in runs:
+        with pytest.raises(WarehouseError):
+            run()
+    assert len(opened) == 2
+    assert all(source.conn.closed for source in opened)

@@ -263,10 +263,10 @@ def _parquet_writer(table: pa.Table) -> Callable[[IO[bytes]], None]:
 
 
 def _remove_unnamed(folder: Path, keep: set[str]) -> None:
-    """Delete state tables of earlier saves and temporaries of saves that died."""
+    """Delete state tables of earlier saves (write_file_atomically removes the temporary files
+    of saves that died, once they are old enough not to be a live save's)."""
     for path in folder.iterdir():
-        stale_table = path.suffix == ".parquet" and path.name not in keep
-        if stale_table or (path.name.startswith(".") and path.name.endswith(".tmp")):
+        if path.suffix == ".parquet" and path.name not in keep:
             path.unlink(missing_ok=True)
 
 

@@ -3,13 +3,18 @@
 Every write is atomic per object: a local file is written beside its target, fsynced, renamed
 over it, and its folder fsynced (with every folder the write created), so a file the build
 reported as written survives a power loss; an S3 or GCS object appears whole on a single PUT. Datasets write their manifest last, so a
-dataset is complete exactly when its manifest exists.
+dataset is complete exactly when its manifest exists. A process killed mid-write leaves its
+hidden temporary file; the next write into that folder removes such files once they have been
+untouched for STALE_TEMPORARY_SECONDS (a live writer's own is never that old).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +22,15 @@ from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from paylater.settings import Settings, get_settings
+
+STALE_TEMPORARY_SECONDS = 24 * 3600
+"""Age (since the last byte written) past which a temporary file is a dead writer's leftover.
+
+A day, not minutes: removing a live writer's file fails its write, while a leftover only costs
+disk space until the folder's next write after the bound (datasets are written daily).
+"""
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
+"""The names write_file_atomically gives its temporary files, and only those."""
 
 
 class StorageError(RuntimeError):
@@ -98,7 +112,33 @@ def write_file_atomically(target: Path, write: Callable[[IO[bytes]], object]) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    remove_stale_temporaries(target.parent)
     fsync_folder(target.parent)
+
+
+def remove_stale_temporaries(
+    folder: Path, older_than: float = STALE_TEMPORARY_SECONDS
+) -> list[Path]:
+    """Delete temporary files of writes that died, untouched for `older_than` seconds; those removed.
+
+    Best effort: a file that cannot be removed (another user's on a shared volume) is left, as
+    the write that called this has succeeded.
+    """
+    cutoff = time.time() - older_than
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _TEMPORARY.fullmatch(entry.name):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime > cutoff:
+                    continue
+                os.unlink(entry.path)
+            except OSError:  # renamed by its writer meanwhile, or not ours to remove
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 class LocalStorage:

@@ -268,3 +268,69 @@ def test_a_failed_local_write_leaves_the_previous_file_and_no_temporary(
     assert [p.name for p in (tmp_path / "datasets/training/as_of=2026-07-01").iterdir()] == [
         "manifest.json"
     ]
+
+
+_KILLED_WRITE = """
+import os, signal, sys
+from pathlib import Path
+
+from tasks.storage import write_file_atomically
+
+
+def die_half_way(handle):
+    handle.write(b"half a dataset")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+write_file_atomically(Path(sys.argv[1]), die_half_way)
+"""
+
+
+def _killed_write(target: Path) -> Path:
+    """Run a write that is killed half way, as a crash would; the temporary file it left."""
+    import signal
+    import subprocess
+    import sys
+
+    before = set(target.parent.iterdir()) if target.parent.exists() else set()
+    process = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITE, str(target)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    (left,) = set(target.parent.iterdir()) - before
+    return left
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_a_later_write_once_stale(
+    tmp_path: Path, paylater_home: Path
+) -> None:
+    # A process killed during a local write left `.<name>.<hex>.tmp` beside the target, and
+    # nothing ever removed it: every crash leaked a (possibly dataset-sized) hidden file.
+    import os
+
+    store = open_storage((tmp_path / "datasets").as_uri())
+    folder = tmp_path / "datasets/training/as_of=2026-07-01"
+    other = tmp_path / "datasets/training/as_of=2026-07-02"
+    dead = _killed_write(folder / "part-0.parquet")
+    live = _killed_write(folder / "part-1.parquet")  # stands for a writer still at work
+    elsewhere = _killed_write(other / "part-0.parquet")
+    assert dead.name.startswith(".part-0.parquet.") and dead.name.endswith(".tmp")
+    not_ours = [folder / ".notes.tmp", folder / "part-9.tmp"]
+    long_ago = os.stat(dead).st_mtime - 30 * 24 * 3600  # a crash a month ago
+    for path in (*not_ours, dead, elsewhere):
+        path.touch()
+        os.utime(path, (long_ago, long_ago))
+
+    store.write_bytes("training/as_of=2026-07-01/manifest.json", b"{}")
+
+    assert not dead.exists()
+    assert live.exists() and live.read_bytes() == b"half a dataset"
+    assert all(path.exists() for path in not_ours)
+    assert elsewhere.exists()  # until a write into its own folder
+    store.write_bytes("training/as_of=2026-07-02/manifest.json", b"{}")
+    assert not elsewhere.exists()

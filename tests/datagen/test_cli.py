@@ -128,3 +128,20 @@ def test_a_damaged_state_file_is_one_error_line_saying_how_to_recover(paylater_h
     assert runner.invoke(app, [*args, "--replace"]).exit_code == 0
     advanced = runner.invoke(app, ["advance"])
     assert advanced.exit_code == 0, advanced.output
+
+
+def test_a_generate_stopping_after_its_source_commit_is_one_error_saying_to_rerun(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datagen.pipeline as pipeline
+
+    def disk_full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "_persist", disk_full)
+    args = ["generate", "--users", "80", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: generate stopped after committing the new world")
+    assert "No space left" in result.output and "generate --replace" in result.output
+    assert "Traceback" not in result.output

@@ -144,16 +144,20 @@ def generate_into(
             source_url, warehouse_url, str(truth_dir / TRUTH_FILE), sim.last_day, end_date, zone
         )
         report.first_day = date.fromordinal(sim.last_day.toordinal() + 1)
-        _stream(sim.run(plan, end_date), source, warehouse, report.inserted)
-        users_rows = sim.users_table(end_date)
-        source.append("users", users_rows)
-        report.inserted = {"users": users_rows.num_rows, **report.inserted}
-        source.ensure_schema()
-        # A new world id, committed with its rows: an advance refuses a state of another world
-        # (this generate dying before it saved its state leaves the previous world's).
-        sim.meta.world = secrets.token_hex(8)
-        source.record_progress(sim.meta.world, None, end_date)
-        source.commit()
+        try:
+            _stream(sim.run(plan, end_date), source, warehouse, report.inserted)
+            users_rows = sim.users_table(end_date)
+            source.append("users", users_rows)
+            report.inserted = {"users": users_rows.num_rows, **report.inserted}
+            source.ensure_schema()
+            # A new world id, committed with its rows: an advance refuses a state of another
+            # world (this generate dying before it saved its state leaves the previous world's).
+            sim.meta.world = secrets.token_hex(8)
+            source.record_progress(sim.meta.world, None, end_date)
+            source.commit()
+        except BaseException:
+            _drop_quietly(warehouse, NEXT_APP_EVENTS)  # nothing of the new world is kept
+            raise
         # The two stores cannot commit together: the warehouse follows the source, and the
         # state, which lets advance run, comes last. Any failure from here leaves a source whose
         # world no state names, which advance refuses until a generate --replace runs again.
@@ -183,6 +187,14 @@ def _opened(source_url: str, warehouse_url: str) -> Iterator[tuple[SourceDB, Any
         warehouse = open_warehouse(warehouse_url)
         stack.callback(warehouse.close)
         yield source, warehouse
+
+
+def _drop_quietly(warehouse: Any, table: str) -> None:
+    """Drop `table` if the warehouse lets us (the next generate drops it otherwise)."""
+    # Exception: the warehouse may be what failed; the error being raised is the one to report.
+    with contextlib.suppress(Exception):
+        if warehouse.table_exists(table):
+            warehouse.execute(f"DROP TABLE {table}")
 
 
 def _swap_in_app_events(warehouse: Any) -> None:

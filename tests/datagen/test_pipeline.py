@@ -420,6 +420,9 @@ def test_a_replace_failing_part_way_leaves_the_previous_world_whole(
 
     assert len(calls) == 2  # it failed part way, after a chunk was written
     assert _world(pg_url, tmp_path) == before
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as conn:
+        tables = conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    assert tables == [("app_events",)]  # the new world's half is not left behind either
     advance_into(1, pg_url, warehouse, tmp_path / "truth")  # and the old world goes on
 
 

@@ -721,14 +721,28 @@ def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> None:
             )
 
 
-def write_ledger(warehouse: Warehouse, result: TableResult) -> None:
-    """Replace the ledger row of (table, as_of) with `result`."""
-    row = result.model_dump()
-    warehouse.execute(
-        sql_text("sync_ledger_delete.sql"),
-        {"table_name": result.table_name, "as_of": result.as_of},
+def write_ledger(warehouse: Warehouse, result: TableResult) -> TableResult:
+    """Replace the ledger row of (table, as_of) with `result`, its rows_deleted the day's total
+    (see day_deleted); the row written."""
+    day = {"table_name": result.table_name, "as_of": result.as_of}
+    earlier = warehouse.query_arrow(sql_text("sync_ledger_deleted.sql"), day).to_pylist()
+    result = result.model_copy(
+        update={"rows_deleted": day_deleted([r["rows_deleted"] for r in earlier], result)}
     )
-    warehouse.execute(sql_text("sync_ledger_insert.sql"), row)
+    warehouse.execute(sql_text("sync_ledger_delete.sql"), day)
+    warehouse.execute(sql_text("sync_ledger_insert.sql"), result.model_dump())
+    return result
+
+
+def day_deleted(earlier: list[int | None], result: TableResult) -> int | None:
+    """The rows a day's runs deleted: the earlier runs' count plus this run's.
+
+    A rerun deletes only what has gone from the source since; what an earlier run deleted stays
+    deleted (a failed run deletes nothing: it rolls back). The ledger keeps one row per table
+    and day, so the rerun's own count alone (often 0) would erase the deletion from the record.
+    """
+    counted = [n for n in [*earlier, result.rows_deleted] if n is not None]
+    return sum(counted) if counted else None
 
 
 def utc_now() -> datetime:
@@ -837,8 +851,7 @@ def sync_table(
             else:
                 counts = load_full(warehouse, spec, stream, source_counts)
             counts.warning = ahead_warning(spec, snapshot, utc_now())
-            done = result("succeeded", counts, None)
-            write_ledger(warehouse, done)
+            done = write_ledger(warehouse, result("succeeded", counts, None))
         return done
     except Exception as exc:
         # A failed extract reaches us wrapped by the warehouse that was reading it; its own error

@@ -1259,15 +1259,52 @@ def test_deletes_propagate_removes_the_gone_rows_with_the_day_load(
     finally:
         source.close()
     assert gone not in held and held == [r[key] for r in rows(warehouse, table, key)]
-    assert (second.status, second.rows_deleted, again.rows_deleted) == ("succeeded", 1, 0)
+    assert (second.status, second.rows_deleted) == ("succeeded", 1)
     assert second.warehouse_rows == len(held)
-    (ledger,) = warehouse.query_arrow(
-        "SELECT rows_deleted FROM sync_ledger WHERE table_name = @t AND as_of = @d",
-        {"t": table, "d": D2},
-    ).to_pylist()
-    assert ledger == {"rows_deleted": 0}  # the rerun's row replaced the first run's
+    # The rerun deleted nothing, but the day did delete a row: its ledger row still says so (it
+    # said 0, overwriting the first run's count, as if nothing had ever been deleted).
+    assert again.rows_deleted == 1 and ledger_deleted(warehouse, table, D2) == 1
     if table == "deferred_charges":  # the history of what was read keeps the deleted row
         assert gone in [r[key] for r in rows(warehouse, f"{table}__changes", key)]
+
+
+def ledger_deleted(wh: Warehouse, table: str, as_of: date) -> int | None:
+    """The rows_deleted of a table's one ledger row for `as_of`."""
+    (row,) = wh.query_arrow(
+        "SELECT rows_deleted FROM sync_ledger WHERE table_name = @t AND as_of = @d",
+        {"t": table, "d": as_of},
+    ).to_pylist()
+    return row["rows_deleted"]
+
+
+def broken(*args: Any) -> None:
+    """A step that fails (a warehouse or source gone mid-transaction)."""
+    raise OSError("gone")
+
+
+def test_reruns_of_a_day_add_up_the_rows_it_deleted(pg_url: str, warehouse, monkeypatch) -> None:
+    # Each run of a day deletes what is gone by then, and what an earlier run deleted stays
+    # deleted: the day's ledger row counts them all, a failed rerun included (it deleted nothing,
+    # rolled back, and the earlier deletion still stands).
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    source = open_source(db.url)
+    try:
+        spec = propagating(source, "card_transactions")
+        db.run("DELETE FROM card_transactions WHERE transaction_id = ?", [(100,)])
+        assert sync_table(source, warehouse, spec, D2).rows_deleted == 1
+        db.run("DELETE FROM card_transactions WHERE transaction_id = ?", [(101,)])
+        assert sync_table(source, warehouse, spec, D2).rows_deleted == 2
+        db.run("DELETE FROM card_transactions WHERE transaction_id = ?", [(102,)])  # none such
+        monkeypatch.setattr(sync, "ahead_warning", broken)  # after the deletion, in the transaction
+        with pytest.raises(OSError, match="gone"):
+            sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert ledger_deleted(warehouse, "card_transactions", D2) == 2
+    assert failed_ledger_error(warehouse, "card_transactions", D2) == "OSError: gone"
+    assert ledger_deleted(warehouse, "card_transactions", D1) is None  # deletes: fail then
 
 
 def test_deletes_propagate_rolls_back_with_a_failed_check(pg_url: str, warehouse) -> None:

@@ -63,6 +63,7 @@ and waited for by the first check, still inside the warehouse transaction.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -92,6 +93,7 @@ from tasks.sync_config import (
     resolve_columns,
 )
 from tasks.warehouse import Warehouse, WarehouseError, open_warehouse
+from tasks.warehouse.bigquery import BigQueryWarehouse
 from tasks.warehouse.duckdb import DuckDBWarehouse
 
 __all__ = [
@@ -114,6 +116,7 @@ __all__ = [
 ]
 
 SQL_DIR = Path(__file__).with_name("sql")
+log = logging.getLogger(__name__)
 LEDGER = "sync_ledger"
 # An increment up to this many rows (a day's, typically) is merged from an Arrow table in memory
 # (~150 bytes a row); a larger one, such as a catch-up over weeks, is staged in a temporary table.
@@ -317,12 +320,35 @@ def load_source_keys(warehouse: Warehouse, spec: TableSpec, keys: Any) -> str:
     """BigQuery: every source key (an ExtractStream) loaded into `<table>__source_keys`.
 
     A load job, so it must run before the transaction's first statement: BigQuery's transaction
-    reads its tables as of then, and would not see a table loaded later. Replaced at the next
-    use (a transaction takes no DDL to drop it).
+    reads its tables as of then, and would not see a table loaded later. Dropped once the
+    transaction has ended (see source_keys_dropped): a transaction takes no DDL to drop it.
     """
-    table = f"{spec.name}__source_keys"
+    table = source_keys_table(spec)
     warehouse.replace_table(table, keys.reader)
     return table
+
+
+def source_keys_table(spec: TableSpec) -> str:
+    """The scratch table BigQuery loads a table's source keys into."""
+    return f"{spec.name}__source_keys"
+
+
+@contextlib.contextmanager
+def source_keys_dropped(warehouse: Warehouse, spec: TableSpec) -> Iterator[None]:
+    """Drop the table's source keys (BigQuery, deletes: propagate) once the block, which holds
+    the day's transaction, has ended, committed or not: every source key, left in the dataset,
+    would be a copy nobody reads, billed as storage until the next sync replaced it."""
+    try:
+        yield
+    finally:
+        if spec.deletes == "propagate" and isinstance(warehouse, BigQueryWarehouse):
+            try:
+                warehouse.drop_table(source_keys_table(spec))
+            except Exception as exc:
+                # The day's outcome stands either way; the next sync replaces the table.
+                log.warning(
+                    "sync of %s: %s not dropped: %s", spec.name, source_keys_table(spec), exc
+                )
 
 
 @contextlib.contextmanager
@@ -833,7 +859,12 @@ def sync_table(
             warehouse.create_table_if_missing(
                 spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
             )
-        with source.snapshot() as snapshot, warehouse.transaction(bulk=True):
+        # Exited in reverse order: the scratch table goes after the transaction has ended.
+        with (
+            source_keys_dropped(warehouse, spec),
+            source.snapshot() as snapshot,
+            warehouse.transaction(bulk=True),
+        ):
             # The counts may still be running: the read is sized by their estimate, and the
             # checks below wait for the figures before anything commits.
             source_counts = snapshot.counts(spec, window, band_start(spec, window))

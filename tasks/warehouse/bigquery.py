@@ -238,6 +238,10 @@ class BigQueryWarehouse:
         decorator = f"{self._ref(table)}${partition_value:%Y%m%d}"
         self._load(decorator, data, partition_column)
 
+    def drop_table(self, table: str) -> None:
+        """Drop `table` if it exists (a table API call: no query job, outside any transaction)."""
+        self.client.delete_table(self._ref(table), not_found_ok=True)
+
     @contextmanager
     def transaction(self, bulk: bool = False) -> Iterator[None]:
         """A multi-statement transaction in a session, begun at the first statement inside.

@@ -73,6 +73,7 @@ class FakeBigQueryClient:
         self.queries: list[tuple[str, bigquery.QueryJobConfig]] = []
         self.loads: list[tuple[str, bigquery.LoadJobConfig, pa.Table]] = []
         self.created: list[bigquery.Table] = []
+        self.deleted: list[str] = []
         self.db = duckdb.connect()
         self.db.execute("SET TimeZone = 'UTC'")
 
@@ -122,6 +123,15 @@ class FakeBigQueryClient:
         duck = ";".join(sqlglot.transpile(sql, read="bigquery", write="duckdb"))
         relation = self.db.sql(duck, params=params)
         return FakeJob(relation.to_arrow_table() if relation is not None else None)
+
+    def delete_table(self, ref: str, not_found_ok: bool = False) -> None:
+        self.deleted.append(ref)
+        table = self._table(ref)
+        if not self._exists(table):
+            if not_found_ok:
+                return
+            raise NotFound(ref)
+        self.db.execute(f'DROP TABLE "{table}"')
 
     def load_table_from_file(
         self, file: Any, destination: str, job_config: bigquery.LoadJobConfig, location: Any = None
@@ -344,3 +354,48 @@ def test_deletes_propagate_loads_the_source_keys_before_the_transaction(tmp_path
     assert events.index("load deferred_charges__source_keys") < events.index("BEGIN TRANSACTION")
     held = warehouse.query_arrow("SELECT charge_id FROM deferred_charges").to_pylist()
     assert held == [{"charge_id": 2}]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_source_keys_table_is_dropped_once_the_transaction_ends(
+    tmp_path: Path, monkeypatch, fails: bool
+) -> None:
+    # `<table>__source_keys` (every source key, loaded for deletes: propagate) stayed in the
+    # dataset after each sync: a copy of the keys nobody reads, billed as storage. A transaction
+    # takes no DDL on it, so it goes once the transaction has committed or rolled back.
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    events: list[str] = []
+    query, delete = client.query, client.delete_table
+
+    def recorded_query(sql: str, *args: Any, **kwargs: Any) -> FakeJob:
+        events.append(sql.strip())
+        return query(sql, *args, **kwargs)
+
+    def recorded_delete(ref: str, *args: Any, **kwargs: Any) -> None:
+        events.append(f"delete {ref.rpartition('.')[2]}")
+        delete(ref, *args, **kwargs)
+
+    client.query = recorded_query  # type: ignore[method-assign]
+    client.delete_table = recorded_delete  # type: ignore[method-assign]
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    propagate = replace(charges, deletes="propagate")
+    sync_table(source, warehouse, propagate, date(2026, 11, 21))
+    if fails:
+
+        def crash(*args: Any) -> None:
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(sync, "ahead_warning", crash)
+        with pytest.raises(OSError, match="connection reset"):
+            sync_table(source, warehouse, propagate, date(2026, 11, 22))
+    source.close()
+    end = "ROLLBACK TRANSACTION" if fails else "COMMIT TRANSACTION"
+    last_end = len(events) - 1 - events[::-1].index(end)
+    assert "delete deferred_charges__source_keys" in events[last_end:]
+    assert not warehouse.table_exists("deferred_charges__source_keys")

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from paylater.postgres import bounded_url
 from tasks.sync_config import (
     ConfigError,
+    SourceLocked,
     SourceTimeout,
     SourceUnavailable,
     TableSpec,
@@ -215,9 +216,14 @@ class SourceCounts:
         return f"SourceCounts({figures}, band_start={self.band_start!r}, estimate={self.estimate})"
 
 
-# How the server words a statement cancelled by its statement_timeout: running it again meets
-# the same limit, so it is not transient (SourceTimeout), unlike the other cancellations below.
+# How the server words a statement cancelled by its statement_timeout, and a session it ended
+# for idling in a transaction past idle_in_transaction_session_timeout: running it again meets
+# the same limit, so neither is transient (SourceTimeout), unlike the other cancellations below.
 _STATEMENT_TIMEOUT = re.compile(r"canceling statement due to statement timeout", re.IGNORECASE)
+_IDLE_TIMEOUT = re.compile(r"idle-in-transaction timeout|idle_in_transaction", re.IGNORECASE)
+# A statement cancelled by lock_timeout: another session holds a lock on the table, which it
+# may release, so it is retried (SourceLocked), under a message naming the setting.
+_LOCK_TIMEOUT = re.compile(r"canceling statement due to lock timeout", re.IGNORECASE)
 # How libpq and the server word a session that ended or a statement they cancelled (a restart,
 # a failover, pg_terminate_backend, a conflict with recovery on a replica): nothing wrong with
 # the data, so the task that read it is worth retrying.
@@ -229,22 +235,43 @@ _SESSION_LOST = re.compile(
 )
 
 
-def statement_timeout(error: BaseException, table: str) -> SourceTimeout | None:
-    """SourceTimeout naming the setting to raise when `error` (the driver's, from a count or the
-    read) is PostgreSQL cancelling a statement for its statement_timeout; None otherwise."""
-    if isinstance(error, SourceTimeout):
+def server_timeout(error: BaseException, table: str) -> SourceTimeout | SourceLocked | None:
+    """The sync's error for `error` (the driver's, from a count or the read) when it is one of
+    PostgreSQL's timeouts, naming the setting: SourceTimeout (statement_timeout, or
+    idle_in_transaction_session_timeout) or SourceLocked (lock_timeout); None otherwise."""
+    if isinstance(error, SourceTimeout | SourceLocked):
         return error
-    if not _STATEMENT_TIMEOUT.search(str(error)):
+    text = str(error)
+    reason = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    named: SourceTimeout | SourceLocked
+    if _STATEMENT_TIMEOUT.search(text):
+        named = SourceTimeout(
+            f"sync of {table}: a source query ran past PostgreSQL's statement_timeout and was"
+            f" cancelled ({reason}); not retried, since it would time out again: raise"
+            " statement_timeout for the sync's role or database (ALTER ROLE ... SET"
+            " statement_timeout = '30min'), or in the source URL (options=-c statement_timeout=...)"
+        )
+    elif _IDLE_TIMEOUT.search(text):
+        named = SourceTimeout(
+            f"sync of {table}: PostgreSQL ended a source session idle in its transaction past"
+            f" idle_in_transaction_session_timeout ({reason}); not retried, since the sync's"
+            " session idles in its snapshot while the readers and the warehouse work, and would"
+            " be ended again. The sync turns the setting off for its own sessions: whatever sets"
+            " it back (a pooler's session reset) must leave them alone, or raise it for the"
+            " sync's role (ALTER ROLE ... SET idle_in_transaction_session_timeout = 0)"
+        )
+    elif _LOCK_TIMEOUT.search(text):
+        named = SourceLocked(
+            f"sync of {table}: a source query waited past PostgreSQL's lock_timeout for a lock"
+            f" another session holds on the table ({reason}); retried, since the holder (a"
+            " migration, a VACUUM FULL, a long transaction) may let go: if it recurs, find it"
+            " in pg_locks, or raise lock_timeout for the sync's role (ALTER ROLE ... SET"
+            " lock_timeout = '5min')"
+        )
+    else:
         return None
-    reason = str(error).strip().splitlines()[0]
-    timeout = SourceTimeout(
-        f"sync of {table}: a source query ran past PostgreSQL's statement_timeout and was"
-        f" cancelled ({reason}); not retried, since it would time out again: raise"
-        " statement_timeout for the sync's role or database (ALTER ROLE ... SET"
-        " statement_timeout = '30min'), or in the source URL (options=-c statement_timeout=...)"
-    )
-    timeout.__cause__ = error
-    return timeout
+    named.__cause__ = error
+    return named
 
 
 class ExtractStream:
@@ -269,14 +296,14 @@ class ExtractStream:
 
     def failure(self) -> Exception | None:
         """The extract's own error, if it failed; SourceUnavailable (transient) when the source
-        session was lost or its statement cancelled (other than by statement_timeout: see
-        `statement_timeout`). The driver raises those as OSError or ArrowInvalid, which say
+        session was lost or its statement cancelled (other than by one of the timeouts
+        `server_timeout` names). The driver raises those as OSError or ArrowInvalid, which say
         nothing about retrying."""
         error = self.error
         if not isinstance(error, Exception):
             return None
         text = str(error)
-        session_lost = _SESSION_LOST.search(text) and not _STATEMENT_TIMEOUT.search(text)
+        session_lost = _SESSION_LOST.search(text) and server_timeout(error, "") is None
         if not isinstance(error, SourceUnavailable) and session_lost:
             reason = str(error).strip().splitlines()[0]
             lost = SourceUnavailable(f"source connection lost during the read: {reason}")
@@ -558,6 +585,12 @@ class PostgresSource:
                     # window's bounds are instants, which the server compares with it in the
                     # session's zone.
                     cur.execute("SET TIME ZONE 'UTC'")
+                    # The driver (autocommit off, for the snapshot) opens the next transaction
+                    # at once after each commit or rollback, so the session idles in one
+                    # whenever the readers or the warehouse work: a server-wide timeout for
+                    # forgotten transactions would end it, and the pinned driver aborts the
+                    # process at its next statement (apache/arrow-adbc#3878).
+                    cur.execute("SET idle_in_transaction_session_timeout = 0")
                 conn.commit()
             except BaseException:
                 with contextlib.suppress(Exception):

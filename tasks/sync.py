@@ -79,12 +79,13 @@ from pydantic import BaseModel, Field
 
 from paylater.settings import get_settings
 from paylater.timeutil import day_end_utc
-from tasks.extract import Source, SourceCounts, Window, open_source, statement_timeout
+from tasks.extract import Source, SourceCounts, Window, open_source, server_timeout
 from tasks.sync_config import (
     ConfigError,
     CountMismatch,
     KeyViolation,
     SchemaMismatch,
+    SourceLocked,
     SourceTimeout,
     SourceUnavailable,
     SyncError,
@@ -101,6 +102,7 @@ __all__ = [
     "CountMismatch",
     "KeyViolation",
     "SchemaMismatch",
+    "SourceLocked",
     "SourceTimeout",
     "SourceUnavailable",
     "SyncError",
@@ -889,9 +891,9 @@ def sync_table(
         # (the source connection lost, a statement timeout) is the cause, and what decides
         # whether the task is retried.
         cause = (stream.failure() if stream is not None else None) or exc
-        # A statement timeout, wherever it struck (a count, the read), is no lost session.
-        timed_out = statement_timeout(stream.error if stream and stream.error else cause, spec.name)
-        cause = timed_out or statement_timeout(exc, spec.name) or cause
+        # A server timeout, wherever it struck (a count, the read), is no lost session.
+        timed_out = server_timeout(stream.error if stream and stream.error else cause, spec.name)
+        cause = timed_out or server_timeout(exc, spec.name) or cause
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
         with contextlib.suppress(Exception):
@@ -975,8 +977,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, SyncError | WarehouseError):
         return False
-    if statement_timeout(exc, "a table") is not None:
-        return False  # the driver's own error, before sync_table named it: the same again
+    named = server_timeout(exc, "a table")  # the driver's own error, before sync_table named it
+    if named is not None:
+        return isinstance(named, SourceUnavailable)  # a lock may be released; a limit stays
     names = {cls.__name__ for cls in type(exc).__mro__}
     return isinstance(exc, ConnectionError | TimeoutError) or "OperationalError" in names
 

@@ -40,10 +40,16 @@ class SourceUnavailable(SyncError):
     """The operational database cannot be reached (transient: the task retries it)."""
 
 
+class SourceLocked(SourceUnavailable):
+    """A source query waited past PostgreSQL's lock_timeout for a lock another session holds on
+    the table (a migration, a VACUUM FULL): transient, the holder may let go before the retry."""
+
+
 class SourceTimeout(SyncError):
-    """A source query ran past PostgreSQL's statement_timeout and was cancelled. Not transient:
-    a retry runs the same query against the same limit, so it would only burn the sync's window
-    timing out again; the setting must be raised (or the read made cheaper)."""
+    """A source query ran past PostgreSQL's statement_timeout and was cancelled, or a source
+    session idle in its transaction past idle_in_transaction_session_timeout was ended. Not
+    transient: a retry meets the same limit, so it would only burn the sync's window timing out
+    again; the setting must be raised (or the read made cheaper)."""
 
 
 class CountMismatch(SyncError):

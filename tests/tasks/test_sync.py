@@ -1233,6 +1233,90 @@ def test_a_statement_timeout_fails_the_table_naming_the_setting_and_is_not_retri
     assert error.startswith("SourceTimeout:") and "statement_timeout" in error
 
 
+@pytest.mark.postgres
+def test_a_lock_timeout_fails_the_table_naming_the_setting_and_is_retried(
+    pg_url: str, warehouse
+) -> None:
+    # A source query cancelled by PostgreSQL's lock_timeout (another session holding a lock on
+    # the table: a migration, a VACUUM FULL) was reported as the driver's raw error and not
+    # retried from a count, or as a lost connection from the read. The holder may let go, so it
+    # is retried, under a message that names the setting and the way to find the holder.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    source = open_source(pg_url)
+    try:
+        spec = pg_spec(source, "topups")
+    finally:
+        source.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {pg_url.rpartition('/')[2]} SET lock_timeout = '100ms'")
+    source = open_source(pg_url)
+    try:
+        with psycopg.connect(pg_url) as holder:
+            holder.execute("LOCK TABLE topups IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(sync.SourceLocked, match=r"lock_timeout") as failed:
+                sync_table(source, warehouse, spec, D1)
+            holder.rollback()
+        assert sync.is_transient(failed.value)
+        assert "canceling statement due to lock timeout" in str(failed.value)
+        error = failed_ledger_error(warehouse, "topups", D1)
+        assert error.startswith("SourceLocked:") and "lock_timeout" in error
+        assert sync_table(source, warehouse, spec, D1).status == "succeeded"  # the retry
+    finally:
+        source.close()
+
+
+@pytest.mark.postgres
+def test_the_sync_sessions_outlive_an_idle_in_transaction_timeout(
+    pg_url: str, warehouse, monkeypatch
+) -> None:
+    # The driver keeps each source session in an open transaction between statements (the
+    # snapshot's, or the one it opens after a commit), idle while the readers and the warehouse
+    # work. A database-wide idle_in_transaction_session_timeout shorter than such a pause killed
+    # the session, and the pinned driver then aborted the whole process at its next statement.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            f"ALTER DATABASE {pg_url.rpartition('/')[2]}"
+            " SET idle_in_transaction_session_timeout = '100ms'"
+        )
+    held, band = sync.check_held_columns, sync.check_band
+
+    def pause_then(step):
+        def paused(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(0.5)  # a slow warehouse call, longer than the timeout
+            return step(*args, **kwargs)
+
+        return paused
+
+    monkeypatch.setattr(sync, "check_held_columns", pause_then(held))  # before the snapshot
+    monkeypatch.setattr(sync, "check_band", pause_then(band))  # inside it
+    source = open_source(pg_url)
+    try:
+        spec = pg_spec(source, "deferred_charges")
+        first = sync_table(source, warehouse, spec, D1)
+        second = sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert (first.status, second.status) == ("succeeded", "succeeded")
+
+
+def test_an_idle_in_transaction_kill_is_named_and_not_retried(pg_url: str) -> None:
+    # Should a session be killed anyway (the setting reapplied by a pooler), the server's
+    # FATAL is no lost connection to retry: the same pause would meet the same limit.
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET idle_in_transaction_session_timeout = '100ms'")
+        time.sleep(0.5)
+        with pytest.raises(psycopg.Error) as killed:
+            conn.execute("SELECT 1")
+    assert "idle-in-transaction timeout" in str(killed.value)
+    assert not sync.is_transient(killed.value)
+    named = sync.server_timeout(killed.value, "topups")
+    assert isinstance(named, sync.SourceTimeout)
+    assert "idle_in_transaction_session_timeout" in str(named)
+
+
 def propagating(source, table: str):
     """One configured table, validated, with deletes: propagate."""
     return replace(pg_spec(source, table), deletes="propagate")

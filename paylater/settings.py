@@ -249,7 +249,8 @@ class Settings(BaseSettings):
             " unseen (host lost, a hang) and Prefect will never mark it Crashed. 3: three times"
             " the longest job (the monthly retrain, under an hour; Cloud Run's job timeout in"
             " prefect.yaml is 1 h). Raise it above your longest run, a backfill's daily-pipeline"
-            " run included."
+            " run included, or give a long job its own limit in"
+            " PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT."
         ),
     )
     monitor_stuck_runs_critical: int = Field(
@@ -257,6 +258,16 @@ class Settings(BaseSettings):
         description=(
             "Stuck flow runs: critical (pages). 1: every stuck run pages, as a crash does; a"
             " higher number makes fewer a warning."
+        ),
+    )
+    monitor_stuck_run_hours_by_deployment: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Per-deployment limits of the stuck_flow_runs check, in hours, JSON:"
+            ' {"daily-sync": 1.5, "monthly-retrain": 8}. A key names a deployment, or'
+            " 'flow/deployment' when two flows share a deployment name (that key wins); other"
+            " deployments keep PAYLATER_MONITOR_STUCK_RUN_HOURS. Each a number above 0: a short"
+            " daily job is caught sooner, a long job is not paged while it legitimately runs."
         ),
     )
     # --- end monitoring ---

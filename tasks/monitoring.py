@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -256,8 +256,31 @@ def check_windows(settings: Settings) -> None:
                 f"{_env(name)} must be a number of {unit} above 0 (is {value:g}): at or below 0 "
                 f"{symptom}"
             )
+    problems += stuck_limit_problems(settings.monitor_stuck_run_hours_by_deployment)
     if problems:
         raise ValueError("monitoring thresholds: " + "; ".join(problems))
+
+
+STUCK_LIMITS_SETTING = "monitor_stuck_run_hours_by_deployment"
+
+
+def stuck_limit_problems(limits: Mapping[str, float]) -> list[str]:
+    """What is wrong with the per-deployment stuck limits: each key a deployment's name (or
+    'flow/deployment'), each value a finite number of hours above 0, like the global limit."""
+    env = _env(STUCK_LIMITS_SETTING)
+    problems = []
+    for key, hours in limits.items():
+        if not key.strip() or key != key.strip() or key.strip("/") != key:
+            problems.append(
+                f"{env} has the key {key!r}: name a deployment ('daily-sync') or a flow's"
+                " deployment ('daily-sync/daily-sync'), without blanks around it"
+            )
+        elif not (math.isfinite(hours) and hours > 0):
+            problems.append(
+                f"{env}[{key!r}] must be a number of hours above 0 (is {hours:g}): at or below 0"
+                " every run of it counts as stuck the moment it starts"
+            )
+    return problems
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -566,25 +589,46 @@ def measure_late_runs(
     return Measurement("late_flow_runs", float(len(late)), detail)
 
 
+def stuck_limit_hours(run: FlowRunInfo, default_hours: float, limits: Mapping[str, float]) -> float:
+    """How long `run` may run before it is stuck: its 'flow/deployment' limit, else its
+    deployment name's, else the global one."""
+    for key in (f"{run.flow}/{run.deployment}", run.deployment):
+        if run.deployment and key in limits:
+            return float(limits[key])
+    return default_hours
+
+
 def measure_stuck_runs(
-    running: Iterable[FlowRunInfo], now: datetime, stuck_hours: float
+    running: Iterable[FlowRunInfo],
+    now: datetime,
+    stuck_hours: float,
+    limits: Mapping[str, float] | None = None,
 ) -> Measurement:
-    """Deployment runs RUNNING (or CANCELLING) for `stuck_hours` or more, longest first.
+    """Deployment runs RUNNING (or CANCELLING) past their limit, longest first: `limits`' hours
+    for their deployment (see stuck_limit_hours), else `stuck_hours`.
 
     A run whose process vanished without a word (its host lost, an OOM kill of the whole
     machine, a hang) is never reported Crashed: it stays RUNNING, so the crashed, failed and late
     checks never see it, and its job silently stops producing.
     """
-    cutoff = now - timedelta(hours=stuck_hours)
-    stuck = _overdue(running, RUNNING_STATES, lambda r: r.state_since, cutoff)
+    limits = limits or {}
+
+    def hours(r: FlowRunInfo) -> float:
+        return stuck_limit_hours(r, stuck_hours, limits)
+
+    stuck = [
+        r
+        for r in _overdue(running, RUNNING_STATES, lambda r: r.state_since, now)
+        if r.state_since is not None and as_utc(r.state_since) <= now - timedelta(hours=hours(r))
+    ]
 
     def describe(r: FlowRunInfo) -> str:
-        since = as_utc(r.state_since or cutoff)
+        since = as_utc(r.state_since or now)
         lasted = format_value((now - since).total_seconds(), "s")
         state = "" if r.state_type == "RUNNING" else f" ({r.state_type})"
         return (
             f"{r.flow}/{r.name} (deployment {r.deployment or 'none'}) running{state} since"
-            f" {since:%Y-%m-%d %H:%M} UTC, for {lasted}"
+            f" {since:%Y-%m-%d %H:%M} UTC, for {lasted} (limit {format_value(hours(r) * 3600, 's')})"
         )
 
     return Measurement("stuck_flow_runs", float(len(stuck)), _listed(stuck, describe))
@@ -765,7 +809,12 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
         measure_crashed_flows(latest),
         measure_failed_flows(latest),
         measure_late_runs(waiting, now, settings.monitor_late_run_minutes),
-        measure_stuck_runs(running, now, settings.monitor_stuck_run_hours),
+        measure_stuck_runs(
+            running,
+            now,
+            settings.monitor_stuck_run_hours,
+            settings.monitor_stuck_run_hours_by_deployment,
+        ),
     ]
 
 

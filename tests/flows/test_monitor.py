@@ -282,9 +282,11 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
     pagerduty: Receiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A deployment's run the API shows RUNNING past PAYLATER_MONITOR_STUCK_RUN_HOURS (what a
+    """A deployment's run the API shows RUNNING past its deployment's limit
+    (PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT, else PAYLATER_MONITOR_STUCK_RUN_HOURS; what a
     run whose host was lost looks like: nobody reports it again) pages, naming the run, its
-    deployment and since when. (The process really vanishing, and the monitor's own run left
+    deployment, since when and the limit; a run of another deployment within the global limit
+    does not count. (The process really vanishing, and the monitor's own run left
     out, are tests/tasks/test_monitoring_flow_runs.py's.)"""
     import asyncio
     import time
@@ -299,21 +301,26 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
     point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
-    monkeypatch.setenv("PAYLATER_MONITOR_STUCK_RUN_HOURS", str(2 / 3600))  # 2 s
     name = f"paylater-test-stuck-{uuid.uuid4().hex[:8]}"
+    # the nightly job's own limit, 2 s; its weekly twin keeps the global 3 h, so is not stuck
+    monkeypatch.setenv(
+        "PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT", json.dumps({f"{name}/nightly": 2 / 3600})
+    )
 
     @flow(name=name)
     def job() -> None:
         """Never run here: only its deployment's run exists."""
 
-    async def a_run_left_running() -> Any:
-        deployment_id = await Runner(name=f"r-{uuid.uuid4().hex[:8]}").add_flow(job, name="nightly")
+    async def a_run_left_running(deployment: str) -> Any:
+        runner = Runner(name=f"r-{uuid.uuid4().hex[:8]}")
+        deployment_id = await runner.add_flow(job, name=deployment)
         async with get_client() as client:
             run = await client.create_flow_run_from_deployment(deployment_id)
             await client.set_flow_run_state(run.id, Running(), force=True)
             return run
 
-    run = asyncio.run(a_run_left_running())
+    run = asyncio.run(a_run_left_running("nightly"))
+    weekly = asyncio.run(a_run_left_running("weekly"))
     try:
         time.sleep(2.5)  # past the 2 s limit (the limit, not an assertion, waits)
         results = {r.check: r for r in monitor()}
@@ -322,11 +329,13 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
         (fired,) = [p for p in receiver.take() if "stuck_flow_runs" in p["subject"]]
         assert fired["subject"] == "[FIRING] paylater critical: stuck_flow_runs"
         assert f"{name}/{run.name} (deployment nightly) running since" in fired["body"]
+        assert "(limit 2 s)" in fired["body"] and weekly.name not in fired["body"]
         assert "runbook: docs/runbook.md#stuck_flow_runs" in fired["body"]
         assert [e["event_action"] for e in pagerduty.take()] == ["trigger"]
     finally:
         with get_client(sync_client=True) as client:
             client.delete_flow_run(run.id)
+            client.delete_flow_run(weekly.id)
 
 
 def test_a_build_whose_publish_failed_alerts_on_the_online_features_age(

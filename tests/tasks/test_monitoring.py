@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -712,6 +713,38 @@ def test_windows_that_cannot_work_are_refused_naming_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=f"{variable} must be"):
         check_windows(Settings())
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            '{"daily-sync": 0}',
+            "BY_DEPLOYMENT['daily-sync'] must be a number of hours above 0 (is 0)",
+        ),
+        ('{"monthly-retrain": -8}', "BY_DEPLOYMENT['monthly-retrain'] must be a number of hours"),
+        ('{"daily-sync": NaN}', "BY_DEPLOYMENT['daily-sync'] must be a number of hours"),
+        ('{"daily-sync": Infinity}', "BY_DEPLOYMENT['daily-sync'] must be a number of hours"),
+        ('{" daily-sync": 1}', "has the key ' daily-sync': name a deployment"),
+        ('{"daily-sync/": 1}', "has the key 'daily-sync/': name a deployment"),
+        ('{"": 1}', "has the key '': name a deployment"),
+    ],
+)
+def test_per_deployment_stuck_limits_that_cannot_work_are_refused_naming_the_key(
+    value: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit of 0 makes every run of that deployment stuck the moment it starts (a page per
+    daily sync); a key with blanks or a stray slash never matches a deployment, so the limit
+    meant for it silently falls back to the global one. Each is refused before any check."""
+    from tasks.monitoring import check_windows
+
+    variable = "PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT"
+    monkeypatch.setenv(variable, '{"daily-sync": 1.5, "monthly-retrain/monthly-retrain": 8}')
+    check_windows(Settings())  # sound limits pass
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        check_windows(Settings())
+    assert str(refused.value).startswith(f"monitoring thresholds: {variable}")
 
 
 def test_resolve_after_runs_below_1_is_refused_naming_the_variable() -> None:

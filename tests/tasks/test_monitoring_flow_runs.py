@@ -94,6 +94,48 @@ def test_stuck_runs_are_the_ones_running_past_the_limit() -> None:
     assert measure_stuck_runs(runs[:1], NOW, stuck_hours=3).value == 0.0
 
 
+def test_stuck_limits_per_deployment_override_the_global_one() -> None:
+    """A stuck daily sync is caught after its own limit, while the monthly retrain running long
+    is not paged under the global 3 h; 'flow/deployment' wins over a bare deployment name."""
+
+    def running(flow: str, deployment: str, hours: float) -> FlowRunInfo:
+        since = NOW - timedelta(hours=hours)
+        return FlowRunInfo(
+            flow=flow,
+            name=f"{deployment}-{hours:g}h",
+            state_type="RUNNING",
+            message="",
+            end_time=None,
+            expected_start_time=since,
+            deployment=deployment,
+            state_since=since,
+        )
+
+    runs = [
+        running("daily-sync", "daily-sync", 1.6),  # past its 1.5 h
+        running("daily-sync", "daily-sync", 1.2),  # within it
+        running("monthly-retrain", "monthly-retrain", 5),  # within its 8 h, past the global 3
+        running("monthly-retrain", "monthly-retrain", 9),  # past its 8 h
+        running("feature-build", "feature-build", 3.5),  # no limit of its own: the global 3 h
+        running("other-flow", "daily-sync", 1.6),  # its flow/deployment key: 2 h
+    ]
+    limits = {"daily-sync": 1.5, "monthly-retrain": 8, "other-flow/daily-sync": 2}
+    m = measure_stuck_runs(runs, NOW, stuck_hours=3, limits=limits)
+    assert m.value == 3.0, m.detail
+    assert m.detail == (
+        "monthly-retrain/monthly-retrain-9h (deployment monthly-retrain) running since"
+        " 2026-11-27 03:00 UTC, for 9.0 h (limit 8.0 h); feature-build/feature-build-3.5h"
+        " (deployment feature-build) running since 2026-11-27 08:30 UTC, for 3.5 h (limit 3.0 h);"
+        " daily-sync/daily-sync-1.6h (deployment daily-sync) running since 2026-11-27 10:24 UTC,"
+        " for 1.6 h (limit 1.5 h)"
+    )
+    # without per-deployment limits, the global one decides alone (as before)
+    assert measure_stuck_runs(runs, NOW, stuck_hours=3).value == 3.0  # 9 h, 5 h, 3.5 h
+    assert measure_stuck_runs(runs, NOW, stuck_hours=3, limits={}).detail.startswith(
+        "monthly-retrain/monthly-retrain-9h"
+    )
+
+
 def test_late_runs_are_the_ones_waiting_past_the_limit() -> None:
     waiting = [
         run_info("SCHEDULED", 45, name="late-one"),

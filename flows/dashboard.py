@@ -15,7 +15,9 @@ from tasks.dashboard import (
     artifact_markdown,
     daily_monitoring,
     drift_measurements,
+    drift_resolve_after_reports,
     gather_dashboard,
+    not_yet_counted,
     render_dashboard,
     store_daily,
     write_dashboard,
@@ -24,6 +26,7 @@ from tasks.monitoring import (
     Notification,
     ensure_incident_table,
     judge,
+    open_incidents,
     open_queue_db,
     reconcile,
     utc_now,
@@ -53,22 +56,28 @@ def store(daily: DailyMonitoring) -> None:
 
 @task(retries=2, retry_delay_seconds=60)
 def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]:
-    """Open or resolve the drift incidents and alert (same dedup table as the 5-minute monitor).
+    """Open or resolve the drift incidents and alert (same dedup table and hysteresis as the
+    5-minute monitor, counted in reports: PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS).
 
-    An alert not delivered (Slack 429/5xx, PagerDuty refusing the page) leaves its incident
-    unchanged for a resend, and these checks run once a day: the task fails, so Prefect resends
-    it, and once its retries run out the flow fails (the monitor's failed_flows check pages).
+    A retry of this task judges the same report: the incidents its failed attempt already
+    recorded are left out, so it counts once. An alert not delivered (Slack 429/5xx, PagerDuty
+    refusing the page) leaves its incident unchanged for a resend, and these checks run once a
+    day: the task fails, so Prefect resends it, and once its retries run out the flow fails (the
+    monitor's failed_flows check pages).
     """
     settings = get_settings()
+    clear_runs = drift_resolve_after_reports(settings)
+    results = judge(drift_measurements(daily, settings.monitor_psi_ignore), settings)
     engine = open_queue_db(settings)
     counted = Deliveries()
     try:
         ensure_incident_table(engine)
         delivered = reconcile(
             engine,
-            judge(drift_measurements(daily, settings.monitor_psi_ignore), settings),
+            not_yet_counted(results, open_incidents(engine), now),
             now,
             deliver=counted,
+            clear_runs=clear_runs,
         )
     finally:
         engine.dispose()

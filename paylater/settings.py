@@ -270,6 +270,17 @@ class Settings(BaseSettings):
             " daily job is caught sooner, a long job is not paged while it legitimately runs."
         ),
     )
+    monitor_drift_resolve_after_reports: int = Field(
+        default=2,
+        description=(
+            "Hysteresis of the drift alerts (feature_psi_max, score_psi), counted in monitoring"
+            " reports (about one a day), not in monitor runs: a drift incident steps down only"
+            " after this many reports in a row below its level, as the monitor's incidents do"
+            " after PAYLATER_MONITOR_RESOLVE_AFTER_RUNS runs. 2: one confirming day, so a PSI"
+            " hovering at its level does not page and resolve day after day. 1: resolve at the"
+            " first clean report."
+        ),
+    )
     # --- end monitoring ---
 
     # --- retrain / registry (owner: retrain; tasks/training.py, registry/, flows/monthly_retrain.py) ---

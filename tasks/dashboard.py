@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import io
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,7 @@ from tasks.drift import (
     production_vintages,
     vintage_rows,
 )
-from tasks.monitoring import Measurement, load_sql, open_incidents
+from tasks.monitoring import CheckResult, Measurement, as_utc, load_sql, open_incidents
 from tasks.storage import LocalStorage
 
 PLOT_IDS = (
@@ -461,6 +461,35 @@ def drift_measurements(daily: DailyMonitoring, ignore: Collection[str] = ()) -> 
         Measurement("feature_psi_max", feature_psi, detail),
         Measurement("score_psi", score_psi, score_detail),
     ]
+
+
+DRIFT_RESOLVE_SETTING = "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS"
+
+
+def drift_resolve_after_reports(settings: Settings) -> int:
+    """How many reports in a row below a drift incident's level step it down (hysteresis);
+    ValueError naming the setting when it cannot work (below 1: nothing would ever resolve)."""
+    reports = settings.monitor_drift_resolve_after_reports
+    if reports < 1:
+        raise ValueError(
+            f"monitoring thresholds: {DRIFT_RESOLVE_SETTING} must be 1 or more (is {reports}):"
+            " the monitoring reports in a row below its level after which a drift incident"
+            " resolves (1: at once)"
+        )
+    return int(reports)
+
+
+def not_yet_counted(
+    results: Iterable[CheckResult], incidents: Iterable[dict[str, Any]], now: datetime
+) -> list[CheckResult]:
+    """`results`, less those whose open incident this report (`now`) already recorded: a retry
+    of the report's alerting step must not count as another report toward resolving them."""
+    seen = {
+        i["check_name"]
+        for i in incidents
+        if i["last_seen_at"] is not None and as_utc(i["last_seen_at"]) == now
+    }
+    return [r for r in results if r.check not in seen]
 
 
 def gather_dashboard(

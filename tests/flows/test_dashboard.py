@@ -312,3 +312,146 @@ def test_a_production_model_the_training_set_cannot_score_does_not_hide_feature_
     assert daily.drift is not None and daily.drift.feature_psi["txn_count_30d"] > 0.25
     assert daily.drift.score_psi is None and daily.vintages == []
     assert any("lacks model features: gone_30d" in note for note in daily.notes)
+
+
+def write_scoring(day: date, users: pa.Table, users_features: list[str]) -> None:
+    """Store `users` as the scoring snapshot of `day`."""
+    from tasks.datasets import write_dataset
+    from tasks.storage import open_storage
+
+    write_dataset(
+        open_storage(),
+        "scoring",
+        day,
+        users.append_column("as_of", pa.array([day] * users.num_rows, pa.date32())),
+        features=users_features,
+        sql_hash="x",
+        source_watermark=None,
+    )
+
+
+def test_a_drift_incident_resolves_only_after_enough_clean_reports_in_a_row(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Drift alerts share the monitor's hysteresis, counted in reports: a PSI back under its
+    level for one day (a weekday's population, a value hovering at 0.25) no longer resolves the
+    page only for the next report to fire it again. With the default of 2, the first clean report
+    keeps the incident open, the second resolves it (and its page), once."""
+    from flows.dashboard import monitoring_report
+    from paylater.settings import get_settings
+    from registry.testing import (
+        USER_FEATURES,
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+    )
+    from registry.testing import write_dataset as write_training
+    from tasks.monitoring import open_incidents, open_queue_db
+
+    url, payloads = receiver
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    # no production model: feature drift is measured against the snapshot of the training day
+    training, _ = synthetic_training_table(1200, FIRST_MONTH, 6, seed=6)
+    trained = as_of_after(FIRST_MONTH, 6)
+    write_training(training, trained)
+    users = training.select(["user_id", *USER_FEATURES]).slice(0, 600)
+    shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
+    write_scoring(trained - timedelta(days=30), users, list(USER_FEATURES))  # the reference
+
+    def report(day: date, table: pa.Table) -> list[str]:
+        write_scoring(day, table, list(USER_FEATURES))
+        monitoring_report()
+        sent = [p["subject"] for p in payloads if "feature_psi_max" in p["subject"]]
+        payloads.clear()
+        return sent
+
+    assert report(trained + timedelta(days=1), shifted) == [
+        "[FIRING] paylater critical: feature_psi_max"
+    ]
+    assert report(trained + timedelta(days=2), users) == []  # one clean report: still open
+    engine = open_queue_db(get_settings())
+    try:
+        (incident,) = [i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"]
+        assert incident["severity"] == "critical" and incident["runs_ok"] == 1
+        assert report(trained + timedelta(days=3), users) == [
+            "[RESOLVED] paylater: feature_psi_max"
+        ]
+        assert [i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"] == []
+    finally:
+        engine.dispose()
+
+
+def test_a_retried_alerting_step_counts_its_report_once(
+    pg_url: str,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """drift_incidents is retried by Prefect when an alert is not delivered; each attempt judged
+    the same report again, so with hysteresis a retry counted as one more clean report and
+    resolved the other drift incident a day early. An attempt now leaves out the incidents an
+    earlier attempt of the same report already recorded; a later report counts."""
+    from flows.dashboard import drift_incidents
+    from paylater.settings import get_settings
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+    from tasks.monitoring import open_incidents, open_queue_db
+
+    url, payloads = receiver
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+    def daily(psi: float, day: int) -> DailyMonitoring:
+        drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
+        return DailyMonitoring(date(2026, 7, day), drift=drift, reference_day=date(2026, 5, 1))
+
+    first = datetime(2026, 7, 1, 20, 0, tzinfo=UTC)
+    (fired,) = drift_incidents.fn(daily(1.5, 1), first)
+    assert fired.subject == "[FIRING] paylater critical: feature_psi_max"
+    clean = first + timedelta(days=1)
+    assert drift_incidents.fn(daily(0.01, 2), clean) == []
+    assert drift_incidents.fn(daily(0.01, 2), clean) == []  # its retry: not a second report
+    engine = open_queue_db(get_settings())
+    try:
+        (incident,) = open_incidents(engine)
+        assert incident["runs_ok"] == 1
+        (resolved,) = drift_incidents.fn(daily(0.01, 3), clean + timedelta(days=1))
+        assert resolved.subject == "[RESOLVED] paylater: feature_psi_max"
+        assert open_incidents(engine) == []
+    finally:
+        engine.dispose()
+    assert [p["subject"] for p in payloads] == [fired.subject, resolved.subject]
+
+
+def test_a_drift_resolve_count_below_1_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from paylater.settings import Settings
+    from tasks.dashboard import drift_resolve_after_reports
+
+    monkeypatch.delenv("PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS", raising=False)
+    assert drift_resolve_after_reports(Settings()) == 2
+    monkeypatch.setenv("PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS", "0")
+    with pytest.raises(ValueError, match="PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS must be 1"):
+        drift_resolve_after_reports(Settings())

@@ -42,6 +42,9 @@ class Claim:
         self.conn, self.jobs, self.seconds = conn, jobs, seconds
         # A margin for writing the results before the lease runs out.
         self.deadline = time.monotonic() + 0.8 * seconds
+        # The renewal failure that closed the connection: the batch's write then fails only with
+        # "the connection is closed", which says nothing of what happened (a silent network).
+        self.broken: Exception | None = None
 
     def renew(self) -> None:
         """Extend the lease by its length from now; on failure keep the current deadline. When
@@ -52,6 +55,8 @@ class Claim:
             held = queue.extend_lease(self.conn, self.jobs, self.seconds)
         except Exception as exc:
             log.warning("could not renew the lease of a batch of %d: %r", len(self.jobs), exc)
+            if self.conn.closed and self.broken is None:
+                self.broken = exc
             return
         self.deadline = renewed_at + 0.8 * self.seconds if held else renewed_at
 
@@ -208,10 +213,9 @@ class Worker:
         jobs = queue.claim(conn, self.config.batch_size, self.config.lease_seconds)
         if not jobs:
             return 0, False
+        claim = Claim(conn, jobs, self.config.lease_seconds)
         try:
-            scored, shadows, failures = self.process(
-                jobs, Claim(conn, jobs, self.config.lease_seconds)
-            )
+            scored, shadows, failures = self.process(jobs, claim)
             # A single statement is atomic on its own; a transaction only when there are two.
             if failures and scored:
                 with conn.transaction():
@@ -222,7 +226,8 @@ class Worker:
                 statuses = self._fail(conn, failures)
         except Exception as exc:
             if conn.closed:  # the connection failed under the batch: give it back once reconnected
-                raise Unwritten(jobs) from exc
+                # The cause is what closed it: a lease renewal's failure, when one came first.
+                raise Unwritten(jobs) from claim.broken or exc
             raise
         self._account(jobs, scored, written, failures, statuses)
         unavailable = next((f for f in failures if f.unavailable), None)

@@ -250,3 +250,60 @@ def test_a_transaction_whose_client_went_silent_does_not_hold_its_jobs_locked(
 
     kit.wait_until(claimable, 90, "the silent client's transaction to let go of the job")
     conn.close()
+
+
+class TimingOutBackend(GatedBackend):
+    """A GatedBackend whose first (whole) batch gets no answer in time once released: the worker
+    renews the claim's lease before it tries the halves, which the inner backend then answers."""
+
+    def score(self, requests: Sequence[Any]) -> list[Any]:
+        """BackendTimeout for the first batch, after `release`; the inner outcomes after that."""
+        from worker.scoring import BackendTimeout
+
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the batch"
+            raise BackendTimeout("no answer in 0.3 s")
+        return list(self.inner.score(requests))
+
+
+@pytest.mark.timeout(240)
+def test_silence_first_met_by_a_lease_renewal_is_counted_as_no_answer(
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    silent_after: float,
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The renewal before a search got no answer and closed the connection; the write after it
+    then failed on the closed connection, and was counted as reason="error" (a broken
+    statement) instead of "no_answer" (a silent network), which is what happened."""
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = TimingOutBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
+    metrics = WorkerMetrics()
+    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    with kit.running(worker):
+        assert backend.entered.wait(60), "the worker never claimed the batch"
+        proxy.silence()
+        backend.release.set()  # the lease renewal now meets a silent network
+        kit.wait_until(lambda: worker.totals.database_errors, 90, "the lost batch to be counted")
+        proxy.resume(reset=True)
+        kit.wait_until(
+            lambda: all(s == "done" for s, _, _ in jobs_of(kit, queue_db, ids)),
+            90,
+            "the batch to be given back and scored once the database answers",
+        )
+    # Reconnects that timed out while it was silent count as reason="error"; only the batch's
+    # failure can be a no_answer.
+    assert sample(metrics, "paylater_worker_database_errors_total", reason="no_answer") == 1
+    [lost] = [
+        r.getMessage() for r in caplog.records if "giving back 6 claimed jobs" in r.getMessage()
+    ]
+    assert "gave no answer within" in lost
+    assert jobs_of(kit, queue_db, ids) == [("done", 1, 1)] * len(ids)

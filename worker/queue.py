@@ -147,21 +147,38 @@ def queue_url() -> str:
 
 
 def connect(
-    url: str, *, autocommit: bool = True, answer_timeout: float | None = None
+    url: str,
+    *,
+    autocommit: bool = True,
+    answer_timeout: float | None = None,
+    connect_timeout: int | None = None,
 ) -> psycopg.Connection[Any]:
     """A connection to the queue database: connect timeout, TCP keepalives and tcp_user_timeout
     (paylater.postgres.tcp_bounds); each call waits at most `answer_timeout` seconds for the
     server, then raises paylater.postgres.NoAnswer and closes the connection (None: unbounded).
     Bounded, the session's transactions are too: one whose client went silent before its COMMIT
     is ended by the server after IDLE_IN_TRANSACTION_FACTOR answer timeouts, instead of holding
-    its jobs' row locks (which every claim skips) until the server's keepalives notice, hours."""
-    conn = connect_bounded(require_postgres(url), answer_timeout, autocommit=autocommit)
+    its jobs' row locks (which every claim skips) until the server's keepalives notice, hours.
+    `connect_timeout`: seconds, at most (a URL's shorter one is kept)."""
+    url = require_postgres(url)
+    extra = {}
+    if connect_timeout is not None:
+        extra["connect_timeout"] = min(connect_timeout, _url_connect_timeout(url, connect_timeout))
+    conn = connect_bounded(url, answer_timeout, autocommit=autocommit, **extra)
     if answer_timeout is not None:
         idle_ms = int(IDLE_IN_TRANSACTION_FACTOR * answer_timeout * 1000)
         conn.execute(
             "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (str(idle_ms),)
         )
     return conn
+
+
+def _url_connect_timeout(url: str, default: int) -> int:
+    """The connect_timeout `url` sets (`default` when none, or none libpq would read as one)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = str(conninfo_to_dict(url).get("connect_timeout", ""))
+    return int(given) if given.isdigit() and int(given) > 0 else default
 
 
 def ensure_schema(conn: psycopg.Connection[Any]) -> None:

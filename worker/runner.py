@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from worker import queue
@@ -164,6 +164,11 @@ class Unwritten(Exception):
         super().__init__(f"a batch of {len(jobs)} claimed jobs was not written")
         self.jobs = jobs
 
+
+SHUTDOWN_GIVE_BACK_SECONDS = 5
+"""How long a stopping worker tries to give back a batch it could not write (connecting, then
+the statement: at most about twice this): long enough for a database that answers again, short
+against a shutdown grace period (Kubernetes: 30 s), which a silent database must not use up."""
 
 GIVEN_BACK = (
     "given back (no attempt spent): the worker lost its queue connection before writing this"
@@ -626,6 +631,8 @@ class Worker:
                         if unwritten:
                             self._give_back(conn, unwritten)
                             unwritten = ()
+                        if self.stop_event.is_set():
+                            break  # stopped while reconnecting: claim nothing new
                     _, more = self._run_batch(conn)
                 except Exception as exc:
                     # The database went away, went silent or a statement failed. A batch cut off
@@ -652,6 +659,28 @@ class Worker:
         finally:
             if conn is not None:
                 conn.close()
+            if unwritten:
+                self._give_back_on_exit(unwritten)
+
+    def _give_back_on_exit(self, jobs: Sequence[queue.Job]) -> None:
+        """One last attempt, bounded by SHUTDOWN_GIVE_BACK_SECONDS, to give back a batch cut off
+        from the database as the worker stops; else its jobs wait for their lease to run out."""
+        bound = SHUTDOWN_GIVE_BACK_SECONDS
+        deadline = time.monotonic() + bound
+        try:
+            with queue.connect(self.url, answer_timeout=bound, connect_timeout=bound) as conn:
+                # Connecting took part of the bound: the statement gets what is left of it.
+                conn.answer_timeout = max(0.5, deadline - time.monotonic())  # type: ignore[attr-defined]
+                self._give_back(conn, jobs)
+        except Exception as exc:
+            until = datetime.now(UTC) + timedelta(seconds=self.config.lease_seconds)
+            log.warning(
+                "could not give back %d claimed jobs on shutdown (%r): another worker takes them"
+                " once their lease runs out, by %s",
+                len(jobs),
+                exc,
+                until.isoformat(timespec="seconds"),
+            )
 
     def _database_failed(self, exc: BaseException) -> None:
         """Log a failed batch or reconnect; count a database failure, naming a silent one."""

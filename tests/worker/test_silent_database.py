@@ -29,6 +29,7 @@ class BlackHoleProxy:
         self._forwarding.set()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = [self._server]
+        self.accepted = 0  # connections accepted so far
         threading.Thread(target=self._accept, daemon=True).start()
 
     def silence(self) -> None:
@@ -43,6 +44,12 @@ class BlackHoleProxy:
             for sock in self._sockets[1:]:
                 sock.close()
         self._forwarding.set()
+
+    def cut(self) -> None:
+        """Cut every connection open now, their undelivered data lost, and stay silent: the
+        connections died (TCP gave up) while the network is still down."""
+        for sock in self._sockets[1:]:
+            sock.close()
 
     def close(self) -> None:
         """Close every socket (unblocks whatever still waits on one)."""
@@ -59,6 +66,7 @@ class BlackHoleProxy:
             except OSError:
                 return
             self._sockets += [client, upstream]
+            self.accepted += 1
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -307,3 +315,75 @@ def test_silence_first_met_by_a_lease_renewal_is_counted_as_no_answer(
     ]
     assert "gave no answer within" in lost
     assert jobs_of(kit, queue_db, ids) == [("done", 1, 1)] * len(ids)
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_stopped_during_an_outage_gives_back_the_batch_it_could_not_write(
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    silent_after: float,
+    kit: Any,
+) -> None:
+    """Stopped while its database was silent, the worker exited holding the batch it could not
+    write: its jobs waited for their lease to run out (here 10 minutes) before any worker could
+    score them. It now makes one bounded last attempt to give them back as it stops."""
+    from worker.metrics import WorkerMetrics
+    from worker.runner import GIVEN_BACK, Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
+    metrics = WorkerMetrics()
+    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    with kit.running(worker):
+        assert backend.entered.wait(60), "the worker never claimed the batch"
+        proxy.silence()
+        backend.release.set()  # the write of the scores now meets a silent network
+        kit.wait_until(
+            lambda: sample(metrics, "paylater_worker_database_errors_total", reason="no_answer"),
+            90,
+            "the worker to report the queue database silent",
+        )
+        proxy.cut()  # the write is lost with its connection; the network stays silent
+        before = proxy.accepted
+        worker.stop()
+        # Its reconnects were stopped: a connection opened now is the last attempt to give the
+        # batch back (or, at worst, a reconnect that began just before the stop: it gives the
+        # batch back too). The database answers it.
+        kit.wait_until(lambda: proxy.accepted > before, 30, "a last attempt to give the batch back")
+        proxy.resume()
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert [r[:2] for r in rows] == [("queued", 0)] * len(ids), rows
+    assert all(r[2] == GIVEN_BACK for r in rows), rows
+    assert sample(metrics, "paylater_worker_jobs_held_total") == len(ids)
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_stopped_while_its_database_stays_silent_stops_within_a_bound(
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    silent_after: float,
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last attempt to give the batch back is bounded: a database still silent does not hold
+    the worker's shutdown (kit.running fails when the worker has not stopped within 30 s), and the
+    log says the jobs wait for their lease instead."""
+    from worker.runner import Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
+    worker = Worker(through(queue_db, proxy), backend, config)
+    with kit.running(worker):
+        assert backend.entered.wait(60), "the worker never claimed the batch"
+        proxy.silence()
+        backend.release.set()
+        kit.wait_until(lambda: worker.totals.database_errors, 90, "the write to fail")
+        proxy.cut()
+    assert all(status == "running" for status, _, _ in jobs_of(kit, queue_db, ids))
+    assert "could not give back 6 claimed jobs on shutdown" in caplog.text

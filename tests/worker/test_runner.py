@@ -875,7 +875,13 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
     queue_db: str, booster: Any, kit: Any
 ) -> None:
     """The search for a job that hangs the backend stays inside the claim's lease: when even a
-    renewed lease leaves no time for two more waits, the batch goes back queued, nobody blamed."""
+    renewed lease leaves no time for two more waits, the batch goes back queued, nobody blamed.
+
+    A 2.2 s lease against a 1 s scoring timeout: renewed, it leaves 1.76 s for the writes, less
+    than two more waits (2 s or more however slow the machine), so the halves are never tried;
+    and the renewal comes 1.2 s before the lease runs out, so a loop descheduled under load does
+    not lose the batch to the other loop (0.5 s against 0.3 s left 0.2 s: a stall that long,
+    common on a loaded 2-core machine, let the other loop take a job back and score it)."""
     kit.enqueue_many(queue_db, 20)
     worker, service = run_against_hanging_service(
         queue_db,
@@ -883,7 +889,9 @@ def test_a_lease_too_short_to_search_for_the_hanging_job_gives_the_batch_back(
         kit,
         until=lambda worker: worker.totals.batches >= 3,
         what="three claims",
-        lease_seconds=0.5,
+        timeout_seconds=1.0,
+        hang_seconds=3.0,  # well past the client's timeout: never a closed connection instead
+        lease_seconds=2.2,
         max_attempts=2,
         backoff_seconds=0.01,
     )

@@ -689,16 +689,24 @@ class Worker:
         from paylater.postgres import NoAnswer
 
         cause = exc.__cause__ if isinstance(exc, Unwritten) else exc
-        silent = isinstance(cause, NoAnswer) or isinstance(cause and cause.__context__, NoAnswer)
+        # A reconnect whose connect_timeout ran out met the same silence as a call that did.
+        connecting = isinstance(cause, psycopg.errors.ConnectionTimeout)
+        silent = (
+            connecting
+            or isinstance(cause, NoAnswer)
+            or isinstance(cause and cause.__context__, NoAnswer)
+        )
         if silent or isinstance(cause, psycopg.Error):
             self.totals.add(database_errors=1)
             if self.metrics:
                 self.metrics.database_errors.labels("no_answer" if silent else "error").inc()
         if silent:
             log.error(
-                "the queue database gave no answer within %g s (network silent? host failed"
+                "the queue database gave no answer %s (network silent? host failed"
                 " over?); reconnecting%s: %s",
-                self.config.database_timeout_seconds,
+                "to a connection attempt within its connect_timeout"
+                if connecting
+                else f"within {self.config.database_timeout_seconds:g} s",
                 f", then giving back {len(exc.jobs)} claimed jobs"
                 if isinstance(exc, Unwritten)
                 else "",

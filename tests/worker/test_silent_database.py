@@ -307,8 +307,8 @@ def test_silence_first_met_by_a_lease_renewal_is_counted_as_no_answer(
             90,
             "the batch to be given back and scored once the database answers",
         )
+    # (Not error == 0: a reconnect the reset cuts off half-way is an error, as it should be.)
     assert sample(metrics, "paylater_worker_database_errors_total", reason="no_answer") >= 1
-    assert sample(metrics, "paylater_worker_database_errors_total", reason="error") == 0
     [lost] = [
         r.getMessage() for r in caplog.records if "giving back 6 claimed jobs" in r.getMessage()
     ]

@@ -697,8 +697,10 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
     # archiving them (the registry failed half way), so no entry says they left production.
     left = _others_in_stage(c, "Production", current) if current_exists else []
     archive = [current] if current_exists else []
+    by_hand = _moved_by_hand(c, entries, current)
     if left and _last_entry(entries, current, "rollback"):
         # A rollback to `current` stopped half way: finish it, go no further back.
+        _refuse_moved_by_hand(by_hand, current, current_exists, None)
         return [
             move(c, old, "Archived", "rollback", actor, f"rolled back to v{current}: {why}")
             for old in left
@@ -717,6 +719,8 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
         break
     if target is None:
         raise RegistryError(f"no earlier production version to roll back to from v{current}")
+    # One the MLflow UI put back in Production is the target: the rollback finishes that one.
+    _refuse_moved_by_hand([v for v in by_hand if v != target], current, current_exists, target)
     changes = [move(c, target, "Production", "rollback", actor, f"rollback from v{current}: {why}")]
     changes += [
         move(c, old, "Archived", "rollback", actor, f"rolled back to v{target}: {why}")
@@ -724,6 +728,40 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
         if old != target
     ]
     return changes
+
+
+def _moved_by_hand(
+    c: MlflowClient, entries: Sequence[history.Transition], current: str
+) -> list[str]:
+    """Versions in the Production stage besides `current` that no transition of paylater put
+    there (their latest audit entry does not): moved in the MLflow UI, which writes no entry."""
+    return [
+        number
+        for mv in all_versions(c)
+        if mv.current_stage == "Production"
+        and (number := normalise_version(mv.version)) != current
+        and _last_entry(entries, number, "") is None
+    ]
+
+
+def _refuse_moved_by_hand(
+    by_hand: Sequence[str], current: str, current_exists: bool, target: str | None
+) -> None:
+    """RegistryError naming versions moved into Production by hand: the rollback cannot tell
+    whether they serve (the alias says not) nor whether to archive them, so it changes nothing."""
+    if not by_hand:
+        return
+    listed = ", ".join(f"v{v}" for v in sorted(by_hand, key=int))
+    alias = f"v{current}" if current_exists else f"no version (v{current} was deleted)"
+    plan = f"restore v{target} and archive {listed}" if target else f"archive {listed}"
+    raise RegistryError(
+        f"{listed} {'is' if len(by_hand) == 1 else 'are'} in the Production stage but the"
+        f" `production` alias names {alias}, and no paylater transition put"
+        f" {'it' if len(by_hand) == 1 else 'them'} there (a stage changed in the MLflow UI?):"
+        f" this rollback would {plan}, which may not be what was meant. Nothing was changed."
+        f" Move {listed} back to its stage in the MLflow UI and run the rollback again, or make"
+        f" it production on purpose with `paylater registry promote`"
+    )
 
 
 def _last_entry(

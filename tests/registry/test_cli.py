@@ -397,3 +397,52 @@ def test_taking_over_a_stale_lock_says_whose_it_was(
     assert promoted.exit_code == 0, promoted.output
     assert "took over the transition lock left by rolling back by dave, 36" in promoted.output
     assert policy.resolve_version("production") == version
+
+
+def _stages() -> dict[str, str]:
+    """Each version's stage, and the `production` alias under key 'alias'."""
+    c = client()
+    found = {str(mv.version): str(mv.current_stage) for mv in policy.all_versions(c)}
+    return found | {"alias": str(policy.alias_version(c, "production"))}
+
+
+def _ui_transition(version: str, stage: str) -> None:
+    """What the MLflow UI's stage button does: the REST transition, existing versions archived."""
+    with pytest.warns(FutureWarning, match="stages"):
+        client().transition_model_version_stage(
+            MODEL_NAME, version, stage, archive_existing_versions=True
+        )
+
+
+def test_rollback_sees_stages_moved_in_the_mlflow_ui(
+    mlflow_server: str,
+    good_candidate: Any,
+    register: Callable[..., str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """A stage set in the MLflow UI moves no alias and writes no history. v1 put in Production
+    there (v3, the alias's, archived by the UI) must not be archived by a rollback that restores
+    v2 behind it: it refuses, naming v1, and changes nothing. Moved back, the rollback runs; and
+    a hand rollback begun in the UI (v2 put back in Production) is finished, one in Production."""
+    from registry.testing import stage_as_retrain
+
+    for n in range(3):  # register_copy's versions need a model_id a tracking server checks
+        version = register(good_candidate)
+        stage_as_retrain(version)
+        mark_verified(version)
+        policy.promote(version, "production", f"release {n}", "alice")
+    v1, v2, v3 = "1", "2", "3"
+    runner = CliRunner()
+    _ui_transition(v1, "Production")
+    before = _stages()
+    assert before == {v1: "Production", v2: "Archived", v3: "Archived", "alias": v3}
+    refused = runner.invoke(app, ["registry", "rollback", "--reason", "incident"])
+    assert refused.exit_code == 1, refused.output
+    assert f"v{v1} is in the Production stage" in refused.output, refused.output
+    assert f"the `production` alias names v{v3}" in refused.output, refused.output
+    assert _stages() == before
+
+    _ui_transition(v2, "Production")  # the UI's own rollback, half of it: the alias stays on v3
+    rolled = runner.invoke(app, ["registry", "rollback", "--reason", "incident"])
+    assert rolled.exit_code == 0, rolled.output
+    assert _stages() == {v1: "Archived", v2: "Production", v3: "Archived", "alias": v2}

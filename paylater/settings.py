@@ -365,6 +365,19 @@ class Settings(BaseSettings):
         default=True,
         description="After staging or promoting, import the version into BentoML and build its bento (bentos.build).",
     )
+    # A live transition's lock must never look stale: a step of it (a stage move, its alias and
+    # audit entry, with MLflow's HTTP retries) can take tens of seconds against a slow server,
+    # and others wait 30 s before refusing. Under a minute a waiter could take a live lock.
+    registry_lock_stale_seconds: float = Field(
+        default=300.0,
+        ge=60,
+        allow_inf_nan=False,
+        description=(
+            "A registry transition lock older than this (by the tracking server's clock) was"
+            " left by a process that died: the next promote, rollback or staging takes it over."
+            " `paylater registry unlock` breaks one at once."
+        ),
+    )
     # --- end retrain / registry ---
 
     # --- worker (owner: worker; worker/, `paylater worker`) ---

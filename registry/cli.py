@@ -65,9 +65,10 @@ def _shown_warnings() -> Iterator[None]:
 
 
 def _run(action: Callable[[], T]) -> T:
-    """Run a registry action; a RegistryError, or MLflow failing the request (unreachable, denied),
-    becomes one clear line on stderr and exit code 1."""
+    """Run a registry action; a RegistryError, an invalid setting, or MLflow failing the request
+    (unreachable, denied), becomes one clear line on stderr and exit code 1."""
     from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
 
     from registry.store import RegistryError, tracking_uri
 
@@ -76,6 +77,11 @@ def _run(action: Callable[[], T]) -> T:
             return action()
     except RegistryError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except ValidationError as exc:
+        from paylater.cli import error_line  # names the environment variable
+
+        typer.echo(f"error: {error_line(exc)}", err=True)
         raise typer.Exit(1) from exc
     except MlflowException as exc:
         detail = " ".join(str(exc.message).split())[:600]
@@ -241,7 +247,8 @@ def unlock(
     actor: str | None = typer.Option(None, "--actor", help=ACTOR_HELP),
 ) -> None:
     """Break the transition lock a promote, rollback or staging left when its process died or
-    the tracking server failed under it (one older than 5 minutes is taken over by itself)."""
+    the tracking server failed under it (one older than PAYLATER_REGISTRY_LOCK_STALE_SECONDS,
+    5 minutes by default, is taken over by itself)."""
     from registry import policy
 
     held = _run(lambda: policy.unlock(reason, _actor(actor)))

@@ -247,13 +247,17 @@ def all_versions(mlflow_client: MlflowClient) -> list[ModelVersion]:
 
 LOCK_TAG = "transition_in_progress"
 """Registered-model tag a transition holds while it moves stages and aliases (who, what, since)."""
-LOCK_STALE_SECONDS = 300.0
-"""A lock older than this was left by a process that died mid-transition: it is taken over."""
 LOCK_WAIT_SECONDS = 30.0
 """How long a transition waits for another to finish before refusing."""
 LOCK_SETTLE_SECONDS = 0.3
 """Between writing the lock and reading it back: two transitions that start together both write,
 and only the one whose write landed last still reads its own token."""
+
+
+def lock_stale_seconds() -> float:
+    """The age (s) past which a transition lock is taken for left by a dead holder (setting
+    registry_lock_stale_seconds)."""
+    return get_settings().registry_lock_stale_seconds
 
 
 _HELD: ContextVar[str | None] = ContextVar("transition_lock_token", default=None)
@@ -271,6 +275,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     """
     from mlflow.exceptions import MlflowException
 
+    stale_after = lock_stale_seconds()  # a bad setting is refused before anything moves
     try:
         held = _lock_holder(mlflow_client)
     except MlflowException as exc:
@@ -282,7 +287,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         now = server_clock() if held else 0.0
-        if held is None or _lock_age(held, now) > LOCK_STALE_SECONDS:
+        if held is None or _lock_age(held, now) > stale_after:
             try:
                 mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
             except MlflowException as exc:
@@ -300,14 +305,14 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
                         " holder is taken for gone); check `paylater registry history` for"
                         " what it had done",
                         _describe(stale, now),
-                        LOCK_STALE_SECONDS,
+                        stale_after,
                     )
                 break
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another registry transition is in progress ({_describe(held)}): nothing was"
                 f" changed; run this again once it has ended. A lock older than"
-                f" {LOCK_STALE_SECONDS:.0f} s is taken over; if its holder is gone (its process"
+                f" {stale_after:.0f} s is taken over; if its holder is gone (its process"
                 " died, the tracking server failed under it), `paylater registry unlock --reason"
                 " TEXT` breaks it now"
             )
@@ -338,14 +343,14 @@ def _release(mlflow_client: MlflowClient, token: str, failed: bool) -> None:
             "the transition lock could not be released (%r): it is taken over after %.0f s, or"
             " `paylater registry unlock --reason TEXT` breaks it",
             exc,
-            LOCK_STALE_SECONDS,
+            lock_stale_seconds(),
         )
 
 
 def confirm_lock(mlflow_client: MlflowClient) -> None:
     """RegistryError unless this context's transition still holds the lock (when it holds one).
 
-    A holder slow past LOCK_STALE_SECONDS, or whose lock was broken by `registry unlock`, stops
+    A holder slow past lock_stale_seconds(), or whose lock was broken by `registry unlock`, stops
     at its next step instead of moving stages beside the transition that took the lock over.
     """
     token = _HELD.get()

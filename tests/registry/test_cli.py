@@ -389,7 +389,7 @@ def test_taking_over_a_stale_lock_says_whose_it_was(
     version = register(good_candidate)
     assert gate_and_stage(good_candidate, version).passed
     mark_verified(version)
-    left = f"dave | rolling back | {time.time() - policy.LOCK_STALE_SECONDS - 60:.0f} | abc"
+    left = f"dave | rolling back | {time.time() - policy.lock_stale_seconds() - 60:.0f} | abc"
     client().set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
     promoted = CliRunner().invoke(
         app, ["registry", "promote", version, "--to", "production", "--reason", "verified"]
@@ -446,3 +446,46 @@ def test_rollback_sees_stages_moved_in_the_mlflow_ui(
     rolled = runner.invoke(app, ["registry", "rollback", "--reason", "incident"])
     assert rolled.exit_code == 0, rolled.output
     assert _stages() == {v1: "Archived", v2: "Production", v3: "Archived", "alias": v2}
+
+
+def test_the_age_a_left_lock_is_taken_over_at_is_a_setting(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PAYLATER_REGISTRY_LOCK_STALE_SECONDS: a lock younger than it waits, then refuses naming
+    the age; an older one is taken over. A value under which a live transition's lock could be
+    taken (0, a few seconds) or no number is refused by name before anything moves."""
+    version = register(good_candidate)
+    assert gate_and_stage(good_candidate, version).passed
+    mark_verified(version)
+    runner = CliRunner()
+    promote = ["registry", "promote", version, "--to", "production", "--reason", "verified"]
+    for bad in ("0", "5", "-300", "five minutes", "nan"):
+        monkeypatch.setenv("PAYLATER_REGISTRY_LOCK_STALE_SECONDS", bad)
+        refused = runner.invoke(app, promote)
+        assert refused.exit_code == 1, (bad, refused.output)
+        assert "error: PAYLATER_REGISTRY_LOCK_STALE_SECONDS" in refused.output, refused.output
+        assert "Traceback" not in refused.output
+    monkeypatch.delenv("PAYLATER_REGISTRY_LOCK_STALE_SECONDS")
+    assert policy.alias_version(client(), "production") is None
+
+    monkeypatch.setenv("PAYLATER_REGISTRY_LOCK_STALE_SECONDS", "900")
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    c = client()
+    left = f"dave | rolling back | {time.time() - 600:.0f} | abc"  # stale by the default only
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    waited = runner.invoke(app, promote)
+    assert waited.exit_code == 1, waited.output
+    assert "rolling back by dave, 60" in waited.output and "older than 900 s" in waited.output
+    assert policy.alias_version(c, "production") is None
+
+    monkeypatch.setenv("PAYLATER_REGISTRY_LOCK_STALE_SECONDS", "540")
+    taken = runner.invoke(app, promote)
+    assert taken.exit_code == 0, taken.output
+    assert "took over the transition lock left by rolling back by dave, 60" in taken.output
+    assert "older than 540 s" in taken.output
+    assert policy.resolve_version("production") == version

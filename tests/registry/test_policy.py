@@ -363,7 +363,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
 ) -> None:
     """While another promote, rollback or staging holds the lock, a transition waits, then
     refuses naming who holds it; the lock is released after each transition, and a lock left by
-    a process that died (older than LOCK_STALE_SECONDS) is taken over."""
+    a process that died (older than lock_stale_seconds()) is taken over."""
     import time
 
     version = register(good_candidate)
@@ -381,7 +381,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     assert _state() == before
     assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == held
 
-    stale = f"dave | rolling back | {time.time() - policy.LOCK_STALE_SECONDS - 5:.0f} | abc"
+    stale = f"dave | rolling back | {time.time() - policy.lock_stale_seconds() - 5:.0f} | abc"
     c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, stale)
     with caplog.at_level(logging.WARNING, logger="registry.policy"):
         policy.promote(version, "production", "release", "alice")
@@ -443,7 +443,7 @@ def test_a_lock_held_by_an_actor_whose_name_holds_the_separator_is_not_taken_for
     import time
 
     token = f"ann | ops | promoting v3 | {time.time():.0f} | abc"
-    assert policy._lock_age(token) < policy.LOCK_STALE_SECONDS
+    assert policy._lock_age(token) < policy.lock_stale_seconds()
     assert policy._describe(token) == "promoting v3 by ann | ops, 0 s ago"
     assert policy._lock_age("written by something else") == float("inf")
 

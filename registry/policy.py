@@ -598,7 +598,9 @@ def _promote(
                 f"version {number} {said}: promote it only on purpose, with --override-gate"
             )
         why = f"gates overridden ({verdict}): {why}"
-    elif mv.current_stage == "Staging" and (stale := gate_out_of_date(c, number)):
+    elif alias_version(c, "production") != number and (stale := gate_out_of_date(c, number)):
+        # Not Staging only: a version the MLflow UI put in Production has the stage, not the
+        # alias; only a promote that already moved the alias has nothing left to judge.
         if not override_gate:
             raise RegistryError(stale)
         why = f"gates overridden (out of date: {stale.split(':', 1)[0]}): {why}"

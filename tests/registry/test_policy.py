@@ -913,3 +913,39 @@ def test_unlock_never_breaks_a_lock_taken_over_while_it_looked(
         policy.unlock("alice's promote died", "carol")
     tags = c.get_registered_model(MODEL_NAME).tags
     assert tags[policy.LOCK_TAG] == alive and "transition_lock_broken" not in tags
+
+
+def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_current_gate(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    register: Callable[..., str],
+    gate_and_stage: Callable[..., Any],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """Promote accepts a version already in the Production stage (to finish an interrupted
+    promote). A candidate gated against v2, then moved to Production in the MLflow UI after a
+    rollback to v1, must not take the alias on that decision about v2: it needs a regate."""
+    from registry.regate import regate
+
+    v1, v2 = releases(good_candidate, 2)
+    candidate = register(good_candidate)
+    assert gate_and_stage(good_candidate, candidate).production_version == v2
+    mark_verified(candidate)
+    policy.rollback("approval rate dropped", "bob")
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button, existing archived
+        client().transition_model_version_stage(
+            MODEL_NAME, candidate, "Production", archive_existing_versions=True
+        )
+    before = _state()
+    with pytest.raises(RegistryError) as refused:
+        policy.promote(candidate, "production", "verified", "alice")
+    said = str(refused.value)
+    assert f"gated against production v{v2}, but production is now v{v1}" in said, said
+    assert _state() == before
+
+    _, decision = regate(candidate, "carol")
+    assert decision.passed and decision.production_version == v1
+    policy.promote(candidate, "production", "verified", "alice")
+    assert _state()["aliases"]["production"] == candidate
+    assert _state()["stages"] == {v1: "Archived", v2: "Archived", candidate: "Production"}

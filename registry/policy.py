@@ -702,10 +702,12 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
         raise RegistryError("nothing is in production: there is nothing to roll back")
     # Versions still in the Production stage beside the alias's: a transition stopped before
     # archiving them (the registry failed half way), so no entry says they left production.
-    left = _others_in_stage(c, "Production", current) if current_exists else []
+    # Also when production was deleted: an interrupted promote of the deleted version left the
+    # one it replaced there, which served before it and is the one to restore.
+    left = _others_in_stage(c, "Production", current)
     archive = [current] if current_exists else []
     by_hand = _moved_by_hand(c, entries, current)
-    if left and _last_entry(entries, current, "rollback"):
+    if current_exists and left and _last_entry(entries, current, "rollback"):
         # A rollback to `current` stopped half way: finish it, go no further back.
         _refuse_moved_by_hand(by_hand, current, current_exists, None)
         return [

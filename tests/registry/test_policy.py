@@ -949,3 +949,28 @@ def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_curr
     policy.promote(candidate, "production", "verified", "alice")
     assert _state()["aliases"]["production"] == candidate
     assert _state()["stages"] == {v1: "Archived", v2: "Archived", candidate: "Production"}
+
+
+def test_rollback_after_an_interrupted_promote_whose_version_was_deleted_restores_the_one_serving(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+    fail_archiving: Callable[[], Callable[[], None]],
+) -> None:
+    """A promote of v3 stopped before archiving v2 (both in Production); then v3 was deleted in
+    the MLflow UI (its alias goes with it). v2 was serving before v3: the rollback restores it,
+    not v1, and does not leave v2 in Production beside the version it restores."""
+    v1, v2, v3 = releases(good_candidate, 3, promoted=2)
+    undo = fail_archiving()
+    with pytest.raises(RuntimeError, match="503"):
+        policy.promote(v3, "production", "release 2", "alice")
+    undo()
+    c = client()
+    c.delete_model_version(MODEL_NAME, v3)
+    assert _state()["stages"] == {v1: "Archived", v2: "Production"}
+
+    changes = policy.rollback("v3 was deleted", "bob")
+    assert [(t.version, t.to_stage) for t in changes] == [(v2, "Production")]
+    state = _state()
+    assert state["stages"] == {v1: "Archived", v2: "Production"}
+    assert state["aliases"]["production"] == v2

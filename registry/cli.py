@@ -304,24 +304,29 @@ def show_history(
 ) -> None:
     """Every transition: version, from, to, who, when, why (kept in the MLflow backend)."""
     from registry import history
-    from registry.policy import get_version
+    from registry.policy import all_versions, get_version
     from registry.store import RegistryError, client, normalise_version
 
-    def load() -> list[history.Transition]:
+    def load() -> tuple[list[history.Transition], list[str]]:
+        c = client()
         if version is None:
-            return history.read(client())
+            entries = history.read(c)
+            return entries, _stages_moved_outside(entries, all_versions(c))
         if not version.strip().isdigit():
             raise RegistryError(f"not a version number: {version!r}")
-        c = client()
         entries = history.read(c, normalise_version(version))
-        if not entries:
-            try:
-                get_version(c, version)  # exists: registered by hand, nothing recorded yet
-            except RegistryError as exc:
-                raise RegistryError(f"{exc}, and no history of one") from None
-        return entries
+        try:
+            mv = get_version(c, version)
+        except RegistryError as exc:
+            if entries:
+                return entries, []  # deleted since: its history is all there is
+            raise RegistryError(f"{exc}, and no history of one") from None
+        return entries, _stages_moved_outside(entries, [mv])
 
-    for e in _run(load):
+    entries, moved = _run(load)
+    for warning in moved:
+        typer.echo(f"warning: {warning}", err=True)
+    for e in entries:
         if as_json:
             typer.echo(json.dumps(e.as_dict()))
         else:
@@ -329,6 +334,22 @@ def show_history(
                 f"{e.at}  v{e.version:<4} {e.from_stage or '-':10} -> {e.to_stage:10} "
                 f"{e.action:9} {e.actor:16} {e.reason}"
             )
+
+
+def _stages_moved_outside(entries: list[Any], versions: list[Any]) -> list[str]:
+    """One line per version whose stage is not the one its last recorded transition left it in:
+    the MLflow UI changes stages without writing history, so the entries alone would mislead."""
+    last = {e.version: e.to_stage for e in entries}
+    said = []
+    for mv in sorted(versions, key=lambda mv: int(mv.version)):
+        number, stage = str(mv.version), str(mv.current_stage or "None")
+        if number in last and last[number] != stage:
+            said.append(
+                f"v{number} is in {stage}, but its last recorded transition left it in"
+                f" {last[number]}: its stage was changed outside paylater (the MLflow UI),"
+                " which records nothing"
+            )
+    return said
 
 
 @app.command("compare")

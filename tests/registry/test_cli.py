@@ -489,3 +489,26 @@ def test_the_age_a_left_lock_is_taken_over_at_is_a_setting(
     assert "took over the transition lock left by rolling back by dave, 60" in taken.output
     assert "older than 540 s" in taken.output
     assert policy.resolve_version("production") == version
+
+
+def test_history_says_when_a_stage_was_changed_outside_paylater(
+    registry_home: Path, good_candidate: Any, releases: Callable[..., list[str]]
+) -> None:
+    """The MLflow UI writes no history: read alone, v1's entries say Archived while it is in
+    Production again. history warns of each version whose stage is not its last entry's."""
+    v1, v2 = releases(good_candidate, 2)
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button
+        client().transition_model_version_stage(MODEL_NAME, v1, "Production")
+    runner = CliRunner()
+    warned = (
+        f"warning: v{v1} is in Production, but its last recorded transition left it in"
+        " Archived: its stage was changed outside paylater"
+    )
+    for args in (["--version", v1], [], ["--json"]):
+        shown = runner.invoke(app, ["registry", "history", *args])
+        assert shown.exit_code == 0, shown.output
+        assert warned in shown.stderr, (args, shown.output)
+        assert f"v{v2} is" not in shown.stderr
+    assert all(json.loads(line) for line in shown.stdout.splitlines())
+    quiet = runner.invoke(app, ["registry", "history", "--version", v2])
+    assert quiet.exit_code == 0 and "warning" not in quiet.output

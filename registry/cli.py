@@ -339,7 +339,10 @@ def show_history(
 def _stages_moved_outside(entries: list[Any], versions: list[Any]) -> list[str]:
     """One line per version whose stage is not the one its last recorded transition left it in:
     the MLflow UI changes stages without writing history, so the entries alone would mislead."""
-    last = {e.version: e.to_stage for e in entries}
+    from registry.policy import RECORDED_ONLY
+
+    # A verify or regate entry records the stage it found, maybe one set by hand: not evidence.
+    last = {e.version: e.to_stage for e in entries if e.action not in RECORDED_ONLY}
     said = []
     for mv in sorted(versions, key=lambda mv: int(mv.version)):
         number, stage = str(mv.version), str(mv.current_stage or "None")

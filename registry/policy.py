@@ -260,6 +260,10 @@ def lock_stale_seconds() -> float:
     return get_settings().registry_lock_stale_seconds
 
 
+RECORDED_ONLY = frozenset({"verify", "regate", "reject"})
+"""Audit actions that record an outcome in the version's current stage and move nothing."""
+
+
 _HELD: ContextVar[str | None] = ContextVar("transition_lock_token", default=None)
 """The token of the lock this context's transition holds: each move checks it still does."""
 
@@ -776,9 +780,11 @@ def _refuse_moved_by_hand(
 def _last_entry(
     entries: Sequence[history.Transition], version: str, action: str
 ) -> history.Transition | None:
-    """The version's latest audit entry, if it put the version into Production (by `action`,
-    when given)."""
-    mine = [e for e in entries if e.version == version]
+    """The version's latest audit entry that moved it, if it put the version into Production
+    (by `action`, when given)."""
+    # Not a verify, regate or reject entry: written in whatever stage the version is in, maybe
+    # one set in the MLflow UI, it would vouch for a stage no transition of paylater set.
+    mine = [e for e in entries if e.version == version and e.action not in RECORDED_ONLY]
     if not mine or mine[-1].to_stage != "Production":
         return None
     return mine[-1] if not action or mine[-1].action == action else None

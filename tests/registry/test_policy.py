@@ -974,3 +974,22 @@ def test_rollback_after_an_interrupted_promote_whose_version_was_deleted_restore
     state = _state()
     assert state["stages"] == {v1: "Archived", v2: "Production"}
     assert state["aliases"]["production"] == v2
+
+
+def test_a_version_put_in_production_by_hand_then_regated_is_not_taken_for_a_left_one(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+) -> None:
+    """Regate (and verify) record an entry in the version's current stage: on a version the MLflow
+    UI put in Production, that entry says Production without any transition having put it
+    there. Rollback must not take it for one an interrupted promote left and restore it."""
+    v1, _, v3 = releases(good_candidate, 3)
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button, v3 left as it is
+        client().transition_model_version_stage(MODEL_NAME, v1, "Production")
+    judged = policy.GateDecision(True, [], production_version=v3)
+    policy.record_gate(v1, judged, "carol", audit="regate")
+    before = _state()
+    with pytest.raises(RegistryError, match=f"v{v1} is in the Production stage"):
+        policy.rollback("incident", "bob")
+    assert _state() == before

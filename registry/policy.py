@@ -637,8 +637,8 @@ def production_disagreement(c: MlflowClient, besides: str) -> str | None:
     return (
         f"the `production` alias names {_named(alias)} but the Production stage holds {listed}"
         " (a stage changed outside paylater, in the MLflow UI?): make them"
-        " agree first (move the stage back in the UI, or `paylater registry promote` /"
-        " `rollback`, which move both)"
+        " agree first (move the stage back in the UI, or `paylater registry promote` it, or"
+        " `rollback` when it is the version production had before: they move both)"
     )
 
 

@@ -703,6 +703,8 @@ def _rollback(c: MlflowClient, why: str, actor: str, seen: str | None) -> list[h
         # is gone, production is empty because of that, and its predecessor is still the target.
         current = _deleted_production(c, entries)
     if current is None:
+        # No alias, none deleted; a version the MLflow UI put in Production is named, not hidden.
+        _refuse_moved_by_hand(_moved_by_hand(c, entries, ""), "", False, None)
         raise RegistryError("nothing is in production: there is nothing to roll back")
     # Versions still in the Production stage beside the alias's: a transition stopped before
     # archiving them (the registry failed half way), so no entry says they left production.
@@ -765,8 +767,13 @@ def _refuse_moved_by_hand(
     if not by_hand:
         return
     listed = ", ".join(f"v{v}" for v in sorted(by_hand, key=int))
-    alias = f"v{current}" if current_exists else f"no version (v{current} was deleted)"
-    plan = f"restore v{target} and archive {listed}" if target else f"archive {listed}"
+    alias = f"v{current}" if current_exists else "no version"
+    if current and not current_exists:
+        alias += f" (v{current} was deleted)"
+    if target:
+        plan = f"restore v{target} and archive {listed}"
+    else:
+        plan = f"archive {listed}" if current else "find no earlier version to restore"
     raise RegistryError(
         f"{listed} {'is' if len(by_hand) == 1 else 'are'} in the Production stage but the"
         f" `production` alias names {alias}, and no paylater transition put"

@@ -993,3 +993,21 @@ def test_a_version_put_in_production_by_hand_then_regated_is_not_taken_for_a_lef
     with pytest.raises(RegistryError, match=f"v{v1} is in the Production stage"):
         policy.rollback("incident", "bob")
     assert _state() == before
+
+
+def test_a_rollback_with_only_a_version_put_in_production_by_hand_names_it(
+    registry_home: Path,
+    good_candidate: Any,
+    releases: Callable[..., list[str]],
+) -> None:
+    """Nothing was ever promoted, but the MLflow UI put v1 in Production: the Production stage
+    is not empty, so "nothing is in production" would send the person looking elsewhere."""
+    (v1,) = releases(good_candidate, 1, promoted=0)
+    with pytest.warns(FutureWarning, match="stages"):  # the UI's button
+        client().transition_model_version_stage(MODEL_NAME, v1, "Production")
+    before = _state()
+    with pytest.raises(RegistryError) as refused:
+        policy.rollback("incident", "bob")
+    said = str(refused.value)
+    assert f"v{v1} is in the Production stage" in said and "alias names no version" in said, said
+    assert _state() == before

@@ -59,8 +59,9 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
     """Open or resolve the drift incidents and alert (same dedup table and hysteresis as the
     5-minute monitor, counted in reports: PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS).
 
-    A retry of this task judges the same report: the incidents its failed attempt already
-    recorded are left out, so it counts once. An alert not delivered (Slack 429/5xx, PagerDuty
+    A report counts once per data day (its snapshot's as_of, kept on the incident): a retry of
+    this task, or a manual rerun of the report on the same snapshot, does not count as one more
+    report toward resolving an incident (a result at or above its level still counts). An alert not delivered (Slack 429/5xx, PagerDuty
     refusing the page) leaves its incident unchanged for a resend, and these checks run once a
     day: the task fails, so Prefect resends it, and once its retries run out the flow fails (the
     monitor's failed_flows check pages).
@@ -74,10 +75,11 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
         ensure_incident_table(engine)
         delivered = reconcile(
             engine,
-            not_yet_counted(results, open_incidents(engine), now),
+            not_yet_counted(results, open_incidents(engine), now, daily.as_of),
             now,
             deliver=counted,
             clear_runs=clear_runs,
+            data_day=daily.as_of,
         )
     finally:
         engine.dispose()

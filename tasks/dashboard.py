@@ -32,7 +32,14 @@ from tasks.drift import (
     production_vintages,
     vintage_rows,
 )
-from tasks.monitoring import CheckResult, Measurement, as_utc, load_sql, open_incidents
+from tasks.monitoring import (
+    LEVELS,
+    CheckResult,
+    Measurement,
+    as_utc,
+    load_sql,
+    open_incidents,
+)
 from tasks.storage import LocalStorage
 
 PLOT_IDS = (
@@ -480,16 +487,37 @@ def drift_resolve_after_reports(settings: Settings) -> int:
 
 
 def not_yet_counted(
-    results: Iterable[CheckResult], incidents: Iterable[dict[str, Any]], now: datetime
+    results: Iterable[CheckResult],
+    incidents: Iterable[dict[str, Any]],
+    now: datetime,
+    data_day: date | None = None,
 ) -> list[CheckResult]:
-    """`results`, less those whose open incident this report (`now`) already recorded: a retry
-    of the report's alerting step must not count as another report toward resolving them."""
-    seen = {
-        i["check_name"]
-        for i in incidents
-        if i["last_seen_at"] is not None and as_utc(i["last_seen_at"]) == now
-    }
-    return [r for r in results if r.check not in seen]
+    """`results`, less those that would count twice toward stepping their open incident down:
+    this report (`now`) already recorded them (a retry of its alerting step), or they judge a
+    data day (`data_day`, the snapshot's as_of) the incident already counted (a manual rerun, or
+    a backfill of an older day). A result at or above its incident's level still goes through:
+    it never steps down, and a rerun on corrected data must escalate at once."""
+    rank = {level: i for i, level in enumerate(LEVELS)}
+    retried: set[str] = set()  # checks this very report already recorded
+    counted: dict[
+        str, int
+    ] = {}  # check -> its incident's level, where this data day was already counted
+    for incident in incidents:
+        seen, day = incident["last_seen_at"], incident.get("counted_day")
+        if seen is not None and as_utc(seen) == now:
+            retried.add(incident["check_name"])
+        elif data_day is not None and day is not None and _day(day) >= data_day:
+            counted[incident["check_name"]] = rank.get(incident["severity"], len(LEVELS))
+    return [
+        r
+        for r in results
+        if r.check not in retried and rank.get(r.level, -1) >= counted.get(r.check, -1)
+    ]
+
+
+def _day(value: date | str) -> date:
+    """A counted_day as read back (a date; ISO text from SQLite)."""
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
 def gather_dashboard(

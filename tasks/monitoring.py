@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -821,13 +821,19 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
 # --- incidents ----------------------------------------------------------------------------
 
 
-INCIDENT_COUNTERS = ("runs_ok", "runs_below_critical")
-"""Columns monitor_incidents gained for hysteresis; an older table gets them added, at 0."""
+INCIDENT_COLUMNS = {
+    "runs_ok": "integer NOT NULL DEFAULT 0",
+    "runs_below_critical": "integer NOT NULL DEFAULT 0",
+    "counted_day": "date",
+}
+"""Columns monitor_incidents gained after its first version (the hysteresis counters, and the
+data day a drift incident last counted); an older table gets them added (counters at 0, no day)."""
 
 
 def ensure_incident_table(engine: sa.Engine) -> None:
-    """Create monitor_incidents and monitor_unmeasured when missing; add the hysteresis counters
-    to an incident table made before them (its open incidents then start counting at 0)."""
+    """Create monitor_incidents and monitor_unmeasured when missing; add the columns of
+    INCIDENT_COLUMNS to an incident table made before them (its open incidents then start
+    counting at 0, and count their next report whatever its day)."""
     with engine.begin() as conn:
         conn.execute(sa.text(load_sql("incidents_ddl")))
         conn.execute(sa.text(load_sql("unmeasured_ddl")))
@@ -835,12 +841,11 @@ def ensure_incident_table(engine: sa.Engine) -> None:
         # IF NOT EXISTS: a monitor racing this one may add them first (SQLite lacks it, and
         # runs one writer at a time).
         guard = "IF NOT EXISTS " if conn.dialect.name == "postgresql" else ""
-        for column in INCIDENT_COUNTERS:
+        for column, definition in INCIDENT_COLUMNS.items():
             if column not in present:
                 conn.execute(
                     sa.text(
-                        f"ALTER TABLE monitor_incidents ADD COLUMN {guard}{column}"
-                        " integer NOT NULL DEFAULT 0"
+                        f"ALTER TABLE monitor_incidents ADD COLUMN {guard}{column} {definition}"
                     )
                 )
 
@@ -874,6 +879,7 @@ def reconcile(
     now: datetime,
     deliver: Callable[[Notification], bool] | None = None,
     clear_runs: int = 1,
+    data_day: date | None = None,
 ) -> list[Notification]:
     """Update incident state from check results; return the notifications this run owes.
 
@@ -887,13 +893,17 @@ def reconcile(
     and a delivery that fails (webhook down, PagerDuty 429/5xx) rolls that change back, so the
     next run sends it again instead of the incident lasting unannounced (or unpaged); only
     delivered ones are returned.
+
+    `data_day`: the day of the data judged (a monitoring report's snapshot), kept on each
+    incident as `counted_day`, so a rerun on the same day can be told apart (see
+    tasks.dashboard.not_yet_counted); None for the monitor's checks, which judge the present.
     """
     owed: list[Notification] = []
     for result in results:
         if result.level == "unknown":
             continue
         with engine.connect() as conn, conn.begin() as transaction:
-            notice = _incident_change(conn, result, now, clear_runs)
+            notice = _incident_change(conn, result, now, clear_runs, data_day)
             if notice is None:
                 continue
             if deliver is not None and not deliver(notice):
@@ -907,7 +917,11 @@ def reconcile(
 
 
 def _incident_change(
-    conn: sa.Connection, result: CheckResult, now: datetime, clear_runs: int
+    conn: sa.Connection,
+    result: CheckResult,
+    now: datetime,
+    clear_runs: int,
+    data_day: date | None = None,
 ) -> Notification | None:
     """Record one measured result in monitor_incidents; the notice it owes, if any."""
     params = {
@@ -916,6 +930,7 @@ def _incident_change(
         "value": result.value,
         "summary": result.summary,
         "now": now,
+        "data_day": data_day,
     }
     opening = result.level != "ok"
     if opening and conn.execute(sa.text(load_sql("incident_open")), params).first() is not None:

@@ -455,3 +455,101 @@ def test_a_drift_resolve_count_below_1_is_refused_naming_the_variable(
     monkeypatch.setenv("PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS", "0")
     with pytest.raises(ValueError, match="PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS must be 1"):
         drift_resolve_after_reports(Settings())
+
+
+def test_a_rerun_report_of_a_day_already_counted_does_not_count_again(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manual rerun of the report on the same scoring snapshot counted as one more clean report:
+    two runs on one day's data resolved a critical drift incident (and its page) without a second
+    day confirming it. A report now counts once per data day (its snapshot's as_of)."""
+    from flows.dashboard import monitoring_report
+    from paylater.settings import get_settings
+    from registry.testing import (
+        USER_FEATURES,
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+    )
+    from registry.testing import write_dataset as write_training
+    from tasks.monitoring import open_incidents, open_queue_db
+
+    url, payloads = receiver
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    training, _ = synthetic_training_table(1200, FIRST_MONTH, 6, seed=6)
+    trained = as_of_after(FIRST_MONTH, 6)
+    write_training(training, trained)
+    users = training.select(["user_id", *USER_FEATURES]).slice(0, 600)
+    shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
+    write_scoring(trained - timedelta(days=30), users, list(USER_FEATURES))  # the reference
+
+    def report(day: date | None = None, table: pa.Table | None = None) -> list[str]:
+        if day is not None and table is not None:
+            write_scoring(day, table, list(USER_FEATURES))
+        monitoring_report()  # day None: a rerun on the newest snapshot already written
+        sent = [p["subject"] for p in payloads if "feature_psi_max" in p["subject"]]
+        payloads.clear()
+        return sent
+
+    def runs_ok() -> int:
+        engine = open_queue_db(get_settings())
+        try:
+            (incident,) = [
+                i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"
+            ]
+        finally:
+            engine.dispose()
+        return int(incident["runs_ok"])
+
+    assert report(trained + timedelta(days=1), shifted) == [
+        "[FIRING] paylater critical: feature_psi_max"
+    ]
+    assert report(trained + timedelta(days=2), users) == []  # one clean day: still open
+    assert report() == []  # rerun on the same day's data: not a second clean report
+    assert runs_ok() == 1
+    assert report(trained + timedelta(days=3), users) == ["[RESOLVED] paylater: feature_psi_max"]
+
+
+def test_an_incident_table_made_before_counted_days_gets_the_column(pg_url: str) -> None:
+    """A monitor_incidents table from before drift incidents counted data days keeps its open
+    incidents and gains the column, empty (their next report counts)."""
+    import sqlalchemy as sa
+
+    from tasks.monitoring import ensure_incident_table, open_incidents, sqlalchemy_url
+
+    engine = sa.create_engine(sqlalchemy_url(pg_url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE IF EXISTS monitor_incidents"))
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE monitor_incidents (check_name text PRIMARY KEY, severity text"
+                    " NOT NULL, peak_severity text NOT NULL, value double precision, summary text"
+                    " NOT NULL, opened_at timestamptz NOT NULL, last_seen_at timestamptz NOT NULL)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO monitor_incidents VALUES ('score_psi', 'warning', 'warning',"
+                    " 0.2, 'score_psi = 0.200', now(), now())"
+                )
+            )
+        ensure_incident_table(engine)
+        (incident,) = open_incidents(engine)
+        assert incident["counted_day"] is None and incident["runs_ok"] == 0
+    finally:
+        engine.dispose()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -100,7 +100,7 @@ class Notification:
 
 
 # The settings behind each check's (warning, critical) levels; None: a fixed level.
-THRESHOLD_SETTINGS: dict[str, tuple[str | None, str]] = {
+THRESHOLD_SETTINGS: dict[str, tuple[str | None, str | None]] = {
     "queue_depth": ("monitor_queue_depth_warning", "monitor_queue_depth_critical"),
     "oldest_queued_age": (
         "monitor_oldest_queued_warning_seconds",
@@ -117,6 +117,8 @@ THRESHOLD_SETTINGS: dict[str, tuple[str | None, str]] = {
     "failed_flows": (None, "monitor_failed_flows_critical"),
     "late_flow_runs": (None, "monitor_late_runs_critical"),
     "stuck_flow_runs": (None, "monitor_stuck_runs_critical"),
+    # A setting naming no deployment: a warning (Slack), never a page.
+    "stuck_limit_keys": (None, None),
     "feature_psi_max": ("monitor_psi_warning", "monitor_psi_critical"),
     "score_psi": ("monitor_psi_warning", "monitor_psi_critical"),
 }
@@ -138,6 +140,8 @@ def check_thresholds(limits: dict[str, Threshold]) -> None:
     for check, limit in limits.items():
         warning_field, critical_field = THRESHOLD_SETTINGS[check]
         warning = _env(warning_field) if warning_field else "its fixed warning level"
+        if critical_field is None:
+            continue  # both levels fixed
         critical = _env(critical_field)
         if warning_field and not limit.warning > 0:
             problems.append(f"{warning} must be above 0")
@@ -182,6 +186,7 @@ def thresholds(settings: Settings) -> dict[str, Threshold]:
         "failed_flows": Threshold(1, s.monitor_failed_flows_critical, "flows"),
         "late_flow_runs": Threshold(1, s.monitor_late_runs_critical, "runs"),
         "stuck_flow_runs": Threshold(1, s.monitor_stuck_runs_critical, "runs"),
+        "stuck_limit_keys": Threshold(1, math.inf, "keys"),
         "feature_psi_max": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
         "score_psi": Threshold(s.monitor_psi_warning, s.monitor_psi_critical, "PSI"),
     }
@@ -503,7 +508,13 @@ class FlowRunInfo:
     state_since: datetime | None = None
 
 
-FLOW_RUN_CHECKS = ("crashed_flows", "failed_flows", "late_flow_runs", "stuck_flow_runs")
+FLOW_RUN_CHECKS = (
+    "crashed_flows",
+    "failed_flows",
+    "late_flow_runs",
+    "stuck_flow_runs",
+    "stuck_limit_keys",
+)
 """The checks measure_flow_runs answers, in its order."""
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 FLOW_RUN_READ_TIMEOUT_SECONDS = 10.0
@@ -634,6 +645,26 @@ def measure_stuck_runs(
     return Measurement("stuck_flow_runs", float(len(stuck)), _listed(stuck, describe))
 
 
+def measure_stuck_limit_keys(
+    limits: Mapping[str, float], deployments: Iterable[str], stuck_hours: float
+) -> Measurement:
+    """Keys of the per-deployment stuck limits that name no deployment (`deployments`: each
+    'flow/deployment'): a mistyped one ('daily_sync') would leave its job on the global limit
+    without a word, too lax to catch its hang or strict enough to page a long run."""
+    names = sorted(set(deployments))
+    known = set(names) | {name.partition("/")[2] for name in names}
+    unknown = [key for key in limits if key not in known]
+    if not unknown:
+        return Measurement("stuck_limit_keys", 0.0)
+    listed = ", ".join(names) if names else "none"
+    detail = (
+        f"{_env(STUCK_LIMITS_SETTING)} names no deployment of the Prefect API:"
+        f" {', '.join(repr(k) for k in unknown)} (ignored: those jobs keep the global limit,"
+        f" {format_value(stuck_hours * 3600, 's')}); deployments: {listed}"
+    )
+    return Measurement("stuck_limit_keys", float(len(unknown)), detail)
+
+
 def current_flow_run_id() -> str | None:
     """The flow run this code runs in (None outside one)."""
     try:
@@ -656,16 +687,26 @@ def current_deployment_id() -> str | None:
     return str(found) if found else None
 
 
+class FlowRuns(NamedTuple):
+    """What read_flow_runs read from the Prefect API."""
+
+    latest: list[FlowRunInfo]  # each deployment's newest run finished in the window
+    waiting: list[FlowRunInfo]  # runs waiting past their start
+    running: list[FlowRunInfo]  # deployment runs running now, oldest first
+    deployments: list[str]  # every deployment, as 'flow/deployment'
+
+
 def read_flow_runs(
     now: datetime,
     window_hours: float,
     late_minutes: float,
     own_deployment: str | None = None,
     own_run: str | None = None,
-) -> tuple[list[FlowRunInfo], list[FlowRunInfo], list[FlowRunInfo]]:
+) -> FlowRuns:
     """From the Prefect API: the latest run of every deployment that finished in the window, the
-    runs waiting past their start by `late_minutes`, and the deployment runs running now (oldest
-    first; `own_run`, the run measuring, left out: it is running, and is not what is stuck).
+    runs waiting past their start by `late_minutes`, the deployment runs running now (oldest
+    first; `own_run`, the run measuring, left out: it is running, and is not what is stuck), and
+    the name of every deployment (what the per-deployment stuck limits may name).
 
     `own_deployment` (the monitor's, when it runs as one) is left out of the finished runs: the
     run now measuring shows that job runs again, so its previous run's failure is over; judged,
@@ -757,7 +798,10 @@ def read_flow_runs(
             sort=FlowRunSort.START_TIME_ASC,
             limit=200,
         )
-        flow_ids = list({r.flow_id for r in [*latest.values(), *waiting, *running]})
+        flow_ids = list(
+            {r.flow_id for r in [*latest.values(), *waiting, *running]}
+            | {d.flow_id for d in deployments}
+        )
         in_time()
         flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
         names = {f.id: f.name for f in flows}
@@ -779,18 +823,19 @@ def read_flow_runs(
             state_since=state.timestamp if state else None,
         )
 
-    return (
+    return FlowRuns(
         [info(r) for r in latest.values()],
         [info(r) for r in waiting],
         [info(r) for r in running],
+        [f"{names.get(d.flow_id, d.flow_id)}/{d.name}" for d in deployments],
     )
 
 
 def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
-    """Crashed and failed jobs, late and stuck runs, from the Prefect API (unknown when it cannot
-    be read)."""
+    """Crashed and failed jobs, late and stuck runs, per-deployment stuck limits naming no
+    deployment, from the Prefect API (unknown when it cannot be read)."""
     try:
-        latest, waiting, running = read_flow_runs(
+        latest, waiting, running, deployments = read_flow_runs(
             now,
             settings.monitor_flow_window_hours,
             settings.monitor_late_run_minutes,
@@ -804,6 +849,7 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
             Measurement("failed_flows", None, reason),
             Measurement("late_flow_runs", None, reason),
             Measurement("stuck_flow_runs", None, reason),
+            Measurement("stuck_limit_keys", None, reason),
         ]
     return [
         measure_crashed_flows(latest),
@@ -814,6 +860,11 @@ def measure_flow_runs(settings: Settings, now: datetime) -> list[Measurement]:
             now,
             settings.monitor_stuck_run_hours,
             settings.monitor_stuck_run_hours_by_deployment,
+        ),
+        measure_stuck_limit_keys(
+            settings.monitor_stuck_run_hours_by_deployment,
+            deployments,
+            settings.monitor_stuck_run_hours,
         ),
     ]
 

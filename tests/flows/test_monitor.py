@@ -338,6 +338,57 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
             client.delete_flow_run(weekly.id)
 
 
+def test_a_stuck_limit_for_a_mistyped_deployment_warns_slack_once_naming_the_deployments(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT with `nightly_sync` for the deployment
+    `nightly-sync` was ignored without a word: that job kept the global limit. The monitor now
+    warns on Slack (no page) once, naming the key and the deployments the API has; the other
+    checks run as usual, and the warning resolves once the key is fixed."""
+    import asyncio
+    import uuid
+
+    from prefect import flow
+    from prefect.runner import Runner
+
+    from flows.monitor import monitor
+
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    name = f"paylater-test-keys-{uuid.uuid4().hex[:8]}"
+
+    @flow(name=name)
+    def job() -> None:
+        """Never run: only its deployment matters."""
+
+    async def deploy() -> None:
+        await Runner(name=f"r-{uuid.uuid4().hex[:8]}").add_flow(job, name="nightly-sync")
+
+    asyncio.run(deploy())
+
+    def run(limits: dict[str, float]) -> list[dict]:
+        monkeypatch.setenv("PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT", json.dumps(limits))
+        results = {r.check: r for r in monitor()}
+        assert results["stuck_flow_runs"].level != "unknown"  # still measured
+        return [p for p in receiver.take() if "stuck_limit_keys" in p["subject"]]
+
+    (fired,) = run({"nightly_sync": 1.5})
+    assert fired["subject"] == "[FIRING] paylater warning: stuck_limit_keys"
+    text = json.dumps(fired)
+    assert "'nightly_sync'" in text and f"{name}/nightly-sync" in text, text
+    assert "runbook: docs/runbook.md#stuck_limit_keys" in text
+    assert run({"nightly_sync": 1.5}) == []  # once per incident
+    assert pagerduty.take() == []  # a warning: nobody is woken for a typo
+    (resolved,) = run({"nightly-sync": 1.5})
+    assert resolved["subject"] == "[RESOLVED] paylater: stuck_limit_keys"
+
+
 def test_a_build_whose_publish_failed_alerts_on_the_online_features_age(
     prefect_harness: None,
     pg_url: str,

@@ -173,7 +173,7 @@ def job(die: bool = True, fail: bool = False, measure_to: str = "", hang: bool =
         from tasks.monitoring import current_deployment_id, read_flow_runs
 
         own = current_deployment_id()
-        latest, _, _ = read_flow_runs(datetime.now(UTC), 48, 30, own_deployment=own)
+        latest = read_flow_runs(datetime.now(UTC), 48, 30, own_deployment=own).latest
         seen = [r.state_type for r in latest if r.flow == "{name}"]
         with open(measure_to, "w") as out:
             json.dump({{"own": own, "seen": seen}}, out)
@@ -257,7 +257,7 @@ def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
 ) -> None:
     job, name = crashing_flow
     run_deployment_once(job, {"die": True})
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (crash,) = ours(latest, name)
     assert crash.state_type == "CRASHED", crash
     m = measure_crashed_flows(ours(latest, name))
@@ -265,7 +265,7 @@ def test_a_killed_flow_run_counts_as_crashed_until_its_job_runs_again(
     assert "SIGKILL" in m.detail or "-9" in m.detail, m.detail
 
     run_deployment_once(job, {"die": False})  # the job's next run finishes
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (newest,) = ours(latest, name)
     assert newest.state_type == "COMPLETED"
     assert measure_crashed_flows(ours(latest, name)).value == 0.0
@@ -280,7 +280,7 @@ def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
 ) -> None:
     job, name = crashing_flow
     run_deployment_once(job, {"die": False, "fail": True})
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     (failure,) = ours(latest, name)
     assert failure.state_type == "FAILED", failure
     m = measure_failed_flows(ours(latest, name))
@@ -289,7 +289,7 @@ def test_a_failed_flow_run_counts_as_failed_until_its_job_runs_again(
     assert measure_crashed_flows(ours(latest, name)).value == 0.0
 
     run_deployment_once(job, {"die": False})  # the job's next run finishes
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert measure_failed_flows(ours(latest, name)).value == 0.0
 
 
@@ -304,7 +304,7 @@ def test_the_monitor_does_not_count_its_own_previous_failure(
     job, name = crashing_flow
     run_deployment_once(job, {"die": False, "fail": True})
     # Measured from outside the deployment, its failed run counts.
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert [r.state_type for r in ours(latest, name)] == ["FAILED"]
     out = tmp_path / "measured.json"
     run_deployment_once(job, {"die": False, "measure_to": str(out)})
@@ -324,7 +324,7 @@ def test_a_run_nobody_picks_up_is_late(crashing_flow: tuple[Any, str]) -> None:
                 job, state=Scheduled(scheduled_time=datetime.now(UTC) - timedelta(minutes=minutes))
             )
     now = datetime.now(UTC)
-    _, waiting, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
+    _, waiting, _, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
     (late,) = ours(waiting, name)
     assert late.state_type == "SCHEDULED"
     assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 1.0
@@ -344,6 +344,7 @@ def test_an_unreachable_prefect_api_leaves_both_checks_unknown() -> None:
         ("failed_flows", None),
         ("late_flow_runs", None),
         ("stuck_flow_runs", None),
+        ("stuck_limit_keys", None),
     ]
     assert all("Prefect API not readable" in m.detail for m in results)
 
@@ -363,11 +364,11 @@ def test_a_run_rescheduled_for_later_is_not_late(crashing_flow: tuple[Any, str])
         later = datetime.now(UTC) + timedelta(minutes=10)
         client.set_flow_run_state(run.id, AwaitingRetry(scheduled_time=later), force=True)
     now = datetime.now(UTC)
-    _, waiting, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
+    _, waiting, _, _ = read_flow_runs(now, window_hours=48, late_minutes=30)
     assert measure_late_runs(ours(waiting, name), now, late_minutes=30).value == 0.0
     # Its new time passed by the limit, it is late.
     then = later + timedelta(minutes=31)
-    _, waiting, _ = read_flow_runs(then, window_hours=48, late_minutes=30)
+    _, waiting, _, _ = read_flow_runs(then, window_hours=48, late_minutes=30)
     m = measure_late_runs(ours(waiting, name), then, late_minutes=30)
     assert m.value == 1.0 and f"due {later:%Y-%m-%d %H:%M} UTC" in m.detail, m.detail
 
@@ -416,6 +417,7 @@ def test_a_prefect_api_that_does_not_answer_costs_the_monitor_seconds_not_minute
         ("failed_flows", None),
         ("late_flow_runs", None),
         ("stuck_flow_runs", None),
+        ("stuck_limit_keys", None),
     ]
 
 
@@ -430,7 +432,7 @@ def test_an_ad_hoc_run_that_crashed_is_not_a_crashed_job(crashing_flow: tuple[An
         run = client.create_flow_run(job, state=Running())
         client.set_flow_run_state(run.id, Crashed(message="Execution was interrupted"), force=True)
         assert client.read_flow_run(run.id).state_type.value == "CRASHED"
-    latest, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
+    latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert ours(latest, name) == []
 
 
@@ -489,7 +491,7 @@ def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
     assert ours(read_flow_runs(now, 48, 30)[2], name) != []  # running, not stuck yet
     assert measure_stuck_runs(ours(read_flow_runs(now, 48, 30)[2], name), now, 3).value == 0.0
     later = now + timedelta(hours=4)
-    latest, waiting, running = read_flow_runs(later, 48, 30)
+    latest, waiting, running, _ = read_flow_runs(later, 48, 30)
     # What no other check sees: not finished (crashed, failed), not waiting (late).
     assert ours(latest, name) == [] and ours(waiting, name) == []
     (stuck,) = ours(running, name)
@@ -499,3 +501,49 @@ def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
     assert "for 4.0 h" in m.detail, m.detail
     # Measured from inside that very run (the monitor's own current run), it is not counted.
     assert ours(read_flow_runs(later, 48, 30, own_run=str(run.id))[2], name) == []
+
+
+def test_a_stuck_limit_naming_no_deployment_is_a_warning_naming_the_deployments(
+    crashing_flow: tuple[Any, str],
+) -> None:
+    """A mistyped key of PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT ('crash_check' for the
+    deployment 'crash-check') was ignored without a word: the job kept the global limit. Against
+    the real API's deployments, such a key is now a warning naming it and the deployments there
+    are; keys naming a deployment (bare, or 'flow/deployment') are not."""
+    from prefect import get_client
+    from prefect.runner import Runner
+
+    from paylater.settings import Settings
+    from tasks.monitoring import judge, measure_flow_runs
+
+    job, name = crashing_flow
+
+    async def deploy() -> None:
+        await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").add_flow(job, name="crash-check")
+        async with get_client() as client:
+            assert await client.read_deployment_by_name(f"{name}/crash-check")
+
+    asyncio.run(deploy())
+    settings = Settings(
+        monitor_stuck_run_hours=3,
+        monitor_stuck_run_hours_by_deployment={
+            "crash_check": 1,  # the typo
+            f"{name}/crash-check": 2,
+            "crash-check": 1,
+            f"{name}/crash_check": 2,  # a typo too, in the deployment part
+        },
+    )
+    measured = {m.check: m for m in measure_flow_runs(settings, datetime.now(UTC))}
+    keys = measured["stuck_limit_keys"]
+    assert keys.value == 2.0, keys.detail
+    assert "PAYLATER_MONITOR_STUCK_RUN_HOURS_BY_DEPLOYMENT names no deployment" in keys.detail
+    assert f"'crash_check', '{name}/crash_check'" in keys.detail, keys.detail
+    assert "keep the global limit, 3.0 h" in keys.detail
+    assert f"{name}/crash-check" in keys.detail.partition("deployments: ")[2]
+    (judged,) = judge([keys], settings)
+    assert judged.level == "warning"  # Slack, never a page
+    # the other checks are measured as before
+    assert measured["stuck_flow_runs"].value is not None
+    fixed = Settings(monitor_stuck_run_hours_by_deployment={"crash-check": 1})
+    ok = {m.check: m for m in measure_flow_runs(fixed, datetime.now(UTC))}["stuck_limit_keys"]
+    assert ok.value == 0.0 and judge([ok], fixed)[0].level == "ok"

@@ -492,26 +492,27 @@ def not_yet_counted(
     now: datetime,
     data_day: date | None = None,
 ) -> list[CheckResult]:
-    """`results`, less those that would count twice toward stepping their open incident down:
-    this report (`now`) already recorded them (a retry of its alerting step), or they judge a
-    data day (`data_day`, the snapshot's as_of) the incident already counted (a manual rerun, or
-    a backfill of an older day). A result at or above its incident's level still goes through:
-    it never steps down, and a rerun on corrected data must escalate at once."""
+    """`results`, less those that would count twice: this report (`now`) already recorded them
+    (a retry of its alerting step), or the incident already counted a later data day
+    (`data_day`, the snapshot's as_of: a backfill of an older day says nothing of today), or this
+    very day (a manual rerun on the same snapshot). A rerun's result at or above its incident's
+    level still goes through: it never steps down, and corrected data that is worse must
+    escalate at once."""
     rank = {level: i for i, level in enumerate(LEVELS)}
-    retried: set[str] = set()  # checks this very report already recorded
-    counted: dict[
-        str, int
-    ] = {}  # check -> its incident's level, where this data day was already counted
+    skipped: set[str] = set()
+    same_day: dict[str, int] = {}  # check -> its incident's level, where this day was counted
     for incident in incidents:
-        seen, day = incident["last_seen_at"], incident.get("counted_day")
-        if seen is not None and as_utc(seen) == now:
-            retried.add(incident["check_name"])
-        elif data_day is not None and day is not None and _day(day) >= data_day:
-            counted[incident["check_name"]] = rank.get(incident["severity"], len(LEVELS))
+        check, seen = incident["check_name"], incident["last_seen_at"]
+        day = _day(incident["counted_day"]) if incident["counted_day"] is not None else None
+        retried = seen is not None and as_utc(seen) == now
+        if retried or (data_day is not None and day is not None and day > data_day):
+            skipped.add(check)
+        elif data_day is not None and day == data_day:
+            same_day[check] = rank.get(incident["severity"], len(LEVELS))
     return [
         r
         for r in results
-        if r.check not in retried and rank.get(r.level, -1) >= counted.get(r.check, -1)
+        if r.check not in skipped and rank.get(r.level, -1) >= same_day.get(r.check, -1)
     ]
 
 

@@ -444,6 +444,52 @@ def test_a_retried_alerting_step_counts_its_report_once(
     assert [p["subject"] for p in payloads] == [fired.subject, resolved.subject]
 
 
+def test_a_backfilled_older_day_is_not_counted_and_a_worse_rerun_escalates(
+    pg_url: str,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reports count per data day: a report of an older day (a backfill) neither counts toward
+    resolving nor escalates on data the newer day superseded; a rerun of the day already counted
+    whose corrected data is worse escalates at once."""
+    from flows.dashboard import drift_incidents
+    from paylater.settings import get_settings
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+    from tasks.monitoring import open_incidents, open_queue_db
+
+    url, _ = receiver
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    for var in (
+        "PAYLATER_WORKER_DATABASE_URL",
+        "PAYLATER_ALERT_SLACK_BLOCK",
+        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
+        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+    def report(psi: float, day: int, hour: int) -> list[str]:
+        drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
+        daily = DailyMonitoring(date(2026, 7, day), drift=drift, reference_day=date(2026, 5, 1))
+        now = datetime(2026, 7, 10, hour, 0, tzinfo=UTC)
+        return [n.subject for n in drift_incidents.fn(daily, now)]
+
+    assert report(0.15, 2, 1) == ["[FIRING] paylater warning: feature_psi_max"]
+    assert report(0.01, 3, 2) == []  # one clean day
+    assert report(0.01, 1, 3) == []  # a backfill of an older clean day: not a second one
+    assert report(0.50, 1, 4) == []  # nor does an older day's worse PSI escalate
+    engine = open_queue_db(get_settings())
+    try:
+        (incident,) = open_incidents(engine)
+        assert (incident["severity"], incident["runs_ok"]) == ("warning", 1)
+        assert incident["counted_day"] == date(2026, 7, 3)
+    finally:
+        engine.dispose()
+    assert report(0.50, 3, 5) == ["[ESCALATED] paylater critical: feature_psi_max"]
+
+
 def test_a_drift_resolve_count_below_1_is_refused_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

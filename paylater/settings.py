@@ -267,7 +267,8 @@ class Settings(BaseSettings):
             ' {"daily-sync": 1.5, "monthly-retrain": 8}. A key names a deployment, or'
             " 'flow/deployment' when two flows share a deployment name (that key wins); other"
             " deployments keep PAYLATER_MONITOR_STUCK_RUN_HOURS. Each a number above 0: a short"
-            " daily job is caught sooner, a long job is not paged while it legitimately runs."
+            " daily job is caught sooner, a long job is not paged while it legitimately runs. A"
+            " key naming no deployment is a Slack warning (stuck_limit_keys)."
         ),
     )
     monitor_drift_resolve_after_reports: int = Field(

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from paylater.postgres import connect_bounded
 
 if TYPE_CHECKING:
+    import threading
+
     import psycopg
 
 NOTIFY_CHANNEL = "scoring_jobs"
@@ -152,6 +154,7 @@ def connect(
     autocommit: bool = True,
     answer_timeout: float | None = None,
     connect_timeout: int | None = None,
+    stopping: threading.Event | None = None,
 ) -> psycopg.Connection[Any]:
     """A connection to the queue database: connect timeout, TCP keepalives and tcp_user_timeout
     (paylater.postgres.tcp_bounds); each call waits at most `answer_timeout` seconds for the
@@ -159,12 +162,13 @@ def connect(
     Bounded, the session's transactions are too: one whose client went silent before its COMMIT
     is ended by the server after IDLE_IN_TRANSACTION_FACTOR answer timeouts, instead of holding
     its jobs' row locks (which every claim skips) until the server's keepalives notice, hours.
-    `connect_timeout`: seconds, at most (a URL's shorter one is kept)."""
+    `connect_timeout`: seconds, at most (a URL's shorter one is kept). `stopping`: once set, a
+    call waits at most paylater.postgres.STOPPING_ANSWER_SECONDS more (a stopping worker)."""
     url = require_postgres(url)
     extra = {}
     if connect_timeout is not None:
         extra["connect_timeout"] = min(connect_timeout, _url_connect_timeout(url, connect_timeout))
-    conn = connect_bounded(url, answer_timeout, autocommit=autocommit, **extra)
+    conn = connect_bounded(url, answer_timeout, stopping, autocommit=autocommit, **extra)
     if answer_timeout is not None:
         idle_ms = int(IDLE_IN_TRANSACTION_FACTOR * answer_timeout * 1000)
         conn.execute(

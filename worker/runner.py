@@ -157,6 +157,15 @@ class Wakeup:
             return False
 
 
+@dataclass(frozen=True)
+class _Silence:
+    """A database call that got no answer: within `bound` seconds (None: a connection attempt
+    within its connect_timeout), cut short by the worker's stop or not."""
+
+    bound: float | None
+    stopping: bool
+
+
 class Unwritten(Exception):
     """A batch claimed, then not written: the queue connection failed under it."""
 
@@ -625,8 +634,12 @@ class Worker:
             while not self.stop_event.is_set():
                 try:
                     if conn is None or conn.closed:
+                        # A stop cuts a call waiting on a silent database short, so the batch can
+                        # still be given back within a shutdown grace period.
                         conn = queue.connect(
-                            self.url, answer_timeout=self.config.database_timeout_seconds
+                            self.url,
+                            answer_timeout=self.config.database_timeout_seconds,
+                            stopping=self.stop_event,
                         )
                         if unwritten:
                             self._give_back(conn, unwritten)
@@ -684,36 +697,49 @@ class Worker:
 
     def _database_failed(self, exc: BaseException) -> None:
         """Log a failed batch or reconnect; count a database failure, naming a silent one."""
-        import psycopg
-
-        from paylater.postgres import NoAnswer
-
         cause = exc.__cause__ if isinstance(exc, Unwritten) else exc
-        # A reconnect whose connect_timeout ran out met the same silence as a call that did.
-        connecting = isinstance(cause, psycopg.errors.ConnectionTimeout)
-        silent = (
-            connecting
-            or isinstance(cause, NoAnswer)
-            or isinstance(cause and cause.__context__, NoAnswer)
-        )
-        if silent or isinstance(cause, psycopg.Error):
-            self.totals.add(database_errors=1)
-            if self.metrics:
-                self.metrics.database_errors.labels("no_answer" if silent else "error").inc()
-        if silent:
+        silent = self._count_database_error(cause)
+        if silent is not None:
+            jobs = len(exc.jobs) if isinstance(exc, Unwritten) else 0
+            # A stop cuts a reconnect short too (psycopg.errors.ConnectionTimeout then).
+            stopping = silent.stopping or self.stop_event.is_set()
+            then = (
+                f"giving back {jobs} claimed jobs as it stops"
+                if stopping
+                else "reconnecting" + (f", then giving back {jobs} claimed jobs" if jobs else "")
+            )
             log.error(
-                "the queue database gave no answer %s (network silent? host failed"
-                " over?); reconnecting%s: %s",
-                "to a connection attempt within its connect_timeout"
-                if connecting
-                else f"within {self.config.database_timeout_seconds:g} s",
-                f", then giving back {len(exc.jobs)} claimed jobs"
-                if isinstance(exc, Unwritten)
-                else "",
+                "the queue database gave no answer %s (network silent? host failed over?); %s: %s",
+                f"to a connection attempt {'cut short by the stop' if stopping else 'within its connect_timeout'}"
+                if silent.bound is None
+                else f"within {silent.bound:g} s"
+                + (" of the worker's stop" if silent.stopping else ""),
+                then,
                 cause,
             )
         else:
             log.exception("batch failed; reconnecting: %r", exc)
+
+    def _count_database_error(self, cause: BaseException | None) -> _Silence | None:
+        """Count `cause` when it is a database failure (reason no_answer when the database was
+        silent); returns how long it was silent for, or None when it was not."""
+        import psycopg
+
+        from paylater.postgres import NoAnswer
+
+        silent: _Silence | None = None
+        if isinstance(cause, psycopg.errors.ConnectionTimeout):
+            # A reconnect whose connect_timeout ran out met the same silence as a call that did.
+            silent = _Silence(None, False)
+        else:
+            answer = cause if isinstance(cause, NoAnswer) else cause and cause.__context__
+            if isinstance(answer, NoAnswer):
+                silent = _Silence(answer.bound, answer.stopping)
+        if silent is not None or isinstance(cause, psycopg.Error):
+            self.totals.add(database_errors=1)
+            if self.metrics:
+                self.metrics.database_errors.labels("no_answer" if silent else "error").inc()
+        return silent
 
     def _give_back(self, conn: psycopg.Connection[Any], jobs: Sequence[queue.Job]) -> None:
         """Requeue jobs this worker claimed and could not write, no attempt spent (fenced: jobs

@@ -78,3 +78,50 @@ def test_a_call_past_its_bound_fails_and_closes_the_connection(pg_url: str) -> N
             conn.execute("SELECT pg_sleep(30)")
         assert conn.closed
     assert issubclass(NoAnswer, psycopg.OperationalError)  # handled as a database gone away
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_cuts_a_waiting_call_short_and_spares_an_answered_one(pg_url: str) -> None:
+    """A call already waiting when its process was told to stop waited out its whole bound (30 s
+    for the worker), more than a shutdown grace period. Once `stopping` is set it now waits at
+    most STOPPING_ANSWER_SECONDS more; a call the server answers is not cut."""
+    import threading
+
+    from paylater.postgres import STOPPING_ANSWER_SECONDS, NoAnswer, connect_bounded
+
+    stopping = threading.Event()
+    with connect_bounded(pg_url, 600.0, stopping, autocommit=True) as conn:
+        assert conn.execute("SELECT pg_sleep(0.2)").fetchone() == ("",)
+        threading.Timer(0.5, stopping.set).start()
+        with pytest.raises(NoAnswer, match=r"within 3 s of the stop") as raised:
+            conn.execute("SELECT pg_sleep(600)")  # pytest's timeout fails the test long before
+        assert raised.value.stopping and raised.value.bound == STOPPING_ANSWER_SECONDS
+        assert conn.closed
+    with connect_bounded(pg_url, 600.0, stopping, autocommit=True) as conn:
+        # Already stopping: a call answered within the grace is answered.
+        assert conn.execute("SELECT pg_sleep(1), 7").fetchone() == ("", 7)
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_cuts_a_connection_attempt_to_a_silent_host_short(pg_url: str) -> None:
+    """A reconnect waiting on a host that accepts TCP and answers nothing (what an outage's
+    reconnects meet) waited out its connect_timeout whatever a stop said."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    from paylater.postgres import connect_bounded
+
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake
+    parts = urlsplit(pg_url)
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{silent.getsockname()[1]}"
+    url = urlunsplit(parts._replace(netloc=netloc, query="connect_timeout=600"))
+    stopping = threading.Event()
+    threading.Timer(0.5, stopping.set).start()
+    try:
+        with pytest.raises(psycopg.errors.ConnectionTimeout, match=r"within 3 s of the stop"):
+            connect_bounded(url, 600.0, stopping)  # pytest's timeout fails the test long before
+    finally:
+        silent.close()

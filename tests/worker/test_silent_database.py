@@ -45,11 +45,20 @@ class BlackHoleProxy:
                 sock.close()
         self._forwarding.set()
 
-    def cut(self) -> None:
-        """Cut every connection open now, their undelivered data lost, and stay silent: the
-        connections died (TCP gave up) while the network is still down."""
-        for sock in self._sockets[1:]:
+    def cut(self, first: int | None = None) -> None:
+        """Cut every connection open now (or only the `first` accepted), their undelivered data
+        lost, and stay silent: the connections died (TCP gave up) while the network is down."""
+        for sock in self._sockets[1 : None if first is None else 1 + 2 * first]:
             sock.close()
+
+    def pending(self) -> bool:
+        """Whether a client sent something the silence has not forwarded (a call is waiting)."""
+        clients = self._sockets[1::2]
+        try:
+            readable, _, _ = select.select(clients, [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def close(self) -> None:
         """Close every socket (unblocks whatever still waits on one)."""
@@ -104,11 +113,11 @@ def silent_after(monkeypatch: pytest.MonkeyPatch) -> float:
     return TIMEOUT_SECONDS
 
 
-def through(url: str, proxy: BlackHoleProxy) -> str:
+def through(url: str, proxy: BlackHoleProxy, connect_timeout: int = 2) -> str:
     """`url` via the proxy, with a short connect timeout so reconnects while silent fail soon."""
     parts = urlsplit(url)
     netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc, query="connect_timeout=2"))
+    return urlunsplit(parts._replace(netloc=netloc, query=f"connect_timeout={connect_timeout}"))
 
 
 class GatedBackend:
@@ -416,3 +425,64 @@ class _NeverCalled:
     def score(self, requests: Sequence[Any]) -> list[Any]:
         """Never called: nothing is claimed."""
         raise AssertionError("nothing should have been claimed")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("answers", [True, False], ids=["answers-again", "stays-silent"])
+def test_a_stop_cuts_a_call_waiting_on_a_silent_database_short(
+    answers: bool,
+    queue_db: str,
+    booster: Any,
+    proxy: BlackHoleProxy,
+    kit: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stopped while its write waited on a silent database, the worker waited out the whole
+    database timeout (30 s), then up to about 10 s more to give the batch back: past a 30 s
+    termination grace period, it was SIGKILLed with the batch still claimed. A stop now cuts the
+    waiting call short, and the batch is given back, or the log says it was not."""
+    from worker.metrics import WorkerMetrics
+    from worker.runner import GIVEN_BACK, Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    # Production's database timeout, and connect timeout (the give-back's is its 5 s bound).
+    config = WorkerConfig.from_settings(
+        concurrency=1, lease_seconds=600, poll_seconds=0.2, database_timeout_seconds=30.0
+    )
+    metrics = WorkerMetrics()
+    worker = Worker(through(queue_db, proxy, 10), backend, config, metrics=metrics)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert backend.entered.wait(60), "the worker never claimed the batch"
+        proxy.silence()
+        backend.release.set()  # the write of the scores now meets a silent network
+        kit.wait_until(proxy.pending, 30, "the write to wait on the silent database")
+        opened = proxy.accepted
+        worker.stop()
+        if answers:
+            kit.wait_until(
+                lambda: proxy.accepted > opened, 20, "a last attempt to give the batch back"
+            )
+            proxy.cut(opened)  # the write died with its connection; the give-back gets through
+            proxy.resume()
+        # Well under the 30 s database timeout it took before (plus the give-back's ~10 s).
+        thread.join(20)
+        assert not thread.is_alive(), "the worker did not stop within 20 s"
+    finally:
+        worker.stop()
+        proxy.close()
+        thread.join(60)
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert len(rows) == len(ids)
+    assert "gave no answer within 3 s of the worker's stop" in caplog.text
+    assert "giving back 6 claimed jobs as it stops" in caplog.text
+    assert sample(metrics, "paylater_worker_database_errors_total", reason="no_answer") >= 1
+    if answers:
+        assert rows == [("queued", 0, GIVEN_BACK)] * len(ids)
+        assert sample(metrics, "paylater_worker_jobs_held_total") == len(ids)
+    else:
+        assert [r[:2] for r in rows] == [("running", 1)] * len(ids), rows
+        assert "could not give back 6 claimed jobs on shutdown" in caplog.text

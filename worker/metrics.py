@@ -61,9 +61,9 @@ class WorkerMetrics:
         self.database_errors = Counter(
             "paylater_worker_database_errors",
             "Queue database calls that failed (reason=error) or got no answer within"
-            " PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS, or reconnects none within their"
-            " connect_timeout (reason=no_answer: a silent network); the loop reconnects and gives"
-            " its batch back.",
+            " PAYLATER_WORKER_DATABASE_TIMEOUT_SECONDS, or reconnects (the loops' or the NOTIFY"
+            " listener's) none within their connect_timeout (reason=no_answer: a silent network);"
+            " the loop reconnects and gives its batch back.",
             ["reason"],
             registry=r,
         )

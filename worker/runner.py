@@ -768,6 +768,8 @@ class Worker:
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             self.wake.notify()
             except Exception as exc:
+                # Counted too: a listener that cannot reconnect leaves the loops on their poll.
+                self._count_database_error(exc)
                 log.warning("NOTIFY listener lost its connection (%r); polling meanwhile", exc)
                 self.stop_event.wait(1.0)
 

@@ -486,3 +486,34 @@ def test_a_stop_cuts_a_call_waiting_on_a_silent_database_short(
     else:
         assert [r[:2] for r in rows] == [("running", 1)] * len(ids), rows
         assert "could not give back 6 claimed jobs on shutdown" in caplog.text
+
+
+@pytest.mark.timeout(240)
+def test_the_notify_listener_s_failed_reconnects_are_counted(
+    queue_db: str, proxy: BlackHoleProxy, silent_after: float, kit: Any
+) -> None:
+    """The listener's reconnects that failed were only logged: a worker whose NOTIFY connection
+    could not be made (loops left on their poll) showed no database error at all."""
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Worker, WorkerConfig
+
+    config = WorkerConfig.from_settings(concurrency=1, poll_seconds=0.2)
+    metrics = WorkerMetrics()
+    worker = Worker(through(queue_db, proxy), _NeverCalled(), config, metrics=metrics)
+    proxy.silence()
+    # The listener alone (no loop runs): every error counted is one of its reconnects.
+    listener = threading.Thread(target=worker._listen, daemon=True)
+    listener.start()
+    try:
+        kit.wait_until(
+            lambda: (
+                sample(metrics, "paylater_worker_database_errors_total", reason="no_answer") >= 2
+            ),
+            60,
+            "two failed listener reconnects to be counted",
+        )
+    finally:
+        worker.stop()
+        listener.join(30)
+    assert sample(metrics, "paylater_worker_database_errors_total", reason="error") == 0
+    assert worker.totals.database_errors >= 2

@@ -1,8 +1,16 @@
-"""Registry fixtures: a trained good and a deliberately worse candidate (once per module), a fresh MLflow store."""
+"""Registry fixtures: a trained good and a deliberately worse candidate (once per module), a fresh
+MLflow store (embedded SQLite, or a real `mlflow server` started once per module)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -127,6 +135,110 @@ def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return paylater_home
 
 
+@pytest.fixture(scope="module")
+def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts: started once
+    per module (~10 s on this machine), stopped after; its URL."""
+    from paylater.testing import listen_port
+    from registry.testing import empty_mlflow_db
+
+    port = listen_port()
+    server_home = tmp_path_factory.mktemp("mlflow-server")
+    backend = server_home / "backend.db"
+    empty_mlflow_db(backend)
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = (server_home / "server.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{backend}",
+            "--artifacts-destination",
+            str(server_home / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(server_home / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def _forget_registry(url: str) -> None:
+    """Leave the server as a fresh one looks to paylater: no registered model (so versions number
+    from 1 again), and the names of its experiments free (renamed: a deleted experiment keeps its
+    name, and ensure_experiment would restore it with the earlier test's runs and audit history)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import AUDIT_EXPERIMENT, MODEL_NAME, TRAINING_EXPERIMENT, is_absent
+
+    c = MlflowClient(tracking_uri=url, registry_uri=url)
+    try:
+        c.delete_registered_model(MODEL_NAME)
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
+    for name in (TRAINING_EXPERIMENT, AUDIT_EXPERIMENT):
+        found = c.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":  # only an active one can be renamed
+                c.restore_experiment(found.experiment_id)
+            c.rename_experiment(found.experiment_id, f"{name}-done-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def mlflow_server(
+    registry_home: Path, mlflow_server_process: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The module's real `mlflow server` as the registry, holding nothing paylater wrote before."""
+    _forget_registry(mlflow_server_process)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server_process)
+    return mlflow_server_process
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def any_registry(request: pytest.FixtureRequest, registry_home: Path) -> str:
+    """Each of the registry backends paylater runs on: the embedded SQLite store, and a real
+    `mlflow server` (production's), whose REST layer checks what the SQL store takes on trust."""
+    if request.param == "server":
+        return str(request.getfixturevalue("mlflow_server"))
+    from registry.store import tracking_uri
+
+    return tracking_uri()
+
+
 @pytest.fixture
 def racing_transitions(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The transition lock's shipped settle pause, for tests of transitions started together."""
@@ -228,16 +340,39 @@ def fail_archiving(monkeypatch: pytest.MonkeyPatch) -> Callable[[], Callable[[],
     return start
 
 
+def _logged_model_id(source: str) -> str:
+    """The logged model's id in a `models:/m-...` version source."""
+    model_id = source.removeprefix("models:/")
+    if model_id == source or not model_id.startswith("m-") or "/" in model_id:
+        raise ValueError(f"not a logged model's source: {source!r}")
+    return model_id
+
+
 @pytest.fixture
 def register_copy() -> Callable[[str], str]:
-    """Another registry version of an already logged model (same run, source and tags): cheap versions."""
+    """Another registry version of an already logged model: cheap versions, each as a retrain
+    registers it (same run and logged model, its lineage tags; no gate or verification outcome).
+
+    MLflow 3 registers a logged model by its id: the source is `models:/m-...`, which a tracking
+    server accepts only with the `model_id` it names (the SQL store takes it on trust). MLflow
+    3.17's stores keep no `model_id` on a version (ModelVersion.model_id reads None), so it is
+    taken from the source.
+    """
+    from registry.policy import VERIFICATION_TAG
     from registry.store import MODEL_NAME, client
+
+    outcomes = ("gate_", "rejected", VERIFICATION_TAG)
 
     def run(version: str) -> str:
         c = client()
         original = c.get_model_version(MODEL_NAME, version)
+        lineage = {k: v for k, v in (original.tags or {}).items() if not k.startswith(outcomes)}
         copy = c.create_model_version(
-            MODEL_NAME, original.source, run_id=original.run_id, tags=original.tags
+            MODEL_NAME,
+            original.source,
+            run_id=original.run_id,
+            tags=lineage,
+            model_id=original.model_id or _logged_model_id(str(original.source)),
         )
         return str(copy.version)
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,68 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from paylater.cli import app
-from paylater.testing import listen_port
 from registry import policy
 from registry.store import MODEL_NAME, client, require_reachable, server_clock
-
-
-@pytest.fixture
-def mlflow_server(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts; stopped after."""
-    port = listen_port()
-    server_home = registry_home / "server"
-    backend = server_home / "backend.db"
-    from registry.testing import empty_mlflow_db
-
-    empty_mlflow_db(backend)
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    log = (server_home / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(mlflow_bin),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{backend}",
-            "--artifacts-destination",
-            str(server_home / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(server_home / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 def test_round_trip_through_a_real_mlflow_server(
@@ -321,7 +259,7 @@ def test_history_of_a_version_that_never_existed_says_so(
 
 
 def test_finishing_an_interrupted_promote_names_the_production_version(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     fail_archiving: Callable[[], Callable[[], None]],
@@ -492,7 +430,7 @@ def test_the_age_a_left_lock_is_taken_over_at_is_a_setting(
 
 
 def test_history_says_when_a_stage_was_changed_outside_paylater(
-    registry_home: Path, good_candidate: Any, releases: Callable[..., list[str]]
+    any_registry: str, good_candidate: Any, releases: Callable[..., list[str]]
 ) -> None:
     """The MLflow UI writes no history: read alone, v1's entries say Archived while it is in
     Production again. history warns of each version whose stage is not its last entry's."""

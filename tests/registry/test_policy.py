@@ -100,7 +100,7 @@ def test_first_candidate_staged_worse_one_rejected_production_unchanged(
 
 
 def test_promote_rollback_history_round_trip(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
 ) -> None:
@@ -145,7 +145,7 @@ def test_promote_rollback_history_round_trip(
 
 
 def test_wrong_requests_change_nothing(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     register: Callable[..., str],
     register_copy: Callable[[str], str],
@@ -175,7 +175,7 @@ def test_wrong_requests_change_nothing(
 
 
 def test_new_staged_candidate_archives_the_previous_one(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     register: Callable[..., str],
     register_copy: Callable[[str], str],
@@ -210,7 +210,7 @@ def test_an_unreachable_registry_is_not_taken_for_an_empty_one(
 
 
 def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_deleted(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     register: Callable[..., str],
     register_copy: Callable[[str], str],
@@ -267,7 +267,7 @@ def test_allowed_feature_removal_is_not_rejected_for_production_lacking_that_fea
 
 
 def test_rollback_restores_the_previous_version_when_production_was_deleted(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
 ) -> None:
@@ -393,7 +393,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
 
 
 def test_two_transitions_started_together_never_both_run(
-    registry_home: Path,
+    any_registry: str,
     racing_transitions: None,
     good_candidate: Any,
     releases: Callable[..., list[str]],
@@ -486,7 +486,7 @@ def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
 
 
 def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second_time(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -534,7 +534,7 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
 
 
 def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     fail_archiving: Callable[[], Callable[[], None]],
@@ -614,7 +614,7 @@ def test_a_promote_interrupted_half_way_is_completed_by_running_it_again(
 
 
 def test_a_rollback_after_an_interrupted_promote_or_rollback_goes_back_one_version(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     fail_archiving: Callable[[], Callable[[], None]],
@@ -706,7 +706,7 @@ def test_promoting_a_version_staged_in_the_mlflow_ui_says_how_to_verify_it(
 
 
 def test_a_candidate_production_changed_under_is_promoted_only_once_regated(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     register: Callable[..., str],
@@ -747,7 +747,7 @@ def test_a_candidate_production_changed_under_is_promoted_only_once_regated(
 
 
 def test_a_production_stage_set_in_the_mlflow_ui_stops_promotion_on_an_old_gate(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     register: Callable[..., str],
@@ -781,7 +781,7 @@ def test_a_production_stage_set_in_the_mlflow_ui_stops_promotion_on_an_old_gate(
 
 
 def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -814,7 +814,7 @@ def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
 
 
 def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_broken(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -865,7 +865,7 @@ def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_bro
 
 
 def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -916,7 +916,7 @@ def test_unlock_never_breaks_a_lock_taken_over_while_it_looked(
 
 
 def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_current_gate(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     register: Callable[..., str],
@@ -952,7 +952,7 @@ def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_curr
 
 
 def test_rollback_after_an_interrupted_promote_whose_version_was_deleted_restores_the_one_serving(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     fail_archiving: Callable[[], Callable[[], None]],
@@ -977,7 +977,7 @@ def test_rollback_after_an_interrupted_promote_whose_version_was_deleted_restore
 
 
 def test_a_version_put_in_production_by_hand_then_regated_is_not_taken_for_a_left_one(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
 ) -> None:
@@ -996,7 +996,7 @@ def test_a_version_put_in_production_by_hand_then_regated_is_not_taken_for_a_lef
 
 
 def test_a_rollback_with_only_a_version_put_in_production_by_hand_names_it(
-    registry_home: Path,
+    any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
 ) -> None:

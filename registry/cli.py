@@ -28,17 +28,24 @@ MLflow's default (7, with exponential backoff) keeps a command silent for minute
 tracking server cannot be reached; two retries answer in seconds."""
 
 
+QUIET_RUN_LINKS_VARIABLE = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+"""Set to true for a registry command unless set explicitly: against a tracking server MLflow
+prints two "View run/experiment" lines on stdout for every audit entry a transition writes, in
+the middle of the command's own output (and of `history --json`, one JSON object per line)."""
+
+
 @contextmanager
 def _interactive_retries() -> Iterator[None]:
-    """MLflow's HTTP retries set to INTERACTIVE_RETRIES for the block, unless set explicitly."""
-    if RETRIES_VARIABLE in os.environ:
-        yield
-        return
-    os.environ[RETRIES_VARIABLE] = INTERACTIVE_RETRIES
+    """MLflow's HTTP retries set to INTERACTIVE_RETRIES, and its run links kept off stdout, for
+    the block, unless set explicitly."""
+    defaults = {RETRIES_VARIABLE: INTERACTIVE_RETRIES, QUIET_RUN_LINKS_VARIABLE: "true"}
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
     try:
         yield
     finally:
-        os.environ.pop(RETRIES_VARIABLE, None)
+        for name in added:
+            os.environ.pop(name, None)
 
 
 class _Warnings(logging.Handler):

@@ -355,21 +355,13 @@ def _ui_transition(version: str, stage: str) -> None:
 def test_rollback_sees_stages_moved_in_the_mlflow_ui(
     mlflow_server: str,
     good_candidate: Any,
-    register: Callable[..., str],
-    mark_verified: Callable[[str], None],
+    releases: Callable[..., list[str]],
 ) -> None:
     """A stage set in the MLflow UI moves no alias and writes no history. v1 put in Production
     there (v3, the alias's, archived by the UI) must not be archived by a rollback that restores
     v2 behind it: it refuses, naming v1, and changes nothing. Moved back, the rollback runs; and
     a hand rollback begun in the UI (v2 put back in Production) is finished, one in Production."""
-    from registry.testing import stage_as_retrain
-
-    for n in range(3):  # register_copy's versions need a model_id a tracking server checks
-        version = register(good_candidate)
-        stage_as_retrain(version)
-        mark_verified(version)
-        policy.promote(version, "production", f"release {n}", "alice")
-    v1, v2, v3 = "1", "2", "3"
+    v1, v2, v3 = releases(good_candidate, 3)
     runner = CliRunner()
     _ui_transition(v1, "Production")
     before = _stages()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -330,33 +331,15 @@ def write_scoring(day: date, users: pa.Table, users_features: list[str]) -> None
     )
 
 
-def test_a_drift_incident_resolves_only_after_enough_clean_reports_in_a_row(
-    prefect_harness: None,
-    pg_url: str,
-    paylater_home: Path,
-    receiver: tuple[str, list[dict]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Drift alerts share the monitor's hysteresis, counted in reports: a PSI back under its
-    level for one day (a weekday's population, a value hovering at 0.25) no longer resolves the
-    page only for the next report to fire it again. With the default of 2, the first clean report
-    keeps the incident open, the second resolves it (and its page), once."""
-    from flows.dashboard import monitoring_report
-    from paylater.settings import get_settings
-    from registry.testing import (
-        USER_FEATURES,
-        as_of_after,
-        empty_mlflow_db,
-        synthetic_training_table,
-    )
-    from registry.testing import write_dataset as write_training
-    from tasks.monitoring import open_incidents, open_queue_db
-
+@pytest.fixture
+def drift_alerting(
+    pg_url: str, receiver: tuple[str, list[dict]], monkeypatch: pytest.MonkeyPatch
+) -> list[dict]:
+    """Drift incidents kept in the test PostgreSQL, their notices posted to the receiver (whose
+    payloads this returns), at the default hysteresis; no other alert channel."""
     url, payloads = receiver
-    monkeypatch.chdir(paylater_home)
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
     for var in (
         "PAYLATER_WORKER_DATABASE_URL",
         "PAYLATER_ALERT_SLACK_BLOCK",
@@ -364,42 +347,95 @@ def test_a_drift_incident_resolves_only_after_enough_clean_reports_in_a_row(
         "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
     ):
         monkeypatch.delenv(var, raising=False)
-    # no production model: feature drift is measured against the snapshot of the training day
+    return payloads
+
+
+@dataclass
+class DriftWorld:
+    """A trained model's day with a reference scoring snapshot 30 days before it (no production
+    model: feature drift is measured against that snapshot), and two populations to report on."""
+
+    payloads: list[dict]
+    trained: date
+    users: pa.Table
+    shifted: pa.Table  # txn_count_30d moved by 25: a critical feature_psi_max
+
+    def report(self, day: date | None = None, table: pa.Table | None = None) -> list[str]:
+        """Write `table` as the scoring snapshot of `day` (None: a rerun on the newest snapshot
+        already written), run the monitoring report; the feature_psi_max notices it sent."""
+        from flows.dashboard import monitoring_report
+        from registry.testing import USER_FEATURES
+
+        if day is not None and table is not None:
+            write_scoring(day, table, list(USER_FEATURES))
+        monitoring_report()
+        sent = [p["subject"] for p in self.payloads if "feature_psi_max" in p["subject"]]
+        self.payloads.clear()
+        return sent
+
+    def incident(self) -> dict | None:
+        """The open feature_psi_max incident, if any."""
+        from paylater.settings import get_settings
+        from tasks.monitoring import open_incidents, open_queue_db
+
+        engine = open_queue_db(get_settings())
+        try:
+            found = [i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"]
+        finally:
+            engine.dispose()
+        return found[0] if found else None
+
+
+@pytest.fixture
+def drift_world(
+    prefect_harness: None,
+    drift_alerting: list[dict],
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> DriftWorld:
+    """Drift reports with the default hysteresis, alerts to the receiver."""
+    from registry.testing import (
+        USER_FEATURES,
+        as_of_after,
+        empty_mlflow_db,
+        synthetic_training_table,
+    )
+    from registry.testing import write_dataset as write_training
+
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
     training, _ = synthetic_training_table(1200, FIRST_MONTH, 6, seed=6)
     trained = as_of_after(FIRST_MONTH, 6)
     write_training(training, trained)
     users = training.select(["user_id", *USER_FEATURES]).slice(0, 600)
     shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
     write_scoring(trained - timedelta(days=30), users, list(USER_FEATURES))  # the reference
+    return DriftWorld(drift_alerting, trained, users, shifted)
 
-    def report(day: date, table: pa.Table) -> list[str]:
-        write_scoring(day, table, list(USER_FEATURES))
-        monitoring_report()
-        sent = [p["subject"] for p in payloads if "feature_psi_max" in p["subject"]]
-        payloads.clear()
-        return sent
 
-    assert report(trained + timedelta(days=1), shifted) == [
+def test_a_drift_incident_resolves_only_after_enough_clean_reports_in_a_row(
+    drift_world: DriftWorld,
+) -> None:
+    """Drift alerts share the monitor's hysteresis, counted in reports: a PSI back under its
+    level for one day (a weekday's population, a value hovering at 0.25) no longer resolves the
+    page only for the next report to fire it again. With the default of 2, the first clean report
+    keeps the incident open, the second resolves it (and its page), once."""
+    w = drift_world
+    assert w.report(w.trained + timedelta(days=1), w.shifted) == [
         "[FIRING] paylater critical: feature_psi_max"
     ]
-    assert report(trained + timedelta(days=2), users) == []  # one clean report: still open
-    engine = open_queue_db(get_settings())
-    try:
-        (incident,) = [i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"]
-        assert incident["severity"] == "critical" and incident["runs_ok"] == 1
-        assert report(trained + timedelta(days=3), users) == [
-            "[RESOLVED] paylater: feature_psi_max"
-        ]
-        assert [i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"] == []
-    finally:
-        engine.dispose()
+    assert w.report(w.trained + timedelta(days=2), w.users) == []  # one clean report: still open
+    incident = w.incident()
+    assert incident is not None
+    assert incident["severity"] == "critical" and incident["runs_ok"] == 1
+    assert w.report(w.trained + timedelta(days=3), w.users) == [
+        "[RESOLVED] paylater: feature_psi_max"
+    ]
+    assert w.incident() is None
 
 
 def test_a_retried_alerting_step_counts_its_report_once(
-    pg_url: str,
-    paylater_home: Path,
-    receiver: tuple[str, list[dict]],
-    monkeypatch: pytest.MonkeyPatch,
+    paylater_home: Path, drift_alerting: list[dict]
 ) -> None:
     """drift_incidents is retried by Prefect when an alert is not delivered; each attempt judged
     the same report again, so with hysteresis a retry counted as one more clean report and
@@ -411,16 +447,7 @@ def test_a_retried_alerting_step_counts_its_report_once(
     from tasks.drift import DriftReport
     from tasks.monitoring import open_incidents, open_queue_db
 
-    url, payloads = receiver
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
-    for var in (
-        "PAYLATER_WORKER_DATABASE_URL",
-        "PAYLATER_ALERT_SLACK_BLOCK",
-        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
-        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
-    ):
-        monkeypatch.delenv(var, raising=False)
+    payloads = drift_alerting
 
     def daily(psi: float, day: int) -> DailyMonitoring:
         drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
@@ -445,10 +472,7 @@ def test_a_retried_alerting_step_counts_its_report_once(
 
 
 def test_a_backfilled_older_day_is_not_counted_and_a_worse_rerun_escalates(
-    pg_url: str,
-    paylater_home: Path,
-    receiver: tuple[str, list[dict]],
-    monkeypatch: pytest.MonkeyPatch,
+    paylater_home: Path, drift_alerting: list[dict]
 ) -> None:
     """Reports count per data day: a report of an older day (a backfill) neither counts toward
     resolving nor escalates on data the newer day superseded; a rerun of the day already counted
@@ -458,17 +482,6 @@ def test_a_backfilled_older_day_is_not_counted_and_a_worse_rerun_escalates(
     from tasks.dashboard import DailyMonitoring
     from tasks.drift import DriftReport
     from tasks.monitoring import open_incidents, open_queue_db
-
-    url, _ = receiver
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
-    for var in (
-        "PAYLATER_WORKER_DATABASE_URL",
-        "PAYLATER_ALERT_SLACK_BLOCK",
-        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
-        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
-    ):
-        monkeypatch.delenv(var, raising=False)
 
     def report(psi: float, day: int, hour: int) -> list[str]:
         drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
@@ -504,70 +517,22 @@ def test_a_drift_resolve_count_below_1_is_refused_naming_the_variable(
 
 
 def test_a_rerun_report_of_a_day_already_counted_does_not_count_again(
-    prefect_harness: None,
-    pg_url: str,
-    paylater_home: Path,
-    receiver: tuple[str, list[dict]],
-    monkeypatch: pytest.MonkeyPatch,
+    drift_world: DriftWorld,
 ) -> None:
     """A manual rerun of the report on the same scoring snapshot counted as one more clean report:
     two runs on one day's data resolved a critical drift incident (and its page) without a second
     day confirming it. A report now counts once per data day (its snapshot's as_of)."""
-    from flows.dashboard import monitoring_report
-    from paylater.settings import get_settings
-    from registry.testing import (
-        USER_FEATURES,
-        as_of_after,
-        empty_mlflow_db,
-        synthetic_training_table,
-    )
-    from registry.testing import write_dataset as write_training
-    from tasks.monitoring import open_incidents, open_queue_db
-
-    url, payloads = receiver
-    monkeypatch.chdir(paylater_home)
-    monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
-    for var in (
-        "PAYLATER_WORKER_DATABASE_URL",
-        "PAYLATER_ALERT_SLACK_BLOCK",
-        "PAYLATER_ALERT_PAGERDUTY_BLOCK",
-        "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    training, _ = synthetic_training_table(1200, FIRST_MONTH, 6, seed=6)
-    trained = as_of_after(FIRST_MONTH, 6)
-    write_training(training, trained)
-    users = training.select(["user_id", *USER_FEATURES]).slice(0, 600)
-    shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
-    write_scoring(trained - timedelta(days=30), users, list(USER_FEATURES))  # the reference
-
-    def report(day: date | None = None, table: pa.Table | None = None) -> list[str]:
-        if day is not None and table is not None:
-            write_scoring(day, table, list(USER_FEATURES))
-        monitoring_report()  # day None: a rerun on the newest snapshot already written
-        sent = [p["subject"] for p in payloads if "feature_psi_max" in p["subject"]]
-        payloads.clear()
-        return sent
-
-    def runs_ok() -> int:
-        engine = open_queue_db(get_settings())
-        try:
-            (incident,) = [
-                i for i in open_incidents(engine) if i["check_name"] == "feature_psi_max"
-            ]
-        finally:
-            engine.dispose()
-        return int(incident["runs_ok"])
-
-    assert report(trained + timedelta(days=1), shifted) == [
+    w = drift_world
+    assert w.report(w.trained + timedelta(days=1), w.shifted) == [
         "[FIRING] paylater critical: feature_psi_max"
     ]
-    assert report(trained + timedelta(days=2), users) == []  # one clean day: still open
-    assert report() == []  # rerun on the same day's data: not a second clean report
-    assert runs_ok() == 1
-    assert report(trained + timedelta(days=3), users) == ["[RESOLVED] paylater: feature_psi_max"]
+    assert w.report(w.trained + timedelta(days=2), w.users) == []  # one clean day: still open
+    assert w.report() == []  # rerun on the same day's data: not a second clean report
+    incident = w.incident()
+    assert incident is not None and incident["runs_ok"] == 1
+    assert w.report(w.trained + timedelta(days=3), w.users) == [
+        "[RESOLVED] paylater: feature_psi_max"
+    ]
 
 
 def test_an_incident_table_made_before_counted_days_gets_the_column(pg_url: str) -> None:

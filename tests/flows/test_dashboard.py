@@ -95,8 +95,6 @@ def test_monitoring_report_end_to_end(
         synthetic_training_table,
     )
     from registry.testing import write_dataset as write_training
-    from tasks.datasets import write_dataset
-    from tasks.storage import open_storage
     from tasks.warehouse import open_warehouse
 
     url, payloads = receiver
@@ -126,15 +124,7 @@ def test_monitoring_report_end_to_end(
     # a feature added since the model was trained: no reference for it, and the report says so
     shifted = shifted.append_column("new_feature_30d", pc.multiply(users["txn_count_30d"], 2))
     for day, table in ((trained_day, users), (as_of, shifted)):
-        write_dataset(
-            open_storage(),
-            "scoring",
-            day,
-            table.append_column("as_of", pa.array([day] * table.num_rows, pa.date32())),
-            features=list(USER_FEATURES),
-            sql_hash="x",
-            source_watermark=None,
-        )
+        write_scoring(day, table, list(USER_FEATURES))
     # production scores of the last hours in the queue
     rng = np.random.default_rng(5)
     now = datetime.now(UTC)
@@ -280,8 +270,6 @@ def test_a_production_model_the_training_set_cannot_score_does_not_hide_feature_
     )
     from registry.testing import write_dataset as write_training
     from tasks.dashboard import daily_monitoring
-    from tasks.datasets import write_dataset
-    from tasks.storage import open_storage
 
     monkeypatch.chdir(paylater_home)
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
@@ -296,15 +284,7 @@ def test_a_production_model_the_training_set_cannot_score_does_not_hide_feature_
     users = training.select(["user_id", *USER_FEATURES]).slice(0, 400)
     shifted = users.set_column(1, "txn_count_30d", pc.add(users["txn_count_30d"], 25))
     for day, table in ((as_of_after(FIRST_MONTH, 4), users), (as_of, shifted)):
-        write_dataset(
-            open_storage(),
-            "scoring",
-            day,
-            table.append_column("as_of", pa.array([day] * table.num_rows, pa.date32())),
-            features=list(USER_FEATURES),
-            sql_hash="x",
-            source_watermark=None,
-        )
+        write_scoring(day, table, list(USER_FEATURES))
     engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
     try:
         daily = daily_monitoring(engine, datetime.now(UTC))

@@ -95,10 +95,15 @@ def pagerduty() -> Iterator[Receiver]:
 
 
 def point_monitor_at(
-    monkeypatch: pytest.MonkeyPatch, pg_url: str, home: Path, webhook: str | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    pg_url: str,
+    home: Path,
+    webhook: str | None = None,
+    pagerduty: str | None = None,
 ) -> str:
-    """The monitor's databases (queue in `pg_url`, a DuckDB warehouse in `home`) and its Slack
-    webhook; no other alert channel. Returns the warehouse URL."""
+    """The monitor's databases (queue in `pg_url`, a DuckDB warehouse in `home`), its Slack
+    webhook and its PagerDuty Events API URL (with FAKE_KEY); no other alert channel. Returns the
+    warehouse URL."""
     warehouse_url = f"duckdb:///{home / 'warehouse.duckdb'}"
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
     monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", warehouse_url)
@@ -106,6 +111,9 @@ def point_monitor_at(
         monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", webhook)
     for var in UNSET:
         monkeypatch.delenv(var, raising=False)
+    if pagerduty is not None:
+        monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+        monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty)
     # These tests follow one incident change per run; the hysteresis of the default (3 runs in a
     # row below a level) has a test of its own.
     monkeypatch.setenv("PAYLATER_MONITOR_RESOLVE_AFTER_RUNS", "1")
@@ -298,9 +306,7 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
 
     from flows.monitor import monitor
 
-    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url)
     name = f"paylater-test-stuck-{uuid.uuid4().hex[:8]}"
     # the nightly job's own limit, 2 s; its weekly twin keeps the global 3 h, so is not stuck
     monkeypatch.setenv(
@@ -358,9 +364,7 @@ def test_a_stuck_limit_for_a_mistyped_deployment_warns_slack_once_naming_the_dep
 
     from flows.monitor import monitor
 
-    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url)
     name = f"paylater-test-keys-{uuid.uuid4().hex[:8]}"
 
     @flow(name=name)
@@ -511,9 +515,9 @@ def test_monitor_pages_pagerduty_and_resolves_under_the_same_key(
     warnings do not, and clearing resolves each page under the key it was triggered with."""
     from flows.monitor import monitor
 
-    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    warehouse_url = point_monitor_at(
+        monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url
+    )
     # The heartbeat pages while a page is refused, so Slack may wait for the page.
     monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", f"{receiver.url}/heartbeat")
     queue_a_late_job(pg_url)
@@ -571,9 +575,9 @@ def test_a_critical_incident_back_at_warning_resolves_its_page_not_its_slack_war
     for a warning) and Slack a DE-ESCALATED warning; cleared, Slack alone hears RESOLVED."""
     from flows.monitor import monitor
 
-    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    warehouse_url = point_monitor_at(
+        monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url
+    )
     sync_key = "paylater-monitor/sync_age"
 
     def seen() -> tuple[list[tuple[str, str]], list[str]]:
@@ -606,9 +610,7 @@ def test_a_page_pagerduty_accepted_is_resolved_even_while_slack_refuses(
     incident exists, so clearing sends the resolve (and no trigger repeats every run meanwhile)."""
     from flows.monitor import monitor
 
-    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url)
     queue_a_late_job(pg_url)
     key = "paylater-monitor/oldest_queued_age"
 
@@ -710,9 +712,9 @@ def test_a_check_unmeasured_past_the_threshold_warns_slack_once_and_resolves(
     from flows.monitor import monitor
     from tasks.warehouse import open_warehouse
 
-    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    warehouse_url = point_monitor_at(
+        monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url
+    )
     monkeypatch.setenv("PAYLATER_MONITOR_UNKNOWN_ALERT_MINUTES", "30")
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())  # an empty queue: measured (rates: too few jobs)
@@ -886,9 +888,7 @@ def test_without_a_heartbeat_slack_hears_a_critical_alert_pagerduty_refuses(
     whole PagerDuty outage. Slack is told, marked NOT PAGED, and the page is still resent."""
     from flows.monitor import monitor
 
-    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", pagerduty.url)
+    point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url, pagerduty.url)
     monkeypatch.delenv("PAYLATER_MONITOR_HEARTBEAT_URL", raising=False)
     queue_a_late_job(pg_url)
     key = "paylater-monitor/oldest_queued_age"

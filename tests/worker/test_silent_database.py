@@ -143,6 +143,31 @@ class GatedBackend:
         self.inner.close()
 
 
+def gated_worker(
+    queue_db: str,
+    booster: Any,
+    kit: Any,
+    proxy: BlackHoleProxy,
+    gate: type[GatedBackend] = GatedBackend,
+    connect_timeout: int = 2,
+    **config: Any,
+) -> tuple[list[int], GatedBackend, Any, Any]:
+    """(job ids, backend, worker, metrics): six jobs queued, one worker loop scoring them in
+    process behind `gate`, its queue reached through the proxy. A lease far longer than the
+    tests: only an explicit give-back can requeue a batch. `config`: WorkerConfig overrides."""
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Worker, WorkerConfig
+    from worker.scoring import InProcessBackend
+
+    ids = kit.enqueue_many(queue_db, 6)
+    backend = gate(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
+    settings = {"concurrency": 1, "lease_seconds": 600, "poll_seconds": 0.2, **config}
+    metrics = WorkerMetrics()
+    url = through(queue_db, proxy, connect_timeout)
+    worker = Worker(url, backend, WorkerConfig.from_settings(**settings), metrics=metrics)
+    return ids, backend, worker, metrics
+
+
 def sample(metrics: Any, name: str, **labels: str) -> float:
     """A metric's current value (0 when it does not exist)."""
     return metrics.registry.get_sample_value(name, labels) or 0.0
@@ -170,16 +195,8 @@ def test_a_queue_gone_silent_under_a_claimed_batch_is_reported_and_no_job_lost(
     kit: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from worker.metrics import WorkerMetrics
-    from worker.runner import Worker, WorkerConfig
-    from worker.scoring import InProcessBackend
 
-    ids = kit.enqueue_many(queue_db, 6)
-    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
-    # A lease far longer than the test: only an explicit give-back can requeue the batch.
-    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
-    metrics = WorkerMetrics()
-    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    ids, backend, worker, metrics = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
         assert backend.entered.wait(60), "the worker never claimed the batch"
         proxy.silence()
@@ -296,15 +313,10 @@ def test_silence_first_met_by_a_lease_renewal_is_counted_as_no_answer(
     """The renewal before a search got no answer and closed the connection; the write after it
     then failed on the closed connection, and was counted as reason="error" (a broken
     statement) instead of "no_answer" (a silent network), which is what happened."""
-    from worker.metrics import WorkerMetrics
-    from worker.runner import Worker, WorkerConfig
-    from worker.scoring import InProcessBackend
 
-    ids = kit.enqueue_many(queue_db, 6)
-    backend = TimingOutBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
-    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
-    metrics = WorkerMetrics()
-    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    ids, backend, worker, metrics = gated_worker(
+        queue_db, booster, kit, proxy, gate=TimingOutBackend
+    )
     with kit.running(worker):
         assert backend.entered.wait(60), "the worker never claimed the batch"
         proxy.silence()
@@ -336,15 +348,9 @@ def test_a_worker_stopped_during_an_outage_gives_back_the_batch_it_could_not_wri
     """Stopped while its database was silent, the worker exited holding the batch it could not
     write: its jobs waited for their lease to run out (here 10 minutes) before any worker could
     score them. It now makes one bounded last attempt to give them back as it stops."""
-    from worker.metrics import WorkerMetrics
-    from worker.runner import GIVEN_BACK, Worker, WorkerConfig
-    from worker.scoring import InProcessBackend
+    from worker.runner import GIVEN_BACK
 
-    ids = kit.enqueue_many(queue_db, 6)
-    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
-    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
-    metrics = WorkerMetrics()
-    worker = Worker(through(queue_db, proxy), backend, config, metrics=metrics)
+    ids, backend, worker, metrics = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
         assert backend.entered.wait(60), "the worker never claimed the batch"
         proxy.silence()
@@ -380,13 +386,8 @@ def test_a_worker_stopped_while_its_database_stays_silent_stops_within_a_bound(
     """The last attempt to give the batch back is bounded: a database still silent does not hold
     the worker's shutdown (kit.running fails when the worker has not stopped within 30 s), and the
     log says the jobs wait for their lease instead."""
-    from worker.runner import Worker, WorkerConfig
-    from worker.scoring import InProcessBackend
 
-    ids = kit.enqueue_many(queue_db, 6)
-    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
-    config = WorkerConfig.from_settings(concurrency=1, lease_seconds=600, poll_seconds=0.2)
-    worker = Worker(through(queue_db, proxy), backend, config)
+    ids, backend, worker, _ = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
         assert backend.entered.wait(60), "the worker never claimed the batch"
         proxy.silence()
@@ -441,18 +442,12 @@ def test_a_stop_cuts_a_call_waiting_on_a_silent_database_short(
     database timeout (30 s), then up to about 10 s more to give the batch back: past a 30 s
     termination grace period, it was SIGKILLed with the batch still claimed. A stop now cuts the
     waiting call short, and the batch is given back, or the log says it was not."""
-    from worker.metrics import WorkerMetrics
-    from worker.runner import GIVEN_BACK, Worker, WorkerConfig
-    from worker.scoring import InProcessBackend
+    from worker.runner import GIVEN_BACK
 
-    ids = kit.enqueue_many(queue_db, 6)
-    backend = GatedBackend(InProcessBackend(kit.make_scorer(booster, "7"), queue_db))
     # Production's database timeout, and connect timeout (the give-back's is its 5 s bound).
-    config = WorkerConfig.from_settings(
-        concurrency=1, lease_seconds=600, poll_seconds=0.2, database_timeout_seconds=30.0
+    ids, backend, worker, metrics = gated_worker(
+        queue_db, booster, kit, proxy, connect_timeout=10, database_timeout_seconds=30.0
     )
-    metrics = WorkerMetrics()
-    worker = Worker(through(queue_db, proxy, 10), backend, config, metrics=metrics)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:

@@ -44,8 +44,9 @@ def daily_sync(
     `announce`: emit `paylater.sync.completed` once every table succeeded, which starts the
     feature-build deployment; daily_pipeline, which builds the features itself, passes False.
     `reread`: tables whose whole history is read again, replacing their warehouse rows in one
-    transaction (the old copy stays until the new one is complete): rows deleted at the source
-    long ago, a copy that went wrong.
+    transaction (the old copy stays until the new one is complete) and deleting, counted, those
+    gone from the source whatever the deletes policy: rows deleted at the source long ago, a
+    copy that went wrong (see tasks.sync.sync_table).
     """
     day = resolve_as_of(as_of)
     refuse_unended(day)  # said once for the day, not once per table by every table task

@@ -24,13 +24,13 @@ same source snapshot as the read:
     source rows with B <= updated_at < watermark_to
       <= warehouse rows with updated_at >= B
       <= that + source rows with updated_at >= watermark_to.
-Why those bounds: rows are never deleted at the source (or, with `deletes: propagate`, the rows
-whose key the source no longer holds are deleted from the current table first, in the same
-transaction; with `deletes: fail` a broken upper bound counts those rows for its message) and the
-windows of successive as_of
-values tile (-inf, watermark_to), so every source row whose current version lies in the band
-was read by some window and is held at that version (lower bound); a warehouse row in the band
-whose source row is not in it has a newer version, after the watermark (upper bound). A row
+Why those bounds: rows are never deleted at the source (or, with `deletes: propagate` and in a
+reread, the rows whose key the source no longer holds are deleted from the current table first,
+in the same transaction; with `deletes: fail` a broken upper bound counts those rows for its
+message) and the windows of successive as_of values tile (-inf, watermark_to), so every source
+row whose current version lies in the band was read by some window and is held at that version
+(lower bound); a warehouse row in the band whose source row is not in it has a newer version,
+after the watermark (upper bound). A row
 that escaped every window (a transaction committing after the sync with an older updated_at)
 breaks the lower bound when it is new, or its previous version is older than the band; an
 update of a row the band already holds leaves both counts as they were, and the warehouse keeps
@@ -170,7 +170,8 @@ class TableResult(BaseModel):
     rows_deleted: int | None = Field(
         default=None,
         description="Warehouse rows deleted because their key is gone from the source"
-        " (deletes: propagate); None when the table does not propagate deletes.",
+        " (deletes: propagate, or a reread whatever the policy), the day's total over its"
+        " runs; None when no run of the day deleted (the table keeps deletes: fail).",
     )
     duration_seconds: float
     status: Literal["succeeded", "failed"]
@@ -335,15 +336,21 @@ def source_keys_table(spec: TableSpec) -> str:
     return f"{spec.name}__source_keys"
 
 
+def deletes_gone(spec: TableSpec, reread: bool) -> bool:
+    """Whether the sync deletes the current rows whose key the source no longer holds: with
+    deletes: propagate, and in a reread whatever the policy (its explicit way out of `fail`)."""
+    return spec.deletes == "propagate" or reread
+
+
 @contextlib.contextmanager
-def source_keys_dropped(warehouse: Warehouse, spec: TableSpec) -> Iterator[None]:
-    """Drop the table's source keys (BigQuery, deletes: propagate) once the block, which holds
+def source_keys_dropped(warehouse: Warehouse, spec: TableSpec, reread: bool) -> Iterator[None]:
+    """Drop the table's source keys (BigQuery, see deletes_gone) once the block, which holds
     the day's transaction, has ended, committed or not: every source key, left in the dataset,
     would be a copy nobody reads, billed as storage until the next sync replaced it."""
     try:
         yield
     finally:
-        if spec.deletes == "propagate" and isinstance(warehouse, BigQueryWarehouse):
+        if deletes_gone(spec, reread) and isinstance(warehouse, BigQueryWarehouse):
             try:
                 warehouse.drop_table(source_keys_table(spec))
             except Exception as exc:
@@ -370,8 +377,8 @@ def source_keys(warehouse: Warehouse, keys: Callable[[], Any], loaded: str | Non
 
 
 def delete_gone(warehouse: Warehouse, spec: TableSpec, keys: AbstractContextManager[str]) -> int:
-    """deletes: propagate. Delete the current rows whose key the source no longer holds (call in
-    the table's transaction, after the merge); how many were deleted."""
+    """deletes: propagate, or a reread. Delete the current rows whose key the source no longer
+    holds (call in the table's transaction, after the merge); how many were deleted."""
     before = _count(warehouse, spec.name)
     with keys as table:
         warehouse.execute(gone_sql(spec, "sync_delete_gone.sql", table))
@@ -508,9 +515,10 @@ def load_incremental(
 ) -> _Counts:
     """Load the window's rows and merge them into the current table (call in a transaction).
 
-    `keys`: reads every source key in the read's snapshot (call after the read has ended): for
-    deletes: propagate, and to count the rows deleted at the source when the check finds some.
-    `reread`: the window is the whole history, which replaces the current table's rows.
+    `keys`: reads every source key in the read's snapshot (call after the read has ended): to
+    delete the rows gone from the source (see deletes_gone), and to count them for the check's
+    message when it finds some. `reread`: the window is the whole history, whose rows replace
+    the current table's versions of their keys (see apply_reread).
     """
     loaded: str | None = None
 
@@ -519,15 +527,14 @@ def load_incremental(
         loaded = load_source_keys(warehouse, spec, keys())
 
     duckdb = isinstance(warehouse, DuckDBWarehouse)
+    deleting = deletes_gone(spec, reread)
     if streams_directly(warehouse, spec):
-        if reread:
-            empty_current(warehouse, spec)
-        counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source)
+        counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source, reread)
     else:
         # BigQuery: loaded with the increment, before the transaction's first statement.
-        early = load_keys if spec.deletes == "propagate" and not duckdb else None
+        early = load_keys if deleting and not duckdb else None
         counts = load_through_changes(warehouse, spec, as_of, stream, source, early, reread)
-    if spec.deletes == "propagate":
+    if deleting:
         counts.deleted = delete_gone(warehouse, spec, source_keys(warehouse, keys, loaded))
     # Counting the rows deleted for the fail message needs the keys inside the transaction:
     # DuckDB stages them there; BigQuery's transaction could not see them loaded now.
@@ -574,7 +581,7 @@ def load_through_changes(
 
     `after_load`: run once the read has ended, before any statement (BigQuery's transaction
     begins at the first). `reread`: the partition holds the whole history, which replaces the
-    current table's rows instead of being merged into them."""
+    current table's versions of its keys (see apply_reread) instead of being merged into them."""
     warehouse.replace_partition(
         spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
     )
@@ -584,21 +591,33 @@ def load_through_changes(
     counts = _checked(spec, stream, loaded, source)
     check_keys(warehouse, spec, None, {"as_of": as_of})
     if reread:
-        empty_current(warehouse, spec)
-    merge_changes(warehouse, spec, as_of)
+        apply_reread(warehouse, spec, None, {"as_of": as_of})
+    else:
+        merge_changes(warehouse, spec, as_of)
     return counts
 
 
-def empty_current(warehouse: Warehouse, spec: TableSpec) -> None:
-    """Delete every row of the current table, inside the table's transaction: readers keep
-    seeing the old copy until the re-read that replaces it commits (or rolls back)."""
-    warehouse.execute(f"DELETE FROM {_bq(spec.name)} WHERE TRUE")
+def apply_reread(
+    warehouse: Warehouse, spec: TableSpec, changes: str | None, params: dict[str, Any]
+) -> None:
+    """Replace the current versions of the re-read history's keys with its rows, whatever their
+    change time (a copy gone wrong may hold any), inside the table's transaction: readers see
+    the old copy until it commits. A current row whose key the history lacks is left: its
+    source row changed after the watermark (a later window reads it; emptied, the table lacked
+    it until then) or is gone, which deletes_gone then deletes and counts."""
+    for step in ("sync_delete_reread.sql", "sync_insert_first.sql"):
+        warehouse.execute(merge_sql(spec, step, changes), params)
 
 
 def load_direct(
-    warehouse: DuckDBWarehouse, spec: TableSpec, stream: Any, source: SourceCounts
+    warehouse: DuckDBWarehouse,
+    spec: TableSpec,
+    stream: Any,
+    source: SourceCounts,
+    reread: bool = False,
 ) -> _Counts:
-    """Stream into the empty current table, or stage the increment and MERGE it."""
+    """Stream into the empty current table, or stage the increment and MERGE it (`reread`:
+    replace the versions of its keys, see apply_reread)."""
     if _count(warehouse, spec.name) == 0:
         # Every row is new: one write, straight from the reader, nothing to probe.
         counts = _checked(spec, stream, warehouse.append(spec.name, stream.reader), source)
@@ -609,7 +628,10 @@ def load_direct(
     ) as staged:
         counts = _checked(spec, stream, _count(warehouse, staged), source)
         check_keys(warehouse, spec, staged)
-        merge_staged(warehouse, spec, staged)
+        if reread:
+            apply_reread(warehouse, spec, staged, {})
+        else:
+            merge_staged(warehouse, spec, staged)
     return counts
 
 
@@ -658,8 +680,10 @@ def check_band(
             f" {exist} at the source: deleted there, and the table's deletes policy is fail. To"
             f" delete them from the warehouse with each day's load, set `deletes: propagate` for"
             f" {spec.name} in the sync configuration (PAYLATER_SYNC_TABLES or"
-            " tasks/sync_tables.yaml) and rerun this as_of; or delete them from"
-            f" {spec.name} by hand and rerun"
+            " tasks/sync_tables.yaml) and rerun this as_of; to delete them once, the policy"
+            f" kept, rerun this as_of re-reading the table whole (daily-sync's reread"
+            f' parameter: reread=["{spec.name}"]), or delete them from {spec.name} by hand'
+            " and rerun"
         )
     _check(
         False,
@@ -823,10 +847,13 @@ def sync_table(
 ) -> TableResult:
     """Sync one table for one as_of; on failure roll back, record a failed row, and raise.
 
-    `reread`: read an incremental table's whole history up to as_of's watermark and replace the
-    current table's rows with it, in the one transaction (a full table always is): for rows
-    deleted at the source before the check band, or a copy that went wrong. Its checks are a
-    first sync's (the whole table); with keep_changes the whole table lands in as_of's partition.
+    `reread`: read an incremental table's whole history up to as_of's watermark, replace the
+    current table's versions of its keys with it and delete the rows whose key the source no
+    longer holds (counted in rows_deleted, whatever the deletes policy), in the one transaction
+    (a full table is always replaced whole): for rows deleted at the source before the check
+    band, or a copy that went wrong. A row changed after the watermark, which the history lacks,
+    keeps its held version until a later window reads it. Its checks are a first sync's (the
+    whole table); with keep_changes the whole history lands in as_of's partition.
     """
     started = time.monotonic()
     watermark_to = refuse_unended(as_of)
@@ -863,7 +890,7 @@ def sync_table(
             )
         # Exited in reverse order: the scratch table goes after the transaction has ended.
         with (
-            source_keys_dropped(warehouse, spec),
+            source_keys_dropped(warehouse, spec, reread),
             source.snapshot() as snapshot,
             warehouse.transaction(bulk=True),
         ):

@@ -1518,3 +1518,67 @@ def test_a_reread_replaces_the_table_whole_and_atomically(
     assert [r[key] for r in after] == [r[key] for r in before if r[key] != gone]
     assert result.status == "succeeded" and result.watermark_from is None
     assert result.rows_extracted == result.warehouse_rows == len(after)
+
+
+@pytest.mark.parametrize("table", ["card_transactions", "deferred_charges"])
+def test_a_reread_counts_the_rows_it_deletes_in_the_ledger(
+    pg_url: str, warehouse: Warehouse, table: str
+) -> None:
+    # A reread of a table whose deletes policy is fail (the way out its error and the runbook
+    # name for rows deleted at the source) dropped those rows silently: its ledger row said
+    # rows_deleted NULL, as if nothing had gone. A rerun of the reread deletes nothing more,
+    # and the day's row keeps the count.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    sync_all(db, warehouse, D2)
+    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    gone = {"card_transactions": [100, 101], "deferred_charges": [10, 12]}[table]
+    db.run(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k in gone])
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, table)
+        assert spec.deletes == "fail"
+        # The day fails, its message naming the reread as the way out that keeps the policy.
+        with pytest.raises(CountMismatch, match=re.escape(f'reread=["{table}"]')):
+            sync_table(source, warehouse, spec, D3)
+        first = sync_table(source, warehouse, spec, D3, reread=True)
+        again = sync_table(source, warehouse, spec, D3, reread=True)
+    finally:
+        source.close()
+    assert (first.status, first.rows_deleted) == ("succeeded", 2)
+    assert (again.status, again.rows_deleted) == ("succeeded", 2)
+    assert ledger_deleted(warehouse, table, D3) == 2
+    assert not {r[key] for r in rows(warehouse, table, key)} & set(gone)
+
+
+@pytest.mark.parametrize("table", ["card_transactions", "deferred_charges"])
+def test_a_reread_keeps_the_rows_changed_after_its_watermark(
+    pg_url: str, warehouse: Warehouse, table: str
+) -> None:
+    # A reread reads the history up to as_of's watermark: a row changed since (today, for a
+    # reread of yesterday) is not in it. The reread emptied the table and so lost such a row
+    # until the next day's sync, though the source still holds it and the warehouse held its
+    # version of that day: the day's features were built without it.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    sync_all(db, warehouse, D2)
+    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    later = {"card_transactions": 101, "deferred_charges": 11}[table]
+    after_d3 = utc("2026-11-23 01:00")  # after D3 ended (15:00 UTC on the 22nd)
+    db.run(f"UPDATE {table} SET updated_at = ? WHERE {key} = ?", [(after_d3, later)])
+    held_before = {r[key]: r for r in rows(warehouse, table, key)}
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, table)
+        reread = sync_table(source, warehouse, spec, D3, reread=True)
+        kept = {r[key]: r for r in rows(warehouse, table, key)}
+        next_day = sync_table(source, warehouse, spec, date(2026, 11, 23))
+    finally:
+        source.close()
+    assert reread.status == "succeeded" and reread.rows_deleted == 0
+    assert kept == held_before  # the row changed later is held at its version of D3
+    assert next_day.status == "succeeded"
+    (row,) = [r for r in rows(warehouse, table, key) if r[key] == later]
+    assert row["updated_at"] == after_d3

@@ -399,3 +399,49 @@ def test_the_source_keys_table_is_dropped_once_the_transaction_ends(
     last_end = len(events) - 1 - events[::-1].index(end)
     assert "delete deferred_charges__source_keys" in events[last_end:]
     assert not warehouse.table_exists("deferred_charges__source_keys")
+
+
+def test_a_reread_deletes_and_counts_the_gone_rows_and_keeps_the_later_ones(
+    tmp_path: Path,
+) -> None:
+    # A reread (deletes: fail kept) replaced the table with the history up to the watermark: the
+    # row deleted at the source went uncounted, and a row changed after the watermark went too,
+    # until the next day's sync. Its source keys now load before the transaction, as for
+    # deletes: propagate, and are dropped once it has ended.
+    client = FakeBigQueryClient()
+    events: list[str] = []
+    query, load = client.query, client.load_table_from_file
+
+    def recorded_query(sql: str, *args: Any, **kwargs: Any) -> FakeJob:
+        events.append(sql.strip().splitlines()[-1] if "BEGIN TRANSACTION" in sql else "query")
+        return query(sql, *args, **kwargs)
+
+    def recorded_load(file: Any, destination: str, *args: Any, **kwargs: Any) -> FakeJob:
+        events.append(f"load {destination.rpartition('.')[2]}")
+        return load(file, destination, *args, **kwargs)
+
+    client.query = recorded_query  # type: ignore[method-assign]
+    client.load_table_from_file = recorded_load  # type: ignore[method-assign]
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(tmp_path / "src.db"))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    day = date(2026, 11, 21)  # ends 2026-11-21 15:00 UTC
+    sync_table(source, warehouse, charges, day)
+    with sqlite3.connect(tmp_path / "src.db") as db:
+        db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
+        db.execute(
+            "UPDATE deferred_charges SET status = 'repaid',"
+            " updated_at = '2026-11-22T01:00:00.000000+00:00' WHERE charge_id = 2"
+        )
+    events.clear()
+    try:
+        result = sync_table(source, warehouse, charges, day, reread=True)
+    finally:
+        source.close()
+    assert (result.status, result.rows_deleted, result.warehouse_rows) == ("succeeded", 1, 1)
+    assert events.index("load deferred_charges__source_keys") < events.index("BEGIN TRANSACTION")
+    held = warehouse.query_arrow("SELECT charge_id, status FROM deferred_charges").to_pylist()
+    assert held == [{"charge_id": 2, "status": "outstanding"}]  # its version of that day
+    assert not warehouse.table_exists("deferred_charges__source_keys")

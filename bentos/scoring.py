@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from paylater.identifiers import check_identifier
 from paylater.postgres import connect_bounded, tcp_bounds
 
 if TYPE_CHECKING:
@@ -39,17 +40,19 @@ _READABLE_CODES = {
     "request_amount_jpy": "REQUESTED_AMOUNT_HIGH",
     "request_fee_jpy": "REQUEST_FEE_HIGH",
 }
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
-_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ONLINE_TABLE = "user_features_latest"
 """The online feature table's default name (PAYLATER_ONLINE_FEATURES_TABLE names another)."""
 
 
 def online_table_name(table: str) -> str:
     """`table`, checked to be a plain identifier (the publish creates it under that name)."""
-    if not _TABLE.match(table):
-        raise ValueError(f"invalid online feature table name {table!r}")
-    return table
+    return check_identifier(table, "online table name (PAYLATER_ONLINE_FEATURES_TABLE)")
+
+
+def feature_name(name: str) -> str:
+    """`name`, checked to be a plain identifier, as the feature build checks the columns its
+    layers select (tasks.features); any case: the publish and the lookups quote it."""
+    return check_identifier(name, "feature name")
 
 
 class Score(NamedTuple):
@@ -216,10 +219,9 @@ class FeatureStore:
     ) -> None:
         self.pg_url = pg_url
         self.table = online_table_name(table)
-        self.feature_names = list(feature_names) if feature_names is not None else None
-        for name in self.feature_names or []:
-            if not _IDENTIFIER.match(name):
-                raise ValueError(f"invalid feature name {name!r}")
+        self.feature_names = (
+            [feature_name(n) for n in feature_names] if feature_names is not None else None
+        )
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         text = resources.files("bentos").joinpath("sql/user_features_lookup.sql").read_text()

@@ -24,6 +24,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
+from paylater.identifiers import RULE, is_identifier
 from paylater.product import GRACE_DAYS
 from paylater.settings import Settings, get_settings
 from tasks.warehouse.base import Warehouse
@@ -39,7 +40,6 @@ DATASET_COLUMNS = (*TRAINING_HEAD, *SCORING_HEAD, "label_default", *REQUEST_FEAT
 
 _LAYER_FILE = re.compile(r"^(\d+)_([a-z0-9_]+)\.sql$")
 _LAYER_LIKE = re.compile(r"^\d+_")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A warehouse table: table, dataset.table or project.dataset.table (project ids allow hyphens).
 _TABLE_REF = re.compile(r"^([A-Za-z0-9_-]+\.){0,2}[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -90,9 +90,12 @@ def selected_columns(sql: str, origin: str) -> list[str]:
     if not isinstance(tree, exp.Query):
         raise FeatureSqlError(f"{origin} must be a single SELECT query")
     names = list(tree.named_selects)
-    bad = [n for n in names if not _IDENT.match(n)]
+    bad = [n for n in names if not is_identifier(n)]
     if bad or not names:
-        raise FeatureSqlError(f"{origin} must select named columns; bad: {bad or 'none selected'}")
+        raise FeatureSqlError(
+            f"{origin} must select named columns, each a plain SQL identifier ({RULE});"
+            f" bad: {bad or 'none selected'}"
+        )
     return names
 
 
@@ -182,7 +185,7 @@ def table_mapping(settings: Settings | None = None) -> dict[str, str]:
             f"feature_tables maps unknown tables {unknown}; known: {list(LOGICAL_TABLES)}"
         )
     for logical, physical in mapping.items():
-        if not _TABLE_REF.match(physical):
+        if not _TABLE_REF.fullmatch(physical):  # not match: `$` passes a trailing newline
             raise FeatureSqlError(
                 f"feature_tables[{logical!r}] = {physical!r} is not a table name "
                 "(table, dataset.table or project.dataset.table)"

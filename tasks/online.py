@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -22,23 +21,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from paylater.identifiers import check_identifier
 from paylater.postgres import connect_timeout, libpq_url
 from paylater.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What names the online table, for the error when it is no plain identifier.
+ONLINE_TABLE_SETTING = "online table name (PAYLATER_ONLINE_FEATURES_TABLE)"
 
 
 class PublishError(RuntimeError):
     """The online table cannot be published to this database."""
 
 
-def _ident(name: str) -> str:
-    """A validated plain identifier."""
-    if not _IDENT.match(name):
-        raise PublishError(f"{name!r} is not a valid table or column name")
-    return name
+def _ident(name: str, what: str) -> str:
+    """A validated plain identifier; PublishError saying `what` it names otherwise."""
+    return check_identifier(name, what, PublishError)
 
 
 def sql_type(arrow_type: pa.DataType, dialect: str) -> str:
@@ -58,7 +56,9 @@ def _columns(scoring: pa.Table, dialect: str) -> list[tuple[str, str]]:
         raise PublishError(
             f"scoring table must start with user_id, as_of; got {scoring.column_names[:2]}"
         )
-    columns = [(_ident(f.name), sql_type(f.type, dialect)) for f in scoring.schema]
+    columns = [
+        (_ident(f.name, "scoring table column"), sql_type(f.type, dialect)) for f in scoring.schema
+    ]
     too_long = [n for n, _ in columns if len(n.encode()) > POSTGRES_NAME_BYTES]
     if dialect == "postgresql" and too_long:
         # Cut short, the column would not be the feature the model asks for.
@@ -84,7 +84,7 @@ def publish_user_features(
     """
     settings = settings or get_settings()
     url = source_url or settings.source
-    table = _ident(settings.online_features_table)
+    table = _ident(settings.online_features_table, ONLINE_TABLE_SETTING)
     day = as_of or _as_of(scoring)
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme in ("postgresql", "postgres"):
@@ -113,7 +113,7 @@ def last_published(
     for its swap, but a hung one must not hang the monitor with it."""
     settings = settings or get_settings()
     url = source_url or settings.source
-    table = _ident(settings.online_features_table)
+    table = _ident(settings.online_features_table, ONLINE_TABLE_SETTING)
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme in ("postgresql", "postgres"):
         day, at = _last_published_postgres(url, table, timeout_seconds)

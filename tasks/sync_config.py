@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -10,6 +9,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import yaml
 
+from paylater.identifiers import RULE, is_identifier
+from paylater.identifiers import check_identifier as plain_identifier
 from paylater.settings import get_settings
 
 DEFAULT_CONFIG = Path(__file__).with_name("sync_tables.yaml")
@@ -23,7 +24,6 @@ ARROW_TYPES: dict[str, pa.DataType] = {
     "timestamp": pa.timestamp("us", tz="UTC"),
 }
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The column `<table>__changes` is partitioned by: the as_of that read each row.
 CHANGES_PARTITION = "as_of"
 
@@ -114,9 +114,7 @@ class TableSpec:
 
 def check_identifier(name: Any, what: str) -> str:
     """A plain SQL identifier, or a ConfigError naming it."""
-    if not isinstance(name, str) or not _IDENT.match(name):
-        raise ConfigError(f"sync config: {what} {name!r} is not a plain identifier")
-    return name
+    return plain_identifier(name, f"sync config: {what}", ConfigError)
 
 
 def config_path() -> Path:
@@ -243,10 +241,11 @@ def resolve_columns(spec: TableSpec, source_types: dict[str, str | None]) -> Tab
     else:
         columns: dict[str, str] = {}
         for column, type_name in source_types.items():
-            if not _IDENT.match(column):
+            if not is_identifier(column):
                 raise ConfigError(
-                    f"sync config: source column {spec.name}.{column} is not a plain identifier"
-                    " the sync can name; list the table's columns (without it)"
+                    f"sync config: source column {spec.name}.{column} is not a plain SQL"
+                    f" identifier ({RULE}), which the sync cannot name; list the table's columns"
+                    " (without it)"
                 )
             if type_name is None:
                 raise ConfigError(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bentos.scoring import ONLINE_TABLE, online_table_name
+from bentos.scoring import ONLINE_TABLE, feature_name, online_table_name
 from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
 
 if TYPE_CHECKING:
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
     from worker.queue import Job
 
 log = logging.getLogger(__name__)
-
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 REASON_CODE_MODES = ("all", "declines")
@@ -130,8 +127,7 @@ class OnlineFeatures:
         from psycopg import sql
 
         for name in user_feature_names:
-            if not _IDENTIFIER.match(name):
-                raise ValueError(f"invalid feature name {name!r}")
+            feature_name(name)
         self.database_url = database_url
         # A silent database fails the lookup (the jobs are held), instead of hanging the worker.
         self.answer_timeout = answer_timeout or _database_timeout()

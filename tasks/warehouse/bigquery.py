@@ -103,7 +103,7 @@ class BigQueryWarehouse:
         if not _PROJECT.match(project):
             raise WarehouseError(f"{project!r} is not a BigQuery project id")
         self.project = project
-        self.dataset = check_identifier(dataset)
+        self.dataset = check_identifier(dataset, "BigQuery dataset (in the warehouse URL)")
         self.location = location
         self._transaction_wanted = False
         self._session_id: str | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
@@ -21,9 +20,9 @@ import sqlglot
 import sqlglot.dialects.bigquery
 import sqlglot.dialects.duckdb
 
+from paylater.identifiers import check_identifier as plain_identifier
 from tasks.warehouse.base import WarehouseError
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DuckDB's column types of the sync's type names (tasks.sync_config.ARROW_TYPES).
 _TYPE_NAMES = {
     "BIGINT": "int64",
@@ -42,11 +41,9 @@ _TYPE_NAMES = {
 BULK_CHECKPOINT_THRESHOLD = "1MiB"
 
 
-def check_identifier(name: str) -> str:
+def check_identifier(name: str, what: str = "warehouse table or column name") -> str:
     """Reject anything but a plain identifier before it is spliced into SQL."""
-    if not _IDENT.match(name):
-        raise WarehouseError(f"{name!r} is not a valid table or column name")
-    return name
+    return plain_identifier(name, what, WarehouseError)
 
 
 @lru_cache(maxsize=256)

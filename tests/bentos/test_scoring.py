@@ -314,8 +314,50 @@ def test_an_online_table_of_another_name_is_read_where_the_build_publishes_it(
         monkeypatch.setenv("PAYLATER_SOURCE_URL", url)
         store = _feature_store(scorer)  # type: ignore[arg-type]
         assert store is not None and asyncio.run(store.lookup([1, 2])) == want
-    with pytest.raises(ValueError, match="invalid online feature table name"):
+    with pytest.raises(ValueError, match=r"online table name .* is not a plain SQL identifier"):
         FeatureStore(pg_url, ["topups_30d"], "risk features; DROP TABLE x")
+
+
+def test_features_named_in_mixed_case_are_served_as_the_build_publishes_them(
+    pg_url: str, tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feature build takes any plain identifier as a feature (AvgSpend_7d) and publishes it
+    quoted, its case kept; the service refused every name with an upper-case letter, so a model
+    trained on such a feature could not be served. A name ending in a newline passed."""
+    import asyncio
+    import re
+    from datetime import date
+
+    import pyarrow as pa
+
+    from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
+    from tasks.online import publish_user_features
+
+    monkeypatch.setenv("PAYLATER_ONLINE_FEATURES_TABLE", "risk_features")
+    rows = pa.table(
+        {
+            "user_id": pa.array([1, 2], pa.int64()),
+            "as_of": pa.array([date(2026, 11, 26)] * 2, pa.date32()),
+            "AvgSpend_7d": pa.array([4.0, None], pa.float64()),
+        }
+    )
+    sqlite_path = tmp_path / "source.db"
+    for url in (pg_url, f"sqlite:///{sqlite_path}"):
+        publish_user_features(rows, url)
+    want = {1: {"AvgSpend_7d": 4.0}, 2: {"AvgSpend_7d": None}}
+    names = ["AvgSpend_7d"]
+    assert FeatureStore(pg_url, names, "risk_features").lookup([1, 2, 3]) == want
+    coalescing = CoalescingFeatureStore(pg_url, names, "risk_features")
+    assert asyncio.run(coalescing.lookup([1, 2])) == want
+    sqlite = SqliteFeatureStore(str(sqlite_path), names, "risk_features")
+    assert asyncio.run(sqlite.lookup([1, 2])) == want
+    with pytest.raises(ValueError, match=re.escape("feature name 'AvgSpend_7d\\n' is not a")):
+        FeatureStore(pg_url, ["AvgSpend_7d\n"], "risk_features")
+    with pytest.raises(
+        ValueError,
+        match=re.escape("online table name (PAYLATER_ONLINE_FEATURES_TABLE) 'risk_features\\n'"),
+    ):
+        FeatureStore(pg_url, names, "risk_features\n")
 
 
 @pytest.mark.timeout(120)

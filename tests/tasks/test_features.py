@@ -934,3 +934,18 @@ def test_the_sql_hash_tells_builds_from_other_tables_apart(
     assert len({default, mapped, other}) == 3
     monkeypatch.setenv("PAYLATER_FEATURE_TABLES", "{}")  # no mapping: the hash it always had
     assert features.load_feature_sql(Settings()).sql_hash == default
+
+
+def test_a_name_ending_in_a_newline_is_refused_in_a_mapping_and_a_layer(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `^...$` let "my_card_tx\n" through (`$` also matches before a trailing newline): the mapped
+    # name went into the feature SQL. A layer's column names share the one identifier check.
+    monkeypatch.setenv("PAYLATER_FEATURE_TABLES", '{"card_transactions": "my_card_tx\\n"}')
+    with pytest.raises(features.FeatureSqlError, match="not a table name"):
+        features.table_mapping(Settings())
+    with pytest.raises(
+        features.FeatureSqlError,
+        match=r"10_x\.sql must select named columns, each a plain SQL identifier .*bad: \['1x'\]",
+    ):
+        features.selected_columns("SELECT request_id, 1 AS `1x` FROM t", "10_x.sql")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import uuid
@@ -246,6 +247,24 @@ def test_an_online_table_name_postgresql_would_cut_short_is_refused(pg_url: str)
         publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url, settings)
     fits = Settings(online_features_table="f" * 53)
     assert publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), pg_url, fits) == 2
+
+
+def test_an_online_table_name_that_is_no_plain_identifier_is_refused_naming_the_setting(
+    tmp_path: Path, paylater_home: Path
+) -> None:
+    # "risk_features\n" (the variable set with its newline) passed `^...$` and became the name
+    # of a table no lookup by the intended name would find.
+    settings = Settings(online_features_table="risk_features\n")
+    with pytest.raises(
+        PublishError,
+        match=re.escape(
+            "online table name (PAYLATER_ONLINE_FEATURES_TABLE) 'risk_features\\n' is not a"
+            " plain SQL identifier"
+        ),
+    ):
+        publish_user_features(
+            scoring([1, 2], date(2026, 11, 26), 1.0), f"sqlite:///{tmp_path / 's.db'}", settings
+        )
 
 
 def test_a_feature_database_that_never_answers_fails_the_publish_in_seconds(

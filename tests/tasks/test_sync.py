@@ -715,7 +715,10 @@ def test_a_failed_read_does_not_wait_for_the_background_count(
         ),
         ("tables:\n  - {name: users, primary_key: uid}\n", "column users.uid does not exist"),
         ("tables:\n  - {name: users, primary_key: user_id, mode: weekly}\n", "mode 'weekly'"),
-        ("tables:\n  - {name: 'users; drop', primary_key: user_id}\n", "not a plain identifier"),
+        (
+            "tables:\n  - {name: 'users; drop', primary_key: user_id}\n",
+            "not a plain SQL identifier",
+        ),
         (
             "tables:\n  - {name: users, primary_key: user_id, keep_changes: 'no'}\n",
             "keep_changes of table users must be true or false",
@@ -821,7 +824,8 @@ def test_a_source_column_the_sync_cannot_name_is_refused_at_validation(
     monkeypatch.setenv("PAYLATER_SYNC_TABLES", str(config))
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
     with pytest.raises(
-        ConfigError, match=r"source column fees\.金額 is not a plain identifier.*list the table's"
+        ConfigError,
+        match=r"source column fees\.金額 is not a plain SQL identifier.*list the table's",
     ):
         validate_configured_tables()
     assert not list(paylater_home.iterdir())  # no warehouse file was created
@@ -1582,3 +1586,15 @@ def test_a_reread_keeps_the_rows_changed_after_its_watermark(
     assert next_day.status == "succeeded"
     (row,) = [r for r in rows(warehouse, table, key) if r[key] == later]
     assert row["updated_at"] == after_d3
+
+
+def test_a_name_ending_in_a_newline_is_refused_by_the_sync_config(tmp_path: Path) -> None:
+    # `^...$` let "users\n" through (`$` also matches before a trailing newline): the name, a
+    # YAML string with its newline, went into the sync's SQL.
+    path = tmp_path / "tables.yaml"
+    path.write_text('tables:\n  - name: "users\\n"\n    primary_key: [user_id]\n')
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("sync config: table 'users\\n' is not a plain SQL identifier"),
+    ):
+        sync.load_config(path)

@@ -306,7 +306,10 @@ def test_urls() -> None:
     assert (wh.project, wh.dataset, wh.location) == ("my-proj", "dw", "asia-northeast1")
     with pytest.raises(WarehouseError, match="bigquery://project/dataset"):
         BigQueryWarehouse.from_url("bigquery://my-proj", client=client)
-    with pytest.raises(WarehouseError, match="not a valid table or column name"):
+    with pytest.raises(
+        WarehouseError,
+        match=r"BigQuery dataset \(in the warehouse URL\) 'dw; drop' is not a plain SQL identifier",
+    ):
         BigQueryWarehouse.from_url("bigquery://my-proj/dw; drop", client=client)
     with pytest.raises(WarehouseError, match="unknown kind 'redshift'"):
         open_warehouse("redshift://cluster/db")

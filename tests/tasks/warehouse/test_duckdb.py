@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from datetime import date
@@ -11,7 +12,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from tasks.warehouse import open_warehouse
+from tasks.warehouse import WarehouseError, open_warehouse
 
 
 def test_query_arrow_uses_the_relation_path(tmp_path: Path) -> None:
@@ -172,3 +173,16 @@ def test_a_statement_failing_on_a_staged_increment_reports_its_own_error(
         wh.execute(f"INSERT INTO t SELECT id FROM {s}")
     assert wh.query_arrow("SELECT id FROM t").column("id").to_pylist() == [7]
     wh.close()
+
+
+def test_a_table_name_ending_in_a_newline_is_refused(tmp_path: Path) -> None:
+    # `^...$` let "ledger\n" through: `$` also matches before a trailing newline.
+    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    try:
+        with pytest.raises(
+            WarehouseError,
+            match=re.escape("warehouse table or column name 'ledger\\n' is not a plain SQL"),
+        ):
+            wh.create_table_if_missing("ledger\n", pa.schema([("id", pa.int64())]))
+    finally:
+        wh.close()

@@ -1598,3 +1598,26 @@ def test_a_name_ending_in_a_newline_is_refused_by_the_sync_config(tmp_path: Path
         match=re.escape("sync config: table 'users\\n' is not a plain SQL identifier"),
     ):
         sync.load_config(path)
+
+
+def test_a_reread_of_an_earlier_day_keeps_what_later_days_brought(
+    pg_url: str, warehouse: Warehouse
+) -> None:
+    # Re-reading D1 after D2 was synced: the history up to D1's watermark lacks D2's changes. The
+    # reread emptied the table, so they were lost, and the next sync, starting at D2's watermark,
+    # never read them again. Now they keep the versions D2 brought.
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    sync_all(db, warehouse, D1)
+    db.repay(10, "2026-11-21 02:00")  # in D2's window
+    sync_all(db, warehouse, D2)
+    before = rows(warehouse, "deferred_charges", "charge_id")
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, "deferred_charges")
+        result = sync_table(source, warehouse, spec, D1, reread=True)
+    finally:
+        source.close()
+    assert (result.status, result.rows_deleted) == ("succeeded", 0)
+    assert rows(warehouse, "deferred_charges", "charge_id") == before
+    assert [r["status"] for r in before if r["charge_id"] == 10] == ["repaid"]

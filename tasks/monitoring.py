@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
+from uuid import UUID
 
 import sqlalchemy as sa
 
@@ -521,6 +522,39 @@ FLOW_RUN_READ_TIMEOUT_SECONDS = 10.0
 """One Prefect API request of the flow-run checks, not retried: the next monitor run is the retry."""
 FLOW_RUN_READ_BUDGET_SECONDS = 30.0
 """All of them: past it the checks are unknown, and the others are judged and alerted on."""
+PREFECT_PAGE_SIZE = 200
+"""Items asked of the Prefect API per request, paged through with offsets: its server refuses a
+larger limit (PREFECT_SERVER_API_DEFAULT_LIMIT, 200 by default) and returns no more unasked."""
+
+
+class _Identified(Protocol):
+    """A Prefect object read from the API (a deployment, a flow run, a flow)."""
+
+    @property
+    def id(self) -> UUID: ...
+
+
+Identified = TypeVar("Identified", bound=_Identified)
+
+
+def read_all_pages(
+    read: Callable[[int, int], list[Identified]], in_time: Callable[[], None] = lambda: None
+) -> list[Identified]:
+    """Every object `read(limit, offset)` returns, PREFECT_PAGE_SIZE at a time until a short page,
+    each once (an object moved between pages by a concurrent change is not counted twice);
+    `in_time` is called before each request (it raises when the read budget is spent)."""
+    found: dict[UUID, Identified] = {}
+    offset = 0
+    while True:
+        in_time()
+        page = read(PREFECT_PAGE_SIZE, offset)
+        for item in page:
+            found.setdefault(item.id, item)
+        if len(page) < PREFECT_PAGE_SIZE:
+            return list(found.values())
+        offset += PREFECT_PAGE_SIZE
+
+
 WAITING_STATES = ("SCHEDULED", "PENDING")
 RUNNING_STATES = ("RUNNING", "CANCELLING")
 """States a run leaves only by a report from its process (or its worker): a process that died
@@ -687,6 +721,11 @@ def current_deployment_id() -> str | None:
     return str(found) if found else None
 
 
+def _sort_time(moment: datetime | None) -> datetime:
+    """A run's time to sort by, aware; none: first."""
+    return as_utc(moment) if moment is not None else datetime.min.replace(tzinfo=UTC)
+
+
 class FlowRuns(NamedTuple):
     """What read_flow_runs read from the Prefect API."""
 
@@ -717,12 +756,12 @@ def read_flow_runs(
 
     Each deployment is asked for its own newest finished run (one request each, a handful of
     deployments), so a job that fails every 5 minutes (the monitor itself, while its database is
-    down) never crowds another job's failure out of a page of results.
+    down) never crowds another job's failure out of a page of results. The deployments and the
+    waiting and running runs are read page after page (PREFECT_PAGE_SIZE each), all of them.
     An API that does not answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS
     (each request FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
     import time
-    from uuid import UUID
 
     from prefect import get_client
     from prefect.client.schemas.filters import (
@@ -739,7 +778,7 @@ def read_flow_runs(
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import FlowRun, StateType
-    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.client.schemas.sorting import DeploymentSort, FlowRunSort
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     deadline = time.monotonic() + FLOW_RUN_READ_BUDGET_SECONDS
@@ -758,7 +797,14 @@ def read_flow_runs(
         ) as client,
     ):
         latest: dict[str, FlowRun] = {}
-        deployments = client.read_deployments(limit=200)
+        # Every deployment, not the API's first page: a job past it went unjudged (its failures
+        # never paged) and a stuck limit naming it was reported as naming no deployment.
+        deployments = read_all_pages(
+            lambda limit, offset: client.read_deployments(
+                sort=DeploymentSort.NAME_ASC, limit=limit, offset=offset
+            ),
+            in_time,
+        )
         for deployment in deployments:
             if str(deployment.id) == own_deployment:
                 continue
@@ -777,33 +823,47 @@ def read_flow_runs(
             )
             if newest:
                 latest[str(deployment.id)] = newest[0]
-        in_time()
-        waiting = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
+
+        def runs(flow_run_filter: FlowRunFilter) -> list[FlowRun]:
+            # By id, a total order: sorted by time, runs tied at a page's edge could be skipped.
+            return read_all_pages(
+                lambda limit, offset: client.read_flow_runs(
+                    flow_run_filter=flow_run_filter,
+                    sort=FlowRunSort.ID_DESC,
+                    limit=limit,
+                    offset=offset,
+                ),
+                in_time,
+            )
+
+        waiting = runs(
+            FlowRunFilter(
                 state=states(*WAITING_STATES),
                 expected_start_time=FlowRunFilterExpectedStartTime.model_validate(
                     {"before_": now - timedelta(minutes=late_minutes)}
                 ),
-            ),
-            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            limit=200,
+            )
         )
-        in_time()
-        running = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
+        running = runs(
+            FlowRunFilter(
                 id=FlowRunFilterId(not_any_=[UUID(own_run)]) if own_run else None,
                 state=states(*RUNNING_STATES),
                 deployment_id=FlowRunFilterDeploymentId(is_null_=False),
-            ),
-            sort=FlowRunSort.START_TIME_ASC,
-            limit=200,
+            )
         )
+        waiting.sort(key=lambda r: _sort_time(r.expected_start_time))
+        running.sort(key=lambda r: _sort_time(r.start_time or r.expected_start_time))
         flow_ids = list(
             {r.flow_id for r in [*latest.values(), *waiting, *running]}
             | {d.flow_id for d in deployments}
         )
-        in_time()
-        flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids)))
+        flows = []
+        for start in range(0, len(flow_ids), PREFECT_PAGE_SIZE):  # a page of ids per request
+            in_time()
+            chunk = flow_ids[start : start + PREFECT_PAGE_SIZE]
+            flows += client.read_flows(
+                flow_filter=FlowFilter(id=FlowFilterId(any_=chunk)), limit=len(chunk)
+            )
         names = {f.id: f.name for f in flows}
     deployment_names = {d.id: d.name for d in deployments}
 

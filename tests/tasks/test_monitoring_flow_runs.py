@@ -547,3 +547,46 @@ def test_a_stuck_limit_naming_no_deployment_is_a_warning_naming_the_deployments(
     fixed = Settings(monitor_stuck_run_hours_by_deployment={"crash-check": 1})
     ok = {m.check: m for m in measure_flow_runs(fixed, datetime.now(UTC))}["stuck_limit_keys"]
     assert ok.value == 0.0 and judge([ok], fixed)[0].level == "ok"
+
+
+def test_every_deployment_and_run_is_read_past_the_apis_first_page(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monitor read one page of deployments and of waiting and running runs (200, the API's
+    largest): a job past it was never judged (its failure never paged), its late and stuck runs
+    went uncounted, and a stuck limit naming it was reported as naming no deployment. With a page
+    of 2, three deployments of one flow, each with a late, a running and a failed run, are all
+    read, along with the session's other deployments."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import State
+    from prefect.states import Failed, Running, Scheduled
+
+    from tasks import monitoring
+
+    monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 2)
+    name = f"paylater-test-paged-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+        try:
+            for deployment in ("paged-a", "paged-b", "paged-c"):
+                deployment_id = client.create_deployment(flow_id, deployment)
+                late: State[Any] = Scheduled(scheduled_time=now - timedelta(hours=1))
+                client.create_flow_run_from_deployment(deployment_id, state=late)
+                states: list[State[Any]] = [Running(), Failed(message=f"{deployment} failed")]
+                for state in states:
+                    run = client.create_flow_run_from_deployment(deployment_id)
+                    client.set_flow_run_state(run.id, state, force=True)
+            everything = client.read_deployments()
+            latest, waiting, running, deployments = read_flow_runs(now, 48, 30)
+        finally:
+            client.delete_flow(flow_id)  # its deployments and runs go with it
+
+    assert len(everything) > 2  # more than one page: the session's other deployments too
+    assert len(deployments) == len(everything)
+    assert {f"{name}/paged-{x}" for x in "abc"} <= set(deployments)
+    assert sorted(r.deployment for r in ours(latest, name)) == ["paged-a", "paged-b", "paged-c"]
+    assert all(r.state_type == "FAILED" for r in ours(latest, name))
+    assert sorted(r.deployment for r in ours(waiting, name)) == ["paged-a", "paged-b", "paged-c"]
+    assert sorted(r.deployment for r in ours(running, name)) == ["paged-a", "paged-b", "paged-c"]
+    assert measure_late_runs(ours(waiting, name), now, 30).value == 3.0

@@ -26,7 +26,6 @@ from tasks.monitoring import (
     Notification,
     ensure_incident_table,
     judge,
-    open_incidents,
     open_queue_db,
     reconcile,
     utc_now,
@@ -75,11 +74,15 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
         ensure_incident_table(engine)
         delivered = reconcile(
             engine,
-            not_yet_counted(results, open_incidents(engine), now, daily.as_of),
+            results,
             now,
             deliver=counted,
             clear_runs=clear_runs,
             data_day=daily.as_of,
+            # Decided under the incident's lock: two reports read apart both counted one day.
+            admit=lambda result, incident: bool(
+                not_yet_counted([result], [incident] if incident else [], now, daily.as_of)
+            ),
         )
     finally:
         engine.dispose()

@@ -991,6 +991,7 @@ def reconcile(
     deliver: Callable[[Notification], bool] | None = None,
     clear_runs: int = 1,
     data_day: date | None = None,
+    admit: Callable[[CheckResult, dict[str, Any] | None], bool] | None = None,
 ) -> list[Notification]:
     """Update incident state from check results; return the notifications this run owes.
 
@@ -1008,12 +1009,22 @@ def reconcile(
     `data_day`: the day of the data judged (a monitoring report's snapshot), kept on each
     incident as `counted_day`, so a rerun on the same day can be told apart (see
     tasks.dashboard.not_yet_counted); None for the monitor's checks, which judge the present.
+    `admit(result, incident)`: whether `result` counts, given its incident as it stands (a dict
+    of monitor_incidents' columns, None when none is open); read under the check's lock.
+
+    Each check's read-evaluate-write holds a PostgreSQL advisory lock on that check for its
+    transaction, so monitors that overlap (a manual run beside the scheduled one, a slow run
+    beside the next) leave the incidents, and send the notices, of the same runs one after the
+    other: a run that read the incident first cannot decide on what the other is changing.
     """
     owed: list[Notification] = []
     for result in results:
         if result.level == "unknown":
             continue
         with engine.connect() as conn, conn.begin() as transaction:
+            incident = _locked_incident(conn, result.check, read=admit is not None)
+            if admit is not None and not admit(result, incident):
+                continue
             notice = _incident_change(conn, result, now, clear_runs, data_day)
             if notice is None:
                 continue
@@ -1025,6 +1036,18 @@ def reconcile(
                 continue
             owed.append(notice)
     return owed
+
+
+def _locked_incident(conn: sa.Connection, check: str, read: bool) -> dict[str, Any] | None:
+    """Take `check`'s incident lock for this transaction (PostgreSQL; SQLite runs one writer at a
+    time); with `read`, its open incident as it stands now (None: none)."""
+    params = {"check_name": check}
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text(load_sql("incident_lock")), params)
+    if not read:
+        return None
+    row = conn.execute(sa.text(load_sql("incident_get")), params).first()
+    return dict(row._mapping) if row is not None else None
 
 
 def _incident_change(

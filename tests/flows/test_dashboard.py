@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -449,6 +449,57 @@ def test_a_retried_alerting_step_counts_its_report_once(
     finally:
         engine.dispose()
     assert [p["subject"] for p in payloads] == [fired.subject, resolved.subject]
+
+
+def test_two_reports_of_one_day_overlapping_count_it_once(
+    paylater_home: Path,
+    drift_alerting: list[dict],
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manual rerun of the monitoring report beside the triggered one, on the same day's
+    snapshot: each read the incident before either counted the day, so both counted it, and two
+    reports of one clean day resolved a critical drift incident (and its page) a day early. The
+    two overlapping now leave it as one after the other do: the day counted once, still open."""
+    from flows.dashboard import drift_incidents
+    from paylater.settings import get_settings
+    from tasks import monitoring
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+    from tasks.monitoring import Notification, open_incidents, open_queue_db
+    from tests.tasks.test_monitoring import Overlap
+
+    def daily(psi: float, day: int) -> DailyMonitoring:
+        drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
+        return DailyMonitoring(date(2026, 7, day), drift=drift, reference_day=date(2026, 5, 1))
+
+    first = datetime(2026, 7, 1, 20, 0, tzinfo=UTC)
+    (fired,) = drift_incidents.fn(daily(1.5, 1), first)
+    overlap = Overlap(pg_url, "feature_psi_max")
+    monkeypatch.setattr(monitoring, "_incident_change", overlap.wrap(monitoring._incident_change))
+    sent: list[Notification] = []
+
+    def report(now: datetime) -> Callable[[], None]:
+        return overlap.run(lambda: sent.extend(drift_incidents.fn(daily(0.01, 2), now)))
+
+    clean = first + timedelta(days=1)
+    reports = [clean, clean + timedelta(minutes=7)]  # the triggered one, the manual rerun
+    threads = [threading.Thread(target=report(at)) for at in reports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap.met  # (a later evaluation passes the gate: the two finished)
+    assert sent == []
+    engine = open_queue_db(get_settings())
+    try:
+        (incident,) = open_incidents(engine)
+        assert (incident["severity"], incident["runs_ok"]) == ("critical", 1)
+    finally:
+        engine.dispose()
+    (resolved,) = drift_incidents.fn(daily(0.01, 3), clean + timedelta(days=1))
+    assert resolved.subject == "[RESOLVED] paylater: feature_psi_max"
+    assert [p["subject"] for p in drift_alerting] == [fired.subject, resolved.subject]
 
 
 def test_a_backfilled_older_day_is_not_counted_and_a_worse_rerun_escalates(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -459,6 +462,105 @@ def test_concurrent_monitors_alert_once(pg_url: str) -> None:
     for t in threads:
         t.join()
     assert sum(sent) == 2  # one FIRING, one RESOLVED among four racing monitors
+
+
+class Overlap:
+    """Holds each of `parties` concurrent incident evaluations at `_incident_change` for `check`
+    (after whatever it read before deciding) until every other one is there too, has finished,
+    or waits on a lock in the test's PostgreSQL database: then they overlap whatever the
+    threads' timing, and a lock serialising them (the behaviour under test) is not deadlocked."""
+
+    def __init__(self, pg_url: str, check: str, parties: int = 2) -> None:
+        self.pg_url, self.check, self.parties = pg_url, check, parties
+        self.arrived = 0
+        self.finished = 0
+        self.met = False  # one was held while another was there or waited on its lock
+        self.changed = threading.Condition()
+
+    def wrap(self, change: Callable[..., Any]) -> Callable[..., Any]:
+        """`change` (tasks.monitoring._incident_change), held at its start for `check`."""
+
+        def held(conn: sa.Connection, result: CheckResult, *args: Any) -> Any:
+            if result.check == self.check:
+                self.arrive()
+            return change(conn, result, *args)
+
+        return held
+
+    def run(self, evaluation: Callable[[], Any]) -> Callable[[], None]:
+        """A thread target running `evaluation`, counted as finished when it returns (or fails)."""
+
+        def target() -> None:
+            try:
+                evaluation()
+            finally:
+                with self.changed:
+                    self.finished += 1
+                    self.changed.notify_all()
+
+        return target
+
+    def arrive(self) -> None:
+        """Wait until the others arrived, finished, or one of them waits on a database lock."""
+        deadline = time.monotonic() + 60  # a guard against a hang, not a synchronisation
+        with self.changed:
+            self.arrived += 1
+            self.changed.notify_all()
+            while self.arrived + self.finished < self.parties:
+                if self.lock_waited():
+                    self.met = True
+                    return
+                assert time.monotonic() < deadline, "the evaluations never met"
+                self.changed.wait(0.01)  # re-asks PostgreSQL: a lock wait notifies nobody
+            self.met = self.met or self.arrived > 1
+
+    def lock_waited(self) -> bool:
+        """Whether a session on the test database waits on a lock (row, advisory, ...)."""
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            ).fetchone()
+        return row is not None and row[0] > 0
+
+
+def test_two_overlapping_monitor_runs_count_as_the_two_runs_one_after_the_other(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two monitor runs overlapping (a manual run beside the scheduled one), each judging a
+    warning incident clear, leave it as two runs one after the other do: each counts once, and
+    the one that makes the third clear run in a row resolves it, with one RESOLVED notice."""
+    from tasks import monitoring
+
+    engine = engine_for(pg_url)
+    ensure_incident_table(engine)
+    reconcile(engine, [result("warning")], NOW, clear_runs=3)
+    reconcile(engine, [result("ok")], NOW + timedelta(minutes=5), clear_runs=3)
+    sent: list[str] = []
+    overlap = Overlap(pg_url, "oldest_queued_age")
+    monkeypatch.setattr(monitoring, "_incident_change", overlap.wrap(monitoring._incident_change))
+
+    def one_run(at: datetime) -> Callable[[], None]:
+        def evaluation() -> None:
+            mine = engine_for(pg_url)  # its own engine and connections, like another process
+            try:
+                subjects = [n.subject for n in reconcile(mine, [result("ok")], at, clear_runs=3)]
+            finally:
+                mine.dispose()
+            sent.extend(subjects)
+
+        return overlap.run(evaluation)
+
+    at = NOW + timedelta(minutes=10)
+    threads = [threading.Thread(target=one_run(at + timedelta(seconds=s))) for s in (0, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap.met
+    assert sent == ["[RESOLVED] paylater: oldest_queued_age"]
+    assert open_incidents(engine) == []
+    engine.dispose()
 
 
 def test_judge_uses_settings_thresholds() -> None:

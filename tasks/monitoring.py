@@ -946,6 +946,8 @@ def ensure_incident_table(engine: sa.Engine) -> None:
     INCIDENT_COLUMNS to an incident table made before them (its open incidents then start
     counting at 0, and count their next report whatever its day)."""
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # a monitor racing this one waits, then finds them
+            conn.execute(sa.text(load_sql("incidents_ddl_lock")))
         conn.execute(sa.text(load_sql("incidents_ddl")))
         conn.execute(sa.text(load_sql("unmeasured_ddl")))
         present = {c["name"] for c in sa.inspect(conn).get_columns("monitor_incidents")}

@@ -470,7 +470,7 @@ class Overlap:
     or waits on a lock in the test's PostgreSQL database: then they overlap whatever the
     threads' timing, and a lock serialising them (the behaviour under test) is not deadlocked."""
 
-    def __init__(self, pg_url: str, check: str, parties: int = 2) -> None:
+    def __init__(self, pg_url: str, check: str = "", parties: int = 2) -> None:
         self.pg_url, self.check, self.parties = pg_url, check, parties
         self.arrived = 0
         self.finished = 0
@@ -522,6 +522,45 @@ class Overlap:
                 " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
             ).fetchone()
         return row is not None and row[0] > 0
+
+
+def test_two_first_monitor_runs_overlapping_both_create_the_incident_tables(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first two monitor runs on a new queue database overlapping (the monitor and the
+    monitoring report, a manual run beside the scheduled one): both ran CREATE TABLE IF NOT
+    EXISTS, the second waited on the first's uncommitted table and then failed with PostgreSQL's
+    duplicate key on pg_type, failing its run. Now they take turns: both succeed."""
+    overlap = Overlap(pg_url)  # held by `held` below
+    inspect = sa.inspect
+
+    def held(subject: Any, raiseerr: bool = True) -> Any:  # after the CREATEs, before COMMIT
+        overlap.arrive()
+        return inspect(subject, raiseerr)
+
+    monkeypatch.setattr(sa, "inspect", held)
+    failures: list[BaseException] = []
+
+    def one_run() -> None:
+        engine = engine_for(pg_url)  # its own engine and connections, like another process
+        try:
+            ensure_incident_table(engine)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=overlap.run(one_run)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert overlap.met
+    assert failures == []
+    engine = engine_for(pg_url)
+    assert open_incidents(engine) == [] and unmeasured_checks(engine) == []
+    engine.dispose()
 
 
 def test_two_overlapping_monitor_runs_count_as_the_two_runs_one_after_the_other(

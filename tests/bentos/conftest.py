@@ -13,7 +13,7 @@ import pytest
 
 USER_FEATURES = ["days_since_signup", "topups_30d", "card_spend_30d_jpy", "late_repayments_365d"]
 FEATURES = ["request_amount_jpy", "request_fee_jpy", *USER_FEATURES]
-KNOWN_USERS = {
+KNOWN_USERS: dict[int, dict[str, float | None]] = {
     1: {
         "days_since_signup": 400.0,
         "topups_30d": 6.0,

@@ -32,7 +32,9 @@ def test_import_by_stage_and_version(serving_env: dict[str, str]) -> None:
     assert model.info.labels["registry_version"] == serving_env["staging_version"]
     assert model.info.labels["feature_sql_hash"] == "sqlhash1"
     assert model.info.labels["git_commit"] == "abc123"
-    assert model.info.metadata["feature_names"][:2] == ["request_amount_jpy", "request_fee_jpy"]
+    feature_names = model.info.metadata["feature_names"]
+    assert isinstance(feature_names, list), feature_names
+    assert feature_names[:2] == ["request_amount_jpy", "request_fee_jpy"]
 
     result = runner.invoke(app, ["import", "--version", serving_env["production_version"]])
     assert result.exit_code == 0, result.output

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
 from worker import queue
+
+
+class RetryPolicy(TypedDict):
+    """queue.fail's retry keywords, so one policy can be passed as **policy."""
+
+    max_attempts: int
+    backoff_seconds: float
+    backoff_max_seconds: float
 
 
 def test_schema_reapplies_and_one_insert_enqueues(queue_db: str, kit: Any) -> None:
@@ -60,7 +68,7 @@ def test_expired_lease_is_reclaimed_and_stale_worker_cannot_write(queue_db: str,
 
 def test_failed_attempts_back_off_then_dead_letter(queue_db: str, kit: Any) -> None:
     """Retryable errors requeue with a doubling delay, then dead-letter; invalid requests fail at once."""
-    policy = {"max_attempts": 3, "backoff_seconds": 0.0, "backoff_max_seconds": 0.0}
+    policy: RetryPolicy = {"max_attempts": 3, "backoff_seconds": 0.0, "backoff_max_seconds": 0.0}
     with queue.connect(queue_db) as conn:
         job_id, _ = queue.enqueue(conn, 1, 5_000)
         for attempt in (1, 2, 3):

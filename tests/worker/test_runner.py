@@ -446,12 +446,13 @@ def test_a_worker_scoring_production_follows_a_rollback_without_a_restart(
     from worker import cli
 
     scorers = {"7": kit.make_scorer(booster, "7"), "8": kit.make_scorer(staging_booster, "8")}
-    alias = {"production": "7"}
+    alias: dict[str, str | None] = {"production": "7"}
 
     def resolve(spec: str) -> str:
-        if alias.get(spec) is None:
+        version = alias.get(spec)
+        if version is None:
             raise RuntimeError("registry unreachable")
-        return alias[spec]
+        return version
 
     monkeypatch.setattr(bentos.build, "resolve_version", resolve)
     monkeypatch.setattr(
@@ -676,7 +677,7 @@ def test_loading_a_new_shadow_version_never_holds_up_a_scoring_loop(
     loader = cli.ShadowLoader("staging", "7", "unused")
     kit.wait_until(lambda: loader() is not None, 5, "shadow version 8 to load")
     eight = loader()
-    assert eight is not None and eight.model_version == "8"
+    assert isinstance(eight, Fake) and eight.model_version == "8"
 
     staging["version"] = "9"
     threading.Timer(3.0, release.set).start()  # ends the load at the latest (the old code waits)

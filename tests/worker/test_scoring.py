@@ -13,7 +13,13 @@ import pytest
 
 from worker import queue
 from worker.runner import Worker, WorkerConfig
-from worker.scoring import BackendUnavailable, HttpBackend, InvalidRequest, ScoreRequest
+from worker.scoring import (
+    BackendUnavailable,
+    HttpBackend,
+    InvalidRequest,
+    ScoreOutcome,
+    ScoreRequest,
+)
 
 
 @contextmanager
@@ -81,6 +87,7 @@ def test_http_backend_scores_like_in_process_and_fails_unknown_users_alone(
         [expected] = scorer.score_rows(
             [scorer.request_row(request.amount_jpy, features[request.user_id])]
         )
+        assert isinstance(outcome, ScoreOutcome), outcome
         assert outcome.default_probability == pytest.approx(expected.default_probability)
         assert (outcome.decision, outcome.model_version) == (expected.decision, "7")
     assert backend.model_version == "7"

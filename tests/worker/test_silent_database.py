@@ -427,6 +427,9 @@ class _NeverCalled:
         """Never called: nothing is claimed."""
         raise AssertionError("nothing should have been claimed")
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("answers", [True, False], ids=["answers-again", "stays-silent"])

@@ -155,7 +155,7 @@ def test_observable_history_predicts_default(world: SourceData) -> None:
     """A model fed only source tables can learn: past lateness and declines separate defaulters."""
     charges = world.deferred_charges  # noqa: F841 (read by duckdb by name)
     tx = world.card_transactions  # noqa: F841
-    rows = duckdb.sql(
+    relation = duckdb.sql(
         f"""
         SELECT c.charge_id,
                (c.repaid_at IS NULL OR c.days_late > {GRACE_DAYS})::INT AS label,
@@ -167,6 +167,8 @@ def test_observable_history_predicts_default(world: SourceData) -> None:
         FROM charges c
         WHERE c.due_date + INTERVAL {GRACE_DAYS} DAY <= DATE '{END}'
         """
-    ).df()
+    )
+    assert relation is not None, "a SELECT yields rows"
+    rows = relation.df()
     score = rows.past_late + 0.3 * rows.declines_30d
     assert _auc(rows.label.to_numpy(), score.to_numpy()) > 0.55

@@ -10,9 +10,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import psycopg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -282,10 +284,10 @@ def test_a_state_save_that_dies_half_way_leaves_the_previous_state_whole(
 
     real_write = pq.write_table
 
-    def disk_full_on_charges(table: object, where: object, **kwargs: object) -> None:
-        if "due_day" in table.column_names:  # type: ignore[attr-defined]
+    def disk_full_on_charges(table: pa.Table, where: Any, **kwargs: Any) -> None:
+        if "due_day" in table.column_names:
             raise OSError(28, "No space left on device")
-        real_write(table, where, **kwargs)  # type: ignore[arg-type]
+        real_write(table, where, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", disk_full_on_charges)
     with pytest.raises(OSError, match="No space left"):

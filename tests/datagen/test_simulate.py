@@ -18,7 +18,9 @@ END = date(2026, 10, 31)
 def _per_user_day(table: pa.Table, sql: str) -> dict[tuple[int, int], float]:
     """{(user_id, local day ordinal): value} from an aggregate over `table` (named t)."""
     t = table  # noqa: F841 (read by duckdb by name)
-    rows = duckdb.sql(sql).fetchall()
+    relation = duckdb.sql(sql)
+    assert relation is not None, "a SELECT yields rows"
+    rows = relation.fetchall()
     return {(int(u), d.toordinal()): float(v) for u, d, v in rows}
 
 

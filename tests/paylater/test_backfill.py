@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import date
+from typing import ParamSpec, TypeVar
 
 import pytest
 
 from paylater.backfill import BackfillError, backfill, days
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 D1, D5 = date(2026, 11, 1), date(2026, 11, 5)
 
@@ -121,7 +127,12 @@ def test_next_day_is_checked_only_once_the_running_day_finished() -> None:
 
 def test_force_reruns_complete_days() -> None:
     ran: list[date] = []
-    backfill(D1, D1, lambda d: ran.append(d) or "ok", force=True, is_complete=lambda d: True)
+
+    def run(day: date) -> str:
+        ran.append(day)
+        return "ok"
+
+    backfill(D1, D1, run, force=True, is_complete=lambda d: True)
     assert ran == [D1]
     with pytest.raises(ValueError, match="concurrency"):
         backfill(D1, D1, lambda d: "ok", concurrency=0)
@@ -161,7 +172,7 @@ def test_no_day_starts_once_an_earlier_day_is_known_to_have_failed(
     finished = threading.Event()
 
     class Pool(concurrent.futures.ThreadPoolExecutor):
-        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
             future = super().submit(fn, *args, **kwargs)
             # Callbacks run once the future is done: the failure is then known.
             future.add_done_callback(lambda _: finished.set())

@@ -63,7 +63,12 @@ def test_backfill_of_a_day_not_ended_is_refused_before_running(
     from paylater.timeutil import today
 
     ran: list[object] = []
-    monkeypatch.setattr(bf, "backfill", lambda *a, **k: ran.append(a) or [])
+
+    def record(*args: object, **kwargs: object) -> list[object]:
+        ran.append(args)
+        return []
+
+    monkeypatch.setattr(bf, "backfill", record)
     last_day = today()
     result = CliRunner().invoke(
         app, ["backfill", "--start", "2026-01-01", "--end", last_day.isoformat()]

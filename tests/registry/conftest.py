@@ -367,12 +367,13 @@ def register_copy() -> Callable[[str], str]:
         c = client()
         original = c.get_model_version(MODEL_NAME, version)
         lineage = {k: v for k, v in (original.tags or {}).items() if not k.startswith(outcomes)}
+        assert original.source is not None, f"version {version} has no source to copy"
         copy = c.create_model_version(
             MODEL_NAME,
             original.source,
             run_id=original.run_id,
             tags=lineage,
-            model_id=original.model_id or _logged_model_id(str(original.source)),
+            model_id=original.model_id or _logged_model_id(original.source),
         )
         return str(copy.version)
 

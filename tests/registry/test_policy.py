@@ -225,7 +225,9 @@ def test_transitions_still_work_and_keep_history_after_the_audit_experiment_was_
     c = client()
     before = history.read(c)
     # Someone tidies the MLflow UI: the audit experiment is deleted (soft, as the UI does).
-    c.delete_experiment(c.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id)
+    audit = c.get_experiment_by_name(AUDIT_EXPERIMENT)
+    assert audit is not None, "the first promotion wrote the audit experiment"
+    c.delete_experiment(audit.experiment_id)
 
     second = register_copy(first)
     stage_as_retrain(second)

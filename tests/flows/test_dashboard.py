@@ -136,6 +136,7 @@ def test_monitoring_report_end_to_end(
                 "INSERT INTO scoring_jobs (user_id, payload, status, created_at) VALUES (%s, '{}', 'done', %s) RETURNING id",
                 [i, created],
             ).fetchone()
+            assert job is not None  # RETURNING yields the inserted row
             p = float(rng.uniform(0.0, 0.6))
             conn.execute(
                 "INSERT INTO scoring_results (job_id, probability, decision, model_version, reason_codes, scored_at)"

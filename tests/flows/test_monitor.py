@@ -276,7 +276,9 @@ def test_a_value_flapping_around_its_threshold_alerts_once_and_resolves_once(
         queue(late)
         assert run() == [], f"late={late}"  # flapping, then 2 clear runs: held, silent
     with psycopg.connect(pg_url) as conn:
-        (runs_ok,) = conn.execute("SELECT runs_ok FROM monitor_incidents").fetchone()
+        incident = conn.execute("SELECT runs_ok FROM monitor_incidents").fetchone()
+    assert incident is not None, "the incident is still recorded"
+    (runs_ok,) = incident
     assert runs_ok == 2
     assert run() == ["[RESOLVED] paylater: oldest_queued_age"]
     assert run() == []
@@ -319,7 +321,7 @@ def test_a_run_left_running_pages_as_stuck_naming_run_deployment_and_duration(
 
     async def a_run_left_running(deployment: str) -> Any:
         runner = Runner(name=f"r-{uuid.uuid4().hex[:8]}")
-        deployment_id = await runner.add_flow(job, name=deployment)
+        deployment_id = await runner.aadd_flow(job, name=deployment)
         async with get_client() as client:
             run = await client.create_flow_run_from_deployment(deployment_id)
             await client.set_flow_run_state(run.id, Running(), force=True)
@@ -372,7 +374,7 @@ def test_a_stuck_limit_for_a_mistyped_deployment_warns_slack_once_naming_the_dep
         """Never run: only its deployment matters."""
 
     async def deploy() -> None:
-        await Runner(name=f"r-{uuid.uuid4().hex[:8]}").add_flow(job, name="nightly-sync")
+        await Runner(name=f"r-{uuid.uuid4().hex[:8]}").aadd_flow(job, name="nightly-sync")
 
     asyncio.run(deploy())
 

@@ -54,7 +54,9 @@ def test_monthly_retrain_stages_the_first_model(
     assert mv.tags["dataset_digest"] == manifest.sha256
     run = c.get_run(report.run_id)
     assert run.data.tags["issue"] == "4" and run.data.params["oot_month"] == "2025-04-01"
-    assert run.info.experiment_id == c.get_experiment_by_name(TRAINING_EXPERIMENT).experiment_id
+    training = c.get_experiment_by_name(TRAINING_EXPERIMENT)
+    assert training is not None and run.info.experiment_id == training.experiment_id
+    assert run.inputs is not None, "the run logged no inputs"
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [manifest.sha256[:32]]
     artifacts = {a.path for a in c.list_artifacts(report.run_id, "plots")}
     assert artifacts == {

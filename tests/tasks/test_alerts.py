@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from pydantic import SecretStr
 
 from tasks.alerts import alert_on_failure, notify
 
@@ -132,7 +133,9 @@ def test_slack_block_and_failure_hook(
 
     name = f"alerts-{uuid.uuid4().hex[:8]}"
     # apprise's json:// sends the block's message as JSON to any host: here, the local receiver.
-    SlackWebhook(url=f"json://127.0.0.1:{receiver.port}/slack", allow_private_urls=True).save(name)
+    SlackWebhook(
+        url=SecretStr(f"json://127.0.0.1:{receiver.port}/slack"), allow_private_urls=True
+    ).save(name)
     monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", name)
     flow = SimpleNamespace(name="daily-sync")
     run = SimpleNamespace(name="brave-otter", id="run-1", parameters={"as_of": "2026-11-26"})
@@ -239,7 +242,7 @@ def test_routing_key_from_a_secret_block_and_a_missing_block_is_named(
     from prefect.blocks.system import Secret
 
     name = f"pd-key-{uuid.uuid4().hex[:8]}"
-    Secret(value=FAKE_KEY).save(name)
+    Secret(value=SecretStr(FAKE_KEY)).save(name)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK", name)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
     assert notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q")
@@ -261,7 +264,9 @@ def test_an_old_pagerduty_webhook_block_pages_through_the_events_api(
     from prefect.blocks.notifications import PagerDutyWebHook
 
     name = f"pd-old-{uuid.uuid4().hex[:8]}"
-    PagerDutyWebHook(integration_key=FAKE_KEY, api_key="fake-api-key").save(name)
+    PagerDutyWebHook(integration_key=SecretStr(FAKE_KEY), api_key=SecretStr("fake-api-key")).save(
+        name
+    )
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_BLOCK", name)
     monkeypatch.delenv("PAYLATER_ALERT_WEBHOOK_URL", raising=False)
     assert notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q") is True
@@ -327,9 +332,9 @@ def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
         monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 1.0)
         base = f"http://127.0.0.1:{trickler.port}"
         name = f"alerts-{uuid.uuid4().hex[:8]}"
-        SlackWebhook(url=f"json://127.0.0.1:{trickler.port}/slack", allow_private_urls=True).save(
-            name
-        )
+        SlackWebhook(
+            url=SecretStr(f"json://127.0.0.1:{trickler.port}/slack"), allow_private_urls=True
+        ).save(name)
         monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", name)
         monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"{base}/hook")
         monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", f"{base}/v2/enqueue")

@@ -226,10 +226,10 @@ def test_score_psi_reads_only_the_production_versions_scores(pg_url: str) -> Non
         conn.execute(schema.read_text())
         for version, low, high, hours in (("1", 0.5, 0.9, 20), ("2", 0.0, 0.2, 2)):
             for p in rng.uniform(low, high, 400):
-                (job,) = conn.execute(
+                [(job,)] = conn.execute(
                     "INSERT INTO scoring_jobs (user_id, payload, status) VALUES (1, '{}', 'done')"
                     " RETURNING id"
-                ).fetchone()
+                ).fetchall()
                 conn.execute(
                     "INSERT INTO scoring_results"
                     " (job_id, probability, decision, model_version, reason_codes, scored_at)"

@@ -17,6 +17,7 @@ from tasks.datasets import DatasetError, load_training_dataset
 from tasks.storage import open_storage
 from tasks.sync import configured_tables
 from tasks.warehouse import open_warehouse
+from tasks.warehouse.duckdb import DuckDBWarehouse
 
 ROOT = Path(__file__).resolve().parents[2]
 AS_OF = date(2026, 7, 15)
@@ -49,9 +50,10 @@ def env(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A DuckDB warehouse file holding a few source rows, datasets in a local folder."""
     warehouse_path = paylater_home / "warehouse.duckdb"
     warehouse = open_warehouse(f"duckdb:///{warehouse_path}")
-    warehouse.conn.execute((ROOT / "schema" / "source_postgres.sql").read_text())  # type: ignore[attr-defined]
+    assert isinstance(warehouse, DuckDBWarehouse)  # the source DDL and rows go in as DuckDB SQL
+    warehouse.conn.execute((ROOT / "schema" / "source_postgres.sql").read_text())
     warehouse.execute((ROOT / "schema" / "warehouse_app_events.sql").read_text())
-    warehouse.conn.execute(ROWS)  # type: ignore[attr-defined]
+    warehouse.conn.execute(ROWS)
     warehouse.close()
     monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{warehouse_path}")
     return paylater_home / "datasets"
@@ -158,7 +160,8 @@ def add_matured_charge(charge_id: int) -> None:
     from paylater.settings import get_settings
 
     warehouse = open_warehouse(get_settings().warehouse)
-    warehouse.conn.execute(  # type: ignore[attr-defined]
+    assert isinstance(warehouse, DuckDBWarehouse)  # the env fixture's warehouse
+    warehouse.conn.execute(
         f"INSERT INTO deferred_charges VALUES ({charge_id}, 2, '2026-03-{charge_id - 80:02d} "
         "03:00:00+00', 2000, 100, '2026-04-27', 'repaid', '2026-04-20 00:00:00+00', 0, "
         "'2026-04-20 00:00:00+00')"

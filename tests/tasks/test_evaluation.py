@@ -61,7 +61,9 @@ def test_classification_metrics_and_one_class_error() -> None:
 def test_oracle_probabilities_follow_charge_ids(tmp_path: Path) -> None:
     path = tmp_path / "truth.parquet"
     pq.write_table(pa.table({"charge_id": [5, 3, 9], "default_probability": [0.5, 0.3, 0.9]}), path)
-    probs, found = oracle_probabilities(np.array([9, 4, 3]), path) or (None, None)
+    oracle = oracle_probabilities(np.array([9, 4, 3]), path)
+    assert oracle is not None, "the truth file exists"
+    probs, found = oracle
     assert found.tolist() == [True, False, True]
     assert probs[found].tolist() == [0.9, 0.3]
     assert oracle_probabilities([1], tmp_path / "absent.parquet") is None

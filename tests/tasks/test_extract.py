@@ -13,7 +13,16 @@ import pyarrow as pa
 import pytest
 
 from tasks import extract
-from tasks.extract import Figures, SourceCounts, Window, inline, open_source, pg_literal, redact
+from tasks.extract import (
+    Figures,
+    PostgresSource,
+    SourceCounts,
+    Window,
+    inline,
+    open_source,
+    pg_literal,
+    redact,
+)
 from tasks.sync import SourceUnavailable, configured_tables, is_transient, validate_tables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +34,13 @@ def charges_spec(source):
     return next(
         s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
     )
+
+
+def open_postgres_source(url: str, readers: int = 2) -> PostgresSource:
+    """open_source's PostgreSQL source: these tests reach into its snapshot's workings."""
+    source = open_source(url, readers=readers)
+    assert isinstance(source, PostgresSource), source
+    return source
 
 
 def fill_charges(url: str, rows: int, repaid_every: int = 0) -> None:
@@ -45,7 +61,7 @@ def fill_charges(url: str, rows: int, repaid_every: int = 0) -> None:
 def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fill_charges(pg_url, 5000, repaid_every=3)
     monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
-    source = open_source(pg_url, readers=3)
+    source = open_postgres_source(pg_url, readers=3)
     spec = charges_spec(source)
     window = Window(None, END)
     with source.snapshot() as snapshot:
@@ -57,7 +73,7 @@ def test_parallel_readers_share_one_snapshot(pg_url: str, monkeypatch: pytest.Mo
                 " NULL, NULL, '2026-11-20T02:00Z' FROM generate_series(5001, 5100) g"
             )
             conn.execute("UPDATE deferred_charges SET amount_jpy = -1 WHERE charge_id <= 10")
-        assert len(snapshot._key_ranges(spec, window, counts.in_window)) == 3  # type: ignore[attr-defined]
+        assert len(snapshot._key_ranges(spec, window, counts.in_window)) == 3
         stream = snapshot.read(spec, window, counts.in_window)
         table = stream.reader.read_all()
     source.close()
@@ -74,13 +90,13 @@ def test_an_incremental_window_splits_over_its_time_range(
 ) -> None:
     fill_charges(pg_url, 3000)  # updated at 01:00:00 + g ms
     monkeypatch.setattr(extract, "WINDOW_PARALLEL_MIN_ROWS", 1)
-    source = open_source(pg_url, readers=readers)
+    source = open_postgres_source(pg_url, readers=readers)
     spec = charges_spec(source)
     # g = 1..1999; with 2 readers the cut falls at 01:00:01, on row 1000's change time exactly.
     start = datetime(2026, 11, 20, 1, 0, 0, tzinfo=UTC)
     window = Window(start, start + timedelta(seconds=2))
     with source.snapshot() as snapshot:
-        slices = snapshot._slices(spec, window, 1999)  # type: ignore[attr-defined]
+        slices = snapshot._slices(spec, window, 1999)
         assert len(slices) == readers and all('"updated_at"' in s for s in slices)
         # Committed after the snapshot began, inside the window: no reader may see it.
         with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -109,7 +125,7 @@ def test_extra_connections_share_the_driver_database(
     monkeypatch.setattr(adbc_driver_postgresql, "connect", counted)
     fill_charges(pg_url, 3000)
     monkeypatch.setattr(extract, "PARALLEL_MIN_ROWS", 1)
-    source = open_source(pg_url, readers=3)
+    source = open_postgres_source(pg_url, readers=3)
     spec = charges_spec(source)
     with source.snapshot() as snapshot:
         # A whole-table count in the background, and two more readers: three extra connections,
@@ -123,7 +139,7 @@ def test_extra_connections_share_the_driver_database(
 
     def open_and_query() -> None:
         try:
-            conn = source._open()  # type: ignore[attr-defined]
+            conn = source._open()
             with conn.cursor() as cur:
                 cur.execute("SELECT 1 AS one")
                 assert cur.fetchone() == (1,)
@@ -243,7 +259,7 @@ def test_a_reader_joining_a_snapshot_whose_session_ended_is_a_transient_failure(
     # is ended here by leaving the snapshot: killing its session between two statements aborts
     # the process with the pinned driver, apache/arrow-adbc#3878.)
     fill_charges(pg_url, 1000)
-    source = open_source(pg_url, readers=2)
+    source = open_postgres_source(pg_url, readers=2)
     spec = charges_spec(source)
     try:
         with source.snapshot() as snapshot:

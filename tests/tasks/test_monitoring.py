@@ -19,6 +19,7 @@ from paylater.settings import Settings
 from tasks.monitoring import (
     CheckResult,
     Measurement,
+    Notification,
     Threshold,
     as_utc,
     ensure_incident_table,
@@ -420,11 +421,11 @@ def test_undelivered_notice_leaves_the_incident_for_the_next_run(pg_url: str) ->
     ensure_incident_table(engine)
     refused: list[str] = []
 
-    def down(n: object) -> bool:
-        refused.append(n.subject)  # type: ignore[attr-defined]
+    def down(n: Notification) -> bool:
+        refused.append(n.subject)
         return False
 
-    def up(n: object) -> bool:
+    def up(n: Notification) -> bool:
         return True
 
     assert reconcile(engine, [result("warning")], NOW, deliver=down) == []
@@ -758,12 +759,12 @@ def test_an_undelivered_unmeasured_notice_is_sent_by_the_next_run(pg_url: str) -
     ensure_incident_table(engine)
     tried: list[str] = []
 
-    def down(n: object) -> bool:
-        tried.append(n.subject)  # type: ignore[attr-defined]
+    def down(n: Notification) -> bool:
+        tried.append(n.subject)
         return False
 
-    def up(n: object) -> bool:
-        tried.append(n.subject)  # type: ignore[attr-defined]
+    def up(n: Notification) -> bool:
+        tried.append(n.subject)
         return True
 
     reconcile_unmeasured(engine, [unmeasured()], NOW, AFTER, deliver=up)

@@ -196,7 +196,7 @@ def crashing_flow(
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("crashing", None)
-    import crashing  # type: ignore[import-not-found]
+    import crashing
 
     try:
         yield crashing.job, name
@@ -240,12 +240,19 @@ def run_deployment_once(job: Any, parameters: dict[str, Any]) -> None:
 
     async def go() -> None:
         runner = Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}")
-        deployment_id = await runner.add_flow(job, name="crash-check")
+        deployment_id = await runner.aadd_flow(job, name="crash-check")
         async with get_client() as client:
             await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
         await runner.start(run_once=True)
 
     asyncio.run(go())
+
+
+def state_of(client: Any, run_id: Any) -> str:
+    """The run's state type as the API reports it (a created run always has one)."""
+    state_type = client.read_flow_run(run_id).state_type
+    assert state_type is not None, f"flow run {run_id} has no state"
+    return state_type.value
 
 
 def ours(runs: list[FlowRunInfo], name: str) -> list[FlowRunInfo]:
@@ -431,7 +438,7 @@ def test_an_ad_hoc_run_that_crashed_is_not_a_crashed_job(crashing_flow: tuple[An
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(job, state=Running())
         client.set_flow_run_state(run.id, Crashed(message="Execution was interrupted"), force=True)
-        assert client.read_flow_run(run.id).state_type.value == "CRASHED"
+        assert state_of(client, run.id) == "CRASHED"
     latest, _, _, _ = read_flow_runs(datetime.now(UTC), window_hours=48, late_minutes=30)
     assert ours(latest, name) == []
 
@@ -455,7 +462,7 @@ def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
     job, name = crashing_flow
 
     async def deploy_and_create() -> Any:
-        deployment_id = await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").add_flow(
+        deployment_id = await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").aadd_flow(
             job, name="crash-check"
         )
         async with get_client() as client:
@@ -477,7 +484,7 @@ def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 120
-            while client.read_flow_run(run.id).state_type.value != "RUNNING":
+            while state_of(client, run.id) != "RUNNING":
                 assert process.poll() is None, "the run's process ended before it ran"
                 assert time.monotonic() < deadline, "the run never started"
                 time.sleep(0.2)
@@ -485,7 +492,7 @@ def test_a_run_whose_process_vanished_stays_running_and_is_stuck(
         os.killpg(process.pid, signal.SIGKILL)  # the host is gone: nobody reports anything
         process.wait()
     with get_client(sync_client=True) as client:
-        assert client.read_flow_run(run.id).state_type.value == "RUNNING"
+        assert state_of(client, run.id) == "RUNNING"
 
     now = datetime.now(UTC)
     assert ours(read_flow_runs(now, 48, 30)[2], name) != []  # running, not stuck yet
@@ -519,7 +526,7 @@ def test_a_stuck_limit_naming_no_deployment_is_a_warning_naming_the_deployments(
     job, name = crashing_flow
 
     async def deploy() -> None:
-        await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").add_flow(job, name="crash-check")
+        await Runner(name=f"test-runner-{uuid.uuid4().hex[:8]}").aadd_flow(job, name="crash-check")
         async with get_client() as client:
             assert await client.read_deployment_by_name(f"{name}/crash-check")
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from paylater.settings import Settings
 from paylater.testing import listen_port
@@ -110,7 +111,7 @@ def test_s3_through_prefect_aws_block(
         bucket_name="blocked",
         credentials=AwsCredentials(
             aws_access_key_id="testing",
-            aws_secret_access_key="testing",
+            aws_secret_access_key=SecretStr("testing"),
             region_name="us-east-1",
             aws_client_parameters=AwsClientParameters(endpoint_url=moto_endpoint),
         ),
@@ -146,7 +147,7 @@ def gcs_emulator(gcs_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_gcs_against_emulator(gcs_emulator: str, paylater_home: Path) -> None:
     store = open_storage("gs://risk-gcs/paylater")
     exercise(store)
-    from google.cloud import storage as gcs
+    import google.cloud.storage as gcs
 
     assert isinstance(store, storage.GcsStorage)
     client: gcs.Client = store.bucket.client

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import adbc_driver_manager
 import psycopg
@@ -34,6 +34,7 @@ from tasks.sync import (
     validate_tables,
 )
 from tasks.warehouse import Warehouse, WarehouseError, open_warehouse
+from tasks.warehouse.duckdb import DuckDBWarehouse
 
 ROOT = Path(__file__).resolve().parents[2]
 D1, D2, D3 = date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 22)
@@ -127,8 +128,8 @@ class SourceDB:
             with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
                 cur.executemany(sql.replace("?", "%s"), rows)
         else:
-            with sqlite3.connect(str(self.path)) as conn:
-                conn.executemany(sql, rows)
+            with sqlite3.connect(str(self.path)) as db:
+                db.executemany(sql, rows)
 
     def insert(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Insert rows (dicts with every column)."""
@@ -194,8 +195,9 @@ def rows(wh: Warehouse, table: str, key: str) -> list[dict[str, Any]]:
 
 def digest(wh: Warehouse) -> str:
     """A hash of every warehouse table's full contents (ledger without its timings)."""
+    assert isinstance(wh, DuckDBWarehouse)  # its tables are listed from DuckDB's catalog
     h = hashlib.sha256()
-    listed = wh.conn.execute(  # type: ignore[attr-defined]
+    listed = wh.conn.execute(
         "SELECT table_name FROM information_schema.tables ORDER BY table_name"
     ).fetchall()
     for (name,) in listed:
@@ -1090,7 +1092,7 @@ def test_infinite_times_and_dates_keep_their_order(
     spec = validate_tables(source, [sync.TableSpec("limits", ("limit_id",), "incremental")])[0]
     assert sync_table(source, warehouse, spec, D1).status == "succeeded"
     source.close()
-    held = warehouse.conn.execute(  # type: ignore[attr-defined]
+    held = warehouse.conn.execute(
         "SELECT limit_id, valid_from::VARCHAR, valid_until::VARCHAR, review_on::VARCHAR"
         " FROM limits ORDER BY limit_id"
     ).fetchall()
@@ -1104,7 +1106,10 @@ def test_infinite_times_and_dates_keep_their_order(
 @pytest.mark.postgres
 @pytest.mark.parametrize("mode", ["full", "incremental"])
 def test_a_source_connection_lost_mid_read_is_a_transient_failure_with_its_cause(
-    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: Literal["full", "incremental"],
 ) -> None:
     # The server restarts (or an operator terminates the session) while the sync streams the
     # table: the driver raises OSError or ArrowInvalid inside the warehouse's read, which wraps
@@ -1175,13 +1180,18 @@ def ours() -> set[str]:
 def test_sync_report_says_a_shared_cause_once() -> None:
     """Every table stopped by one cause (a warehouse locked by another process) is one line with
     the count, not the same sentence four times; causes of their own stay one per table."""
-    from prefect.states import Failed
+    from prefect.states import Failed, State
 
     from tasks.sync import SyncError, sync_report
 
     locked = SyncError("warehouse file is locked by another process")
     own = SyncError("sync of topups: extracted 3, source holds 4")
-    states = [Failed(data=locked), Failed(data=locked), Failed(data=own), Failed(data=locked)]
+    states: list[State[Any]] = [
+        Failed(data=locked),
+        Failed(data=locked),
+        Failed(data=own),
+        Failed(data=locked),
+    ]
     names = ["users", "card_transactions", "topups", "deferred_charges"]
     with pytest.raises(SyncError) as caught:
         sync_report(date(2026, 11, 20), states, names)

@@ -52,7 +52,7 @@ def test_there_are_feature_files() -> None:
 def test_file_parses_as_bigquery_and_runs_on_duckdb(path: Path, warehouse: DuckDBWarehouse) -> None:
     sql = path.read_text()
     (tree,) = sqlglot.parse(sql, read="bigquery")
-    assert tree is not None and tree.named_selects
+    assert isinstance(tree, sqlglot.exp.Query) and tree.named_selects
     params = features.query_params(sql, date(2026, 7, 1), Settings())
     result = warehouse.query_arrow(sql, params)
     assert result.column_names == tree.named_selects

@@ -315,7 +315,9 @@ def test_urls() -> None:
         open_warehouse("redshift://cluster/db")
 
 
-def test_deletes_propagate_loads_the_source_keys_before_the_transaction(tmp_path: Path) -> None:
+def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # BigQuery's transaction reads its tables as of its first statement: the source keys must
     # be loaded before it, or the DELETE would compare with yesterday's keys (or no table).
     from dataclasses import replace
@@ -334,8 +336,8 @@ def test_deletes_propagate_loads_the_source_keys_before_the_transaction(tmp_path
         events.append(f"load {destination.rpartition('.')[2]}")
         return load(file, destination, *args, **kwargs)
 
-    client.query = recorded_query  # type: ignore[method-assign]
-    client.load_table_from_file = recorded_load  # type: ignore[method-assign]
+    monkeypatch.setattr(client, "query", recorded_query)
+    monkeypatch.setattr(client, "load_table_from_file", recorded_load)
     warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
     source = open_source(make_source(tmp_path / "src.db"))
     charges = next(
@@ -380,8 +382,8 @@ def test_the_source_keys_table_is_dropped_once_the_transaction_ends(
         events.append(f"delete {ref.rpartition('.')[2]}")
         delete(ref, *args, **kwargs)
 
-    client.query = recorded_query  # type: ignore[method-assign]
-    client.delete_table = recorded_delete  # type: ignore[method-assign]
+    monkeypatch.setattr(client, "query", recorded_query)
+    monkeypatch.setattr(client, "delete_table", recorded_delete)
     warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
     source = open_source(make_source(tmp_path / "src.db"))
     charges = next(

@@ -13,6 +13,14 @@ import pyarrow as pa
 import pytest
 
 from tasks.warehouse import WarehouseError, open_warehouse
+from tasks.warehouse.duckdb import DuckDBWarehouse
+
+
+def open_duckdb(path: Path) -> DuckDBWarehouse:
+    """The adapter open_warehouse gives for a DuckDB file (its own methods are tested too)."""
+    wh = open_warehouse(f"duckdb:///{path}")
+    assert isinstance(wh, DuckDBWarehouse), wh
+    return wh
 
 
 def test_query_arrow_uses_the_relation_path(tmp_path: Path) -> None:
@@ -50,7 +58,7 @@ def test_streamed_partition_load_and_rollback(tmp_path: Path) -> None:
 
 
 def test_a_stream_that_fails_mid_load_reports_its_own_error(tmp_path: Path) -> None:
-    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    wh = open_duckdb(tmp_path / "w.duckdb")
     schema = pa.schema([("id", pa.int64())])
     wh.create_table_if_missing("events", schema)
 
@@ -73,11 +81,11 @@ def test_staged_keeps_up_to_the_limit_in_memory_and_spills_the_rest(
 ) -> None:
     # The size is found while reading: 3 rows stay an Arrow table; a 4th sends the 3 held
     # batches and the rest of the stream into a temporary table, in order, none lost.
-    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    wh = open_duckdb(tmp_path / "w.duckdb")
     schema = pa.schema([("id", pa.int64())])
     batches = (pa.record_batch([[i]], schema=schema) for i in range(rows))
     reader = pa.RecordBatchReader.from_batches(schema, batches)
-    with wh.staged(reader, in_memory_rows=3) as staged:  # type: ignore[attr-defined]
+    with wh.staged(reader, in_memory_rows=3) as staged:
         temporary = wh.query_arrow(
             f"SELECT COUNT(*) AS n FROM duckdb_tables() WHERE temporary AND table_name = '{staged}'"
         )
@@ -93,13 +101,13 @@ def test_staged_keeps_up_to_the_limit_in_memory_and_spills_the_rest(
 def test_staged_spills_wide_rows_past_the_byte_limit_under_the_row_limit(tmp_path: Path) -> None:
     # A row limit alone let a wide table's increment (long texts, many columns) sit in memory
     # whole: 1M rows of 2 KB is 2 GB. Past the byte limit the rest goes to a temporary table.
-    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    wh = open_duckdb(tmp_path / "w.duckdb")
     schema = pa.schema([("id", pa.int64()), ("body", pa.string())])
     batches = [pa.record_batch([[i], ["x" * 10_000]], schema=schema) for i in range(5)]
 
     def staged_in_memory(limit: int | None) -> bool:
         reader = pa.RecordBatchReader.from_batches(schema, iter(batches))
-        with wh.staged(reader, in_memory_rows=1000, in_memory_bytes=limit) as staged:  # type: ignore[attr-defined]
+        with wh.staged(reader, in_memory_rows=1000, in_memory_bytes=limit) as staged:
             found = (
                 wh.query_arrow(
                     "SELECT COUNT(*) AS n FROM duckdb_tables()"
@@ -121,7 +129,7 @@ def test_staged_spills_wide_rows_past_the_byte_limit_under_the_row_limit(tmp_pat
 def test_a_large_bulk_commit_goes_into_the_file_not_the_log(tmp_path: Path) -> None:
     path = tmp_path / "w.duckdb"
     wal = Path(f"{path}.wal")
-    wh = open_warehouse(f"duckdb:///{path}")
+    wh = open_duckdb(path)
     schema = pa.schema([("id", pa.int64()), ("note", pa.string())])
     wh.create_table_if_missing("t", schema)
 
@@ -157,19 +165,19 @@ def test_a_statement_failing_on_a_staged_increment_reports_its_own_error(
     # A merge that fails on the staged rows (out of memory, a disk full, a value the target
     # cannot hold) aborts the transaction. Letting go of the staged rows must not then raise
     # "transaction is aborted" in its place: the ledger and the alert would say only that.
-    wh = open_warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    wh = open_duckdb(tmp_path / "w.duckdb")
     wh.create_table_if_missing("t", pa.schema([("id", pa.int64())]))
     staged_rows = pa.table({"id": ["1", "x"]})
     limit = 10 if in_memory else 0
     with (
         pytest.raises(duckdb.ConversionException, match="'x'"),
         wh.transaction(),
-        wh.staged(staged_rows, in_memory_rows=limit) as s,  # type: ignore[attr-defined]
+        wh.staged(staged_rows, in_memory_rows=limit) as s,
     ):
         wh.execute(f"INSERT INTO t SELECT CAST(id AS INT64) FROM {s}")
     assert wh.query_arrow("SELECT COUNT(*) AS n FROM t").column("n").to_pylist() == [0]
     # The next sync on this connection stages and merges as usual.
-    with wh.transaction(), wh.staged(pa.table({"id": [7]}), in_memory_rows=10) as s:  # type: ignore[attr-defined]
+    with wh.transaction(), wh.staged(pa.table({"id": [7]}), in_memory_rows=10) as s:
         wh.execute(f"INSERT INTO t SELECT id FROM {s}")
     assert wh.query_arrow("SELECT id FROM t").column("id").to_pylist() == [7]
     wh.close()

@@ -13,7 +13,7 @@ import hmac
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import bentoml
@@ -333,7 +333,7 @@ class PaylaterScorer:
         """Load the model (embedded in the bento, or by stage from the registry) and the feature store."""
         try:
             scorer = _load_scorer()
-            ENGINE.features = _feature_store(scorer)
+            ENGINE.features = _feature_store(scorer.user_feature_names)
             # Startup objects (BentoML, MLflow, LightGBM imports) never die: moving them out of the
             # collector's reach keeps full collections, and so latency spikes, short under load.
             gc.collect()
@@ -488,8 +488,11 @@ def _load_scorer() -> Scorer:
     )
 
 
-def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStore | None:
-    """The online feature store in the source database: PostgreSQL, or the embedded SQLite file."""
+def _feature_store(
+    user_feature_names: Sequence[str],
+) -> CoalescingFeatureStore | SqliteFeatureStore | None:
+    """The online feature store of the model's user features in the source database: PostgreSQL,
+    or the embedded SQLite file."""
     from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
     from paylater.postgres import libpq_url
     from paylater.settings import get_settings
@@ -497,8 +500,8 @@ def _feature_store(scorer: Scorer) -> CoalescingFeatureStore | SqliteFeatureStor
     settings = get_settings()
     url, table = settings.source, settings.online_features_table
     if url.startswith("sqlite:///"):
-        return SqliteFeatureStore(url.removeprefix("sqlite:///"), scorer.user_feature_names, table)
+        return SqliteFeatureStore(url.removeprefix("sqlite:///"), user_feature_names, table)
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         log.warning("source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", url)
         return None
-    return CoalescingFeatureStore(libpq_url(url), scorer.user_feature_names, table)
+    return CoalescingFeatureStore(libpq_url(url), user_feature_names, table)

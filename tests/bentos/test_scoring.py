@@ -309,10 +309,9 @@ def test_an_online_table_of_another_name_is_read_where_the_build_publishes_it(
     sqlite = SqliteFeatureStore(str(tmp_path / "source.db"), ["topups_30d"], "risk_features")
     assert asyncio.run(sqlite.lookup([1, 2])) == want
 
-    scorer = SimpleNamespace(user_feature_names=["topups_30d"])
     for url in (pg_url, sqlite_url):
         monkeypatch.setenv("PAYLATER_SOURCE_URL", url)
-        store = _feature_store(scorer)  # type: ignore[arg-type]
+        store = _feature_store(["topups_30d"])
         assert store is not None and asyncio.run(store.lookup([1, 2])) == want
     with pytest.raises(ValueError, match=r"online table name .* is not a plain SQL identifier"):
         FeatureStore(pg_url, ["topups_30d"], "risk features; DROP TABLE x")

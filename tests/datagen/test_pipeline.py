@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -124,11 +124,11 @@ def test_an_advance_that_fails_on_a_later_day_resumes_where_it_stopped(
     real_write = pipeline.write_app_event_days
     calls: list[int] = []
 
-    def failing_second_day(warehouse: object, days: object) -> int:
+    def failing_second_day(warehouse: Any, days: Iterable[tuple[date, pa.Table]]) -> int:
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_write(warehouse, days)  # type: ignore[arg-type]
+        return real_write(warehouse, days)
 
     monkeypatch.setattr(pipeline, "write_app_event_days", failing_second_day)
     with pytest.raises(OSError, match="disk full"):
@@ -409,11 +409,13 @@ def test_a_replace_failing_part_way_leaves_the_previous_world_whole(
     real_write = pipeline.write_app_event_days
     calls: list[int] = []
 
-    def failing_second_chunk(*args: object) -> int:
+    def failing_second_chunk(
+        warehouse: Any, days: Iterable[tuple[date, pa.Table]], table_name: str = "app_events"
+    ) -> int:
         calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_write(*args)  # type: ignore[arg-type]
+        return real_write(warehouse, days, table_name)
 
     monkeypatch.setattr(pipeline, "write_app_event_days", failing_second_chunk)
     with pytest.raises(OSError, match="disk full"):

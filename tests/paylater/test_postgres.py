@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
 import pytest
 
 from paylater import postgres
@@ -48,12 +51,9 @@ def test_connections_carry_keepalives_and_a_tcp_user_timeout_unless_the_url_sets
     assert "tcp_user_timeout" not in tcp_bounds("host=h dbname=db tcp_user_timeout=1000")
 
 
-def _options(conn: object) -> dict[str, str]:
+def _options(conn: psycopg.Connection[Any]) -> dict[str, str]:
     """The libpq connection options a live connection was opened with."""
-    return {
-        o.keyword.decode(): (o.val or b"").decode()
-        for o in conn.pgconn.info  # type: ignore[attr-defined]
-    }
+    return {o.keyword.decode(): (o.val or b"").decode() for o in conn.pgconn.info}
 
 
 def test_a_bounded_connection_is_opened_with_the_tcp_bounds(pg_url: str) -> None:

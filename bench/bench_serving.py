@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from paylater.testing import listen_port
 
@@ -186,7 +186,26 @@ def _ms(text: str) -> float:
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str, float]:
+class WrkRun(TypedDict):
+    """One wrk run's figures."""
+
+    rps: float
+    p50: float
+    p99: float
+    requests: int
+    non2xx: int
+    socket_errors: str
+
+
+def _wrk_figure(pattern: str, out: str, flags: int = 0) -> str:
+    """The first group of `pattern` in wrk's report; a clear error if wrk did not print it."""
+    m = re.search(pattern, out, flags)
+    if m is None:
+        raise ValueError(f"wrk's report has no match for {pattern!r}:\n{out}")
+    return m.group(1)
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int) -> WrkRun:
     """One wrk run: requests/s, p50 and p99 in ms, non-2xx answers and socket errors."""
     out = subprocess.run(
         [
@@ -206,10 +225,10 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str,
         text=True,
         check=True,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
+    p50 = _ms(_wrk_figure(r"^\s+50%\s+(\S+)", out, re.M))
+    p99 = _ms(_wrk_figure(r"^\s+99%\s+(\S+)", out, re.M))
+    total = int(_wrk_figure(r"(\d+) requests in", out))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     return {
@@ -218,7 +237,7 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict[str,
         "p99": p99,
         "requests": total,
         "non2xx": int(bad.group(1)) if bad else 0,
-        "socket_errors": errors.group(1) if errors else "",  # type: ignore[dict-item]
+        "socket_errors": errors.group(1) if errors else "",
     }
 
 
@@ -405,7 +424,7 @@ def main() -> None:
         print(
             f"model: 60 features, 300 trees; {users} users in user_features_latest; {seconds} s per wrk run"
         )
-        results: dict[str, dict[int, dict[str, float]]] = {"flask": {}, "bento": {}}
+        results: dict[str, dict[int, WrkRun]] = {"flask": {}, "bento": {}}
         bento_url, flask_url = f"http://127.0.0.1:{bento_port}", f"http://127.0.0.1:{flask_port}"
         with (
             server(

@@ -24,7 +24,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 N_USERS = 10_000
 N_USER_FEATURES = 58
@@ -68,6 +71,13 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout}s for {what}")
         time.sleep(0.05)
+
+
+def count(conn: psycopg.Connection[Any], sql: str) -> int:
+    """The answer of a count(*) query (an aggregate without GROUP BY returns exactly one row)."""
+    row = conn.execute(sql).fetchone()
+    assert row is not None, sql
+    return int(row[0])
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -293,10 +303,7 @@ def worker_figures(url: str, expected: int) -> dict[str, float]:
 
     with connect(url) as conn:
         wait_for(
-            lambda: (
-                conn.execute("SELECT count(*) FROM scoring_results").fetchone()[0]  # type: ignore[index]
-                >= expected
-            ),
+            lambda: count(conn, "SELECT count(*) FROM scoring_results") >= expected,
             600,
             "every job to be scored",
         )
@@ -445,7 +452,7 @@ def run_pgqueuer_phase(url: str, jobs: int, seconds: float, log_dir: Path) -> di
                     expected = asyncio.run(_pgqueuer_enqueue_paced(url, seconds))
                 with connect(url) as conn:
                     wait_for(
-                        lambda: conn.execute("SELECT count(*) FROM pgqueuer").fetchone()[0] == 0,  # type: ignore[index]
+                        lambda: count(conn, "SELECT count(*) FROM pgqueuer") == 0,
                         600,
                         "pgqueuer to drain",
                     )

@@ -25,10 +25,33 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 COUNT = "SELECT count(*) FROM scoring_jobs WHERE status = %s"
 
 
+class Launcher:
+    """Starts `paylater worker` processes on the test model, all with `env`, each with its log."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def __call__(self, *args: str) -> subprocess.Popen[bytes]:
+        """One worker process with `args` added to its command line."""
+        log = self.log_dir / f"worker-{len(self.started)}.log"
+        cmd = [sys.executable, "-m", "paylater.cli", "worker", "--model", "paylater-default:7"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*cmd, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.started.append((proc, log))
+        return proc
+
+    def logs(self) -> dict[int, str]:
+        """Each started process's output so far, by pid."""
+        return {p.pid: log.read_text() for p, log in self.started}
+
+
 @pytest.fixture
-def launch(queue_db: str, model_store: Path, tmp_path: Path) -> Iterator[Any]:
+def launch(queue_db: str, model_store: Path, tmp_path: Path) -> Iterator[Launcher]:
     """Start `paylater worker` processes on the test model; every one left running is killed."""
-    started: list[tuple[subprocess.Popen[bytes], Path]] = []
     env = {
         **os.environ,
         "BENTOML_HOME": str(model_store),
@@ -36,19 +59,9 @@ def launch(queue_db: str, model_store: Path, tmp_path: Path) -> Iterator[Any]:
         "PAYLATER_WORKER_DATABASE_URL": queue_db,
         "PAYLATER_WORKER_SHADOW_MODEL": "",
     }
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        log = tmp_path / f"worker-{len(started)}.log"
-        cmd = [sys.executable, "-m", "paylater.cli", "worker", "--model", "paylater-default:7"]
-        with log.open("wb") as out:
-            proc = subprocess.Popen([*cmd, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
-        started.append((proc, log))
-        return proc
-
-    start.env = env  # type: ignore[attr-defined]
-    start.logs = lambda: {p.pid: log.read_text() for p, log in started}  # type: ignore[attr-defined]
-    yield start
-    for proc, _ in started:
+    launcher = Launcher(env, tmp_path)
+    yield launcher
+    for proc, _ in launcher.started:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -94,7 +107,7 @@ def free_port() -> int:
 
 
 def test_four_workers_never_double_score_and_sigterm_drains(
-    queue_db: str, launch: Any, kit: Any
+    queue_db: str, launch: Launcher, kit: Any
 ) -> None:
     """Four processes each hold a batch at once; one gets SIGTERM then: it writes that batch and
     exits 0 without claiming more, and the other three score the rest, every job exactly once."""
@@ -126,7 +139,9 @@ def test_four_workers_never_double_score_and_sigterm_drains(
     assert kit.query(queue_db, "SELECT max(attempts) FROM scoring_jobs") == [(1,)]
 
 
-def test_kill_9_mid_batch_every_job_still_scored_once(queue_db: str, launch: Any, kit: Any) -> None:
+def test_kill_9_mid_batch_every_job_still_scored_once(
+    queue_db: str, launch: Launcher, kit: Any
+) -> None:
     """A worker killed holding a batch loses nothing: its lease runs out and another scores it."""
     kit.enqueue_many(queue_db, 300)
     args = ("--batch-size", "100", "--concurrency", "1", "--lease-seconds", "2")
@@ -170,7 +185,9 @@ def test_kill_9_mid_batch_every_job_still_scored_once(queue_db: str, launch: Any
     assert all(r[1] == 1 and r[2] is None for r in rows if r[0] not in retried)
 
 
-def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, kit: Any) -> None:
+def test_enqueue_is_idempotent_and_refuses_sqlite(
+    queue_db: str, launch: Launcher, kit: Any
+) -> None:
     """The same key twice prints the same job id, the key for another request is refused; a
     SQLite queue URL is a clear error."""
     cmd = [
@@ -211,7 +228,7 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(queue_db: str, launch: Any, ki
 
 
 def test_a_queue_database_apart_from_the_source_reads_features_from_the_source(
-    queue_db: str, pg_server_url: str, launch: Any, kit: Any
+    queue_db: str, pg_server_url: str, launch: Launcher, kit: Any
 ) -> None:
     """The feature build publishes user_features_latest to the source: with the queue in a
     database of its own (no such table there), an in-process worker still scores every job."""
@@ -244,7 +261,7 @@ def test_a_queue_database_apart_from_the_source_reads_features_from_the_source(
 
 
 def test_an_http_worker_warns_when_its_lease_is_too_short_to_search_a_hanging_batch(
-    launch: Any,
+    launch: Launcher,
 ) -> None:
     """The scoring timeout is a setting, and a lease under three of them is said at start: such
     a worker gives a batch holding a request the service hangs on back instead of searching it."""
@@ -263,7 +280,7 @@ def test_an_http_worker_warns_when_its_lease_is_too_short_to_search_a_hanging_ba
     assert "under three scoring timeouts" not in logs[enough.pid], logs[enough.pid]
 
 
-def test_a_model_that_cannot_be_loaded_is_one_error_line(queue_db: str, launch: Any) -> None:
+def test_a_model_that_cannot_be_loaded_is_one_error_line(queue_db: str, launch: Launcher) -> None:
     """A store tag the model store lacks (or an alias no version holds) stops the worker with one
     line naming it, not a traceback."""
     proc = launch("--model", "paylater-default:999")
@@ -315,7 +332,7 @@ def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seco
     ],
 )
 def test_a_worker_option_out_of_range_is_refused_before_any_job_is_touched(
-    queue_db: str, launch: Any, kit: Any, option: str, value: str
+    queue_db: str, launch: Launcher, kit: Any, option: str, value: str
 ) -> None:
     """The settings refuse these values, the command-line overrides did not: --max-attempts 0
     dead-lettered every job unscored (\"lease expired\"), --batch-size 0 claimed nothing forever,

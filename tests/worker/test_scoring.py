@@ -17,6 +17,7 @@ from worker.scoring import (
     BackendUnavailable,
     HttpBackend,
     InvalidRequest,
+    Outcome,
     ScoreOutcome,
     ScoreRequest,
 )
@@ -123,6 +124,13 @@ def test_worker_over_http_and_an_unreachable_service_retries(
     assert status == "queued" and "unreachable" in error
 
 
+def scored(outcomes: list[Outcome]) -> list[ScoreOutcome]:
+    """`outcomes`, each asserted to be a score (every user of the sample is known)."""
+    for outcome in outcomes:
+        assert isinstance(outcome, ScoreOutcome), outcome
+    return [o for o in outcomes if isinstance(o, ScoreOutcome)]
+
+
 def test_declines_mode_matches_all_mode_except_approvals_reasons(
     queue_db: str, booster: Any, kit: Any
 ) -> None:
@@ -134,14 +142,14 @@ def test_declines_mode_matches_all_mode_except_approvals_reasons(
         ScoreRequest(i, 1 + i % kit.n_users, amount)
         for i, amount in enumerate(range(1_000, 100_001, 1_650))
     ]
-    full = InProcessBackend(scorer, queue_db, "all").score(requests)
-    lean = InProcessBackend(scorer, queue_db, "declines").score(requests)
-    decisions = {o.decision for o in full}  # type: ignore[union-attr]
+    full = scored(InProcessBackend(scorer, queue_db, "all").score(requests))
+    lean = scored(InProcessBackend(scorer, queue_db, "declines").score(requests))
+    decisions = {o.decision for o in full}
     assert decisions == {"approve", "decline"}, "the sample must exercise both decisions"
     for a, b in zip(full, lean, strict=True):
-        assert b.default_probability == pytest.approx(a.default_probability, abs=1e-12)  # type: ignore[union-attr]
-        assert b.decision == a.decision  # type: ignore[union-attr]
-        assert b.reason_codes == (a.reason_codes if a.decision == "decline" else [])  # type: ignore[union-attr]
+        assert b.default_probability == pytest.approx(a.default_probability, abs=1e-12)
+        assert b.decision == a.decision
+        assert b.reason_codes == (a.reason_codes if a.decision == "decline" else [])
     with pytest.raises(ValueError, match="reason_codes must be one of"):
         InProcessBackend(scorer, queue_db, "some")
 

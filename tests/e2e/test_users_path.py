@@ -53,7 +53,8 @@ class Processes:
     """Background servers of one test, each in its own process group, stopped at the end."""
 
     def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self.logs, self.env, self.running = logs, env, {}  # type: ignore[var-annotated]
+        self.logs, self.env = logs, env
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *args: str | Path, **env: str) -> subprocess.Popen[bytes]:
         """Start `args` from the repository root with the test's environment plus `env`."""

@@ -32,7 +32,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy paylater flows tasks registry bentos worker datagen
+	$(BIN)/mypy paylater flows tasks registry bentos worker datagen tests bench
 
 fmt: install
 	$(BIN)/ruff format .

@@ -188,6 +188,20 @@ def sync_all(db: SourceDB, wh: Warehouse, as_of: date) -> list[sync.TableResult]
         source.close()
 
 
+KEY_OF = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}
+"""The key of each of the two tables the delete and reread tests run on (streamed straight in,
+and through a __changes partition)."""
+
+
+def seeded_and_synced(pg_url: str, warehouse: Warehouse, *days: date) -> SourceDB:
+    """The seeded source, synced into `warehouse` for each of `days` in turn."""
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    for day in days:
+        sync_all(db, warehouse, day)
+    return db
+
+
 def rows(wh: Warehouse, table: str, key: str) -> list[dict[str, Any]]:
     """A warehouse table's rows ordered by key."""
     return wh.query_arrow(f"SELECT * FROM {table} ORDER BY {key}").to_pylist()
@@ -251,10 +265,7 @@ def test_a_warehouse_table_dropped_or_emptied_is_read_again_from_the_start(
     # The ledger still said the earlier days succeeded, so the next window started at their
     # watermark: the recreated table got one day of rows, and the count check blamed a late
     # commit (or, with no change in the band's days, passed with the history gone).
-    db = SourceDB("postgres", pg_url)
-    seed(db)
-    sync_all(db, warehouse, D1)
-    sync_all(db, warehouse, D2)
+    db = seeded_and_synced(pg_url, warehouse, D1, D2)
     before = rows(warehouse, "deferred_charges", "charge_id")
     if lost == "dropped":
         warehouse.execute("DROP TABLE deferred_charges")
@@ -1342,10 +1353,8 @@ def test_deletes_propagate_removes_the_gone_rows_with_the_day_load(
 ) -> None:
     # card_transactions streams straight in (no change history), deferred_charges goes through
     # its __changes partition: both delete, in the day's transaction, the rows whose key is gone.
-    db = SourceDB("postgres", pg_url)
-    seed(db)
-    sync_all(db, warehouse, D1)
-    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    db = seeded_and_synced(pg_url, warehouse, D1)
+    key = KEY_OF[table]
     gone = {"card_transactions": 100, "deferred_charges": 10}[table]
     db.run(f"DELETE FROM {table} WHERE {key} = ?", [(gone,)])
     source = open_source(db.url)
@@ -1501,11 +1510,8 @@ def test_a_reread_replaces_the_table_whole_and_atomically(
     # The way to bring a table back in line (rows deleted at the source before the check band,
     # a copy gone wrong) was to drop or empty it by hand and let the next sync read it whole:
     # the table was empty, or half there, until then. A reread replaces it in one transaction.
-    db = SourceDB("postgres", pg_url)
-    seed(db)
-    sync_all(db, warehouse, D1)
-    sync_all(db, warehouse, D2)
-    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    db = seeded_and_synced(pg_url, warehouse, D1, D2)
+    key = KEY_OF[table]
     gone = {"card_transactions": 100, "deferred_charges": 10}[table]
     db.run(f"DELETE FROM {table} WHERE {key} = ?", [(gone,)])
     before = rows(warehouse, table, key)
@@ -1542,11 +1548,8 @@ def test_a_reread_counts_the_rows_it_deletes_in_the_ledger(
     # name for rows deleted at the source) dropped those rows silently: its ledger row said
     # rows_deleted NULL, as if nothing had gone. A rerun of the reread deletes nothing more,
     # and the day's row keeps the count.
-    db = SourceDB("postgres", pg_url)
-    seed(db)
-    sync_all(db, warehouse, D1)
-    sync_all(db, warehouse, D2)
-    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    db = seeded_and_synced(pg_url, warehouse, D1, D2)
+    key = KEY_OF[table]
     gone = {"card_transactions": [100, 101], "deferred_charges": [10, 12]}[table]
     db.run(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k in gone])
     source = open_source(db.url)
@@ -1574,11 +1577,8 @@ def test_a_reread_keeps_the_rows_changed_after_its_watermark(
     # reread of yesterday) is not in it. The reread emptied the table and so lost such a row
     # until the next day's sync, though the source still holds it and the warehouse held its
     # version of that day: the day's features were built without it.
-    db = SourceDB("postgres", pg_url)
-    seed(db)
-    sync_all(db, warehouse, D1)
-    sync_all(db, warehouse, D2)
-    key = {"card_transactions": "transaction_id", "deferred_charges": "charge_id"}[table]
+    db = seeded_and_synced(pg_url, warehouse, D1, D2)
+    key = KEY_OF[table]
     later = {"card_transactions": 101, "deferred_charges": 11}[table]
     after_d3 = utc("2026-11-23 01:00")  # after D3 ended (15:00 UTC on the 22nd)
     db.run(f"UPDATE {table} SET updated_at = ? WHERE {key} = ?", [(after_d3, later)])

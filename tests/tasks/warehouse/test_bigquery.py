@@ -315,15 +315,10 @@ def test_urls() -> None:
         open_warehouse("redshift://cluster/db")
 
 
-def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # BigQuery's transaction reads its tables as of its first statement: the source keys must
-    # be loaded before it, or the DELETE would compare with yesterday's keys (or no table).
-    from dataclasses import replace
-
-    from tasks.sync import CountMismatch
-
+def recording_client(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeBigQueryClient, list[str]]:
+    """A fake client and the list it records what it is sent in, in order: a load as "load
+    <table>", a transaction script as its last line ("COMMIT TRANSACTION", ...), any other query
+    as "query"."""
     client = FakeBigQueryClient()
     events: list[str] = []
     query, load = client.query, client.load_table_from_file
@@ -338,6 +333,19 @@ def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
 
     monkeypatch.setattr(client, "query", recorded_query)
     monkeypatch.setattr(client, "load_table_from_file", recorded_load)
+    return client, events
+
+
+def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BigQuery's transaction reads its tables as of its first statement: the source keys must
+    # be loaded before it, or the DELETE would compare with yesterday's keys (or no table).
+    from dataclasses import replace
+
+    from tasks.sync import CountMismatch
+
+    client, events = recording_client(monkeypatch)
     warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
     source = open_source(make_source(tmp_path / "src.db"))
     charges = next(
@@ -407,26 +415,13 @@ def test_the_source_keys_table_is_dropped_once_the_transaction_ends(
 
 
 def test_a_reread_deletes_and_counts_the_gone_rows_and_keeps_the_later_ones(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A reread (deletes: fail kept) replaced the table with the history up to the watermark: the
     # row deleted at the source went uncounted, and a row changed after the watermark went too,
     # until the next day's sync. Its source keys now load before the transaction, as for
     # deletes: propagate, and are dropped once it has ended.
-    client = FakeBigQueryClient()
-    events: list[str] = []
-    query, load = client.query, client.load_table_from_file
-
-    def recorded_query(sql: str, *args: Any, **kwargs: Any) -> FakeJob:
-        events.append(sql.strip().splitlines()[-1] if "BEGIN TRANSACTION" in sql else "query")
-        return query(sql, *args, **kwargs)
-
-    def recorded_load(file: Any, destination: str, *args: Any, **kwargs: Any) -> FakeJob:
-        events.append(f"load {destination.rpartition('.')[2]}")
-        return load(file, destination, *args, **kwargs)
-
-    client.query = recorded_query  # type: ignore[method-assign]
-    client.load_table_from_file = recorded_load  # type: ignore[method-assign]
+    client, events = recording_client(monkeypatch)
     warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
     source = open_source(make_source(tmp_path / "src.db"))
     charges = next(

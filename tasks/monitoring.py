@@ -555,6 +555,38 @@ def read_all_pages(
         offset += PREFECT_PAGE_SIZE
 
 
+def read_all_excluding(
+    read: Callable[[int, list[UUID]], list[Identified]],
+    key: Callable[[Identified], UUID],
+    in_time: Callable[[], None] = lambda: None,
+    excluded: Iterable[UUID] = (),
+) -> dict[UUID, Identified]:
+    """The first object `read(limit, exclude)` returns for each key, PREFECT_PAGE_SIZE at a time
+    until a short page; `in_time` is called before each request (see read_all_pages).
+
+    Each request asks again from the top, excluding the keys found so far (and `excluded`): no
+    offset, so objects tied in the sort, or one deleted between two requests, cannot shift an
+    object past a page's edge; and every object a page returns has its key excluded from the
+    next, so each is read once (a key's first object is its first in the sort order).
+    """
+    found: dict[UUID, Identified] = {}
+    skipped = set(excluded)
+    while True:
+        in_time()
+        page = read(PREFECT_PAGE_SIZE, [*skipped, *found])
+        fresh = False
+        for item in page:
+            if key(item) not in skipped and key(item) not in found:
+                found[key(item)] = item
+                fresh = True
+        if len(page) < PREFECT_PAGE_SIZE:
+            return found
+        if not fresh:  # an API ignoring the exclusion would return this page forever
+            raise RuntimeError(
+                "the Prefect API returned a full page of objects it was told to skip"
+            )
+
+
 WAITING_STATES = ("SCHEDULED", "PENDING")
 RUNNING_STATES = ("RUNNING", "CANCELLING")
 """States a run leaves only by a report from its process (or its worker): a process that died
@@ -754,12 +786,15 @@ def read_flow_runs(
     Only deployment runs count: the jobs the system runs. An ad-hoc run interrupted or failing on
     someone's terminal is Crashed or Failed too, and no later deployment run would ever clear it.
 
-    Each deployment is asked for its own newest finished run (one request each, a handful of
-    deployments), so a job that fails every 5 minutes (the monitor itself, while its database is
-    down) never crowds another job's failure out of a page of results. The deployments and the
-    waiting and running runs are read page after page (PREFECT_PAGE_SIZE each), all of them.
-    An API that does not answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS
-    (each request FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
+    The finished runs are read newest first, a page at a time, each page excluding the
+    deployments already found (see read_all_excluding): a job that fails every 5 minutes (the
+    monitor itself, while its database is down) fills at most one page before it is excluded, so
+    it never crowds another job's failure out; and the read costs about a request per page of
+    jobs (PREFECT_PAGE_SIZE), at most one per page of finished runs, not one per deployment (with
+    hundreds, the reads outlasted their budget). The deployments and the waiting and running
+    runs are read page after page (PREFECT_PAGE_SIZE each), all of them. An API that does not
+    answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS (each request
+    FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
     import time
 
@@ -796,7 +831,15 @@ def read_flow_runs(
             httpx_settings={"timeout": FLOW_RUN_READ_TIMEOUT_SECONDS}, sync_client=True
         ) as client,
     ):
-        latest: dict[str, FlowRun] = {}
+
+        def deployment_of(run: FlowRun) -> UUID:
+            if run.deployment_id is None:  # asked for with deployment_id is_null_=False
+                raise RuntimeError(f"the Prefect API returned flow run {run.id} with no deployment")
+            return run.deployment_id
+
+        def excluding(ids: list[UUID]) -> DeploymentFilter:
+            return DeploymentFilter(id=DeploymentFilterId(not_any_=ids or None))
+
         # Every deployment, not the API's first page: a job past it went unjudged (its failures
         # never paged) and a stuck limit naming it was reported as naming no deployment.
         deployments = read_all_pages(
@@ -805,24 +848,26 @@ def read_flow_runs(
             ),
             in_time,
         )
-        for deployment in deployments:
-            if str(deployment.id) == own_deployment:
-                continue
-            in_time()
-            newest = client.read_flow_runs(
+        # Each deployment's newest finished run: the monitor's own deployment is left out by the
+        # server, so its ~600 runs of a 48 h window never cost a page. The deployment filter
+        # also keeps to runs of deployments that exist, as the deployments read above.
+        latest = read_all_excluding(
+            lambda limit, skip: client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     state=states(*TERMINAL_STATES),
-                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]),
+                    deployment_id=FlowRunFilterDeploymentId(is_null_=False),
                     end_time=FlowRunFilterEndTime.model_validate(
                         {"after_": now - timedelta(hours=window_hours)}
                     ),
                 ),
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                deployment_filter=excluding(skip),
                 sort=FlowRunSort.END_TIME_DESC,
-                limit=1,
-            )
-            if newest:
-                latest[str(deployment.id)] = newest[0]
+                limit=limit,
+            ),
+            deployment_of,
+            in_time,
+            excluded=[UUID(own_deployment)] if own_deployment else [],
+        )
 
         def runs(flow_run_filter: FlowRunFilter) -> list[FlowRun]:
             # By id, a total order: sorted by time, runs tied at a page's edge could be skipped.

@@ -12,10 +12,10 @@ import asyncio
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -29,6 +29,7 @@ from tasks.monitoring import (
 )
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+T = TypeVar("T")
 
 
 def run_info(state: str, minutes_ago: float, name: str = "r") -> FlowRunInfo:
@@ -630,3 +631,145 @@ def test_every_deployment_and_run_is_read_past_the_apis_first_page(
     assert sorted(r.deployment for r in ours(waiting, name)) == ["paged-a", "paged-b", "paged-c"]
     assert sorted(r.deployment for r in ours(running, name)) == ["paged-a", "paged-b", "paged-c"]
     assert measure_late_runs(ours(waiting, name), now, 30).value == 3.0
+
+
+def requests_of(monkeypatch: pytest.MonkeyPatch, read: Callable[[], T]) -> tuple[T, list[Any]]:
+    """What `read()` returns, and every HTTP request its Prefect clients sent (an httpx event
+    hook added to the settings read_flow_runs gives get_client)."""
+    import prefect
+
+    real = prefect.get_client
+    sent: list[Any] = []
+
+    def recording(*args: Any, httpx_settings: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        settings = dict(httpx_settings or {}) | {"event_hooks": {"request": [sent.append]}}
+        return real(*args, httpx_settings=settings, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prefect, "get_client", recording)
+        return read(), sent
+
+
+def finished_run_reads(sent: list[Any]) -> int:
+    """The requests that read finished runs (the flow-run filter sorted by end time)."""
+    import json
+
+    return sum(
+        1
+        for r in sent
+        if r.url.path.endswith("/flow_runs/filter")
+        and json.loads(r.content).get("sort") == "END_TIME_DESC"
+    )
+
+
+def finished_deployment_runs(client: Any, now: datetime) -> int:
+    """How many deployment runs finished in the 48 h before `now` (the runs the read may page)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterEndTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    from tasks.monitoring import TERMINAL_STATES
+
+    return int(
+        client.count_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType(s) for s in TERMINAL_STATES])
+                ),
+                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+                end_time=FlowRunFilterEndTime.model_validate({"after_": now - timedelta(hours=48)}),
+            )
+        )
+    )
+
+
+def test_the_newest_finished_runs_cost_a_request_per_page_not_per_deployment(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each deployment was asked for its newest finished run, one request each: with hundreds of
+    deployments the read outlasted its 30 s budget and every flow-run check was unknown. Twelve
+    more deployments, each with a finished run, now cost the read no request more; with a page
+    of 4, the finished runs take a request per 4 of them at most, not one per deployment."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import State
+    from prefect.states import Completed, Failed
+
+    from tasks import monitoring
+
+    name = f"paylater-test-counted-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+
+        def deploy_and_finish(i: int) -> None:
+            deployment_id = client.create_deployment(flow_id, f"counted-{i:02d}")
+            run = client.create_flow_run_from_deployment(deployment_id)
+            end: State[Any] = Failed(message="boom") if i % 3 == 0 else Completed()
+            client.set_flow_run_state(run.id, end, force=True)
+
+        try:
+            deploy_and_finish(0)  # its flow is read before and after: only deployments grow
+            _, before = requests_of(monkeypatch, lambda: read_flow_runs(datetime.now(UTC), 48, 30))
+            for i in range(1, 13):
+                deploy_and_finish(i)
+            now = datetime.now(UTC)
+            latest, after = requests_of(monkeypatch, lambda: read_flow_runs(now, 48, 30))
+            monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 4)
+            paged, sent = requests_of(monkeypatch, lambda: read_flow_runs(now, 48, 30))
+            finished = finished_deployment_runs(client, now)
+        finally:
+            client.delete_flow(flow_id)  # its deployments and runs go with it
+
+    assert len(ours(latest.latest, name)) == 13
+    assert measure_failed_flows(ours(latest.latest, name)).value == 5.0
+    assert len(after) == len(before), [r.url.path for r in after]
+    by_name = sorted(ours(latest.latest, name), key=lambda r: r.deployment)
+    assert sorted(ours(paged.latest, name), key=lambda r: r.deployment) == by_name
+    assert finished >= 13
+    assert finished_run_reads(sent) <= finished // 4 + 1, (finished, finished_run_reads(sent))
+
+
+def test_a_job_failing_every_5_minutes_does_not_crowd_out_another_jobs_failure(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monitor failing every 5 minutes while its database is down (288 runs a day) filled
+    the one page of bad runs once read, and the daily sync's older failure was never seen. With
+    a page of 3: the sync completed, then failed; then the monitor failed 10 times. Both jobs'
+    failures count, each from its newest run; measured from the monitor's own deployment, only
+    the sync's does."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import State
+    from prefect.states import Completed, Failed
+
+    from tasks import monitoring
+
+    monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 3)
+    name = f"paylater-test-crowded-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+        try:
+            sync = client.create_deployment(flow_id, "sync")
+            monitor = client.create_deployment(flow_id, "monitor")
+            ends: list[tuple[Any, State[Any]]] = [
+                (sync, Completed()),
+                (sync, Failed(message="the source database refused the connection")),
+            ]
+            ends += [(monitor, Failed(message=f"queue database down ({i})")) for i in range(10)]
+            for deployment_id, end in ends:
+                run = client.create_flow_run_from_deployment(deployment_id)
+                client.set_flow_run_state(run.id, end, force=True)
+            now = datetime.now(UTC)
+            latest = read_flow_runs(now, 48, 30).latest
+            own = read_flow_runs(now, 48, 30, own_deployment=str(monitor)).latest
+        finally:
+            client.delete_flow(flow_id)
+
+    m = measure_failed_flows(ours(latest, name))
+    assert m.value == 2.0, m.detail
+    assert "refused the connection" in m.detail and "queue database down (9)" in m.detail
+    assert "down (8)" not in m.detail  # the monitor's newest run, not an older one
+    assert [(r.deployment, r.state_type) for r in ours(own, name)] == [("sync", "FAILED")]

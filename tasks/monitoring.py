@@ -791,9 +791,9 @@ def read_flow_runs(
     monitor itself, while its database is down) fills at most one page before it is excluded, so
     it never crowds another job's failure out; and the read costs about a request per page of
     jobs (PREFECT_PAGE_SIZE), at most one per page of finished runs, not one per deployment (with
-    hundreds, the reads outlasted their budget). The deployments and the waiting and running
-    runs are read page after page (PREFECT_PAGE_SIZE each), all of them. An API that does not
-    answer raises TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS (each request
+    hundreds, the reads outlasted their budget). The deployments are read the same way; the
+    waiting and running runs page after page by id. An API that does not answer raises
+    TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS (each request
     FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
     import time
@@ -841,12 +841,16 @@ def read_flow_runs(
             return DeploymentFilter(id=DeploymentFilterId(not_any_=ids or None))
 
         # Every deployment, not the API's first page: a job past it went unjudged (its failures
-        # never paged) and a stuck limit naming it was reported as naming no deployment.
-        deployments = read_all_pages(
-            lambda limit, offset: client.read_deployments(
-                sort=DeploymentSort.NAME_ASC, limit=limit, offset=offset
-            ),
-            in_time,
+        # never paged) and a stuck limit naming it was reported as naming no deployment. Sorted
+        # by name alone (the API has no other stable order), so paged by exclusion, not offset.
+        deployments = list(
+            read_all_excluding(
+                lambda limit, skip: client.read_deployments(
+                    deployment_filter=excluding(skip), sort=DeploymentSort.NAME_ASC, limit=limit
+                ),
+                lambda d: d.id,
+                in_time,
+            ).values()
         )
         # Each deployment's newest finished run: the monitor's own deployment is left out by the
         # server, so its ~600 runs of a 48 h window never cost a page. The deployment filter

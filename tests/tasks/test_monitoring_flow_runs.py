@@ -633,16 +633,24 @@ def test_every_deployment_and_run_is_read_past_the_apis_first_page(
     assert measure_late_runs(ours(waiting, name), now, 30).value == 3.0
 
 
-def requests_of(monkeypatch: pytest.MonkeyPatch, read: Callable[[], T]) -> tuple[T, list[Any]]:
+def requests_of(
+    monkeypatch: pytest.MonkeyPatch,
+    read: Callable[[], T],
+    on_request: Callable[[Any], None] = lambda request: None,
+) -> tuple[T, list[Any]]:
     """What `read()` returns, and every HTTP request its Prefect clients sent (an httpx event
-    hook added to the settings read_flow_runs gives get_client)."""
+    hook added to the settings read_flow_runs gives get_client; it calls `on_request` too)."""
     import prefect
 
     real = prefect.get_client
     sent: list[Any] = []
 
+    def hook(request: Any) -> None:
+        sent.append(request)
+        on_request(request)
+
     def recording(*args: Any, httpx_settings: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        settings = dict(httpx_settings or {}) | {"event_hooks": {"request": [sent.append]}}
+        settings = dict(httpx_settings or {}) | {"event_hooks": {"request": [hook]}}
         return real(*args, httpx_settings=settings, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -773,3 +781,54 @@ def test_a_job_failing_every_5_minutes_does_not_crowd_out_another_jobs_failure(
     assert "refused the connection" in m.detail and "queue database down (9)" in m.detail
     assert "down (8)" not in m.detail  # the monitor's newest run, not an older one
     assert [(r.deployment, r.state_type) for r in ours(own, name)] == [("sync", "FAILED")]
+
+
+def test_every_deployment_is_read_once_when_names_tie_and_one_is_deleted_mid_read(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployments were paged by offset, sorted by name alone (the API sorts them by nothing
+    else): deployments of different flows sharing a name (every flow's 'default') may come back
+    in any order across pages, and one deleted between two pages shifted the next page by one,
+    so a deployment was skipped (its job unjudged) or read twice. With a page of 2: five flows
+    each with a deployment of the same name, and the first deployment by name deleted once the
+    first page is read; every deployment is read exactly once."""
+    import httpx
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks import monitoring
+
+    monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 2)
+    tag = uuid.uuid4().hex[:8]
+    api = PREFECT_API_URL.value()
+    flow_ids = []
+    with get_client(sync_client=True) as client:
+        try:
+            for i in range(5):
+                flow_ids.append(client.create_flow_from_name(f"paylater-test-tied-{tag}-{i}"))
+                client.create_deployment(flow_ids[-1], f"tied-{tag}")
+            doomed = client.create_deployment(flow_ids[0], f"0-doomed-{tag}")  # sorts first
+            pages = 0
+
+            def delete_after_first_page(request: Any) -> None:
+                nonlocal pages
+                if request.url.path.endswith("/deployments/filter"):
+                    pages += 1
+                    if pages == 2:
+                        httpx.delete(f"{api}/deployments/{doomed}", timeout=10).raise_for_status()
+
+            deployments, _ = requests_of(
+                monkeypatch,
+                lambda: read_flow_runs(datetime.now(UTC), 48, 30).deployments,
+                delete_after_first_page,
+            )
+            remaining = httpx.post(f"{api}/deployments/count", json={}, timeout=10).json()
+        finally:
+            for flow_id in flow_ids:
+                client.delete_flow(flow_id)
+
+    assert pages > 2  # the deletion came between pages
+    assert len(deployments) == len(set(deployments)), deployments  # none twice
+    assert f"paylater-test-tied-{tag}-0/0-doomed-{tag}" in deployments  # read before it went
+    assert len(deployments) == remaining + 1, deployments  # none skipped
+    assert {f"paylater-test-tied-{tag}-{i}/tied-{tag}" for i in range(5)} <= set(deployments)

@@ -103,8 +103,8 @@ def show_settings(
     ),
 ) -> None:
     """Print the backends this environment resolves to (passwords masked)."""
+    from paylater.redaction import redact
     from paylater.settings import get_settings
-    from tasks.extract import redact
 
     if reference:
         from paylater.settings_doc import reference_markdown
@@ -121,7 +121,7 @@ def show_settings(
         ("home", s.home_dir),
         ("source", redact(s.source)),
         ("warehouse", redact(s.warehouse)),
-        ("datasets", s.datasets),
+        ("datasets", redact(s.datasets)),
         ("mlflow", redact(s.tracking_uri)),
         ("timezone", s.timezone),
     ]:

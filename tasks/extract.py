@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from paylater.postgres import bounded_url
+from paylater.redaction import redact
 from tasks.sync_config import (
     ConfigError,
     SourceLocked,
@@ -376,15 +376,6 @@ def enforces_key(
     )
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def quote(name: str) -> str:
     """A validated identifier, double-quoted for PostgreSQL and SQLite."""
     return '"' + check_identifier(name, "identifier") + '"'
@@ -598,10 +589,13 @@ class PostgresSource:
                 raise
             return conn
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            reason = redact(text.splitlines()[0]) if text else type(exc).__name__
+            # libpq quotes a URL it cannot parse whole, password included: chained, the
+            # driver's error would print it in the traceback a flow run logs.
             raise SourceUnavailable(
                 f"source database {redact(self.url)} unreachable: {reason}"
-            ) from exc
+            ) from (exc if redact(text) == text else None)
 
     def _catalogue(self, sql: str, table: str) -> list[dict[str, Any]]:
         """Rows of one catalogue query about `table` ($1), leaving no transaction idle."""
@@ -1035,12 +1029,14 @@ class SqliteSource:
         self.url = url
         path = Path(url.partition("://")[2].removeprefix("/"))
         if not path.is_file():
-            raise SourceUnavailable(f"source database {url} unreachable: {path} does not exist")
+            raise SourceUnavailable(
+                f"source database {redact(url)} unreachable: {path} does not exist"
+            )
         try:
             # Not autocommit: the driver keeps a read transaction open, so one view holds.
             self.conn = sqlite.connect(f"file:{path.resolve()}?mode=ro", autocommit=False)
         except Exception as exc:
-            raise SourceUnavailable(f"source database {url} unreachable: {exc}") from exc
+            raise SourceUnavailable(f"source database {redact(url)} unreachable: {exc}") from exc
 
     def column_types(self, table: str) -> dict[str, str | None] | None:
         """Columns of `table` with Arrow type names from their declared SQLite types."""

@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 
 from paylater.identifiers import check_identifier
 from paylater.postgres import connect_timeout, libpq_url
+from paylater.redaction import redact
 from paylater.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def publish_user_features(
     if scheme == "sqlite":
         return _publish_sqlite(scoring, url, table, day)
     raise PublishError(
-        f"cannot publish online features to {url!r}: use postgresql:// or sqlite:///"
+        f"cannot publish online features to {redact(url)!r}: use postgresql:// or sqlite:///"
     )
 
 
@@ -121,7 +122,7 @@ def last_published(
         day, at = _last_published_sqlite(url.removeprefix("sqlite:///"), table)
     else:
         raise PublishError(
-            f"cannot read online features from {url!r}: use postgresql:// or sqlite:///"
+            f"cannot read online features from {redact(url)!r}: use postgresql:// or sqlite:///"
         )
     if at is None:
         return None

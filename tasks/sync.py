@@ -77,6 +77,7 @@ import pyarrow as pa
 from prefect import task
 from pydantic import BaseModel, Field
 
+from paylater.redaction import redact
 from paylater.settings import get_settings
 from paylater.timeutil import day_end_utc
 from tasks.extract import Source, SourceCounts, Window, open_source, server_timeout
@@ -953,7 +954,7 @@ def validate_configured_tables() -> list[TableSpec]:
     warehouse_kind = settings.warehouse.partition("://")[0]
     if warehouse_kind not in ("duckdb", "bigquery"):
         raise WarehouseError(
-            f"warehouse URL {settings.warehouse!r} is of unknown kind {warehouse_kind!r}: "
+            f"warehouse URL {redact(settings.warehouse)!r} is of unknown kind {warehouse_kind!r}: "
             "use duckdb:///path or bigquery://project/dataset"
         )
     source = open_source(settings.source)

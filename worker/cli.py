@@ -52,13 +52,14 @@ def connect_or_exit(db_url: str) -> Any:
     """A connection to the queue database; one error line and exit 1 when it cannot be reached."""
     import psycopg
 
-    from tasks.extract import redact
+    from paylater.redaction import redact
     from worker.queue import connect
 
     try:
         return connect(db_url)
-    except psycopg.OperationalError as exc:
-        reason = " ".join(str(exc).split())
+    except psycopg.Error as exc:  # unreachable, refused, or a URL libpq cannot parse
+        # libpq quotes a URL it cannot parse whole, password included: redacted here.
+        reason = redact(" ".join(str(exc).split()))
         typer.echo(f"error: cannot reach the queue database {redact(db_url)}: {reason}", err=True)
         raise typer.Exit(1) from exc
 

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from paylater.redaction import redact
+
 
 class WarehouseError(RuntimeError):
     """A warehouse URL, table or statement the adapter cannot serve."""
@@ -76,7 +78,7 @@ def open_warehouse(url: str) -> Warehouse:
     scheme, sep, _ = url.partition("://")
     if not sep:
         raise WarehouseError(
-            f"warehouse URL {url!r} has no scheme: use duckdb:///path or bigquery://project/dataset"
+            f"warehouse URL {redact(url)!r} has no scheme: use duckdb:///path or bigquery://project/dataset"
         )
     if scheme == "duckdb":
         from tasks.warehouse.duckdb import DuckDBWarehouse
@@ -87,5 +89,5 @@ def open_warehouse(url: str) -> Warehouse:
 
         return BigQueryWarehouse.from_url(url)
     raise WarehouseError(
-        f"warehouse URL {url!r} is of unknown kind {scheme!r}: use duckdb:///path or bigquery://project/dataset"
+        f"warehouse URL {redact(url)!r} is of unknown kind {scheme!r}: use duckdb:///path or bigquery://project/dataset"
     )

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from paylater.redaction import redact
 from tasks.warehouse.base import WarehouseError
 from tasks.warehouse.duckdb import check_identifier
 
@@ -114,7 +115,7 @@ class BigQueryWarehouse:
         parts = urlsplit(url)
         dataset = parts.path.strip("/")
         if not parts.netloc or not dataset or "/" in dataset:
-            raise WarehouseError(f"warehouse URL {url!r}: use bigquery://project/dataset")
+            raise WarehouseError(f"warehouse URL {redact(url)!r}: use bigquery://project/dataset")
         location = parse_qs(parts.query).get("location", [None])[0]
         return cls(parts.netloc, dataset, client=client, location=location)
 

@@ -21,6 +21,7 @@ import sqlglot.dialects.bigquery
 import sqlglot.dialects.duckdb
 
 from paylater.identifiers import check_identifier as plain_identifier
+from paylater.redaction import redact
 from tasks.warehouse.base import WarehouseError
 
 # DuckDB's column types of the sync's type names (tasks.sync_config.ARROW_TYPES).
@@ -76,7 +77,7 @@ class DuckDBWarehouse:
         if path.startswith("/:memory:") or path == ":memory:":
             path = ":memory:"
         if not path:
-            raise WarehouseError(f"warehouse URL {url!r} names no file")
+            raise WarehouseError(f"warehouse URL {redact(url)!r} names no file")
         return cls(path)
 
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:

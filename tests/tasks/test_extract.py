@@ -394,3 +394,37 @@ def test_a_source_that_never_answers_is_unavailable_in_seconds(silent_postgres: 
     with pytest.raises(SourceUnavailable, match=r"unreachable.*timeout"):
         PostgresSource(silent_postgres)
     assert time.monotonic() - started < 15
+
+
+def leak_free_chain(exc: BaseException, secret: str) -> None:
+    """Neither the error nor anything its traceback prints (cause, context) holds `secret`."""
+    import traceback
+
+    printed = "".join(traceback.format_exception(exc))
+    assert secret not in printed, printed
+
+
+def test_a_wrong_password_or_malformed_url_never_shows_the_password(pg_server_url: str) -> None:
+    """libpq quotes a URL it cannot parse whole in its error, password included: the message
+    (and the traceback a Prefect run logs) must carry the host and the reason, not the secret."""
+    from tasks.extract import PostgresSource
+    from tasks.sync_config import SourceUnavailable
+
+    host = pg_server_url.rpartition("@")[2]  # 127.0.0.1:5432/postgres
+    wrong = f"postgresql://postgres:Wr0ngSecret@{host}"
+    with pytest.raises(SourceUnavailable, match="password authentication failed") as caught:
+        PostgresSource(wrong)
+    assert "127.0.0.1" in str(caught.value)
+    leak_free_chain(caught.value, "Wr0ngSecret")
+
+    malformed = "postgresql://postgres:Wr0ngSecret@[::1/postgres"
+    with pytest.raises(SourceUnavailable, match=r"IPv6 host address") as caught:
+        PostgresSource(malformed)
+    assert "[::1/postgres" in str(caught.value)
+    leak_free_chain(caught.value, "Wr0ngSecret")
+
+
+def test_unknown_source_kind_never_shows_the_password() -> None:
+    with pytest.raises(extract.ConfigError, match="unknown kind") as caught:
+        open_source("mysql://u:pa/ss@h/db")  # an unescaped `/` fools a URL parser
+    assert "pa/ss" not in str(caught.value) and "@h/db" in str(caught.value)

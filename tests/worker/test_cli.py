@@ -347,3 +347,24 @@ def test_a_worker_option_out_of_range_is_refused_before_any_job_is_touched(
         queue_db, "SELECT status, attempts FROM scoring_jobs WHERE id = ANY(%s)", (ids,)
     )
     assert rows == [("queued", 0)] * 3
+
+
+def test_a_bad_queue_database_url_is_one_error_line_without_its_password(
+    pg_server_url: str, tmp_path: Path
+) -> None:
+    """A wrong password, or a URL libpq cannot parse (its error quotes the URL whole), is one
+    line naming the host and the reason: never the password, never a traceback of locals."""
+    host = pg_server_url.rpartition("@")[2]
+    env = {**os.environ, "PAYLATER_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "paylater.cli", "enqueue", "--user-id", "3", "--amount-jpy", "1"]
+    for url, reason in [
+        (f"postgresql://postgres:Wr0ngSecret@{host}", "password authentication failed"),
+        ("postgresql://postgres:Wr0ngSecret@[::1/postgres", "IPv6 host address"),
+    ]:
+        run = subprocess.run(
+            [*cmd, "--database-url", url], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 1, run.stderr
+        assert "Wr0ngSecret" not in run.stdout + run.stderr
+        assert run.stderr.startswith("error: ") and reason in run.stderr
+        assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1

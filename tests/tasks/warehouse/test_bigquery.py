@@ -313,6 +313,12 @@ def test_urls() -> None:
         BigQueryWarehouse.from_url("bigquery://my-proj/dw; drop", client=client)
     with pytest.raises(WarehouseError, match="unknown kind 'redshift'"):
         open_warehouse("redshift://cluster/db")
+    # The warehouse URL is shown to say which one is wrong, never with its password.
+    with pytest.raises(WarehouseError, match=r"'redshift://admin:\*\*\*@cluster:5439/db'"):
+        open_warehouse("redshift://admin:Wr0ngSecret@cluster:5439/db")
+    with pytest.raises(WarehouseError, match=r"credentials=\*\*\*'") as caught:
+        BigQueryWarehouse.from_url("bigquery://p?credentials=Wr0ngSecret", client=client)
+    assert "Wr0ngSecret" not in str(caught.value)
 
 
 def recording_client(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeBigQueryClient, list[str]]:

@@ -25,9 +25,9 @@ def _client() -> Any:
     """An MLflow client on the configured tracking/registry URI."""
     from mlflow import MlflowClient
 
-    from paylater.settings import get_settings
+    from registry.store import tracking_uri  # without a server's password (see there)
 
-    uri = get_settings().tracking_uri
+    uri = tracking_uri()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -95,12 +95,12 @@ def import_version(version: str) -> str:
     import bentoml.lightgbm
     import mlflow.lightgbm
 
-    from paylater.settings import get_settings
+    from registry.store import tracking_uri
 
     version = resolve_version(version)
     _require_registry()
-    mlflow.set_tracking_uri(get_settings().tracking_uri)
-    mlflow.set_registry_uri(get_settings().tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
     booster = mlflow.lightgbm.load_model(f"models:/{MODEL_NAME}/{version}")
     tags = registry_tags(version)
     feature_names = json.loads(tags["feature_names"]) if "feature_names" in tags else None

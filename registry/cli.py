@@ -77,6 +77,7 @@ def _run(action: Callable[[], T]) -> T:
     from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
+    from paylater.redaction import redact
     from registry.store import RegistryError, tracking_uri
 
     try:
@@ -91,8 +92,10 @@ def _run(action: Callable[[], T]) -> T:
         typer.echo(f"error: {error_line(exc)}", err=True)
         raise typer.Exit(1) from exc
     except MlflowException as exc:
-        detail = " ".join(str(exc.message).split())[:600]
-        typer.echo(f"error: the MLflow registry at {tracking_uri()} failed: {detail}", err=True)
+        # A SQL store's URI keeps its password, and its driver's errors may quote it.
+        detail = redact(" ".join(str(exc.message).split()))[:600]
+        where = redact(tracking_uri())
+        typer.echo(f"error: the MLflow registry at {where} failed: {detail}", err=True)
         raise typer.Exit(1) from exc
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from paylater.redaction import redact, split_credentials
 from paylater.settings import get_settings
 
 if TYPE_CHECKING:
@@ -35,8 +37,29 @@ def normalise_version(version: object) -> str:
 
 
 def tracking_uri() -> str:
-    """The configured MLflow tracking (and registry) URI."""
-    return get_settings().tracking_uri
+    """The configured MLflow tracking (and registry) URI, without the user:password of a server's
+    URI: those go to the environment (see _credentials_to_environment)."""
+    return _credentials_to_environment(get_settings().tracking_uri)
+
+
+def _credentials_to_environment(uri: str) -> str:
+    """`uri` without its user:password@, which become MLFLOW_TRACKING_USERNAME and _PASSWORD
+    (unless set already: explicit ones win, as they did in the URI's stead before).
+
+    MLflow sends those as the same basic authentication, but quotes the URI it is given in every
+    error ("API request to http://user:password@host/... failed") and every run link it prints,
+    so a password left in it reaches stderr, the logs a Prefect run stores and alert text. A
+    URI without a password (none, or a user alone) is left as given. A SQL store's URI keeps its
+    password: SQLAlchemy needs it there, and the messages quoting it are redacted instead.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    bare, user, password = split_credentials(uri)
+    if password is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return bare
 
 
 REACHABLE_TIMEOUT_S = 10.0
@@ -65,7 +88,7 @@ def require_reachable(timeout: float = REACHABLE_TIMEOUT_S) -> None:
         if answer.status_code < 500:
             return
         reason = f"HTTP {answer.status_code}"
-    raise RegistryError(f"MLflow tracking server {uri} is unreachable ({reason})")
+    raise RegistryError(f"MLflow tracking server {redact(uri)} is unreachable ({redact(reason)})")
 
 
 def _health(uri: str, timeout: float) -> Any:

@@ -187,3 +187,78 @@ def test_an_experiment_another_process_created_meanwhile_is_used_not_an_error(
     experiment_id = ensure_experiment(racing, name)
     created = c.get_experiment_by_name(name)
     assert created is not None and experiment_id == created.experiment_id
+
+
+@contextmanager
+def recording(status: int) -> Iterator[tuple[str, list[str]]]:
+    """A loopback server standing in for a tracking server behind basic authentication: every
+    request answered `status`; yields its URL and the Authorization headers it received."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def mlflow_credentials_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD unset now and again after the test, whoever set them."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # recorded, so the teardown restores the original state
+        monkeypatch.delenv(name)
+
+
+def test_credentials_in_the_tracking_uri_are_sent_but_never_shown(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, mlflow_credentials_unset: None
+) -> None:
+    """MLflow quotes its tracking URI in every error (and run link): a password in the URI
+    must still authenticate, and appear in none of them."""
+    import base64
+
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import client
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with recording(503) as (url, seen):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("://", "://alice:Wr0ngSecret@"))
+        with pytest.raises(RegistryError, match=r"127\.0\.0\.1:\d+ is unreachable") as caught:
+            require_reachable()
+        assert "Wr0ngSecret" not in str(caught.value)
+        with pytest.raises(MlflowException) as failed:
+            client().search_experiments()
+        assert "Wr0ngSecret" not in str(failed.value) and "127.0.0.1" in str(failed.value)
+    basic = "Basic " + base64.b64encode(b"alice:Wr0ngSecret").decode()
+    assert seen and all(header == basic for header in seen), seen
+
+
+def test_a_registry_command_against_a_down_server_never_prints_its_password(
+    unreachable_registry: str, monkeypatch: pytest.MonkeyPatch, mlflow_credentials_unset: None
+) -> None:
+    from typer.testing import CliRunner
+
+    from registry.cli import app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", unreachable_registry.replace("://", "://a:Wr0ng@"))
+    result = CliRunner().invoke(app, ["list"])
+    assert result.exit_code == 1
+    assert "Wr0ng" not in result.output and "127.0.0.1" in result.output, result.output
+    assert "Connection refused" in result.output

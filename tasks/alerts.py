@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from paylater.redaction import origin, redact, scrub
 from paylater.settings import Settings, get_settings
 
 log = logging.getLogger("paylater.alerts")
@@ -106,24 +107,15 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
         return False
 
 
-def _without_path(url: str) -> str:
-    """A webhook URL fit for a log line: scheme and host only (a Slack hook's path is its token)."""
-    try:
-        parsed = httpx.URL(url)
-    except Exception:
-        return "an unparsable URL"
-    return f"{parsed.scheme}://{parsed.netloc.decode()}/…" if parsed.host else "a URL without host"
-
-
 def _refused(what: str, url: str, send: Callable[[], httpx.Response]) -> str | None:
     """`send()` within the delivery deadline: None when the receiver accepted, else what went
     wrong (the URL's path scrubbed from it: a webhook's or a heartbeat check's secret)."""
     try:
         response = _within_deadline(what, send)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}".replace(url, _without_path(url))
+        return scrub(f"{type(exc).__name__}: {exc}", url)
     if not response.is_success:
-        return f"answered {response.status_code} {response.text[:200]}"
+        return scrub(f"answered {response.status_code} {response.text[:200]}", url)
     return None
 
 
@@ -132,7 +124,7 @@ def _post_webhook(url: str, payload: dict) -> bool:
     URL's path, which is the webhook's secret)."""
     problem = _refused("the webhook", url, lambda: httpx.post(url, json=payload, timeout=10.0))
     if problem:
-        where = f"the webhook PAYLATER_ALERT_WEBHOOK_URL ({_without_path(url)})"
+        where = f"the webhook PAYLATER_ALERT_WEBHOOK_URL ({origin(url)})"
         log.error("alert %r not delivered to %s: %s", payload["subject"], where, problem)
     return problem is None
 
@@ -142,7 +134,7 @@ def heartbeat(url: str) -> bool:
     the URL's path, which holds the check's key)."""
     problem = _refused("the heartbeat", url, lambda: httpx.get(url, timeout=10.0))
     if problem:
-        where = f"the heartbeat PAYLATER_MONITOR_HEARTBEAT_URL ({_without_path(url)})"
+        where = f"the heartbeat PAYLATER_MONITOR_HEARTBEAT_URL ({origin(url)})"
         log.error("heartbeat not delivered to %s: %s", where, problem)
     return problem is None
 
@@ -236,16 +228,20 @@ def send_page(
     try:
         response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))
     except httpx.InvalidURL as exc:  # not an HTTPError: a typo a resend cannot mend
-        return Page(False, False, f"PAYLATER_ALERT_PAGERDUTY_EVENTS_URL {url!r} is invalid: {exc}")
+        problem = f"PAYLATER_ALERT_PAGERDUTY_EVENTS_URL {redact(url)!r} is invalid: {exc}"
+        return Page(False, False, scrub(problem, routing_key))
     except httpx.HTTPError as exc:
-        return Page(False, True, f"PagerDuty not reached at {url}: {exc!r}")
+        problem = f"PagerDuty not reached at {redact(url)}: {exc!r}"
+        return Page(False, True, scrub(problem, routing_key))
     except DeliveryTimeout as exc:
-        return Page(False, True, f"{exc} at {url}")
+        return Page(False, True, f"{exc} at {redact(url)}")
     if response.is_success:  # 202 Accepted
         return Page(True)
     status = response.status_code
     retryable = status == 429 or status >= 500
-    return Page(False, retryable, f"PagerDuty answered {status}: {_pagerduty_error(response)}")
+    # A receiver may echo the event (a proxy's error page): its routing key must not be shown.
+    problem = f"PagerDuty answered {status}: {_pagerduty_error(response)}"
+    return Page(False, retryable, scrub(problem, routing_key))
 
 
 def notify(
@@ -269,6 +265,9 @@ def notify(
     if severity not in SEVERITIES:
         log.warning("unknown alert severity %r, sending as error", severity)
         severity = "error"
+    # Alert text quotes errors (a flow's, a check's reason) that may hold a database URL with its
+    # password: Slack, PagerDuty and the log get the host and the reason, never the secret.
+    subject, body = redact(subject), redact(body)
     settings = get_settings()
     if pagerduty_configured(settings) and (severity == "critical" or (resolve and dedup_key)):
         action = "resolve" if resolve else "trigger"

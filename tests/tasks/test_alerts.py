@@ -386,3 +386,52 @@ def test_a_warning_with_only_pagerduty_configured_is_logged_as_reaching_no_chann
     caplog.clear()
     assert notify("[FIRING] paylater critical: q", "b", severity="critical", dedup_key="k")
     assert len(pagerduty.bodies) == 1 and caplog.text == ""  # paged: nothing to say
+
+
+def test_an_alert_quoting_a_database_url_never_carries_its_password(
+    paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    """An alert about a failing database (a flow's error text, a check's reason) names the host
+    and the reason to Slack, the webhook, PagerDuty and the log, never the URL's password."""
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    flow = SimpleNamespace(name="daily-sync")
+    run = SimpleNamespace(
+        name="brave-otter", id="run-1", parameters={"source": "postgresql://app:Wr0ng@db/ops"}
+    )
+    failed = (
+        "SourceUnavailable: connection to postgresql://app:Wr0ngSecret@db.internal:5432/ops"
+        " failed: password authentication failed"
+    )
+    alert_on_failure(flow, run, SimpleNamespace(message=failed))
+    notify("queue down", f"not measured: {failed}", severity="critical", dedup_key="q")
+    assert "Wr0ng" not in json.dumps(receiver.bodies + pagerduty.bodies) + caplog.text
+    assert len(receiver.bodies) == 2 and len(pagerduty.bodies) == 1
+    assert "postgresql://app:***@db.internal:5432/ops" in receiver.bodies[0]["text"]
+    assert (
+        "password authentication failed" in pagerduty.bodies[0]["payload"]["custom_details"]["body"]
+    )
+
+
+@pytest.mark.parametrize("status", [500, None])
+def test_a_failing_slack_block_is_logged_without_its_secrets(
+    prefect_harness, paylater_home, receiver, monkeypatch, caplog, status
+) -> None:
+    """A Slack block's URL is its credential: a receiver answering 500, or none listening, is
+    logged naming the block and the reason, never the URL's password or path."""
+    from prefect.blocks.notifications import SlackWebhook
+
+    port = receiver.port if status else 1
+    receiver.status = status or 200
+    name = f"alerts-{uuid.uuid4().hex[:8]}"
+    SlackWebhook(
+        url=SecretStr(f"json://hook:Wr0ngSecret@127.0.0.1:{port}/T000/B000/XyzSecretPath"),
+        allow_private_urls=True,
+    ).save(name)
+    for var in PAGERDUTY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", name)
+    assert notify("x", "y", severity="warning") is False
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "paylater.alerts")
+    assert f"Slack block {name!r}" in ours
+    assert "Wr0ngSecret" not in ours and "XyzSecretPath" not in ours, ours

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from bentos.scoring import ONLINE_TABLE, feature_name, online_table_name
 from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
+from paylater.redaction import redact
 
 if TYPE_CHECKING:
     import numpy as np
@@ -286,6 +287,9 @@ class HttpBackend:
         import httpx
 
         self.url = url.rstrip("/")
+        # What errors (logged by the worker, stored in a failed job) call it: a URL's user:password
+        # (httpx sends it as basic authentication) stays out of them.
+        self.shown = redact(self.url)
         self.max_batch = max_batch
         self.timeout_seconds = timeout_seconds
         # Stripped as the service strips it: a newline from a secret file is in no header.
@@ -320,19 +324,19 @@ class HttpBackend:
             # The service (BentoML's traffic timeout) or a gateway gave up on this batch: no
             # answer in time, as the client's own timeout, searched the same way.
             raise BackendTimeout(
-                f"scoring service {self.url} answered 504 (no answer in time) to a batch of"
+                f"scoring service {self.shown} answered 504 (no answer in time) to a batch of"
                 f" {len(requests)}: {body}"
             )
         if status in (401, 403, 429, 502, 503):
             # Wrong token, overloaded (429: BentoML past traffic.max_concurrency), down: no
             # request's fault, so no attempt spent.
-            raise BackendUnavailable(f"scoring service {self.url} answered {status}: {body}")
+            raise BackendUnavailable(f"scoring service {self.shown} answered {status}: {body}")
         if status in (404, 405):
             # Not the unknown-user answer: no such route here (a wrong URL, a service without
             # /v2). A deployment mistake, no request's fault: split down, every job would be
             # dead-lettered; instead the jobs wait, as for a service that is down.
             raise BackendUnavailable(
-                f"scoring service answered {status} to POST {self.url}/v2/score_batch"
+                f"scoring service answered {status} to POST {self.shown}/v2/score_batch"
                 f" (is --url the service's base URL?): {body}"
             )
         if status != 200:
@@ -350,15 +354,19 @@ class HttpBackend:
         except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
             # Connected, so the service is up; the request itself may be what it is stuck on.
             raise BackendTimeout(
-                f"scoring service {self.url} gave no answer within {self.timeout_seconds:g} s"
+                f"scoring service {self.shown} gave no answer within {self.timeout_seconds:g} s"
                 f" to a batch of {len(requests)}"
             ) from exc
         except (httpx.ConnectError, httpx.TimeoutException) as exc:
-            raise BackendUnavailable(f"scoring service {self.url} unreachable: {exc}") from exc
+            raise BackendUnavailable(
+                f"scoring service {self.shown} unreachable: {redact(str(exc))}"
+            ) from exc
         except httpx.LocalProtocolError as exc:
             # This client cannot even send the call (a token no header can carry, say): the
             # worker's configuration, no request's fault.
-            raise BackendUnavailable(f"cannot call scoring service {self.url}: {exc}") from exc
+            raise BackendUnavailable(
+                f"cannot call scoring service {self.shown}: {redact(str(exc))}"
+            ) from exc
         try:
             body = response.json()
         except ValueError:

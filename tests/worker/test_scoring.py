@@ -386,3 +386,14 @@ def test_in_process_features_are_read_from_the_configured_online_table(pg_url: s
     assert sorted(index) == [1, 2]
     assert matrix[index[1]].tolist() == [4.0]
     assert matrix[index[2]].tolist()[0] != matrix[index[2]].tolist()[0]  # NULL is NaN
+
+
+def test_a_scoring_url_with_credentials_is_never_shown_in_its_errors() -> None:
+    """httpx sends a URL's user:password as basic authentication; the error a job keeps and the
+    worker logs names the service, not the password."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"http://bento:Wr0ngSecret@127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(BackendUnavailable, match=r"bento:\*\*\*@127\.0\.0\.1:\d+ unreachable") as e:
+        HttpBackend(dead_url).score([ScoreRequest(1, 1, 5_000)])
+    assert "Wr0ngSecret" not in str(e.value)

@@ -495,6 +495,7 @@ def _feature_store(
     or the embedded SQLite file."""
     from bentos.scoring import CoalescingFeatureStore, SqliteFeatureStore
     from paylater.postgres import libpq_url
+    from paylater.redaction import redact
     from paylater.settings import get_settings
 
     settings = get_settings()
@@ -502,6 +503,8 @@ def _feature_store(
     if url.startswith("sqlite:///"):
         return SqliteFeatureStore(url.removeprefix("sqlite:///"), user_feature_names, table)
     if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        log.warning("source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", url)
+        log.warning(
+            "source %s is neither PostgreSQL nor SQLite: user_id lookups answer 503", redact(url)
+        )
         return None
     return CoalescingFeatureStore(libpq_url(url), user_feature_names, table)

@@ -431,3 +431,15 @@ def test_a_stage_that_cannot_be_resolved_at_start_is_what_every_worker_answers(
     monkeypatch.setenv(service.RESOLVE_ERROR_ENV, reason)
     with pytest.raises(LookupError, match="could not be resolved when the service started"):
         service._load_scorer()
+
+
+def test_a_source_of_another_kind_is_logged_without_its_password(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service log names the unsupported source, never its password."""
+    from bentos.service import _feature_store
+
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "mysql://app:Wr0ngSecret@db.internal/ops")
+    assert _feature_store(["f"]) is None
+    assert "mysql://app:***@db.internal/ops" in caplog.text
+    assert "Wr0ngSecret" not in caplog.text

@@ -54,6 +54,12 @@ def test_settings_masks_passwords(paylater_home: Path, monkeypatch: pytest.Monke
     assert "s3cret" not in result.output and "hunter2" not in result.output
     assert "postgresql://app:***@db:5432/ops" in result.output
     assert "postgresql://ml:***@db/mlflow" in result.output
+    # Every line: a URL's password in any scheme, a secret in its query string.
+    monkeypatch.setenv("PAYLATER_DATASET_URL", "s3://bucket/ds?token=Wr0ngSecret")
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", "duckdb:///w.duckdb?password=Wr0ngSecret")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0 and "Wr0ngSecret" not in result.output, result.output
+    assert "s3://bucket/ds?token=***" in result.output
 
 
 def test_backfill_of_a_day_not_ended_is_refused_before_running(

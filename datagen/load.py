@@ -75,8 +75,9 @@ class SourceDB(Protocol):
 
 def redact(url: str) -> str:
     """A URL with its password hidden, a URL missing its scheme (user:password@host/db) too."""
-    with_scheme = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-    return re.sub(r"^([^:/@]+):[^@/]*@", r"\1:***@", with_scheme)
+    from paylater.redaction import redact as redact_text
+
+    return re.sub(r"^([^:/@]+):[^@/]*@", r"\1:***@", redact_text(url))
 
 
 def open_source(url: str) -> SourceDB:
@@ -260,8 +261,13 @@ class PostgresSource(_ProgressRecord):
             self.conn = psycopg.connect(conninfo, **connect_timeout(conninfo))
         # ProgrammingError: libpq refused the URL itself (an unknown query parameter).
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise SourceUnavailable(f"cannot connect to the source database: {first_line}") from exc
+            text = str(exc).strip()
+            first_line = redact(text.splitlines()[0]) if text else repr(exc)
+            # libpq quotes a URL it cannot parse whole, password included: chained, its error
+            # would print it in any traceback of this one.
+            raise SourceUnavailable(f"cannot connect to the source database: {first_line}") from (
+                exc if redact(text) == text else None
+            )
 
     def ensure_schema(self) -> None:
         """Create the source tables if missing."""

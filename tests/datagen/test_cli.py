@@ -145,3 +145,19 @@ def test_a_generate_stopping_after_its_source_commit_is_one_error_saying_to_reru
     assert result.output.startswith("error: generate stopped after committing the new world")
     assert "No space left" in result.output and "generate --replace" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_postgres_url_libpq_cannot_parse_never_shows_its_password(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq quotes a URL it cannot parse whole, password included: one error line naming the
+    problem, and neither it nor the exception chained to it holds the password."""
+    import traceback
+
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://app:Wr0ngSecret@[::1/source")
+    result = runner.invoke(app, ["generate", "--users", "10", "--months", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: cannot connect to the source database")
+    assert "IPv6" in result.output and "Wr0ngSecret" not in result.output, result.output
+    assert result.exception is not None
+    assert "Wr0ngSecret" not in "".join(traceback.format_exception(result.exception))

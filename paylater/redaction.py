@@ -11,6 +11,8 @@ operator must still see which backend failed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
@@ -83,3 +85,25 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
     return urlunsplit(parts._replace(netloc=netloc)), user, password
+
+
+@contextmanager
+def redacted_errors() -> Iterator[None]:
+    """Re-raise an error whose text holds a credential as the same type, redacted.
+
+    For a library that quotes what it was given (libpq a URL it cannot parse, password and all):
+    the same type, so callers' `except` clauses still match. Chained `from None`: the original's
+    text, printed in a traceback (which Prefect stores with the run's logs), would hold the
+    secret again. An error without one propagates untouched, with its own chain.
+    """
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if redact(text) == text:
+            raise
+        try:
+            clean = type(exc)(redact(text))
+        except Exception:  # a type that cannot be built from a message alone
+            clean = RuntimeError(f"{type(exc).__name__}: {redact(text)}")
+        raise clean from None

@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -23,8 +24,11 @@ import pyarrow.csv as pacsv
 
 from paylater.identifiers import check_identifier
 from paylater.postgres import connect_timeout, libpq_url
-from paylater.redaction import redact
+from paylater.redaction import redact, redacted_errors
 from paylater.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import psycopg
 
 log = logging.getLogger(__name__)
 # What names the online table, for the error when it is no plain identifier.
@@ -129,15 +133,22 @@ def last_published(
     return Published(day, at if at.tzinfo else at.replace(tzinfo=UTC))
 
 
+def _connect(conninfo: str) -> psycopg.Connection[Any]:
+    """A connection to the source; libpq's error quoting a URL it cannot parse, redacted."""
+    import psycopg
+
+    with redacted_errors():
+        return psycopg.connect(conninfo, **connect_timeout(conninfo))
+
+
 def _last_published_postgres(
     url: str, table: str, timeout_seconds: float
 ) -> tuple[date | None, datetime | None]:
     """(max as_of, max updated_at) of the table, (None, None) without it."""
-    import psycopg
     from psycopg import sql
 
     conninfo = libpq_url(url)
-    with psycopg.connect(conninfo, **connect_timeout(conninfo)) as conn:
+    with _connect(conninfo) as conn:
         conn.execute(f"SET statement_timeout = {int(timeout_seconds * 1000)}")
         if conn.execute("SELECT to_regclass(quote_ident(%s))", [table]).fetchone() == (None,):
             return None, None
@@ -210,7 +221,6 @@ _STAGING_SUFFIX = "__new_pkey"
 def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None) -> int:
     """COPY into a new table, give it the old one's grants, then drop the old one and rename, all
     in one transaction."""
-    import psycopg
     from psycopg import sql
 
     longest, size = POSTGRES_NAME_BYTES - len(_STAGING_SUFFIX), len(table.encode())
@@ -232,7 +242,7 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None)
     column_defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
     csv = io.BytesIO()
     pacsv.write_csv(scoring, csv, pacsv.WriteOptions(include_header=False))
-    with psycopg.connect(conninfo, **connect_timeout(conninfo)) as conn, conn.transaction():
+    with _connect(conninfo) as conn, conn.transaction():
         # One publish at a time per table (released at commit), so the day compared below is the
         # one of the last publish that committed, even if it was still running when this began.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"paylater.online.{table}"])

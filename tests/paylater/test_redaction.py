@@ -72,3 +72,23 @@ def test_origin_and_split_credentials() -> None:
         "p:w",
     )
     assert split_credentials("http://h:5000") == ("http://h:5000", None, None)
+
+
+def test_redacted_errors_keeps_the_type_and_drops_only_a_leaking_chain() -> None:
+    import traceback
+
+    from paylater.redaction import redacted_errors
+
+    class Picky(Exception):
+        def __init__(self, a: str, b: int) -> None:
+            super().__init__(a, b)
+
+    with pytest.raises(ConnectionError, match=r"u:\*\*\*@h") as caught, redacted_errors():
+        raise ConnectionError('bad URI: "postgresql://u:Wr0ng@h/db"')
+    assert "Wr0ng" not in "".join(traceback.format_exception(caught.value))
+    with pytest.raises(RuntimeError, match=r"Picky: .*u:\*\*\*@h"), redacted_errors():
+        raise Picky("postgresql://u:Wr0ng@h/db", 1)
+    clean = ValueError("nothing secret")
+    with pytest.raises(ValueError) as kept, redacted_errors():
+        raise clean
+    assert kept.value is clean

@@ -322,3 +322,19 @@ def test_last_published_tells_the_day_and_time_of_the_last_publish(
     assert newer.published_at >= first.published_at
     with pytest.raises(PublishError, match="cannot read online features"):
         last_published("duckdb:///elsewhere.duckdb")
+
+
+def test_a_source_url_libpq_cannot_parse_never_shows_its_password(paylater_home: Path) -> None:
+    """libpq quotes a URL it cannot parse whole, password included: the error the feature build
+    and the monitor log (and the monitor's check reason) must name the problem, not the secret."""
+    import traceback
+
+    from tasks.online import last_published, publish_user_features
+
+    url = "postgresql://app:Wr0ngSecret@[::1]x/source"
+    scoring = pa.table({"user_id": [1], "as_of": [date(2026, 11, 20)], "f": [1.0]})
+    for call in (lambda: last_published(url), lambda: publish_user_features(scoring, url)):
+        with pytest.raises(psycopg.ProgrammingError, match="unexpected character") as caught:
+            call()
+        printed = "".join(traceback.format_exception(caught.value))
+        assert "Wr0ngSecret" not in printed and "[::1]x/source" in printed, printed

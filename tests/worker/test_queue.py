@@ -45,6 +45,20 @@ def test_queue_refuses_anything_but_postgres() -> None:
     assert queue.require_postgres("postgresql+psycopg://h/db") == "postgresql://h/db"
 
 
+def test_a_url_libpq_cannot_parse_is_refused_without_its_password() -> None:
+    """libpq quotes a URL it cannot parse whole: the error the worker logs on every reconnect
+    (queue or feature database) names the problem, never the password."""
+    import traceback
+
+    import psycopg
+
+    url = "postgresql://app:Wr0ngSecret@[::1]x/queue"  # a name: tracebacks quote source lines
+    with pytest.raises(psycopg.ProgrammingError, match="unexpected character") as caught:
+        queue.connect(url)
+    printed = "".join(traceback.format_exception(caught.value))
+    assert "Wr0ngSecret" not in printed and "app:***@[::1]x/queue" in printed, printed
+
+
 def test_expired_lease_is_reclaimed_and_stale_worker_cannot_write(queue_db: str, kit: Any) -> None:
     """Worker A's lease runs out, B re-claims; A's late finish is fenced off, B's counts once."""
     with queue.connect(queue_db) as a, queue.connect(queue_db) as b:

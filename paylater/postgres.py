@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
+from paylater.redaction import redacted_errors
+
 CONNECT_TIMEOUT_SECONDS = 10
 """libpq's connect_timeout unless the URL sets its own: without one, a host that does not answer
 (a firewall dropping packets, a server stuck in startup, a proxy whose backend is gone) holds the
@@ -147,7 +149,10 @@ def connect_bounded(
     set (psycopg.errors.ConnectionTimeout or NoAnswer)."""
     _connecting.stopping = stopping
     try:
-        conn = BoundedConnection.connect(url, **{**tcp_bounds(url), **kwargs})
+        # libpq quotes a URL it cannot parse whole, password included: callers log the error
+        # (the worker on every reconnect), and the service answers a 503 with its text.
+        with redacted_errors():
+            conn = BoundedConnection.connect(url, **{**tcp_bounds(url), **kwargs})
     except _Stopped:
         raise errors.ConnectionTimeout(
             f"no connection to the database within {STOPPING_ANSWER_SECONDS:g} s of the stop"

@@ -11,7 +11,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from paylater.postgres import connect_bounded
-from paylater.redaction import redacted_errors
 
 if TYPE_CHECKING:
     import threading
@@ -169,10 +168,7 @@ def connect(
     extra = {}
     if connect_timeout is not None:
         extra["connect_timeout"] = min(connect_timeout, _url_connect_timeout(url, connect_timeout))
-    # libpq quotes a URL it cannot parse whole, password included; the worker logs the error
-    # on every reconnect.
-    with redacted_errors():
-        conn = connect_bounded(url, answer_timeout, stopping, autocommit=autocommit, **extra)
+    conn = connect_bounded(url, answer_timeout, stopping, autocommit=autocommit, **extra)
     if answer_timeout is not None:
         idle_ms = int(IDLE_IN_TRANSACTION_FACTOR * answer_timeout * 1000)
         conn.execute(

@@ -125,3 +125,15 @@ def test_a_stop_cuts_a_connection_attempt_to_a_silent_host_short(pg_url: str) ->
             connect_bounded(url, 600.0, stopping)  # pytest's timeout fails the test long before
     finally:
         silent.close()
+
+
+def test_a_url_libpq_cannot_parse_is_refused_without_its_password() -> None:
+    """Every bounded connection (worker, metrics, the service's feature lookups, whose error text
+    a 503 answer carries) is refused naming libpq's reason, never the URL's password."""
+    import traceback
+
+    url = "postgresql://app:Wr0ngSecret@[::1]x/db"  # a name: tracebacks quote source lines
+    with pytest.raises(psycopg.ProgrammingError, match="unexpected character") as caught:
+        postgres.connect_bounded(url, 5.0)
+    printed = "".join(traceback.format_exception(caught.value))
+    assert "Wr0ngSecret" not in printed and "app:***@[::1]x/db" in printed, printed

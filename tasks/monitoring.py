@@ -36,6 +36,7 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from paylater.postgres import connect_timeout
+from paylater.redaction import redact
 from paylater.settings import Settings
 from tasks.online import last_published
 
@@ -317,15 +318,18 @@ def evaluate(measurement: Measurement, threshold: Threshold) -> CheckResult:
     summary = f"{measurement.check} = {format_value(value, threshold.unit)}"
     if limit is not None:
         summary += f" (>= {level} threshold {format_value(limit, threshold.unit)})"
-    if measurement.detail:
-        summary += f"; {measurement.detail}"
+    # A reason quotes its source's error, which may name a URL with its password (httpx's
+    # does): everything downstream (log, incident table, alerts, dashboard) reads it from here.
+    detail = redact(measurement.detail)
+    if detail:
+        summary += f"; {detail}"
     return CheckResult(
         measurement.check,
         level,
         value,
         threshold,
         summary,
-        detail=measurement.detail,
+        detail=detail,
         sparse=measurement.sparse,
     )
 

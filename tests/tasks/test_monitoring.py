@@ -67,6 +67,23 @@ def test_evaluate_levels_and_summary() -> None:
     assert thresholds(s)["sync_age"] == Threshold(7200, 10800, "s")
 
 
+def test_a_reason_quoting_a_url_with_credentials_is_judged_without_them() -> None:
+    """What a check says (logged by the monitor, kept with its incident, alerted, drawn on the
+    dashboard) quotes its source's error: httpx's names the URL whole, user:password and all
+    (a Prefect API or a warehouse behind basic authentication)."""
+    import httpx
+
+    request = httpx.Request("GET", "http://monitor:Wr0ngSecret@127.0.0.1:4200/api/flow_runs/filter")
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        httpx.Response(500, request=request).raise_for_status()
+    assert "Wr0ngSecret" in str(caught.value)  # the library's own text does carry it
+    reason = f"Prefect API not readable: {type(caught.value).__name__}: {caught.value}"
+    result = evaluate(Measurement("failed_flows", None, reason), Threshold(1, 1, ""))
+    assert result.level == "unknown"
+    assert "Wr0ngSecret" not in result.summary + result.detail
+    assert "monitor:***@127.0.0.1:4200" in result.detail and "500" in result.detail
+
+
 def test_measure_queue_on_the_worker_tables(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(WORKER_DDL.read_text())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from paylater.redaction import origin, redact
 
 
 class Settings(BaseSettings):
@@ -487,6 +491,19 @@ class Settings(BaseSettings):
     )
     # --- end serving ---
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Fields as repr and str show them: credentials masked (a settings object printed in a
+        log line, a debugger or a traceback's locals must not carry them)."""
+        for name, value in super().__repr_args__():
+            if name in _WHOLE_SECRETS and value:
+                yield name, "**********"
+            elif name in _SECRET_PATHS and value:
+                yield name, origin(value)
+            elif isinstance(value, str):
+                yield name, redact(value)
+            else:
+                yield name, value
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
@@ -528,6 +545,12 @@ class Settings(BaseSettings):
     def truth_dir(self) -> Path:
         """Where the generator keeps evaluation-only ground truth."""
         return self.home_dir / "truth"
+
+
+_WHOLE_SECRETS = frozenset({"api_token"})
+"""Settings whose whole value is a secret (SecretStr ones mask themselves)."""
+_SECRET_PATHS = frozenset({"alert_webhook_url", "monitor_heartbeat_url"})
+"""URL settings whose path is the secret (a webhook's token, a heartbeat check's key)."""
 
 
 def get_settings() -> Settings:

@@ -94,3 +94,26 @@ def test_sensible_edge_values_are_accepted(
         monkeypatch.setenv(variable, value)
     s = get_settings()
     assert (s.decision_cutoff, s.train_early_stopping_share, s.worker_metrics_port) == (0, 2, 65535)
+
+
+def test_the_settings_repr_shows_no_credential(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings printed (a debugger, a log line, a traceback's locals) show every URL's host
+    and no password, token or webhook path."""
+    for name, value in {
+        "PAYLATER_SOURCE_URL": "postgresql://app:Wr0ngSecret1@db:5432/ops",
+        "PAYLATER_WORKER_DATABASE_URL": "postgresql://w:Wr0ngSecret2@q/queue",
+        "MLFLOW_TRACKING_URI": "https://ml:Wr0ngSecret3@mlflow.internal",
+        "PAYLATER_ALERT_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/Wr0ngSecret4",
+        "PAYLATER_MONITOR_HEARTBEAT_URL": "https://hc-ping.com/Wr0ngSecret5",
+        "PAYLATER_API_TOKEN": "Wr0ngSecret6",
+        "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY": "Wr0ngSecret7",
+        "PAYLATER_WORKER_SCORING_URL": "http://bento:Wr0ngSecret8@127.0.0.1:3000",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = get_settings()
+    for shown in (repr(settings), str(settings)):
+        assert "Wr0ngSecret" not in shown, shown
+        assert "db:5432/ops" in shown and "mlflow.internal" in shown and "hc-ping.com" in shown
+    assert settings.api_token == "Wr0ngSecret6"  # the value itself is unchanged

@@ -90,10 +90,11 @@ def webhook_payload(subject: str, body: str, severity: str, dedup_key: str | Non
 
 def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
     """Load a Prefect SlackWebhook block by name and send through it; False on any failure."""
+    block: Any = None
     try:
         from prefect.blocks.notifications import SlackWebhook
 
-        block: Any = SlackWebhook.load(name)
+        block = SlackWebhook.load(name)
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
 
         def send() -> None:
@@ -103,7 +104,10 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
         _within_deadline(f"Slack block {name!r}", send)
         return True
     except Exception as exc:
-        log.error("alert %r not delivered through Slack block %r: %s", subject, name, exc)
+        # apprise's error may quote the block's URL, whose path is the hook's token.
+        url = getattr(getattr(block, "url", None), "get_secret_value", lambda: None)()
+        problem = scrub(str(exc), url)
+        log.error("alert %r not delivered through Slack block %r: %s", subject, name, problem)
         return False
 
 
@@ -223,7 +227,8 @@ def send_page(
     try:
         routing_key, url = _routing_key(settings)
     except _NoRoutingKey as exc:
-        return Page(False, exc.retryable, f"no PagerDuty routing key: {exc}")
+        # The Prefect API's error may quote its URL (a proxy's user:password included).
+        return Page(False, exc.retryable, redact(f"no PagerDuty routing key: {exc}"))
     event = pagerduty_event(routing_key, action, subject, body, dedup_key)
     try:
         response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))

@@ -442,3 +442,31 @@ def test_history_says_when_a_stage_was_changed_outside_paylater(
     assert all(json.loads(line) for line in shown.stdout.splitlines())
     quiet = runner.invoke(app, ["registry", "history", "--version", v2])
     assert quiet.exit_code == 0 and "warning" not in quiet.output
+
+
+def test_a_real_server_reached_through_a_uri_with_credentials_never_shows_them(
+    mlflow_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tracking URI with user:password (a server behind basic authentication) works as
+    before, and MLflow's run links and the registry CLI's output never carry the password."""
+    import mlflow
+
+    from registry.store import TRAINING_EXPERIMENT, configure_mlflow, ensure_experiment
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # recorded: the teardown unsets what tracking_uri() sets
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.replace("://", "://ci:Wr0ngSecret@"))
+    configure_mlflow()
+    with mlflow.start_run(experiment_id=ensure_experiment(client(), TRAINING_EXPERIMENT)):
+        mlflow.log_param("p", 1)
+    listed = CliRunner().invoke(app, ["registry", "list"])
+    shown = capsys.readouterr().out + listed.output + caplog.text
+    assert listed.exit_code == 0, listed.output
+    assert f"at: {mlflow_server}/#/experiments/" in shown  # MLflow's run link, printed
+    assert "Wr0ngSecret" not in shown
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "Wr0ngSecret"  # sent, as basic auth

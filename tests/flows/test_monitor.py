@@ -13,6 +13,13 @@ from typing import Any
 
 import psycopg
 import pytest
+from prefect.logging.configuration import ensure_logging_setup
+
+# Prefect configures logging when its flow API is first imported, and that first time it
+# replaces the root logger's handlers: inside a test (flows.monitor imported there), it removed
+# caplog's handler, and a test run alone captured no log. Configured here, at collection, any
+# later set-up is incremental and leaves the handlers alone.
+ensure_logging_setup()
 
 QUICK_SHUTDOWN = {"poll_interval": 0.05}
 """serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""

@@ -106,43 +106,85 @@ def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
     """`prefect deploy` resolves `{{ $PAYLATER_CODE_DIR }}` in the pull step from its own
     environment: the PAYLATER_CODE_DIR of a container pool's job variables (or of the image)
     never reaches it. So container deployments must be deployed with the image's code folder,
-    and the README must say so (it gave only `PAYLATER_CODE_DIR=$PWD`, the deployer's checkout)."""
+    and the README must say so (it gave only `PAYLATER_CODE_DIR=$PWD`, the deployer's checkout).
+
+    The three clients talk to one `prefect server` started here: without PREFECT_API_URL each
+    CLI started an ephemeral server of its own (three starts, ~8 s each on this machine)."""
     import os
     import shutil
+    import signal
     import subprocess
     import sys
+    import time
+    import urllib.request
+
+    from paylater.testing import listen_port
 
     readme = (ROOT / "README.md").read_text()
     assert "PAYLATER_CODE_DIR=/opt/paylater prefect --no-prompt deploy" in readme
 
     (tmp_path / "prefect").mkdir()
     shutil.copyfile(prefect_db_template, tmp_path / "prefect" / "prefect.db")
+    port = listen_port()
+    api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_API_URL=api,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PAYLATER_CODE_DIR="/opt/paylater",
         PYTHONPATH=str(ROOT),
     )
     prefect = str(Path(sys.executable).parent / "prefect")
-    for args in (
-        ["work-pool", "create", "local-pool", "--type", "process"],
-        ["--no-prompt", "deploy", "-n", "daily-pipeline"],
-    ):
-        done = subprocess.run([prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-    read = (
-        "import asyncio\n"
-        "from prefect.client.orchestration import get_client\n"
-        "async def main():\n"
-        "    async with get_client() as c:\n"
-        "        d = await c.read_deployment_by_name('daily-pipeline/daily-pipeline')\n"
-        "        print(d.pull_steps[0]['prefect.deployments.steps.set_working_directory'])\n"
-        "asyncio.run(main())\n"
-    )
-    env.pop("PAYLATER_CODE_DIR")
-    shown = subprocess.run(
-        [sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "server.log"
+            ).read_text()[-2000:]
+            time.sleep(0.2)
+        for args in (
+            ["work-pool", "create", "local-pool", "--type", "process"],
+            ["--no-prompt", "deploy", "-n", "daily-pipeline"],
+        ):
+            done = subprocess.run(
+                [prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        read = (
+            "import asyncio\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        d = await c.read_deployment_by_name('daily-pipeline/daily-pipeline')\n"
+            "        print(d.pull_steps[0]['prefect.deployments.steps.set_working_directory'])\n"
+            "asyncio.run(main())\n"
+        )
+        env.pop("PAYLATER_CODE_DIR")
+        shown = subprocess.run(
+            [sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
     assert shown.returncode == 0, shown.stderr
     assert "{'directory': '/opt/paylater'}" in shown.stdout

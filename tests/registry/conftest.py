@@ -1,5 +1,5 @@
 """Registry fixtures: a trained good and a deliberately worse candidate (once per module), a fresh
-MLflow store (embedded SQLite, or a real `mlflow server` started once per module)."""
+MLflow store (embedded SQLite, or a real `mlflow server` started once per session)."""
 
 from __future__ import annotations
 
@@ -135,10 +135,12 @@ def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return paylater_home
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts: started once
-    per module (~10 s on this machine), stopped after; its URL."""
+    per session (~10 s on this machine; it was once per module, paid again by test_cli.py after
+    test_policy.py), stopped after; its URL. Each test gets it as a fresh server looks to
+    paylater through `mlflow_server` (see _forget_registry)."""
     from paylater.testing import listen_port
     from registry.testing import empty_mlflow_db
 
@@ -183,7 +185,7 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                 raise RuntimeError(
                     f"mlflow server did not start: {(server_home / 'server.log').read_text()[-2000:]}"
                 )
-            time.sleep(0.5)
+            time.sleep(0.1)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

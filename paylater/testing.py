@@ -1,8 +1,12 @@
-"""Helpers the test suite and the benches share: ports for the loopback servers they start."""
+"""Helpers the test suite and the benches share: ports for the loopback servers they start, and
+stopping them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -78,3 +82,19 @@ def duckdb_held_elsewhere(path: Path) -> Iterator[None]:
         yield
     finally:
         holder.communicate("")
+
+
+def stop_group(process: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 20) -> None:
+    """SIGTERM a server started with start_new_session=True and its whole process group (its
+    workers too, even when it has exited itself); SIGKILL the group if it is not gone in
+    `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -112,13 +112,12 @@ def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
     CLI started an ephemeral server of its own (three starts, ~8 s each on this machine)."""
     import os
     import shutil
-    import signal
     import subprocess
     import sys
     import time
     import urllib.request
 
-    from paylater.testing import listen_port
+    from paylater.testing import listen_port, stop_group
 
     readme = (ROOT / "README.md").read_text()
     assert "PAYLATER_CODE_DIR=/opt/paylater prefect --no-prompt deploy" in readme
@@ -180,11 +179,6 @@ def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
             [sys.executable, "-c", read], cwd=tmp_path, env=env, capture_output=True, text=True
         )
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(10)
+        stop_group(server)
     assert shown.returncode == 0, shown.stderr
     assert "{'directory': '/opt/paylater'}" in shown.stdout

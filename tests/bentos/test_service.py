@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from paylater.testing import listen_port
+from paylater.testing import listen_port, stop_group
 
 TOKEN = "s3cret-token"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,15 +80,15 @@ def serving(
             if _wait_up(proc, base, log, up):
                 break
         except BaseException:
-            _stop(proc)
+            stop_group(proc)
             raise
-        _stop(proc)
+        stop_group(proc)
         if attempt == 2 or "Address already in use" not in log.read_text():
             pytest.fail(f"{target} not up: {log.read_text()[-3000:]}")
     try:
         yield SimpleNamespace(base=base, pid=proc.pid)
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _wait_up(
@@ -107,19 +106,6 @@ def _wait_up(
         up_in_a_row = up_in_a_row + 1 if ok else 0
         time.sleep(0.05 if ok else 0.5)
     return up_in_a_row >= 10
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group; SIGKILL it if it is not gone in 20 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # its workers too, even if it has exited itself
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import httpx
 import psycopg
 import pytest
 
-from paylater.testing import listen_port
+from paylater.testing import listen_port, stop_group
 from paylater.timeutil import default_as_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -74,12 +73,7 @@ class Processes:
         """SIGTERM the process group, SIGKILL after 20 s."""
         proc = self.running.pop(name)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_group(proc)
 
     def log(self, name: str) -> str:
         """The tail of a process's log, for failure messages."""

@@ -4,7 +4,6 @@ MLflow store (embedded SQLite, or a real `mlflow server` started once per sessio
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -141,7 +140,7 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     per session (~10 s on this machine; it was once per module, paid again by test_cli.py after
     test_policy.py), stopped after; its URL. Each test gets it as a fresh server looks to
     paylater through `mlflow_server` (see _forget_registry)."""
-    from paylater.testing import listen_port
+    from paylater.testing import listen_port, stop_group
     from registry.testing import empty_mlflow_db
 
     port = listen_port()
@@ -188,12 +187,7 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             time.sleep(0.1)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
         log.close()
 
 

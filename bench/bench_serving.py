@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
-from paylater.testing import listen_port, stop_group
+from paylater.testing import listen_port, stop_group, wait_until_answering
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -137,22 +137,7 @@ def server(
             cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
-            try:
-                req = urllib.request.Request(
-                    ready_url, data=probe, headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"{cmd[0]} not ready in 180 s: {log.read_text()[-2000:]}")
+        wait_until_answering(ready_url, proc, log, timeout=180, probe=probe, interval=0.5)
         yield proc.pid
     finally:
         stop_group(proc)

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,3 +100,31 @@ def stop_group(process: subprocess.Popen[bytes] | subprocess.Popen[str], grace: 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def wait_until_answering(
+    url: str,
+    process: subprocess.Popen[bytes] | subprocess.Popen[str],
+    log: Path,
+    timeout: float,
+    probe: bytes | None = None,
+    interval: float = 0.1,
+) -> None:
+    """Return once `url` answers 200 (to a JSON POST of `probe` if given); RuntimeError with the
+    tail of the server's `log` if its process exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(
+                url, data=probe, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, reset, timed out, or an HTTP error status (URLError)
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not answering in {timeout:.0f} s: {log.read_text()[-2000:]}")
+        time.sleep(interval)

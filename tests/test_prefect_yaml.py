@@ -114,10 +114,8 @@ def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
     import shutil
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    from paylater.testing import listen_port, stop_group
+    from paylater.testing import listen_port, stop_group, wait_until_answering
 
     readme = (ROOT / "README.md").read_text()
     assert "PAYLATER_CODE_DIR=/opt/paylater prefect --no-prompt deploy" in readme
@@ -145,18 +143,7 @@ def test_the_code_dir_of_flow_runs_is_fixed_by_the_deploy_command(
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "server.log"
-            ).read_text()[-2000:]
-            time.sleep(0.2)
+        wait_until_answering(f"{api}/health", server, tmp_path / "server.log", timeout=180)
         for args in (
             ["work-pool", "create", "local-pool", "--type", "process"],
             ["--no-prompt", "deploy", "-n", "daily-pipeline"],

@@ -1,14 +1,18 @@
-"""Ports for the loopback servers tests and benches start."""
+"""Ports for the loopback servers tests and benches start; waiting for them and stopping them."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from paylater import testing
-from paylater.testing import ephemeral_range, listen_port
+from paylater.testing import ephemeral_range, listen_port, stop_group, wait_until_answering
 
 
 def test_listen_port_is_below_the_ephemeral_range_and_a_server_can_listen_on_it() -> None:
@@ -53,3 +57,67 @@ def test_ephemeral_range_reads_the_kernel_setting_or_falls_back(tmp_path: Path) 
     setting.write_text("garbage\n")
     assert ephemeral_range(setting) == (32768, 60999)
     assert ephemeral_range(tmp_path / "missing") == (32768, 60999)
+
+
+def _python(code: str, log: Path) -> subprocess.Popen[bytes]:
+    """`python -c code` in a session of its own, its output in `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def test_wait_until_answering_returns_once_the_server_answers_200(tmp_path: Path) -> None:
+    port = listen_port()
+    server = _python(
+        f"import http.server as h; h.test(h.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')",
+        tmp_path / "log",
+    )
+    try:
+        wait_until_answering(f"http://127.0.0.1:{port}/", server, tmp_path / "log", timeout=60)
+    finally:
+        stop_group(server)
+    assert server.returncode is not None
+
+
+def test_wait_until_answering_names_a_server_that_exited_with_its_log(tmp_path: Path) -> None:
+    server = _python("print('bad config: no such backend'); raise SystemExit(2)", tmp_path / "log")
+    with pytest.raises(RuntimeError, match="exited: bad config: no such backend"):
+        wait_until_answering(
+            f"http://127.0.0.1:{listen_port()}/", server, tmp_path / "log", timeout=60
+        )
+
+
+def test_stop_group_kills_a_group_that_ignores_sigterm(tmp_path: Path) -> None:
+    # The server and a worker it started, both ignoring SIGTERM: both are gone after the grace.
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(600)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    server = _python(code, tmp_path / "log")
+    deadline = time.monotonic() + 60
+    while len((tmp_path / "log").read_text().split()) < 2:  # the child's pid and its "1"
+        assert time.monotonic() < deadline and server.poll() is None
+        time.sleep(0.05)
+    child = next(int(w) for w in (tmp_path / "log").read_text().split() if w != "1")
+    stop_group(server, grace=0.5)
+    assert server.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.monotonic() < deadline, "the worker outlived its server's group"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (Z: exited, not yet reaped), "" once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""

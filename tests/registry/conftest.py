@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -140,7 +138,7 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     per session (~10 s on this machine; it was once per module, paid again by test_cli.py after
     test_policy.py), stopped after; its URL. Each test gets it as a fresh server looks to
     paylater through `mlflow_server` (see _forget_registry)."""
-    from paylater.testing import listen_port, stop_group
+    from paylater.testing import listen_port, stop_group, wait_until_answering
     from registry.testing import empty_mlflow_db
 
     port = listen_port()
@@ -172,19 +170,7 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(server_home / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.1)
+        wait_until_answering(f"{url}/health", process, server_home / "server.log", timeout=120)
         yield url
     finally:
         stop_group(process)

@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from datagen.tables import SOURCE_SCHEMAS
+from paylater.redaction import redact as redact_text
+from paylater.redaction import safe_cause
 
 _ROOT = Path(__file__).resolve().parent
 _SCHEMA_DIR = _ROOT.parent / "schema"
@@ -75,8 +77,6 @@ class SourceDB(Protocol):
 
 def redact(url: str) -> str:
     """A URL with its password hidden, a URL missing its scheme (user:password@host/db) too."""
-    from paylater.redaction import redact as redact_text
-
     return re.sub(r"^([^:/@]+):[^@/]*@", r"\1:***@", redact_text(url))
 
 
@@ -263,11 +263,10 @@ class PostgresSource(_ProgressRecord):
         except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
             text = str(exc).strip()
             first_line = redact(text.splitlines()[0]) if text else repr(exc)
-            # libpq quotes a URL it cannot parse whole, password included: chained, its error
-            # would print it in any traceback of this one.
-            raise SourceUnavailable(f"cannot connect to the source database: {first_line}") from (
-                exc if redact(text) == text else None
-            )
+            # libpq quotes a URL it cannot parse whole, password included (see safe_cause).
+            raise SourceUnavailable(
+                f"cannot connect to the source database: {first_line}"
+            ) from safe_cause(exc)
 
     def ensure_schema(self) -> None:
         """Create the source tables if missing."""

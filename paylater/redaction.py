@@ -87,6 +87,14 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     return urlunsplit(parts._replace(netloc=netloc)), user, password
 
 
+def safe_cause(exc: BaseException) -> BaseException | None:
+    """`exc` as the cause to chain a redacted error to, or None when its text holds a credential:
+    chained, it would print the secret again in any traceback (which Prefect stores with a run's
+    logs)."""
+    text = str(exc)
+    return exc if redact(text) == text else None
+
+
 @contextmanager
 def redacted_errors() -> Iterator[None]:
     """Re-raise an error whose text holds a credential as the same type, redacted.
@@ -99,9 +107,9 @@ def redacted_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        text = str(exc)
-        if redact(text) == text:
+        if safe_cause(exc) is exc:
             raise
+        text = str(exc)
         try:
             clean = type(exc)(redact(text))
         except Exception:  # a type that cannot be built from a message alone

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from paylater.postgres import bounded_url
-from paylater.redaction import redact
+from paylater.redaction import redact, safe_cause
 from tasks.sync_config import (
     ConfigError,
     SourceLocked,
@@ -591,11 +591,10 @@ class PostgresSource:
         except Exception as exc:
             text = str(exc).strip()
             reason = redact(text.splitlines()[0]) if text else type(exc).__name__
-            # libpq quotes a URL it cannot parse whole, password included: chained, the
-            # driver's error would print it in the traceback a flow run logs.
+            # libpq quotes a URL it cannot parse whole, password included (see safe_cause).
             raise SourceUnavailable(
                 f"source database {redact(self.url)} unreachable: {reason}"
-            ) from (exc if redact(text) == text else None)
+            ) from safe_cause(exc)
 
     def _catalogue(self, sql: str, table: str) -> list[dict[str, Any]]:
         """Rows of one catalogue query about `table` ($1), leaving no transaction idle."""

@@ -168,6 +168,23 @@ def gated_worker(
     return ids, backend, worker, metrics
 
 
+def silence_once_claimed(backend: GatedBackend, proxy: BlackHoleProxy) -> None:
+    """Once the worker holds its batch, silence the network and let the batch go on: the
+    worker's next database call (writing the scores, renewing the lease) meets the silence."""
+    assert backend.entered.wait(60), "the worker never claimed the batch"
+    proxy.silence()
+    backend.release.set()
+
+
+def wait_reported_silent(kit: Any, metrics: Any) -> None:
+    """Until the worker has counted a database call that got no answer."""
+    kit.wait_until(
+        lambda: sample(metrics, "paylater_worker_database_errors_total", reason="no_answer"),
+        90,
+        "the worker to report the queue database silent",
+    )
+
+
 def sample(metrics: Any, name: str, **labels: str) -> float:
     """A metric's current value (0 when it does not exist)."""
     return metrics.registry.get_sample_value(name, labels) or 0.0
@@ -198,14 +215,8 @@ def test_a_queue_gone_silent_under_a_claimed_batch_is_reported_and_no_job_lost(
 
     ids, backend, worker, metrics = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
-        assert backend.entered.wait(60), "the worker never claimed the batch"
-        proxy.silence()
-        backend.release.set()  # the write of the scores now meets a silent network
-        kit.wait_until(
-            lambda: sample(metrics, "paylater_worker_database_errors_total", reason="no_answer"),
-            90,
-            "the worker to report the queue database silent",
-        )
+        silence_once_claimed(backend, proxy)
+        wait_reported_silent(kit, metrics)
         assert all(status == "running" for status, _, _ in jobs_of(kit, queue_db, ids))
         proxy.resume(reset=reset)
         kit.wait_until(
@@ -318,9 +329,7 @@ def test_silence_first_met_by_a_lease_renewal_is_counted_as_no_answer(
         queue_db, booster, kit, proxy, gate=TimingOutBackend
     )
     with kit.running(worker):
-        assert backend.entered.wait(60), "the worker never claimed the batch"
-        proxy.silence()
-        backend.release.set()  # the lease renewal now meets a silent network
+        silence_once_claimed(backend, proxy)  # the lease renewal meets the silence
         kit.wait_until(lambda: worker.totals.database_errors, 90, "the lost batch to be counted")
         proxy.resume(reset=True)
         kit.wait_until(
@@ -352,14 +361,8 @@ def test_a_worker_stopped_during_an_outage_gives_back_the_batch_it_could_not_wri
 
     ids, backend, worker, metrics = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
-        assert backend.entered.wait(60), "the worker never claimed the batch"
-        proxy.silence()
-        backend.release.set()  # the write of the scores now meets a silent network
-        kit.wait_until(
-            lambda: sample(metrics, "paylater_worker_database_errors_total", reason="no_answer"),
-            90,
-            "the worker to report the queue database silent",
-        )
+        silence_once_claimed(backend, proxy)
+        wait_reported_silent(kit, metrics)
         proxy.cut()  # the write is lost with its connection; the network stays silent
         before = proxy.accepted
         worker.stop()
@@ -389,9 +392,7 @@ def test_a_worker_stopped_while_its_database_stays_silent_stops_within_a_bound(
 
     ids, backend, worker, _ = gated_worker(queue_db, booster, kit, proxy)
     with kit.running(worker):
-        assert backend.entered.wait(60), "the worker never claimed the batch"
-        proxy.silence()
-        backend.release.set()
+        silence_once_claimed(backend, proxy)
         kit.wait_until(lambda: worker.totals.database_errors, 90, "the write to fail")
         proxy.cut()
     assert all(status == "running" for status, _, _ in jobs_of(kit, queue_db, ids))
@@ -454,9 +455,7 @@ def test_a_stop_cuts_a_call_waiting_on_a_silent_database_short(
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
-        assert backend.entered.wait(60), "the worker never claimed the batch"
-        proxy.silence()
-        backend.release.set()  # the write of the scores now meets a silent network
+        silence_once_claimed(backend, proxy)
         kit.wait_until(proxy.pending, 30, "the write to wait on the silent database")
         opened = proxy.accepted
         worker.stop()

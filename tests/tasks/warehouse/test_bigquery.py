@@ -25,8 +25,8 @@ from google.api_core.exceptions import NotFound
 from google.cloud import bigquery
 from sqlglot import exp
 
-from tasks.extract import open_source
-from tasks.sync import configured_tables, sync_table, validate_tables
+from tasks.extract import Source, open_source
+from tasks.sync import TableSpec, configured_tables, sync_table, validate_tables
 from tasks.warehouse import WarehouseError, open_warehouse
 from tasks.warehouse.bigquery import BigQueryWarehouse
 
@@ -236,11 +236,7 @@ def test_failure_rolls_back_the_session_transaction(tmp_path: Path, monkeypatch)
     from tasks import sync
 
     client = FakeBigQueryClient()
-    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
-    source = open_source(make_source(tmp_path / "src.db"))
-    charges = next(
-        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
-    )
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
 
     def crash(*args: Any) -> None:
         raise OSError("connection reset")
@@ -264,11 +260,7 @@ def test_a_column_the_warehouse_table_lacks_fails_before_any_load_job(tmp_path: 
     from tasks.sync import SchemaMismatch
 
     client = FakeBigQueryClient()
-    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
-    source = open_source(make_source(tmp_path / "src.db"))
-    charges = next(
-        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
-    )
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
     assert sync_table(source, warehouse, charges, date(2026, 11, 20)).status == "succeeded"
     assert warehouse.column_types("deferred_charges") == charges.columns
     loads = len(client.loads)
@@ -342,6 +334,19 @@ def recording_client(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeBigQueryClien
     return client, events
 
 
+def charges_sync(
+    client: FakeBigQueryClient, path: Path
+) -> tuple[BigQueryWarehouse, Source, TableSpec]:
+    """A BigQuery warehouse on `client`, a new SQLite source at `path` and the validated
+    deferred_charges table spec the sync tests run."""
+    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    source = open_source(make_source(path))
+    charges = next(
+        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
+    )
+    return warehouse, source, charges
+
+
 def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -352,11 +357,7 @@ def test_deletes_propagate_loads_the_source_keys_before_the_transaction(
     from tasks.sync import CountMismatch
 
     client, events = recording_client(monkeypatch)
-    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
-    source = open_source(make_source(tmp_path / "src.db"))
-    charges = next(
-        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
-    )
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
     sync_table(source, warehouse, charges, date(2026, 11, 21))
     with sqlite3.connect(tmp_path / "src.db") as db:
         db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
@@ -398,11 +399,7 @@ def test_the_source_keys_table_is_dropped_once_the_transaction_ends(
 
     monkeypatch.setattr(client, "query", recorded_query)
     monkeypatch.setattr(client, "delete_table", recorded_delete)
-    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
-    source = open_source(make_source(tmp_path / "src.db"))
-    charges = next(
-        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
-    )
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
     propagate = replace(charges, deletes="propagate")
     sync_table(source, warehouse, propagate, date(2026, 11, 21))
     if fails:
@@ -428,11 +425,7 @@ def test_a_reread_deletes_and_counts_the_gone_rows_and_keeps_the_later_ones(
     # until the next day's sync. Its source keys now load before the transaction, as for
     # deletes: propagate, and are dropped once it has ended.
     client, events = recording_client(monkeypatch)
-    warehouse = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
-    source = open_source(make_source(tmp_path / "src.db"))
-    charges = next(
-        s for s in validate_tables(source, configured_tables()) if s.name == "deferred_charges"
-    )
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
     day = date(2026, 11, 21)  # ends 2026-11-21 15:00 UTC
     sync_table(source, warehouse, charges, day)
     with sqlite3.connect(tmp_path / "src.db") as db:

@@ -66,8 +66,10 @@ def daily_sync(
             if table.rows_deleted is not None
             else ""
         )
+        # A reread's window starts at -infinity like a first load's: the log says which it was.
+        name = f"{table.table_name} (re-read whole)" if table.reread else table.table_name
         print(
-            f"{table.table_name}: {table.rows_extracted} rows extracted{deleted}, "
+            f"{name}: {table.rows_extracted} rows extracted{deleted}, "
             f"{table.warehouse_rows} in the warehouse, {table.duration_seconds:.2f} s"
         )
         if table.warning:

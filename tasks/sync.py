@@ -149,8 +149,12 @@ LEDGER_SCHEMA = pa.schema(
         ("rows_deleted", pa.int64()),
         # Likewise: what a succeeded sync wants an operator to know (rows changed ahead of it).
         ("warning", pa.string()),
+        # Likewise: the run re-read the table whole on request (NULL in rows written before it).
+        ("reread", pa.bool_()),
     ]
 )
+# The columns added to the ledger since its first release, with their BigQuery types.
+LEDGER_ADDED = (("rows_deleted", "INT64"), ("warning", "STRING"), ("reread", "BOOL"))
 
 
 class SyncIncomplete(SyncError):
@@ -181,6 +185,11 @@ class TableResult(BaseModel):
         default=None,
         description="What a succeeded sync wants an operator to know: source rows whose change"
         " time lies ahead of the sync's clock, which no window has read yet.",
+    )
+    reread: bool = Field(
+        default=False,
+        description="Whether this run re-read the table whole on request (daily_sync's reread),"
+        " failed or not; watermark_from is None then, as on a first load, which is not one.",
     )
     finished_at: datetime
 
@@ -248,7 +257,7 @@ def ensure_ledger(warehouse: Warehouse) -> None:
     earlier release lacks (the ledger is the sync's own table, unlike the tables it copies)."""
     warehouse.create_table_if_missing(LEDGER, LEDGER_SCHEMA)
     held = warehouse.column_types(LEDGER) or {}
-    for name, kind in (("rows_deleted", "INT64"), ("warning", "STRING")):
+    for name, kind in LEDGER_ADDED:
         if name not in held:
             warehouse.execute(f"ALTER TABLE {LEDGER} ADD COLUMN IF NOT EXISTS {name} {kind}")
 
@@ -877,6 +886,7 @@ def sync_table(
             duration_seconds=round(time.monotonic() - started, 3),
             status=status,
             error=error,
+            reread=reread,
             finished_at=datetime.now(UTC),
         )
 

@@ -181,10 +181,10 @@ def test_a_propagated_delete_is_in_the_flow_report(
 
 
 def test_a_reread_is_asked_of_the_flow_by_table_name(
-    prefect_harness, paylater_home: Path, monkeypatch
+    prefect_harness, paylater_home: Path, monkeypatch, caplog
 ) -> None:
-    """`reread` reads the named tables whole (the others as usual); an unknown name is refused
-    before any table is synced."""
+    """`reread` reads the named tables whole (the others as usual), which the report and the
+    log say of them; an unknown name is refused before any table is synced."""
     import flows.daily_sync
 
     monkeypatch.setattr(flows.daily_sync, "emit_event", lambda **kw: None)
@@ -194,7 +194,14 @@ def test_a_reread_is_asked_of_the_flow_by_table_name(
         ConfigError, match="reread names table\\(s\\) the sync does not copy: loans"
     ):
         daily_sync(as_of=date(2026, 11, 21), reread=["loans"])
+    caplog.clear()
     report = daily_sync(as_of=date(2026, 11, 21), reread=["topups"])
     starts = {t.table_name: t.watermark_from for t in report.tables}
     assert starts["topups"] is None and starts["users"] is not None
+    assert [t.table_name for t in report.tables if t.reread] == ["topups"]
+    assert (
+        "topups (re-read whole): 1 rows extracted, 0 deleted (gone from the source),"
+        " 1 in the warehouse"
+    ) in caplog.text
+    assert "users: 0 rows extracted" in caplog.text and "users (re-read" not in caplog.text
     assert {t.table_name: t.warehouse_rows for t in report.tables}["topups"] == 1

@@ -1631,3 +1631,57 @@ def test_a_reread_of_an_earlier_day_keeps_what_later_days_brought(
     assert (result.status, result.rows_deleted) == ("succeeded", 0)
     assert rows(warehouse, "deferred_charges", "charge_id") == before
     assert [r["status"] for r in before if r["charge_id"] == 10] == ["repaid"]
+
+
+def ledger_reread(wh: Warehouse, table: str) -> dict[date, tuple[str, bool | None]]:
+    """A table's ledger rows: as_of -> (status, reread)."""
+    found = wh.query_arrow(
+        "SELECT as_of, status, reread FROM sync_ledger WHERE table_name = @t", {"t": table}
+    ).to_pylist()
+    return {r["as_of"]: (r["status"], r["reread"]) for r in found}
+
+
+@pytest.mark.parametrize("table", ["card_transactions", "deferred_charges"])
+def test_the_ledger_marks_a_reread_apart_from_a_first_load(
+    pg_url: str, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch, table: str
+) -> None:
+    # A reread's ledger row looked like a first load's (watermark_from NULL, nothing else): an
+    # operator auditing the ledger could not tell that a table was re-read whole on request.
+    # Each row now says whether its run was a reread, a failed attempt included.
+    db = seeded_and_synced(pg_url, warehouse, D1)
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, table)
+        monkeypatch.setattr(sync, "ahead_warning", broken)  # inside the transaction
+        with pytest.raises(OSError, match="gone"):
+            sync_table(source, warehouse, spec, D2, reread=True)
+        assert ledger_reread(warehouse, table)[D2] == ("failed", True)
+        monkeypatch.undo()
+        reread = sync_table(source, warehouse, spec, D2, reread=True)
+        plain = sync_table(source, warehouse, spec, D3)
+    finally:
+        source.close()
+    assert (reread.reread, reread.watermark_from, plain.reread) == (True, None, False)
+    assert ledger_reread(warehouse, table) == {
+        D1: ("succeeded", False),  # a first load: watermark_from NULL too, but not a reread
+        D2: ("succeeded", True),
+        D3: ("succeeded", False),
+    }
+
+
+def test_a_ledger_of_an_earlier_release_gains_reread(pg_url: str, warehouse) -> None:
+    # A ledger written before the marker existed keeps its rows, NULL for it (not recorded then:
+    # neither a reread nor not one); the rows written since say which they are.
+    old = pa.schema([f for f in sync.LEDGER_SCHEMA if f.name != "reread"])
+    warehouse.create_table_if_missing(sync.LEDGER, old)
+    warehouse.execute(
+        "INSERT INTO sync_ledger (table_name, as_of, mode, watermark_to, duration_seconds,"
+        " status, finished_at) VALUES ('loans', @d, 'incremental', @w, 1.0, 'succeeded', @w)",
+        {"d": date(2026, 11, 19), "w": utc("2026-11-19 15:00")},
+    )
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    assert all(r.status == "succeeded" for r in sync_all(db, warehouse, D1))
+    assert (warehouse.column_types(sync.LEDGER) or {})["reread"] == "bool"
+    assert ledger_reread(warehouse, "loans") == {date(2026, 11, 19): ("succeeded", None)}
+    assert ledger_reread(warehouse, "users") == {D1: ("succeeded", False)}

@@ -444,3 +444,33 @@ def test_a_reread_deletes_and_counts_the_gone_rows_and_keeps_the_later_ones(
     held = warehouse.query_arrow("SELECT charge_id, status FROM deferred_charges").to_pylist()
     assert held == [{"charge_id": 2, "status": "outstanding"}]  # its version of that day
     assert not warehouse.table_exists("deferred_charges__source_keys")
+
+
+def test_the_ledger_marks_a_reread_and_an_earlier_ledger_gains_the_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ledger created by an earlier release lacks `reread`: it gains the column by a DDL
+    # statement BigQuery accepts (parsed by the fake), NULL in the rows it held; the reread's
+    # row says so, typed BOOL in the insert's parameters.
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    old = pa.schema([f for f in sync.LEDGER_SCHEMA if f.name != "reread"])
+    warehouse.create_table_if_missing(sync.LEDGER, old)
+    try:
+        first = sync_table(source, warehouse, charges, date(2026, 11, 20))
+        again = sync_table(source, warehouse, charges, date(2026, 11, 21), reread=True)
+    finally:
+        source.close()
+    assert (first.reread, again.reread) == (False, True)
+    alters = [s for s, _ in client.queries if s.startswith("ALTER TABLE")]
+    assert alters == ["ALTER TABLE sync_ledger ADD COLUMN IF NOT EXISTS reread BOOL"]
+    inserts = [c for s, c in client.queries if "INSERT INTO sync_ledger" in s]
+    typed = {p.name: (p.type_, p.value) for p in inserts[-1].query_parameters}
+    assert typed["reread"] == ("BOOL", True)
+    ledger = warehouse.query_arrow("SELECT as_of, reread FROM sync_ledger ORDER BY as_of")
+    assert ledger.to_pylist() == [
+        {"as_of": date(2026, 11, 20), "reread": False},
+        {"as_of": date(2026, 11, 21), "reread": True},
+    ]

@@ -127,6 +127,10 @@ STAGE_IN_MEMORY_ROWS = 1_000_000
 # ... and up to this many bytes: a wide table's rows (long texts, many columns) would otherwise
 # hold gigabytes in memory below the row limit.
 STAGE_IN_MEMORY_BYTES = 256 << 20
+# How long a source keys table (BigQuery, see load_source_keys) lives unless dropped first: longer
+# than any one table's sync runs, so that the transaction never finds it gone, and short enough
+# that one left by a killed process costs a day of storage at most.
+SOURCE_KEYS_EXPIRE = timedelta(days=1)
 # A change time less than this ahead of the sync's clock is a clock a little ahead, not worth a
 # warning: the row is read with the next day like any row changed after the day ended.
 AHEAD_GRACE = timedelta(minutes=5)
@@ -334,10 +338,14 @@ def load_source_keys(warehouse: Warehouse, spec: TableSpec, keys: Any) -> str:
 
     A load job, so it must run before the transaction's first statement: BigQuery's transaction
     reads its tables as of then, and would not see a table loaded later. Dropped once the
-    transaction has ended (see source_keys_dropped): a transaction takes no DDL to drop it.
+    transaction has ended (see source_keys_dropped): a transaction takes no DDL to drop it. A
+    process killed before that leaves it behind: it is created expiring SOURCE_KEYS_EXPIRE
+    later, and the table's next sync drops it (or replaces it: a leftover is never read).
     """
     table = source_keys_table(spec)
-    warehouse.replace_table(table, keys.reader)
+    if not isinstance(warehouse, BigQueryWarehouse):
+        raise WarehouseError("source keys are loaded into a table on BigQuery only")
+    warehouse.load_scratch_table(table, keys.reader, utc_now() + SOURCE_KEYS_EXPIRE)
     return table
 
 
@@ -353,14 +361,15 @@ def deletes_gone(spec: TableSpec, reread: bool) -> bool:
 
 
 @contextlib.contextmanager
-def source_keys_dropped(warehouse: Warehouse, spec: TableSpec, reread: bool) -> Iterator[None]:
-    """Drop the table's source keys (BigQuery, see deletes_gone) once the block, which holds
+def source_keys_dropped(warehouse: Warehouse, spec: TableSpec) -> Iterator[None]:
+    """Drop the table's source keys (BigQuery, see load_source_keys) once the block, which holds
     the day's transaction, has ended, committed or not: every source key, left in the dataset,
-    would be a copy nobody reads, billed as storage until the next sync replaced it."""
+    would be a copy nobody reads, billed as storage. Whatever the day's policy: one a killed
+    run left behind goes with the table's next sync, even one that reads no keys."""
     try:
         yield
     finally:
-        if deletes_gone(spec, reread) and isinstance(warehouse, BigQueryWarehouse):
+        if isinstance(warehouse, BigQueryWarehouse):
             try:
                 warehouse.drop_table(source_keys_table(spec))
             except Exception as exc:
@@ -901,7 +910,7 @@ def sync_table(
             )
         # Exited in reverse order: the scratch table goes after the transaction has ended.
         with (
-            source_keys_dropped(warehouse, spec, reread),
+            source_keys_dropped(warehouse, spec),
             source.snapshot() as snapshot,
             warehouse.transaction(bulk=True),
         ):

@@ -199,14 +199,17 @@ class BigQueryWarehouse:
         self.client.create_table(bq_table, exists_ok=True)
 
     def _load(
-        self, destination: str, data: pa.Table | pa.RecordBatchReader, partition_column: str | None
+        self,
+        destination: str,
+        data: pa.Table | pa.RecordBatchReader,
+        partition_column: str | None,
+        write_disposition: str = "WRITE_TRUNCATE",
     ) -> None:
-        """Stream `data` into a Parquet file, then load it with WRITE_TRUNCATE."""
+        """Stream `data` into a Parquet file, then load it (WRITE_TRUNCATE unless told)."""
         from google.cloud import bigquery
 
         config = bigquery.LoadJobConfig(
-            source_format=bigquery.SourceFormat.PARQUET,
-            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+            source_format=bigquery.SourceFormat.PARQUET, write_disposition=write_disposition
         )
         if partition_column:
             config.time_partitioning = bigquery.TimePartitioning(
@@ -222,6 +225,29 @@ class BigQueryWarehouse:
                 buffer, destination, job_config=config, location=self.location
             )
             job.result()
+
+    def load_scratch_table(
+        self, table: str, data: pa.Table | pa.RecordBatchReader, expires: datetime
+    ) -> None:
+        """Replace `table` by a new one that BigQuery deletes by itself at `expires`, then load
+        `data` into it: a table a killed process leaves behind goes on its own.
+
+        The expiration is set when the table is created, before any data is in it (set after
+        the load, a kill in between would leave the data for good), and the load appends to it
+        (WRITE_EMPTY) since a WRITE_TRUNCATE load may replace the table's metadata. A table of
+        that name already there (a leftover, maybe of a release that set no expiration, maybe
+        of another schema) is dropped first.
+        """
+        from google.cloud import bigquery
+
+        self.drop_table(table)
+        scratch = bigquery.Table(
+            self._ref(table),
+            schema=[bigquery.SchemaField(f.name, bigquery_type(f.type)) for f in data.schema],
+        )
+        scratch.expires = expires
+        self.client.create_table(scratch)
+        self._load(self._ref(table), data, None, bigquery.WriteDisposition.WRITE_EMPTY)
 
     def replace_table(self, table: str, data: pa.Table | pa.RecordBatchReader) -> None:
         """Replace the whole table by one WRITE_TRUNCATE load job (atomic in BigQuery)."""

@@ -139,10 +139,15 @@ class FakeBigQueryClient:
         data = pq.read_table(file)
         self.loads.append((destination, job_config, data))
         assert job_config.source_format == "PARQUET"
-        assert job_config.write_disposition == "WRITE_TRUNCATE"
+        assert job_config.write_disposition in ("WRITE_TRUNCATE", "WRITE_EMPTY")
         name, _, partition = self._table(destination).partition("$")
         self.db.register("_load", data)
-        if partition:
+        if job_config.write_disposition == "WRITE_EMPTY":
+            # Into a table created beforehand (keeping its metadata), which must be empty.
+            assert self._exists(name), destination
+            assert self.db.execute(f'SELECT count(*) FROM "{name}"').fetchall() == [(0,)]
+            self.db.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM _load')
+        elif partition:
             column = job_config.time_partitioning.field
             day = datetime.strptime(partition, "%Y%m%d").date()
             # BigQuery rejects a row outside the decorated partition; so does the fake.
@@ -474,3 +479,72 @@ def test_the_ledger_marks_a_reread_and_an_earlier_ledger_gains_the_column(
         {"as_of": date(2026, 11, 20), "reread": False},
         {"as_of": date(2026, 11, 21), "reread": True},
     ]
+
+
+def source_keys_created(client: FakeBigQueryClient) -> list[bigquery.Table]:
+    """The `deferred_charges__source_keys` tables the adapter created, in order."""
+    return [t for t in client.created if t.table_id == "deferred_charges__source_keys"]
+
+
+def test_a_source_keys_table_left_by_a_killed_run_expires_and_the_next_run_drops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process killed between loading `<table>__source_keys` and dropping it left every source
+    # key in the dataset for good (no expiration; only the table's next propagating sync
+    # replaced it). It is now created with an expiration before anything is loaded into it,
+    # so a leftover goes by itself, and the table's next sync drops it whatever its policy.
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    propagate = replace(charges, deletes="propagate")
+    try:
+        sync_table(source, warehouse, charges, date(2026, 11, 20))
+        with sqlite3.connect(tmp_path / "src.db") as db:
+            db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
+        # Killed after the load: the drop never runs.
+        monkeypatch.setattr(BigQueryWarehouse, "drop_table", lambda self, table: None)
+        before = datetime.now(UTC)
+        assert sync_table(source, warehouse, propagate, date(2026, 11, 21)).rows_deleted == 1
+        after = datetime.now(UTC)
+        monkeypatch.undo()
+        (created,) = source_keys_created(client)
+        assert created.expires is not None
+        assert before + sync.SOURCE_KEYS_EXPIRE <= created.expires
+        assert created.expires <= after + sync.SOURCE_KEYS_EXPIRE
+        load = next(c for d, c, _ in client.loads if d.endswith("__source_keys"))
+        # Loaded into the table as created: WRITE_TRUNCATE may replace its metadata.
+        assert load.write_disposition == "WRITE_EMPTY"
+        assert warehouse.table_exists("deferred_charges__source_keys")  # the leftover
+
+        # The next day, the policy back to fail (no keys read): the leftover is dropped.
+        result = sync_table(source, warehouse, charges, date(2026, 11, 22))
+    finally:
+        source.close()
+    assert result.status == "succeeded"
+    assert not warehouse.table_exists("deferred_charges__source_keys")
+
+
+def test_a_stale_source_keys_table_without_expiration_is_replaced_not_read(
+    tmp_path: Path,
+) -> None:
+    # A leftover of an earlier release (no expiration, yesterday's keys, any schema) is dropped
+    # before the day's keys are loaded into a new table with an expiration: the stale keys
+    # never decide what is deleted.
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    propagate = replace(charges, deletes="propagate")
+    try:
+        sync_table(source, warehouse, propagate, date(2026, 11, 20))
+        warehouse.replace_table(
+            "deferred_charges__source_keys", pa.table({"charge_id": [1, 99], "note": ["x", "y"]})
+        )
+        with sqlite3.connect(tmp_path / "src.db") as db:
+            db.execute("DELETE FROM deferred_charges WHERE charge_id = 1")
+        result = sync_table(source, warehouse, propagate, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert (result.status, result.rows_deleted, result.warehouse_rows) == ("succeeded", 1, 1)
+    created = source_keys_created(client)
+    assert created and all(t.expires is not None for t in created)
+    assert not warehouse.table_exists("deferred_charges__source_keys")

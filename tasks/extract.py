@@ -35,7 +35,9 @@ import pyarrow.compute as pc
 from paylater.postgres import bounded_url
 from paylater.redaction import redact, safe_cause
 from tasks.sync_config import (
+    ARROW_TYPES,
     ConfigError,
+    SchemaMismatch,
     SourceLocked,
     SourceTimeout,
     SourceUnavailable,
@@ -277,7 +279,8 @@ def server_timeout(error: BaseException, table: str) -> SourceTimeout | SourceLo
 class ExtractStream:
     """A typed RecordBatchReader over one extract that counts the rows it has handed out."""
 
-    def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> None:
+    def __init__(self, schema: pa.Schema, batches: Iterator[pa.RecordBatch], table: str) -> None:
+        self.table = table
         self.rows = 0
         self.error: BaseException | None = None
         """What the extract raised, if it failed: the warehouse reading the stream reports it
@@ -290,6 +293,9 @@ class ExtractStream:
             for batch in batches:
                 self.rows += batch.num_rows
                 yield batch
+        except Unconvertible as exc:
+            self.error = SchemaMismatch(f"sync of {self.table}: {exc}")
+            raise self.error from exc
         except BaseException as exc:
             self.error = exc
             raise
@@ -411,6 +417,11 @@ def window_sql(
     ]
 
 
+class Unconvertible(SchemaMismatch):
+    """A source value the type listed for its column cannot hold (raised by the read, which
+    does not know the table; the ExtractStream names it)."""
+
+
 def to_schema(
     batch: pa.RecordBatch, schema: pa.Schema, sentinel_nulls: bool = False
 ) -> pa.RecordBatch:
@@ -420,8 +431,24 @@ def to_schema(
         column = batch.column(target.name)
         if sentinel_nulls and pa.types.is_string(column.type):
             column = pc.if_else(pc.equal(column, _SQLITE_NULL), None, column)
-        arrays.append(column if column.type == target.type else column.cast(target.type))
+        arrays.append(column if column.type == target.type else _cast(column, target))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _cast(column: pa.Array, target: pa.Field) -> pa.Array:
+    """`column` as the warehouse type of `target` (a safe cast: a value it would change fails)."""
+    try:
+        return column.cast(target.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        # Arrow's message quotes the value, which may be anyone's data: it goes to the cause,
+        # not into the ledger and the alert.
+        listed = next(name for name, kind in ARROW_TYPES.items() if kind == target.type)
+        raise Unconvertible(
+            f"column {target.name} holds a value that is no {listed}, the type the sync"
+            " configuration lists for it: was the source column retyped? List the column's"
+            " type as the source now holds it and alter the warehouse table (and its __changes)"
+            " to match, or correct the value at the source"
+        ) from exc
 
 
 def pg_infinities(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -919,11 +946,11 @@ class PostgresSnapshot:
         sql = f"SELECT {columns} FROM {quote(spec.name)} WHERE {inline(where, params)}"
         slices = self._slices(spec, window, expected_rows)
         if not slices:
-            return ExtractStream(schema, self._slice_on_main(sql, schema))
+            return ExtractStream(schema, self._slice_on_main(sql, schema), spec.name)
         bounded = [f"{sql} AND {condition}" for condition in slices]
         readers = [self._slice_reader(query) for query in bounded[1:]]
         readers.insert(0, lambda: self._main_batches(bounded[0]))
-        return ExtractStream(schema, _interleave(schema, readers))
+        return ExtractStream(schema, _interleave(schema, readers), spec.name)
 
     def ahead(self, spec: TableSpec, instant: datetime) -> Ahead:
         """Rows changed after `instant`, on the snapshot's own connection: an index range (rows
@@ -945,7 +972,7 @@ class PostgresSnapshot:
         }
         columns = ", ".join(_pg_select(field, declared.get(field.name)) for field in schema)
         sql = f"SELECT {columns} FROM {quote(spec.name)}"
-        return ExtractStream(schema, self._slice_on_main(sql, schema))
+        return ExtractStream(schema, self._slice_on_main(sql, schema), spec.name)
 
     def _slice_on_main(self, sql: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
         """Read on the snapshot's own connection."""
@@ -1150,7 +1177,7 @@ class SqliteSnapshot:
                 for batch in _adbc_batches(cur, sql, self._params(params)):
                     yield to_schema(batch, schema, sentinel_nulls=True)
 
-        return ExtractStream(schema, batches())
+        return ExtractStream(schema, batches(), spec.name)
 
     def ahead(self, spec: TableSpec, instant: datetime) -> Ahead:
         """Rows changed after `instant` (text comparison of the stored UTC text)."""
@@ -1180,4 +1207,4 @@ class SqliteSnapshot:
                 for batch in _adbc_batches(cur, sql, []):
                     yield to_schema(batch, schema, sentinel_nulls=True)
 
-        return ExtractStream(schema, batches())
+        return ExtractStream(schema, batches(), spec.name)

@@ -1685,3 +1685,39 @@ def test_a_ledger_of_an_earlier_release_gains_reread(pg_url: str, warehouse) -> 
     assert (warehouse.column_types(sync.LEDGER) or {})["reread"] == "bool"
     assert ledger_reread(warehouse, "loans") == {date(2026, 11, 19): ("succeeded", None)}
     assert ledger_reread(warehouse, "users") == {D1: ("succeeded", False)}
+
+
+@pytest.mark.parametrize("table", ["card_transactions", "topups"])
+def test_a_source_value_the_listed_type_cannot_hold_fails_naming_table_and_column(
+    pg_url: str, warehouse: Warehouse, table: str
+) -> None:
+    # The default configuration lists each table's columns with their types, so a column
+    # retyped at the source (amount_jpy to numeric, holding a fraction) is still read as the
+    # listed int64. The table failed with pyarrow's "ArrowInvalid: Failed to parse string:
+    # '10000.75' as a scalar of type int64": no table, no column, and a source value in the
+    # ledger and the alert. Now it is a SchemaMismatch naming both, not retried.
+    db = seeded_and_synced(pg_url, warehouse, D1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {table} ALTER COLUMN amount_jpy TYPE numeric(12, 2)")
+        conn.execute(
+            f"UPDATE {table} SET amount_jpy = 10000.75, updated_at = '2026-11-21 01:00+00'"
+        )
+    before = digest(warehouse)
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, table)
+        assert spec.columns["amount_jpy"] == "int64"  # as listed, whatever the source holds
+        with pytest.raises(sync.SchemaMismatch) as err:
+            sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    message = str(err.value)
+    assert message.startswith(
+        f"sync of {table}: column amount_jpy holds a value that is no int64, the type the sync"
+        " configuration lists for it"
+    ), message
+    assert "10000.75" not in message and "\n" not in message
+    assert not sync.is_transient(err.value)
+    assert failed_ledger_error(warehouse, table, D2) == f"SchemaMismatch: {message}"
+    warehouse.execute("DELETE FROM sync_ledger WHERE as_of = @d", {"d": D2})
+    assert digest(warehouse) == before  # nothing written but the failed ledger row

@@ -56,6 +56,9 @@ whose source enforces its key pays nothing for it: the check is not run.
 On BigQuery, load jobs run outside the transaction: a failed check leaves the current table
 as it was, but the as_of partition of `__changes` holds the rejected increment until a rerun
 replaces it, and a full table is replaced by its load before any check can read it.
+The warehouse tables a table's first sync creates are created in its transaction: a failed one
+leaves none behind (DuckDB rolls them back; BigQuery's, created by table API calls, are dropped
+again), so that a configuration corrected after it meets no table of the wrong schema.
 Source counts other than a small index range are taken while the read goes on (tasks.extract)
 and waited for by the first check, still inside the warehouse transaction.
 """
@@ -82,6 +85,7 @@ from paylater.settings import get_settings
 from paylater.timeutil import day_end_utc
 from tasks.extract import Source, SourceCounts, Window, open_source, server_timeout
 from tasks.sync_config import (
+    CHANGES_PARTITION,
     ConfigError,
     CountMismatch,
     KeyViolation,
@@ -767,18 +771,26 @@ def column_drift(read: dict[str, str], held: dict[str, str]) -> list[str]:
     return [*added, *removed, *retyped]
 
 
-def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> None:
+def synced_tables(warehouse: Warehouse, spec: TableSpec) -> list[str]:
+    """The warehouse tables a sync of `spec` writes: the current table, and `__changes` when
+    the increment goes through it."""
+    if spec.mode == "incremental" and not streams_directly(warehouse, spec):
+        return [spec.name, spec.changes_table]
+    return [spec.name]
+
+
+def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> list[str]:
     """SchemaMismatch unless the incremental table's warehouse tables (current, and `__changes`
-    when used) hold exactly the columns and types the sync reads; a missing table is created
-    later. A full table is replaced whole, its columns with it."""
-    if spec.mode == "full":
-        return
-    tables = [spec.name]
-    if not streams_directly(warehouse, spec):
-        tables.append(spec.changes_table)
+    when used) hold exactly the columns and types the sync reads (a full table is replaced
+    whole, its columns with it); the tables missing, which the sync creates."""
+    tables = synced_tables(warehouse, spec)
+    missing = []
     for table in tables:
         held = warehouse.column_types(table)
         if held is None:
+            missing.append(table)
+            continue
+        if spec.mode == "full":
             continue
         if table == spec.changes_table:
             held.pop("as_of", None)
@@ -789,6 +801,36 @@ def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> None:
                 f" sync reads: {'; '.join(drift)}. The sync never alters a warehouse table: alter"
                 f" {' and '.join(tables)} to match (a column added there is NULL in the rows"
                 " already held until they change at the source)"
+            )
+    return missing
+
+
+def create_tables(warehouse: Warehouse, spec: TableSpec, tables: list[str]) -> None:
+    """Create the missing tables of `spec` (call inside the table's transaction: on DuckDB they
+    go with its rollback; BigQuery's are table API calls, dropped by drop_created)."""
+    schema = spec.arrow_schema()
+    for table in tables:
+        if table == spec.changes_table:
+            changes = schema.append(pa.field(CHANGES_PARTITION, pa.date32()))
+            warehouse.create_table_if_missing(table, changes, CHANGES_PARTITION)
+        else:
+            warehouse.create_table_if_missing(table, schema)
+
+
+def drop_created(warehouse: Warehouse, spec: TableSpec, tables: list[str]) -> None:
+    """After a failed sync on BigQuery, drop the tables it created (DuckDB's went with the
+    rollback): left, they would keep the schema of a configuration that may be what failed
+    (every later sync then a SchemaMismatch until altered by hand), and whatever load jobs put
+    in them before the failure."""
+    if not isinstance(warehouse, BigQueryWarehouse):
+        return
+    for table in tables:
+        try:
+            warehouse.drop_table(table)
+        except Exception as exc:
+            # The sync's own error is the one to raise; this one is only logged.
+            log.warning(
+                "sync of %s: %s, created by the failed sync, not dropped: %s", spec.name, table, exc
             )
 
 
@@ -899,21 +941,18 @@ def sync_table(
             finished_at=datetime.now(UTC),
         )
 
-    schema = spec.arrow_schema()
     stream = None
+    created: list[str] = []
     try:
-        check_held_columns(warehouse, spec)
-        warehouse.create_table_if_missing(spec.name, schema)
-        if spec.mode == "incremental" and not streams_directly(warehouse, spec):
-            warehouse.create_table_if_missing(
-                spec.changes_table, schema.append(pa.field("as_of", pa.date32())), "as_of"
-            )
+        missing = check_held_columns(warehouse, spec)
         # Exited in reverse order: the scratch table goes after the transaction has ended.
         with (
             source_keys_dropped(warehouse, spec),
             source.snapshot() as snapshot,
             warehouse.transaction(bulk=True),
         ):
+            created = missing
+            create_tables(warehouse, spec, missing)
             # The counts may still be running: the read is sized by their estimate, and the
             # checks below wait for the figures before anything commits.
             source_counts = snapshot.counts(spec, window, band_start(spec, window))
@@ -942,6 +981,7 @@ def sync_table(
         timed_out = server_timeout(stream.error if stream and stream.error else cause, spec.name)
         cause = timed_out or server_timeout(exc, spec.name) or cause
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
+        drop_created(warehouse, spec, created)
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
         with contextlib.suppress(Exception):
             write_ledger(warehouse, result("failed", None, message))

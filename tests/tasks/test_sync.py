@@ -612,9 +612,9 @@ def test_first_sync_checks_the_count_taken_while_it_reads(
         sync_table(source, warehouse, pg_spec(source, table), D1)
     source.close()
     assert counted_in == ["paylater-source-count"]
-    assert rows(warehouse, table, "updated_at") == []
-    if table == "deferred_charges":
-        assert rows(warehouse, "deferred_charges__changes", "charge_id") == []
+    # A first sync's tables go with its rollback.
+    assert not warehouse.table_exists(table)
+    assert not warehouse.table_exists(f"{table}__changes")
     assert "CountMismatch" in failed_ledger_error(warehouse, table, D1)
 
     monkeypatch.setattr(extract, "pg_figures", real)
@@ -677,7 +677,7 @@ def test_a_failing_background_count_fails_the_table_and_closes_its_connection(
     assert len(source_backends(db.url)) == 1  # the source's own connection; the count's is closed
     source.close()
     assert "division by zero" in failed_ledger_error(warehouse, "card_transactions", D1)
-    assert transactions(warehouse) == []
+    assert not warehouse.table_exists("card_transactions")  # a first sync's: rolled back
     assert not [t for t in threading.enumerate() if t.name == "paylater-source-count"]
 
 
@@ -1171,10 +1171,7 @@ def test_a_source_connection_lost_mid_read_is_a_transient_failure_with_its_cause
     )
     ledger = warehouse.query_arrow("SELECT status, error FROM sync_ledger").to_pylist()
     assert ledger == [{"status": "failed", "error": f"SourceUnavailable: {failed.value}"}]
-    assert (
-        warehouse.query_arrow("SELECT count(*) AS n FROM deferred_charges").column("n")[0].as_py()
-        == 0
-    )
+    assert not warehouse.table_exists("deferred_charges")  # a first sync's: rolled back
     warehouse.close()
     source.close()
     deadline = time.monotonic() + 10
@@ -1721,3 +1718,37 @@ def test_a_source_value_the_listed_type_cannot_hold_fails_naming_table_and_colum
     assert failed_ledger_error(warehouse, table, D2) == f"SchemaMismatch: {message}"
     warehouse.execute("DELETE FROM sync_ledger WHERE as_of = @d", {"d": D2})
     assert digest(warehouse) == before  # nothing written but the failed ledger row
+
+
+@pytest.mark.parametrize("keep_changes", [True, False])
+def test_a_failed_first_sync_leaves_no_table_behind(
+    pg_url: str, warehouse: Warehouse, keep_changes: bool
+) -> None:
+    # A table's first sync created its warehouse tables before its transaction: when it failed
+    # (here a type listed wrong for a new table), they stayed, empty, in the wrong schema, and
+    # once the configuration was corrected every sync failed with SchemaMismatch ("alter fees
+    # to match") until someone altered or dropped them by hand. Now they are created inside the
+    # transaction, and go with its rollback.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE fees (fee_id bigint PRIMARY KEY, rate numeric(6, 3),"
+            " updated_at timestamptz NOT NULL)"
+        )
+        conn.execute("INSERT INTO fees VALUES (1, 0.125, '2026-11-20 01:00+00')")
+    listed = {"fee_id": "int64", "rate": "int64", "updated_at": "timestamp"}
+    wrong = sync.TableSpec(
+        "fees", ("fee_id",), "incremental", columns=listed, keep_changes=keep_changes
+    )
+    source = open_source(pg_url)
+    try:
+        with pytest.raises(sync.SchemaMismatch, match="column rate holds a value that is no int64"):
+            sync_table(source, warehouse, validate_tables(source, [wrong])[0], D1)
+        assert not warehouse.table_exists("fees")
+        assert not warehouse.table_exists("fees__changes")
+        assert failed_ledger_error(warehouse, "fees", D1).startswith("SchemaMismatch")
+        fixed = replace(wrong, columns={**listed, "rate": "float64"})
+        result = sync_table(source, warehouse, validate_tables(source, [fixed])[0], D1)
+    finally:
+        source.close()
+    assert (result.status, result.warehouse_rows) == ("succeeded", 1)
+    assert rows(warehouse, "fees", "fee_id")[0]["rate"] == 0.125

@@ -252,9 +252,11 @@ def test_failure_rolls_back_the_session_transaction(tmp_path: Path, monkeypatch)
     source.close()
     sqls = [sql for sql, _ in client.queries]
     assert "ROLLBACK TRANSACTION" in sqls and "COMMIT TRANSACTION" not in sqls
-    assert warehouse.query_arrow("SELECT COUNT(*) AS n FROM deferred_charges").to_pylist() == [
-        {"n": 0}
-    ]
+    # The first sync's tables (a table API call each, outside the transaction) are dropped
+    # again: left, they would hold the failed load's partition, in the schema of a
+    # configuration that may be what failed.
+    assert not warehouse.table_exists("deferred_charges")
+    assert not warehouse.table_exists("deferred_charges__changes")
     failed = warehouse.query_arrow("SELECT status, error FROM sync_ledger").to_pylist()
     assert failed == [{"status": "failed", "error": "OSError: connection reset"}]
 
@@ -548,3 +550,29 @@ def test_a_stale_source_keys_table_without_expiration_is_replaced_not_read(
     created = source_keys_created(client)
     assert created and all(t.expires is not None for t in created)
     assert not warehouse.table_exists("deferred_charges__source_keys")
+
+
+def test_a_failed_later_sync_keeps_the_tables_an_earlier_one_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the tables a failed run created itself are dropped: a later day's failure leaves the
+    # synced table and its history as the rollback left them.
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    try:
+        sync_table(source, warehouse, charges, date(2026, 11, 20))
+
+        def crash(*args: Any) -> None:
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(sync, "merge_changes", crash)
+        with pytest.raises(OSError, match="connection reset"):
+            sync_table(source, warehouse, charges, date(2026, 11, 21))
+    finally:
+        source.close()
+    held = warehouse.query_arrow("SELECT charge_id FROM deferred_charges").to_pylist()
+    assert held == [{"charge_id": 1}]
+    assert warehouse.table_exists("deferred_charges__changes")
+    assert client.deleted == ["paylater-prod.warehouse.deferred_charges__source_keys"] * 2

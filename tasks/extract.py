@@ -347,6 +347,8 @@ class Source(Protocol):
     """An operational database the sync reads."""
 
     url: str
+    # Whether the source holds times as text (SQLite), which a cursor of a text column then is.
+    times_as_text: bool
 
     def column_types(self, table: str) -> dict[str, str | None] | None:
         """Source columns -> Arrow type name (None: undeclared); None when the table is missing."""
@@ -562,6 +564,8 @@ def _adbc_batches(
 
 class PostgresSource:
     """PostgreSQL through adbc_driver_postgresql (binary COPY under the hood)."""
+
+    times_as_text = False  # a text column never compares with the window's instants
 
     def __init__(self, url: str, readers: int = 2) -> None:
         import adbc_driver_postgresql
@@ -1048,6 +1052,8 @@ def sqlite_text(value: datetime) -> str:
 
 class SqliteSource:
     """The embedded SQLite source through adbc_driver_sqlite, opened read-only."""
+
+    times_as_text = True  # ISO-8601 UTC text, compared as text with the window's bounds
 
     def __init__(self, url: str) -> None:
         import adbc_driver_sqlite.dbapi as sqlite

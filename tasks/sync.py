@@ -248,6 +248,7 @@ def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
                 f"sync config: table {spec.name} does not exist in the source database"
             )
         spec = resolve_columns(spec, source_types)
+        check_text_cursor(source, spec, source_types)
         # The source's index compares the key as the source holds it; a key column the warehouse
         # holds in another type (text codes listed as int64: '1' and '01' are both 1) can repeat
         # after the conversion, so only a key kept in its own type is the source's to enforce.
@@ -258,6 +259,20 @@ def validate_tables(source: Source, specs: list[TableSpec]) -> list[TableSpec]:
         enforced = own_types and source.key_enforced(spec.name, spec.primary_key)
         resolved.append(replace(spec, key_enforced=enforced))
     return resolved
+
+
+def check_text_cursor(source: Source, spec: TableSpec, source_types: dict[str, str | None]) -> None:
+    """ConfigError when an incremental table's cursor is a text column of a source that does not
+    hold its times as text: listed as timestamp, it passes resolve_columns (a SQLite cursor is
+    text), and would fail only in the sync, the source refusing to compare text with an instant."""
+    if spec.mode != "incremental" or not spec.cursor or source.times_as_text:
+        return
+    if source_types.get(spec.cursor) == "string":
+        raise ConfigError(
+            f"sync config: cursor {spec.name}.{spec.cursor} is text at the source, not a"
+            " timestamp: the window compares it with instants, which the source cannot do for"
+            " text; make the source column a timestamp (or sync a view casting it to one)"
+        )
 
 
 def ensure_ledger(warehouse: Warehouse) -> None:

@@ -1752,3 +1752,27 @@ def test_a_failed_first_sync_leaves_no_table_behind(
         source.close()
     assert (result.status, result.warehouse_rows) == ("succeeded", 1)
     assert rows(warehouse, "fees", "fee_id")[0]["rate"] == 0.125
+
+
+def test_a_cursor_retyped_to_text_at_a_postgres_source_is_refused_at_validation(
+    pg_url: str, warehouse: Warehouse
+) -> None:
+    # With the columns listed (the cursor as timestamp), a cursor retyped to text at the source
+    # passed validation (text is how SQLite holds its times) and the sync failed at the source
+    # with the driver's "operator does not exist: text >= timestamp with time zone", after
+    # creating its tables. PostgreSQL compares no text with an instant: refused, nothing written.
+    db = seeded_and_synced(pg_url, warehouse, D1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE topups ALTER COLUMN updated_at TYPE text")
+    before = digest(warehouse)
+    source = open_source(db.url)
+    try:
+        with pytest.raises(
+            ConfigError,
+            match=r"^sync config: cursor topups\.updated_at is text at the source, not a"
+            r" timestamp",
+        ):
+            validate_tables(source, configured_tables())
+    finally:
+        source.close()
+    assert digest(warehouse) == before

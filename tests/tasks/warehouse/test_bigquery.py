@@ -576,3 +576,30 @@ def test_a_failed_later_sync_keeps_the_tables_an_earlier_one_created(
     assert held == [{"charge_id": 1}]
     assert warehouse.table_exists("deferred_charges__changes")
     assert client.deleted == ["paylater-prod.warehouse.deferred_charges__source_keys"] * 2
+
+
+def test_a_value_the_listed_type_cannot_hold_fails_before_any_load_job(tmp_path: Path) -> None:
+    # The cast to the listed type runs while the Parquet file for the load is written: the table
+    # fails naming its column (not the value), and no load job is sent for the day.
+    from tasks.sync import SchemaMismatch
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    try:
+        sync_table(source, warehouse, charges, date(2026, 11, 20))
+        loads = len(client.loads)
+        with sqlite3.connect(tmp_path / "src.db") as db:
+            db.execute(
+                "UPDATE deferred_charges SET fee_jpy = '12.5',"
+                " updated_at = '2026-11-21T01:00:00.000000+00:00' WHERE charge_id = 2"
+            )
+        with pytest.raises(
+            SchemaMismatch, match=r"^sync of deferred_charges: column fee_jpy holds a value"
+        ) as err:
+            sync_table(source, warehouse, charges, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert "12.5" not in str(err.value)
+    assert len(client.loads) == loads
+    failed = warehouse.query_arrow("SELECT error FROM sync_ledger WHERE status = 'failed'")
+    assert failed.to_pylist() == [{"error": f"SchemaMismatch: {err.value}"}]

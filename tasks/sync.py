@@ -995,6 +995,7 @@ def sync_table(
         # A server timeout, wherever it struck (a count, the read), is no lost session.
         timed_out = server_timeout(stream.error if stream and stream.error else cause, spec.name)
         cause = timed_out or server_timeout(exc, spec.name) or cause
+        cause = revalidated(source, spec, cause)
         message = f"{type(cause).__name__}: {cause}".splitlines()[0]
         drop_created(warehouse, spec, created)
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
@@ -1004,6 +1005,26 @@ def sync_table(
             # Its cause stays the driver's error; the warehouse's wrapper is the context.
             raise cause  # noqa: B904
         raise
+
+
+def revalidated(source: Source, spec: TableSpec, cause: Exception) -> Exception:
+    """The error to report for a failed sync: the ConfigError validation gives now (its cause
+    the driver's error), when the source no longer holds the table or a column `spec` reads
+    (dropped or renamed since the flow validated it); `cause` otherwise.
+
+    Only a driver's own error is checked again, which names a missing relation in the words of
+    whichever statement met it; the sync's errors already say what is wrong.
+    """
+    if isinstance(cause, SyncError | WarehouseError):
+        return cause
+    try:
+        validate_tables(source, [spec])
+    except ConfigError as changed:
+        changed.__cause__ = cause
+        return changed
+    except Exception:  # the catalogue unreadable too (the connection lost): the cause stands
+        return cause
+    return cause
 
 
 def sync_one(spec: TableSpec, as_of: date, reread: bool = False) -> TableResult:

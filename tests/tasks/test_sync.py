@@ -1776,3 +1776,39 @@ def test_a_cursor_retyped_to_text_at_a_postgres_source_is_refused_at_validation(
     finally:
         source.close()
     assert digest(warehouse) == before
+
+
+@pytest.mark.parametrize(
+    ("ddl", "message"),
+    [
+        ("DROP TABLE topups", "table topups does not exist in the source database"),
+        (
+            "ALTER TABLE topups RENAME COLUMN method TO channel",
+            r"column topups\.method does not exist in the source table",
+        ),
+    ],
+)
+def test_a_table_or_column_gone_from_the_source_after_validation_is_named(
+    pg_url: str, warehouse: Warehouse, ddl: str, message: str
+) -> None:
+    # The flow validates the configuration once, then runs a task per table (retried with the
+    # same validated spec). A table dropped or a column renamed in between failed the table with
+    # the driver's "ProgrammingError: NOT_FOUND: [libpq] Failed to execute query 'EXPLAIN (FORMAT
+    # JSON) SELECT 1 FROM ...': relation does not exist". The failure is now checked against the
+    # source's catalogue and named as validation names it; nothing is written.
+    db = seeded_and_synced(pg_url, warehouse, D1)
+    source = open_source(db.url)
+    try:
+        spec = pg_spec(source, "topups")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(ddl)
+        before = digest(warehouse)
+        with pytest.raises(ConfigError, match=f"^sync config: {message}") as err:
+            sync_table(source, warehouse, spec, D2)
+    finally:
+        source.close()
+    assert not sync.is_transient(err.value)
+    assert isinstance(err.value.__cause__, adbc_driver_manager.Error)  # the driver's, kept
+    assert failed_ledger_error(warehouse, "topups", D2) == f"ConfigError: {err.value}"
+    warehouse.execute("DELETE FROM sync_ledger WHERE as_of = @d", {"d": D2})
+    assert digest(warehouse) == before

@@ -72,6 +72,41 @@ class UnknownUser(LookupError):
         super().__init__(f"no features for user_id {', '.join(map(str, self.user_ids))}")
 
 
+class FeatureTableMismatch(LookupError):
+    """The online table lacks columns the model needs, or is missing: a deployment mismatch (a
+    model promoted before the feature build that publishes its features, or a table republished
+    by a build for another model), no request's fault; it lasts until the table is fixed."""
+
+
+def table_mismatch(
+    table: str, columns: Iterable[str] | None, needed: Sequence[str]
+) -> FeatureTableMismatch | None:
+    """The mismatch of an online table with `columns` (None: there is no such table), if any."""
+    if columns is None:
+        return FeatureTableMismatch(
+            f"{table} does not fit the model: there is no such table (publish the served model's"
+            " features, or set PAYLATER_ONLINE_FEATURES_TABLE to the table holding them)"
+        )
+    present = set(columns)
+    absent = [n for n in needed if n not in present]
+    if not absent:
+        return None
+    return FeatureTableMismatch(
+        f"{table} does not fit the model: it lacks the feature columns {', '.join(absent)}"
+        " (publish the features of the served model version, or serve the version the table"
+        " was built for)"
+    )
+
+
+def is_stale_plan(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL refusing a statement prepared before the table was replaced
+    with other columns ("cached plan must not change result type"): a fresh connection plans
+    it anew, so the lookup is simply asked again."""
+    import psycopg
+
+    return isinstance(exc, psycopg.errors.FeatureNotSupported) and "cached plan" in str(exc)
+
+
 def reason_code(feature_name: str) -> str:
     """The readable code of a feature pushing the score up."""
     return _READABLE_CODES.get(feature_name, feature_name.upper())
@@ -228,6 +263,23 @@ class FeatureStore:
         # Plain text, quoted here (the name is a checked identifier): a composed query would be
         # rendered again on every lookup, on the service's hot path.
         self._sql = text.replace("{table}", f'"{self.table}"')
+        self._fitting: tuple[str, ...] | None = None  # the last column list found to fit
+
+    def fit(self, columns: Sequence[str] | None) -> None:
+        """Raise FeatureTableMismatch unless a table with `columns` (None: none) has every
+        feature. Every lookup's answer is checked, an empty one too: an unknown user in a table
+        missing a column would be answered 404, as if the table were fine."""
+        if columns is not None and tuple(columns) == self._fitting:
+            return  # the same columns as last time: the usual case, and a cheap comparison
+        names = self.feature_names or []
+        mismatch = table_mismatch(self.table, columns, names)
+        if mismatch is not None:
+            raise mismatch
+        self._fitting = tuple(columns or ())
+
+    def check(self) -> None:
+        """Raise FeatureTableMismatch unless the online table has every feature column."""
+        self.lookup([])
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The open connection, reopened after a failure or server restart."""
@@ -241,20 +293,26 @@ class FeatureStore:
         return self._conn
 
     def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """Feature rows by user id for those users that have one (absent ids are simply missing)."""
-        if not user_ids:
-            return {}
+        """Feature rows by user id for those users that have one (absent ids are simply missing);
+        FeatureTableMismatch when the table lacks a feature column."""
+        import psycopg
+
         with self._lock:
-            try:
-                rows = (
-                    self._connection().execute(self._sql, {"user_ids": list(user_ids)}).fetchall()
-                )
-            except Exception:
-                # A broken connection must not poison every later request: reopen next time.
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-                raise
+            for retry in (True, False):
+                try:
+                    cursor = self._connection().execute(self._sql, {"user_ids": list(user_ids)})
+                    rows = cursor.fetchall()
+                    break
+                except Exception as exc:
+                    # A broken connection must not poison every later request: reopen next time.
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    if isinstance(exc, psycopg.errors.UndefinedTable):
+                        self.fit(None)
+                    if not (retry and is_stale_plan(exc)):
+                        raise
+        self.fit([c.name for c in cursor.description or ()])
         return {int(r["user_id"]): self._features_of(r) for r in rows}
 
     def _features_of(self, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,9 +361,16 @@ class SqliteFeatureStore:
         marks = ",".join("?" * len(ids))
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
             conn.row_factory = sqlite3.Row
-            rows = conn.execute(
-                f'SELECT * FROM "{self._rows.table}" WHERE user_id IN ({marks})', ids
-            ).fetchall()
+            try:
+                cursor = conn.execute(
+                    f'SELECT * FROM "{self._rows.table}" WHERE user_id IN ({marks})', ids
+                )
+            except sqlite3.OperationalError as exc:
+                if str(exc).startswith("no such table"):
+                    self._rows.fit(None)
+                raise
+            rows = cursor.fetchall()
+            self._rows.fit([c[0] for c in cursor.description or ()])
         return {int(r["user_id"]): self._rows._features_of(dict(r)) for r in rows}
 
     async def lookup(self, user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
@@ -313,7 +378,11 @@ class SqliteFeatureStore:
         import asyncio
 
         ids = [int(u) for u in dict.fromkeys(user_ids)]
-        return await asyncio.to_thread(self._query, ids) if ids else {}
+        return await asyncio.to_thread(self._query, ids)
+
+    async def check(self) -> None:
+        """Raise FeatureTableMismatch unless the online table has every feature column."""
+        await self.lookup([])
 
     async def close(self) -> None:
         """Nothing held open."""
@@ -374,26 +443,37 @@ class CoalescingFeatureStore:
         import psycopg
         from psycopg.rows import dict_row
 
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._rows.pg_url,
-                autocommit=True,
-                row_factory=dict_row,
-                **tcp_bounds(self._rows.pg_url),
-            )
-        try:
-            async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):
-                cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
-                rows = await cursor.fetchall()
-        except Exception as exc:
-            await self._conn.close()
-            self._conn = None
-            if isinstance(exc, TimeoutError):
-                raise TimeoutError(
-                    f"no answer from the feature database in {LOOKUP_TIMEOUT_SECONDS:g} s"
-                ) from None
-            raise
+        for retry in (True, False):
+            if self._conn is None or self._conn.closed:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._rows.pg_url,
+                    autocommit=True,
+                    row_factory=dict_row,
+                    **tcp_bounds(self._rows.pg_url),
+                )
+            try:
+                async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):
+                    cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
+                    rows = await cursor.fetchall()
+                break
+            except Exception as exc:
+                await self._conn.close()
+                self._conn = None
+                if isinstance(exc, TimeoutError):
+                    raise TimeoutError(
+                        f"no answer from the feature database in {LOOKUP_TIMEOUT_SECONDS:g} s"
+                    ) from None
+                if isinstance(exc, psycopg.errors.UndefinedTable):
+                    self._rows.fit(None)
+                if not (retry and is_stale_plan(exc)):
+                    raise
+        self._rows.fit([c.name for c in cursor.description or ()])
         return {int(r["user_id"]): self._rows._features_of(r) for r in rows}
+
+    async def check(self) -> None:
+        """Raise FeatureTableMismatch unless the online table has every feature column (one
+        round trip, shared with the lookups waiting then)."""
+        await self.lookup([])
 
     async def close(self) -> None:
         """Close the connection."""

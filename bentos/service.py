@@ -31,6 +31,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 HOT_PATHS = ["/v1/score", "/v2/score", "/v2/score_batch"]
 MAX_BODY_BYTES = 4 * 1024 * 1024
 LOAD_WAIT_SECONDS = 60.0
+READY_CHECK_SECONDS = 2.0
+"""Longest wait in /readyz for the online table's check: a probe must answer within its own
+timeout (Kubernetes: 1 s by default, often raised), not the lookup's."""
 RESOLVED_VERSION_ENV = "PAYLATER_SERVE_RESOLVED_VERSION"
 """The registry version PAYLATER_SERVE_STAGE named when `bentoml serve` started: set in its parent
 process before it spawns the workers, which inherit it (a worker restarted later too)."""
@@ -80,6 +83,8 @@ class Engine:
         self.token: bytes | None = None
         self.max_batch = 1000
         self.load_error: str | None = None
+        self.table_problem: str | None = None
+        """Why the online table does not fit the model, as last found (None: it fits)."""
 
     def ready_scorer(self) -> Scorer:
         """The scorer, or a 503 while the model is still loading (or failed to)."""
@@ -99,6 +104,40 @@ class Engine:
                 break
             await asyncio.sleep(0.05)
         return self.ready_scorer()
+
+    def table_found(self, problem: str | None) -> None:
+        """Record whether the online table fits, logging each change once (not per request)."""
+        if problem == self.table_problem:
+            return
+        if problem is None:
+            log.info("the online table fits the model again: user_id lookups resume")
+        else:
+            log.error("not ready: %s", problem)
+        self.table_problem = problem
+
+    async def not_ready_reason(self) -> str | None:
+        """Why this worker cannot score now, None when it can: no model (yet), or an online
+        table without the model's feature columns, checked anew on each call so that a fixed
+        table is noticed without a restart. A database that does not answer the check leaves
+        the last finding standing: it is every replica's outage, which the lookups' 503s name;
+        taking every replica out of the load balancer would only hide the reason from callers."""
+        import asyncio
+
+        from bentos.scoring import FeatureTableMismatch
+
+        if self.scorer is None:
+            return self.load_error or "model is loading"
+        if self.features is None:
+            return None
+        try:
+            await asyncio.wait_for(self.features.check(), READY_CHECK_SECONDS)
+        except FeatureTableMismatch as exc:
+            self.table_found(str(exc))
+        except Exception as exc:  # unreachable or slow: said by the lookups, not here
+            log.debug("online table check failed: %r", exc)
+        else:
+            self.table_found(None)
+        return self.table_problem
 
     def check_token(self, scope: Scope) -> None:
         """401 unless the bearer token matches (when one is configured)."""
@@ -132,6 +171,8 @@ class Engine:
 
     async def score_requests(self, requests: list[Any], batch: bool) -> list[Score]:
         """Look up features for user ids (one query), then score every request in one call."""
+        from bentos.scoring import FeatureTableMismatch
+
         scorer = self.scorer or await self.loaded_scorer()
         user_ids = [r.user_id for r in requests if r.user_id is not None]
         found: dict[int, dict[str, Any]] = {}
@@ -142,6 +183,9 @@ class Engine:
                 )
             try:
                 found = await self.features.lookup(user_ids)
+            except FeatureTableMismatch as exc:
+                self.table_found(str(exc))
+                raise Reply(503, "feature_table_mismatch", str(exc)) from None
             except Exception as exc:
                 log.exception("feature lookup failed")
                 raise Reply(
@@ -334,6 +378,7 @@ class PaylaterScorer:
         try:
             scorer = _load_scorer()
             ENGINE.features = _feature_store(scorer.user_feature_names)
+            _check_table_at_start(scorer.user_feature_names)
             # Startup objects (BentoML, MLflow, LightGBM imports) never die: moving them out of the
             # collector's reach keeps full collections, and so latency spikes, short under load.
             gc.collect()
@@ -363,9 +408,16 @@ class PaylaterScorer:
             log.setLevel(logging.INFO)
             pin_served_version(os.environ)
 
-    def __is_ready__(self) -> bool:
-        """Ready once the model and feature store are loaded."""
-        return ENGINE.scorer is not None
+    async def __is_ready__(self) -> bool:
+        """Ready once the model and feature store are loaded and the online table has the model's
+        feature columns; otherwise /readyz answers 503 saying why (BentoML's own answer to False
+        names no reason, and an operator's first question is which column is missing)."""
+        from starlette.exceptions import HTTPException
+
+        reason = await ENGINE.not_ready_reason()
+        if reason is not None:
+            raise HTTPException(status_code=503, detail=f"not ready: {reason}")
+        return True
 
     @bentoml.api(route="/model_info")
     def model_info(self, ctx: bentoml.Context) -> ModelInfo:
@@ -486,6 +538,30 @@ def _load_scorer() -> Scorer:
         version=os.environ.get(RESOLVED_VERSION_ENV) or None,
         cutoff=settings.serve_cutoff,
     )
+
+
+def _check_table_at_start(user_feature_names: Sequence[str]) -> None:
+    """Say at startup, in the log, when the online table does not fit the model (the worker is
+    then not ready until it does; /readyz checks it again on each probe)."""
+    from bentos.scoring import FeatureStore, FeatureTableMismatch
+    from paylater.postgres import libpq_url
+    from paylater.redaction import redact
+    from paylater.settings import get_settings
+
+    settings = get_settings()
+    if not settings.source.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return  # SQLite: its first probe checks; nothing else has a table to check
+    store = FeatureStore(
+        libpq_url(settings.source), user_feature_names, settings.online_features_table
+    )
+    try:
+        store.check()
+    except FeatureTableMismatch as exc:
+        ENGINE.table_found(str(exc))
+    except Exception as exc:  # the database down at startup: the lookups will say so
+        log.warning("could not check the online table at startup: %s", redact(str(exc)))
+    finally:
+        store.close()
 
 
 def _feature_store(

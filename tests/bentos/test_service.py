@@ -429,3 +429,90 @@ def test_a_source_of_another_kind_is_logged_without_its_password(
     assert _feature_store(["f"]) is None
     assert "mysql://app:***@db.internal/ops" in caplog.text
     assert "Wr0ngSecret" not in caplog.text
+
+
+def publish(db_url: str, users: dict[int, dict[str, float | None]], columns: list[str]) -> None:
+    """Publish `columns` of `users` to the online table with the real publisher (tasks.online)."""
+    import datetime
+
+    import pyarrow as pa
+
+    from tasks.online import publish_user_features
+
+    ids = sorted(users)
+    data: dict[str, Any] = {
+        "user_id": pa.array(ids, pa.int64()),
+        "as_of": pa.array([datetime.date(2026, 11, 26)] * len(ids), pa.date32()),
+    }
+    for name in columns:
+        data[name] = pa.array([users[u].get(name) for u in ids], pa.float64())
+    assert publish_user_features(pa.table(data), source_url=db_url) == len(ids)
+
+
+def test_an_online_table_without_a_model_column_is_not_ready_naming_it_and_recovers(
+    serving_env: dict[str, str],
+    pg_url: str,
+    catalog: SimpleNamespace,
+    tmp_path: Path,
+) -> None:
+    """The online table republished without a column the model needs (or by a feature build for
+    another model): /readyz said ready while every user_id score failed, and an unknown user was
+    answered 404 as if the table were fine. Now /readyz and the scoring routes answer 503 naming
+    the table and the missing columns, from startup on, and the service recovers by itself once
+    the table fits. A republish that only adds columns keeps scoring (a lookup prepared before it
+    failed with "cached plan must not change result type")."""
+    from bentos.build import build_bento
+
+    users, needed = catalog.users, catalog.user_features
+    lacking = [c for c in needed if c != "late_repayments_365d"]
+    publish(pg_url, users, lacking)
+    bento = build_bento(serving_env["production_version"])
+    env = {"PAYLATER_SOURCE_URL": pg_url, "PAYLATER_API_TOKEN": ""}
+    log = tmp_path / "serve.log"
+    known, stranger = {"user_id": 1, "amount_jpy": 5_000}, {"user_id": 424242, "amount_jpy": 5_000}
+
+    def readyz_names(column: str) -> Callable[[str], bool]:
+        def check(base: str) -> bool:
+            status, text = call(base, "/readyz", token=None)
+            return status == 503 and column in str(text) and "user_features_latest" in str(text)
+
+        return check
+
+    def settled(base: str, check: Callable[[str], bool]) -> None:
+        """Wait until `check` holds 10 times in a row (each worker answers for itself)."""
+        deadline, in_a_row = time.monotonic() + 60, 0
+        while in_a_row < 10:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            in_a_row = in_a_row + 1 if check(base) else 0
+            time.sleep(0.05 if in_a_row else 0.3)
+
+    with serving(bento, env, log, readyz_names("late_repayments_365d")) as server:
+        base = server.base
+        for _ in range(6):
+            for body in (known, stranger):
+                status, answer = call(base, "/v2/score", body, token=None)
+                assert status == 503, answer
+                assert answer["error"] == "feature_table_mismatch", answer
+                assert "late_repayments_365d" in answer["detail"], answer
+                assert "user_features_latest" in answer["detail"], answer
+            explicit = {"amount_jpy": 5_000, "features": users[1]}
+            assert call(base, "/v2/score", explicit, token=None)[0] == 200
+
+        publish(pg_url, users, needed)
+        settled(base, lambda b: call(b, "/readyz", token=None)[0] == 200)
+        for _ in range(20):  # past psycopg's prepare threshold on both workers
+            assert call(base, "/v2/score", known, token=None)[0] == 200
+
+        extra = {u: {**f, "another_models_feature": 1.0} for u, f in users.items()}
+        publish(pg_url, extra, [*needed, "another_models_feature"])
+        for _ in range(20):
+            status, answer = call(base, "/v2/score", known, token=None)
+            assert status == 200, answer
+        assert call(base, "/v2/score", stranger, token=None)[0] == 404
+
+        publish(pg_url, users, [c for c in needed if c != "card_spend_30d_jpy"])
+        settled(base, readyz_names("card_spend_30d_jpy"))
+        status, answer = call(base, "/v2/score", known, token=None)
+        assert (status, answer["error"]) == (503, "feature_table_mismatch"), answer
+        assert "card_spend_30d_jpy" in answer["detail"], answer
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

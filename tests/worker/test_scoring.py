@@ -397,3 +397,35 @@ def test_a_scoring_url_with_credentials_is_never_shown_in_its_errors() -> None:
     with pytest.raises(BackendUnavailable, match=r"bento:\*\*\*@127\.0\.0\.1:\d+ unreachable") as e:
         HttpBackend(dead_url).score([ScoreRequest(1, 1, 5_000)])
     assert "Wr0ngSecret" not in str(e.value)
+
+
+def test_a_service_whose_online_table_lacks_a_model_column_holds_jobs_naming_it(
+    queue_db: str, bento_v2: str, kit: Any
+) -> None:
+    """The worker over HTTP, the service's online table republished without a model column: a
+    batch of users with no row was answered 404 and its jobs failed as unknown users, as if the
+    table were fine (and other batches got a generic feature_store_unavailable). Now every job
+    waits queued, no attempt spent, its error naming the mismatch, the table and the column,
+    and is scored once the table fits."""
+    with queue.connect(queue_db) as conn:
+        conn.execute("ALTER TABLE user_features_latest RENAME COLUMN late_ratio_180d TO old_name")
+        conn.execute(
+            "INSERT INTO scoring_jobs (user_id, payload) VALUES (999999, '{\"amount_jpy\": 5000}')"
+        )
+    config = WorkerConfig(batch_size=10, concurrency=1, max_attempts=1, backoff_seconds=0)
+    worker = Worker(queue_db, HttpBackend(bento_v2), config)
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 1  # a batch of an unknown user alone
+        kit.enqueue_many(queue_db, 3)
+        assert worker.run_once(conn) == 4
+    rows = kit.query(queue_db, "SELECT status, attempts, error FROM scoring_jobs ORDER BY id")
+    assert {(status, attempts) for status, attempts, _ in rows} == {("queued", 0)}, rows
+    for _, _, error in rows:
+        assert "feature_table_mismatch" in error and "late_ratio_180d" in error, error
+        assert "user_features_latest" in error, error
+    with queue.connect(queue_db) as conn:
+        conn.execute("ALTER TABLE user_features_latest RENAME COLUMN old_name TO late_ratio_180d")
+        assert worker.run_once(conn) == 4
+    rows = kit.query(queue_db, "SELECT status FROM scoring_jobs ORDER BY id")
+    assert rows == [("failed",)] + [("done",)] * 3, rows
+

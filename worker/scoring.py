@@ -138,6 +138,7 @@ class OnlineFeatures:
             sql.Identifier(self.table),
         )
         self.width = len(user_feature_names)
+        self.user_feature_names = list(user_feature_names)
         self._query_text: str | None = None
         self._local = threading.local()  # one connection per worker loop: no lock between loops
         self._all: list[Any] = []
@@ -162,14 +163,39 @@ class OnlineFeatures:
             if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
                 # A model promoted before the feature build that publishes its features (or no
                 # publish yet): a deployment mismatch, no request's fault; jobs wait for the fix.
-                cause = str(exc).splitlines()[0]
-                raise BackendUnavailable(f"{self.table} does not fit the model: {cause}") from exc
+                raise BackendUnavailable(self._mismatch(exc)) from exc
             raise
         index = {row[0]: i for i, row in enumerate(rows)}
         matrix = np.array([row[1:] for row in rows], dtype=np.float64).reshape(
             len(rows), self.width
         )
         return index, matrix
+
+    def _mismatch(self, exc: Exception) -> str:
+        """What the table lacks: every missing column (PostgreSQL's error names the first only),
+        in the words of the service's 503; PostgreSQL's own when the table cannot be read."""
+        import psycopg
+        from psycopg import sql
+
+        from bentos.scoring import table_mismatch
+
+        cause = f"{self.table} does not fit the model: {str(exc).splitlines()[0]}"
+        try:
+            with (
+                self._connection() as conn
+            ):  # closed after: lookups reopen theirs as after any error
+                # Not prepared: a statement planned before a republish fails after it.
+                cursor = conn.execute(
+                    sql.SQL("SELECT * FROM {} WHERE false").format(sql.Identifier(self.table)),
+                    prepare=False,
+                )
+                columns: list[str] | None = [c.name for c in cursor.description or ()]
+        except psycopg.errors.UndefinedTable:
+            columns = None
+        except Exception:  # the first answer says enough
+            return cause
+        mismatch = table_mismatch(self.table, columns, self.user_feature_names)
+        return str(mismatch) if mismatch is not None else cause
 
     def _text(self, conn: Any) -> str:
         """The query rendered once (composing 60 identifiers per batch costs more than the query)."""

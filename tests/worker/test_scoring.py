@@ -429,3 +429,21 @@ def test_a_service_whose_online_table_lacks_a_model_column_holds_jobs_naming_it(
     rows = kit.query(queue_db, "SELECT status FROM scoring_jobs ORDER BY id")
     assert rows == [("failed",)] + [("done",)] * 3, rows
 
+
+def test_an_online_table_lacking_several_model_columns_names_them_all(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """PostgreSQL's error names only the first column a query lacks: an operator fixing the
+    publish learnt of the next missing column only after the next deploy. The held jobs' error
+    names every missing column, as the service's 503 does."""
+    from worker.scoring import InProcessBackend
+
+    with queue.connect(queue_db) as conn:
+        conn.execute("ALTER TABLE user_features_latest DROP COLUMN topup_count_90d")
+        conn.execute("ALTER TABLE user_features_latest DROP COLUMN late_ratio_180d")
+    backend = InProcessBackend(kit.make_scorer(booster, "7"), queue_db)
+    with pytest.raises(BackendUnavailable) as raised:
+        backend.score([ScoreRequest(1, 1, 5_000)])
+    backend.close()
+    assert "topup_count_90d" in str(raised.value) and "late_ratio_180d" in str(raised.value)
+    assert "user_features_latest" in str(raised.value)

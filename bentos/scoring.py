@@ -98,13 +98,19 @@ def table_mismatch(
     )
 
 
-def is_stale_plan(exc: BaseException) -> bool:
-    """Whether `exc` is PostgreSQL refusing a statement prepared before the table was replaced
-    with other columns ("cached plan must not change result type"): a fresh connection plans
-    it anew, so the lookup is simply asked again."""
+def ask_again(exc: BaseException, conn: Any, reused: bool) -> bool:
+    """Whether a failed lookup is worth one more try on a new connection: PostgreSQL refusing a
+    statement prepared before the table was replaced with other columns ("cached plan must not
+    change result type"), or a connection opened earlier found dead (the database restarted or
+    failed over since: a new one most likely works). Not a call left without an answer: asking
+    again would double the wait. The lookup only reads, so asking again is harmless."""
     import psycopg
 
-    return isinstance(exc, psycopg.errors.FeatureNotSupported) and "cached plan" in str(exc)
+    from paylater.postgres import NoAnswer
+
+    if isinstance(exc, psycopg.errors.FeatureNotSupported):
+        return "cached plan" in str(exc)
+    return reused and bool(conn.broken) and not isinstance(exc, NoAnswer | TimeoutError)
 
 
 def reason_code(feature_name: str) -> str:
@@ -299,18 +305,20 @@ class FeatureStore:
 
         with self._lock:
             for retry in (True, False):
+                reused = self._conn is not None and not self._conn.closed
+                conn = self._connection()
                 try:
-                    cursor = self._connection().execute(self._sql, {"user_ids": list(user_ids)})
+                    cursor = conn.execute(self._sql, {"user_ids": list(user_ids)})
                     rows = cursor.fetchall()
                     break
                 except Exception as exc:
+                    again = retry and ask_again(exc, conn, reused)
                     # A broken connection must not poison every later request: reopen next time.
-                    if self._conn is not None:
-                        self._conn.close()
+                    conn.close()
                     self._conn = None
                     if isinstance(exc, psycopg.errors.UndefinedTable):
                         self.fit(None)
-                    if not (retry and is_stale_plan(exc)):
+                    if not again:
                         raise
         self.fit([c.name for c in cursor.description or ()])
         return {int(r["user_id"]): self._features_of(r) for r in rows}
@@ -444,6 +452,7 @@ class CoalescingFeatureStore:
         from psycopg.rows import dict_row
 
         for retry in (True, False):
+            reused = self._conn is not None and not self._conn.closed
             if self._conn is None or self._conn.closed:
                 self._conn = await psycopg.AsyncConnection.connect(
                     self._rows.pg_url,
@@ -451,13 +460,15 @@ class CoalescingFeatureStore:
                     row_factory=dict_row,
                     **tcp_bounds(self._rows.pg_url),
                 )
+            conn = self._conn
             try:
                 async with asyncio.timeout(LOOKUP_TIMEOUT_SECONDS):
-                    cursor = await self._conn.execute(self._rows._sql, {"user_ids": ids})
+                    cursor = await conn.execute(self._rows._sql, {"user_ids": ids})
                     rows = await cursor.fetchall()
                 break
             except Exception as exc:
-                await self._conn.close()
+                again = retry and ask_again(exc, conn, reused)
+                await conn.close()
                 self._conn = None
                 if isinstance(exc, TimeoutError):
                     raise TimeoutError(
@@ -465,7 +476,7 @@ class CoalescingFeatureStore:
                     ) from None
                 if isinstance(exc, psycopg.errors.UndefinedTable):
                     self._rows.fit(None)
-                if not (retry and is_stale_plan(exc)):
+                if not again:
                     raise
         self._rows.fit([c.name for c in cursor.description or ()])
         return {int(r["user_id"]): self._rows._features_of(r) for r in rows}

@@ -388,3 +388,48 @@ def test_the_threaded_lookup_gone_silent_mid_query_fails_and_recovers(
     finally:
         store.close()
         proxy.close()
+
+
+def _terminate_connections(url: str) -> int:
+    """What a database restart or failover does to the service's connections: close them."""
+    import psycopg
+
+    db = url.rpartition("/")[2]
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            [db],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_database_restart_between_lookups_costs_no_failed_request(
+    online_features: str, catalog: SimpleNamespace
+) -> None:
+    """After a database restart (or failover) the next lookup of every service worker failed
+    503 "terminating connection due to administrator command" on its dead connection: a failed
+    score per worker per restart. A lookup found broken on a connection that was open before
+    is asked once more on a new one (a read: asking again is harmless)."""
+    import asyncio
+
+    from bentos.scoring import CoalescingFeatureStore
+
+    async def scenario() -> tuple[dict[int, Any], dict[int, Any]]:
+        store = CoalescingFeatureStore(online_features, catalog.user_features)
+        try:
+            before = await store.lookup([1])
+            assert _terminate_connections(online_features) == 1
+            return before, await store.lookup([1, 2])
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(scenario())
+    assert before == {1: catalog.users[1]}
+    assert after == {1: catalog.users[1], 2: catalog.users[2]}
+
+    threaded = FeatureStore(online_features, catalog.user_features)
+    assert threaded.lookup([1]) == {1: catalog.users[1]}
+    assert _terminate_connections(online_features) == 1
+    assert threaded.lookup([2]) == {2: catalog.users[2]}
+    threaded.close()

@@ -142,22 +142,16 @@ class OnlineFeatures:
         self._query_text: str | None = None
         self._local = threading.local()  # one connection per worker loop: no lock between loops
         self._all: list[Any] = []
+        self._all_lock = threading.Lock()  # loops reconnect concurrently
 
     def lookup(self, user_ids: Sequence[int]) -> tuple[dict[int, int], np.ndarray]:
         """(row index by user id, float matrix of those rows; NULL is NaN) for the users found."""
         import numpy as np
         import psycopg
 
-        conn = None
         try:
-            conn = self._connection()
-            # Binary results: parsing 58 floats a row as text costs ~5x the CPU.
-            rows = conn.execute(
-                self._text(conn), {"user_ids": list(user_ids)}, binary=True
-            ).fetchall()
+            rows = self._rows(user_ids)
         except Exception as exc:
-            if conn is not None:
-                conn.close()  # reopened on the next batch
             if isinstance(exc, psycopg.OperationalError):  # unreachable: no request's fault
                 raise BackendUnavailable(f"feature database unreachable: {exc}") from exc
             if isinstance(exc, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedTable):
@@ -170,6 +164,28 @@ class OnlineFeatures:
             len(rows), self.width
         )
         return index, matrix
+
+    def _rows(self, user_ids: Sequence[int]) -> list[Any]:
+        """The rows of `user_ids`; asked once more on a new connection when the one opened
+        before is found dead (the database restarted since) or its prepared statement stale."""
+        from bentos.scoring import ask_again
+
+        for retry in (True, False):
+            reused = getattr(self._local, "conn", None) is not None and not self._local.conn.closed
+            conn = None
+            try:
+                conn = self._connection()
+                # Binary results: parsing 58 floats a row as text costs ~5x the CPU.
+                return conn.execute(
+                    self._text(conn), {"user_ids": list(user_ids)}, binary=True
+                ).fetchall()
+            except Exception as exc:
+                again = retry and conn is not None and ask_again(exc, conn, reused)
+                if conn is not None:
+                    conn.close()  # reopened on the next call
+                if not again:
+                    raise
+        raise AssertionError("unreachable")  # the second pass returns or raises
 
     def _mismatch(self, exc: Exception) -> str:
         """What the table lacks: every missing column (PostgreSQL's error names the first only),
@@ -210,14 +226,16 @@ class OnlineFeatures:
         conn = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = self._local.conn = connect(self.database_url, answer_timeout=self.answer_timeout)
-            self._all.append(conn)
+            with self._all_lock:  # closed ones dropped: an outage's reconnects would pile up
+                self._all = [c for c in self._all if not c.closed] + [conn]
         return conn
 
     def close(self) -> None:
         """Close every thread's connection."""
-        for conn in self._all:
-            conn.close()
-        self._all.clear()
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
 
 
 def _database_timeout() -> float:

@@ -447,3 +447,30 @@ def test_an_online_table_lacking_several_model_columns_names_them_all(
     backend.close()
     assert "topup_count_90d" in str(raised.value) and "late_ratio_180d" in str(raised.value)
     assert "user_features_latest" in str(raised.value)
+
+
+def test_a_feature_database_restart_between_batches_holds_no_job(
+    queue_db: str, booster: Any, kit: Any
+) -> None:
+    """After a database restart the in-process worker's next lookup failed on its dead feature
+    connection: the whole batch was held (BackendUnavailable, "feature database unreachable"),
+    waiting out its backoff, though the database was back. The lookup is asked once more on a new
+    connection, so the batch is scored on its first claim."""
+    from worker.scoring import InProcessBackend
+
+    backend = InProcessBackend(kit.make_scorer(booster, "7"), queue_db)
+    worker = Worker(queue_db, backend, WorkerConfig(batch_size=10, concurrency=1))
+    kit.enqueue_many(queue_db, 3)
+    with queue.connect(queue_db) as conn:
+        assert worker.run_once(conn) == 3
+        db = queue_db.rpartition("/")[2]
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            [db],
+        )
+        kit.enqueue_many(queue_db, 3)
+        assert worker.run_once(conn) == 3
+    backend.close()
+    rows = kit.query(queue_db, "SELECT status, attempts, count(*) FROM scoring_jobs GROUP BY 1, 2")
+    assert rows == [("done", 1, 6)], rows

@@ -339,6 +339,8 @@ def run_worker(
     from worker.scoring import HttpBackend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx says every request it sends at INFO: a line per batch. The worker says what failed.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # The settings refuse such values; their command-line overrides must too (--max-attempts 0
     # dead-lettered every job unscored). The integer options are bounded by typer (min=1).
     for option, seconds in (("--lease-seconds", lease_seconds), ("--poll-seconds", poll_seconds)):

@@ -368,3 +368,52 @@ def test_a_bad_queue_database_url_is_one_error_line_without_its_password(
         assert "Wr0ngSecret" not in run.stdout + run.stderr
         assert run.stderr.startswith("error: ") and reason in run.stderr
         assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1
+
+
+def test_an_http_worker_logs_no_line_per_scoring_call(
+    queue_db: str, launch: Launcher, kit: Any
+) -> None:
+    """httpx logs every request it sends at INFO, which the worker's logging passed: one line per
+    batch (hundreds a minute under load) burying the worker's own lines. Its calls are not
+    logged one by one; failures still are, by the worker, with the status and the reason."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Scoring(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            """Approve every request of the batch."""
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            answer = json.dumps(
+                [
+                    {
+                        "default_probability": 0.1,
+                        "decision": "approve",
+                        "model_version": "7",
+                        "reason_codes": [],
+                    }
+                    for _ in body
+                ]
+            ).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            """Quiet."""
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scoring)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}).start()
+    try:
+        kit.enqueue_many(queue_db, 20)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = launch("--backend", "http", "--url", url, "--batch-size", "5")
+        kit.wait_until(lambda: count(kit, queue_db, "done") == 20, 60, "the jobs to be scored")
+        assert stop(proc) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    (log,) = launch.logs().values()
+    assert processed(log) == 20
+    assert "HTTP Request" not in log, log[-2000:]

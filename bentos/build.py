@@ -67,7 +67,21 @@ def unloadable(exc: BaseException) -> str | None:
         return " ".join(str(exc.message).split())
     if isinstance(exc, NotFound | ValueError | RegistryError):
         return " ".join(str(exc).split())
+    if _unreadable_model_file(exc):
+        # The store's entry is there but its file is gone or damaged: only a new copy helps.
+        return (
+            f"the model store's file cannot be read ({' '.join(str(exc).split())}): delete the"
+            f" tag (bentoml models delete {MODEL_NAME}:<version>) and import the version again"
+            " (paylater bento import --version <version>)"
+        )
     return None
+
+
+def _unreadable_model_file(exc: BaseException) -> bool:
+    """Whether `exc` is LightGBM failing to open or parse a saved model file."""
+    from lightgbm.basic import LightGBMError
+
+    return isinstance(exc, LightGBMError)
 
 
 def model_tag(version: str) -> str:

@@ -417,3 +417,25 @@ def test_an_http_worker_logs_no_line_per_scoring_call(
     (log,) = launch.logs().values()
     assert processed(log) == 20
     assert "HTTP Request" not in log, log[-2000:]
+
+
+def test_a_model_whose_file_is_gone_from_the_store_is_one_error_line(
+    launch: Launcher, model_store: Path, tmp_path: Path
+) -> None:
+    """The store's entry there but its file gone (a disk cleaned by hand, a partial copy of the
+    store): the worker died with LightGBM's traceback. It is one line naming the tag and the way
+    out, as for a tag the store lacks."""
+    import shutil
+
+    store = tmp_path / "bentoml"
+    shutil.copytree(model_store, store)
+    (model_file,) = (store / "models" / "paylater-default" / "7").glob("saved_model.*")
+    model_file.unlink()
+    launch.env["BENTOML_HOME"] = str(store)
+    proc = launch("--model", "paylater-default:7")
+    assert proc.wait(timeout=60) == 1
+    (log,) = launch.logs().values()
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: cannot load model 'paylater-default:7': "), log[-2000:]
+    assert model_file.name in lines[-1] and "paylater bento import" in lines[-1], lines[-1]
+    assert "Traceback" not in log

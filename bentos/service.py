@@ -85,6 +85,8 @@ class Engine:
         self.load_error: str | None = None
         self.table_problem: str | None = None
         """Why the online table does not fit the model, as last found (None: it fits)."""
+        self.lookups_failing = False
+        """Whether the last feature lookup failed (an outage is logged once, and its end)."""
 
     def ready_scorer(self) -> Scorer:
         """The scorer, or a 503 while the model is still loading (or failed to)."""
@@ -187,10 +189,16 @@ class Engine:
                 self.table_found(str(exc))
                 raise Reply(503, "feature_table_mismatch", str(exc)) from None
             except Exception as exc:
-                log.exception("feature lookup failed")
+                if not self.lookups_failing:
+                    # Once per outage, not per request: under load that is thousands a second.
+                    log.error("feature lookup failed (said once until one answers): %r", exc)
+                    self.lookups_failing = True
                 raise Reply(
                     503, "feature_store_unavailable", f"feature lookup failed: {exc}"
                 ) from None
+            if self.lookups_failing:
+                log.info("feature lookups answer again")
+                self.lookups_failing = False
             missing = sorted({u for u in user_ids if u not in found})
             if missing:
                 raise Reply(

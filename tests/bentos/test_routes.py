@@ -55,3 +55,50 @@ def test_a_token_set_with_a_trailing_newline_still_lets_its_holders_in(
     assert post_v2(body, "wrong") == 401
     monkeypatch.setenv("PAYLATER_API_TOKEN", " \n")  # blank: no token, as when unset
     assert api_token() is None
+
+
+def test_a_feature_database_outage_is_logged_once_and_so_is_its_end(
+    engine: Any,
+    online_features: str,
+    catalog: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every user_id request during a feature database outage logged "feature lookup failed"
+    with a full traceback: thousands a second under load, burying everything else in the log.
+    The outage is said once, with its cause, and so is its end; each request still gets its 503
+    naming the cause."""
+    import socket
+
+    from bentos.scoring import CoalescingFeatureStore
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        down = f"postgresql://127.0.0.1:{s.getsockname()[1]}/features"
+    body = {"user_id": 1, "amount_jpy": 5_000}
+    caplog.set_level("INFO", logger="paylater.serving")
+
+    async def scenario() -> list[int]:
+        engine.features = CoalescingFeatureStore(down, catalog.user_features)
+        statuses = [await post(body) for _ in range(5)]
+        engine.features = CoalescingFeatureStore(online_features, catalog.user_features)
+        statuses += [await post(body) for _ in range(2)]
+        await engine.features.close()
+        return statuses
+
+    assert asyncio.run(scenario()) == [503] * 5 + [200] * 2
+    said = [r for r in caplog.records if r.name == "paylater.serving"]
+    assert [r.levelname for r in said] == ["ERROR", "INFO"], [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith("feature lookup failed"), said[0].getMessage()
+    assert "127.0.0.1" in said[0].getMessage()
+    assert said[1].getMessage() == "feature lookups answer again"
+
+
+async def post(body: dict[str, Any]) -> int:
+    """The status of POST /v2/score, served by the real V2 routes in process (no token)."""
+    import httpx
+
+    from bentos.service import V2
+
+    transport = httpx.ASGITransport(app=V2)
+    async with httpx.AsyncClient(transport=transport, base_url="http://scorer") as client:
+        return (await client.post("/v2/score", json=body)).status_code

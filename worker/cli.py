@@ -414,7 +414,16 @@ def run_worker(
     metrics = WorkerMetrics()
     port = metrics_port if metrics_port is not None else settings.worker_metrics_port
     if port is not None:
-        serve_metrics(metrics, db_url, port, metrics_host)
+        try:
+            serve_metrics(metrics, db_url, port, metrics_host)
+        except OSError as exc:  # taken (another worker on this host), or not an address here
+            typer.echo(
+                f"error: cannot serve metrics on {metrics_host}:{port}: {exc.strerror or exc}"
+                " (--metrics-port, PAYLATER_WORKER_METRICS_PORT)",
+                err=True,
+            )
+            scoring.close()
+            raise typer.Exit(1) from exc
         log.info("metrics on http://%s:%d/metrics", metrics_host, port)
     worker = Worker(db_url, scoring, config, shadow=shadow, metrics=metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):

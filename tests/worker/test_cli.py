@@ -439,3 +439,23 @@ def test_a_model_whose_file_is_gone_from_the_store_is_one_error_line(
     assert lines[-1].startswith("error: cannot load model 'paylater-default:7': "), log[-2000:]
     assert model_file.name in lines[-1] and "paylater bento import" in lines[-1], lines[-1]
     assert "Traceback" not in log
+
+
+def test_a_metrics_port_already_taken_is_one_error_line(
+    queue_db: str, launch: Launcher, kit: Any
+) -> None:
+    """--metrics-port on a port another process listens on (a second worker started on the same
+    host with the same settings): the worker died with an OSError traceback. It is one line
+    naming the address, before any job is claimed."""
+    kit.enqueue_many(queue_db, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = launch("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+        assert proc.wait(timeout=60) == 1
+    (log,) = launch.logs().values()
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: cannot serve metrics on 127.0.0.1:{port}: "), log[-2000:]
+    assert "Traceback" not in log
+    assert kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs") == [("queued", 0)]

@@ -433,3 +433,26 @@ def test_a_database_restart_between_lookups_costs_no_failed_request(
     assert _terminate_connections(online_features) == 1
     assert threaded.lookup([2]) == {2: catalog.users[2]}
     threaded.close()
+
+
+def test_the_sqlite_online_table_is_checked_for_the_model_columns_too(tmp_path: Path) -> None:
+    """The demo's embedded source: the readiness check and the lookups name a missing table or
+    missing columns, as on PostgreSQL, and pass once the table fits."""
+    import asyncio
+    import sqlite3
+
+    from bentos.scoring import FeatureTableMismatch, SqliteFeatureStore
+
+    path = tmp_path / "source.db"
+    sqlite3.connect(path).close()
+    store = SqliteFeatureStore(str(path), ["card_count_7d", "dc_count"])
+    with pytest.raises(FeatureTableMismatch, match="no such table"):
+        asyncio.run(store.check())
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE user_features_latest (user_id INTEGER, card_count_7d REAL)")
+    for call in (store.check(), store.lookup([1])):
+        with pytest.raises(FeatureTableMismatch, match="lacks the feature columns dc_count"):
+            asyncio.run(call)
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE user_features_latest ADD COLUMN dc_count REAL")
+    asyncio.run(store.check())

@@ -440,7 +440,10 @@ def reproduce(
 @app.command("verify")
 def verify(
     url: str = typer.Option(
-        ..., "--url", help="Base URL of the served bento, e.g. http://127.0.0.1:3000."
+        ...,
+        "--url",
+        help="Base URL of the served bento, e.g. http://127.0.0.1:3000 (user:password@ in it is"
+        " sent as basic authentication, and never shown or recorded).",
     ),
     stage: str | None = typer.Option(None, "--stage", help="staging or production."),
     version: str | None = typer.Option(

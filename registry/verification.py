@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import math
@@ -11,7 +12,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+from paylater.redaction import scrub, split_credentials
 from registry import history
 from registry.policy import get_version, record_verification, resolve_version
 from registry.runs import load_golden
@@ -43,11 +46,62 @@ class VerificationResult:
         return "; ".join([head, *self.mismatches[:5]])
 
 
-def post_json(url: str, body: dict[str, Any], token: str | None, timeout: float) -> dict[str, Any]:
-    """POST a JSON body and parse the JSON answer (HTTP errors raise with the server's message)."""
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+@dataclass(frozen=True)
+class Target:
+    """The service to verify: its URL without credentials (the one shown and recorded), and the
+    Authorization header its requests carry (None: none)."""
+
+    url: str
+    authorization: str | None = None
+    secrets: tuple[str, ...] = ()
+    """What must never be shown: the password (and token) as given."""
+
+    def headers(self) -> dict[str, str]:
+        """The Authorization header, when there is one."""
+        return {"Authorization": self.authorization} if self.authorization else {}
+
+    def clean(self, text: str) -> str:
+        """`text` with every credential masked."""
+        return scrub(text, *self.secrets)
+
+
+def target(url: str, token: str | None) -> Target:
+    """The service at `url`, authenticated by the URL's `user:password@` (basic, as a proxy in
+    front of the service asks) or the bearer `token` (the service's own); RegistryError, naming
+    no secret, for a URL verify cannot use or both credentials at once."""
+    nothing = "nothing was verified or recorded"
+    try:
+        bare, user, password = split_credentials(url.strip())
+        parts = urlsplit(bare)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError:
+        raise RegistryError(f"--url is not a valid URL: {nothing}") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        shown = scrub(bare, password)
+        raise RegistryError(
+            f"--url must be an http:// or https:// URL with a host, e.g."
+            f" http://127.0.0.1:3001, got {shown!r}: {nothing}"
+        )
+    if user is None and password is None:
+        return Target(bare, f"Bearer {token}" if token else None, (token,) if token else ())
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        # One Authorization header: sending either alone would fail the other's check silently.
+        raise RegistryError(
+            "--url carries user:password@ and a --token (or PAYLATER_API_TOKEN) is set: both go"
+            f" in the one Authorization header; give the credentials in --url or --token, not"
+            f" both: {nothing}"
+        )
+    pair = f"{user or ''}:{password or ''}".encode()
+    secrets = tuple(s for s in (password, url) if s)
+    return Target(bare, f"Basic {base64.b64encode(pair).decode()}", secrets)
+
+
+def post_json(
+    url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    """POST a JSON body with `headers` and parse the JSON answer (HTTP errors raise with the
+    server's message)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json", **headers}
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -79,7 +133,9 @@ READY_TIMEOUT = 60.0
 by verify (as the README has it) finds the port closed, then the model loading."""
 
 
-def wait_until_ready(url: str, ready_timeout: float, timeout: float, poll: float = 0.5) -> None:
+def wait_until_ready(
+    service: Target, ready_timeout: float, timeout: float, poll: float = 0.5
+) -> None:
     """Poll {url}/readyz until the service is ready; RegistryError (naming the last answer) when it
     is not within `ready_timeout` seconds.
 
@@ -87,11 +143,12 @@ def wait_until_ready(url: str, ready_timeout: float, timeout: float, poll: float
     answer goes ahead: a service without /readyz (behind a gateway, a stand-in) is judged by its
     answers to the golden requests.
     """
-    endpoint = f"{url.rstrip('/')}/readyz"
+    endpoint = f"{service.url.rstrip('/')}/readyz"
     deadline = time.monotonic() + ready_timeout
     while True:
         try:
-            with urllib.request.urlopen(endpoint, timeout=timeout):
+            request = urllib.request.Request(endpoint, headers=service.headers())
+            with urllib.request.urlopen(request, timeout=timeout):
                 return
         except urllib.error.HTTPError as exc:
             if exc.code != 503:
@@ -101,8 +158,8 @@ def wait_until_ready(url: str, ready_timeout: float, timeout: float, poll: float
             last = str(getattr(exc, "reason", exc))
         if time.monotonic() >= deadline:
             raise RegistryError(
-                f"the service at {url} was not ready within {ready_timeout:g} s ({last}):"
-                " nothing was verified or recorded"
+                f"the service at {service.url} was not ready within {ready_timeout:g} s"
+                f" ({service.clean(last)}): nothing was verified or recorded"
             )
         time.sleep(poll)
 
@@ -116,42 +173,53 @@ def verify(
     ready_timeout: float = READY_TIMEOUT,
 ) -> VerificationResult:
     """Wait for the service to be ready (up to `ready_timeout`; 0 does not wait), send every golden
-    request of the version to {url}/v2/score, compare, and record on the version."""
+    request of the version to {url}/v2/score, compare, and record on the version.
+
+    `url` may carry `user:password@` (basic authentication, as curl sends it): it is sent as
+    such, and the URL shown and recorded is the one without it."""
+    service = target(url, token)
     c = client()
     version = resolve_version(stage_or_version, c)
     golden = load_golden(version)
     if not golden:
         raise RegistryError(f"version {version} has no golden requests to verify with")
     if ready_timeout > 0:
-        wait_until_ready(url, ready_timeout, timeout)
-    endpoint = f"{url.rstrip('/')}/v2/score"
+        wait_until_ready(service, ready_timeout, timeout)
+    endpoint = f"{service.url.rstrip('/')}/v2/score"
     result = VerificationResult(
         version=version,
-        url=url,
+        url=service.url,
         at=datetime.now(UTC).isoformat(timespec="seconds"),
         checked=len(golden),
     )
     for index, case in enumerate(golden):
         expected = float(case["expected"]["default_probability"])
         try:
-            answer = post_json(endpoint, case["request"], token, timeout)
+            answer = post_json(endpoint, case["request"], service.headers(), timeout)
         except ValueError as exc:  # an HTTP error or not JSON: this request's answer is wrong
-            result.mismatches.append(f"request {index}: {exc}")
+            result.mismatches.append(f"request {index}: {service.clean(str(exc))}")
             continue
         except (OSError, http.client.HTTPException) as exc:
             # Refused, unreachable, timed out, not HTTP: each other request would wait the same.
             reason = getattr(exc, "reason", exc)
-            result.mismatches.append(f"request {index}: no answer from {endpoint} ({reason})")
+            said = service.clean(str(reason))
+            result.mismatches.append(f"request {index}: no answer from {endpoint} ({said})")
             if index + 1 < len(golden):
                 result.mismatches.append(f"the other {len(golden) - index - 1} were not sent")
             break
         problems = check_answer(index, expected, version, answer)
         result.mismatches.extend(problems)
         result.matched += not problems
-    record_verification(version, result.passed, url, result.detail(), result.at)
+    record_verification(version, result.passed, service.url, result.detail(), result.at)
     stage = str(get_version(c, version).current_stage or "None")
     outcome = "passed" if result.passed else "failed"
     history.record(
-        c, version, stage, stage, "verify", actor, f"{outcome} against {url}: {result.detail()}"
+        c,
+        version,
+        stage,
+        stage,
+        "verify",
+        actor,
+        f"{outcome} against {service.url}: {result.detail()}",
     )
     return result

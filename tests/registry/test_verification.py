@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -28,13 +29,35 @@ QUICK_SHUTDOWN = {"poll_interval": 0.05}
 
 @contextmanager
 def scoring_service(
-    booster: Any, features: list[str], version: str, bias: float = 0.0, ready_after: float = 0.0
+    booster: Any,
+    features: list[str],
+    version: str,
+    bias: float = 0.0,
+    ready_after: float = 0.0,
+    basic_auth: str | None = None,
 ) -> Iterator[str]:
     """POST /v2/score computed with `booster` (plus `bias`) on 127.0.0.1 at a free port; GET
-    /readyz answers 503 (loading) for the first `ready_after` seconds, then 200."""
+    /readyz answers 503 (loading) for the first `ready_after` seconds, then 200. With
+    `basic_auth` ("user:password"), every request without it is answered 401 (a proxy's basic
+    authentication in front of the service)."""
     ready_at = time.monotonic() + ready_after
+    expected_auth = (
+        f"Basic {base64.b64encode(basic_auth.encode()).decode()}" if basic_auth else None
+    )
 
     class Handler(BaseHTTPRequestHandler):
+        def parse_request(self) -> bool:
+            if not super().parse_request():
+                return False
+            if expected_auth and self.headers.get("Authorization") != expected_auth:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="staging"')
+                self.send_header("Content-Length", "12")
+                self.end_headers()
+                self.wfile.write(b"unauthorized")
+                return False
+            return True
+
         def do_GET(self) -> None:
             if self.path != "/readyz":
                 self.send_error(404)
@@ -256,3 +279,129 @@ def test_a_service_that_takes_requests_but_never_answers_is_given_up_on_after_on
     assert "request 0: no answer from" in result.output, result.output
     assert "the other 19 were not sent" in result.output, result.output
     assert client().get_model_version(MODEL_NAME, version).tags["staging_verification"] == "failed"
+
+
+PASSWORD = "s3cr/t@pw"
+"""A password with characters a URL must percent-encode (as `s3cr%2Ft%40pw`)."""
+
+
+def _shows_no_password(*texts: str) -> None:
+    """Neither form of PASSWORD (as given, percent-encoded) is in any of `texts`."""
+    for text in texts:
+        assert PASSWORD not in text and "s3cr%2Ft%40pw" not in text, text
+
+
+def test_verify_sends_the_credentials_of_its_url_and_never_shows_them(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """A staging service behind a proxy's basic authentication, reached as
+    `--url http://user:password@host:port`: urllib ignored the user:password (every request
+    answered 401), and the URL, password and all, went to stdout, the version's tags and the
+    audit history."""
+    version = register(good_candidate)
+    stage_as_retrain(version)
+    features = good_candidate.split.feature_names
+    with scoring_service(
+        good_candidate.booster, features, version, basic_auth=f"ops:{PASSWORD}"
+    ) as url:
+        with_credentials = url.replace("http://", "http://ops:s3cr%2Ft%40pw@")
+        result = CliRunner().invoke(
+            app, ["registry", "verify", "--stage", "staging", "--url", with_credentials]
+        )
+    assert result.exit_code == 0, result.output
+    assert f"v{version} against {url}: PASSED" in result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert tags["staging_verification"] == "passed" and tags["staging_verification_url"] == url
+    entries = history.read(client(), version)
+    _shows_no_password(result.output, json.dumps(tags), json.dumps([e.reason for e in entries]))
+
+
+def test_a_wrong_password_fails_verification_without_showing_it(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    version = register(good_candidate)
+    stage_as_retrain(version)
+    features = good_candidate.split.feature_names
+    with scoring_service(good_candidate.booster, features, version, basic_auth="ops:other") as url:
+        result = CliRunner().invoke(
+            app,
+            [
+                "registry",
+                "verify",
+                "--version",
+                version,
+                "--url",
+                url.replace("http://", "http://ops:s3cr%2Ft%40pw@"),
+            ],
+        )
+    assert result.exit_code == 1, result.output
+    assert "HTTP 401" in result.output, result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert tags["staging_verification"] == "failed" and tags["staging_verification_url"] == url
+    _shows_no_password(result.output, json.dumps(tags))
+
+
+def test_a_service_never_ready_behind_credentials_is_named_without_them(
+    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    import socket
+
+    version = register(good_candidate)
+    stage_as_retrain(version)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(
+        app,
+        [
+            "registry",
+            "verify",
+            "--version",
+            version,
+            "--url",
+            f"http://ops:s3cr%2Ft%40pw@127.0.0.1:{port}",
+            "--timeout",
+            "1",
+            "--ready-timeout",
+            "1",
+        ],
+    )
+    assert result.exit_code == 1
+    assert f"the service at http://127.0.0.1:{port} was not ready" in result.output, result.output
+    assert "refused" in result.output, "the real reason: nothing listens, not an unknown host"
+    _shows_no_password(result.output)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["--url", "http://ops:pw-for-staging@127.0.0.1:1", "--token", "abc123"],
+            "give the credentials in --url or --token, not both",
+        ),
+        (["--url", "127.0.0.1:3001"], "--url must be an http:// or https:// URL"),
+        (["--url", "ftp://127.0.0.1:3001"], "--url must be an http:// or https:// URL"),
+        (["--url", "http://127.0.0.1:port"], "--url is not a valid URL"),
+    ],
+)
+def test_a_url_verify_cannot_use_is_refused_at_once_recording_nothing(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    args: list[str],
+    said: str,
+) -> None:
+    """A URL without scheme waited the whole --ready-timeout (60 s) before failing with urllib's
+    "unknown url type"; --token beside a URL's password sent one of them silently."""
+    version = register(good_candidate)
+    stage_as_retrain(version)
+    result = CliRunner().invoke(
+        app, ["registry", "verify", "--version", version, "--ready-timeout", "30", *args]
+    )
+    assert result.exit_code == 1
+    assert said in result.output, result.output
+    assert "nothing was verified or recorded" in result.output, result.output
+    assert "pw-for-staging" not in result.output
+    tags = client().get_model_version(MODEL_NAME, version).tags
+    assert "staging_verification" not in tags
+    assert "verify" not in [e.action for e in history.read(client(), version)]

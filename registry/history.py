@@ -8,8 +8,9 @@ limit, survive restarts with the backend, and can be searched and filtered in th
 Entries are ordered by the tracking server's clock, not by the clocks of the machines that ran the
 commands (a laptop an hour off would otherwise put its rollback before the promote it undid): a
 stage change's entry carries the time the server stamped on the version when it moved it, and other
-entries the time the server stamps on a version updated for the purpose (its description written
-back unchanged). The writer's own clock only breaks ties within one millisecond of the server's.
+entries the time the server stamps on the audit experiment when it is renamed to its own name (a
+write of nothing but paylater's own constant). The writer's own clock only breaks ties within one
+millisecond of the server's.
 Entries written before this carried no server time and are placed by their writer's clock.
 """
 
@@ -81,7 +82,7 @@ def record(
     the event) or, when not given, at the server's time of now."""
     experiment_id = ensure_experiment(mlflow_client, AUDIT_EXPERIMENT)
     number = normalise_version(version)
-    stamp = int(server_ms) if server_ms else server_now(mlflow_client, number)
+    stamp = int(server_ms) if server_ms else server_now(mlflow_client, experiment_id)
     seq = time.time_ns()
     entry = Transition(
         version=number,
@@ -106,15 +107,18 @@ def record(
     return entry
 
 
-def server_now(mlflow_client: MlflowClient, version: str) -> int:
-    """The tracking server's time now (ms), as it stamps `version` updated with its own
-    description: the one clock every machine recording transitions shares. Run times cannot
-    serve: the client sends them."""
-    current = mlflow_client.get_model_version(MODEL_NAME, version)
-    updated = mlflow_client.update_model_version(
-        MODEL_NAME, version, description=current.description or ""
-    )
-    stamp = updated.last_updated_timestamp
+def server_now(mlflow_client: MlflowClient, experiment_id: str) -> int:
+    """The tracking server's time now (ms): the one clock every machine recording transitions
+    shares, read as the server stamps the audit experiment renamed to its own name.
+
+    Run times cannot serve: the client sends them. Nor can a version's description written back
+    as read (how this was done before): a description saved in the MLflow UI between the read and
+    the write was replaced by the old one. The audit experiment's name is paylater's constant, so
+    writing it back loses nothing; of entries recorded at once, one may read the other's slightly
+    later stamp, still a server time between its event and its entry.
+    """
+    mlflow_client.rename_experiment(experiment_id, AUDIT_EXPERIMENT)
+    stamp = mlflow_client.get_experiment(experiment_id).last_update_time
     return int(stamp) if stamp else time.time_ns() // 1_000_000  # a store that keeps none
 
 

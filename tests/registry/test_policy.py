@@ -1013,3 +1013,58 @@ def test_a_rollback_with_only_a_version_put_in_production_by_hand_names_it(
     said = str(refused.value)
     assert f"v{v1} is in the Production stage" in said and "alias names no version" in said, said
     assert _state() == before
+
+
+def test_an_audit_entry_never_overwrites_a_description_written_meanwhile(
+    any_registry: str, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """A verify, regate or reject entry took the server's time by writing the version's
+    description back as it had just read it: a description someone saved in the MLflow UI
+    between that read and that write was silently replaced by the old one."""
+    version = register(good_candidate)
+    c = client()
+    c.update_model_version(MODEL_NAME, version, description="draft")
+    operator = client()  # someone else, in the MLflow UI
+    saved: list[str] = []
+
+    class Interleaved:
+        """The real client; after each of its reads, the operator saves a new description."""
+
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(c, name)
+            if not name.startswith("get_"):
+                return method
+
+            def read_then_operator_saves(*args: Any, **kwargs: Any) -> Any:
+                found = method(*args, **kwargs)
+                saved.append(f"approved by risk, PAY-{len(saved)}")
+                operator.update_model_version(MODEL_NAME, version, description=saved[-1])
+                return found
+
+            return read_then_operator_saves
+
+    entry = history.record(
+        Interleaved(),  # type: ignore[arg-type]
+        version,
+        "None",
+        "None",
+        "verify",
+        "carol",
+        "passed against http://127.0.0.1:1",
+    )
+    assert saved, "the operator never saved"
+    assert c.get_model_version(MODEL_NAME, version).description == saved[-1]
+    assert entry.server_ms and [e.action for e in history.read(c, version)][-1] == "verify"
+
+
+def test_an_audit_entry_after_a_stage_change_is_ordered_after_it(
+    any_registry: str, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """An entry with no event time of its own (verify, regate, reject) is stamped by the
+    server's clock after the stage change before it, whatever the writer's clock says."""
+    version = register(good_candidate)
+    stage_as_retrain(version)
+    staged = history.read(client(), version)[-1]
+    entry = history.record(client(), version, "Staging", "Staging", "verify", "carol", "passed")
+    assert entry.server_ms >= staged.server_ms
+    assert [e.action for e in history.read(client(), version)][-2:] == ["stage", "verify"]

@@ -571,6 +571,15 @@ def _promote(
     # Production too: a promote that stopped half way (the registry failed after the version
     # moved) is finished by running it again, under the same checks.
     if mv.current_stage not in {"Staging", "Production"}:
+        tags = mv.tags or {}
+        if mv.current_stage == "None" and tags.get("gate_status") == "rejected":
+            # The usual reason a candidate is not staged: say so, and the deliberate way on.
+            raise RegistryError(
+                f"version {number} was rejected by the gates ({tags.get('rejected_reasons', '')})"
+                " and never staged: only a staged version can be promoted. To serve it anyway,"
+                " put it in Staging in the MLflow UI, verify it, then promote it with"
+                " --override-gate (recorded in the history)"
+            )
         raise RegistryError(
             f"version {number} is in stage {mv.current_stage}, not Staging: only a staged version can be promoted"
         )

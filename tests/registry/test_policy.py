@@ -1068,3 +1068,19 @@ def test_an_audit_entry_after_a_stage_change_is_ordered_after_it(
     entry = history.record(client(), version, "Staging", "Staging", "verify", "carol", "passed")
     assert entry.server_ms >= staged.server_ms
     assert [e.action for e in history.read(client(), version)][-2:] == ["stage", "verify"]
+
+
+def test_promoting_a_rejected_candidate_says_the_gates_rejected_it(
+    mlflow_server: str, good_candidate: Any, register: Callable[..., str]
+) -> None:
+    """`promote 2` of a candidate the retrain's gates rejected said only "version 2 is in stage
+    None, not Staging": not that the gates refused it, nor why, nor how to serve it anyway."""
+    version = register(good_candidate)
+    policy.record_gate(version, policy.GateDecision(False, ["AUC 0.61 below 0.65"]), "retrain")
+    before = _state()
+    with pytest.raises(RegistryError) as refused:
+        policy.promote(version, "production", "looks fine", "carol")
+    said = str(refused.value)
+    assert f"version {version} was rejected by the gates (AUC 0.61 below 0.65)" in said, said
+    assert "never staged" in said and "--override-gate" in said, said
+    assert _state() == before

@@ -96,6 +96,24 @@ def target(url: str, token: str | None) -> Target:
     return Target(bare, f"Basic {base64.b64encode(pair).decode()}", secrets)
 
 
+REFUSED = frozenset({401, 403})
+"""Answers about the request's credentials, not about the model."""
+
+
+class Refused(Exception):
+    """The service refused the request's credentials (its text: the HTTP status and message)."""
+
+
+def refusal(service: Target, answer: str) -> RegistryError:
+    """The error for a service refusing verify's credentials: no verdict on the model, so
+    nothing is recorded (a failed verification would replace a passed one)."""
+    return RegistryError(
+        f"the service at {service.url} refused the credentials verify sent"
+        f" ({service.clean(answer)}): give its token with --token (or PAYLATER_API_TOKEN), or a"
+        " proxy's user:password@ in --url; nothing was verified or recorded"
+    )
+
+
 def post_json(
     url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
 ) -> dict[str, Any]:
@@ -109,6 +127,8 @@ def post_json(
             return answer
     except urllib.error.HTTPError as exc:
         message = exc.read()[:300].decode(errors="replace")
+        if exc.code in REFUSED:
+            raise Refused(f"HTTP {exc.code}: {message.strip()}") from exc
         raise ValueError(f"HTTP {exc.code}: {message}") from exc
 
 
@@ -128,6 +148,11 @@ def check_answer(
     return problems
 
 
+def _body(exc: urllib.error.HTTPError) -> str:
+    """The start of an HTTP error's answer, as text."""
+    return exc.read()[:200].decode(errors="replace").strip()
+
+
 READY_TIMEOUT = 60.0
 """How long verify waits for the service's /readyz by default: `bentoml serve … &` followed at once
 by verify (as the README has it) finds the port closed, then the model loading."""
@@ -141,7 +166,8 @@ def wait_until_ready(
 
     Waited on: no connection (not listening yet), no answer, 503 (loading its model). Any other
     answer goes ahead: a service without /readyz (behind a gateway, a stand-in) is judged by its
-    answers to the golden requests.
+    answers to the golden requests; but a 401 or 403 (the credentials refused) is a RegistryError
+    at once, waiting being no use.
     """
     endpoint = f"{service.url.rstrip('/')}/readyz"
     deadline = time.monotonic() + ready_timeout
@@ -151,9 +177,11 @@ def wait_until_ready(
             with urllib.request.urlopen(request, timeout=timeout):
                 return
         except urllib.error.HTTPError as exc:
+            if exc.code in REFUSED:
+                raise refusal(service, f"HTTP {exc.code}: {_body(exc)}") from None
             if exc.code != 503:
                 return
-            last = f"HTTP 503: {exc.read()[:200].decode(errors='replace').strip()}"
+            last = f"HTTP 503: {_body(exc)}"
         except (OSError, http.client.HTTPException) as exc:
             last = str(getattr(exc, "reason", exc))
         if time.monotonic() >= deadline:
@@ -196,6 +224,8 @@ def verify(
         expected = float(case["expected"]["default_probability"])
         try:
             answer = post_json(endpoint, case["request"], service.headers(), timeout)
+        except Refused as exc:
+            raise refusal(service, str(exc)) from None
         except ValueError as exc:  # an HTTP error or not JSON: this request's answer is wrong
             result.mismatches.append(f"request {index}: {service.clean(str(exc))}")
             continue

@@ -316,9 +316,20 @@ def test_verify_sends_the_credentials_of_its_url_and_never_shows_them(
     _shows_no_password(result.output, json.dumps(tags), json.dumps([e.reason for e in entries]))
 
 
-def test_a_wrong_password_fails_verification_without_showing_it(
-    registry_home: Path, good_candidate: Any, register: Callable[..., str]
+@pytest.mark.parametrize("ready_timeout", ["5", "0"])
+@pytest.mark.parametrize(
+    "credentials", ["", "ops:s3cr%2Ft%40pw@"], ids=["no-credentials", "wrong-password"]
+)
+def test_a_service_refusing_the_credentials_records_nothing(
+    registry_home: Path,
+    good_candidate: Any,
+    register: Callable[..., str],
+    credentials: str,
+    ready_timeout: str,
 ) -> None:
+    """A missing token or a wrong password was recorded as a failed verification of the model
+    ("0/20 golden requests matched; request 0: HTTP 401"), replacing a passed one: promote then
+    refused a model nothing was wrong with. The service answered nothing about the model."""
     version = register(good_candidate)
     stage_as_retrain(version)
     features = good_candidate.split.feature_names
@@ -330,15 +341,19 @@ def test_a_wrong_password_fails_verification_without_showing_it(
                 "verify",
                 "--version",
                 version,
+                "--ready-timeout",
+                ready_timeout,
                 "--url",
-                url.replace("http://", "http://ops:s3cr%2Ft%40pw@"),
+                url.replace("http://", f"http://{credentials}"),
             ],
         )
     assert result.exit_code == 1, result.output
-    assert "HTTP 401" in result.output, result.output
+    assert f"the service at {url} refused the credentials verify sent (HTTP 401" in result.output
+    assert "nothing was verified or recorded" in result.output, result.output
     tags = client().get_model_version(MODEL_NAME, version).tags
-    assert tags["staging_verification"] == "failed" and tags["staging_verification_url"] == url
-    _shows_no_password(result.output, json.dumps(tags))
+    assert "staging_verification" not in tags
+    assert "verify" not in [e.action for e in history.read(client(), version)]
+    _shows_no_password(result.output)
 
 
 def test_a_service_never_ready_behind_credentials_is_named_without_them(

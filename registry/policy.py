@@ -581,7 +581,8 @@ def _promote(
                 " --override-gate (recorded in the history)"
             )
         raise RegistryError(
-            f"version {number} is in stage {mv.current_stage}, not Staging: only a staged version can be promoted"
+            f"version {number} is in stage {mv.current_stage}, not Staging{_moved_by(c, number)};"
+            " only a staged version can be promoted"
         )
     verification = (mv.tags or {}).get(VERIFICATION_TAG)
     if verification != "passed":
@@ -631,6 +632,16 @@ def _promote(
         for old in previous
     ]
     return changes
+
+
+def _moved_by(c: MlflowClient, number: str) -> str:
+    """ ", since its <action> by <actor>: <reason>" after the version's last recorded move (a
+    retrain superseding it, a rollback archiving it), or nothing when none is recorded."""
+    moves = [e for e in history.read(c, number) if e.action not in RECORDED_ONLY]
+    if not moves or moves[-1].to_stage != str(get_version(c, number).current_stage):
+        return ""  # none, or the stage was changed outside paylater since: it would mislead
+    last = moves[-1]
+    return f" ({last.action} by {last.actor} at {last.at}: {last.reason})"
 
 
 def production_disagreement(c: MlflowClient, besides: str) -> str | None:

@@ -1084,3 +1084,27 @@ def test_promoting_a_rejected_candidate_says_the_gates_rejected_it(
     assert f"version {version} was rejected by the gates (AUC 0.61 below 0.65)" in said, said
     assert "never staged" in said and "--override-gate" in said, said
     assert _state() == before
+
+
+def test_promoting_a_version_a_retrain_superseded_meanwhile_says_what_moved_it(
+    mlflow_server: str,
+    good_candidate: Any,
+    register: Callable[..., str],
+    register_copy: Callable[[str], str],
+    mark_verified: Callable[[str], None],
+) -> None:
+    """Carol verifies staged v1; the monthly retrain stages v2 (archiving v1) before she
+    promotes. "version 1 is in stage Archived, not Staging" left her to find out why."""
+    first = register(good_candidate)
+    stage_as_retrain(first)
+    mark_verified(first)
+    second = register_copy(first)
+    stage_as_retrain(second)
+    before = _state()
+    with pytest.raises(RegistryError) as refused:
+        policy.promote(first, "production", "verified", "carol")
+    said = str(refused.value)
+    assert f"version {first} is in stage Archived, not Staging" in said, said
+    assert "(supersede by monthly-retrain at " in said, said
+    assert f": superseded in Staging by v{second}); only a staged version" in said, said
+    assert _state() == before

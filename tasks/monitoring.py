@@ -527,8 +527,8 @@ FLOW_RUN_READ_TIMEOUT_SECONDS = 10.0
 FLOW_RUN_READ_BUDGET_SECONDS = 30.0
 """All of them: past it the checks are unknown, and the others are judged and alerted on."""
 PREFECT_PAGE_SIZE = 200
-"""Items asked of the Prefect API per request, paged through with offsets: its server refuses a
-larger limit (PREFECT_SERVER_API_DEFAULT_LIMIT, 200 by default) and returns no more unasked."""
+"""Items asked of the Prefect API per request: its server refuses a larger limit
+(PREFECT_SERVER_API_DEFAULT_LIMIT, 200 by default) and returns no more unasked."""
 
 
 class _Identified(Protocol):
@@ -541,22 +541,48 @@ class _Identified(Protocol):
 Identified = TypeVar("Identified", bound=_Identified)
 
 
-def read_all_pages(
-    read: Callable[[int, int], list[Identified]], in_time: Callable[[], None] = lambda: None
-) -> list[Identified]:
-    """Every object `read(limit, offset)` returns, PREFECT_PAGE_SIZE at a time until a short page,
-    each once (an object moved between pages by a concurrent change is not counted twice);
-    `in_time` is called before each request (it raises when the read budget is spent)."""
-    found: dict[UUID, Identified] = {}
-    offset = 0
+class _Timed(_Identified, Protocol):
+    """A flow run read from the API, with the time it was first due (set once, never changed)."""
+
+    @property
+    def expected_start_time(self) -> datetime | None: ...
+
+
+Timed = TypeVar("Timed", bound=_Timed)
+
+
+def read_all_after(
+    read: Callable[[int, datetime | None, list[UUID]], list[Timed]],
+    in_time: Callable[[], None] = lambda: None,
+) -> list[Timed]:
+    """Every run `read(limit, after, exclude)` returns, PREFECT_PAGE_SIZE at a time until a short
+    page: sorted by expected start time, each request asks from the last page's latest time on
+    (`after`, inclusive), excluding the runs already read at that very time (`exclude`); `in_time`
+    is called before each request (see read_all_excluding).
+
+    A keyset, not offsets: Prefect sets a run's expected start time once, at its first state, so
+    a run leaving the filtered states between two requests (a late run starting, a running one
+    ending) moves no other run across a page's edge, and each run that stays is read exactly
+    once. Each request excludes only the runs tied at the cursor, so it stays a page's size
+    however many runs there are (see read_flow_runs for why not plain exclusion).
+    """
+    found: dict[UUID, Timed] = {}
+    due: dict[UUID, datetime] = {}
+    after: datetime | None = None
     while True:
         in_time()
-        page = read(PREFECT_PAGE_SIZE, offset)
-        for item in page:
-            found.setdefault(item.id, item)
+        tied = [key for key, moment in due.items() if moment == after]
+        page = read(PREFECT_PAGE_SIZE, after, tied)
+        fresh = [item for item in page if item.id not in found]
+        for item in fresh:
+            if item.expected_start_time is None:  # Prefect sets it at a run's first state
+                raise RuntimeError(f"the Prefect API returned flow run {item.id} with no due time")
+            found[item.id], due[item.id] = item, as_utc(item.expected_start_time)
         if len(page) < PREFECT_PAGE_SIZE:
             return list(found.values())
-        offset += PREFECT_PAGE_SIZE
+        if not fresh:  # an API ignoring the filter would return this page forever
+            raise RuntimeError("the Prefect API returned a full page of runs it was told to skip")
+        after = max(due[item.id] for item in fresh)
 
 
 def read_all_excluding(
@@ -566,7 +592,8 @@ def read_all_excluding(
     excluded: Iterable[UUID] = (),
 ) -> dict[UUID, Identified]:
     """The first object `read(limit, exclude)` returns for each key, PREFECT_PAGE_SIZE at a time
-    until a short page; `in_time` is called before each request (see read_all_pages).
+    until a short page; `in_time` is called before each request (it raises when the read budget
+    is spent).
 
     Each request asks again from the top, excluding the keys found so far (and `excluded`): no
     offset, so objects tied in the sort, or one deleted between two requests, cannot shift an
@@ -795,8 +822,12 @@ def read_flow_runs(
     monitor itself, while its database is down) fills at most one page before it is excluded, so
     it never crowds another job's failure out; and the read costs about a request per page of
     jobs (PREFECT_PAGE_SIZE), at most one per page of finished runs, not one per deployment (with
-    hundreds, the reads outlasted their budget). The deployments are read the same way; the
-    waiting and running runs page after page by id. An API that does not answer raises
+    hundreds, the reads outlasted their budget). The deployments are read the same way. The
+    waiting and running runs are read by a keyset on their expected start time (see
+    read_all_after), not by offset: a run changing state between two pages shifted the offsets,
+    and the run at a page's edge went unread for a pass. Not by exclusion either: those runs
+    pile up by the thousand when no worker polls (the monitor's own schedule alone adds 288 late
+    runs a day), and each request would carry every id read so far. An API that does not answer raises
     TimeoutError within about FLOW_RUN_READ_BUDGET_SECONDS (each request
     FLOW_RUN_READ_TIMEOUT_SECONDS, without the client's retries).
     """
@@ -877,32 +908,32 @@ def read_flow_runs(
             excluded=[UUID(own_deployment)] if own_deployment else [],
         )
 
-        def runs(flow_run_filter: FlowRunFilter) -> list[FlowRun]:
-            # By id, a total order: sorted by time, runs tied at a page's edge could be skipped.
-            return read_all_pages(
-                lambda limit, offset: client.read_flow_runs(
-                    flow_run_filter=flow_run_filter,
-                    sort=FlowRunSort.ID_DESC,
+        def runs(
+            state: FlowRunFilterState,
+            before: datetime | None = None,
+            skip: list[UUID] | None = None,
+            deployment_id: FlowRunFilterDeploymentId | None = None,
+        ) -> list[FlowRun]:
+            def page(limit: int, after: datetime | None, tied: list[UUID]) -> list[FlowRun]:
+                due = {"before_": before, "after_": after}
+                return client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(not_any_=[*(skip or []), *tied] or None),
+                        state=state,
+                        deployment_id=deployment_id,
+                        expected_start_time=FlowRunFilterExpectedStartTime.model_validate(due),
+                    ),
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
                     limit=limit,
-                    offset=offset,
-                ),
-                in_time,
-            )
+                )
 
-        waiting = runs(
-            FlowRunFilter(
-                state=states(*WAITING_STATES),
-                expected_start_time=FlowRunFilterExpectedStartTime.model_validate(
-                    {"before_": now - timedelta(minutes=late_minutes)}
-                ),
-            )
-        )
+            return read_all_after(page, in_time)
+
+        waiting = runs(states(*WAITING_STATES), before=now - timedelta(minutes=late_minutes))
         running = runs(
-            FlowRunFilter(
-                id=FlowRunFilterId(not_any_=[UUID(own_run)]) if own_run else None,
-                state=states(*RUNNING_STATES),
-                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
-            )
+            states(*RUNNING_STATES),
+            skip=[UUID(own_run)] if own_run else None,
+            deployment_id=FlowRunFilterDeploymentId(is_null_=False),
         )
         waiting.sort(key=lambda r: _sort_time(r.expected_start_time))
         running.sort(key=lambda r: _sort_time(r.start_time or r.expected_start_time))

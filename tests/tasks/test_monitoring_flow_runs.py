@@ -832,3 +832,164 @@ def test_every_deployment_is_read_once_when_names_tie_and_one_is_deleted_mid_rea
     assert f"paylater-test-tied-{tag}-0/0-doomed-{tag}" in deployments  # read before it went
     assert len(deployments) == remaining + 1, deployments  # none skipped
     assert {f"paylater-test-tied-{tag}-{i}/tied-{tag}" for i in range(5)} <= set(deployments)
+
+
+def move_first_of_page_one(
+    states: tuple[str, ...], to: Any, moved: list[str]
+) -> Callable[[Any], None]:
+    """A request hook: before the second request reading runs in `states`, the first run the
+    first such request returned is set to `to` (its id appended to `moved`); the read's first
+    page is asked again, as the read asked it, to know which run that is."""
+    import json
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    first: list[bytes] = []
+
+    def hook(request: Any) -> None:
+        if not request.url.path.endswith("/flow_runs/filter"):
+            return
+        body = json.loads(request.content)
+        wanted = ((body.get("flow_runs") or {}).get("state") or {}).get("type") or {}
+        if sorted(wanted.get("any_") or []) != sorted(states):
+            return
+        first.append(request.content)
+        if len(first) != 2:  # before the second request only
+            return
+        page = httpx.post(f"{api}/flow_runs/filter", content=first[0], timeout=10)
+        run_id = page.raise_for_status().json()[0]["id"]
+        state = {"state": to.model_dump(mode="json", exclude_unset=True), "force": True}
+        answer = httpx.post(f"{api}/flow_runs/{run_id}/set_state", json=state, timeout=10)
+        assert answer.raise_for_status().json()["status"] == "ACCEPT"
+        moved.append(run_id)
+
+    return hook
+
+
+def flow_run_pairs(runs: list[Any], flow_names: dict[Any, str]) -> set[tuple[str, str]]:
+    """Each run as (its flow's name, its name)."""
+    return {(flow_names.get(r.flow_id, str(r.flow_id)), r.name) for r in runs}
+
+
+def test_a_run_changing_state_between_pages_skips_no_waiting_or_running_run(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting and running runs were paged by offset (sorted by id): a run of the first page
+    that left its state before the second page was asked shifted every later run one place up,
+    and the run at the page's edge was read on neither page, so a late or stuck run went
+    uncounted for a pass. With a page of 2: six late runs and six running ones; before the
+    second page of each read, the first run of its first page changes state (late: starts
+    running; running: completes). Every run that stayed late, or running, throughout is read."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import State, StateType
+    from prefect.states import Completed, Running, Scheduled
+
+    from tasks import monitoring
+
+    monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 2)
+    name = f"paylater-test-shifted-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+
+    def in_states(*names: str, late: bool = False) -> FlowRunFilter:
+        return FlowRunFilter(
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType(n) for n in names])
+            ),
+            expected_start_time=FlowRunFilterExpectedStartTime.model_validate(
+                {"before_": now - timedelta(minutes=30)}
+            )
+            if late
+            else None,
+            deployment_id=None if late else FlowRunFilterDeploymentId(is_null_=False),
+        )
+
+    waiting_filter = in_states("SCHEDULED", "PENDING", late=True)
+    running_filter = in_states("RUNNING", "CANCELLING")
+    moved: list[str] = []
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+        try:
+            deployment_id = client.create_deployment(flow_id, "shifted")
+            for i in range(6):
+                due: State[Any] = Scheduled(scheduled_time=now - timedelta(hours=2, minutes=i))
+                client.create_flow_run_from_deployment(deployment_id, state=due, name=f"late-{i}")
+                run = client.create_flow_run_from_deployment(deployment_id, name=f"running-{i}")
+                client.set_flow_run_state(run.id, Running(), force=True)
+            before = {
+                key: client.read_flow_runs(flow_run_filter=f, limit=200)
+                for key, f in (("waiting", waiting_filter), ("running", running_filter))
+            }
+            assert all(len(runs) < 200 for runs in before.values())  # each read here whole
+
+            def on_request(request: Any) -> None:
+                move_waiting(request)
+                move_running(request)
+
+            move_waiting = move_first_of_page_one(("PENDING", "SCHEDULED"), Running(), moved)
+            move_running = move_first_of_page_one(("CANCELLING", "RUNNING"), Completed(), moved)
+            read, _ = requests_of(monkeypatch, lambda: read_flow_runs(now, 48, 30), on_request)
+            after = {
+                key: client.read_flow_runs(flow_run_filter=f, limit=200)
+                for key, f in (("waiting", waiting_filter), ("running", running_filter))
+            }
+            flow_ids = {r.flow_id for runs in [*before.values(), *after.values()] for r in runs}
+            flow_names = {
+                f.id: f.name
+                for f in client.read_flows(
+                    flow_filter=FlowFilter(id=FlowFilterId(any_=list(flow_ids)))
+                )
+            }
+        finally:
+            client.delete_flow(flow_id)  # its deployments and runs go with it
+
+    assert len(moved) == 2, moved  # one run moved during each read, between its pages
+    for key, found in (("waiting", read.waiting), ("running", read.running)):
+        stayed = {r.id for r in before[key]} & {r.id for r in after[key]}
+        kept = flow_run_pairs([r for r in before[key] if r.id in stayed], flow_names)
+        assert len(before[key]) > 2  # more than a page
+        missed = kept - {(r.flow, r.name) for r in found}
+        assert not missed, (key, missed)
+    assert sorted(r.name for r in ours(read.waiting, name)) == [f"late-{i}" for i in range(6)]
+    assert len(ours(read.running, name)) >= 5
+
+
+def test_late_runs_due_at_the_same_moment_are_each_read_once(
+    prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting runs are paged from the last page's latest due time on: five runs a schedule
+    made due at the very same moment straddle every page's edge (page of 2), and each is read
+    once, none skipped nor twice."""
+    from prefect import get_client
+    from prefect.states import Scheduled
+
+    from tasks import monitoring
+
+    monkeypatch.setattr(monitoring, "PREFECT_PAGE_SIZE", 2)
+    name = f"paylater-test-tied-runs-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    due = now - timedelta(hours=3)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(name)
+        try:
+            deployment_id = client.create_deployment(flow_id, "tied")
+            for i in range(5):
+                client.create_flow_run_from_deployment(
+                    deployment_id, state=Scheduled(scheduled_time=due), name=f"tied-{i}"
+                )
+            waiting = read_flow_runs(now, 48, 30).waiting
+        finally:
+            client.delete_flow(flow_id)
+
+    assert sorted(r.name for r in ours(waiting, name)) == [f"tied-{i}" for i in range(5)]
+    assert measure_late_runs(ours(waiting, name), now, 30).value == 5.0

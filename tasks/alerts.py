@@ -3,15 +3,22 @@ a plain Slack-compatible webhook URL) get every alert; PagerDuty gets critical o
 Events API v2, with the caller's dedup key, and a "resolve" when the caller says the incident
 cleared. Delivery problems are logged, never raised: an alert must not turn a failure into a
 different failure.
+
+No channel's secret reaches a log record, whatever the level: the libraries a delivery goes
+through quote its URL (apprise the Slack block's at DEBUG, urllib3 its path, httpx every URL at
+INFO), so their loggers carry a filter masking every secret this module has handled (see
+hide_in_logs).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -32,6 +39,111 @@ clients' timeouts bound each read, not the answer: a receiver that keeps sending
 would otherwise hold the caller (the monitor, inside its incident transaction) indefinitely."""
 
 _T = TypeVar("_T")
+
+QUOTING_LOGGERS = (
+    "apprise",
+    "urllib3.connectionpool",
+    "urllib3.connection",
+    "urllib3.poolmanager",
+    "urllib3.response",
+    "urllib3.util.retry",
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+"""The loggers of the libraries an alert goes through (apprise and the requests/urllib3 under it
+for a Slack block; httpx and httpcore for the webhook, the heartbeat and PagerDuty). A logger's
+filter sees only the records logged on it, not its children's: each is named."""
+SHORTEST_SECRET_PATH = 8
+"""A URL path shorter than this ('/', '/hook') holds no token, and masked it would hide ordinary
+words of unrelated records ('/api' in every Prefect request httpx logs)."""
+
+_secrets: frozenset[str] = frozenset()
+_secrets_lock = threading.Lock()
+
+
+def hide_in_logs(*secrets: str | None) -> None:
+    """Mask each secret (a routing key, a webhook's URL: whole, its path and its password) in
+    every record of QUOTING_LOGGERS from now on, for the life of the process: a delivery left
+    running past its deadline may still log once it ends."""
+    forms: set[str] = set()
+    for secret in filter(None, secrets):
+        forms.add(secret)
+        try:
+            parts = urlsplit(secret)
+        except ValueError:
+            continue
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        if parts.netloc and len(parts.path) >= SHORTEST_SECRET_PATH:
+            forms |= {path, parts.path}  # urllib3 logs the path alone
+        if parts.netloc and parts.password:
+            forms.add(parts.password)
+    global _secrets
+    with _secrets_lock:
+        _secrets = _secrets | forms
+
+
+class SecretsFilter(logging.Filter):
+    """Rewrites a record (message, traceback, stack) with the known secrets and any credential
+    redact recognises masked; never drops one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Mask the record in place; always keep it."""
+        secrets = _secrets
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: what the handler would print is msg and args
+            message = f"{record.msg} {record.args!r}"
+        clean = scrub(message, *secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            clean = scrub(text, *secrets)
+            if clean != text:  # formatters print exc_text; some format exc_info anew
+                record.exc_text, record.exc_info = clean, None
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info, *secrets)
+        return True
+
+
+_SECRETS_FILTER = SecretsFilter()
+
+
+def filter_quoting_loggers() -> None:
+    """Put the secrets filter on every logger of QUOTING_LOGGERS (once each)."""
+    for name in QUOTING_LOGGERS:
+        logger = logging.getLogger(name)
+        if _SECRETS_FILTER not in logger.filters:
+            logger.addFilter(_SECRETS_FILTER)
+
+
+filter_quoting_loggers()
+
+
+@contextmanager
+def _held_back(logger: logging.Logger) -> Iterator[None]:
+    """Hold back the records this thread logs on `logger` meanwhile, then let them through: the
+    secrets filter then masks the secrets that became known meanwhile."""
+    held: list[logging.LogRecord] = []
+    me = threading.get_ident()
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.thread == me:
+            held.append(record)
+            return False
+        return True
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
 
 
 class DeliveryTimeout(Exception):
@@ -94,7 +206,10 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
     try:
         from prefect.blocks.notifications import SlackWebhook
 
-        block = SlackWebhook.load(name)
+        # apprise logs the URL as the block loads: held back until it is known, then masked.
+        with _held_back(logging.getLogger("apprise")):
+            block = SlackWebhook.load(name)
+            hide_in_logs(block.url.get_secret_value())
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
 
         def send() -> None:
@@ -114,6 +229,7 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
 def _refused(what: str, url: str, send: Callable[[], httpx.Response]) -> str | None:
     """`send()` within the delivery deadline: None when the receiver accepted, else what went
     wrong (the URL's path scrubbed from it: a webhook's or a heartbeat check's secret)."""
+    hide_in_logs(url)
     try:
         response = _within_deadline(what, send)
     except Exception as exc:
@@ -225,7 +341,10 @@ def send_page(
 ) -> Page:
     """Send one event to PagerDuty; 429, 5xx and an unreachable endpoint are retryable."""
     try:
-        routing_key, url = _routing_key(settings)
+        # An old PagerDutyWebHook block loads apprise, which logs its URL (key masked, today).
+        with _held_back(logging.getLogger("apprise")):
+            routing_key, url = _routing_key(settings)
+            hide_in_logs(routing_key)
     except _NoRoutingKey as exc:
         # The Prefect API's error may quote its URL (a proxy's user:password included).
         return Page(False, exc.retryable, redact(f"no PagerDuty routing key: {exc}"))

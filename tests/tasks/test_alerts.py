@@ -435,3 +435,58 @@ def test_a_failing_slack_block_is_logged_without_its_secrets(
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "paylater.alerts")
     assert f"Slack block {name!r}" in ours
     assert "Wr0ngSecret" not in ours and "XyzSecretPath" not in ours, ours
+
+
+def test_no_webhook_secret_or_routing_key_reaches_any_log_record_at_debug(
+    prefect_harness, paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    """With DEBUG logging on (an operator chasing a delivery problem), apprise logged the Slack
+    block's URL with its secret path ("JSON POST URL: …", the failure's "Socket Exception: …"),
+    urllib3 the path alone ('"POST /services/… HTTP/1.1" 500'), and httpx, even at INFO, the plain
+    webhook's and the heartbeat's URLs whole. Every record of every logger now carries the host
+    and the reason, never a webhook's path, a password or the PagerDuty routing key."""
+    import logging
+
+    from prefect.blocks.notifications import SlackWebhook
+
+    from tasks.alerts import heartbeat
+
+    caplog.set_level(logging.DEBUG)
+    for name in ("apprise", "urllib3", "httpx", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    block_path = "services/T000/B000/XyzBlockSecretPath"
+    hook_path = "services/T111/B111/XyzHookSecretPath"
+    ping_path = "ping/XyzPingSecretKey"
+    block, closed_block = (f"alerts-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for name, port in ((block, receiver.port), (closed_block, 1)):  # 1: nobody listens
+        SlackWebhook(
+            url=SecretStr(f"json://hook:Wr0ngSecret@127.0.0.1:{port}/{block_path}"),
+            allow_private_urls=True,
+        ).save(name)
+    caplog.clear()  # what the test's own set-up logged: the monitor only loads blocks
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", block)
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/{hook_path}"
+    )
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    pagerduty.answer = f'{{"status": "throttled", "echo": "{FAKE_KEY}"}}'.encode()
+
+    for status, pd_status in ((500, 429), (200, 202)):
+        receiver.status, pagerduty.status = status, pd_status
+        notify("[FIRING] q", "b", severity="critical", dedup_key="pm/q")
+    heartbeat(f"http://127.0.0.1:{receiver.port}/{ping_path}")
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:1/{hook_path}")
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", closed_block)  # connection errors quote URLs
+    notify("[FIRING] w", "b", severity="warning", dedup_key="pm/w")
+
+    assert len(receiver.bodies) == 4 and len(pagerduty.bodies) == 2  # all of it was sent
+    names = {r.name.split(".")[0] for r in caplog.records if r.levelno == logging.DEBUG}
+    assert {"apprise", "urllib3"} <= names, names  # DEBUG was on where the URLs are quoted
+    assert any(r.name == "httpx" for r in caplog.records)
+    logged = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
+    for secret in ("XyzBlockSecretPath", "XyzHookSecretPath", "XyzPingSecretKey", "Wr0ngSecret"):
+        assert secret not in logged, [
+            r.getMessage() for r in caplog.records if secret in r.getMessage()
+        ]
+    assert FAKE_KEY not in logged
+    assert "127.0.0.1" in logged  # the host stays readable

@@ -351,7 +351,9 @@ def send_page(
     event = pagerduty_event(routing_key, action, subject, body, dedup_key)
     try:
         response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))
-    except httpx.InvalidURL as exc:  # not an HTTPError: a typo a resend cannot mend
+    # A typo a resend cannot mend: a bad URL (not an HTTPError), or no http(s):// scheme (an
+    # HTTPError, which a network outage is too: taken for one, it was resent every run for good).
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
         problem = f"PAYLATER_ALERT_PAGERDUTY_EVENTS_URL {redact(url)!r} is invalid: {exc}"
         return Page(False, False, scrub(problem, routing_key))
     except httpx.HTTPError as exc:

@@ -354,15 +354,26 @@ def test_a_receiver_that_never_finishes_answering_does_not_hold_the_alert(
         trickler.close()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://events.pagerduty.com:44x3/",  # a bad port: httpx.InvalidURL
+        # No scheme, or a wrong one: httpx.UnsupportedProtocol, an HTTPError like a network
+        # outage, was taken for one: retried every run, Slack held back (a heartbeat configured)
+        # and never told why the pages did not go out.
+        "events.pagerduty.com/v2/enqueue",
+        "ftp://events.pagerduty.com/v2/enqueue",
+    ],
+)
 def test_a_malformed_pagerduty_url_is_a_clear_refusal_not_an_exception(
-    paylater_home, receiver, monkeypatch, caplog
+    paylater_home, receiver, monkeypatch, caplog, url
 ) -> None:
     """notify never raises: a typo in the Events API URL (a bad port) raised httpx.InvalidURL out
     of it, failing the monitor's incident update on every run instead of telling Slack once."""
     for var in PAGERDUTY_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
-    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", "https://events.pagerduty.com:44x3/")
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_EVENTS_URL", url)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
     # Resending cannot mend a URL: Slack is told now, flagged unpaged, and the notice counts as sent.
     assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True) is True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -28,6 +28,7 @@ from tasks.monitoring import (
     judge,
     open_queue_db,
     reconcile,
+    reconcile_unmeasured,
     utc_now,
 )
 from tasks.warehouse import open_warehouse
@@ -60,7 +61,10 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
 
     A report counts once per data day (its snapshot's as_of, kept on the incident): a retry of
     this task, or a manual rerun of the report on the same snapshot, does not count as one more
-    report toward resolving an incident (a result at or above its level still counts). An alert not delivered (Slack 429/5xx, PagerDuty
+    report toward resolving an incident (a result at or above its level still counts). A check
+    a fault kept from being measured (an empty snapshot, a model that cannot be loaded or scored)
+    is told to Slack at once as [UNMEASURED], and RESOLVED at the first report that measures it
+    (monitor_unmeasured, as the monitor's checks). An alert not delivered (Slack 429/5xx, PagerDuty
     refusing the page) leaves its incident unchanged for a resend, and these checks run once a
     day: the task fails, so Prefect resends it, and once its retries run out the flow fails (the
     monitor's failed_flows check pages).
@@ -84,6 +88,8 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
                 not_yet_counted([result], [incident] if incident else [], now, daily.as_of)
             ),
         )
+        # Told at the first report that cannot measure it: the next one is a day away.
+        delivered += reconcile_unmeasured(engine, results, now, timedelta(0), deliver=counted)
     finally:
         engine.dispose()
     if counted.undelivered:

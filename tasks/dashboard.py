@@ -313,6 +313,10 @@ class DailyMonitoring:
     score_rows: int = 0  # production scores behind the score PSI
     reference_day: date | None = None  # the scoring snapshot feature PSI compares with
     reference_score_rows: int = 0  # the model's scores of its training requests
+    # Drift checks that could not be measured for a fault (an empty snapshot, a model that cannot
+    # be loaded or scored): check -> why. Slack hears of it (flows/dashboard.py); a check with
+    # nothing to judge yet (no earlier snapshot, no production model, no scores today) is not.
+    unmeasured: dict[str, str] = field(default_factory=dict)
 
 
 def recent_production_scores(engine: sa.Engine, since: datetime, version: str) -> list[float]:
@@ -360,6 +364,7 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
     except Exception as exc:  # a registry outage must not hide the feature drift
         model = None
         out.notes.append(f"production model not loadable: {exc}")
+        out.unmeasured["score_psi"] = f"production model not loadable: {exc}"
     reference_scores = current_scores = None
     if model is None:
         out.notes.append("no production model: no score PSI or vintages")
@@ -373,6 +378,12 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
             out.notes.append(
                 f"production model version {model.version} not scored on the training set "
                 f"as_of {training_manifest.as_of} ({exc}): no score PSI or vintages"
+            )
+            out.unmeasured["score_psi"] = out.notes[-1]
+        if reference_scores is not None and len(reference_scores) == 0:
+            out.unmeasured["score_psi"] = (
+                f"the training set as_of {training_manifest.as_of} has no rows: no reference"
+                f" scores for version {model.version}"
             )
         since = now - timedelta(days=1)
         current_scores = recent_production_scores(engine, since, model.version) or None
@@ -400,6 +411,14 @@ def daily_monitoring(engine: sa.Engine, now: datetime) -> DailyMonitoring:
             f"scoring as_of {day} ({reference.num_rows} users; the model's training set: as_of "
             f"{trained})"
         )
+        for snapshot, table in (("the reference", reference), ("the latest", scoring)):
+            if table.num_rows == 0:  # every feature's PSI needs values on both sides
+                as_of = day if table is reference else scoring_manifest.as_of
+                out.unmeasured["feature_psi_max"] = (
+                    f"{snapshot} scoring snapshot as_of {as_of} has no rows: no feature drift"
+                    " measured (rebuild it: prefect deployment run 'feature-build/feature-build'"
+                    f" --param as_of={as_of})"
+                )
     out.reference_day = day
     out.reference_score_rows = len(reference_scores) if reference_scores is not None else 0
     out.drift = drift_report(reference, scoring, None, reference_scores, current_scores)
@@ -464,10 +483,45 @@ def drift_measurements(daily: DailyMonitoring, ignore: Collection[str] = ()) -> 
         "training rows",
         "production scores, last day, vs the model's scores of its training requests",
     )
+    if feature_psi is None and not judged:
+        detail = daily.unmeasured.get("feature_psi_max") or _no_feature_psi(daily, ignore)
+    if drift.score_psi is None:
+        score_detail = daily.unmeasured.get("score_psi") or _no_score_psi(daily)
     return [
-        Measurement("feature_psi_max", feature_psi, detail),
-        Measurement("score_psi", score_psi, score_detail),
+        _not_judged_unless_faulty(daily, "feature_psi_max", feature_psi, detail),
+        _not_judged_unless_faulty(daily, "score_psi", score_psi, score_detail),
     ]
+
+
+def _not_judged_unless_faulty(
+    daily: DailyMonitoring, check: str, value: float | None, detail: str
+) -> Measurement:
+    """A drift measurement; without a value, sparse (nothing to judge yet: not announced)
+    unless a fault kept it from being measured (daily.unmeasured)."""
+    sparse = value is None and check not in daily.unmeasured
+    return Measurement(check, value, detail, sparse=sparse)
+
+
+def _no_feature_psi(daily: DailyMonitoring, ignore: Collection[str]) -> str:
+    """Why there is no feature PSI to judge, when no fault says so."""
+    if daily.reference_day is None:
+        return f"no scoring snapshot before as_of {daily.as_of} to measure feature drift from"
+    skipped = daily.drift.skipped if daily.drift else {}
+    if skipped:
+        name, why = next(iter(skipped.items()))
+        return f"no feature PSI: {name}: {why}"
+    left_out = f" (not alerted on: {', '.join(sorted(ignore))})" if ignore else ""
+    return f"no numeric feature shared by both snapshots to judge{left_out}"
+
+
+def _no_score_psi(daily: DailyMonitoring) -> str:
+    """Why there is no score PSI to judge, when no fault says so."""
+    if daily.model_version is None:
+        return "no production model: no score PSI"
+    if daily.score_rows == 0:
+        return f"no production scores of version {daily.model_version} in the last day"
+    skipped = daily.drift.skipped.get("score") if daily.drift else None
+    return f"no score PSI: {skipped or 'not computed'}"
 
 
 DRIFT_RESOLVE_SETTING = "PAYLATER_MONITOR_DRIFT_RESOLVE_AFTER_REPORTS"

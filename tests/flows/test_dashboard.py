@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -340,6 +340,7 @@ class DriftWorld:
     trained: date
     users: pa.Table
     shifted: pa.Table  # txn_count_30d moved by 25: a critical feature_psi_max
+    last: list[dict] = field(default_factory=list)  # the last report's notices, whole
 
     def report(self, day: date | None = None, table: pa.Table | None = None) -> list[str]:
         """Write `table` as the scoring snapshot of `day` (None: a rerun on the newest snapshot
@@ -350,6 +351,7 @@ class DriftWorld:
         if day is not None and table is not None:
             write_scoring(day, table, list(USER_FEATURES))
         monitoring_report()
+        self.last = list(self.payloads)
         sent = [p["subject"] for p in self.payloads if "feature_psi_max" in p["subject"]]
         self.payloads.clear()
         return sent
@@ -596,3 +598,31 @@ def test_an_incident_table_made_before_counted_days_gets_the_column(pg_url: str)
         assert incident["counted_day"] is None and incident["runs_ok"] == 0
     finally:
         engine.dispose()
+
+
+def test_an_empty_reference_snapshot_warns_slack_naming_it_and_resolves_once_fixed(
+    drift_world: DriftWorld, paylater_home: Path
+) -> None:
+    """The scoring snapshot feature drift is measured from was written empty (a build on a day
+    the source returned no users): every feature's PSI raised "needs values on both sides", the
+    check was unknown with the detail "worst: " and nothing told anybody, day after day, while
+    drift went unwatched. Now Slack hears one warning naming the empty snapshot (never a page),
+    the report is still written, and a RESOLVED once a report measures it again. No production
+    model is no fault: its score PSI stays quiet."""
+    from registry.testing import USER_FEATURES
+
+    w = drift_world
+    reference = w.trained - timedelta(days=30)
+    write_scoring(reference, w.users.slice(0, 0), list(USER_FEATURES))  # rewritten empty
+    w.report(w.trained + timedelta(days=1), w.users)
+    (warned,) = w.last
+    assert warned["subject"] == "[UNMEASURED] paylater warning: feature_psi_max"
+    assert warned["severity"] == "warning"
+    assert f"the reference scoring snapshot as_of {reference} has no rows" in warned["body"]
+    assert (paylater_home / "reports" / "monitoring-latest.html").exists()
+    w.report(w.trained + timedelta(days=2), w.users)
+    assert w.last == []  # told once
+
+    write_scoring(reference, w.users, list(USER_FEATURES))  # rebuilt
+    w.report(w.trained + timedelta(days=3), w.users)
+    assert [p["subject"] for p in w.last] == ["[RESOLVED] paylater: feature_psi_max measured again"]

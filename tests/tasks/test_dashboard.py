@@ -276,3 +276,47 @@ def test_reports_written_at_once_never_leave_a_mixed_or_missing_file(tmp_path: P
         "monitoring-2026-11-26.html",
         "monitoring-latest.html",
     ]
+
+
+def test_a_drift_check_with_nothing_to_judge_yet_is_not_taken_for_a_fault() -> None:
+    """Only a fault (an empty snapshot, a model that cannot be loaded or scored) makes a drift
+    check unmeasured, which Slack hears of; no earlier snapshot (a new system), no production
+    model and too few rows are nothing to judge yet, each saying so, not "worst: "."""
+    import pyarrow as pa
+
+    from paylater.settings import Settings
+    from tasks.dashboard import DailyMonitoring, drift_measurements
+    from tasks.drift import drift_report
+    from tasks.monitoring import judge
+
+    current = pa.table({"spend_30d": np.linspace(0, 1, 500)})
+
+    def results(daily: DailyMonitoring) -> dict[str, tuple[bool, str]]:
+        judged = judge(drift_measurements(daily), Settings())
+        return {r.check: (r.unmeasured, r.detail) for r in judged}
+
+    day = date(2026, 11, 26)
+    new_system = DailyMonitoring(day, drift_report(current.slice(0, 0), current))
+    assert results(new_system) == {
+        "feature_psi_max": (
+            False,
+            "no scoring snapshot before as_of 2026-11-26 to measure feature drift from",
+        ),
+        "score_psi": (False, "no production model: no score PSI"),
+    }
+    few = DailyMonitoring(day, drift_report(current.slice(0, 20), current), reference_day=day)
+    assert results(few)["feature_psi_max"][0] is False
+    empty = DailyMonitoring(
+        day,
+        drift_report(current.slice(0, 0), current),
+        reference_day=date(2026, 10, 1),
+        model_version="3",
+        unmeasured={
+            "feature_psi_max": "the reference scoring snapshot as_of 2026-10-01 has no rows",
+            "score_psi": "production model not loadable: registry down",
+        },
+    )
+    assert results(empty) == {
+        "feature_psi_max": (True, "the reference scoring snapshot as_of 2026-10-01 has no rows"),
+        "score_psi": (True, "production model not loadable: registry down"),
+    }

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from prefect import flow, get_run_logger, task
 
+from paylater.redaction import redact, safe_cause
 from paylater.settings import get_settings
 from tasks.monitoring import (
     CheckResult,
@@ -159,7 +161,8 @@ def update_incidents(
     An alert not delivered (no channel took it, or PagerDuty refused the page with a retryable
     error) leaves its incident (or unmeasured state) unchanged, so the next run sends it again.
     An incident database that does not answer fails the run, as it always did: the flow's
-    failure alert and the withheld heartbeat say so.
+    failure alert (IncidentStateUnavailable: the database, its setting, and the checks judged
+    critical or warning, which no incident could carry) and the withheld heartbeat say so.
     """
     counted = Deliveries()
     settings = get_settings()
@@ -171,8 +174,36 @@ def update_incidents(
         after = unknown_alert_after(settings)
         delivered += reconcile_unmeasured(engine, results, now, after, deliver=counted)
         return delivered, counted.undelivered
+    except sa.exc.DBAPIError as exc:
+        raise IncidentStateUnavailable(incident_db_failure(settings, exc, results)) from safe_cause(
+            exc
+        )
     finally:
         engine.dispose()
+
+
+class IncidentStateUnavailable(RuntimeError):
+    """The queue database, which keeps the incident state, could not be used: the run fails."""
+
+
+def incident_db_failure(settings: Any, exc: sa.exc.DBAPIError, results: list[CheckResult]) -> str:
+    """What the run's failure alert says: which database (its setting and host), its role, the
+    driver's reason, and the checks judged critical or warning this run (otherwise unsaid until
+    it answers). The same each run while nothing changes, so the alert is told once."""
+    setting, url = (
+        ("PAYLATER_WORKER_DATABASE_URL", settings.worker_database_url)
+        if settings.worker_database_url
+        else ("PAYLATER_SOURCE_URL", settings.source)
+    )
+    reason = " ".join(str(exc.orig or exc).split())
+    judged = [
+        f"{level}: {', '.join(r.check for r in results if r.level == level) or 'none'}"
+        for level in ("critical", "warning")
+    ]
+    return redact(
+        f"the queue database {setting} ({url}), which keeps the incident state, failed: {reason};"
+        f" incidents not updated and this run's alerts not sent; judged this run: {'; '.join(judged)}"
+    )
 
 
 @task

@@ -825,9 +825,7 @@ def test_an_unreachable_incident_database_fails_the_run_as_before(
     withheld, exactly as before the unmeasured warning existed (which cannot be sent here)."""
     import socket
 
-    import sqlalchemy
-
-    from flows.monitor import monitor
+    from flows.monitor import IncidentStateUnavailable, monitor
 
     point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
     heartbeat = Receiver()
@@ -837,7 +835,7 @@ def test_an_unreachable_incident_database_fails_the_run_as_before(
         port = closed.getsockname()[1]
         monkeypatch.setenv("PAYLATER_WORKER_DATABASE_URL", f"postgresql://u:p@127.0.0.1:{port}/db")
         monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", heartbeat.url)
-        with pytest.raises(sqlalchemy.exc.OperationalError, match="Connection refused"):
+        with pytest.raises(IncidentStateUnavailable, match="Connection refused"):
             monitor()
         (failed,) = receiver.take()  # the failure alert, and nothing else
         assert failed["subject"].endswith("of 'monitor' failed")
@@ -912,3 +910,43 @@ def test_without_a_heartbeat_slack_hears_a_critical_alert_pagerduty_refuses(
     assert [(e["event_action"], e["dedup_key"]) for e in pagerduty.take()] == [("trigger", key)]
     monitor()
     assert pagerduty.take() == []
+
+
+def test_an_unreachable_queue_database_fails_the_run_naming_it_and_what_was_judged(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The queue database keeps the incident state: unreachable, the run fails (no state can be
+    kept), and its failure alert was psycopg's bare "connection failed: … Connection refused",
+    naming neither the database's role nor its setting, while the checks the run did judge (a
+    sync 60 h late: critical) went unsaid until the database came back. The alert now names the
+    database, its setting and its role, and lists the checks judged critical or warning; the
+    same state the next run is not told again, and no password is shown."""
+    import socket
+
+    from flows.monitor import IncidentStateUnavailable, monitor
+
+    warehouse_url = point_monitor_at(monkeypatch, pg_url, paylater_home, receiver.url)
+    write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=60))  # sync_age: critical
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+    try:
+        port = closed.getsockname()[1]
+        monkeypatch.setenv(
+            "PAYLATER_WORKER_DATABASE_URL", f"postgresql://u:Wr0ngSecret@127.0.0.1:{port}/db"
+        )
+        for _ in range(2):
+            with pytest.raises(IncidentStateUnavailable, match="Connection refused"):
+                monitor()
+        (failed,) = receiver.take()  # told once
+    finally:
+        closed.close()
+    body = failed["body"]
+    assert failed["subject"].endswith("of 'monitor' failed")
+    assert "the queue database PAYLATER_WORKER_DATABASE_URL" in body, body
+    assert f"127.0.0.1:{port}/db" in body and "incident state" in body
+    assert "critical: sync_age" in body, body
+    assert "Wr0ngSecret" not in body

@@ -34,7 +34,8 @@ PAGERDUTY_SOURCE = "paylater-risk"
 _PAGERDUTY_US = Settings.model_fields["alert_pagerduty_events_url"].default
 _PAGERDUTY_EU = "https://events.eu.pagerduty.com/v2/enqueue"
 DELIVERY_DEADLINE_SECONDS = 20.0
-"""The most one delivery (a Slack block, the webhook, a PagerDuty event) may take, whole. The
+"""The most one delivery (a Slack block, the webhook, a PagerDuty event) or one load of a block
+from the Prefect API (the Slack block, the routing key's) may take, whole. The
 clients' timeouts bound each read, not the answer: a receiver that keeps sending a byte at a time
 would otherwise hold the caller (the monitor, inside its incident transaction) indefinitely."""
 
@@ -155,10 +156,14 @@ def _within_deadline(what: str, call: Callable[[], _T]) -> _T:
     in a daemon thread, when the receiver or the client's own timeout gives up)."""
     seconds = DELIVERY_DEADLINE_SECONDS
     outcome: dict[str, Any] = {}
+    settings = _prefect_settings()
 
     def run() -> None:
         try:
-            outcome["value"] = call()
+            # The caller's Prefect settings (the API's URL), without its run context: inside an
+            # async flow's run, Prefect hands back coroutines from a block's load and notify.
+            with settings:
+                outcome["value"] = call()
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -170,6 +175,15 @@ def _within_deadline(what: str, call: Callable[[], _T]) -> _T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _prefect_settings() -> Any:
+    """A fresh context of the Prefect settings in force here, to enter in another thread (a
+    thread starts without the caller's context variables)."""
+    from prefect.context import SettingsContext, get_settings_context
+
+    current = get_settings_context()
+    return SettingsContext(profile=current.profile, settings=current.settings)
 
 
 @dataclass(frozen=True)
@@ -204,12 +218,9 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
     """Load a Prefect SlackWebhook block by name and send through it; False on any failure."""
     block: Any = None
     try:
-        from prefect.blocks.notifications import SlackWebhook
-
-        # apprise logs the URL as the block loads: held back until it is known, then masked.
-        with _held_back(logging.getLogger("apprise")):
-            block = SlackWebhook.load(name)
-            hide_in_logs(block.url.get_secret_value())
+        # Loaded within the deadline too: a Prefect API that accepts and never answers held each
+        # load for the client's timeouts and retries (7 minutes), the monitor's transaction open.
+        block = _within_deadline("the Prefect API", lambda: _load_slack_block(name))
         block.notify_type = _NOTIFY_TYPES.get(severity, "failure")
 
         def send() -> None:
@@ -221,9 +232,20 @@ def _send_slack(name: str, subject: str, text: str, severity: str) -> bool:
     except Exception as exc:
         # apprise's error may quote the block's URL, whose path is the hook's token.
         url = getattr(getattr(block, "url", None), "get_secret_value", lambda: None)()
-        problem = scrub(str(exc), url)
+        problem = scrub(str(exc), url) + ("" if block else " (loading the block)")
         log.error("alert %r not delivered through Slack block %r: %s", subject, name, problem)
         return False
+
+
+def _load_slack_block(name: str) -> Any:
+    """The SlackWebhook block `name`, its URL hidden in logs from then on."""
+    from prefect.blocks.notifications import SlackWebhook
+
+    # apprise logs the URL as the block loads: held back until it is known, then masked.
+    with _held_back(logging.getLogger("apprise")):
+        block: Any = SlackWebhook.load(name)
+        hide_in_logs(block.url.get_secret_value())
+    return block
 
 
 def _refused(what: str, url: str, send: Callable[[], httpx.Response]) -> str | None:
@@ -340,14 +362,22 @@ def send_page(
     settings: Settings, action: str, subject: str, body: str, dedup_key: str | None
 ) -> Page:
     """Send one event to PagerDuty; 429, 5xx and an unreachable endpoint are retryable."""
-    try:
+
+    def load() -> tuple[str, str]:
         # An old PagerDutyWebHook block loads apprise, which logs its URL (key masked, today).
         with _held_back(logging.getLogger("apprise")):
             routing_key, url = _routing_key(settings)
             hide_in_logs(routing_key)
+        return routing_key, url
+
+    try:
+        # A block is loaded through the Prefect API: within the deadline, as for Slack's.
+        routing_key, url = _within_deadline("the Prefect API", load)
     except _NoRoutingKey as exc:
         # The Prefect API's error may quote its URL (a proxy's user:password included).
         return Page(False, exc.retryable, redact(f"no PagerDuty routing key: {exc}"))
+    except DeliveryTimeout as exc:
+        return Page(False, True, f"no PagerDuty routing key: {exc} (loading its block)")
     event = pagerduty_event(routing_key, action, subject, body, dedup_key)
     try:
         response = _within_deadline("PagerDuty", lambda: httpx.post(url, json=event, timeout=10.0))

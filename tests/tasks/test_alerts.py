@@ -501,3 +501,91 @@ def test_no_webhook_secret_or_routing_key_reaches_any_log_record_at_debug(
         ]
     assert FAKE_KEY not in logged
     assert "127.0.0.1" in logged  # the host stays readable
+
+
+def test_a_prefect_api_that_never_answers_does_not_hold_an_alert_for_minutes(
+    prefect_harness, paylater_home, receiver, pagerduty, monkeypatch, caplog
+) -> None:
+    """The Slack block and the PagerDuty routing key's Secret block load through the Prefect
+    API: one accepting connections and never answering (overloaded, a hung proxy) held each load
+    for the client's timeouts and retries, 7 minutes here, outside the delivery deadline, and
+    the monitor holds its incident transaction while it delivers. Loads now keep the deadline
+    (1 s here): the alert is not delivered (the monitor resends it), saying the Prefect API did
+    not answer, and the webhook still gets it."""
+    import socket
+    import time
+
+    from prefect.blocks.notifications import SlackWebhook
+    from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import tasks.alerts
+
+    slack, key = (f"alerts-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    SlackWebhook(
+        url=SecretStr(f"json://127.0.0.1:{receiver.port}/slack"), allow_private_urls=True
+    ).save(slack)
+    Secret(value=FAKE_KEY).save(key)
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", slack)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK", key)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 1.0)
+    assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True)  # the API answering
+    assert len(pagerduty.bodies) == 1 and len(receiver.bodies) == 2
+    receiver.bodies.clear()
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepted by the kernel, never answered
+    outcome: list[bool] = []
+
+    def send() -> None:
+        api = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        with temporary_settings({PREFECT_API_URL: api}):
+            outcome.append(notify("[FIRING] q", "b", "critical", "pm/q"))
+
+    started = time.monotonic()
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    sender.join(timeout=30)
+    try:
+        assert not sender.is_alive(), (
+            f"notify still waiting after {time.monotonic() - started:.0f} s"
+        )
+    finally:
+        silent.close()
+    assert outcome == [False]  # not paged: the monitor sends it again
+    assert [b["path"] for b in receiver.bodies] == ["/hook"]  # told, NOT PAGED
+    assert "NOT PAGED" in receiver.bodies[0]["text"]
+    assert "the Prefect API did not answer within 1 s" in caplog.text
+    assert len(pagerduty.bodies) == 1
+
+
+def test_an_async_flows_failure_reaches_the_slack_block(
+    prefect_harness, paylater_home, receiver, monkeypatch
+) -> None:
+    """Prefect hands back a coroutine from a block's load and notify when called inside an
+    async flow's run: its failure hook loaded a coroutine, not the block, and Slack never heard
+    of the failure. Both are asked for synchronously now."""
+    import asyncio
+
+    from prefect import flow
+    from prefect.blocks.notifications import SlackWebhook
+
+    name = f"alerts-{uuid.uuid4().hex[:8]}"
+    SlackWebhook(
+        url=SecretStr(f"json://127.0.0.1:{receiver.port}/slack"), allow_private_urls=True
+    ).save(name)
+    for var in PAGERDUTY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", name)
+
+    @flow(name="async-job", on_failure=[alert_on_failure])
+    async def job() -> None:
+        raise RuntimeError("the warehouse refused the load")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(job())
+    (body,) = receiver.bodies
+    assert body["path"] == "/slack" and "of 'async-job' failed" in body["title"]
+    assert "the warehouse refused the load" in body["message"]

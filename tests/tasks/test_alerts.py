@@ -525,7 +525,7 @@ def test_a_prefect_api_that_never_answers_does_not_hold_an_alert_for_minutes(
     SlackWebhook(
         url=SecretStr(f"json://127.0.0.1:{receiver.port}/slack"), allow_private_urls=True
     ).save(slack)
-    Secret(value=FAKE_KEY).save(key)
+    Secret(value=SecretStr(FAKE_KEY)).save(key)
     monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", slack)
     monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY_BLOCK", key)
     monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")

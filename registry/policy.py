@@ -246,12 +246,19 @@ def all_versions(mlflow_client: MlflowClient) -> list[ModelVersion]:
 # ---- transitions --------------------------------------------------------------------------------
 
 LOCK_TAG = "transition_in_progress"
-"""Registered-model tag a transition holds while it moves stages and aliases (who, what, since)."""
+"""Tag holding a transition's token (who, what, since) on the lock's registered model; on the
+registered model itself only as releases before the atomic lock left it."""
+LOCK_MODEL_PREFIX = f"{MODEL_NAME}.transition-lock."
+"""The lock is a registered model `<prefix><generation>` (12 digits): each taking creates the
+next generation, which the backend store's unique name lets only one transition create."""
+RELEASED_TAG = "released"
+"""On a lock generation whose transition ended (or that `registry unlock` created broken)."""
+LOCK_DESCRIPTION = (
+    "paylater's registry transition lock (one promote, rollback or staging at a time), not a"
+    " model: leave it alone; `paylater registry unlock --reason TEXT` breaks a held one"
+)
 LOCK_WAIT_SECONDS = 30.0
 """How long a transition waits for another to finish before refusing."""
-LOCK_SETTLE_SECONDS = 0.3
-"""Between writing the lock and reading it back: two transitions that start together both write,
-and only the one whose write landed last still reads its own token."""
 
 
 def lock_stale_seconds() -> float:
@@ -268,20 +275,35 @@ _HELD: ContextVar[str | None] = ContextVar("transition_lock_token", default=None
 """The token of the lock this context's transition holds: each move checks it still does."""
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """The lock's latest generation: its number (0: never taken), token, whether still held."""
+
+    number: int
+    token: str | None = None
+    held: bool = False
+
+    @property
+    def holder(self) -> str | None:
+        """The token of the transition holding the lock, None when it is free."""
+        return self.token if self.held else None
+
+
 @contextmanager
 def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Iterator[None]:
     """Hold the registry's transition lock: one promote, rollback or staging at a time.
 
-    MLflow has no compare-and-set, so this is a tag written, then read back after a pause: of
-    two transitions that start within the pause, the one that reads another's token refuses. It
-    guards this project's transitions, not stage changes made by hand in the MLflow UI. Its age
-    is measured by the tracking server's clock: the holder's and the reader's may disagree.
+    Taking it creates the lock's next generation (a registered model): the backend store creates
+    a name once, so of transitions that find the lock free together, however late their
+    requests reach the server, exactly one takes it. It guards this project's transitions, not
+    stage changes made by hand in the MLflow UI. Its age is measured by the tracking server's
+    clock: the holder's and the reader's may disagree.
     """
     from mlflow.exceptions import MlflowException
 
     stale_after = lock_stale_seconds()  # a bad setting is refused before anything moves
     try:
-        held = _lock_holder(mlflow_client)
+        legacy = _legacy_holder(mlflow_client)
     except MlflowException as exc:
         if not is_absent(exc):
             raise
@@ -290,28 +312,16 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
     token = f"{actor} | {what} | {server_clock():.0f} | {uuid.uuid4().hex}"
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
-        now = server_clock() if held else 0.0
-        if held is None or _lock_age(held, now) > stale_after:
-            try:
-                mlflow_client.set_registered_model_tag(MODEL_NAME, LOCK_TAG, token)
-            except MlflowException as exc:
-                if exc.error_code != "BAD_REQUEST":
-                    raise
-                # A SQL store inserts a new tag's row: of two writers at the same moment, the
-                # second fails on the row's key. The other transition holds the lock.
-            else:
-                time.sleep(LOCK_SETTLE_SECONDS)
-            stale, held = held, _lock_holder(mlflow_client)
-            if held == token:
-                if stale:
-                    log.warning(
-                        "took over the transition lock left by %s (older than %.0f s: its"
-                        " holder is taken for gone); check `paylater registry history` for"
-                        " what it had done",
-                        _describe(stale, now),
-                        stale_after,
-                    )
+        latest = _latest_lock(mlflow_client)
+        left = [t for t in (latest.holder, legacy) if t]
+        now = server_clock() if left else 0.0
+        fresh = [t for t in left if _lock_age(t, now) <= stale_after]
+        held = fresh[0] if fresh else None
+        if not fresh:
+            if _take(mlflow_client, latest.number + 1, token):
+                _took_over(mlflow_client, latest, legacy, now, stale_after)
                 break
+            held = _lock_holder(mlflow_client)  # the transition that took it first
         if time.monotonic() > deadline:
             raise RegistryError(
                 f"another registry transition is in progress ({_describe(held)}): nothing was"
@@ -321,7 +331,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
                 " TEXT` breaks it now"
             )
         time.sleep(1.0)
-        held = _lock_holder(mlflow_client)
+        legacy = _legacy_holder(mlflow_client)
     mine = _HELD.set(token)
     try:
         yield
@@ -334,12 +344,57 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
         _HELD.reset(mine)
 
 
+def _take(mlflow_client: MlflowClient, number: int, token: str) -> bool:
+    """Whether creating generation `number` held by `token` took the lock (it is the latest)."""
+    created = _create_generation(mlflow_client, number, {LOCK_TAG: token})
+    latest = _latest_lock(mlflow_client)
+    if latest.holder == token:
+        return True  # also when a retried create found its first attempt had landed
+    if created:
+        # A generation deleted since (the one before the latest) was created again: another
+        # transition took the lock after it; this one must not stay behind as a stray.
+        _drop_generation(mlflow_client, number)
+    return False
+
+
+def _took_over(
+    mlflow_client: MlflowClient,
+    previous: _Generation,
+    legacy: str | None,
+    now: float,
+    stale_after: float,
+) -> None:
+    """After taking the lock: warn of each stale lock taken over, remove the one a release
+    before the atomic lock left, and the generation before this one (none holds it now)."""
+    for stale in (previous.holder, legacy):
+        if stale:
+            log.warning(
+                "took over the transition lock left by %s (older than %.0f s: its holder is"
+                " taken for gone); check `paylater registry history` for what it had done",
+                _describe(stale, now),
+                stale_after,
+            )
+    try:
+        if legacy:
+            _drop_legacy(mlflow_client)
+        if previous.number:
+            _drop_generation(mlflow_client, previous.number)
+    except Exception as exc:
+        # Housekeeping only: a generation before the latest holds nothing, and a stale legacy
+        # tag is taken over again. Raised here, it would leave the lock just taken held.
+        log.warning("the transition lock was taken; tidying up after it failed: %r", exc)
+
+
 def _release(mlflow_client: MlflowClient, token: str, failed: bool) -> None:
-    """Delete the lock if it is still `token`. After a failed transition (often: the tracking
+    """Mark the lock released if `token` still holds it (a holder taken over releases nothing:
+    it only ever writes to its own generation). After a failed transition (often: the tracking
     server failed), a release that fails too is logged, not raised over the first error."""
     try:
-        if _lock_holder(mlflow_client) == token:
-            mlflow_client.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+        latest = _latest_lock(mlflow_client)
+        if latest.holder == token:
+            mlflow_client.set_registered_model_tag(
+                _generation_name(latest.number), RELEASED_TAG, "ended"
+            )
     except Exception as exc:
         if not failed:
             raise
@@ -372,39 +427,121 @@ def confirm_lock(mlflow_client: MlflowClient) -> None:
 def unlock(reason: str | None, actor: str) -> str | None:
     """Break the transition lock (its holder is gone); returns who held it, None when no one did.
 
-    The break is kept on the registered model (tag `transition_lock_broken`: who, when, why, the
-    lock). A holder that is still running stops at its next step (confirm_lock).
+    The break creates the lock's next generation, released: it fails, breaking nothing, when a
+    transition took the lock over meanwhile. It is kept on the registered model (tag
+    `transition_lock_broken`: who, when, why, the lock). A holder that is still running stops at
+    its next step (confirm_lock).
     """
     from mlflow.exceptions import MlflowException
 
     why = _require_reason(reason)
     c = client()
     try:
-        held = _lock_holder(c)
+        legacy = _legacy_holder(c)
     except MlflowException as exc:
         if not is_absent(exc):
             raise
         return None  # no registered model yet: no transition ever held the lock
+    latest = _latest_lock(c)
+    held = latest.holder or legacy
     if held is None:
         return None
-    described = _describe(held)
-    now_held = _lock_holder(c)
-    if now_held != held:  # taken since by another transition, which is alive: not broken
-        raise RegistryError(
-            f"the lock changed while it was being broken (now: {_describe(now_held)}): nothing"
-            " was broken; run this again if that holder is gone too"
-        )
-    c.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
     stamp = f"{server_clock():.0f}"
-    c.set_registered_model_tag(
-        MODEL_NAME, "transition_lock_broken", f"{actor} | {stamp} | {why} | was: {held}"
+    record = f"{actor} | {stamp} | {why} | was: {held}"
+    if latest.holder:
+        breaker = f"{actor} | breaking the lock | {stamp} | {uuid.uuid4().hex}"
+        tags = {LOCK_TAG: breaker, RELEASED_TAG: "broken", "transition_lock_broken": record}
+        _create_generation(c, latest.number + 1, tags)
+        if _latest_lock(c).token != breaker:
+            _lock_changed(_lock_holder(c))
+    if legacy:
+        if _legacy_holder(c) != legacy:
+            _lock_changed(_lock_holder(c))
+        _drop_legacy(c)
+    c.set_registered_model_tag(MODEL_NAME, "transition_lock_broken", record)
+    return _describe(held)
+
+
+def _lock_changed(now_held: str | None) -> None:
+    """RegistryError: the lock was taken by another transition (alive) while being broken."""
+    raise RegistryError(
+        f"the lock changed while it was being broken (now: {_describe(now_held)}): nothing"
+        " was broken; run this again if that holder is gone too"
     )
-    return described
+
+
+def _generation_name(number: int) -> str:
+    """The registered model of the lock's generation `number`."""
+    return f"{LOCK_MODEL_PREFIX}{number:012d}"
+
+
+def _latest_lock(mlflow_client: MlflowClient) -> _Generation:
+    """The lock's latest generation (the highest number: zero-padded names sort as numbers)."""
+    found = mlflow_client.search_registered_models(
+        filter_string=f"name LIKE '{LOCK_MODEL_PREFIX}%'", max_results=1, order_by=["name DESC"]
+    )
+    if not found:
+        return _Generation(0)
+    latest = found[0]
+    number = latest.name.removeprefix(LOCK_MODEL_PREFIX)
+    if len(number) != 12 or not number.isdigit():
+        raise RegistryError(
+            f"registered model {latest.name!r} is not a generation of the transition lock"
+            " (created by hand?): delete or rename it in the MLflow UI, then run this again"
+        )
+    tags = latest.tags or {}
+    return _Generation(int(number), tags.get(LOCK_TAG), RELEASED_TAG not in tags)
+
+
+def _create_generation(mlflow_client: MlflowClient, number: int, tags: dict[str, str]) -> bool:
+    """Create the lock's generation `number`; False when it exists (another transition's)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(
+            _generation_name(number), tags=tags, description=LOCK_DESCRIPTION
+        )
+    except MlflowException as exc:
+        # The SQL store reads the existing model to word its refusal: one deleted in between
+        # answers "does not exist", still a create that lost.
+        if exc.error_code not in {"RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}:
+            raise
+        return False
+    return True
+
+
+def _drop_generation(mlflow_client: MlflowClient, number: int) -> None:
+    """Delete the lock's generation `number`, if it is still there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.delete_registered_model(_generation_name(number))
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
+
+
+def _legacy_holder(mlflow_client: MlflowClient) -> str | None:
+    """The token of a lock left as a tag on the registered model by a release before the atomic
+    lock (raises MLflow's "does not exist" when there is no registered model yet)."""
+    return (mlflow_client.get_registered_model(MODEL_NAME).tags or {}).get(LOCK_TAG)
+
+
+def _drop_legacy(mlflow_client: MlflowClient) -> None:
+    """Remove a lock tag a release before the atomic lock left on the registered model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.delete_registered_model_tag(MODEL_NAME, LOCK_TAG)
+    except MlflowException as exc:
+        if not is_absent(exc):
+            raise
 
 
 def _lock_holder(mlflow_client: MlflowClient) -> str | None:
-    """The token of the transition holding the lock, if any."""
-    return (mlflow_client.get_registered_model(MODEL_NAME).tags or {}).get(LOCK_TAG)
+    """The token of the transition holding the lock, if any (a lock tag a release before the
+    atomic lock left counts, until taken over or broken)."""
+    return _latest_lock(mlflow_client).holder or _legacy_holder(mlflow_client)
 
 
 def _lock_age(token: str, now: float | None = None) -> float:

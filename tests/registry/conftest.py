@@ -101,34 +101,14 @@ def older_candidate(
     return _train(good_candidate.table, (root / "datasets").as_uri(), None, months=MONTHS - 1)
 
 
-_SHIPPED: dict[str, float] = {}
-QUICK_LOCK_SETTLE_SECONDS = 0.02
-
-
-def _shipped_lock_settle_seconds() -> float:
-    """registry.policy.LOCK_SETTLE_SECONDS as shipped (read before any test patched it)."""
-    from registry import policy
-
-    return _SHIPPED.setdefault("settle", policy.LOCK_SETTLE_SECONDS)
-
-
 @pytest.fixture
 def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off.
-
-    Transitions pause QUICK_LOCK_SETTLE_SECONDS, not the shipped 0.3 s, between writing the
-    transition lock and reading it back: the pause only matters to transitions racing each
-    other (tests of that race request `racing_transitions`), and it cost 0.3 s per staging,
-    promote and rollback, about 12 s in test_policy.py alone.
-    """
-    from registry import policy
+    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off."""
     from registry.testing import empty_mlflow_db
 
-    _shipped_lock_settle_seconds()
     empty_mlflow_db(paylater_home / "mlflow.db")
     monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
     monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")  # tiny OOT month: ECE is mostly noise
-    monkeypatch.setattr(policy, "LOCK_SETTLE_SECONDS", QUICK_LOCK_SETTLE_SECONDS)
     return paylater_home
 
 
@@ -179,19 +159,22 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def _forget_registry(url: str) -> None:
     """Leave the server as a fresh one looks to paylater: no registered model (so versions number
-    from 1 again), and the names of its experiments free (renamed: a deleted experiment keeps its
+    from 1 again), no generation of the transition lock, and the names of its experiments free (renamed: a deleted experiment keeps its
     name, and ensure_experiment would restore it with the earlier test's runs and audit history)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from registry.policy import LOCK_MODEL_PREFIX
     from registry.store import AUDIT_EXPERIMENT, MODEL_NAME, TRAINING_EXPERIMENT, is_absent
 
     c = MlflowClient(tracking_uri=url, registry_uri=url)
-    try:
-        c.delete_registered_model(MODEL_NAME)
-    except MlflowException as exc:
-        if not is_absent(exc):
-            raise
+    locks = c.search_registered_models(f"name LIKE '{LOCK_MODEL_PREFIX}%'", max_results=1000)
+    for name in [MODEL_NAME, *(m.name for m in locks)]:
+        try:
+            c.delete_registered_model(name)
+        except MlflowException as exc:
+            if not is_absent(exc):
+                raise
     for name in (TRAINING_EXPERIMENT, AUDIT_EXPERIMENT):
         found = c.get_experiment_by_name(name)
         if found is not None:
@@ -219,14 +202,6 @@ def any_registry(request: pytest.FixtureRequest, registry_home: Path) -> str:
     from registry.store import tracking_uri
 
     return tracking_uri()
-
-
-@pytest.fixture
-def racing_transitions(registry_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The transition lock's shipped settle pause, for tests of transitions started together."""
-    from registry import policy
-
-    monkeypatch.setattr(policy, "LOCK_SETTLE_SECONDS", _shipped_lock_settle_seconds())
 
 
 @pytest.fixture
@@ -374,3 +349,17 @@ def unreachable_registry(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     return url
+
+
+@pytest.fixture
+def place_lock() -> Callable[[str], None]:
+    """Make `token` hold the transition lock, as a transition (alive or dead) that took it does:
+    the lock's next generation, whoever held the one before."""
+    from registry import policy
+    from registry.store import client
+
+    def run(token: str) -> None:
+        c = client()
+        assert policy._take(c, policy._latest_lock(c).number + 1, token), "the lock was not taken"
+
+    return run

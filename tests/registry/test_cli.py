@@ -25,6 +25,7 @@ def test_round_trip_through_a_real_mlflow_server(
     register: Callable[..., str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
+    place_lock: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert client().tracking_uri == mlflow_server
@@ -90,7 +91,7 @@ def test_round_trip_through_a_real_mlflow_server(
     # left: the lock's age is read on the tracking server's clock (its Date header).
     c = client()
     live = f"dave | rolling back | {server_clock():.0f} | abc"
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, live)
+    place_lock(live)
     real_time = time.time
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
@@ -100,11 +101,13 @@ def test_round_trip_through_a_real_mlflow_server(
     finally:
         monkeypatch.setattr(time, "time", real_time)
     assert refused.exit_code == 1 and "rolling back by dave" in refused.output, refused.output
-    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == live
+    assert policy._lock_holder(c) == live
     assert policy.resolve_version("production") == v2
 
 
-def test_unlock_breaks_a_left_lock_naming_its_holder(registry_home: Path) -> None:
+def test_unlock_breaks_a_left_lock_naming_its_holder(
+    registry_home: Path, place_lock: Callable[[str], None]
+) -> None:
     runner = CliRunner()
     for _ in ("no registered model yet", "no lock"):
         unlocked = runner.invoke(app, ["registry", "unlock", "--reason", "nothing held"])
@@ -113,7 +116,7 @@ def test_unlock_breaks_a_left_lock_naming_its_holder(registry_home: Path) -> Non
         if not policy.all_versions(c) and not c.search_registered_models():
             c.create_registered_model(MODEL_NAME)
     left = f"alice | promoting v7 | {time.time() - 42:.0f} | abc"
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    place_lock(left)
     assert runner.invoke(app, ["registry", "unlock"]).exit_code == 2, "a reason is required"
     unlocked = runner.invoke(
         app, ["registry", "unlock", "--reason", "server died", "--actor", "bob"]
@@ -121,7 +124,7 @@ def test_unlock_breaks_a_left_lock_naming_its_holder(registry_home: Path) -> Non
     assert unlocked.exit_code == 0, unlocked.output
     assert "broke the transition lock held by promoting v7 by alice, 4" in unlocked.output
     tags = c.get_registered_model(MODEL_NAME).tags
-    assert policy.LOCK_TAG not in tags
+    assert policy._lock_holder(c) is None
     assert tags["transition_lock_broken"].endswith(f"| server died | was: {left}")
 
 
@@ -323,12 +326,13 @@ def test_taking_over_a_stale_lock_says_whose_it_was(
     register: Callable[..., str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
+    place_lock: Callable[[str], None],
 ) -> None:
     version = register(good_candidate)
     assert gate_and_stage(good_candidate, version).passed
     mark_verified(version)
     left = f"dave | rolling back | {time.time() - policy.lock_stale_seconds() - 60:.0f} | abc"
-    client().set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    place_lock(left)
     promoted = CliRunner().invoke(
         app, ["registry", "promote", version, "--to", "production", "--reason", "verified"]
     )
@@ -384,6 +388,7 @@ def test_the_age_a_left_lock_is_taken_over_at_is_a_setting(
     register: Callable[..., str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
+    place_lock: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """PAYLATER_REGISTRY_LOCK_STALE_SECONDS: a lock younger than it waits, then refuses naming
@@ -407,7 +412,7 @@ def test_the_age_a_left_lock_is_taken_over_at_is_a_setting(
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     c = client()
     left = f"dave | rolling back | {time.time() - 600:.0f} | abc"  # stale by the default only
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, left)
+    place_lock(left)
     waited = runner.invoke(app, promote)
     assert waited.exit_code == 1, waited.output
     assert "rolling back by dave, 60" in waited.output and "older than 900 s" in waited.output

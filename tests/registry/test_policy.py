@@ -360,6 +360,7 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     good_candidate: Any,
     register: Callable[..., str],
     mark_verified: Callable[[str], None],
+    place_lock: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -372,31 +373,30 @@ def test_a_transition_waits_for_one_in_progress_and_refuses_without_changing_any
     stage_as_retrain(version)
     mark_verified(version)
     c = client()
-    assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
+    assert policy._lock_holder(c) is None
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 1.0)
     held = f"dave | rolling back | {time.time():.0f} | abc"
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, held)
+    place_lock(held)
     before = _state()
     with pytest.raises(RegistryError, match=r"rolling back by dave, [0-9]+ s ago") as refused:
         policy.promote(version, "production", "release", "alice")
     assert "`paylater registry unlock --reason TEXT` breaks it" in str(refused.value)
     assert _state() == before
-    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == held
+    assert policy._lock_holder(c) == held
 
     stale = f"dave | rolling back | {time.time() - policy.lock_stale_seconds() - 5:.0f} | abc"
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, stale)
+    place_lock(stale)
     with caplog.at_level(logging.WARNING, logger="registry.policy"):
         policy.promote(version, "production", "release", "alice")
     assert re.search(
         r"took over the transition lock left by rolling back by dave, 30[5-9] s ago", caplog.text
     ), caplog.text
     assert policy.resolve_version("production") == version
-    assert policy.LOCK_TAG not in (c.get_registered_model(MODEL_NAME).tags or {})
+    assert policy._lock_holder(c) is None
 
 
 def test_two_transitions_started_together_never_both_run(
     any_registry: str,
-    racing_transitions: None,
     good_candidate: Any,
     releases: Callable[..., list[str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -450,33 +450,27 @@ def test_a_lock_held_by_an_actor_whose_name_holds_the_separator_is_not_taken_for
     assert policy._lock_age("written by something else") == float("inf")
 
 
-def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
-    registry_home: Path,
-    good_candidate: Any,
-    register: Callable[..., str],
-    monkeypatch: pytest.MonkeyPatch,
+def test_losing_the_race_to_create_the_lock_is_a_refusal_not_a_store_error(
+    any_registry: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A SQL store inserts a new tag's row, so of two transitions writing the lock at the same
-    moment the second fails on the row's key (as one did in a full run): that is the other
-    transition holding the lock, said as such, not the store's IntegrityError."""
+    """Of two transitions creating the lock's next generation at the same moment, the store
+    refuses the second (the name exists): that is the other transition holding the lock, said
+    as such, not the store's error; and the winner's generation is left alone."""
     import time
 
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import BAD_REQUEST
-
-    register(good_candidate)
     c = client()
+    c.create_registered_model(MODEL_NAME)
     other = f"bob | rolling back | {time.time():.0f} | abc"
 
     class Racing:
-        """The real client, whose lock write loses to `other`'s."""
+        """The real client, whose lock creation loses to `other`'s."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(c, name)
 
-        def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
-            c.set_registered_model_tag(name, key, other)
-            raise MlflowException("UNIQUE constraint failed", error_code=BAD_REQUEST)
+        def create_registered_model(self, name: str, **kwargs: Any) -> Any:
+            c.create_registered_model(name, tags={policy.LOCK_TAG: other})
+            return c.create_registered_model(name, **kwargs)
 
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     with (
@@ -484,13 +478,14 @@ def test_losing_the_race_to_write_the_lock_is_a_refusal_not_a_store_error(
         policy.transition_lock(Racing(), "alice", "promoting v1"),  # type: ignore[arg-type]
     ):
         pytest.fail("the lock was taken")
-    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == other
+    assert policy._lock_holder(c) == other
 
 
 def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second_time(
     any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
+    place_lock: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two people answer the same incident with `registry rollback`: the second waits for the
@@ -501,9 +496,8 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
 
     v1, v2, v3 = releases(good_candidate, 3)
     c = client()
-    c.set_registered_model_tag(
-        MODEL_NAME, policy.LOCK_TAG, f"dave | rolling back | {time.time():.0f} | abc"
-    )
+    dave = f"dave | rolling back | {time.time():.0f} | abc"
+    place_lock(dave)
     waiting = threading.Event()
     real_lock = policy.transition_lock
 
@@ -524,7 +518,7 @@ def test_a_rollback_that_waited_for_another_rollback_does_not_roll_back_a_second
     thread.start()
     assert waiting.wait(60)
     policy._rollback(c, "approval rate dropped", "dave", v3)  # under dave's lock
-    c.delete_registered_model_tag(MODEL_NAME, policy.LOCK_TAG)
+    policy._release(c, dave, failed=False)
     thread.join(60)
 
     assert isinstance(outcome.get("bob"), RegistryError), outcome
@@ -786,6 +780,7 @@ def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
     any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
+    place_lock: Callable[[str], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A promote that outlived its lock (taken over as stale, or broken by `registry unlock`)
@@ -799,7 +794,7 @@ def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
     def taken_over_after_promote(mlflow_client: Any, version: str, *args: Any, **kw: Any) -> Any:
         entry = real_record(mlflow_client, version, *args, **kw)
         if args[2] == "promote":
-            c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, other)
+            place_lock(other)
         return entry
 
     monkeypatch.setattr(history, "record", taken_over_after_promote)
@@ -807,9 +802,9 @@ def test_a_transition_whose_lock_was_taken_over_stops_at_its_next_step(
         policy.promote(v2, "production", "release 1", "alice")
     monkeypatch.setattr(history, "record", real_record)
     assert _state()["stages"] == {v1: "Production", v2: "Production"}, "v1 was not archived"
-    assert c.get_registered_model(MODEL_NAME).tags[policy.LOCK_TAG] == other, "bob's lock kept"
+    assert policy._lock_holder(c) == other, "bob's lock kept"
 
-    c.delete_registered_model_tag(MODEL_NAME, policy.LOCK_TAG)  # bob's transition ended
+    policy._release(c, other, failed=False)  # bob's transition ended
     assert [(t.version, t.to_stage) for t in policy.promote(v2, "production", "r", "alice")] == [
         (v1, "Archived")
     ]
@@ -827,7 +822,7 @@ def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_bro
     from mlflow.exceptions import MlflowException
 
     v1, v2 = releases(good_candidate, 2, promoted=1)
-    real_move, real_holder = policy.move, policy._lock_holder
+    real_move, real_latest = policy.move, policy._latest_lock
     down = {"now": False}
 
     def server_fails_while_archiving(c: Any, version: str, to_stage: str, *args: Any) -> Any:
@@ -836,17 +831,17 @@ def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_bro
             raise MlflowException("API request failed: 503 Service Unavailable")
         return real_move(c, version, to_stage, *args)
 
-    def holder(c: Any) -> str | None:
+    def latest(c: Any) -> Any:
         if down["now"]:
             raise MlflowException("API request failed: connection refused")
-        return real_holder(c)
+        return real_latest(c)
 
     monkeypatch.setattr(policy, "move", server_fails_while_archiving)
-    monkeypatch.setattr(policy, "_lock_holder", holder)
+    monkeypatch.setattr(policy, "_latest_lock", latest)
     with pytest.raises(MlflowException, match="503"):
         policy.promote(v2, "production", "release 1", "alice")
     monkeypatch.setattr(policy, "move", real_move)
-    monkeypatch.setattr(policy, "_lock_holder", real_holder)
+    monkeypatch.setattr(policy, "_latest_lock", real_latest)
 
     monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
     with pytest.raises(RegistryError, match=f"promoting v{v2} by alice") as refused:
@@ -855,7 +850,7 @@ def test_a_lock_left_by_a_transition_the_tracking_server_failed_under_can_be_bro
     broken = policy.unlock("server restarted under alice's promote", "bob")
     assert broken is not None and re.fullmatch(rf"promoting v{v2} by alice, [0-9]+ s ago", broken)
     tags = client().get_registered_model(MODEL_NAME).tags
-    assert policy.LOCK_TAG not in tags
+    assert policy._lock_holder(client()) is None
     assert tags["transition_lock_broken"].startswith("bob | ")
     assert f"was: alice | promoting v{v2} | " in tags["transition_lock_broken"]
     assert policy.unlock("again", "bob") is None, "no lock: nothing to break"
@@ -891,7 +886,7 @@ def test_history_follows_the_tracking_servers_clock_not_the_commands_machines(
 
 
 def test_unlock_never_breaks_a_lock_taken_over_while_it_looked(
-    registry_home: Path, monkeypatch: pytest.MonkeyPatch
+    any_registry: str, place_lock: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Carol breaks alice's dead lock just as bob's rollback takes it over: bob's live lock
     must stay, and nothing be recorded as broken."""
@@ -899,22 +894,105 @@ def test_unlock_never_breaks_a_lock_taken_over_while_it_looked(
     c.create_registered_model(MODEL_NAME)
     dead = f"alice | promoting v7 | {time.time() - 600:.0f} | a"
     alive = f"bob | rolling back | {time.time():.0f} | b"
-    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, dead)
-    real_holder = policy._lock_holder
-    reads: list[str | None] = []
+    place_lock(dead)
+    real_latest = policy._latest_lock
+    reads: list[Any] = []
 
-    def bob_takes_over_after_the_first_read(mlflow_client: Any) -> str | None:
-        found = real_holder(mlflow_client)
+    def bob_takes_over_after_the_first_read(mlflow_client: Any) -> Any:
+        found = real_latest(mlflow_client)
         if not reads:
-            c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, alive)
+            policy._create_generation(c, found.number + 1, {policy.LOCK_TAG: alive})
         reads.append(found)
         return found
 
-    monkeypatch.setattr(policy, "_lock_holder", bob_takes_over_after_the_first_read)
+    monkeypatch.setattr(policy, "_latest_lock", bob_takes_over_after_the_first_read)
     with pytest.raises(RegistryError, match="rolling back by bob"):
         policy.unlock("alice's promote died", "carol")
-    tags = c.get_registered_model(MODEL_NAME).tags
-    assert tags[policy.LOCK_TAG] == alive and "transition_lock_broken" not in tags
+    monkeypatch.setattr(policy, "_latest_lock", real_latest)
+    assert policy._lock_holder(c) == alive
+    assert "transition_lock_broken" not in c.get_registered_model(MODEL_NAME).tags
+
+
+def test_two_takeovers_of_one_stale_lock_leave_exactly_one_holder(
+    any_registry: str, place_lock: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's promote died holding the lock; bob's and carol's transitions both find it stale
+    and take it over at the same moment: exactly one of them runs, the other refuses naming it,
+    and once it ends the lock is free, kept as one registered model."""
+    import threading
+
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    place_lock(f"alice | promoting v7 | {time.time() - policy.lock_stale_seconds() - 5:.0f} | a")
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    both_looked = threading.Barrier(2)
+    inside = threading.Semaphore(0)
+    entered: list[str] = []
+    refused: dict[str, str] = {}
+
+    class Together:
+        """The real client, whose lock creation waits until both transitions are creating."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(c, name)
+
+        def create_registered_model(self, name: str, **kwargs: Any) -> Any:
+            both_looked.wait(60)
+            return c.create_registered_model(name, **kwargs)
+
+    def take_over(actor: str) -> None:
+        try:
+            with policy.transition_lock(Together(), actor, "rolling back"):  # type: ignore[arg-type]
+                entered.append(actor)
+                inside.acquire(timeout=60)  # held until the other one has given up
+        except RegistryError as exc:
+            refused[actor] = str(exc)
+            inside.release()
+
+    threads = [threading.Thread(target=take_over, args=(a,)) for a in ("bob", "carol")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(entered) == 1 and len(refused) == 1, (entered, refused)
+    ((loser, message),) = refused.items()
+    assert f"another registry transition is in progress (rolling back by {entered[0]}" in message
+    assert loser != entered[0]
+    assert policy._lock_holder(c) is None
+    locks = c.search_registered_models(f"name LIKE '{policy.LOCK_MODEL_PREFIX}%'")
+    assert [m.name for m in locks] == [policy._generation_name(2)], "alice's was deleted"
+
+
+def test_a_lock_tag_left_by_the_previous_release_is_honoured_until_stale(
+    any_registry: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A promote of the release before the atomic lock may still be running while this one is
+    deployed: its lock (a tag on the registered model) is waited for and refused on like any
+    other, taken over once stale, and `registry unlock` breaks it."""
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    live = f"dave | promoting v3 | {time.time():.0f} | old"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, live)
+    with (
+        pytest.raises(RegistryError, match="promoting v3 by dave"),
+        policy.transition_lock(c, "alice", "promoting v4"),
+    ):
+        pytest.fail("the lock was taken beside the old release's")
+    assert policy._lock_holder(c) == live
+    assert policy.unlock("dave's promote died", "bob") == policy._describe(live)
+    assert policy.LOCK_TAG not in c.get_registered_model(MODEL_NAME).tags
+    assert c.get_registered_model(MODEL_NAME).tags["transition_lock_broken"].endswith(live)
+
+    stale = f"dave | promoting v3 | {time.time() - policy.lock_stale_seconds() - 5:.0f} | old"
+    c.set_registered_model_tag(MODEL_NAME, policy.LOCK_TAG, stale)
+    with (
+        caplog.at_level(logging.WARNING, logger="registry.policy"),
+        policy.transition_lock(c, "alice", "promoting v4"),
+    ):
+        assert policy.LOCK_TAG not in c.get_registered_model(MODEL_NAME).tags
+    assert "took over the transition lock left by promoting v3 by dave" in caplog.text
+    assert policy._lock_holder(c) is None
 
 
 def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_current_gate(
@@ -1108,3 +1186,57 @@ def test_promoting_a_version_a_retrain_superseded_meanwhile_says_what_moved_it(
     assert "(supersede by monthly-retrain at " in said, said
     assert f": superseded in Staging by v{second}); only a staged version" in said, said
     assert _state() == before
+
+
+def test_a_lock_write_reaching_the_server_late_does_not_give_two_transitions_the_lock(
+    any_registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's rollback finds the lock free, but its lock write reaches a stalled tracking server
+    only once alice's promote already holds the lock (later than the settle pause): bob must
+    refuse, not run beside alice."""
+    import threading
+
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    monkeypatch.setattr(policy, "LOCK_WAIT_SECONDS", 0.0)
+    bob_writing, alice_inside, bob_done = threading.Event(), threading.Event(), threading.Event()
+    entered: list[str] = []
+    outcome: dict[str, object] = {}
+
+    class Stalled:
+        """The real client, whose first registry write waits until alice holds the lock."""
+
+        def __getattr__(self, name: str) -> Any:
+            attribute = getattr(c, name)
+            if name not in {"set_registered_model_tag", "create_registered_model"}:
+                return attribute
+
+            def delayed(*args: Any, **kwargs: Any) -> Any:
+                if not bob_writing.is_set():
+                    bob_writing.set()
+                    assert alice_inside.wait(60), "alice never took the lock"
+                return attribute(*args, **kwargs)
+
+            return delayed
+
+    def bob() -> None:
+        try:
+            with policy.transition_lock(Stalled(), "bob", "rolling back"):  # type: ignore[arg-type]
+                entered.append("bob")
+        except RegistryError as exc:
+            outcome["bob"] = exc
+        finally:
+            bob_done.set()
+
+    thread = threading.Thread(target=bob)
+    thread.start()
+    assert bob_writing.wait(60), "bob never wrote the lock"
+    with policy.transition_lock(c, "alice", "promoting v1"):
+        entered.append("alice")
+        alice_inside.set()
+        assert bob_done.wait(60)
+    thread.join(60)
+    assert entered == ["alice"], "both transitions held the lock"
+    assert "another registry transition is in progress (promoting v1 by alice" in str(
+        outcome.get("bob")
+    ), outcome

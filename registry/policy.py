@@ -309,7 +309,7 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
             raise
         yield  # no registered model yet: nothing to move, the transition says so itself
         return
-    token = f"{actor} | {what} | {server_clock():.0f} | {uuid.uuid4().hex}"
+    token = ""
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         latest = _latest_lock(mlflow_client)
@@ -318,6 +318,8 @@ def transition_lock(mlflow_client: MlflowClient, actor: str, what: str) -> Itera
         fresh = [t for t in left if _lock_age(t, now) <= stale_after]
         held = fresh[0] if fresh else None
         if not fresh:
+            # Stamped when taken, not when the wait began: its age is how long it has been held.
+            token = f"{actor} | {what} | {now or server_clock():.0f} | {uuid.uuid4().hex}"
             if _take(mlflow_client, latest.number + 1, token):
                 _took_over(mlflow_client, latest, legacy, now, stale_after)
                 break

@@ -1240,3 +1240,30 @@ def test_a_lock_write_reaching_the_server_late_does_not_give_two_transitions_the
     assert "another registry transition is in progress (promoting v1 by alice" in str(
         outcome.get("bob")
     ), outcome
+
+
+def test_a_transition_that_waited_for_the_lock_stamps_it_when_it_takes_it(
+    registry_home: Path, place_lock: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bob's rollback waits for dave's promote: its lock's age must count from when bob took it,
+    not from when bob began waiting, or a long wait would bring it that much nearer to being
+    taken over as stale while bob still runs."""
+    c = client()
+    c.create_registered_model(MODEL_NAME)
+    dave = f"dave | promoting v3 | {time.time():.0f} | d"
+    place_lock(dave)
+    clock = iter(range(int(time.time()), int(time.time()) + 10_000, 100))
+    monkeypatch.setattr(policy, "server_clock", lambda: float(next(clock)))
+    waits: list[float] = []
+
+    def dave_ends_while_bob_waits(seconds: float) -> None:
+        waits.append(seconds)
+        policy._release(c, dave, failed=False)
+
+    monkeypatch.setattr(policy.time, "sleep", dave_ends_while_bob_waits)
+    with policy.transition_lock(c, "bob", "rolling back"):
+        held = policy._lock_holder(c)
+        assert held == policy._HELD.get() and held is not None
+    assert waits == [1.0], "bob waited once for dave"
+    stamped = float(held.rsplit(" | ", 2)[1])
+    assert stamped == next(clock) - 100, "stamped by the last server time read: when taken"

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
+from paylater.redaction import MASK, redact
 from paylater.settings import Settings, get_settings
 
 STALE_TEMPORARY_SECONDS = 24 * 3600
@@ -317,7 +318,7 @@ def _bucket_and_prefix(url: str) -> tuple[str, str]:
     """s3://bucket/some/prefix -> ("bucket", "some/prefix/")."""
     parsed = urlparse(url)
     if not parsed.netloc:
-        raise StorageError(f"storage URL {url!r} names no bucket")
+        raise StorageError(f"storage URL {_shown(url)!r} names no bucket")
     prefix = parsed.path.strip("/")
     return parsed.netloc, f"{prefix}/" if prefix else ""
 
@@ -354,15 +355,39 @@ def gcs_client(settings: Settings) -> Any:
     return storage.Client()
 
 
+def _shown(url: str) -> str:
+    """`url` as errors may quote it: credentials masked, the whole query too (any of it may be one)."""
+    parts = urlsplit(redact(url))
+    return urlunsplit(parts._replace(query=MASK if parts.query else "", fragment=""))
+
+
+def _refuse_credentials(url: str) -> None:
+    """StorageError for a URL carrying `user:password@` or a query (a signed URL's token).
+
+    The storage's URL is quoted by every manifest, model version's lineage, flow result and
+    error, so whatever it carries would be copied in clear everywhere; no backend here reads
+    credentials or options from it anyway.
+    """
+    parts = urlsplit(url)
+    if "@" in parts.netloc or parts.query:
+        raise StorageError(
+            f"dataset URL {_shown(url)!r} carries credentials or query parameters, which every"
+            " manifest and error would quote: give it as file:///path, s3://bucket/prefix or"
+            " gs://bucket/prefix and put credentials in the environment or a Prefect block"
+            " (PAYLATER_DATASET_S3_BLOCK, PAYLATER_DATASET_GCS_BLOCK)"
+        )
+
+
 def open_storage(url: str | None = None, settings: Settings | None = None) -> DatasetStorage:
     """Open dataset storage at `url` (default: settings.datasets)."""
     settings = settings or get_settings()
     url = url or settings.datasets
+    _refuse_credentials(url)
     scheme = urlparse(url).scheme
     if scheme == "file":
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
-            raise StorageError(f"file URL {url!r} must be file:///absolute/path")
+            raise StorageError(f"file URL {_shown(url)!r} must be file:///absolute/path")
         return LocalStorage(url, Path(unquote(parsed.path)))
     if scheme == "s3":
         bucket, prefix = _bucket_and_prefix(url)
@@ -371,5 +396,5 @@ def open_storage(url: str | None = None, settings: Settings | None = None) -> Da
         bucket_name, prefix = _bucket_and_prefix(url)
         return GcsStorage(url, gcs_client(settings).bucket(bucket_name), prefix)
     raise StorageError(
-        f"dataset URL {url!r} is of unknown kind: use file:///path, s3://bucket/prefix or gs://bucket/prefix"
+        f"dataset URL {_shown(url)!r} is of unknown kind: use file:///path, s3://bucket/prefix or gs://bucket/prefix"
     )

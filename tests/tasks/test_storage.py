@@ -335,3 +335,50 @@ def test_a_killed_writers_temporary_file_is_removed_by_a_later_write_once_stale(
     assert elsewhere.exists()  # until a write into its own folder
     store.write_bytes("training/as_of=2026-07-02/manifest.json", b"{}")
     assert not elsewhere.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIAEXAMPLE:s3cr3t-Pa55@risk-data/paylater",
+        "gs://risk-gcs/paylater?token=s3cr3t-Pa55",
+        "s3://risk-data/paylater?X-Amz-Signature=s3cr3t-Pa55",
+        "file://me:s3cr3t-Pa55@/srv/datasets",
+        "file:///srv/datasets?password=s3cr3t-Pa55",
+        "ftp://me:s3cr3t-Pa55@host/datasets",
+    ],
+)
+def test_a_dataset_url_holding_credentials_is_refused_without_showing_them(
+    url: str, paylater_home: Path
+) -> None:
+    # The URL's credentials were taken into the storage's URL, which every manifest, MLflow
+    # lineage tag and error message quotes: `s3://key:secret@bucket` even became the bucket name.
+    with pytest.raises(StorageError) as raised:
+        open_storage(url)
+    message = str(raised.value)
+    assert "s3cr3t-Pa55" not in message
+    assert "***" in message
+    assert raised.value.__cause__ is None
+
+
+def test_a_manifest_never_records_what_follows_the_folder_in_a_dataset_url(
+    tmp_path: Path, paylater_home: Path
+) -> None:
+    # file:///x?token=… was written to the manifest as `file:///x?token=…/scoring/…`.
+    from datetime import date
+
+    import pyarrow as pa
+
+    from tasks.datasets import write_dataset
+
+    with pytest.raises(StorageError, match=r"\*\*\*"):
+        write_dataset(
+            open_storage(f"{(tmp_path / 'ds').as_uri()}?token=s3cr3t-Pa55"),
+            "scoring",
+            date(2026, 7, 1),
+            pa.table({"user_id": [1], "as_of": [date(2026, 7, 1)]}),
+            features=[],
+            sql_hash="x",
+            source_watermark=None,
+        )
+    assert not (tmp_path / "ds").exists()

@@ -2,7 +2,8 @@
 
 The digest is the sha256 of the Parquet bytes; rows are sorted by key and the writer options are
 fixed, so rebuilding the same `as_of` from the same warehouse gives the same bytes and digest.
-The part is named by its digest (`part-<16 hex>.parquet`) and the manifest names its part, so
+A rebuild of the same data rewrites the part (repairing a damaged one) but keeps the manifest
+byte for byte. The part is named by its digest (`part-<16 hex>.parquet`) and the manifest names its part, so
 rebuilding an `as_of` whose data changed never overwrites the part a manifest points to: until
 the new manifest lands, readers get the previous dataset whole, and a build that dies half way
 leaves that dataset as it was. Replaced parts are kept: a model version logs the URI of the part
@@ -137,8 +138,23 @@ def write_dataset(
         part=part,
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+    previous = _existing_manifest(storage, kind, as_of)
+    if previous == manifest:  # every field but built_at: the same dataset, already complete
+        return previous
     storage.write_bytes(f"{prefix}/{MANIFEST}", manifest.to_json())
     return manifest
+
+
+def _existing_manifest(storage: DatasetStorage, kind: str, as_of: date) -> Manifest | None:
+    """The manifest a previous build left for this dataset, None when there is none to keep.
+
+    A rebuild of the same data keeps it byte for byte: rewritten, its new built_at would announce
+    a new dataset to whatever watches manifests (an object-store event, a copy job, the monitor).
+    """
+    try:
+        return read_manifest(storage, kind, as_of)
+    except DatasetError:  # missing or unreadable: the new manifest replaces it
+        return None
 
 
 def read_manifest(storage: DatasetStorage, kind: str, as_of: date) -> Manifest:

@@ -10,6 +10,7 @@ untouched for STALE_TEMPORARY_SECONDS (a live writer's own is never that old).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -142,6 +143,30 @@ def remove_stale_temporaries(
     return removed
 
 
+_LOCAL_CONFIG_ERRORS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENOTDIR,
+        errno.EEXIST,  # a file where a folder of the key should be
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+    }
+)
+"""Errors of a local write that name the folder, its permissions or its disk: the same on a retry."""
+
+
+def _local_reason(exc: OSError) -> str:
+    """What a failed local write ran into, naming the path (a file where a folder should be
+    reads "File exists" from mkdir, which names no culprit)."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{exc.filename or 'a part of its path'} is a file, not a folder"
+    return f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+
+
 class LocalStorage:
     """A local folder (file:// URL)."""
 
@@ -151,7 +176,16 @@ class LocalStorage:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write the file atomically and durably (see write_file_atomically)."""
-        write_file_atomically(self.root / _check_key(key), lambda handle: handle.write(data))
+        target = self.root / _check_key(key)
+        try:
+            write_file_atomically(target, lambda handle: handle.write(data))
+        except OSError as exc:
+            if exc.errno not in _LOCAL_CONFIG_ERRORS:
+                raise  # EIO, a network file system's hiccup: callers may retry
+            raise StorageError(
+                f"cannot write {join_uri(self.url, key)}: {_local_reason(exc)}"
+                " (check that the folder is writable by this user and has free space)"
+            ) from exc
 
     def read_bytes(self, key: str) -> bytes:
         """The file's bytes."""

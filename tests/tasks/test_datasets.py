@@ -220,3 +220,28 @@ def test_an_unreadable_manifest_is_a_dataset_error_naming_it(env: Path, manifest
     (env / "training" / "as_of=2026-07-15" / "manifest.json").write_bytes(manifest)
     with pytest.raises(DatasetError, match=r"training/as_of=2026-07-15/manifest.json .*unreadable"):
         load_training_dataset()
+
+
+def test_a_rebuild_of_the_same_data_leaves_the_manifest_byte_for_byte(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rerun after a build that died half way rewrote every finished dataset's manifest with a
+    # new built_at: readers watching manifests (an S3 event, a copy job) saw a new dataset.
+    first = datasets.build_training_dataset(AS_OF)
+    manifest = env / "training" / "as_of=2026-07-15" / "manifest.json"
+    before = manifest.read_bytes()
+    monkeypatch.setattr(datasets, "datetime", _LaterClock)
+    second = datasets.build_training_dataset(AS_OF)
+    assert manifest.read_bytes() == before
+    assert second.built_at == first.built_at and second == first
+    add_matured_charge(90)  # changed data: a new manifest, with the new build time
+    third = datasets.build_training_dataset(AS_OF)
+    assert third.sha256 != first.sha256 and third.built_at.startswith("2099-")
+
+
+class _LaterClock(datetime):
+    """datetime whose now() is far later: a rebuild's built_at cannot equal the first one's."""
+
+    @classmethod
+    def now(cls, tz: object = None) -> _LaterClock:
+        return cls(2099, 1, 1, tzinfo=UTC)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,7 @@ def test_a_failed_local_write_leaves_the_previous_file_and_no_temporary(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=r"manifest\.json: No space left"):
         store.write_bytes(key, b"second")
     monkeypatch.undo()
     assert store.read_bytes(key) == b"first"
@@ -382,3 +383,110 @@ def test_a_manifest_never_records_what_follows_the_folder_in_a_dataset_url(
             source_watermark=None,
         )
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_local_folder_not_writable_is_a_storage_error_naming_the_dataset(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder the build cannot write (or a full disk) surfaced as a bare OSError naming a hidden
+    # temporary file, which feature_build retried 30 s later as if it were an I/O hiccup.
+    import errno
+    import os
+
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"")  # a file where the datasets folder should be
+    store = open_storage(blocked.as_uri())
+    key = "training/as_of=2026-07-01/manifest.json"
+    with pytest.raises(
+        StorageError,
+        match=rf"cannot write {blocked.as_uri()}/{key}: {blocked} is a file, not a folder",
+    ):
+        store.write_bytes(key, b"{}")
+
+    real_open = os.open
+
+    def denied(path: str, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    store = open_storage((tmp_path / "datasets").as_uri())
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(StorageError, match=r"cannot write .*manifest.json: Permission denied"):
+        store.write_bytes(key, b"{}")
+    monkeypatch.undo()
+    assert not (tmp_path / "datasets" / key).exists()
+
+
+def test_a_failed_s3_write_between_part_and_manifest_leaves_no_dataset_and_a_rerun_completes_it(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S3 endpoint goes away after the Parquet part: no reader may see the dataset, and the
+    rerun, once the endpoint is back, gives the same part, digest and manifest."""
+    from datetime import date
+
+    import boto3
+    import pyarrow as pa
+    from moto.server import ThreadedMotoServer
+
+    from tasks import datasets
+    from tasks.datasets import DatasetError, load_dataset, write_dataset
+
+    for name, value in [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_MAX_ATTEMPTS", "1"),  # botocore's retries only slow the test down
+    ]:
+        monkeypatch.setenv(name, value)
+    port = listen_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", endpoint)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="half-way")
+    store = open_storage("s3://half-way/ds")
+    day = date(2026, 7, 1)
+    table = pa.table({"user_id": [2, 1], "as_of": [day, day], "f": [0.5, 1.5]})
+
+    real_write = store.write_bytes
+
+    def endpoint_dies_after_the_part(key: str, data: bytes) -> None:
+        real_write(key, data)
+        if key.endswith(".parquet"):
+            server.stop()
+
+    monkeypatch.setattr(store, "write_bytes", endpoint_dies_after_the_part)
+    build = {"features": ["f"], "sql_hash": "h", "source_watermark": None}
+    try:
+        with pytest.raises(Exception, match="Could not connect"):
+            write_dataset(store, "scoring", day, table, **build)  # type: ignore[arg-type]
+    finally:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # moto keeps its buckets in the process: the part is still there
+    try:
+        monkeypatch.undo()
+        monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", endpoint)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(name, "testing" if name != "AWS_DEFAULT_REGION" else "us-east-1")
+        store = open_storage("s3://half-way/ds")
+        with pytest.raises(DatasetError, match="no complete scoring dataset"):
+            load_dataset("scoring", day, store)
+        first = write_dataset(store, "scoring", day, table, **build)  # type: ignore[arg-type]
+        manifest = store.read_bytes("scoring/as_of=2026-07-01/manifest.json")
+        monkeypatch.setattr(datasets, "datetime", _LaterClock)
+        again = write_dataset(store, "scoring", day, table, **build)  # type: ignore[arg-type]
+        assert again == first and again.built_at == first.built_at
+        assert store.read_bytes("scoring/as_of=2026-07-01/manifest.json") == manifest
+        loaded, _ = load_dataset("scoring", day, store)
+        assert loaded["user_id"].to_pylist() == [1, 2]
+    finally:
+        server.stop()
+
+
+class _LaterClock(datetime):
+    """datetime whose now() is far later: a rebuild's built_at cannot equal the first one's."""
+
+    @classmethod
+    def now(cls, tz: object = None) -> _LaterClock:
+        return cls(2099, 1, 1, tzinfo=UTC)

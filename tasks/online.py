@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import logging
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -24,7 +26,7 @@ import pyarrow.csv as pacsv
 
 from paylater.identifiers import check_identifier
 from paylater.postgres import connect_timeout, libpq_url
-from paylater.redaction import redact, redacted_errors
+from paylater.redaction import redact, redacted_errors, safe_cause
 from paylater.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -37,6 +39,29 @@ ONLINE_TABLE_SETTING = "online table name (PAYLATER_ONLINE_FEATURES_TABLE)"
 
 class PublishError(RuntimeError):
     """The online table cannot be published to this database."""
+
+
+class PublishInterrupted(RuntimeError):
+    """A publish cut off by the database (connection lost, a restart, the table held by another
+    session); the online table kept its previous features and a retry may succeed."""
+
+
+SWAP_LOCK_TIMEOUT_SECONDS = 5.0
+"""How long the swap waits for sessions still reading the online table: while it waits, every
+lookup of the service queues behind its exclusive lock, so it gives up (and is retried) instead."""
+
+_TRANSIENT_SQLSTATES = ("08", "57P", "40001", "40P01", "55P03", "53300")
+"""SQLSTATEs (or their prefixes) of a publish cut off rather than refused: connection
+exceptions, the server shutting down or restarting, serialization failures and deadlocks, a
+lock not available in time, too many connections. A lost connection has no SQLSTATE at all."""
+
+
+@dataclass
+class _Progress:
+    """How far a PostgreSQL publish got, for the error that stops it."""
+
+    role: str | None = None
+    committing: bool = False
 
 
 def _ident(name: str, what: str) -> str:
@@ -235,14 +260,68 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None)
 
     conninfo = libpq_url(url)
     columns = _columns(scoring, "postgresql")
-    staging = f"{table}__new"
     column_defs: list[sql.Composable] = [
         sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind)) for name, kind in columns
     ]
     column_defs.append(sql.SQL("updated_at timestamptz NOT NULL DEFAULT now()"))
     csv = io.BytesIO()
     pacsv.write_csv(scoring, csv, pacsv.WriteOptions(include_header=False))
+    with _publish_errors(url, table, day) as progress:
+        return _swap_postgres(conninfo, table, day, scoring, columns, column_defs, csv, progress)
+
+
+@contextmanager
+def _publish_errors(url: str, table: str, day: date | None) -> Iterator[_Progress]:
+    """Turn the database's errors into one saying what the online table holds now: PublishError
+    when the database refuses the publish (privileges, a full disk, bad data), PublishInterrupted
+    when it was cut off and may be retried."""
+    import psycopg
+
+    progress = _Progress()
+    try:
+        yield progress
+    except psycopg.Error as exc:
+        state = exc.sqlstate
+        lost = state is None and isinstance(exc, psycopg.OperationalError)
+        transient = lost or (state is not None and state.startswith(_TRANSIENT_SQLSTATES))
+        reason = " ".join(redact(f"{type(exc).__name__}: {exc}").split())
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege) and progress.role:
+            reason += f" (as role {progress.role})"
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            reason = (
+                f"another session holds {table} (a long query, or a transaction left open) past"
+                f" {SWAP_LOCK_TIMEOUT_SECONDS:g} s: the swap gave up rather than make the"
+                " service's lookups queue behind it"
+            )
+        if progress.committing and lost:
+            kept = f"the connection broke during the commit: {table} holds either its previous features or these, whole"
+        elif progress.role is None:
+            kept = f"nothing was changed: {table} still holds its previous features"
+        else:
+            kept = f"the transaction rolled back: {table} still holds its previous features"
+        error = PublishInterrupted if transient else PublishError
+        raise error(
+            f"publishing {table} for as_of {day} to {redact(url)} failed: {reason}; {kept}"
+        ) from safe_cause(exc)
+
+
+def _swap_postgres(
+    conninfo: str,
+    table: str,
+    day: date | None,
+    scoring: pa.Table,
+    columns: list[tuple[str, str]],
+    column_defs: list[Any],
+    csv: io.BytesIO,
+    progress: _Progress,
+) -> int:
+    """The publish's transaction: COPY into the staging table, grants, then the swap; the rows
+    published (0 when the table holds a later day)."""
+    from psycopg import sql
+
+    staging = f"{table}__new"
     with _connect(conninfo) as conn, conn.transaction():
+        progress.role = conn.info.user
         # One publish at a time per table (released at commit), so the day compared below is the
         # one of the last publish that committed, even if it was still running when this began.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"paylater.online.{table}"])
@@ -278,6 +357,17 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None)
                     sql.SQL(" WITH GRANT OPTION" if grantable else ""),
                 )
             )
+        if conn.execute("SELECT to_regclass(quote_ident(%s))", [table]).fetchone() != (None,):
+            # Bounded: while the swap waits for a session still reading the table, every lookup
+            # of the service queues behind its request for the exclusive lock.
+            conn.execute(
+                sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{max(1, round(SWAP_LOCK_TIMEOUT_SECONDS * 1000))}ms")
+                )
+            )
+            conn.execute(
+                sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(table))
+            )
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
         conn.execute(
             sql.SQL("ALTER TABLE {} RENAME TO {}").format(
@@ -289,6 +379,7 @@ def _publish_postgres(scoring: pa.Table, url: str, table: str, day: date | None)
                 sql.Identifier(f"{staging}_pkey"), sql.Identifier(f"{table}_pkey")
             )
         )
+        progress.committing = True  # leaving the block commits
     return scoring.num_rows
 
 

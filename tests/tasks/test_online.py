@@ -273,7 +273,9 @@ def test_a_feature_database_that_never_answers_fails_the_publish_in_seconds(
     import time
 
     started = time.monotonic()
-    with pytest.raises(psycopg.OperationalError, match="timeout"):
+    from tasks.online import PublishInterrupted
+
+    with pytest.raises(PublishInterrupted, match=r"timeout.*nothing was changed"):
         publish_user_features(scoring([1, 2], date(2026, 11, 26), 1.0), silent_postgres)
     assert time.monotonic() - started < 15
 
@@ -333,8 +335,130 @@ def test_a_source_url_libpq_cannot_parse_never_shows_its_password(paylater_home:
 
     url = "postgresql://app:Wr0ngSecret@[::1]x/source"
     scoring = pa.table({"user_id": [1], "as_of": [date(2026, 11, 20)], "f": [1.0]})
-    for call in (lambda: last_published(url), lambda: publish_user_features(scoring, url)):
-        with pytest.raises(psycopg.ProgrammingError, match="unexpected character") as caught:
+    calls = [
+        (lambda: last_published(url), psycopg.ProgrammingError),
+        (lambda: publish_user_features(scoring, url), PublishError),
+    ]
+    for call, error in calls:
+        with pytest.raises(error, match="unexpected character") as caught:
             call()
         printed = "".join(traceback.format_exception(caught.value))
         assert "Wr0ngSecret" not in printed and "[::1]x/source" in printed, printed
+
+
+def fail_the_publish_at_its_primary_key(pg_url: str, action: str) -> None:
+    """An event trigger running `action` (PL/pgSQL) when the publish adds its staging table's
+    primary key: after the COPY, before the swap, in the middle of the publish's transaction."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION fail_publish() RETURNS event_trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN {action}; END $$"
+        )
+        conn.execute(
+            "CREATE EVENT TRIGGER fail_publish ON ddl_command_end WHEN TAG IN ('ALTER TABLE') "
+            "EXECUTE FUNCTION fail_publish()"
+        )
+
+
+def stop_failing(pg_url: str) -> None:
+    """Remove fail_the_publish_at_its_primary_key's trigger."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP EVENT TRIGGER fail_publish")
+
+
+def assert_previous_features_whole(pg_url: str) -> None:
+    """The table a first publish of users 1-3 as of 2026-07-14 left, and nothing beside it."""
+    assert online_as_of(pg_url) == [(date(2026, 7, 14), 3)]
+    with psycopg.connect(pg_url) as conn:
+        staging = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'user_features_latest\\_\\_%'"
+        ).fetchone()
+    assert staging == (0,)
+
+
+@pytest.mark.postgres
+def test_a_publish_failing_on_a_full_disk_keeps_the_previous_table_and_says_so(
+    pg_url: str, paylater_home: Path
+) -> None:
+    # A full disk (or any statement error) half way through came out as psycopg's bare
+    # DiskFull, naming neither the table nor what the service is left with, and was retried.
+    publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 1.0), pg_url)
+    fail_the_publish_at_its_primary_key(
+        pg_url,
+        "RAISE EXCEPTION 'could not extend file: No space left on device' "
+        "USING ERRCODE = 'disk_full'",
+    )
+    with pytest.raises(
+        PublishError,
+        match=r"user_features_latest for as_of 2026-07-15.*DiskFull: could not extend file"
+        r".*still holds its previous features",
+    ):
+        publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), pg_url)
+    stop_failing(pg_url)
+    assert_previous_features_whole(pg_url)
+
+
+@pytest.mark.postgres
+def test_a_database_restart_during_a_publish_keeps_the_previous_table_and_is_retryable(
+    pg_url: str, paylater_home: Path
+) -> None:
+    from tasks.online import PublishInterrupted
+
+    publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 1.0), pg_url)
+    # The server ends the publish's session half way, as a restart does.
+    fail_the_publish_at_its_primary_key(pg_url, "PERFORM pg_terminate_backend(pg_backend_pid())")
+    with pytest.raises(PublishInterrupted, match=r"rolled back.*previous features") as raised:
+        publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), pg_url)
+    assert not isinstance(raised.value, PublishError)  # feature_build retries it
+    assert "secret" not in str(raised.value)
+    stop_failing(pg_url)
+    assert_previous_features_whole(pg_url)
+    assert publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), pg_url) == 2
+
+
+@pytest.mark.postgres
+def test_a_role_without_the_privilege_to_publish_keeps_the_previous_table_and_says_so(
+    pg_url: str, paylater_home: Path
+) -> None:
+    publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 1.0), pg_url)
+    role = f"builder_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'role-s3cret'")
+        conn.execute("GRANT SELECT ON user_features_latest TO PUBLIC")
+    as_role = re.sub(r"//[^@]*@", f"//{role}:role-s3cret@", pg_url)
+    try:
+        with pytest.raises(
+            PublishError,
+            match=rf"InsufficientPrivilege: permission denied.*role {role}"
+            r".*still holds its previous features",
+        ) as raised:
+            publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), as_role)
+        assert "role-s3cret" not in str(raised.value)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+    assert_previous_features_whole(pg_url)
+
+
+@pytest.mark.postgres
+def test_a_session_holding_the_online_table_fails_the_publish_instead_of_stalling_readers(
+    pg_url: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The swap waited without end for a session that had read the table (a report left open in
+    # a transaction); queued behind its exclusive lock, every lookup of the service waited too.
+    from tasks import online
+
+    monkeypatch.setattr(online, "SWAP_LOCK_TIMEOUT_SECONDS", 0.2)
+    publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 1.0), pg_url)
+    with psycopg.connect(pg_url) as report:
+        report.execute(
+            "SELECT count(*) FROM user_features_latest"
+        ).fetchall()  # idle in transaction
+        with pytest.raises(
+            online.PublishInterrupted,
+            match=r"another session holds user_features_latest.*previous features",
+        ):
+            publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), pg_url)
+        report.rollback()
+    assert_previous_features_whole(pg_url)

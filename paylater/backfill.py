@@ -1,7 +1,8 @@
 """Backfill: the daily pipeline over a date range, idempotent and resumable.
 
 Each day is the same `daily_pipeline` a schedule runs. Days run oldest first; a day whose sync
-ledger is complete and whose training and scoring datasets exist is skipped, so a backfill that
+ledger is complete, whose training and scoring datasets exist and whose features (or a later
+day's) the online table holds is skipped, so a backfill that
 stopped on a failure resumes where it stopped when run again with the same range.
 """
 
@@ -39,7 +40,7 @@ def days(start: date, end: date) -> Iterator[date]:
 
 
 def day_is_complete(as_of: date) -> bool:
-    """Whether the sync ledger and both datasets for `as_of` are complete."""
+    """Whether the sync ledger, both datasets and the online publish of `as_of` are complete."""
     from paylater.settings import get_settings
     from tasks.datasets import DatasetError, read_manifest
     from tasks.storage import open_storage
@@ -62,7 +63,20 @@ def day_is_complete(as_of: date) -> bool:
         read_manifest(storage, "scoring", as_of)
     except DatasetError:
         return False
-    return True
+    return online_features_cover(as_of)
+
+
+def online_features_cover(as_of: date) -> bool:
+    """Whether the online table holds the features of `as_of` or of a later day.
+
+    A pipeline that died at the publish leaves its ledger and datasets complete; skipped, its day
+    would leave the service scoring with the features of the day before. An older day's publish
+    leaves the table as it is (it holds a later day), so a backfilled day is complete without it.
+    """
+    from tasks.online import last_published
+
+    published = last_published()
+    return published is not None and published.as_of is not None and published.as_of >= as_of
 
 
 def run_in_process(as_of: date) -> str:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import date
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import pytest
@@ -228,3 +229,69 @@ def test_a_deployment_that_was_never_deployed_is_named(prefect_harness: None) ->
     message = str(failure.value)
     assert "deployment daily-pipeline/daily-pipeline not found" in message
     assert "prefect --no-prompt deploy --all" in message and "--in-process" in message
+
+
+def _complete_day_but_its_publish(home: Path, as_of: date) -> None:
+    """A day whose sync ledger and both datasets are complete, as a pipeline that died at the
+    online publish leaves it (the warehouse and datasets of the embedded defaults under home)."""
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+
+    from paylater.timeutil import day_end_utc
+    from tasks.datasets import write_dataset
+    from tasks.storage import open_storage
+    from tasks.sync import configured_tables
+    from tasks.warehouse import open_warehouse
+
+    names = [spec.name for spec in configured_tables()]
+    n = len(names)
+    ledger = pa.table(
+        {
+            "table_name": pa.array(names, pa.string()),
+            "as_of": pa.array([as_of] * n, pa.date32()),
+            "mode": pa.array(["incremental"] * n, pa.string()),
+            "watermark_from": pa.array([None] * n, pa.timestamp("us", tz="UTC")),
+            "watermark_to": pa.array([day_end_utc(as_of)] * n, pa.timestamp("us", tz="UTC")),
+            "rows_extracted": pa.array([1] * n, pa.int64()),
+            "rows_loaded": pa.array([1] * n, pa.int64()),
+            "warehouse_rows": pa.array([1] * n, pa.int64()),
+            "duration_seconds": pa.array([0.1] * n, pa.float64()),
+            "status": pa.array(["succeeded"] * n, pa.string()),
+            "error": pa.array([None] * n, pa.string()),
+            "finished_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
+        }
+    )
+    warehouse = open_warehouse(f"duckdb:///{home / 'warehouse.duckdb'}")
+    warehouse.replace_table("sync_ledger", ledger)
+    warehouse.close()
+    rows = pa.table({"user_id": [1], "as_of": [as_of], "f": [1.0], "charge_id": [1]})
+    for kind in ("training", "scoring"):
+        write_dataset(
+            open_storage(), kind, as_of, rows, features=["f"], sql_hash="h", source_watermark=None
+        )
+
+
+def test_a_day_whose_online_publish_failed_is_not_complete(paylater_home: Path) -> None:
+    # A pipeline that died at the publish (the source database restarting) left the ledger and
+    # datasets complete: the backfill run again skipped the day as complete, and the service
+    # kept scoring with the previous day's features.
+    import sqlite3
+
+    import pyarrow as pa
+
+    from paylater.backfill import day_is_complete
+    from tasks.online import publish_user_features
+
+    day = date(2026, 11, 5)
+    sqlite3.connect(paylater_home / "source.db").close()  # the embedded source, empty
+    _complete_day_but_its_publish(paylater_home, day)
+    assert not day_is_complete(day)  # nothing ever published
+    older = pa.table({"user_id": [1], "as_of": [date(2026, 11, 4)], "f": [1.0]})
+    publish_user_features(older)
+    assert not day_is_complete(day)  # the online table holds the day before
+    publish_user_features(older.set_column(1, "as_of", pa.array([day])))
+    assert day_is_complete(day)
+    later = pa.table({"user_id": [1], "as_of": [date(2026, 11, 9)], "f": [1.0]})
+    publish_user_features(later)
+    assert day_is_complete(day)  # a backfilled day: its features are never published

@@ -10,8 +10,9 @@ from prefect.states import State
 
 from flows.daily_sync import daily_sync
 from flows.feature_build import FeatureBuildResult, feature_build
+from paylater.redaction import redact
 from paylater.settings import get_settings
-from paylater.timeutil import resolve_as_of
+from paylater.timeutil import default_as_of, resolve_as_of
 from tasks.alerts import alert_on_failure
 from tasks.features import fixed_utc_offset_us
 from tasks.sync import SyncIncomplete, check_ledger
@@ -35,20 +36,39 @@ def sync_problem(state: State[Any]) -> str | None:
     return f"ended {state.name}: {state.message}"
 
 
+def _ledger_problem(as_of: date) -> str | None:
+    """What the sync ledger says is missing for `as_of`, None when it is complete."""
+    warehouse = open_warehouse(get_settings().warehouse)
+    try:
+        check_ledger(warehouse, as_of)
+    except SyncIncomplete as exc:
+        return str(exc)
+    finally:
+        warehouse.close()
+    return None
+
+
+def refuse_unended(day: date) -> None:
+    """ValueError, naming the latest day it can run, while `day` has not ended in the business
+    time zone: its sync would be refused, after a flow run and an alert for nothing."""
+    latest = default_as_of()
+    if day > latest:
+        raise ValueError(
+            f"as_of {day} has not ended yet in {get_settings().timezone}; "
+            f"the latest day the pipeline can run is {latest}"
+        )
+
+
 @task
 def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
     """Raise, naming the tables and the reason, unless the sync ran and its ledger is complete.
 
     `sync_failure`: what `sync_problem` said of the sync's run.
     """
-    warehouse = open_warehouse(get_settings().warehouse)
     try:
-        check_ledger(warehouse, as_of)
-        ledger_problem = None
-    except SyncIncomplete as exc:
-        ledger_problem = str(exc)
-    finally:
-        warehouse.close()
+        ledger_problem = _ledger_problem(as_of)
+    except Exception as exc:  # the warehouse unreachable: still say why the sync failed
+        ledger_problem = f"its ledger could not be read ({type(exc).__name__}: {redact(str(exc))})"
     reasons = [f"daily_sync {sync_failure}"] if sync_failure else []
     reasons += [ledger_problem] if ledger_problem else []
     if reasons:
@@ -59,6 +79,7 @@ def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
 def daily_pipeline(as_of: date | None = None) -> FeatureBuildResult:
     """Sync for `as_of`, check its ledger, then build features; a failed sync stops the chain."""
     day = resolve_as_of(as_of)
+    refuse_unended(day)
     # The feature SQL needs a zone with a fixed UTC offset: refuse one it would refuse after the
     # sync, before syncing for nothing.
     fixed_utc_offset_us(get_settings().timezone, day)

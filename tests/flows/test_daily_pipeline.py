@@ -148,3 +148,41 @@ def test_a_sync_that_ends_cancelled_stops_the_chain_even_with_a_complete_ledger(
     ):
         daily_pipeline(as_of=AS_OF)
     assert not (paylater_home / "datasets").exists()
+
+
+def test_a_day_not_ended_is_refused_before_the_sync_naming_the_latest_day(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A future as_of started a sync flow run that failed (alerting once for it), then refused
+    # the build with every table listed as not synced: the cause was buried in the list.
+    from datetime import timedelta
+
+    import flows.daily_pipeline
+    from paylater.timeutil import default_as_of
+
+    def no_sync(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the sync must not start")
+
+    monkeypatch.setattr(flows.daily_pipeline, "daily_sync", no_sync)
+    latest = default_as_of()
+    with pytest.raises(
+        ValueError,
+        match=rf"as_of {latest + timedelta(days=3)} has not ended yet in Asia/Tokyo; "
+        rf"the latest day the pipeline can run is {latest}",
+    ):
+        daily_pipeline(as_of=latest + timedelta(days=3))
+
+
+def test_a_ledger_that_cannot_be_read_still_names_the_syncs_failure(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the warehouse unreadable after a failed sync, the check raised the warehouse's error
+    # alone: the sync's own failure, the first thing to fix, was lost.
+    blocker = paylater_home / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("PAYLATER_WAREHOUSE_URL", f"duckdb:///{blocker}/warehouse.duckdb")
+    with pytest.raises(
+        SyncNotComplete,
+        match=r"not started: daily_sync failed: source unreachable; its ledger could not be read",
+    ):
+        require_complete_sync.fn(AS_OF, "failed: source unreachable")

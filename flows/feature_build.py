@@ -77,9 +77,14 @@ def publish_online(manifest: Manifest) -> int:
 def feature_build(as_of: date | None = None) -> FeatureBuildResult:
     """Build the datasets for `as_of` (default: yesterday in Tokyo) and publish online features."""
     day = resolve_as_of(as_of)
-    training = training_dataset(day)
     scoring = scoring_dataset(day)
-    online_rows = publish_online(scoring)
+    # The service's features first, and each step tried even if the other failed: a training set
+    # that cannot be built (read only by the monthly retrain) must not leave the service on the
+    # day before's features, nor a failed publish leave the day without its training set.
+    online = publish_online(scoring, return_state=True)
+    built = training_dataset(day, return_state=True)
+    online_rows: int = online.result()
+    training: Manifest = built.result()
     get_run_logger().info(
         "as_of %s: %d training rows, %d scoring rows, %d online",
         day,

@@ -108,3 +108,39 @@ def test_a_backfilled_day_before_the_first_signup_completes_without_publishing(
         assert db.execute(
             "SELECT as_of, count(*) FROM user_features_latest GROUP BY 1"
         ).fetchall() == [("2026-07-15", 2)]
+
+
+def test_a_training_set_that_fails_still_leaves_the_service_todays_features(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training set (read once a month by the retrain) was built first: when it failed
+    (its label SQL, a storage hiccup past its retry), the scoring set was never built nor
+    published, and the service scored with the day before's features."""
+    import flows.feature_build
+
+    def broken_labels(as_of: date) -> object:
+        raise FeatureSqlError("label.sql: the warehouse rejected it")
+
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    monkeypatch.setattr(flows.feature_build, "build_training_dataset", broken_labels)
+    with pytest.raises(FeatureSqlError, match=r"label\.sql"):
+        feature_build(as_of=date(2026, 7, 15))
+    assert load_scoring_dataset(date(2026, 7, 15))[0].num_rows == 2
+    with sqlite3.connect(paylater_home / "source.db") as db:
+        assert db.execute("SELECT DISTINCT as_of FROM user_features_latest").fetchall() == [
+            ("2026-07-15",)
+        ]
+    with pytest.raises(DatasetError, match="no complete training dataset"):
+        load_training_dataset(date(2026, 7, 15))
+
+
+def test_a_publish_that_fails_still_leaves_the_days_training_set(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.online import PublishError
+
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "mysql://features@db/ops")
+    with pytest.raises(PublishError, match="cannot publish online features"):
+        feature_build(as_of=date(2026, 7, 15))
+    assert load_training_dataset(date(2026, 7, 15))[0]["charge_id"].to_pylist() == [10]

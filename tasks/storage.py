@@ -223,10 +223,15 @@ _S3_CONFIG_ERRORS = frozenset(
 def _s3_errors(url: str, action: str) -> Iterator[None]:
     """Turn S3's configuration errors into a StorageError naming the URL; others (throttling,
     5xx, the endpoint unreachable) propagate as they are, so callers may retry them."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
     try:
         yield
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise StorageError(
+            f"cannot {action} {url}: {exc}; set AWS credentials in the environment or name a"
+            " prefect-aws S3Bucket block in PAYLATER_DATASET_S3_BLOCK"
+        ) from exc
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -427,8 +432,17 @@ def open_storage(url: str | None = None, settings: Settings | None = None) -> Da
         bucket, prefix = _bucket_and_prefix(url)
         return S3Storage(url, s3_client(settings), bucket, prefix)
     if scheme == "gs":
+        from google.auth.exceptions import DefaultCredentialsError
+
         bucket_name, prefix = _bucket_and_prefix(url)
-        return GcsStorage(url, gcs_client(settings).bucket(bucket_name), prefix)
+        try:
+            client = gcs_client(settings)
+        except DefaultCredentialsError as exc:
+            raise StorageError(
+                f"cannot open {url}: {exc} (set GOOGLE_APPLICATION_CREDENTIALS or name a"
+                " prefect-gcp GcsBucket block in PAYLATER_DATASET_GCS_BLOCK)"
+            ) from exc
+        return GcsStorage(url, client.bucket(bucket_name), prefix)
     raise StorageError(
         f"dataset URL {_shown(url)!r} is of unknown kind: use file:///path, s3://bucket/prefix or gs://bucket/prefix"
     )

@@ -490,3 +490,41 @@ class _LaterClock(datetime):
     @classmethod
     def now(cls, tz: object = None) -> _LaterClock:
         return cls(2099, 1, 1, tzinfo=UTC)
+
+
+def test_s3_without_credentials_is_a_storage_error_naming_the_dataset(
+    moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # botocore's NoCredentialsError ("Unable to locate credentials") named no bucket and, not a
+    # StorageError, was retried by feature_build as an I/O hiccup.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps credentials once found
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", moto_endpoint)
+    store = open_storage("s3://risk-data/paylater")
+    with pytest.raises(
+        StorageError, match=r"cannot write s3://risk-data/paylater/x\.json: .*credentials"
+    ):
+        store.write_bytes("x.json", b"{}")
+
+
+def test_gcs_without_credentials_is_a_storage_error_naming_the_dataset(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    def no_credentials(*args: object, **kwargs: object) -> object:
+        raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setattr(google.auth, "default", no_credentials)
+    with pytest.raises(
+        StorageError, match=r"gs://risk-gcs/paylater: .*credentials were not found.*GCS_BLOCK"
+    ):
+        open_storage("gs://risk-gcs/paylater")

@@ -418,9 +418,18 @@ def _publish_sqlite(scoring: pa.Table, url: str, table: str, day: date | None) -
         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
         conn.execute(f'ALTER TABLE "{staging}" RENAME TO "{table}"')
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            # "locked" or "busy": another writer held the file past the busy timeout.
+            busy = any(word in str(exc) for word in ("locked", "busy"))
+            error = PublishInterrupted if busy else PublishError
+            raise error(
+                f"publishing {table} for as_of {day} to {redact(url)} failed:"
+                f" {type(exc).__name__}: {exc}; the transaction rolled back: {table} still"
+                " holds its previous features"
+            ) from exc
         raise
     finally:
         conn.close()

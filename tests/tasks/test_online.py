@@ -462,3 +462,32 @@ def test_a_session_holding_the_online_table_fails_the_publish_instead_of_stallin
             publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), pg_url)
         report.rollback()
     assert_previous_features_whole(pg_url)
+
+
+def test_a_sqlite_publish_that_fails_half_way_keeps_the_previous_table_and_says_so(
+    tmp_path: Path, paylater_home: Path
+) -> None:
+    from tasks.online import PublishInterrupted
+
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    publish_user_features(scoring([1, 2, 3], date(2026, 7, 14), 1.0), url)
+    with sqlite3.connect(tmp_path / "source.db") as db:  # a statement of the publish fails
+        db.execute("CREATE VIEW user_features_latest__new AS SELECT 1 AS x")
+    with pytest.raises(
+        PublishError,
+        match=r"user_features_latest for as_of 2026-07-15.*OperationalError: .*view"
+        r".*still holds its previous features",
+    ):
+        publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), url)
+    assert online_as_of(url) == [("2026-07-14", 3)]
+    with sqlite3.connect(tmp_path / "source.db") as db:
+        db.execute("DROP VIEW user_features_latest__new")
+    holder = sqlite3.connect(tmp_path / "source.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer, past the publish's busy timeout
+        with pytest.raises(PublishInterrupted, match=r"database is locked.*previous features"):
+            publish_user_features(scoring([4, 5], date(2026, 7, 15), 2.0), url)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert online_as_of(url) == [("2026-07-14", 3)]

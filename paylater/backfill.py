@@ -89,14 +89,25 @@ def run_in_process(as_of: date) -> str:
 
 def run_through_deployment(as_of: date, timeout_s: float = 3600) -> str:
     """Run the `daily-pipeline` deployment for one day and wait for its final state."""
+    import httpx
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from paylater.redaction import redact
 
     try:
         flow_run = run_deployment(
             DEPLOYMENT, parameters={"as_of": as_of.isoformat()}, timeout=timeout_s
         )
+    except httpx.TransportError as exc:  # whose message names nothing ("Connection refused")
+        api = redact(PREFECT_API_URL.value() or "the ephemeral API")
+        raise BackfillError(
+            f"cannot reach the Prefect API at {api} ({type(exc).__name__}: {redact(str(exc))}):"
+            " start the server or point PREFECT_API_URL at it; a run it had already started for"
+            f" {as_of} may still be going (prefect flow-run ls) before the backfill is run again"
+        ) from None
     except ObjectNotFound as exc:  # whose own message is "None"
         raise BackfillError(
             f"deployment {DEPLOYMENT} not found on the Prefect API: create it with "

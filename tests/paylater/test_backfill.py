@@ -295,3 +295,23 @@ def test_a_day_whose_online_publish_failed_is_not_complete(paylater_home: Path) 
     later = pa.table({"user_id": [1], "as_of": [date(2026, 11, 9)], "f": [1.0]})
     publish_user_features(later)
     assert day_is_complete(day)  # a backfilled day: its features are never published
+
+
+def test_a_prefect_api_that_cannot_be_reached_is_named() -> None:
+    # `--deployment` with the Prefect server down (or PREFECT_API_URL mistyped) stopped the
+    # backfill with "ConnectError: [Errno 111] Connection refused", naming nothing.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from paylater.backfill import run_through_deployment
+    from paylater.testing import listen_port
+
+    api = f"http://ops:s3cr3t@127.0.0.1:{listen_port()}/api"  # nobody listens there
+    with (
+        temporary_settings({PREFECT_API_URL: api}),
+        pytest.raises(
+            BackfillError,
+            match=r"cannot reach the Prefect API at http://ops:\*\*\*@127\.0\.0\.1:\d+/api",
+        ) as raised,
+    ):
+        run_through_deployment(D1)
+    assert "s3cr3t" not in str(raised.value)

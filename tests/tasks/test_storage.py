@@ -528,3 +528,39 @@ def test_gcs_without_credentials_is_a_storage_error_naming_the_dataset(
         StorageError, match=r"gs://risk-gcs/paylater: .*credentials were not found.*GCS_BLOCK"
     ):
         open_storage("gs://risk-gcs/paylater")
+
+
+def test_credentials_the_bucket_refuses_are_a_storage_error_and_leave_no_dataset(
+    moto_endpoint: str, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials S3 refuses (moto enforcing authentication): one StorageError naming the
+    object, which feature_build does not retry, and nothing a reader could take for a dataset."""
+    from datetime import date
+
+    import boto3
+    import pyarrow as pa
+    from moto import settings as moto_settings
+
+    from tasks.datasets import available_as_ofs, write_dataset
+
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="denied")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTKNOWNHERE")
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # authentication on
+    store = open_storage("s3://denied/ds")
+    day = date(2026, 7, 1)
+    with pytest.raises(
+        StorageError,
+        match=r"cannot write s3://denied/ds/scoring/as_of=2026-07-01/part-.*InvalidAccessKeyId",
+    ):
+        write_dataset(
+            store,
+            "scoring",
+            day,
+            pa.table({"user_id": [1], "as_of": [day]}),
+            features=[],
+            sql_hash="h",
+            source_watermark=None,
+        )
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+    assert available_as_ofs(store, "scoring") == []

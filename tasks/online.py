@@ -4,7 +4,9 @@ The service and the worker look users up there by id. A publish loads a new tabl
 in within one transaction, so readers see either the old features or the new ones, never a mix.
 Features of a day older than the ones published are not published: a backfill of past days must
 not leave the service scoring with last month's features. Publishes to one table take turns, so
-that check sees the day of any publish that committed before it.
+that check sees the day of any publish that committed before it. A publish that fails rolls back
+whole, and its error (PublishError when refused, PublishInterrupted when cut off and worth a
+retry) says what the table holds.
 """
 
 from __future__ import annotations
@@ -294,7 +296,10 @@ def _publish_errors(url: str, table: str, day: date | None) -> Iterator[_Progres
                 " service's lookups queue behind it"
             )
         if progress.committing and lost:
-            kept = f"the connection broke during the commit: {table} holds either its previous features or these, whole"
+            kept = (
+                f"the connection broke during the commit: {table} holds either its previous"
+                " features or these, whole"
+            )
         elif progress.role is None:
             kept = f"nothing was changed: {table} still holds its previous features"
         else:

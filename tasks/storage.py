@@ -2,10 +2,13 @@
 
 Every write is atomic per object: a local file is written beside its target, fsynced, renamed
 over it, and its folder fsynced (with every folder the write created), so a file the build
-reported as written survives a power loss; an S3 or GCS object appears whole on a single PUT. Datasets write their manifest last, so a
-dataset is complete exactly when its manifest exists. A process killed mid-write leaves its
-hidden temporary file; the next write into that folder removes such files once they have been
-untouched for STALE_TEMPORARY_SECONDS (a live writer's own is never that old).
+reported as written survives a power loss; an S3 or GCS object appears whole on a single PUT.
+Datasets write their manifest last, so a dataset is complete exactly when its manifest exists.
+A process killed mid-write leaves its hidden temporary file; the next write into that folder
+removes such files once they have been untouched for STALE_TEMPORARY_SECONDS (a live writer's
+own is never that old). Errors a retry would meet again (a wrong bucket or credentials, a folder
+not writable or full) are StorageError naming the object; a URL carrying credentials or a query
+is refused, since every manifest quotes the URL.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ _LOCAL_CONFIG_ERRORS = frozenset(
         errno.ENAMETOOLONG,
     }
 )
-"""Errors of a local write that name the folder, its permissions or its disk: the same on a retry."""
+"""Errors of a local read or write that name the folder, its permissions or its disk: the same
+on a retry."""
 
 
 def _local_reason(exc: OSError) -> str:
@@ -192,7 +196,15 @@ class LocalStorage:
         path = self.root / _check_key(key)
         if not path.is_file():
             raise StorageError(f"{join_uri(self.url, key)} does not exist")
-        return path.read_bytes()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            if exc.errno not in _LOCAL_CONFIG_ERRORS:
+                raise
+            raise StorageError(
+                f"cannot read {join_uri(self.url, key)}: {_local_reason(exc)}"
+                " (check that this user may read the datasets folder)"
+            ) from exc
 
     def exists(self, key: str) -> bool:
         """Whether the file exists."""

@@ -564,3 +564,22 @@ def test_credentials_the_bucket_refuses_are_a_storage_error_and_leave_no_dataset
         )
     monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
     assert available_as_ofs(store, "scoring") == []
+
+
+def test_a_local_file_that_cannot_be_read_is_a_storage_error_naming_the_dataset(
+    tmp_path: Path, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A dataset written by another user with a restrictive umask: the retrain (or a rebuild
+    # checking the manifest it would keep) got a bare PermissionError.
+    import errno
+
+    store = open_storage((tmp_path / "datasets").as_uri())
+    key = "training/as_of=2026-07-01/manifest.json"
+    store.write_bytes(key, b"{}")
+
+    def denied(self: Path) -> bytes:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(StorageError, match=r"cannot read .*manifest\.json: Permission denied"):
+        store.read_bytes(key)

@@ -383,7 +383,15 @@ def s3_client(settings: Settings) -> Any:
         return block.credentials.get_s3_client()
     import boto3
 
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url)
+    endpoint = settings.s3_endpoint_url
+    if endpoint and ("@" in urlsplit(endpoint).netloc or urlsplit(endpoint).query):
+        # botocore quotes its endpoint whole in every connection error.
+        raise StorageError(
+            f"PAYLATER_S3_ENDPOINT_URL {_shown(endpoint)!r} carries credentials or query"
+            " parameters, which every connection error would quote: give scheme://host:port and"
+            " the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a Prefect block"
+        )
+    return boto3.client("s3", endpoint_url=endpoint)
 
 
 def gcs_client(settings: Settings) -> Any:

@@ -583,3 +583,14 @@ def test_a_local_file_that_cannot_be_read_is_a_storage_error_naming_the_dataset(
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(StorageError, match=r"cannot read .*manifest\.json: Permission denied"):
         store.read_bytes(key)
+
+
+def test_an_s3_endpoint_url_carrying_credentials_is_refused_without_showing_them(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore quotes its endpoint whole in every connection error ('Could not connect to the
+    # endpoint URL: "http://key:secret@minio:9000/bucket/key"'), which reached logs and alerts.
+    monkeypatch.setenv("PAYLATER_S3_ENDPOINT_URL", "http://minio:s3cr3t-Pa55@127.0.0.1:9")
+    with pytest.raises(StorageError, match=r"PAYLATER_S3_ENDPOINT_URL .*\*\*\*") as raised:
+        open_storage("s3://risk-data/paylater")
+    assert "s3cr3t-Pa55" not in str(raised.value)

@@ -67,7 +67,10 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(
         default=None,
-        description="S3-compatible endpoint (MinIO, moto) when not AWS itself.",
+        description=(
+            "S3-compatible endpoint (MinIO, moto) when not AWS itself; a URL carrying credentials"
+            " is refused (they go in the environment or a prefect-aws block)."
+        ),
     )
     # --- end features ---
     mlflow_tracking_uri: str | None = Field(

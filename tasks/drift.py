@@ -188,7 +188,7 @@ def log_drift_to_mlflow(
 
 
 def drift_rows(report: DriftReport, as_of: date) -> pa.Table:
-    """One warehouse row per feature (and 'score') for the monitoring_drift table."""
+    """One warehouse row per feature (and `__score__` for the score) for the monitoring_drift table."""
     items = [*report.feature_psi.items()]
     if report.score_psi is not None:
         items.append(("__score__", report.score_psi))

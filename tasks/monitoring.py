@@ -381,11 +381,19 @@ def measure_queue(
             conn.execute(sa.text(f"SET LOCAL statement_timeout = {timeout_ms}"))
             stats = conn.execute(sa.text(load_sql("queue_stats")), {"now": now, "since": since})
             row = stats.one()
-    except sa.exc.OperationalError as exc:  # psycopg's QueryCanceled
-        reason = (
-            f"the queue database did not answer within {QUEUE_QUERY_TIMEOUT_SECONDS:g} s: "
-            f"{str(exc.orig).strip()}"
-        )
+    except sa.exc.OperationalError as exc:
+        # Only the statement timeout is "no answer"; a session ended under the query (an
+        # administrator, a failover, a lost connection) is told as such, not as a slow table.
+        import psycopg
+
+        cause = str(exc.orig).strip()
+        if isinstance(exc.orig, psycopg.errors.QueryCanceled):
+            reason = (
+                f"the queue database did not answer within {QUEUE_QUERY_TIMEOUT_SECONDS:g} s:"
+                f" {cause}"
+            )
+        else:
+            reason = f"the queue database ended the stats query: {cause}"
         return [Measurement(c, None, reason) for c in checks]
     oldest = row.oldest_queued_at
     age = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0

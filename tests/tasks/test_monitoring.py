@@ -160,6 +160,47 @@ def test_measure_queue_on_a_locked_table_is_unknown_not_a_hung_monitor(
     assert not any(m.sparse for m in measured)  # unmeasured: after a while, Slack hears of it
 
 
+def test_measure_queue_on_a_session_ended_mid_query_does_not_blame_a_timeout(
+    pg_url: str,
+) -> None:
+    """An administrator (or a failover) ends the monitor's session while its stats query waits:
+    the checks are unknown, and the reason is the session's end, not "did not answer within
+    10 s", which would send whoever triages to look for a slow or locked table."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(WORKER_DDL.read_text())
+    engine = engine_for(pg_url)
+    measured: list[Measurement] = []
+    with (
+        psycopg.connect(pg_url) as locker,
+        psycopg.connect(pg_url, autocommit=True) as admin,
+    ):
+        locker.execute("LOCK TABLE scoring_jobs IN ACCESS EXCLUSIVE MODE")
+        run = threading.Thread(
+            target=lambda: measured.extend(measure_queue(engine, NOW, 15, 1)), daemon=True
+        )
+        run.start()
+        ended = 0
+        deadline = time.monotonic() + 60
+        while not ended and run.is_alive() and time.monotonic() < deadline:
+            row = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%scoring_jobs%'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchone()
+            ended = row[0] if row else 0
+            time.sleep(0.05)
+        run.join(60)
+        locker.rollback()
+    engine.dispose()
+    assert ended == 1, "the stats query never waited on the lock"
+    assert {m.value for m in measured} == {None}
+    assert all("did not answer" not in m.detail for m in measured), measured
+    assert all(
+        m.detail.startswith("the queue database ended the stats query:") for m in measured
+    ), measured
+    assert all("terminat" in m.detail for m in measured), measured
+
+
 def test_measure_queue_without_worker_tables_is_unknown(pg_url: str) -> None:
     engine = engine_for(pg_url)
     measured = measure_queue(engine, NOW, 15, 1)

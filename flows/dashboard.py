@@ -120,16 +120,21 @@ def monitoring_report() -> Path:
     """Daily drift and vintage numbers, drift alerts, and the dashboard as a Prefect artifact."""
     now = utc_now()
     daily = compute_daily(now)
-    store(daily)
-    # The report is built even when a drift alert could not be delivered; the run fails after it.
+    # Each step tried even when one before it failed, the run failing after them with the first
+    # error: the drift alerts need neither the warehouse (where the numbers are kept) nor the
+    # report, so a warehouse held by a long sync must not leave a day's drift unsaid.
+    stored = store(daily, return_state=True)
     alerted = drift_incidents(daily, now, return_state=True)
-    path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
-    create_markdown_artifact(
-        key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"
-    )
-    get_run_logger().info("monitoring report written to %s", path)
-    if alerted.is_failed():
-        alerted.result()  # raises the task's error: the run fails, naming the alerts
+    try:
+        path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
+        create_markdown_artifact(
+            key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"
+        )
+        get_run_logger().info("monitoring report written to %s", path)
+    finally:
+        for step in (stored, alerted):
+            if step.is_failed():
+                step.result()  # raises the task's error: the run fails, naming the step
     return path
 
 

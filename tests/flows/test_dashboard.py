@@ -626,3 +626,29 @@ def test_an_empty_reference_snapshot_warns_slack_naming_it_and_resolves_once_fix
     write_scoring(reference, w.users, list(USER_FEATURES))  # rebuilt
     w.report(w.trained + timedelta(days=3), w.users)
     assert [p["subject"] for p in w.last] == ["[RESOLVED] paylater: feature_psi_max measured again"]
+
+
+def test_a_warehouse_that_cannot_keep_the_days_numbers_still_lets_drift_alert(
+    drift_world: DriftWorld, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warehouse keeps the day's drift and vintage numbers and feeds the dashboard; held by
+    another process (a long sync, a notebook), those steps fail. The drift checks need neither:
+    a critical drift still alerts that day, and the run fails after it, naming the warehouse,
+    instead of failing first and leaving the drift unsaid until the warehouse is free again."""
+    import flows.dashboard
+    from flows.dashboard import monitoring_report
+    from paylater.testing import duckdb_held_elsewhere
+    from registry.testing import USER_FEATURES
+
+    w = drift_world
+    # The task's own retries (30 s apart) only lengthen the test: the warehouse stays held.
+    monkeypatch.setattr(flows.dashboard, "store", flows.dashboard.store.with_options(retries=0))
+    write_scoring(w.trained + timedelta(days=1), w.shifted, list(USER_FEATURES))
+    with (
+        duckdb_held_elsewhere(paylater_home / "warehouse.duckdb"),
+        pytest.raises(Exception, match="lock"),
+    ):
+        monitoring_report()
+    subjects = [p["subject"] for p in w.payloads]
+    assert "[FIRING] paylater critical: feature_psi_max" in subjects, subjects
+    assert w.incident() is not None

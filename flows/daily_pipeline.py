@@ -13,7 +13,7 @@ from flows.feature_build import FeatureBuildResult, feature_build
 from paylater.redaction import redact
 from paylater.settings import get_settings
 from paylater.timeutil import default_as_of, resolve_as_of
-from tasks.alerts import alert_on_failure
+from tasks.alerts import alert_on_failure, alerted_by_caller, root_cause
 from tasks.features import fixed_utc_offset_us
 from tasks.sync import SyncIncomplete, check_ledger
 from tasks.warehouse import open_warehouse
@@ -31,9 +31,10 @@ def sync_problem(state: State[Any]) -> str | None:
     """
     if state.is_completed():
         return None
+    run = f" (flow run {state.state_details.flow_run_id})"
     if state.is_failed():
-        return f"failed: {state.message}"
-    return f"ended {state.name}: {state.message}"
+        return f"failed{run}: {root_cause(state)}"
+    return f"ended {state.name}{run}: {state.message}"
 
 
 def _ledger_problem(as_of: date) -> str | None:
@@ -83,11 +84,24 @@ def daily_pipeline(as_of: date | None = None) -> FeatureBuildResult:
     # The feature SQL needs a zone with a fixed UTC offset: refuse one it would refuse after the
     # sync, before syncing for nothing.
     fixed_utc_offset_us(get_settings().timezone, day)
-    # Not announced: the event would start the feature-build deployment for the same day too.
-    sync_state = daily_sync(day, announce=False, return_state=True)
-    require_complete_sync(day, sync_problem(sync_state))
-    get_run_logger().info("sync for %s complete; building features", day)
-    return feature_build(day)
+    # One alert per failure: a failing step fails this run too, whose hook names the step's run
+    # and its cause; the step's own hook, which alerts for its standalone deployment, stays quiet.
+    with alerted_by_caller():
+        # Not announced: the event would start the feature-build deployment for the same day too.
+        sync_state = daily_sync(day, announce=False, return_state=True)
+        require_complete_sync(day, sync_problem(sync_state))
+        get_run_logger().info("sync for %s complete; building features", day)
+        built = feature_build(day, return_state=True)
+    return built_features(built)
+
+
+def built_features(state: State[FeatureBuildResult]) -> FeatureBuildResult:
+    """The feature build's result, or its own error re-raised naming its flow run."""
+    try:
+        return state.result()
+    except BaseException as exc:
+        exc.add_note(f"in feature-build flow run {state.state_details.flow_run_id}")
+        raise
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -472,14 +473,82 @@ def _tell_chat(
     return sent or not addressed
 
 
+_ALERTED_BY_CALLER: ContextVar[bool] = ContextVar("paylater_alerted_by_caller", default=False)
+
+
+@contextmanager
+def alerted_by_caller() -> Iterator[None]:
+    """Within it, a failing subflow's alert_on_failure stays quiet: the calling flow fails with
+    that failure and its own hook alerts once for both (naming the subflow's run)."""
+    token = _ALERTED_BY_CALLER.set(True)
+    try:
+        yield
+    finally:
+        _ALERTED_BY_CALLER.reset(token)
+
+
+def root_cause(state: Any) -> str:
+    """The exception a failed state holds, as `Type: message` plus its notes; else its message.
+
+    Prefect's state message wraps it ("Flow run encountered an exception: ..."), and a flow that
+    re-raises a subflow's error would nest one wrapper in another.
+    """
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # a result that cannot be read back: the message still says something
+        exc = None
+    if not isinstance(exc, BaseException):
+        return getattr(state, "message", None) or "no message"
+    notes = getattr(exc, "__notes__", None) or []
+    return "\n".join([f"{type(exc).__name__}: {exc}", *map(str, notes)])
+
+
+def _deployment_name(deployment_id: Any) -> str:
+    """'flow/deployment' of a deployment run, read from the Prefect API; its id if unreadable."""
+
+    def read() -> str:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment(deployment_id)
+            flow = client.read_flow(deployment.flow_id)
+        return f"{flow.name}/{deployment.name}"
+
+    try:
+        return _within_deadline("the Prefect API", read)
+    except Exception as exc:  # an alert must not fail on the lookup: the id still leads there
+        log.warning("deployment %s not read for the alert: %r", deployment_id, exc)
+        return f"id {deployment_id}"
+
+
+def _shown_parameters(flow_run: Any) -> str:
+    """The run's parameters, and the day a defaulted `as_of` stood for (the run's start's)."""
+    parameters = dict(getattr(flow_run, "parameters", None) or {})
+    shown = ", ".join(f"{k}={v}" for k, v in parameters.items()) or "(none)"
+    started = getattr(flow_run, "start_time", None) or getattr(
+        flow_run, "expected_start_time", None
+    )
+    if "as_of" in parameters and parameters["as_of"] is None and started is not None:
+        from paylater.timeutil import default_as_of
+
+        shown += f" (as_of defaulted to {default_as_of(started)}, the day before the run started)"
+    return shown
+
+
 def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect `on_failure` hook: alert that this flow run failed, with its parameters and error."""
-    parameters = getattr(flow_run, "parameters", None) or {}
-    shown = ", ".join(f"{k}={v}" for k, v in parameters.items())
-    message = getattr(state, "message", None) or "no message"
+    """Prefect `on_failure` hook: alert that this flow run failed, naming its deployment, its
+    parameters and the root cause; quiet for a subflow whose caller alerts (alerted_by_caller)."""
+    if getattr(flow_run, "parent_task_run_id", None) and _ALERTED_BY_CALLER.get():
+        log.info("%s run %s failed: its calling flow run alerts for it", flow.name, flow_run.id)
+        return
+    deployment_id = getattr(flow_run, "deployment_id", None)
+    deployment = _deployment_name(deployment_id) if deployment_id else "none (not a deployment run)"
     notify(
         subject=f"Flow run {flow_run.name!r} of {flow.name!r} failed",
-        body=f"{message}\nparameters: {shown or '(none)'}\nflow_run_id: {flow_run.id}",
+        body=(
+            f"{root_cause(state)}\ndeployment: {deployment}\n"
+            f"parameters: {_shown_parameters(flow_run)}\nflow_run_id: {flow_run.id}"
+        ),
         severity="error",
         dedup_key=f"{flow.name}:{flow_run.id}",
     )

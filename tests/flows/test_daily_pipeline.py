@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import threading
+from collections.abc import Iterator
 from datetime import date
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from flows.daily_pipeline import SyncNotComplete, daily_pipeline, require_complete_sync
 from tasks.datasets import load_scoring_dataset
+from tasks.features import FeatureSqlError
 from tasks.sync import LEDGER
 from tasks.warehouse import open_warehouse
 
@@ -144,7 +149,8 @@ def test_a_sync_that_ends_cancelled_stops_the_chain_even_with_a_complete_ledger(
 
     monkeypatch.setattr(flows.daily_pipeline, "daily_sync", cancelled_sync)
     with pytest.raises(
-        SyncNotComplete, match="daily_sync ended Cancelled: cancelled by an operator"
+        SyncNotComplete,
+        match=r"daily_sync ended Cancelled \(flow run [0-9a-f-]{36}\): cancelled by an operator",
     ):
         daily_pipeline(as_of=AS_OF)
     assert not (paylater_home / "datasets").exists()
@@ -186,3 +192,86 @@ def test_a_ledger_that_cannot_be_read_still_names_the_syncs_failure(
         match=r"not started: daily_sync failed: source unreachable; its ledger could not be read",
     ):
         require_complete_sync.fn(AS_OF, "failed: source unreachable")
+
+
+@pytest.fixture
+def alerts_received(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
+    """A loopback HTTP receiver on a free port, set as the only alert channel; yields the bodies."""
+    bodies: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    ).start()
+    for var in ("PAYLATER_ALERT_SLACK_BLOCK", "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(
+        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/"
+    )
+    yield bodies
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_failed_sync_in_the_pipeline_alerts_once_naming_its_cause_and_run(
+    prefect_harness: None,
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    alerts_received: list[dict],
+) -> None:
+    # The sync's own hook told Slack, then the pipeline's told it again: two messages (the second
+    # a generic "not started") for one failure.
+    import flows.daily_sync
+
+    task = flows.daily_sync.sync_table_task
+    monkeypatch.setattr(flows.daily_sync, "sync_table_task", task.with_options(retries=0))
+    make_source(paylater_home / "source.db", bad_topup=True)
+    make_events_table(paylater_home)
+    with pytest.raises(SyncNotComplete):
+        daily_pipeline(as_of=AS_OF)
+    (alert,) = alerts_received
+    assert alert["subject"].endswith("of 'daily-pipeline' failed")
+    assert "as_of=2026-07-15" in alert["body"]
+    # The root cause, not Prefect's wrapper of it, and the sync's run to look at.
+    assert "daily_sync failed (flow run " in alert["body"]
+    assert "SyncError: daily sync for as_of 2026-07-15 failed: sync of topups" in alert["body"]
+    assert "encountered an exception" not in alert["body"]
+    assert_failed_run_named(alert["body"], "daily-sync")
+
+
+def assert_failed_run_named(body: str, flow_name: str) -> None:
+    """The alert names, by id, a real failed run of `flow_name`."""
+    import re
+    from uuid import UUID
+
+    from prefect import get_client
+
+    found = re.search(r"flow run ([0-9a-f-]{36})", body)
+    assert found, body
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(found.group(1)))
+        assert client.read_flow(run.flow_id).name == flow_name
+    assert run.state is not None and run.state.is_failed()
+
+
+def test_a_failed_feature_build_in_the_pipeline_alerts_once_naming_its_cause_and_run(
+    prefect_harness: None, paylater_home: Path, alerts_received: list[dict]
+) -> None:
+    make_source(paylater_home / "source.db")  # no app_events table: the feature SQL refuses
+    with pytest.raises(FeatureSqlError, match="app_events"):
+        daily_pipeline(as_of=AS_OF)
+    (alert,) = alerts_received
+    assert alert["subject"].endswith("of 'daily-pipeline' failed")
+    assert "as_of=2026-07-15" in alert["body"]
+    assert alert["body"].startswith("FeatureSqlError: ") and "app_events" in alert["body"]
+    assert "in feature-build flow run " in alert["body"]
+    assert_failed_run_named(alert["body"], "feature-build")

@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
@@ -589,3 +590,47 @@ def test_an_async_flows_failure_reaches_the_slack_block(
     (body,) = receiver.bodies
     assert body["path"] == "/slack" and "of 'async-job' failed" in body["title"]
     assert "the warehouse refused the load" in body["message"]
+
+
+def test_a_deployment_runs_failure_names_the_deployment_the_day_and_the_root_cause(
+    prefect_harness, paylater_home, receiver, monkeypatch
+) -> None:
+    """Run as a worker runs a deployment's flow run: the alert said neither which deployment
+    failed nor, for a scheduled run (as_of=None), which day; and it quoted Prefect's wrapper
+    ("Flow run encountered an exception: ...") instead of the error."""
+    from prefect import flow, get_client
+    from prefect.flow_engine import run_flow
+
+    from paylater.timeutil import default_as_of
+
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+
+    @flow(name=name, on_failure=[alert_on_failure])
+    def probe(as_of: date | None = None) -> None:
+        raise LookupError("table loans does not exist")
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(flow_id=client.create_flow(probe), name="nightly")
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"as_of": None})
+    state = run_flow(probe, flow_run=run, return_type="state")
+    assert state.is_failed()
+    (alert,) = receiver.bodies
+    body = alert["body"]
+    assert body.startswith("LookupError: table loans does not exist\n"), body
+    assert f"deployment: {name}/nightly\n" in body
+    with get_client(sync_client=True) as client:
+        started = client.read_flow_run(run.id).start_time
+    assert f"as_of defaulted to {default_as_of(started)}" in body
+
+
+def test_an_ad_hoc_runs_failure_says_it_has_no_deployment(
+    prefect_harness, paylater_home, receiver, monkeypatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    flow = SimpleNamespace(name="feature-build")
+    run = SimpleNamespace(name="calm-owl", id="run-2", parameters={"as_of": "2026-11-26"})
+    alert_on_failure(flow, run, SimpleNamespace(message="FeatureSqlError: bad"))
+    (alert,) = receiver.bodies
+    assert "deployment: none (not a deployment run)" in alert["body"]
+    assert alert["body"].startswith("FeatureSqlError: bad\n")

@@ -379,7 +379,7 @@ def s3_client(settings: Settings) -> Any:
     if settings.dataset_s3_block:
         from prefect_aws import S3Bucket
 
-        block: Any = S3Bucket.load(settings.dataset_s3_block)
+        block: Any = _load_block(S3Bucket, "PAYLATER_DATASET_S3_BLOCK", settings.dataset_s3_block)
         return block.credentials.get_s3_client()
     import boto3
 
@@ -394,12 +394,30 @@ def s3_client(settings: Settings) -> Any:
     return boto3.client("s3", endpoint_url=endpoint)
 
 
+def _load_block(block_type: Any, setting: str, name: str) -> Any:
+    """Load the block `setting` names; one it names that does not exist is a StorageError.
+
+    Prefect 3's Block.load raises ValueError ("Unable to find block document named ...") for a
+    missing block: configuration, which a retry cannot mend (feature_build retries other errors).
+    An unreachable Prefect API raises otherwise and stays retryable.
+    """
+    try:
+        return block_type.load(name)
+    except ValueError as exc:
+        raise StorageError(
+            f"{setting} {name!r} names no {block_type.__name__} block the Prefect API knows"
+            f" (Prefect: {exc}): create it (prefect block create, or .save() in Python) or"
+            " correct the setting"
+        ) from exc
+
+
 def gcs_client(settings: Settings) -> Any:
     """A google-cloud-storage client: from the configured prefect-gcp GcsBucket block, else the environment."""
     if settings.dataset_gcs_block:
         from prefect_gcp.cloud_storage import GcsBucket
 
-        block: Any = GcsBucket.load(settings.dataset_gcs_block)
+        setting = "PAYLATER_DATASET_GCS_BLOCK"
+        block: Any = _load_block(GcsBucket, setting, settings.dataset_gcs_block)
         return block.gcp_credentials.get_cloud_storage_client()
     from google.cloud import storage  # type: ignore[attr-defined,unused-ignore]
 

@@ -144,3 +144,28 @@ def test_a_publish_that_fails_still_leaves_the_days_training_set(
     with pytest.raises(PublishError, match="cannot publish online features"):
         feature_build(as_of=date(2026, 7, 15))
     assert load_training_dataset(date(2026, 7, 15))[0]["charge_id"].to_pylist() == [10]
+
+
+def test_a_missing_storage_block_fails_the_build_once_without_retrying(
+    prefect_harness: None, paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block name that names no block is configuration: no retry (30 s later) can mend it."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.storage import StorageError
+
+    make_warehouse(paylater_home / "warehouse.duckdb")
+    monkeypatch.setenv("PAYLATER_DATASET_URL", "s3://risk-data/datasets")
+    monkeypatch.setenv("PAYLATER_DATASET_S3_BLOCK", "no-such-datasets-block")
+    state = feature_build(as_of=date(2026, 7, 15), return_state=True)
+    with pytest.raises(StorageError, match="PAYLATER_DATASET_S3_BLOCK 'no-such-datasets-block'"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    scoring = [r for r in runs if r.name.startswith("scoring_dataset")]
+    assert [r.run_count for r in scoring] == [1]

@@ -594,3 +594,27 @@ def test_an_s3_endpoint_url_carrying_credentials_is_refused_without_showing_them
     with pytest.raises(StorageError, match=r"PAYLATER_S3_ENDPOINT_URL .*\*\*\*") as raised:
         open_storage("s3://risk-data/paylater")
     assert "s3cr3t-Pa55" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "setting"),
+    [
+        ("s3://risk-data/ds", "PAYLATER_DATASET_S3_BLOCK"),
+        ("gs://risk-data/ds", "PAYLATER_DATASET_GCS_BLOCK"),
+    ],
+)
+def test_a_missing_storage_block_is_a_storage_error_naming_the_setting_and_block(
+    prefect_harness: None,
+    paylater_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    setting: str,
+) -> None:
+    # Prefect's Block.load raises ValueError("Unable to find block document named ..."): the
+    # feature build took it for a hiccup and retried it 30 s later, to fail the same way.
+    monkeypatch.setenv(setting, "no-such-datasets-block")
+    with pytest.raises(StorageError) as refused:
+        open_storage(url, Settings())
+    message = str(refused.value)
+    assert setting in message and "'no-such-datasets-block'" in message
+    assert "block the Prefect API knows" in message and "Unable to find block" in message

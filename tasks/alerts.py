@@ -517,7 +517,8 @@ def _deployment_name(deployment_id: Any) -> str:
     try:
         return _within_deadline("the Prefect API", read)
     except Exception as exc:  # an alert must not fail on the lookup: the id still leads there
-        log.warning("deployment %s not read for the alert: %r", deployment_id, exc)
+        # The Prefect client's error quotes the API's URL, a proxy's user:password included.
+        log.warning("deployment %s not read for the alert: %s", deployment_id, redact(repr(exc)))
         return f"id {deployment_id}"
 
 

@@ -5,6 +5,7 @@ stand-in for PagerDuty's Events API v2 (the endpoint is a setting, so it points 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -634,3 +635,33 @@ def test_an_ad_hoc_runs_failure_says_it_has_no_deployment(
     (alert,) = receiver.bodies
     assert "deployment: none (not a deployment run)" in alert["body"]
     assert alert["body"].startswith("FeatureSqlError: bad\n")
+
+
+def test_a_deployment_that_cannot_be_read_still_alerts_and_logs_no_api_password(
+    paylater_home, receiver, monkeypatch
+) -> None:
+    """The deployment's name is read from the Prefect API: when that fails the alert still goes,
+    naming the deployment's id, and the warning never shows the API URL's password."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    deployment_id = uuid.uuid4()
+    flow = SimpleNamespace(name="daily-sync")
+    run = SimpleNamespace(
+        name="calm-owl", id="run-3", parameters={"as_of": "2026-11-26"}, deployment_id=deployment_id
+    )
+    # The receiver answers GET with 501: the Prefect client's error quotes the URL it asked.
+    api = f"http://prefect:Api5ecret@127.0.0.1:{receiver.port}/api"
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(logging.Formatter().format(record))  # type: ignore[method-assign]
+    logging.getLogger("paylater.alerts").addHandler(handler)
+    try:
+        with temporary_settings({PREFECT_API_URL: api}):
+            alert_on_failure(flow, run, SimpleNamespace(message="SyncError: bad"))
+    finally:
+        logging.getLogger("paylater.alerts").removeHandler(handler)
+    (alert,) = receiver.bodies
+    assert f"deployment: id {deployment_id}\n" in alert["body"]
+    assert any("not read for the alert" in line for line in logged), logged
+    assert "Api5ecret" not in "\n".join(logged) + json.dumps(receiver.bodies)

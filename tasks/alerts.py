@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import ValidationError
 
 from paylater.redaction import origin, redact, scrub
 from paylater.settings import Settings, get_settings
@@ -425,7 +426,13 @@ def notify(
     # Alert text quotes errors (a flow's, a check's reason) that may hold a database URL with its
     # password: Slack, PagerDuty and the log get the host and the reason, never the secret.
     subject, body = redact(subject), redact(body)
-    settings = get_settings()
+    settings = _alert_settings()
+    if settings is None:
+        log.error(
+            "alert not sent (no channel readable): %s",
+            format_alert(subject, body, severity, dedup_key),
+        )
+        return False
     if pagerduty_configured(settings) and (severity == "critical" or (resolve and dedup_key)):
         action = "resolve" if resolve else "trigger"
         page = send_page(settings, action, subject, body, dedup_key)
@@ -444,6 +451,32 @@ def notify(
         body = f"{body}\n{flag}: {page.problem}"
         return _tell_chat(settings, subject, body, severity, dedup_key) and not page.retryable
     return _tell_chat(settings, subject, body, severity, dedup_key)
+
+
+def _alert_settings() -> Settings | None:
+    """The settings; when some are invalid, those at their defaults (None if that fails too).
+
+    An invalid PAYLATER_ setting fails every flow, and each flow's alert read the same settings:
+    it raised in the hook, and the failure most likely to stop everything reached no one.
+    """
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        invalid = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+        log.error(
+            "alerting with %s at their defaults: they are invalid", ", ".join(sorted(invalid))
+        )
+        fields = Settings.model_fields
+        try:
+            return Settings(
+                **{
+                    name: fields[name].get_default(call_default_factory=True)
+                    for name in invalid
+                    if name in fields
+                }
+            )
+        except ValidationError:  # a check across settings: no field to put back to its default
+            return None
 
 
 def _tell_chat(
@@ -532,7 +565,11 @@ def _shown_parameters(flow_run: Any) -> str:
     if "as_of" in parameters and parameters["as_of"] is None and started is not None:
         from paylater.timeutil import default_as_of
 
-        shown += f" (as_of defaulted to {default_as_of(started)}, the day before the run started)"
+        try:
+            day = default_as_of(started)
+        except ValidationError:  # the time zone setting invalid: the error body says so
+            return shown
+        shown += f" (as_of defaulted to {day}, the day before the run started)"
     return shown
 
 

@@ -205,3 +205,18 @@ def test_a_reread_is_asked_of_the_flow_by_table_name(
     ) in caplog.text
     assert "users: 0 rows extracted" in caplog.text and "users (re-read" not in caplog.text
     assert {t.table_name: t.warehouse_rows for t in report.tables}["topups"] == 1
+
+
+def test_a_setting_that_fails_validation_still_alerts_naming_it(
+    prefect_harness, paylater_home: Path, monkeypatch, alerts_received
+) -> None:
+    """One invalid PAYLATER_ setting fails every flow; its alert read the same settings and
+    raised in the hook, so the failure most likely to stop everything reached no one."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("PAYLATER_TIMEZONE", "Mars/Olympus_Mons")
+    with pytest.raises(ValidationError):
+        daily_sync(as_of=date(2026, 11, 20))
+    (alert,) = alerts_received
+    assert alert["subject"].endswith("of 'daily-sync' failed")
+    assert "Mars/Olympus_Mons" in alert["body"] or "timezone" in alert["body"], alert["body"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Any
+from typing import Any, NoReturn
 
 from prefect import flow, get_run_logger, task
+from prefect.states import State
 from pydantic import BaseModel, Field
 
 from paylater.timeutil import resolve_as_of
-from tasks.alerts import alert_on_failure
+from tasks.alerts import alert_on_failure, root_cause
 from tasks.datasets import (
     DatasetError,
     Manifest,
@@ -73,6 +74,18 @@ def publish_online(manifest: Manifest) -> int:
     return published
 
 
+def _raise_first(failed: State[Any], other: State[Any]) -> NoReturn:
+    """Re-raise `failed`'s error with a note saying the other step failed too: the alert then
+    names both, not the second only once the first is fixed and rerun."""
+    try:
+        failed.result()
+    except BaseException as exc:
+        if other.is_failed():
+            exc.add_note(f"training_dataset also failed: {root_cause(other)}")
+        raise
+    raise RuntimeError(f"publish_online ended {failed.name}: {failed.message}")
+
+
 @flow(name="feature-build", on_failure=[alert_on_failure])
 def feature_build(as_of: date | None = None) -> FeatureBuildResult:
     """Build the datasets for `as_of` (default: yesterday in Tokyo) and publish online features."""
@@ -83,7 +96,7 @@ def feature_build(as_of: date | None = None) -> FeatureBuildResult:
     # day before's features, nor a failed publish leave the day without its training set.
     online = publish_online(scoring, return_state=True)
     built = training_dataset(day, return_state=True)
-    online_rows: int = online.result()
+    online_rows: int = online.result() if online.is_completed() else _raise_first(online, built)
     training: Manifest = built.result()
     get_run_logger().info(
         "as_of %s: %d training rows, %d scoring rows, %d online",

@@ -199,7 +199,7 @@ def alert_rejection(version: str, decision: GateDecision) -> None:
     """Tell someone a candidate was rejected, and why."""
     alert(
         f"paylater-default v{version} rejected by the retrain gates",
-        "\n".join(decision.reasons),
+        "\n".join([*decision.reasons, "runbook: docs/runbook.md#gate_rejection"]),
         severity="warning",
         dedup_key=f"retrain-rejected-{version}",
     )

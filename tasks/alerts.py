@@ -585,7 +585,8 @@ def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
         subject=f"Flow run {flow_run.name!r} of {flow.name!r} failed",
         body=(
             f"{root_cause(state)}\ndeployment: {deployment}\n"
-            f"parameters: {_shown_parameters(flow_run)}\nflow_run_id: {flow_run.id}"
+            f"parameters: {_shown_parameters(flow_run)}\nflow_run_id: {flow_run.id}\n"
+            "runbook: docs/runbook.md#flow_failure"
         ),
         severity="error",
         dedup_key=f"{flow.name}:{flow_run.id}",

@@ -153,3 +153,15 @@ def test_a_retrain_whose_tracking_server_is_down_stops_before_training(
     with pytest.raises(RegistryError, match=f"{url} is unreachable.*nothing was trained"):
         monthly_retrain(as_of=None, issue=None)
     assert trained == []
+
+
+def test_a_gate_rejection_alert_ends_with_its_runbook_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like every monitor notice, the rejection points at the runbook section that says what to do."""
+    import flows.monthly_retrain
+    from registry.policy import GateDecision
+
+    sent: list[tuple] = []
+    monkeypatch.setattr(flows.monthly_retrain, "alert", lambda *a, **kw: sent.append((a, kw)))
+    flows.monthly_retrain.alert_rejection.fn("7", GateDecision(passed=False, reasons=["auc fell"]))
+    (((_subject, body), _),) = sent
+    assert body.splitlines() == ["auc fell", "runbook: docs/runbook.md#gate_rejection"]

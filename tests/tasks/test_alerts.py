@@ -635,6 +635,8 @@ def test_an_ad_hoc_runs_failure_says_it_has_no_deployment(
     (alert,) = receiver.bodies
     assert "deployment: none (not a deployment run)" in alert["body"]
     assert alert["body"].startswith("FeatureSqlError: bad\n")
+    # Like every monitor notice, it ends with the runbook section that says what to do.
+    assert alert["body"].splitlines()[-1] == "runbook: docs/runbook.md#flow_failure"
 
 
 def test_a_deployment_that_cannot_be_read_still_alerts_and_logs_no_api_password(

@@ -25,15 +25,19 @@ def error_line(exc: Exception) -> str:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    from paylater.redaction import redact
+
+    # The value echoed back is redacted: a mistyped setting may hold a URL with its password.
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{_variable(str(err['loc'][0]))}: {err['msg']} (got {err['input']!r})"
+            f"{_variable(str(err['loc'][0]))}: {err['msg']}{_ACCEPTED.get(err['type'], '')}"
+            f" (got {redact(repr(err['input']))})"
             for err in exc.errors()
         )
     if isinstance(exc, SettingsError) and (field := _UNPARSED_FIELD.search(str(exc))):
         # A list or map setting that is not JSON: pydantic-settings names only the field.
         variable = _variable(field.group(1))
-        return (
+        return redact(
             f"{variable}: not valid JSON ({exc.__cause__ or exc}) "
             f"(got {os.environ.get(variable)!r})"
         )
@@ -41,6 +45,9 @@ def error_line(exc: Exception) -> str:
 
 
 _UNPARSED_FIELD = re.compile(r'error parsing value for field "(\w+)"')
+
+_ACCEPTED = {"bool_parsing": ": use true or false (also 1/0, yes/no, on/off)"}
+"""What to write instead, for errors whose message names no accepted value."""
 
 
 def _variable(field: str) -> str:

@@ -156,3 +156,33 @@ def test_a_setting_that_is_not_json_names_its_variable_and_value(
     (line,) = result.output.splitlines()
     assert line.startswith(f"error: {variable}: not valid JSON (")
     assert line.endswith(f"(got {value!r})")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PAYLATER_FEATURE_TABLES", '{"users": "postgresql://app:Wr0ngSecret@db/ops"'),  # not JSON
+        ("PAYLATER_FEATURE_TABLES", '"postgresql://app:Wr0ngSecret@db/ops"'),  # not a map
+    ],
+)
+def test_an_invalid_setting_never_prints_the_password_it_holds(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """The value echoed after 'got' was printed as typed, a URL's password included."""
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: {variable}: ")
+    assert "Wr0ngSecret" not in line and "postgresql://app:***@db/ops" in line
+
+
+def test_an_invalid_boolean_setting_names_the_accepted_values(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PAYLATER_GATE_ALLOW_FEATURE_CHANGES", "maybe")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: PAYLATER_GATE_ALLOW_FEATURE_CHANGES: ")
+    assert "true or false" in line and "(got 'maybe')" in line

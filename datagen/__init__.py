@@ -23,7 +23,8 @@ Public API (no I/O unless named so):
 - `generate_into(...)` / `advance_into(days, source_url, warehouse_url, truth_dir)`: what
   `paylater demo-data generate` and `advance` run (streamed loading, state kept in truth/generator
   and saved atomically; each day's rows committed with its `datagen_progress` record, so an
-  advance resumes after a crash at any point).
+  advance resumes after a crash at any point; a database or disk failure part-way is
+  `AdvanceStopped`, naming the last day the source holds).
 - `default_logit(...)`: the known function behind the truth.
 """
 

@@ -79,7 +79,7 @@ def advance_command(
     import duckdb
 
     from datagen.load import SourceMoved, SourceNotEmpty, SourceUnavailable
-    from datagen.pipeline import advance_into
+    from datagen.pipeline import AdvanceStopped, advance_into
     from paylater.settings import get_settings
     from tasks.warehouse import WarehouseError
 
@@ -88,6 +88,7 @@ def advance_command(
         report = advance_into(days, settings.source, settings.warehouse, settings.truth_dir)
     # ValueError includes StateDamaged (an unreadable state file) and a state of another world.
     except (
+        AdvanceStopped,
         SourceMoved,
         SourceNotEmpty,
         SourceUnavailable,

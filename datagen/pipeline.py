@@ -27,6 +27,7 @@ from datagen.load import (
     write_app_event_days,
 )
 from datagen.tables import charges_table, truth_table, users_table
+from paylater.redaction import safe_cause
 
 TRUTH_FILE = "deferred_charges.parquet"
 STATE_FOLDER = "generator"
@@ -37,6 +38,10 @@ NEXT_APP_EVENTS = "app_events_generating"
 
 class GenerateIncomplete(RuntimeError):
     """A generate committed its source rows but not its warehouse events, truth or state."""
+
+
+class AdvanceStopped(RuntimeError):
+    """An advance failed part-way (a database error, a full disk); what it committed is kept."""
 
 
 @dataclass
@@ -273,18 +278,38 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
         report = WriteReport(
             source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first, sim.meta.zone
         )
-        while sim.last_day < committed:
-            _advance_one_day(sim, None, warehouse, report)
-            report.recovered.append(sim.last_day)
-            _persist(sim, truth_dir)
-        for _ in range(days):
-            _advance_one_day(sim, source, warehouse, report)
-            report.last_day = sim.last_day
-            # State and truth follow every day the source committed: should a later day fail,
-            # the next advance resumes after the last day the source holds.
-            _persist(sim, truth_dir)
+        try:
+            while sim.last_day < committed:
+                _advance_one_day(sim, None, warehouse, report)
+                report.recovered.append(sim.last_day)
+                _persist(sim, truth_dir)
+            for _ in range(days):
+                _advance_one_day(sim, source, warehouse, report)
+                committed = report.last_day = sim.last_day
+                # State and truth follow every day the source committed: should a later day
+                # fail, the next advance resumes after the last day the source holds.
+                _persist(sim, truth_dir)
+        except _stopping_errors() as exc:
+            reason = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))
+            raise AdvanceStopped(
+                f"advance stopped ({reason}); source {redact(source_url)} holds every day through"
+                f" {committed}, and the next `paylater demo-data advance` resumes after it"
+                " without writing a day twice: run it again once the cause is fixed"
+            ) from safe_cause(exc)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _stopping_errors() -> tuple[type[BaseException], ...]:
+    """Failures of a database or a disk that an advance reports and a later one recovers from."""
+    import sqlite3
+
+    import duckdb
+    import psycopg
+
+    from tasks.warehouse import WarehouseError
+
+    return (OSError, sqlite3.Error, psycopg.Error, duckdb.Error, WarehouseError)
 
 
 def _committed_day(source: SourceDB, sim: Simulation, state: Path) -> date:

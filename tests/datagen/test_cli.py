@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -161,3 +162,69 @@ def test_a_postgres_url_libpq_cannot_parse_never_shows_its_password(
     assert "IPv6" in result.output and "Wr0ngSecret" not in result.output, result.output
     assert result.exception is not None
     assert "Wr0ngSecret" not in "".join(traceback.format_exception(result.exception))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 120 KiB tmpfs: a real file system that fills up (needs root to mount)."""
+    import subprocess
+
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _source_rows(home: Path) -> list[list[tuple[object, ...]]]:
+    """Every row of the four source tables, in key order."""
+    import sqlite3
+
+    with sqlite3.connect(home / "source.db") as db:
+        return [
+            db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+            for t in ("users", "card_transactions", "topups", "deferred_charges")
+        ]
+
+
+def test_a_full_state_folder_stops_advance_with_one_line_and_a_rerun_resumes(
+    paylater_home: Path, tmp_path: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state folder's disk filling up during an advance was an OSError traceback."""
+    import shutil
+    import subprocess
+
+    args = ["generate", "--users", "50", "--months", "1", "--seed", "3", "--end-date", "2026-06-30"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    for home in (straight, paylater_home):
+        monkeypatch.setenv("PAYLATER_HOME", str(home))
+        assert runner.invoke(app, args).exit_code == 0
+    monkeypatch.setenv("PAYLATER_HOME", str(straight))
+    assert runner.invoke(app, ["advance", "--days", "3"]).exit_code == 0
+
+    monkeypatch.setenv("PAYLATER_HOME", str(paylater_home))
+    state = paylater_home / "truth" / "generator"
+    shutil.copytree(state, small_tmpfs, dirs_exist_ok=True)
+    shutil.rmtree(state)
+    state.symlink_to(small_tmpfs)  # a save needs room for two states: this one has not
+    result = runner.invoke(app, ["advance", "--days", "3"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: advance stopped") and "No space left on device" in line
+    assert "paylater demo-data advance" in line
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    resumed = runner.invoke(app, ["advance", "--days", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "recovered  2026-07-01" in resumed.output
+    assert _source_rows(paylater_home) == _source_rows(straight)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datagen import advance_into, generate, generate_into
+from datagen.pipeline import AdvanceStopped
 from paylater.product import GRACE_DAYS
 from paylater.timeutil import day_end_utc, day_start_utc
 
@@ -131,7 +132,7 @@ def test_an_advance_that_fails_on_a_later_day_resumes_where_it_stopped(
         return real_write(warehouse, days)
 
     monkeypatch.setattr(pipeline, "write_app_event_days", failing_second_day)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AdvanceStopped, match="disk full"):
         advance_into(3, *urls["resumed"], homes["resumed"] / "truth")
     monkeypatch.setattr(pipeline, "write_app_event_days", real_write)
     done = Simulation.load(homes["resumed"] / "truth" / "generator").last_day
@@ -290,8 +291,9 @@ def test_a_state_save_that_dies_half_way_leaves_the_previous_state_whole(
         real_write(table, where, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", disk_full_on_charges)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(AdvanceStopped, match="No space left") as stopped:
         advance_into(1, source, warehouse, truth_dir)
+    assert f"holds every day through {END + timedelta(days=1)}" in str(stopped.value)
     monkeypatch.undo()
 
     after = Simulation.load(truth_dir / "generator")
@@ -498,3 +500,48 @@ def test_a_warehouse_that_cannot_be_opened_leaves_no_source_connection_open(
             run()
     assert len(opened) == 2
     assert all(source.conn.closed for source in opened)
+
+
+@pytest.mark.postgres
+def test_an_advance_whose_source_goes_down_mid_run_says_so_and_resumes_to_an_uninterrupted_run(
+    pg_url: str,
+    second_pg_url: str,
+    pg_server_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source's server ending the connection after day 1 (a restart, a failover) escaped as
+    a psycopg traceback that said neither what was kept nor what to do."""
+    import datagen.pipeline as pipeline
+
+    homes = {"straight": tmp_path / "straight", "cut": tmp_path / "cut"}
+    urls = {"straight": pg_url, "cut": second_pg_url}
+    warehouses = {name: f"duckdb:///{home / 'warehouse.duckdb'}" for name, home in homes.items()}
+    for name, home in homes.items():
+        generate_into(80, 1, 3, END, "Asia/Tokyo", urls[name], warehouses[name], home / "truth")
+    advance_into(3, pg_url, warehouses["straight"], homes["straight"] / "truth")
+
+    real_persist = pipeline._persist
+    database = second_pg_url.rpartition("/")[2]
+
+    def persist_then_cut_the_source(sim: Any, truth_dir: Path) -> None:
+        real_persist(sim, truth_dir)
+        with psycopg.connect(pg_server_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+
+    monkeypatch.setattr(pipeline, "_persist", persist_then_cut_the_source)
+    cut = homes["cut"]
+    with pytest.raises(AdvanceStopped) as stopped:
+        advance_into(3, second_pg_url, warehouses["cut"], cut / "truth")
+    message = str(stopped.value)
+    assert f"through {END + timedelta(days=1)}" in message
+    assert "paylater demo-data advance" in message
+    assert second_pg_url.split("@")[0].split(":")[-1] not in message  # no password
+    monkeypatch.setattr(pipeline, "_persist", real_persist)
+
+    advance_into(2, second_pg_url, warehouses["cut"], cut / "truth")
+    assert _pg_rows(second_pg_url) == _pg_rows(pg_url)

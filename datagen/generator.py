@@ -239,7 +239,12 @@ class Simulation:
             )
         meta = _read_meta(meta_path)
         if meta.version != STATE_VERSION:
-            raise ValueError(f"generator state version {meta.version} is not {STATE_VERSION}")
+            raise ValueError(
+                f"generator state at {folder} is version {meta.version}, saved by an older"
+                f" release; this one reads version {STATE_VERSION} and cannot convert it: start"
+                " the world again with `paylater demo-data generate --replace` (which replaces"
+                " every source row)"
+            )
         tables = {name: _read_state_table(folder, meta, name) for name in STATE_TABLES}
         try:
             pop = Population.from_arrow(tables["population"])

@@ -228,3 +228,21 @@ def test_a_full_state_folder_stops_advance_with_one_line_and_a_rerun_resumes(
     assert resumed.exit_code == 0, resumed.output
     assert "recovered  2026-07-01" in resumed.output
     assert _source_rows(paylater_home) == _source_rows(straight)
+
+
+def test_a_state_of_an_older_release_says_what_to_do(paylater_home: Path) -> None:
+    """A state saved by an older release was refused as 'generator state version 1 is not 2',
+    which said neither what it meant nor how to go on."""
+    import json
+
+    args = ["generate", "--users", "40", "--months", "1", "--seed", "4", "--end-date", "2026-06-30"]
+    assert runner.invoke(app, args).exit_code == 0
+    meta_file = paylater_home / "truth" / "generator" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["version"] = 1
+    meta_file.write_text(json.dumps(meta))
+    result = runner.invoke(app, ["advance"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert "version 1" in line and "an older release" in line
+    assert "paylater demo-data generate --replace" in line

@@ -23,6 +23,14 @@ _SCHEMA_DIR = _ROOT.parent / "schema"
 _SQL_DIR = _ROOT / "sql"
 SOURCE_TABLES = ("users", "card_transactions", "topups", "deferred_charges")
 _COPY_BATCH_ROWS = 250_000
+ID_COLUMNS = {
+    "users": "user_id",
+    "card_transactions": "transaction_id",
+    "topups": "topup_id",
+    "deferred_charges": "charge_id",
+}
+"""The key of each source table, named as the generator counter handing it out (ids are dense
+and given in order of creation)."""
 
 
 class SourceNotEmpty(RuntimeError):
@@ -66,6 +74,7 @@ class SourceDB(Protocol):
     def ensure_schema(self) -> None: ...
     def drop_indexes(self) -> None: ...
     def row_counts(self) -> dict[str, int]: ...
+    def last_ids(self) -> dict[str, int]: ...
     def clear(self) -> None: ...
     def append(self, table: str, data: pa.Table) -> None: ...
     def update(self, table: str, data: pa.Table) -> None: ...
@@ -196,6 +205,16 @@ class SqliteSource(_ProgressRecord):
                 counts[table] = int(row[0]) if row else 0
         return counts
 
+    def last_ids(self) -> dict[str, int]:
+        """The highest id of each source table (0 when empty)."""
+        ids = {}
+        with self.conn.cursor() as cur:
+            for table, key in ID_COLUMNS.items():
+                cur.execute(f"SELECT coalesce(max({key}), 0) FROM {_check_table(table)}")
+                row = cur.fetchone()
+                ids[table] = int(row[0]) if row else 0
+        return ids
+
     def clear(self) -> None:
         """Delete every row of the source tables (same transaction as the load that follows)."""
         with self.conn.cursor() as cur:
@@ -284,6 +303,15 @@ class PostgresSource(_ProgressRecord):
             row = self.conn.execute(f"SELECT count(*) FROM {_check_table(table)}").fetchone()
             counts[table] = int(row[0]) if row else 0
         return counts
+
+    def last_ids(self) -> dict[str, int]:
+        """The highest id of each source table (0 when empty)."""
+        ids = {}
+        for table, key in ID_COLUMNS.items():
+            statement = f"SELECT coalesce(max({key}), 0) FROM {_check_table(table)}"
+            row = self.conn.execute(statement).fetchone()
+            ids[table] = int(row[0]) if row else 0
+        return ids
 
     def clear(self) -> None:
         """Empty the source tables (same transaction as the load that follows)."""

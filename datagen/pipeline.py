@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from datagen.generator import Chunk, Simulation, SourceData
 from datagen.load import (
+    ID_COLUMNS,
     SourceDB,
     SourceNotEmpty,
     open_source,
@@ -304,12 +305,15 @@ def _stopping_errors() -> tuple[type[BaseException], ...]:
     """Failures of a database or a disk that an advance reports and a later one recovers from."""
     import sqlite3
 
+    import adbc_driver_manager
     import duckdb
     import psycopg
 
     from tasks.warehouse import WarehouseError
 
-    return (OSError, sqlite3.Error, psycopg.Error, duckdb.Error, WarehouseError)
+    # adbc_driver_manager.Error: the embedded SQLite source is written through ADBC.
+    errors = (sqlite3.Error, adbc_driver_manager.Error, psycopg.Error, duckdb.Error)
+    return (OSError, *errors, WarehouseError)
 
 
 def _committed_day(source: SourceDB, sim: Simulation, state: Path) -> date:
@@ -317,6 +321,23 @@ def _committed_day(source: SourceDB, sim: Simulation, state: Path) -> date:
     generated before days were recorded there)."""
     progress = source.progress()
     if progress is None:
+        # A source of an earlier release, which recorded no days: it may be ahead of the state
+        # (that release's advance stopped between its commit and its state save), which shows
+        # as an id the state has not handed out yet. Writing on would collide with that day.
+        ahead = [
+            table
+            for table, last in source.last_ids().items()
+            if last >= getattr(sim.counters, ID_COLUMNS[table])
+        ]
+        if ahead:
+            raise ValueError(
+                f"source {redact(source.url)} was written by an earlier release and holds rows"
+                f" ({', '.join(ahead)}) the generator state at {state}, which ends on"
+                f" {sim.last_day}, has not simulated: that release's advance stopped before"
+                " saving its state,"
+                " and the source does not say which days it committed; restore the state saved"
+                " with the source, or run `paylater demo-data generate --replace`"
+            )
         return sim.last_day
     if progress.world != sim.meta.world:
         raise ValueError(

@@ -545,3 +545,54 @@ def test_an_advance_whose_source_goes_down_mid_run_says_so_and_resumes_to_an_uni
 
     advance_into(2, second_pg_url, warehouses["cut"], cut / "truth")
     assert _pg_rows(second_pg_url) == _pg_rows(pg_url)
+
+
+def _as_an_earlier_release_left_it(source_db: Path, state: Path) -> None:
+    """No datagen_progress in the source and no world in the state, as before they were recorded."""
+    import json
+
+    with sqlite3.connect(source_db) as conn:
+        conn.execute("DROP TABLE datagen_progress")
+    meta = json.loads((state / "meta.json").read_text())
+    meta["world"] = ""
+    (state / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_source_of_an_earlier_release_advances_and_is_given_its_progress_record(
+    tmp_path: Path,
+) -> None:
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    advance_into(2, *_sqlite_world(straight))
+    source, warehouse, truth_dir = _sqlite_world(old)
+    _as_an_earlier_release_left_it(old / "source.db", truth_dir / "generator")
+    advance_into(1, source, warehouse, truth_dir)
+    advance_into(1, source, warehouse, truth_dir)
+    with sqlite3.connect(old / "source.db") as conn:
+        (last_day,) = conn.execute("SELECT last_day FROM datagen_progress").fetchone()
+    assert last_day == (END + timedelta(days=2)).isoformat()
+    assert _sqlite_rows(old) == _sqlite_rows(straight)
+
+
+def test_a_source_of_an_earlier_release_ahead_of_its_state_is_refused_saying_why(
+    tmp_path: Path,
+) -> None:
+    """An earlier release's advance that stopped between its commit and its state save left the
+    source a day ahead with no record of it: the next advance wrote that day again and died on
+    a duplicate key, an error telling the operator to run it again, forever."""
+    import shutil
+
+    home = tmp_path / "old"
+    source, warehouse, truth_dir = _sqlite_world(home)
+    state = truth_dir / "generator"
+    shutil.copytree(state, tmp_path / "state_before")
+    advance_into(1, source, warehouse, truth_dir)
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "state_before", state)
+    _as_an_earlier_release_left_it(home / "source.db", state)
+    rows = _sqlite_rows(home)
+
+    with pytest.raises(ValueError, match="earlier release") as refused:
+        advance_into(1, source, warehouse, truth_dir)
+    message = str(refused.value)
+    assert f"ends on {END}" in message and "paylater demo-data generate --replace" in message
+    assert _sqlite_rows(home) == rows

@@ -27,7 +27,7 @@ def generate_command(
     end_date: str | None = typer.Option(
         None,
         "--end-date",
-        help="Last simulated business day, YYYY-MM-DD (default: yesterday in Tokyo).",
+        help="Last simulated business day, YYYY-MM-DD (default: yesterday in PAYLATER_TIMEZONE).",
     ),
     replace: bool = typer.Option(False, "--replace", help="Overwrite a source that holds data."),
 ) -> None:

@@ -246,3 +246,11 @@ def test_a_state_of_an_older_release_says_what_to_do(paylater_home: Path) -> Non
     (line,) = result.output.splitlines()
     assert "version 1" in line and "an older release" in line
     assert "paylater demo-data generate --replace" in line
+
+
+def test_the_end_date_help_names_the_zone_setting(paylater_home: Path) -> None:
+    """--help said the default end date was 'yesterday in Tokyo'; it is yesterday in the business
+    zone, PAYLATER_TIMEZONE (Asia/Tokyo only by default)."""
+    result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "yesterday in PAYLATER_TIMEZONE" in result.output and "in Tokyo" not in result.output

@@ -186,3 +186,38 @@ def test_an_invalid_boolean_setting_names_the_accepted_values(
     (line,) = result.output.splitlines()
     assert line.startswith("error: PAYLATER_GATE_ALLOW_FEATURE_CHANGES: ")
     assert "true or false" in line and "(got 'maybe')" in line
+
+
+def _documented_invocations() -> list[tuple[str, str]]:
+    """Every `paylater …` span of the README and docs/*.md: (file, command line)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [
+        (path.name, " ".join(span.split()))
+        for path in files
+        for span in re.findall(r"`(paylater [^`|]*)`", path.read_text())
+    ]
+
+
+@pytest.mark.parametrize(("document", "line"), _documented_invocations())
+def test_every_command_the_docs_show_exists_with_its_flags(document: str, line: str) -> None:
+    """A command or flag the README or runbook tells an operator to type is one `--help` lists."""
+    import typer
+
+    command = typer.main.get_command(app)
+    words = line.split()[1:]
+    while hasattr(command, "commands") and words and not words[0].startswith("-"):
+        sub = command.commands.get(words[0])
+        if sub is None:
+            break
+        words.pop(0)
+        command = sub
+    assert not (hasattr(command, "commands") and words and not words[0].startswith("-")), (
+        f"{document}: `{line}` names no command"
+    )
+    flags = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    for word in words:
+        if word.startswith("--"):
+            assert word.split("=")[0] in flags | {"--help"}, f"{document}: `{line}`: {word}"

@@ -9,6 +9,19 @@ import typer
 app = typer.Typer(no_args_is_help=True, help="Synthetic source data: generate, advance.")
 
 
+def _database_failed(exc: Exception) -> None:
+    """A source statement failed before anything was committed: one line, exit code 1."""
+    from paylater.redaction import redact
+
+    reason = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))
+    typer.echo(
+        f"error: the source database failed ({reason}); nothing was written: run it again once"
+        " that is fixed",
+        err=True,
+    )
+    raise typer.Exit(code=1) from None  # the database error may quote a URL with its password
+
+
 def _fail(exc: Exception) -> None:
     """One clear error line, exit code 1 (an invalid setting named by its environment variable)."""
     from paylater.cli import error_line  # imported here: paylater.cli imports this module
@@ -34,7 +47,7 @@ def generate_command(
     """Simulate M months of history for N users into the source DB, the warehouse and the truth folder."""
     import duckdb
 
-    from datagen.load import SourceNotEmpty, SourceUnavailable
+    from datagen.load import SourceNotEmpty, SourceUnavailable, database_errors
     from datagen.pipeline import GenerateIncomplete, generate_into
     from paylater.settings import get_settings
     from paylater.timeutil import resolve_as_of
@@ -67,6 +80,9 @@ def generate_command(
     ) as exc:
         _fail(exc)
         return
+    except database_errors() as exc:
+        _database_failed(exc)
+        return
     for line in report.lines():
         typer.echo(line)
 
@@ -78,7 +94,7 @@ def advance_command(
     """Add the next day(s) of activity: new rows and status changes of old rows (repayments, defaults, refunds)."""
     import duckdb
 
-    from datagen.load import SourceMoved, SourceNotEmpty, SourceUnavailable
+    from datagen.load import SourceMoved, SourceNotEmpty, SourceUnavailable, database_errors
     from datagen.pipeline import AdvanceStopped, advance_into
     from paylater.settings import get_settings
     from tasks.warehouse import WarehouseError
@@ -98,6 +114,9 @@ def advance_command(
         ValueError,
     ) as exc:
         _fail(exc)
+        return
+    except database_errors() as exc:
+        _database_failed(exc)
         return
     for line in report.lines():
         typer.echo(line)

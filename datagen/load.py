@@ -84,6 +84,17 @@ class SourceDB(Protocol):
     def close(self) -> None: ...
 
 
+def database_errors() -> tuple[type[Exception], ...]:
+    """What a source database raises when it fails a statement (locked, gone, refused)."""
+    import sqlite3
+
+    import adbc_driver_manager
+    import psycopg
+
+    # adbc_driver_manager.Error: the embedded SQLite source is written through ADBC.
+    return (sqlite3.Error, adbc_driver_manager.Error, psycopg.Error)
+
+
 def redact(url: str) -> str:
     """A URL with its password hidden, a URL missing its scheme (user:password@host/db) too."""
     return re.sub(r"^([^:/@]+):[^@/]*@", r"\1:***@", redact_text(url))

@@ -22,6 +22,7 @@ from datagen.load import (
     ID_COLUMNS,
     SourceDB,
     SourceNotEmpty,
+    database_errors,
     open_source,
     redact,
     split_by_day,
@@ -303,17 +304,11 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
 
 def _stopping_errors() -> tuple[type[BaseException], ...]:
     """Failures of a database or a disk that an advance reports and a later one recovers from."""
-    import sqlite3
-
-    import adbc_driver_manager
     import duckdb
-    import psycopg
 
     from tasks.warehouse import WarehouseError
 
-    # adbc_driver_manager.Error: the embedded SQLite source is written through ADBC.
-    errors = (sqlite3.Error, adbc_driver_manager.Error, psycopg.Error, duckdb.Error)
-    return (OSError, *errors, WarehouseError)
+    return (OSError, *database_errors(), duckdb.Error, WarehouseError)
 
 
 def _committed_day(source: SourceDB, sim: Simulation, state: Path) -> date:

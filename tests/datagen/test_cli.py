@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,3 +255,52 @@ def test_the_end_date_help_names_the_zone_setting(paylater_home: Path) -> None:
     result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "yesterday in PAYLATER_TIMEZONE" in result.output and "in Tokyo" not in result.output
+
+
+@contextlib.contextmanager
+def source_locked_elsewhere(paylater_home: Path) -> Iterator[None]:
+    """The SQLite source held by another process's write transaction (a migration, a notebook)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(paylater_home / "source.db"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    try:
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_a_source_locked_by_another_process_is_one_error_line_and_nothing_changes(
+    paylater_home: Path,
+) -> None:
+    """An SQLite source another process was writing made generate and advance end in an ADBC
+    traceback ('database is locked')."""
+    args = ["generate", "--users", "30", "--months", "1", "--seed", "3", "--end-date", "2026-06-30"]
+    assert runner.invoke(app, args).exit_code == 0
+    rows = _source_rows(paylater_home)
+    for command in (["advance"], [*args, "--replace"]):
+        with source_locked_elsewhere(paylater_home):
+            result = runner.invoke(app, command)
+        assert isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1
+        (line,) = result.output.splitlines()
+        assert line.startswith("error: the source database") and "database is locked" in line
+        assert "nothing was written" in line
+    assert _source_rows(paylater_home) == rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 import typer
 
@@ -30,9 +30,36 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=1) from exc
 
 
+MAX_USERS = 1_000_000_000
+"""More users than a prepaid card could have (numpy refuses arrays far beyond it anyway)."""
+LATEST_END_DATE = date(9899, 12, 31)
+"""Events (churn, repayments, birth years) are drawn decades past the last day: years 1 to 9999
+must hold them."""
+
+
+def _check_window(last_day: date, months: int) -> None:
+    """Refuse a window the calendar cannot hold, naming the flags, before anything is written."""
+    from datagen.generator import PRE_WINDOW_DAYS, window_start
+
+    if last_day > LATEST_END_DATE:
+        raise ValueError(
+            f"--end-date {last_day} is too late: the simulation draws events decades after it,"
+            f" past year 9999; use an end date up to {LATEST_END_DATE}"
+        )
+    try:
+        window_start(last_day, months) - timedelta(days=PRE_WINDOW_DAYS)
+    except (ValueError, OverflowError) as exc:  # a date before year 1
+        raise ValueError(
+            f"--months {months} before --end-date {last_day} (and {PRE_WINDOW_DAYS} days of"
+            " earlier sign-ups) starts before year 1; use fewer months or a later end date"
+        ) from exc
+
+
 @app.command("generate")
 def generate_command(
-    users: int = typer.Option(1000, "--users", min=1, help="Users in the simulated world."),
+    users: int = typer.Option(
+        1000, "--users", min=1, max=MAX_USERS, help="Users in the simulated world."
+    ),
     months: int = typer.Option(12, "--months", min=1, help="Months of history to simulate."),
     seed: int | None = typer.Option(
         None, "--seed", min=0, help="Random seed (default: PAYLATER_SEED)."
@@ -57,6 +84,7 @@ def generate_command(
         # Inside the try: an invalid PAYLATER_* variable is a ValidationError (a ValueError).
         settings = get_settings()
         last_day: date = resolve_as_of(end_date, "--end-date")
+        _check_window(last_day, months)
         report = generate_into(
             users=users,
             months=months,
@@ -83,6 +111,13 @@ def generate_command(
     except database_errors() as exc:
         _database_failed(exc)
         return
+    except MemoryError as exc:
+        typer.echo(
+            f"error: --users {users} over --months {months} needs more memory than this machine"
+            " has; nothing was written: use fewer users or months",
+            err=True,
+        )
+        raise typer.Exit(code=1) from exc
     for line in report.lines():
         typer.echo(line)
 

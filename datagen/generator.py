@@ -32,6 +32,8 @@ STATE_VERSION = 2  # 2: per-day windows replace the averages in the saved popula
 META_FILE = "meta.json"
 STATE_TABLES = ("population", "charges", "pending_refunds")
 PRE_WINDOW_SHARE = 0.55
+PRE_WINDOW_DAYS = 900
+"""Users present on the first day signed up within this many days before it."""
 """Share of the requested users who signed up before the simulated window (the rest join during it)."""
 
 
@@ -142,7 +144,7 @@ class Simulation:
         n_days = (end_date - start).days + 1
         pre = max(1, round(users * PRE_WINDOW_SHARE)) if users > 1 else 1
         s0 = start.toordinal()
-        days = np.sort(rng.integers(s0 - 900, s0, pre))
+        days = np.sort(rng.integers(s0 - PRE_WINDOW_DAYS, s0, pre))
         instants = sim.clock.times_in_days(rng, days, HOURLY_APP)
         order = np.argsort(instants, kind="stable")
         pop = new_users(rng, 1, days[order], instants[order], meta.reference_year, s0 - 1)

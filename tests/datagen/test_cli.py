@@ -304,3 +304,35 @@ def test_a_source_locked_by_another_process_is_one_error_line_and_nothing_change
         assert line.startswith("error: the source database") and "database is locked" in line
         assert "nothing was written" in line
     assert _source_rows(paylater_home) == rows
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--months", "30000", "--end-date", "2026-06-30"], "--months 30000 before --end-date"),
+        (["--months", "1", "--end-date", "0001-01-15"], "--months 1 before --end-date"),
+        (["--months", "1", "--end-date", "9999-12-30"], "--end-date 9999-12-30 is too late"),
+    ],
+)
+def test_a_window_outside_the_calendar_names_the_flags_before_anything_is_created(
+    paylater_home: Path, args: list[str], expected: str
+) -> None:
+    """A window reaching past year 1 or 9999 said only 'year -474 is out of range' (after the
+    source schema had been created)."""
+    result = runner.invoke(app, ["generate", "--users", "5", *args])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: {expected}")
+    assert not (paylater_home / "source.db").exists()
+
+
+@pytest.mark.parametrize("users", ["1000000000000", "99999999999999999999"])
+def test_a_world_too_big_for_memory_is_one_error_line_naming_users(
+    paylater_home: Path, users: str
+) -> None:
+    """--users 10^12 died in a MemoryError traceback; 10^20 said 'Maximum allowed dimension
+    exceeded'."""
+    result = runner.invoke(app, ["generate", "--users", users, "--months", "1"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code in (1, 2)
+    assert "--users" in result.output and "Traceback" not in result.output

@@ -596,3 +596,30 @@ def test_a_source_of_an_earlier_release_ahead_of_its_state_is_refused_saying_why
     message = str(refused.value)
     assert f"ends on {END}" in message and "paylater demo-data generate --replace" in message
     assert _sqlite_rows(home) == rows
+
+
+@pytest.mark.postgres
+def test_a_postgres_source_of_an_earlier_release_ahead_of_its_state_is_refused(
+    pg_url: str, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    warehouse = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    truth_dir = tmp_path / "truth"
+    generate_into(40, 1, 3, END, "Asia/Tokyo", pg_url, warehouse, truth_dir)
+    state = truth_dir / "generator"
+    shutil.copytree(state, tmp_path / "state_before")
+    advance_into(1, pg_url, warehouse, truth_dir)
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "state_before", state)
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("DROP TABLE datagen_progress")
+    meta = json.loads((state / "meta.json").read_text())
+    meta["world"] = ""
+    (state / "meta.json").write_text(json.dumps(meta))
+    rows = _pg_rows(pg_url)
+
+    with pytest.raises(ValueError, match="earlier release"):
+        advance_into(1, pg_url, warehouse, truth_dir)
+    assert _pg_rows(pg_url) == rows

@@ -111,6 +111,15 @@ def generate_command(
     except database_errors() as exc:
         _database_failed(exc)
         return
+    # A folder it cannot create or write; a failure after the source commit is GenerateIncomplete.
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(
+            f"error: cannot write{where}: {exc.strerror or exc}; nothing was written"
+            " (PAYLATER_HOME and the backend URLs name where generate writes)",
+            err=True,
+        )
+        raise typer.Exit(code=1) from exc
     except MemoryError as exc:
         typer.echo(
             f"error: --users {users} over --months {months} needs more memory than this machine"

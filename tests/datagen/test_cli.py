@@ -336,3 +336,20 @@ def test_a_world_too_big_for_memory_is_one_error_line_naming_users(
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code in (1, 2)
     assert "--users" in result.output and "Traceback" not in result.output
+
+
+def test_a_home_that_is_a_file_is_one_error_line_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PAYLATER_HOME naming a file (a typo, a mount gone) made generate end in a FileExistsError
+    traceback."""
+    home = tmp_path / "home"
+    home.write_text("")
+    monkeypatch.setenv("PAYLATER_HOME", str(home))
+    for name in ("PAYLATER_SOURCE_URL", "PAYLATER_WAREHOUSE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    result = runner.invoke(app, ["generate", "--users", "5", "--months", "1"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: ") and str(home) in line and "nothing was written" in line

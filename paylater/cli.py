@@ -4,15 +4,40 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from bentos.cli import app as bento_app
 from datagen.cli import app as demo_data_app
 from registry.cli import app as registry_app
 from worker.cli import enqueue, run_worker
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+class _SettingsErrorsAsOneLine(TyperGroup):
+    """Every subcommand: an invalid PAYLATER_* variable met anywhere in it is one error line."""
+
+    # typer.Context is the public name of the context typer's privately vendored click passes.
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        """Run the subcommand; a settings error it did not report itself ends it here."""
+        from pydantic import ValidationError
+        from pydantic_settings import SettingsError
+
+        try:
+            return super().invoke(ctx)
+        # Commands that read settings outside their own error handling (worker, enqueue) let
+        # pydantic's multi-line report through otherwise.
+        except (ValidationError, SettingsError) as exc:
+            if isinstance(exc, ValidationError) and exc.title != "Settings":
+                raise  # another model's error: its fields are no environment variables
+            typer.echo(f"error: {error_line(exc)}", err=True)
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(
+    cls=_SettingsErrorsAsOneLine, no_args_is_help=True, add_completion=False, help=__doc__
+)
 app.add_typer(demo_data_app, name="demo-data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(bento_app, name="bento")

@@ -221,3 +221,26 @@ def test_every_command_the_docs_show_exists_with_its_flags(document: str, line: 
     for word in words:
         if word.startswith("--"):
             assert word.split("=")[0] in flags | {"--help"}, f"{document}: `{line}`: {word}"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", "--user-id", "1", "--amount-jpy", "5000"],
+        ["worker", "--backend", "http", "--url", "http://127.0.0.1:9"],
+    ],
+)
+def test_an_invalid_setting_is_one_error_line_for_every_command(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """`paylater enqueue` and `paylater worker` printed pydantic's multi-line ValidationError
+    traceback for a mistyped PAYLATER_* variable."""
+    monkeypatch.setenv("PAYLATER_SYNC_READERS", "two")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line == (
+        "error: PAYLATER_SYNC_READERS: Input should be a valid integer, unable to parse string"
+        " as an integer (got 'two')"
+    )

@@ -280,19 +280,26 @@ def advance_into(days: int, source_url: str, warehouse_url: str, truth_dir: Path
         report = WriteReport(
             source_url, warehouse_url, str(truth_dir / TRUTH_FILE), first, first, sim.meta.zone
         )
+        saving = False  # whether truth and state were being saved when it failed
         try:
             while sim.last_day < committed:
+                saving = False
                 _advance_one_day(sim, None, warehouse, report)
                 report.recovered.append(sim.last_day)
+                saving = True
                 _persist(sim, truth_dir)
             for _ in range(days):
+                saving = False
                 _advance_one_day(sim, source, warehouse, report)
                 committed = report.last_day = sim.last_day
                 # State and truth follow every day the source committed: should a later day
                 # fail, the next advance resumes after the last day the source holds.
+                saving = True
                 _persist(sim, truth_dir)
         except _stopping_errors() as exc:
             reason = redact(" ".join(f"{type(exc).__name__}: {exc}".split()))
+            if saving:  # a disk error there names no file: say which folder
+                reason += f", saving the truth and generator state in {truth_dir}"
             raise AdvanceStopped(
                 f"advance stopped ({reason}); source {redact(source_url)} holds every day through"
                 f" {committed}, and the next `paylater demo-data advance` resumes after it"

@@ -222,6 +222,7 @@ def test_a_full_state_folder_stops_advance_with_one_line_and_a_rerun_resumes(
     assert result.exit_code == 1
     (line,) = result.output.splitlines()
     assert line.startswith("error: advance stopped") and "No space left on device" in line
+    assert f"saving the truth and generator state in {paylater_home / 'truth'}" in line
     assert "paylater demo-data advance" in line
 
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)

@@ -161,11 +161,11 @@ def test_a_missing_storage_block_fails_the_build_once_without_retrying(
     state = feature_build(as_of=date(2026, 7, 15), return_state=True)
     with pytest.raises(StorageError, match="PAYLATER_DATASET_S3_BLOCK 'no-such-datasets-block'"):
         state.result()
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         )
     scoring = [r for r in runs if r.name.startswith("scoring_dataset")]
     assert [r.run_count for r in scoring] == [1]

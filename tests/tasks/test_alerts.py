@@ -601,6 +601,7 @@ def test_a_deployment_runs_failure_names_the_deployment_the_day_and_the_root_cau
     ("Flow run encountered an exception: ...") instead of the error."""
     from prefect import flow, get_client
     from prefect.flow_engine import run_flow
+    from prefect.states import State
 
     from paylater.timeutil import default_as_of
 
@@ -615,7 +616,7 @@ def test_a_deployment_runs_failure_names_the_deployment_the_day_and_the_root_cau
         deployment_id = client.create_deployment(flow_id=client.create_flow(probe), name="nightly")
         run = client.create_flow_run_from_deployment(deployment_id, parameters={"as_of": None})
     state = run_flow(probe, flow_run=run, return_type="state")
-    assert state.is_failed()
+    assert isinstance(state, State) and state.is_failed()
     (alert,) = receiver.bodies
     body = alert["body"]
     assert body.startswith("LookupError: table loans does not exist\n"), body

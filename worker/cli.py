@@ -442,8 +442,12 @@ def run_worker(
 
 def enqueue(
     user_id: int = typer.Option(..., help="The user asking to defer a top-up."),
-    amount_jpy: int = typer.Option(..., help="Requested amount in yen."),
-    idempotency_key: str = typer.Option(None, help="Same key, same job (safe to retry)."),
+    amount_jpy: int = typer.Option(
+        ..., help="Requested amount in yen, within paylater.product's limits (1000..100000)."
+    ),
+    idempotency_key: str = typer.Option(
+        None, help="Same key, same job (safe to retry); at most 255 characters."
+    ),
     wait: bool = typer.Option(False, help="Wait for the job to finish and print its result."),
     timeout: float = typer.Option(30.0, help="Seconds --wait waits."),
     database_url: str = typer.Option(None, help="Queue database (default: settings)."),
@@ -451,6 +455,16 @@ def enqueue(
     """Enqueue one scoring job and print its id (and, with --wait, its result as JSON)."""
     from worker import queue
 
+    # Refused before connecting: out of range, the insert crashed (bigint, index row size) or
+    # queued a job the worker can only fail.
+    try:
+        queue.check_request(user_id, amount_jpy, idempotency_key)
+    except queue.InvalidJobRequest as exc:
+        typer.echo(f"error: --{exc.field.replace('_', '-')} {exc.problem}", err=True)
+        raise typer.Exit(2) from exc
+    if not timeout > 0:
+        typer.echo(f"error: --timeout must be more than 0 seconds, got {timeout:g}", err=True)
+        raise typer.Exit(2)
     try:
         db_url = (
             queue.require_postgres(database_url, "--database-url")

@@ -52,6 +52,52 @@ class EmptyIdempotencyKey(ValueError):
         )
 
 
+MAX_USER_ID = 2**63 - 1
+"""The largest user id scoring_jobs.user_id (bigint) holds."""
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+"""Characters an idempotency key may have. The key's unique btree index refuses entries over
+about 2.7 kB (ProgramLimitExceeded); 255 characters stay under it even at 4 UTF-8 bytes each."""
+
+
+class InvalidJobRequest(ValueError):
+    """A request enqueue refuses before it reaches the table; `field` names the bad argument."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def check_request(user_id: int, amount_jpy: Any, idempotency_key: str | None) -> None:
+    """InvalidJobRequest for a request the worker would fail or the table cannot hold; the
+    limits are the ones worker.scoring.validate applies to jobs inserted with SQL."""
+    from paylater.product import MAX_AMOUNT_JPY, MIN_AMOUNT_JPY
+
+    if not 1 <= user_id <= MAX_USER_ID:
+        raise InvalidJobRequest("user_id", f"must be within 1..{MAX_USER_ID}, got {user_id}")
+    if isinstance(amount_jpy, bool) or not isinstance(amount_jpy, int):
+        raise InvalidJobRequest(
+            "amount_jpy", f"must be an integer number of yen, got {amount_jpy!r}"
+        )
+    if not MIN_AMOUNT_JPY <= amount_jpy <= MAX_AMOUNT_JPY:
+        raise InvalidJobRequest(
+            "amount_jpy",
+            f"must be within the product's limits {MIN_AMOUNT_JPY}..{MAX_AMOUNT_JPY}, got {amount_jpy}",
+        )
+    if idempotency_key is None:
+        return
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        # The key itself is not echoed: it may be kilobytes long.
+        raise InvalidJobRequest(
+            "idempotency_key",
+            f"is {len(idempotency_key)} characters long; at most {MAX_IDEMPOTENCY_KEY_LENGTH}"
+            " characters are accepted",
+        )
+    if "\x00" in idempotency_key:  # PostgreSQL text cannot hold NUL
+        raise InvalidJobRequest("idempotency_key", "must not contain NUL characters")
+
+
 LEASE_EXPIRED = "lease expired: "
 """How worker/sql/claim.sql starts the error of a job it takes back from a worker that died."""
 
@@ -200,11 +246,13 @@ def enqueue(
 ) -> tuple[int, bool]:
     """Enqueue one job; returns (job id, created). A known idempotency key returns its job when
     it is the same request (user and amount); IdempotencyConflict when it names another one.
-    An empty or blank key is refused (EmptyIdempotencyKey), not taken as one shared key."""
+    An empty or blank key is refused (EmptyIdempotencyKey), not taken as one shared key; a
+    request out of range (check_request) is InvalidJobRequest, nothing inserted."""
     from psycopg.types.json import Jsonb
 
     if idempotency_key is not None and not idempotency_key.strip():
         raise EmptyIdempotencyKey(idempotency_key)
+    check_request(user_id, amount_jpy, idempotency_key)
 
     params = {
         "idempotency_key": idempotency_key,

@@ -10,7 +10,10 @@
 -- names another request (a client bug) and that job's result is not this request's answer
 -- (worker/sql/job_by_key.sql; `paylater enqueue` and worker.queue.enqueue refuse such a key).
 -- Send NULL, never '', for "no key": an empty key is one key that every such request shares
--- (worker.queue.enqueue refuses it).
+-- (worker.queue.enqueue refuses it). A key has at most 255 characters (MAX_IDEMPOTENCY_KEY_LENGTH):
+-- the unique index refuses one over about 2.7 kB with an error; `paylater enqueue` refuses more
+-- than 255. user_id is a positive bigint; a job for user_id < 1, or an amount outside the limits,
+-- is inserted (no CHECK here) and fails with the reason: an app's INSERT is never refused for it.
 -- then reads the answer from scoring_results (job_id = id) once scoring_jobs.status = 'done'.
 -- payload: {"amount_jpy": <int yen within paylater.product limits>}; other keys are ignored.
 --

@@ -356,7 +356,16 @@ def test_a_bad_queue_database_url_is_one_error_line_without_its_password(
     line naming the host and the reason: never the password, never a traceback of locals."""
     host = pg_server_url.rpartition("@")[2]
     env = {**os.environ, "PAYLATER_HOME": str(tmp_path)}
-    cmd = [sys.executable, "-m", "paylater.cli", "enqueue", "--user-id", "3", "--amount-jpy", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paylater.cli",
+        "enqueue",
+        "--user-id",
+        "3",
+        "--amount-jpy",
+        "5000",
+    ]
     for url, reason in [
         (f"postgresql://postgres:Wr0ngSecret@{host}", "password authentication failed"),
         ("postgresql://postgres:Wr0ngSecret@[::1/postgres", "IPv6 host address"),
@@ -459,3 +468,35 @@ def test_a_metrics_port_already_taken_is_one_error_line(
     assert lines[-1].startswith(f"error: cannot serve metrics on 127.0.0.1:{port}: "), log[-2000:]
     assert "Traceback" not in log
     assert kit.query(queue_db, "SELECT status, attempts FROM scoring_jobs") == [("queued", 0)]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "accepted"),
+    [
+        (["--user-id", "99999999999999999999"], "--user-id", "1..9223372036854775807"),
+        (["--user-id", "0"], "--user-id", "1..9223372036854775807"),
+        (["--user-id", "-4"], "--user-id", "1..9223372036854775807"),
+        (["--amount-jpy", "999"], "--amount-jpy", "1000..100000"),
+        (["--amount-jpy", "100001"], "--amount-jpy", "1000..100000"),
+        (["--amount-jpy", "-5000"], "--amount-jpy", "1000..100000"),
+        (["--idempotency-key", "k" * 8192], "--idempotency-key", "at most 255 characters"),
+        (["--timeout", "-1", "--wait"], "--timeout", "more than 0 seconds"),
+    ],
+)
+def test_enqueue_refuses_input_out_of_range_with_one_line_and_inserts_nothing(
+    queue_db: str, launch: Launcher, kit: Any, args: list[str], flag: str, accepted: str
+) -> None:
+    """An id past bigint, a non-positive id, an amount the product does not lend, a key too long
+    to index, a negative --timeout: one error line naming the flag and what it accepts."""
+    given = dict(zip(args[::2], args[1::2], strict=False))
+    base = {"--user-id": "3", "--amount-jpy": "5000"}
+    cmd = [sys.executable, "-m", "paylater.cli", "enqueue"]
+    for option, value in base.items():
+        if option not in given:
+            cmd += [option, value]
+    run = subprocess.run([*cmd, *args], env=launch.env, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} ")
+    assert accepted in lines[0] and "Traceback" not in run.stderr
+    assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(0,)]

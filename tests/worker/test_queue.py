@@ -262,3 +262,33 @@ def test_queue_age_gauge_counts_jobs_whose_worker_died_holding_them(
         assert depth == 0 and oldest >= 3_600
         queue.claim(conn, 10, lease_seconds=600)  # re-claimed by a live worker: not late any more
         assert queue.queue_stats(conn) == (0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("user_id", "amount", "key", "message"),
+    [
+        (
+            2**63,
+            5_000,
+            None,
+            "user_id must be within 1..9223372036854775807, got 9223372036854775808",
+        ),
+        (0, 5_000, None, "user_id must be within 1..9223372036854775807, got 0"),
+        (3, 999, None, "amount_jpy must be within the product's limits 1000..100000, got 999"),
+        (3, 5_000.0, None, "amount_jpy must be an integer number of yen"),
+        (3, 5_000, "k" * 256, "idempotency_key is 256 characters long; at most 255"),
+        (3, 5_000, "a\x00b", "idempotency_key must not contain NUL"),
+    ],
+)
+def test_enqueue_refuses_a_request_the_table_cannot_hold_or_the_worker_would_fail(
+    queue_db: str, kit: Any, user_id: int, amount: Any, key: str | None, message: str
+) -> None:
+    """Library callers get the CLI's checks: a clear InvalidJobRequest, not a database error
+    (bigint out of range, index row too large) or a job the worker can only fail."""
+    with queue.connect(queue_db) as conn:
+        with pytest.raises(queue.InvalidJobRequest) as refused:
+            queue.enqueue(conn, user_id, amount, key)
+        assert str(refused.value).startswith(message)
+        longest = "k" * queue.MAX_IDEMPOTENCY_KEY_LENGTH
+        queue.enqueue(conn, queue.MAX_USER_ID, 100_000, longest)  # the limits themselves: fine
+    assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(1,)]

@@ -65,6 +65,13 @@ def test_malformed_payloads_fail_their_job_and_the_worker_goes_on(
         "absurd": (1, {"amount_jpy": 10**12}, "outside the product's limits 1000..100000"),
         "not an object": (1, [5000], "must be a JSON object"),
         "unknown user": (999_999, {"amount_jpy": 5000}, "unknown user_id 999999"),
+        # What `paylater enqueue` refuses, inserted by an app with SQL (the main path).
+        "zero user": (0, {"amount_jpy": 5000}, "user_id must be a positive integer, got 0"),
+        "negative user": (-7, {"amount_jpy": 5000}, "user_id must be a positive integer, got -7"),
+        "largest user": (2**63 - 1, {"amount_jpy": 5000}, f"unknown user_id {2**63 - 1}"),
+        "zero amount": (1, {"amount_jpy": 0}, "outside the product's limits 1000..100000"),
+        "negative amount": (1, {"amount_jpy": -5000}, "outside the product's limits"),
+        "past bigint": (1, {"amount_jpy": 10**30}, "outside the product's limits"),
     }
     from psycopg.types.json import Jsonb
 

@@ -6,12 +6,18 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from paylater.redaction import origin, redact
+
+WorkerBackend = Literal["inprocess", "http"]
+"""How the worker scores: in this process, or through the bento's HTTP API."""
+
+ReasonCodeMode = Literal["declines", "all"]
+"""Which in-process scores get reason codes (worker.scoring.REASON_CODE_MODES)."""
 
 
 class Settings(BaseSettings):
@@ -398,7 +404,7 @@ class Settings(BaseSettings):
             " PostgreSQL (the feature build publishes it there), else from this database."
         ),
     )
-    worker_backend: str = Field(
+    worker_backend: WorkerBackend = Field(
         default="inprocess",
         description="How jobs are scored: 'inprocess' (model store + user_features_latest) or 'http' (the bento).",
     )
@@ -422,7 +428,7 @@ class Settings(BaseSettings):
     )
     # Reason codes explain adverse decisions; TreeSHAP costs ~50x a prediction, so the worker
     # computes them for declines only unless asked ('all' matches the HTTP API on approvals too).
-    worker_reason_codes: str = Field(
+    worker_reason_codes: ReasonCodeMode = Field(
         default="declines",
         description="In process: 'declines' (reasons where the answer is a decline) or 'all' (every score, like the HTTP API).",
     )
@@ -506,6 +512,12 @@ class Settings(BaseSettings):
                 yield name, redact(value)
             else:
                 yield name, value
+
+    @field_validator("worker_backend", "worker_reason_codes", mode="before")
+    @classmethod
+    def _choice_in_any_case(cls, value: Any) -> Any:
+        """A choice in any letter case ('HTTP' started an http worker before these were checked)."""
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("timezone")
     @classmethod

@@ -8,11 +8,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import typer
 
-from worker.scoring import REASON_CODE_MODES, Outcome, ScoreRequest, ScoringBackend
+from worker.scoring import Outcome, ScoreRequest, ScoringBackend
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,12 @@ MODEL_REFRESH_SECONDS = 60.0
 """How often a worker scoring an alias (production, staging) asks the registry what it names."""
 
 ALIASES = ("production", "staging")
+
+
+def _choices(values: Sequence[str]) -> str:
+    """'a' or 'b' (the wording pydantic uses for the settings)."""
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
 
 
 def load_scorer(spec: str) -> Any:
@@ -314,7 +320,9 @@ def run_worker(
         None, min=1, help="Claim-score-write loops (threads) in this process."
     ),
     batch_size: int = typer.Option(None, min=1, help="Jobs claimed per round trip."),
-    backend: str = typer.Option(None, help="'inprocess' (model store) or 'http' (the bento)."),
+    backend: str = typer.Option(
+        None, help="'inprocess' (model store) or 'http' (the bento); any letter case."
+    ),
     url: str = typer.Option(None, help="Bento base URL for --backend http."),
     model: str = typer.Option(None, help="production | staging | <version> | <store tag>."),
     shadow_model: str = typer.Option(
@@ -322,7 +330,7 @@ def run_worker(
     ),
     reason_codes: str = typer.Option(
         None,
-        help="In process: 'all' (like the HTTP API) or 'declines' (TreeSHAP only for declines).",
+        help="In process: 'declines' (TreeSHAP only for declines) or 'all' (like the HTTP API).",
     ),
     metrics_port: int = typer.Option(None, help="Serve Prometheus /metrics on this port."),
     metrics_host: str = typer.Option("0.0.0.0", help="Address of the metrics server."),
@@ -332,7 +340,7 @@ def run_worker(
     database_url: str = typer.Option(None, help="Queue database (default: settings)."),
 ) -> None:
     """Score queued jobs until SIGTERM/SIGINT, which finishes the batch in hand first."""
-    from paylater.settings import get_settings
+    from paylater.settings import ReasonCodeMode, WorkerBackend, get_settings
     from worker.metrics import WorkerMetrics, serve_metrics
     from worker.queue import NotPostgres, ensure_schema, queue_url, require_postgres
     from worker.runner import ShadowSource, Worker, WorkerConfig
@@ -360,7 +368,12 @@ def run_worker(
         max_attempts=max_attempts,
         poll_seconds=poll_seconds,
     )
-    kind = (backend or settings.worker_backend).lower()
+    # The same choices, in any letter case, as PAYLATER_WORKER_BACKEND/_REASON_CODES accept.
+    kind = (backend or settings.worker_backend).strip().lower()
+    backends = get_args(WorkerBackend)
+    if kind not in backends:
+        typer.echo(f"error: --backend must be one of {_choices(backends)}, got {kind!r}", err=True)
+        raise typer.Exit(2)
     shadow: ShadowSource | None = None
     scoring: ScoringBackend
     if kind == "http":
@@ -383,12 +396,11 @@ def run_worker(
                 config.lease_seconds,
                 timeout,
             )
-    elif kind == "inprocess":
-        reasons = reason_codes or settings.worker_reason_codes
-        if reasons not in REASON_CODE_MODES:
-            typer.echo(
-                f"--reason-codes must be one of {REASON_CODE_MODES}, got {reasons!r}", err=True
-            )
+    else:  # "inprocess"
+        reasons = (reason_codes or settings.worker_reason_codes).strip().lower()
+        if reasons not in get_args(ReasonCodeMode):
+            modes = _choices(get_args(ReasonCodeMode))
+            typer.echo(f"error: --reason-codes must be one of {modes}, got {reasons!r}", err=True)
             raise typer.Exit(2)
         model_spec = model or settings.worker_model
         features_db = feature_database(settings.source, db_url)
@@ -405,9 +417,6 @@ def run_worker(
             shadow_loader = ShadowLoader(spec, lambda: primary.model_version, features_db)
             shadow_loader()  # starts loading the shadow while the worker starts
             shadow = shadow_loader
-    else:
-        typer.echo(f"--backend must be inprocess or http, got {kind!r}", err=True)
-        raise typer.Exit(2)
 
     with connect_or_exit(db_url) as conn:
         ensure_schema(conn)

@@ -244,3 +244,36 @@ def test_an_invalid_setting_is_one_error_line_for_every_command(
         "error: PAYLATER_SYNC_READERS: Input should be a valid integer, unable to parse string"
         " as an integer (got 'two')"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("PAYLATER_WORKER_BACKEND", "grpc", "'inprocess' or 'http'"),
+        ("PAYLATER_WORKER_REASON_CODES", "some", "'declines' or 'all'"),
+    ],
+)
+def test_a_worker_choice_setting_out_of_its_values_fails_settings_naming_them(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, accepted: str
+) -> None:
+    """A wrong backend or reason-code mode is caught by `paylater settings`, not first by a
+    worker starting in production."""
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"error: {variable}: ") and accepted in line
+    assert f"(got '{value}')" in line
+
+
+def test_worker_choice_settings_take_any_letter_case_as_the_worker_always_did(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PAYLATER_WORKER_BACKEND=HTTP` started an http worker before: still valid, as 'http'
+    (and the reason-code mode, checked alongside, takes any case too)."""
+    from paylater.settings import get_settings
+
+    monkeypatch.setenv("PAYLATER_WORKER_BACKEND", " HTTP")
+    monkeypatch.setenv("PAYLATER_WORKER_REASON_CODES", "All")
+    settings = get_settings()
+    assert (settings.worker_backend, settings.worker_reason_codes) == ("http", "all")

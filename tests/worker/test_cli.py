@@ -329,6 +329,8 @@ def test_a_worker_following_an_alias_asks_a_tracking_server_that_is_down_in_seco
         ("--batch-size", "0"),
         ("--concurrency", "0"),
         ("--lease-seconds", "0"),
+        ("--backend", "grpc"),
+        ("--reason-codes", "some"),
     ],
 )
 def test_a_worker_option_out_of_range_is_refused_before_any_job_is_touched(
@@ -500,3 +502,15 @@ def test_enqueue_refuses_input_out_of_range_with_one_line_and_inserts_nothing(
     assert len(lines) == 1 and lines[0].startswith(f"error: {flag} ")
     assert accepted in lines[0] and "Traceback" not in run.stderr
     assert kit.query(queue_db, "SELECT count(*) FROM scoring_jobs") == [(0,)]
+
+
+def test_the_reason_code_modes_settings_accept_are_the_ones_the_backend_takes() -> None:
+    """PAYLATER_WORKER_REASON_CODES and --reason-codes check against the settings' Literal; the
+    in-process backend against its own tuple: a mode added to one only would pass the settings
+    and fail the worker at start."""
+    from typing import get_args
+
+    from paylater.settings import ReasonCodeMode
+    from worker.scoring import REASON_CODE_MODES
+
+    assert sorted(get_args(ReasonCodeMode)) == sorted(REASON_CODE_MODES)

@@ -156,8 +156,24 @@ def show_settings(
         ("datasets", redact(s.datasets)),
         ("mlflow", redact(s.tracking_uri)),
         ("timezone", s.timezone),
+        ("queue", _queue_line(s.worker_database_url, s.source)),
     ]:
         typer.echo(f"{name:10} {value}")
+
+
+def _queue_line(worker_database_url: str | None, source: str) -> str:
+    """The queue database (scoring_jobs, where the runbook's SQL runs), masked; says when it is
+    the source by default, and when that cannot hold the queue."""
+    from paylater.redaction import redact
+    from worker.queue import NotPostgres, require_postgres
+
+    url = worker_database_url or source
+    notes = [] if worker_database_url else ["default: the source"]
+    try:
+        require_postgres(url)
+    except NotPostgres:
+        notes.append("not PostgreSQL: set PAYLATER_WORKER_DATABASE_URL")
+    return redact(url) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 if __name__ == "__main__":

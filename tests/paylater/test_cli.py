@@ -277,3 +277,28 @@ def test_worker_choice_settings_take_any_letter_case_as_the_worker_always_did(
     monkeypatch.setenv("PAYLATER_WORKER_REASON_CODES", "All")
     settings = get_settings()
     assert (settings.worker_backend, settings.worker_reason_codes) == ("http", "all")
+
+
+def test_settings_prints_the_queue_database_masked_and_says_when_it_is_the_source(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every runbook query runs against the queue database: `paylater settings` names it."""
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", "postgresql://app:s3cret@db:5432/ops")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    queue_line = next(line for line in result.output.splitlines() if line.startswith("queue "))
+    assert queue_line.split(None, 1)[1] == "postgresql://app:***@db:5432/ops (default: the source)"
+    monkeypatch.setenv("PAYLATER_WORKER_DATABASE_URL", "postgresql://q:hunter2@qdb/jobs")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0 and "hunter2" not in result.output, result.output
+    queue_line = next(line for line in result.output.splitlines() if line.startswith("queue "))
+    assert queue_line.split(None, 1)[1] == "postgresql://q:***@qdb/jobs"
+
+
+def test_settings_says_a_sqlite_source_cannot_be_the_queue(paylater_home: Path) -> None:
+    """The embedded SQLite source cannot hold the queue: the line says what to set instead."""
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    queue_line = next(line for line in result.output.splitlines() if line.startswith("queue "))
+    assert queue_line.startswith("queue      sqlite:///")
+    assert "not PostgreSQL: set PAYLATER_WORKER_DATABASE_URL" in queue_line

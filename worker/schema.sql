@@ -14,7 +14,7 @@
 -- the unique index refuses one over about 2.7 kB with an error; `paylater enqueue` refuses more
 -- than 255. user_id is a positive bigint; a job for user_id < 1, or an amount outside the limits,
 -- is inserted (no CHECK here) and fails with the reason: an app's INSERT is never refused for it.
--- then reads the answer from scoring_results (job_id = id) once scoring_jobs.status = 'done'.
+-- The app then reads the answer from scoring_results (job_id = id) once scoring_jobs.status = 'done'.
 -- payload: {"amount_jpy": <int yen within paylater.product limits>}; other keys are ignored.
 --
 -- Job life: queued -> running (claimed under a lease) -> done | failed | dead.

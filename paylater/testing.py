@@ -1,9 +1,10 @@
 """Helpers the test suite and the benches share: ports for the loopback servers they start, and
-stopping them."""
+stopping them; a loopback receiver of JSON POSTs (an alert webhook's stand-in)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -15,7 +16,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 # Below this, ports are often fixed by convention (PostgreSQL 5432, MLflow 5000, Prefect 4200).
 _LOWEST = 20_000
@@ -128,3 +131,43 @@ def wait_until_answering(
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} not answering in {timeout:.0f} s: {log.read_text()[-2000:]}")
         time.sleep(interval)
+
+
+class JsonReceiver:
+    """A real HTTP server on a free loopback port keeping every JSON body POSTed to it (a Slack
+    webhook, PagerDuty's Events API), answering `status` (settable between requests: 503 plays a
+    receiver that is down). A context manager: leaving it stops the server."""
+
+    def __init__(self, status: int = 200, path: str = "/hook") -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.status = status
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                owner.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(owner.status)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        # serve_forever's default 0.5 s poll would make every shutdown() wait up to 0.5 s.
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> JsonReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

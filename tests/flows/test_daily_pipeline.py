@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from datetime import date
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from flows.daily_pipeline import SyncNotComplete, daily_pipeline, require_complete_sync
+from paylater.testing import JsonReceiver
 from tasks.datasets import load_scoring_dataset
 from tasks.features import FeatureSqlError
 from tasks.sync import LEDGER
@@ -197,29 +195,11 @@ def test_a_ledger_that_cannot_be_read_still_names_the_syncs_failure(
 @pytest.fixture
 def alerts_received(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
     """A loopback HTTP receiver on a free port, set as the only alert channel; yields the bodies."""
-    bodies: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    ).start()
     for var in ("PAYLATER_ALERT_SLACK_BLOCK", "PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv(
-        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/"
-    )
-    yield bodies
-    server.shutdown()
-    server.server_close()
+    with JsonReceiver() as receiver:
+        monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+        yield receiver.bodies
 
 
 def test_a_failed_sync_in_the_pipeline_alerts_once_naming_its_cause_and_run(

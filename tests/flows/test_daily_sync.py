@@ -3,21 +3,16 @@ then a failing run that alerts a real local HTTP receiver."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import threading
 from datetime import date
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from flows.daily_sync import daily_sync
+from paylater.testing import JsonReceiver
 from tasks.sync import ConfigError, check_ledger, ledger_watermark
 from tasks.warehouse import open_warehouse
-
-QUICK_SHUTDOWN = {"poll_interval": 0.05}
-"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,25 +37,9 @@ def make_source(path: Path) -> None:
 @pytest.fixture
 def alerts_received(monkeypatch: pytest.MonkeyPatch):
     """A loopback HTTP receiver on a free port, set as the alert webhook; yields the bodies."""
-    bodies: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True).start()
-    monkeypatch.setenv(
-        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/"
-    )
-    yield bodies
-    server.shutdown()
-    server.server_close()
+    with JsonReceiver() as receiver:
+        monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+        yield receiver.bodies
 
 
 def test_daily_sync_flow_then_failure_alert(

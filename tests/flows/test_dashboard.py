@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-QUICK_SHUTDOWN = {"poll_interval": 0.05}
-"""serve_forever's default 0.5 s poll made every server's shutdown() wait up to 0.5 s."""
+from paylater.testing import JsonReceiver
 
 WORKER_DDL = Path(__file__).resolve().parents[2] / "worker" / "schema.sql"
 FIRST_MONTH = date(2026, 1, 1)
@@ -27,24 +25,8 @@ FIRST_MONTH = date(2026, 1, 1)
 @pytest.fixture
 def receiver() -> Iterator[tuple[str, list[dict]]]:
     """A webhook on a free loopback port keeping every JSON body; (url, payloads)."""
-    payloads: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            payloads.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", payloads
-    finally:
-        server.shutdown()
-        server.server_close()
+    with JsonReceiver() as webhook:
+        yield webhook.url, webhook.bodies
 
 
 def register_production_model(training: pa.Table, features: list[str], trained_as_of: date) -> str:
@@ -209,24 +191,10 @@ def test_a_drift_alert_the_webhook_refused_fails_the_task_and_is_resent(
     from tasks.drift import DriftReport
     from tasks.monitoring import open_incidents, open_queue_db
 
-    answers = [503]
-    payloads: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            payloads.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(answers[0])
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs=QUICK_SHUTDOWN, daemon=True).start()
+    webhook = JsonReceiver(status=503)
+    payloads = webhook.bodies
     monkeypatch.setenv("PAYLATER_SOURCE_URL", pg_url)
-    monkeypatch.setenv(
-        "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/h"
-    )
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", webhook.url)
     for var in (
         "PAYLATER_WORKER_DATABASE_URL",
         "PAYLATER_ALERT_SLACK_BLOCK",
@@ -243,7 +211,7 @@ def test_a_drift_alert_the_webhook_refused_fails_the_task_and_is_resent(
             drift_incidents.fn(daily, now)
         engine = open_queue_db(get_settings())
         assert open_incidents(engine) == []  # rolled back: the resend opens it
-        answers[0] = 200
+        webhook.status = 200
         (sent,) = drift_incidents.fn(daily, now)
         assert sent.subject == "[FIRING] paylater critical: feature_psi_max"
         assert drift_incidents.fn(daily, now) == []  # delivered once, not again
@@ -251,8 +219,7 @@ def test_a_drift_alert_the_webhook_refused_fails_the_task_and_is_resent(
         engine.dispose()
         assert len(payloads) == 2
     finally:
-        server.shutdown()
-        server.server_close()
+        webhook.close()
 
 
 def test_a_production_model_the_training_set_cannot_score_does_not_hide_feature_drift(

@@ -176,43 +176,20 @@ def test_a_publish_and_a_training_set_that_both_fail_are_both_in_the_alert(
 ) -> None:
     """Both steps are tried; the run failed with the publish's error alone, so its alert hid
     that the day's training set failed too, which showed only after fixing the first."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     import flows.feature_build
+    from paylater.testing import JsonReceiver
     from tasks.online import PublishError
-
-    bodies: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
 
     def broken_labels(as_of: date) -> object:
         raise FeatureSqlError("label.sql: the warehouse rejected it")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    ).start()
-    try:
-        monkeypatch.setenv(
-            "PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{server.server_address[1]}/"
-        )
+    with JsonReceiver() as receiver:
+        monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
         make_warehouse(paylater_home / "warehouse.duckdb")
         monkeypatch.setenv("PAYLATER_SOURCE_URL", "mysql://features@db/ops")
         monkeypatch.setattr(flows.feature_build, "build_training_dataset", broken_labels)
         with pytest.raises(PublishError, match="cannot publish online features"):
             feature_build(as_of=date(2026, 7, 15))
-    finally:
-        server.shutdown()
-        server.server_close()
-    (alert,) = bodies
+    (alert,) = receiver.bodies
     assert alert["body"].startswith("PublishError: ")
     assert "training_dataset also failed: FeatureSqlError: label.sql" in alert["body"]

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from paylater import testing
-from paylater.testing import ephemeral_range, listen_port, stop_group, wait_until_answering
+from paylater.testing import (
+    JsonReceiver,
+    ephemeral_range,
+    listen_port,
+    stop_group,
+    wait_until_answering,
+)
 
 
 def test_listen_port_is_below_the_ephemeral_range_and_a_server_can_listen_on_it() -> None:
@@ -121,3 +127,28 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return ""
+
+
+def test_the_json_receiver_keeps_each_body_and_answers_its_status_until_closed() -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(url: str, body: dict) -> int:
+        request = urllib.request.Request(
+            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with JsonReceiver(status=503) as receiver:
+        assert receiver.url.startswith("http://127.0.0.1:") and receiver.url.endswith("/hook")
+        assert post(receiver.url, {"text": "first"}) == 503
+        receiver.status = 200
+        assert post(receiver.url, {"text": "second"}) == 200
+        assert receiver.bodies == [{"text": "first"}, {"text": "second"}]
+    with pytest.raises(urllib.error.URLError):
+        post(receiver.url, {"text": "after"})

@@ -527,7 +527,9 @@ def root_cause(state: Any) -> str:
     re-raises a subflow's error would nest one wrapper in another.
     """
     try:
-        exc = state.result(raise_on_failure=False)
+        # _sync: inside an async flow's hook (an event loop running) Prefect would hand back a
+        # coroutine instead, never awaited, and the alert fell back to the wrapper's text.
+        exc = state.result(raise_on_failure=False, _sync=True)
     except Exception:  # a result that cannot be read back: the message still says something
         exc = None
     if not isinstance(exc, BaseException):

@@ -41,7 +41,7 @@ fmt: install
 test: install postgres
 	@bash scripts/ensure_test_tools.sh
 	$(MAKE) --no-print-directory lint
-	source var/postgres.env && $(BIN)/pytest -q -p no:cacheprovider tests
+	source var/postgres.env && $(BIN)/pytest -q -p no:cacheprovider --durations=20 tests
 
 bench: install postgres
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }

@@ -384,7 +384,7 @@ def s3_client(settings: Settings) -> Any:
     import boto3
 
     endpoint = settings.s3_endpoint_url
-    if endpoint and ("@" in urlsplit(endpoint).netloc or urlsplit(endpoint).query):
+    if endpoint and _carries_credentials(endpoint):
         # botocore quotes its endpoint whole in every connection error.
         raise StorageError(
             f"PAYLATER_S3_ENDPOINT_URL {_shown(endpoint)!r} carries credentials or query"
@@ -438,6 +438,12 @@ def _shown(url: str) -> str:
     return urlunsplit(parts._replace(query=MASK if parts.query else "", fragment=""))
 
 
+def _carries_credentials(url: str) -> bool:
+    """Whether `url` holds `user:password@` or a query (where a signed URL keeps its token)."""
+    parts = urlsplit(url)
+    return "@" in parts.netloc or bool(parts.query)
+
+
 def _refuse_credentials(url: str) -> None:
     """StorageError for a URL carrying `user:password@` or a query (a signed URL's token).
 
@@ -445,8 +451,7 @@ def _refuse_credentials(url: str) -> None:
     error, so whatever it carries would be copied in clear everywhere; no backend here reads
     credentials or options from it anyway.
     """
-    parts = urlsplit(url)
-    if "@" in parts.netloc or parts.query:
+    if _carries_credentials(url):
         raise StorageError(
             f"dataset URL {_shown(url)!r} carries credentials or query parameters, which every"
             " manifest and error would quote: give it as file:///path, s3://bucket/prefix or"

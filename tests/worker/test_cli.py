@@ -23,6 +23,17 @@ from paylater.testing import listen_port
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 COUNT = "SELECT count(*) FROM scoring_jobs WHERE status = %s"
+ENQUEUE_USER_3 = [
+    sys.executable,
+    "-m",
+    "paylater.cli",
+    "enqueue",
+    "--user-id",
+    "3",
+    "--amount-jpy",
+    "5000",
+]
+"""`paylater enqueue` of one valid request, run as a process (flags for the queue follow)."""
 
 
 class Launcher:
@@ -190,16 +201,7 @@ def test_enqueue_is_idempotent_and_refuses_sqlite(
 ) -> None:
     """The same key twice prints the same job id, the key for another request is refused; a
     SQLite queue URL is a clear error."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "paylater.cli",
-        "enqueue",
-        "--user-id",
-        "3",
-        "--amount-jpy",
-        "5000",
-    ]
+    cmd = list(ENQUEUE_USER_3)
     runs = [
         subprocess.run(
             [*cmd, "--idempotency-key", "order-9"], env=launch.env, capture_output=True, text=True
@@ -358,16 +360,7 @@ def test_a_bad_queue_database_url_is_one_error_line_without_its_password(
     line naming the host and the reason: never the password, never a traceback of locals."""
     host = pg_server_url.rpartition("@")[2]
     env = {**os.environ, "PAYLATER_HOME": str(tmp_path)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "paylater.cli",
-        "enqueue",
-        "--user-id",
-        "3",
-        "--amount-jpy",
-        "5000",
-    ]
+    cmd = list(ENQUEUE_USER_3)
     for url, reason in [
         (f"postgresql://postgres:Wr0ngSecret@{host}", "password authentication failed"),
         ("postgresql://postgres:Wr0ngSecret@[::1/postgres", "IPv6 host address"),

@@ -184,8 +184,8 @@ def test_measure_queue_on_a_session_ended_mid_query_does_not_blame_a_timeout(
         while not ended and run.is_alive() and time.monotonic() < deadline:
             row = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND query LIKE '%scoring_jobs%'"
-                " AND pid <> pg_backend_pid()"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                " AND query LIKE '%scoring_jobs%' AND pid <> pg_backend_pid()"
             ).fetchone()
             ended = row[0] if row else 0
             time.sleep(0.05)

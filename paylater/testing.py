@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +35,16 @@ def ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range"))
     return low, high
 
 
+def xdist_share(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(this worker's index, the number of workers) under pytest-xdist; (0, 1) otherwise."""
+    seen = os.environ if env is None else env
+    worker = seen.get("PYTEST_XDIST_WORKER", "")
+    count = seen.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def _bindable(host: str, port: int) -> bool:
     with socket.socket() as sock:
         try:
@@ -51,14 +61,18 @@ def listen_port(host: str = "127.0.0.1") -> int:
     connection takes its local port: in the moment between choosing the port and the server
     binding it, a client connecting anywhere (to PostgreSQL, say) can take it, and the server
     fails with "Address already in use". So the port is drawn from below that range, checked
-    free now, and never handed out twice by this process. Falls back to `bind(0)` when the
-    range leaves no room below it."""
+    free now, and never handed out twice by this process. Under pytest-xdist each worker draws
+    only ports of its own residue class (port modulo the worker count), so two workers never
+    hand out the same port either. Falls back to `bind(0)` when the range leaves no room below
+    it."""
     low, _ = ephemeral_range()
-    if low - _LOWEST >= 1_000:
+    index, count = xdist_share()
+    if low - _LOWEST >= 1_000 * count:
         with _lock:
             for _ in range(200):
-                port = random.randrange(_LOWEST, low)
-                if port not in _handed_out and _bindable(host, port):
+                drawn = random.randrange(_LOWEST, low)
+                port = drawn - (drawn - _LOWEST) % count + index
+                if port < low and port not in _handed_out and _bindable(host, port):
                     _handed_out.add(port)
                     return port
     with socket.socket() as sock:

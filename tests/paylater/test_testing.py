@@ -37,6 +37,33 @@ def test_listen_port_never_hands_out_a_port_twice() -> None:
     assert len(set(ports)) == len(ports)
 
 
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_listen_port_draws_only_its_own_xdist_workers_ports(
+    monkeypatch: pytest.MonkeyPatch, index: int
+) -> None:
+    """Three pytest-xdist workers each draw ports of their own residue class: a server one
+    worker starts can never be handed the port another worker chose a moment before."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "3")
+    monkeypatch.setattr(testing, "_handed_out", set())
+    low, _ = ephemeral_range()
+    ports = [listen_port() for _ in range(50)]
+    assert all(20_000 <= port < low and (port - 20_000) % 3 == index for port in ports), ports
+
+
+def test_xdist_share_outside_xdist_or_from_a_malformed_environment_is_everything() -> None:
+    assert testing.xdist_share({}) == (0, 1)
+    assert testing.xdist_share(
+        {"PYTEST_XDIST_WORKER": "gw4", "PYTEST_XDIST_WORKER_COUNT": "3"}
+    ) == (1, 3)
+    assert testing.xdist_share(
+        {"PYTEST_XDIST_WORKER": "master", "PYTEST_XDIST_WORKER_COUNT": "3"}
+    ) == (0, 1)
+    assert testing.xdist_share(
+        {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "0"}
+    ) == (0, 1)
+
+
 def test_listen_port_skips_a_port_someone_listens_on(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", listen_port()))

@@ -112,12 +112,14 @@ def test_a_zone_the_feature_sql_cannot_use_is_refused_before_the_sync(
         warehouse.close()
 
 
-def test_incomplete_ledger_blocks_the_feature_build(paylater_home: Path) -> None:
+def test_incomplete_ledger_blocks_the_feature_build(
+    prefect_harness: None, paylater_home: Path
+) -> None:
     make_source(paylater_home / "source.db")
     make_events_table(paylater_home)
     from flows.daily_sync import daily_sync
 
-    daily_sync.fn(as_of=AS_OF)
+    daily_sync(as_of=AS_OF)
     warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
     warehouse.execute(f"DELETE FROM {LEDGER} WHERE table_name = 'deferred_charges'")
     warehouse.close()
@@ -139,7 +141,7 @@ def test_a_sync_that_ends_cancelled_stops_the_chain_even_with_a_complete_ledger(
 
     make_source(paylater_home / "source.db")
     make_events_table(paylater_home)
-    daily_sync.fn(as_of=AS_OF)  # the earlier, complete run of the day
+    daily_sync(as_of=AS_OF)  # the earlier, complete run of the day
 
     @flow(name="daily-sync")
     def cancelled_sync(as_of: date, announce: bool = True) -> object:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gc
 import hmac
 import logging
+import math
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +41,13 @@ RESOLVED_VERSION_ENV = "PAYLATER_SERVE_RESOLVED_VERSION"
 process before it spawns the workers, which inherit it (a worker restarted later too)."""
 RESOLVE_ERROR_ENV = "PAYLATER_SERVE_RESOLVE_ERROR"
 """Set instead of RESOLVED_VERSION_ENV when the stage could not be resolved then: why."""
+PIN_FILE_ENV = "PAYLATER_SERVE_PIN_FILE"
+"""Set with RESOLVE_ERROR_ENV: a file, empty at first, where the first worker that resolves the
+stage later writes the version, which every worker (a restarted one too) then loads."""
+LOAD_RETRY_FIRST_SECONDS = 1.0
+"""Wait before the second attempt to load the model; it doubles up to the setting
+serve_load_retry_max_seconds (60 s): a tracking server restarting during a deploy is back in
+seconds, and a longer outage costs one attempt a minute per worker, not a stream of them."""
 RESOLVE_TIMEOUT_SECONDS = 120.0
 """Longest wait for that answer (an unreachable tracking server answers in seconds)."""
 _JSON = [(b"content-type", b"application/json")]
@@ -83,6 +92,10 @@ class Engine:
         self.token: bytes | None = None
         self.max_batch = 1000
         self.load_error: str | None = None
+        """Why the last attempt to load the model failed (None: none failed yet)."""
+        self.load_attempts = 0
+        self.next_load_at: float | None = None
+        """When (time.monotonic) the next attempt starts; None while one is under way."""
         self.table_problem: str | None = None
         """Why the online table does not fit the model, as last found (None: it fits)."""
         self.lookups_failing = False
@@ -91,9 +104,24 @@ class Engine:
     def ready_scorer(self) -> Scorer:
         """The scorer, or a 503 while the model is still loading (or failed to)."""
         if self.scorer is None:
-            detail = self.load_error or "model is loading"
-            raise Reply(503, "not_ready", detail)
+            raise Reply(503, "not_ready", self.loading())
         return self.scorer
+
+    def loading(self) -> str:
+        """Why there is no scorer yet: loading, or the last failure and when the next try is."""
+        if self.load_error is None:
+            return "model is loading"
+        if self.next_load_at is None:
+            when = "trying again now"
+        else:
+            when = f"next in {max(0, math.ceil(self.next_load_at - time.monotonic()))} s"
+        return f"model load failed (attempt {self.load_attempts}, {when}): {self.load_error}"
+
+    def load_failed(self, reason: str, delay: float) -> None:
+        """Record a failed attempt to load, and that the next starts in `delay` seconds."""
+        self.load_attempts += 1
+        self.load_error = reason
+        self.next_load_at = time.monotonic() + delay
 
     async def loaded_scorer(self) -> Scorer:
         """The scorer, waiting for a load in progress: a worker still loading must not fail requests
@@ -128,7 +156,7 @@ class Engine:
         from bentos.scoring import FeatureTableMismatch
 
         if self.scorer is None:
-            return self.load_error or "model is loading"
+            return self.loading()
         if self.features is None:
             return None
         try:
@@ -382,22 +410,45 @@ class PaylaterScorer:
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def _load(self) -> None:
-        """Load the model (embedded in the bento, or by stage from the registry) and the feature store."""
-        try:
-            scorer = _load_scorer()
-            ENGINE.features = _feature_store(scorer.user_feature_names)
-            _check_table_at_start(scorer.user_feature_names)
-            # Startup objects (BentoML, MLflow, LightGBM imports) never die: moving them out of the
-            # collector's reach keeps full collections, and so latency spikes, short under load.
-            gc.collect()
-            gc.freeze()
-            ENGINE.scorer = scorer  # last: a set scorer is what "ready" means
-            log.info(
-                "serving model version %s (features %s)", scorer.model_version, scorer.feature_names
-            )
-        except Exception as exc:  # keep serving /readyz=false and 503s with the reason
-            log.exception("model load failed")
-            ENGINE.load_error = f"model load failed: {exc}"
+        """Load the model (embedded in the bento, or the version pinned at start) and the feature
+        store, trying again with capped exponential backoff until it loads: a tracking server or
+        model store out of reach while the service starts would otherwise leave it unready for
+        good (Kubernetes does not restart a pod that is only not ready)."""
+        from paylater.settings import get_settings
+
+        cap = get_settings().serve_load_retry_max_seconds
+        said: str | None = None
+        while True:
+            ENGINE.next_load_at = None
+            try:
+                scorer = _load_scorer()
+                features = _feature_store(scorer.user_feature_names)
+                _check_table_at_start(scorer.user_feature_names)
+            except Exception as exc:  # keep serving /readyz=false and 503s with the reason
+                lasting, reason = load_failure(exc)
+                delay = retry_delay(ENGINE.load_attempts + 1, lasting, cap)
+                ENGINE.load_failed(reason, delay)
+                if said is None:
+                    log.exception("%s", ENGINE.loading())
+                elif _without_addresses(reason) != said:  # not a traceback per attempt
+                    log.error("%s", ENGINE.loading())
+                said = _without_addresses(reason)
+                time.sleep(delay)
+                continue
+            break
+        ENGINE.features = features
+        # Startup objects (BentoML, MLflow, LightGBM imports) never die: moving them out of the
+        # collector's reach keeps full collections, and so latency spikes, short under load.
+        gc.collect()
+        gc.freeze()
+        ENGINE.scorer = scorer  # last: a set scorer is what "ready" means
+        ENGINE.load_error = None
+        log.info(
+            "serving model version %s (features %s)%s",
+            scorer.model_version,
+            scorer.feature_names,
+            f", loaded at attempt {ENGINE.load_attempts + 1}" if ENGINE.load_attempts else "",
+        )
 
     @bentoml.on_deployment
     @staticmethod
@@ -462,12 +513,14 @@ def api_token() -> bytes | None:
 
 
 def pin_served_version(environ: MutableMapping[str, str]) -> None:
-    """Resolve PAYLATER_SERVE_STAGE now and record the version in `environ` (or, when it cannot
-    be resolved, why: the workers then answer 503 naming it, as for any model that cannot load)."""
+    """Resolve PAYLATER_SERVE_STAGE now and record the version in `environ`. When it cannot be
+    resolved, record why, and an empty pin file: the workers answer 503 naming the reason while
+    they ask again, and the first to get an answer pins it there for all (see _pin_late)."""
     from paylater.settings import get_settings
 
     environ.pop(RESOLVED_VERSION_ENV, None)
     environ.pop(RESOLVE_ERROR_ENV, None)
+    environ.pop(PIN_FILE_ENV, None)
     stage = "?"
     try:
         stage = get_settings().serve_stage
@@ -477,7 +530,20 @@ def pin_served_version(environ: MutableMapping[str, str]) -> None:
         environ[RESOLVE_ERROR_ENV] = (
             f"PAYLATER_SERVE_STAGE={stage} could not be resolved when the service started: {reason}"
         )
-        log.error("%s; restart the service to try again", environ[RESOLVE_ERROR_ENV])
+        try:
+            environ[PIN_FILE_ENV] = _pin_file()
+        except OSError as no_file:  # no writable temporary directory: it must still start
+            log.error(
+                "%s; restart the service to try again (no pin file for the workers: %s)",
+                environ[RESOLVE_ERROR_ENV],
+                no_file,
+            )
+            return
+        log.error(
+            "%s; the workers ask again until it answers, and all serve the version the first"
+            " answer names",
+            environ[RESOLVE_ERROR_ENV],
+        )
         return
     environ[RESOLVED_VERSION_ENV] = version
     log.info(
@@ -485,6 +551,60 @@ def pin_served_version(environ: MutableMapping[str, str]) -> None:
         stage,
         version,
     )
+
+
+def _pin_file() -> str:
+    """A new empty file for the version the workers resolve later, removed when this process
+    (`bentoml serve`'s parent, which outlives its workers) exits."""
+    import atexit
+    import contextlib
+    import tempfile
+
+    handle, path = tempfile.mkstemp(prefix="paylater-serve-", suffix=".version")
+    os.close(handle)
+
+    def remove() -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+    atexit.register(remove)
+    return path
+
+
+def _pin_late(stage: str, error: str) -> str:
+    """The version the service serves when its parent could not resolve `stage` at start: the
+    one already in the pin file, else `stage` resolved now and written there, under a lock.
+
+    Every worker, and one BentoML restarts later, loads the first answer any worker got: workers
+    each resolving the alias on their own could straddle a promotion and serve two versions
+    side by side, as _resolve_stage_once explains. Without a pin file (a parent of another
+    version) the worker must not ask at all: only a restart resolves it."""
+    import fcntl
+
+    from bentos.build import resolve_version
+
+    path = os.environ.get(PIN_FILE_ENV)
+    if not path:
+        raise Unresolved(f"{error}: restart the service to resolve it again")
+    with open(path, "r+", encoding="utf-8") as pin:
+        fcntl.flock(pin, fcntl.LOCK_EX)
+        pinned = pin.read().strip()
+        if pinned:
+            return pinned
+        try:
+            version = resolve_version(stage)
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or repr(exc)
+            raise Unresolved(f"{error}; asked again: {reason}") from exc
+        pin.write(version)
+        pin.flush()
+    log.info(
+        "PAYLATER_SERVE_STAGE=%s names model version %s (unresolved at start, asked again):"
+        " every worker serves it until the service is restarted",
+        stage,
+        version,
+    )
+    return version
 
 
 _RESOLVE = """\
@@ -524,7 +644,8 @@ def _resolve_in_child(stage: str) -> str:
 
 def _load_scorer() -> Scorer:
     """The model embedded in the served bento, else the version PAYLATER_SERVE_STAGE named when
-    the service started (pinned by its parent process), else the one it names now."""
+    the service started (pinned by its parent process, or by the first worker to resolve it when
+    the parent could not), else the one it names now (a service started without that hook)."""
     from bentoml._internal.context import server_context
 
     from bentos.build import BENTO_NAME, model_tag
@@ -539,13 +660,81 @@ def _load_scorer() -> Scorer:
         return Scorer.from_store(
             model_tag(server_context.bento_version), cutoff=settings.serve_cutoff
         )
+    version = os.environ.get(RESOLVED_VERSION_ENV) or None
     if error := os.environ.get(RESOLVE_ERROR_ENV):
-        raise LookupError(error)
-    return Scorer.load(
-        stage=settings.serve_stage,
-        version=os.environ.get(RESOLVED_VERSION_ENV) or None,
-        cutoff=settings.serve_cutoff,
-    )
+        version = _pin_late(settings.serve_stage, error)
+    return Scorer.load(stage=settings.serve_stage, version=version, cutoff=settings.serve_cutoff)
+
+
+def _without_addresses(reason: str) -> str:
+    """`reason` without the object addresses some errors quote (`<… object at 0x7f…>`), which
+    differ on each attempt although the reason is the same."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
+
+
+class Unresolved(LookupError):
+    """The stage could not be resolved when the service started, and may not be now."""
+
+
+def load_failure(exc: BaseException) -> tuple[bool, str]:
+    """Whether a failed load cannot heal by waiting (its cause is wrong, not out of reach), and
+    one line saying why; for one that cannot, also what to fix."""
+    reason = " ".join(str(exc).split()) or repr(exc)
+    if isinstance(exc, Unresolved):
+        if exc.__cause__ is None:
+            return True, reason  # it says what to do
+        if _lasting_fix(exc.__cause__) is None:
+            return False, (
+                f"{reason} (the service keeps asking: make the registry reachable,"
+                " MLFLOW_TRACKING_URI, or restart the service)"
+            )
+        return True, (
+            f"{reason} (set PAYLATER_SERVE_STAGE to production, staging or a version the"
+            " registry has, and restart the service)"
+        )
+    cause: BaseException | None = exc
+    while cause is not None:
+        fix = _lasting_fix(cause)
+        if fix is not None:
+            return True, f"{reason} ({fix})"
+        cause = cause.__cause__
+    return False, reason
+
+
+def _lasting_fix(exc: BaseException) -> str | None:
+    """What an operator must fix when `exc` cannot heal by waiting; None when it may (out of
+    reach, timed out, anything not known to last)."""
+    from bentoml.exceptions import NotFound
+    from lightgbm.basic import LightGBMError
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import is_absent
+
+    another = "serve another version or bento, or fix this one (it is tried again meanwhile)"
+    if isinstance(exc, MlflowException) and is_absent(exc):
+        return f"the registry lacks it: `paylater registry list` names those it has; {another}"
+    if isinstance(exc, NotFound):
+        return f"the model store lacks it; {another}"
+    if isinstance(exc, LightGBMError):
+        return (
+            "not a readable LightGBM model: import the version again (paylater bento import"
+            " --version <version>), which the next attempt loads; a bento: build it again"
+        )
+    if isinstance(exc, ValueError):
+        return f"this code cannot serve that model as it is; {another}"
+    return None
+
+
+def retry_delay(attempt: int, lasting: bool, cap: float) -> float:
+    """Seconds to wait after failed attempt number `attempt`: 1 s doubling up to `cap`, or `cap`
+    at once when the failure cannot heal by waiting. Those are still tried again rather than
+    given up: what is found wrong may be fixed outside the service (a version registered, a
+    damaged store entry deleted), and a failure taken for lasting that was not still heals."""
+    if lasting:
+        return cap
+    return float(min(cap, LOAD_RETRY_FIRST_SECONDS * 2 ** min(attempt - 1, 32)))
 
 
 def _check_table_at_start(user_feature_names: Sequence[str]) -> None:

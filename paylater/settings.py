@@ -494,6 +494,14 @@ class Settings(BaseSettings):
     serve_max_batch: int = Field(
         default=1000, ge=1, description="Most requests one /v2/score_batch call may carry."
     )
+    serve_load_retry_max_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Longest wait between a service worker's attempts to load its model after one failed"
+            " (1 s at first, doubling up to this; failures waiting cannot heal wait this at once)."
+        ),
+    )
     api_token: str | None = Field(
         default=None,
         description="Bearer token the scoring APIs and /model_info require (unset: open, e.g. on loopback).",

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import socketserver
 import subprocess
 import sys
 import time
@@ -314,23 +315,38 @@ def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> Non
     assert "Traceback" not in served.log.read_text()
 
 
+def attempts(answer: Any) -> int:
+    """The attempt number a 503 while the model cannot be loaded names (0: none named)."""
+    found = re.search(r"model load failed \(attempt (\d+), next in \d+ s\)", str(answer))
+    return int(found.group(1)) if found else 0
+
+
 def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
     serving_env: dict[str, str], tmp_path: Path
 ) -> None:
     """PAYLATER_SERVE_STAGE naming a version the registry lacks: the service stays up, not ready,
     and each route answers 503 with the reason; /model_info, what an operator asks first,
-    answered 500 "an unexpected error has occurred" and logged a traceback per call."""
+    answered 500 "an unexpected error has occurred" and logged a traceback per call. The load is
+    tried again (at the cap, 1 s here: waiting cannot make the version appear, someone must act,
+    and the reason says what to do) without a traceback or a log line per attempt."""
     request = {"user_id": 1, "amount_jpy": 5_000}
-    env = {"PAYLATER_SERVE_STAGE": "999", "PAYLATER_API_TOKEN": ""}
+    env = {
+        "PAYLATER_SERVE_STAGE": "999",
+        "PAYLATER_API_TOKEN": "",
+        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "1",
+    }
     log = tmp_path / "serve.log"
 
-    def failed(base: str) -> bool:
-        """Both workers have tried to load, and failed."""
-        return log.read_text().count("model load failed") == 2
+    def tried_again(base: str) -> bool:
+        """Both workers have tried to load at least 3 times, and failed."""
+        return attempts(call(base, "/readyz", token=None)[1]) >= 3
 
-    with serving("bentos.service:PaylaterScorer", env, log, failed) as server:
+    with serving("bentos.service:PaylaterScorer", env, log, tried_again) as server:
         base = server.base
-        tracebacks = log.read_text().count("Traceback")
+        said = log.read_text()
+        logged = re.findall(r"\[ERROR\] .*model load failed \(attempt (\d+)", said)
+        assert logged == ["1", "1"], "the first failure of each worker, with its traceback, only"
+        tracebacks = said.count("Traceback")
         assert call(base, "/readyz", token=None)[0] == 503
         for _ in range(4):  # each worker answers for itself
             for path, body in (
@@ -341,9 +357,11 @@ def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
                 status, answer = call(base, path, body, token=None)
                 assert status == 503, (path, status, answer)
                 assert answer["error"] == "not_ready", (path, answer)
-                assert "model load failed" in answer["detail"], (path, answer)
+                assert attempts(answer) >= 3, (path, answer)
                 assert "version=999" in answer["detail"], (path, answer)
+                assert "paylater registry list" in answer["detail"], (path, answer)
         assert log.read_text().count("Traceback") == tracebacks, "a refusal is no crash"
+        assert "(attempt 2," not in log.read_text(), "the same reason again is not logged"
 
 
 def test_a_service_started_by_alias_keeps_its_version_when_a_worker_restarts_after_the_alias_moved(
@@ -392,15 +410,18 @@ def test_a_service_started_by_alias_keeps_its_version_when_a_worker_restarts_aft
             client.set_registered_model_alias("paylater-default", "production", first)
 
 
-def test_a_stage_that_cannot_be_resolved_at_start_is_what_every_worker_answers(
+def test_a_stage_unresolved_at_start_is_resolved_later_once_for_every_worker(
     serving_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tracking server down when the service starts: the reason is pinned like a version
-    would be, so no worker asks the registry again (a restarted one would get an answer the
-    others never had); each worker's load fails naming it, which the routes answer as a 503
-    (as for the version that cannot be loaded above)."""
+    """The tracking server down when the service starts: every worker failed naming it, and the
+    service never recovered without a restart. Now the workers ask again, and the first answer
+    is pinned for all of them (in a file the parent made) so that a promotion in between, or a
+    worker BentoML restarts later, cannot make two workers serve different versions."""
+    from mlflow import MlflowClient
+
     from bentos import service
 
+    first, second = serving_env["production_version"], serving_env["staging_version"]
     monkeypatch.setenv("PAYLATER_SERVE_STAGE", "production")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
@@ -412,11 +433,236 @@ def test_a_stage_that_cannot_be_resolved_at_start_is_what_every_worker_answers(
     reason = environ[service.RESOLVE_ERROR_ENV]
     assert reason.startswith("PAYLATER_SERVE_STAGE=production could not be resolved"), reason
     assert "unreachable" in reason, reason
+    pin = Path(environ[service.PIN_FILE_ENV])
+    assert pin.read_text() == ""
+    for key in (service.RESOLVE_ERROR_ENV, service.PIN_FILE_ENV):
+        monkeypatch.setenv(key, environ[key])
+
+    with pytest.raises(service.Unresolved) as still_down:  # a worker's attempt: still down
+        service._load_scorer()
+    lasting, said = service.load_failure(still_down.value)
+    assert not lasting, said
+    assert said.startswith(reason) and "asked again" in said, said
+    assert "make the registry reachable" in said, said
+    assert pin.read_text() == ""
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", serving_env["MLFLOW_TRACKING_URI"])  # back up
-    monkeypatch.setenv(service.RESOLVE_ERROR_ENV, reason)
-    with pytest.raises(LookupError, match="could not be resolved when the service started"):
+    assert service._load_scorer().model_version == first
+    assert pin.read_text() == first
+    client = MlflowClient(serving_env["MLFLOW_TRACKING_URI"])
+    client.set_registered_model_alias("paylater-default", "production", second)
+    try:  # the other worker, or one restarted after a promotion: the pinned version
+        assert service._load_scorer().model_version == first
+    finally:
+        client.set_registered_model_alias("paylater-default", "production", first)
+
+    # A parent that made no pin file: no worker may resolve on its own; a restart does.
+    monkeypatch.delenv(service.PIN_FILE_ENV)
+    with pytest.raises(service.Unresolved, match="restart the service") as unpinned:
         service._load_scorer()
+    assert service.load_failure(unpinned.value)[0], "waiting cannot fix it"
+
+
+class _Pipe(socketserver.BaseRequestHandler):
+    """Carry one connection's bytes both ways between its client and the relay's target."""
+
+    server: Relay
+
+    def handle(self) -> None:
+        """Copy until either side closes."""
+        import selectors
+
+        with (
+            socket.create_connection(("127.0.0.1", self.server.target)) as upstream,
+            selectors.DefaultSelector() as selector,
+        ):
+            selector.register(self.request, selectors.EVENT_READ, (self.request, upstream))
+            selector.register(upstream, selectors.EVENT_READ, (upstream, self.request))
+            while True:
+                for key, _ in selector.select():
+                    source, sink = key.data
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    sink.sendall(data)
+
+
+class Relay(socketserver.ThreadingTCPServer):
+    """A loopback port forwarded to `target`: the network path to a server, which a test opens
+    when that server should become reachable."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        super().__init__(("127.0.0.1", port), _Pipe)
+
+
+@contextmanager
+def relaying(port: int, target: int) -> Iterator[None]:
+    """Forward loopback `port` to `target` until the block ends."""
+    import threading
+
+    with Relay(port, target) as relay:
+        thread = threading.Thread(target=relay.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            relay.shutdown()
+
+
+def test_a_service_started_while_the_registry_is_out_of_reach_serves_once_it_answers(
+    serving_env: dict[str, str], catalog: SimpleNamespace, tmp_path: Path
+) -> None:
+    """A deploy during a tracking-server restart: `bentoml serve bentos.service:PaylaterScorer`
+    could not resolve `production`, each worker's load failed once, and the service stayed not
+    ready (every route 503) until someone restarted it; Kubernetes does not restart a pod that
+    is only not ready. Now the workers try again with backoff, say when, and serve the version
+    the alias names once the server answers, both the same one, imported through the server."""
+    import shutil
+
+    from paylater.testing import wait_until_answering
+
+    first = serving_env["production_version"]
+    backend = tmp_path / "mlflow.db"
+    shutil.copy(serving_env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), backend)
+    mlflow_port, relay_port = listen_port(), listen_port()
+    mlflow_log = tmp_path / "mlflow.log"
+    with mlflow_log.open("wb") as out:  # started at once: it takes seconds to come up
+        mlflow = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{backend}",
+                "--workers",
+                "1",
+            ],
+            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    env = {
+        "PAYLATER_SERVE_STAGE": "production",
+        "PAYLATER_API_TOKEN": "",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{relay_port}",  # no way through yet
+        "BENTOML_HOME": str(tmp_path / "bentoml"),  # an empty model store: import it
+        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "1",
+    }
+    log = tmp_path / "serve.log"
+    request = {"amount_jpy": 20_000, "features": catalog.users[1]}
+
+    def failing_again(base: str) -> bool:
+        """Both workers have failed to load at least twice."""
+        return attempts(call(base, "/readyz", token=None)[1]) >= 2
+
+    try:
+        with serving("bentos.service:PaylaterScorer", env, log, failing_again) as server:
+            status, answer = call(server.base, "/v2/score", request, token=None)
+            assert (status, answer["error"]) == (503, "not_ready"), answer
+            detail = answer["detail"]
+            assert "could not be resolved when the service started" in detail, detail
+            assert "unreachable" in detail and "make the registry reachable" in detail, detail
+            wait_until_answering(f"http://127.0.0.1:{mlflow_port}/health", mlflow, mlflow_log, 120)
+            with relaying(relay_port, mlflow_port):
+                deadline, ready_in_a_row = time.monotonic() + 60, 0
+                while ready_in_a_row < 10:  # each worker answers for itself
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    ready = call(server.base, "/readyz", token=None)[0] == 200
+                    ready_in_a_row = ready_in_a_row + 1 if ready else 0
+                    time.sleep(0.05 if ready else 0.3)
+                for _ in range(10):  # whichever worker answers
+                    status, answer = call(server.base, "/v2/score", request, token=None)
+                    assert (status, answer["model_version"]) == (200, first), answer
+        said = log.read_text()
+        assert re.findall(r"serving model version (\S+) ", said) == [first, first], said[-3000:]
+        assert said.count("(unresolved at start, asked again)") == 1, "one asks, both serve it"
+        logged = re.findall(r"\[ERROR\] .*model load failed \(attempt (\d+)", said)
+        assert logged == ["1", "1"], said[-3000:]
+    finally:
+        stop_group(mlflow)
+
+
+def test_an_unresolved_stage_without_a_writable_temporary_directory_still_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No pin file can be made (a read-only root file system): `bentoml serve` must still start,
+    and its workers then say to restart it rather than resolve the stage each on its own."""
+    import tempfile
+
+    from bentos import service
+
+    def unanswered(stage: str) -> str:
+        raise TimeoutError("no answer in 120 s")
+
+    monkeypatch.setattr(service, "_resolve_in_child", unanswered)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
+    environ: dict[str, str] = {}
+    service.pin_served_version(environ)
+    assert service.PIN_FILE_ENV not in environ
+    assert "no answer in 120 s" in environ[service.RESOLVE_ERROR_ENV]
+    assert "restart the service to try again" in caplog.text
+    monkeypatch.setenv(service.RESOLVE_ERROR_ENV, environ[service.RESOLVE_ERROR_ENV])
+    monkeypatch.delenv(service.PIN_FILE_ENV, raising=False)
+    with pytest.raises(service.Unresolved, match="restart the service to resolve it again"):
+        service._load_scorer()
+
+
+def test_load_retries_back_off_to_the_cap_and_lasting_failures_wait_the_cap() -> None:
+    from bentos.service import retry_delay
+
+    assert [retry_delay(n, False, 60.0) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert retry_delay(10_000, False, 60.0) == 60.0
+    assert [retry_delay(n, False, 5.0) for n in range(1, 5)] == [1, 2, 4, 5]
+    assert retry_delay(1, True, 60.0) == 60.0
+
+
+def test_a_load_failure_says_whether_waiting_heals_it_and_what_to_fix() -> None:
+    """Out of reach or timed out: waiting heals it. The registry or store lacking the version, a
+    file that is no model, a model this code cannot serve: the reason says what to fix."""
+    from bentoml.exceptions import NotFound
+    from lightgbm.basic import LightGBMError
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from bentos.service import load_failure
+    from registry.store import RegistryError
+
+    for passing in (
+        RegistryError("MLflow tracking server http://mlflow:5000 is unreachable (refused)"),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError("no answer"),
+        MlflowException("API request failed: 503", error_code=TEMPORARILY_UNAVAILABLE),
+    ):
+        lasting, reason = load_failure(passing)
+        assert not lasting, passing
+        assert reason == " ".join(str(passing).split()), reason
+    absent = MlflowException(
+        "Model Version (name=paylater-default, version=999) not found",
+        error_code=RESOURCE_DOES_NOT_EXIST,
+    )
+    for lasting_failure, fix in (
+        (absent, "paylater registry list"),
+        (NotFound("paylater-default:7 not found in the model store"), "model store lacks it"),
+        (
+            LightGBMError("Model file doesn't specify the number of classes"),
+            "paylater bento import",
+        ),
+        (ValueError("feature_names do not match the model's features"), "serve another version"),
+    ):
+        lasting, reason = load_failure(lasting_failure)
+        assert lasting, lasting_failure
+        assert str(lasting_failure) in reason and fix in reason, reason
+    wrapped = RuntimeError("loading failed")
+    wrapped.__cause__ = absent
+    assert load_failure(wrapped)[0], "the cause decides"
 
 
 def test_a_source_of_another_kind_is_logged_without_its_password(

@@ -174,6 +174,8 @@ class WrkRun(TypedDict):
     requests: int
     non2xx: int
     socket_errors: str
+    per_worker: list[int]
+    """wrk's connections each bento worker held during the run (empty when not counted)."""
 
 
 def _wrk_figure(pattern: str, out: str, flags: int = 0) -> str:
@@ -184,26 +186,19 @@ def _wrk_figure(pattern: str, out: str, flags: int = 0) -> str:
     return m.group(1)
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: int) -> WrkRun:
-    """One wrk run: requests/s, p50 and p99 in ms, non-2xx answers and socket errors."""
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            str(connections),
-            "-d",
-            f"{seconds}s",
-            "--latency",
-            "-s",
-            str(script),
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def run_wrk(
+    url: str, script: Path, connections: int, seconds: int, bento_pid: int | None = None
+) -> WrkRun:
+    """One wrk run: requests/s, p50 and p99 in ms, non-2xx answers and socket errors; with
+    `bento_pid`, also how many of wrk's connections each of that bento's workers held."""
+    cmd = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency"]
+    with subprocess.Popen(
+        [*cmd, "-s", str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        per_worker = [] if bento_pid is None else settled_spread(bento_pid, url, connections)
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
     rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
     p50 = _ms(_wrk_figure(r"^\s+50%\s+(\S+)", out, re.M))
     p99 = _ms(_wrk_figure(r"^\s+99%\s+(\S+)", out, re.M))
@@ -217,6 +212,7 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> WrkRun:
         "requests": total,
         "non2xx": int(bad.group(1)) if bad else 0,
         "socket_errors": errors.group(1) if errors else "",
+        "per_worker": per_worker,
     }
 
 
@@ -229,6 +225,39 @@ def bento_workers(pid: int) -> list[Any]:
         for p in psutil.Process(pid).children(recursive=True)
         if "_bentoml_impl.worker" in " ".join(p.cmdline())
     ]
+
+
+def connections_per_worker(pid: int, port: int) -> list[int]:
+    """How many established TCP connections to `port` each worker of the bento `pid` holds.
+
+    BentoML's workers accept from one shared listening socket, so which worker serves a keep-alive
+    connection is decided once, when it is accepted: this shows how a run's load was split."""
+    import psutil
+
+    return [
+        sum(
+            1
+            for c in worker.net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr[1] == port
+        )
+        for worker in bento_workers(pid)
+    ]
+
+
+def settled_spread(pid: int, url: str, connections: int, wait: float = 2.0) -> list[int]:
+    """connections_per_worker once all of a client's `connections` are accepted (or after `wait`
+    seconds: a client still connecting gets the count so far)."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"{url} names no port")
+    deadline = time.monotonic() + wait
+    while True:
+        counts = connections_per_worker(pid, port)
+        if sum(counts) >= connections or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
 
 
 def rss_mb(procs: list[Any]) -> list[float]:
@@ -418,8 +447,10 @@ def main() -> None:
             for _name, url in (("flask", flask_url), ("bento", bento_url)):
                 run_wrk(f"{url}/v2/score", script, 16, 2)  # warm up
             for c in CONNECTIONS:
-                for name, url in (("flask", flask_url), ("bento", bento_url)):
-                    results[name][c] = run_wrk(f"{url}/v2/score", script, c, seconds)
+                results["flask"][c] = run_wrk(f"{flask_url}/v2/score", script, c, seconds)
+                results["bento"][c] = run_wrk(
+                    f"{bento_url}/v2/score", script, c, seconds, bento_pid
+                )
             print("\nsingle-row /v2/score (user_id lookup in user_features_latest), wrk -t1")
             print(
                 f"{'conns':>5} | {'flask req/s':>11} {'p50 ms':>7} {'p99 ms':>7} | {'bento req/s':>11} {'p50 ms':>7} {'p99 ms':>7} | {'thrpt ratio':>11} {'p99 ratio':>9}"
@@ -430,6 +461,8 @@ def main() -> None:
                     f"{c:>5} | {f['rps']:>11.0f} {f['p50']:>7.2f} {f['p99']:>7.2f} | {b['rps']:>11.0f} {b['p50']:>7.2f} {b['p99']:>7.2f} |"
                     f" {b['rps'] / f['rps']:>10.2f}x {b['p99'] / f['p99']:>8.2f}x"
                 )
+                # A worker holding all the connections serves them at one worker's rate.
+                print(f"      bento: wrk's connections per worker {b['per_worker']}")
                 for name, r in (("flask", f), ("bento", b)):
                     if r["non2xx"] or r["socket_errors"]:
                         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -138,7 +139,9 @@ def served(
         with serving(
             bento, env, log, lambda base: call(base, "/readyz", token=None)[0] == 200
         ) as server:
-            yield SimpleNamespace(base=server.base, version=version, bento=bento, log=log)
+            yield SimpleNamespace(
+                base=server.base, pid=server.pid, version=version, bento=bento, log=log
+            )
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
@@ -313,6 +316,34 @@ def test_metrics_and_still_alive_after_bad_input(served: SimpleNamespace) -> Non
     assert 'endpoint="/v2/score"' in text, "the scoring routes must be counted"
     assert call(served.base, "/v2/score", {"user_id": 1, "amount_jpy": 5_000})[0] == 200
     assert "Traceback" not in served.log.read_text()
+
+
+def test_the_bench_counts_each_keep_alive_connection_on_the_worker_holding_it(
+    served: SimpleNamespace,
+) -> None:
+    """The serving bench's split of wrk's connections over the two workers: every open keep-alive
+    connection is counted once, on a worker of this server, and closed ones no more."""
+    from bench.bench_serving import connections_per_worker, settled_spread
+
+    port = int(served.base.rsplit(":", 1)[1])
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+            for _ in range(16)
+        ]
+        for client in clients:  # answered, so accepted by a worker, and kept open
+            client.sendall(b"GET /livez HTTP/1.1\r\nHost: scorer\r\n\r\n")
+            assert client.recv(4096).startswith(b"HTTP/1.1 200"), "keep-alive /livez answered"
+        counts = connections_per_worker(served.pid, port)
+        assert len(counts) == 2 and sum(counts) == 16, counts
+        assert settled_spread(served.pid, served.base, 16) == counts
+        for client in clients[:6]:
+            client.shutdown(socket.SHUT_RDWR)
+            client.close()
+        deadline = time.monotonic() + 10
+        while sum(connections_per_worker(served.pid, port)) > 10 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the workers notice the closes when their loops next run
+        assert sum(connections_per_worker(served.pid, port)) == 10
 
 
 def attempts(answer: Any) -> int:

@@ -57,8 +57,13 @@ On BigQuery, load jobs run outside the transaction: a failed check leaves the cu
 as it was, but the as_of partition of `__changes` holds the rejected increment until a rerun
 replaces it, and a full table is replaced by its load before any check can read it.
 The warehouse tables a table's first sync creates are created in its transaction: a failed one
-leaves none behind (DuckDB rolls them back; BigQuery's, created by table API calls, are dropped
-again), so that a configuration corrected after it meets no table of the wrong schema.
+leaves none behind (DuckDB rolls them back; BigQuery's, created by table API calls or jobs, are
+dropped again), so that a configuration corrected after it meets no table of the wrong schema.
+A killed one runs no handler. On BigQuery, which has no transaction spanning table creation,
+load jobs and the ledger row, the current table is therefore never created empty: a first sync
+(no succeeded ledger row for the table, at any as_of) writes it whole by one atomic job once
+its rows have passed the checks (see rebuilds; a full table's load creates it), and the next
+sync after a killed one rebuilds it the same way, replacing whatever holds its name.
 Source counts other than a small index range are taken while the read goes on (tasks.extract)
 and waited for by the first check, still inside the warehouse transaction.
 """
@@ -550,14 +555,25 @@ def load_incremental(
     source: SourceCounts,
     keys: Callable[[], Any],
     reread: bool = False,
+    rebuild: bool = False,
 ) -> _Counts:
     """Load the window's rows and merge them into the current table (call in a transaction).
 
     `keys`: reads every source key in the read's snapshot (call after the read has ended): to
     delete the rows gone from the source (see deletes_gone), and to count them for the check's
     message when it finds some. `reread`: the window is the whole history, whose rows replace
-    the current table's versions of their keys (see apply_reread).
+    the current table's versions of their keys (see apply_reread). `rebuild` (BigQuery, see
+    rebuilds): the window's rows replace the current table whole (see rebuild_from_changes).
     """
+    deleting = deletes_gone(spec, reread)
+    if rebuild:
+        counts = rebuild_from_changes(
+            cast(BigQueryWarehouse, warehouse), spec, as_of, stream, source
+        )
+        # Built from the source's rows of the read's snapshot: no held row can be gone.
+        counts.deleted = 0 if deleting else None
+        check_band(warehouse, spec, source, counts, held=counts.warehouse)
+        return counts
     loaded: str | None = None
 
     def load_keys() -> None:
@@ -565,7 +581,6 @@ def load_incremental(
         loaded = load_source_keys(warehouse, spec, keys())
 
     duckdb = isinstance(warehouse, DuckDBWarehouse)
-    deleting = deletes_gone(spec, reread)
     if streams_directly(warehouse, spec):
         counts = load_direct(cast(DuckDBWarehouse, warehouse), spec, stream, source, reread)
     else:
@@ -635,6 +650,66 @@ def load_through_changes(
     return counts
 
 
+def rebuilds(warehouse: Warehouse, spec: TableSpec) -> bool:
+    """Whether the sync builds the current table whole (BigQuery, incremental, and no succeeded
+    sync of the table in the ledger), replacing whatever holds its name.
+
+    BigQuery cannot create a table inside a transaction, nor make its load jobs and the ledger
+    row commit together: a first sync killed midway leaves what it got to (an empty table of
+    its configuration, under a release before this one; a loaded `__changes` partition). No
+    ledger row vouches for any of it, so the next sync builds the table as a first sync does,
+    never merging into it or refusing its columns.
+    """
+    if not isinstance(warehouse, BigQueryWarehouse) or spec.mode != "incremental":
+        return False
+    found = warehouse.query_arrow(sql_text("sync_ledger_succeeded.sql"), {"table_name": spec.name})
+    return int(found.column("n")[0].as_py()) == 0
+
+
+def drop_unvouched_changes(warehouse: BigQueryWarehouse, spec: TableSpec) -> None:
+    """Before a rebuild: drop a `__changes` table whose columns are not those the sync reads.
+
+    No succeeded sync wrote it (a killed first sync of another configuration left it): kept,
+    every later sync would refuse it (SchemaMismatch) until it was altered by hand.
+    """
+    held = warehouse.column_types(spec.changes_table)
+    if held is None:
+        return
+    held.pop(CHANGES_PARTITION, None)
+    drift = column_drift(spec.columns, held)
+    if drift:
+        log.warning(
+            "sync of %s: %s, left by an unfinished first sync, is dropped: %s",
+            spec.name,
+            spec.changes_table,
+            "; ".join(drift),
+        )
+        warehouse.drop_table(spec.changes_table)
+
+
+def rebuild_from_changes(
+    warehouse: BigQueryWarehouse, spec: TableSpec, as_of: date, stream: Any, source: SourceCounts
+) -> _Counts:
+    """Load the window (read from the beginning) into the as_of partition of `__changes`, check
+    it, then replace the current table whole by its rows in one atomic query job (see
+    rebuilds): the table appears whole or not at all, whenever the process dies.
+
+    Called in the table's transaction; the replacement runs outside it, before the ledger row
+    commits. Killed between the two, the table holds the checked rows and no ledger row vouches
+    for them: the next sync rebuilds it again.
+    """
+    warehouse.replace_partition(
+        spec.changes_table, "as_of", as_of, _with_as_of(stream.reader, as_of)
+    )
+    params = {"as_of": as_of}
+    loaded = _count(warehouse, spec.changes_table, "WHERE as_of = @as_of", params)
+    counts = _checked(spec, stream, loaded, source)
+    check_keys(warehouse, spec, None, params)
+    warehouse.replace_table_by_query(spec.name, merge_sql(spec, "sync_rebuild.sql"), params)
+    counts.warehouse = loaded
+    return counts
+
+
 def apply_reread(
     warehouse: Warehouse, spec: TableSpec, changes: str | None, params: dict[str, Any]
 ) -> None:
@@ -679,9 +754,13 @@ def check_band(
     source: SourceCounts,
     counts: _Counts,
     keys: Callable[[], AbstractContextManager[str]] | None = None,
+    held: int | None = None,
 ) -> None:
-    """After the merge: source rows in the band <= warehouse rows in it <= those + rows after."""
-    counts.warehouse = _count(warehouse, spec.name)
+    """After the merge: source rows in the band <= warehouse rows in it <= those + rows after.
+
+    `held`: the rows of the current table, known to the caller (a rebuild, whose table the
+    transaction's snapshot does not show); counted otherwise."""
+    counts.warehouse = _count(warehouse, spec.name) if held is None else held
     if source.band_start is None:
         held = counts.warehouse
         what, band = "rows", "before the watermark"
@@ -794,11 +873,12 @@ def synced_tables(warehouse: Warehouse, spec: TableSpec) -> list[str]:
     return [spec.name]
 
 
-def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> list[str]:
+def check_held_columns(warehouse: Warehouse, spec: TableSpec, rebuild: bool = False) -> list[str]:
     """SchemaMismatch unless the incremental table's warehouse tables (current, and `__changes`
     when used) hold exactly the columns and types the sync reads (a full table is replaced
-    whole, its columns with it); the tables missing, which the sync creates."""
-    tables = synced_tables(warehouse, spec)
+    whole, its columns with it, and so is the current table of a rebuild, see rebuilds); the
+    tables missing, which the sync creates."""
+    tables = [t for t in synced_tables(warehouse, spec) if not (rebuild and t == spec.name)]
     missing = []
     for table in tables:
         held = warehouse.column_types(table)
@@ -822,9 +902,15 @@ def check_held_columns(warehouse: Warehouse, spec: TableSpec) -> list[str]:
 
 def create_tables(warehouse: Warehouse, spec: TableSpec, tables: list[str]) -> None:
     """Create the missing tables of `spec` (call inside the table's transaction: on DuckDB they
-    go with its rollback; BigQuery's are table API calls, dropped by drop_created)."""
+    go with its rollback; BigQuery's are table API calls, dropped by drop_created).
+
+    Not a full table on BigQuery: its WRITE_TRUNCATE load creates it with its rows in one
+    atomic step, where a table created first would stand empty under its name until the
+    load, and stay so if the process died in between."""
     schema = spec.arrow_schema()
     for table in tables:
+        if spec.mode == "full" and isinstance(warehouse, BigQueryWarehouse):
+            continue
         if table == spec.changes_table:
             changes = schema.append(pa.field(CHANGES_PARTITION, pa.date32()))
             warehouse.create_table_if_missing(table, changes, CHANGES_PARTITION)
@@ -934,6 +1020,7 @@ def sync_table(
     started = time.monotonic()
     watermark_to = refuse_unended(as_of)
     ensure_ledger(warehouse)
+    rebuild = rebuilds(warehouse, spec)
     start = None if reread else window_start(warehouse, spec, as_of)
     window = Window(start, watermark_to)
 
@@ -959,14 +1046,18 @@ def sync_table(
     stream = None
     created: list[str] = []
     try:
-        missing = check_held_columns(warehouse, spec)
+        if rebuild:
+            drop_unvouched_changes(cast(BigQueryWarehouse, warehouse), spec)
+        missing = check_held_columns(warehouse, spec, rebuild)
         # Exited in reverse order: the scratch table goes after the transaction has ended.
         with (
             source_keys_dropped(warehouse, spec),
             source.snapshot() as snapshot,
             warehouse.transaction(bulk=True),
         ):
-            created = missing
+            # A rebuild replaces the current table whole, whatever a killed run left under its
+            # name: a failure after that replacement drops it like a table the run created.
+            created = [spec.name, *missing] if rebuild else missing
             create_tables(warehouse, spec, missing)
             # The counts may still be running: the read is sized by their estimate, and the
             # checks below wait for the figures before anything commits.
@@ -981,6 +1072,7 @@ def sync_table(
                     source_counts,
                     lambda: snapshot.keys(spec),
                     reread,
+                    rebuild,
                 )
             else:
                 counts = load_full(warehouse, spec, stream, source_counts)

@@ -8,6 +8,8 @@ inside `transaction()` run in a session as one multi-statement transaction; the 
 lazily at the first statement, so a load job issued first (a change partition) is complete and
 visible before the transaction reads it. Load jobs cannot join a transaction; each is atomic and
 idempotent on its own, so a crash between the load and the commit is repaired by the rerun.
+A whole table built from a query (a first sync's) is written by one query job with
+WRITE_TRUNCATE, atomic as well, outside the session.
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ class BigQueryWarehouse:
         """Fully qualified table id."""
         return f"{self.project}.{self.dataset}.{check_identifier(table)}"
 
-    def _job_config(self, params: Mapping[str, Any] | None = None, **extra: Any) -> Any:
-        """A query job config: default dataset, typed parameters, and the session if one is open."""
+    def _job_config(
+        self, params: Mapping[str, Any] | None = None, in_session: bool = True, **extra: Any
+    ) -> Any:
+        """A query job config: default dataset, typed parameters, and the session if one is open
+        (unless `in_session` is False)."""
         from google.cloud import bigquery
 
         config = bigquery.QueryJobConfig(
@@ -132,7 +137,7 @@ class BigQueryWarehouse:
             query_parameters=[query_parameter(k, v) for k, v in (params or {}).items()],
             **extra,
         )
-        if self._session_id:
+        if in_session and self._session_id:
             config.connection_properties = [
                 bigquery.ConnectionProperty("session_id", self._session_id)
             ]
@@ -252,6 +257,30 @@ class BigQueryWarehouse:
     def replace_table(self, table: str, data: pa.Table | pa.RecordBatchReader) -> None:
         """Replace the whole table by one WRITE_TRUNCATE load job (atomic in BigQuery)."""
         self._load(self._ref(table), data, None)
+
+    def replace_table_by_query(
+        self, table: str, sql: str, params: Mapping[str, Any] | None = None
+    ) -> None:
+        """Replace `table` whole (created if missing) by the rows of `sql`: one query job writing
+        them into it with WRITE_TRUNCATE, which BigQuery applies atomically when the job
+        succeeds, so readers see the old table (or none) until then and never a part.
+
+        The job runs outside any open session: it writes a permanent table, which a
+        multi-statement transaction cannot, and it reads the tables as committed (the
+        transaction's snapshot would not see a partition loaded after it began). A job, not
+        CREATE OR REPLACE TABLE: a table that exists keeps its metadata (description, labels,
+        access policies), only its rows and columns are replaced.
+        """
+        from google.cloud import bigquery
+
+        config = self._job_config(
+            params,
+            in_session=False,
+            destination=self._ref(table),
+            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+            create_disposition=bigquery.CreateDisposition.CREATE_IF_NEEDED,
+        )
+        self.client.query(sql, job_config=config, location=self.location).result()
 
     def replace_partition(
         self,

@@ -50,6 +50,10 @@ _LEGACY_TYPES = {
 }
 
 
+class Killed(BaseException):
+    """The process died (SIGKILL): no handler, no finally clause reaches the warehouse again."""
+
+
 class FakeJob:
     """What a finished QueryJob or LoadJob offers the adapter."""
 
@@ -76,6 +80,14 @@ class FakeBigQueryClient:
         self.deleted: list[str] = []
         self.db = duckdb.connect()
         self.db.execute("SET TimeZone = 'UTC'")
+        # The session's transaction runs on a connection of its own, as BigQuery runs it apart
+        # from the jobs outside the session (loads, table API calls, query jobs without it).
+        self.session = self.db.cursor()
+        # kill_when(event) -> True: the process dies there (see kill_when); nothing else
+        # reaches the client until revive().
+        self.kill_when: Any = None
+        self.dead = False
+        self.session_open = False
 
     def _table(self, ref: str) -> str:
         assert ref.startswith(self.prefix), ref
@@ -87,7 +99,24 @@ class FakeBigQueryClient:
         ).fetchall()
         return found[0][0] > 0
 
+    def _event(self, event: str) -> None:
+        """Die at `event` if told to: the call, and every later one, raises Killed."""
+        if not self.dead and self.kill_when is not None and self.kill_when(event):
+            self.dead = True
+        if self.dead:
+            raise Killed(event)
+
+    def revive(self) -> None:
+        """The killed process's session ends (BigQuery rolls its transaction back); the client
+        serves a new process."""
+        if self.session_open:
+            self.session.execute("ROLLBACK")
+            self.session_open = False
+        self.dead = False
+        self.kill_when = None
+
     def get_table(self, ref: str) -> Any:
+        self._event(f"get {ref}")
         table = self._table(ref)
         if not self._exists(table):
             raise NotFound(ref)
@@ -101,6 +130,7 @@ class FakeBigQueryClient:
         return SimpleNamespace(table_id=table, schema=schema)
 
     def create_table(self, table: bigquery.Table, exists_ok: bool = False) -> bigquery.Table:
+        self._event(f"create {table.table_id}")
         self.created.append(table)
         name = self._table(f"{table.project}.{table.dataset_id}.{table.table_id}")
         columns = ", ".join(f'"{f.name}" {_DUCK_TYPES[f.field_type]}' for f in table.schema)
@@ -108,23 +138,39 @@ class FakeBigQueryClient:
         return table
 
     def query(self, sql: str, job_config: bigquery.QueryJobConfig, location: Any = None) -> FakeJob:
+        self._event(f"query {sql.strip()}")
         statements = sqlglot.parse(sql, read="bigquery")
         assert not any(isinstance(s, exp.Command) for s in statements), sql
         self.queries.append((sql, job_config))
         assert job_config.default_dataset.dataset_id == self.prefix.split(".")[1]
         if isinstance(statements[0], exp.Transaction):
-            assert job_config.create_session
-            self.db.execute("BEGIN")
+            assert job_config.create_session and not self.session_open
+            self.session.execute("BEGIN")
+            self.session_open = True
             return FakeJob(session_id="session-1")
+        in_session = bool(job_config.connection_properties)
+        # Only a job writing a table of its own may run beside the open session.
+        beside = job_config.destination is not None
+        assert in_session == self.session_open or beside, "a statement outside the open session"
         if isinstance(statements[0], exp.Commit | exp.Rollback):
-            self.db.execute("COMMIT" if isinstance(statements[0], exp.Commit) else "ROLLBACK")
+            self.session.execute("COMMIT" if isinstance(statements[0], exp.Commit) else "ROLLBACK")
+            self.session_open = False
             return FakeJob()
         params = {p.name: p.value for p in job_config.query_parameters}
         duck = ";".join(sqlglot.transpile(sql, read="bigquery", write="duckdb"))
-        relation = self.db.sql(duck, params=params)
+        db = self.session if in_session else self.db
+        if job_config.destination is not None:
+            # A query job writing its result to a table: WRITE_TRUNCATE replaces it whole when
+            # the job completes (created if missing), outside any session.
+            assert not in_session and job_config.write_disposition == "WRITE_TRUNCATE"
+            name = self._table(str(job_config.destination))
+            db.execute(f'CREATE OR REPLACE TABLE "{name}" AS {duck}', params)
+            return FakeJob()
+        relation = db.sql(duck, params=params)
         return FakeJob(relation.to_arrow_table() if relation is not None else None)
 
     def delete_table(self, ref: str, not_found_ok: bool = False) -> None:
+        self._event(f"delete {ref}")
         self.deleted.append(ref)
         table = self._table(ref)
         if not self._exists(table):
@@ -136,6 +182,7 @@ class FakeBigQueryClient:
     def load_table_from_file(
         self, file: Any, destination: str, job_config: bigquery.LoadJobConfig, location: Any = None
     ) -> FakeJob:
+        self._event(f"load {destination}")
         data = pq.read_table(file)
         self.loads.append((destination, job_config, data))
         assert job_config.source_format == "PARQUET"
@@ -213,10 +260,21 @@ def test_sync_through_bigquery_jobs(tmp_path: Path) -> None:
     assert data.schema.field("updated_at").type == pa.timestamp("us", tz="UTC")
     assert data.column("as_of").to_pylist() == [date(2026, 11, 21)] * 2
 
-    # The change table is created day-partitioned on as_of; the current table is not partitioned.
+    # The change table is created day-partitioned on as_of. The current table is not created
+    # empty first: the first sync writes it whole from the day's partition, by one query job
+    # with WRITE_TRUNCATE, outside the session, after the rows passed the checks.
     created = {t.table_id: t for t in client.created}
     assert created["deferred_charges__changes"].time_partitioning.field == "as_of"
-    assert created["deferred_charges"].time_partitioning is None
+    assert "deferred_charges" not in created
+    (rebuilt,) = [(s, c) for s, c in client.queries if c.destination is not None]
+    assert str(rebuilt[1].destination) == "paylater-prod.warehouse.deferred_charges"
+    assert rebuilt[1].write_disposition == "WRITE_TRUNCATE"
+    assert rebuilt[1].create_disposition == "CREATE_IF_NEEDED"
+    assert not rebuilt[1].connection_properties
+    assert isinstance(sqlglot.parse_one(rebuilt[0], read="bigquery"), exp.Select)
+    assert [(p.name, p.value) for p in rebuilt[1].query_parameters] == [
+        ("as_of", date(2026, 11, 20))
+    ]
     assert {f.name: f.field_type for f in created["sync_ledger"].schema}[
         "watermark_to"
     ] == "TIMESTAMP"
@@ -246,14 +304,15 @@ def test_failure_rolls_back_the_session_transaction(tmp_path: Path, monkeypatch)
     def crash(*args: Any) -> None:
         raise OSError("connection reset")
 
-    monkeypatch.setattr(sync, "merge_changes", crash)
+    # After the current table was written (a job outside the transaction), before the commit.
+    monkeypatch.setattr(sync, "ahead_warning", crash)
     with pytest.raises(OSError, match="connection reset"):
         sync_table(source, warehouse, charges, date(2026, 11, 20))
     source.close()
     sqls = [sql for sql, _ in client.queries]
     assert "ROLLBACK TRANSACTION" in sqls and "COMMIT TRANSACTION" not in sqls
-    # The first sync's tables (a table API call each, outside the transaction) are dropped
-    # again: left, they would hold the failed load's partition, in the schema of a
+    # The first sync's tables (a table API call or a job each, outside the transaction) are
+    # dropped again: left, they would hold the failed load's rows, in the schema of a
     # configuration that may be what failed.
     assert not warehouse.table_exists("deferred_charges")
     assert not warehouse.table_exists("deferred_charges__changes")
@@ -603,3 +662,91 @@ def test_a_value_the_listed_type_cannot_hold_fails_before_any_load_job(tmp_path:
     assert len(client.loads) == loads
     failed = warehouse.query_arrow("SELECT error FROM sync_ledger WHERE status = 'failed'")
     assert failed.to_pylist() == [{"error": f"SchemaMismatch: {err.value}"}]
+
+
+# Where a first sync can die: before the change partition's load (the tables created), before
+# the transaction's first statement (the partition loaded), at the ledger row, at the commit.
+FIRST_SYNC_KILLS = [
+    "load paylater-prod.warehouse.deferred_charges__changes$",
+    "query BEGIN TRANSACTION",
+    "query -- The outcome of one table's sync",
+    "query COMMIT TRANSACTION",
+]
+
+
+def held_charges(warehouse: BigQueryWarehouse) -> list[dict[str, Any]]:
+    """The current deferred_charges rows, by key: id, status and change time."""
+    sql = "SELECT charge_id, status, updated_at FROM deferred_charges ORDER BY charge_id"
+    return warehouse.query_arrow(sql).to_pylist()
+
+
+def source_charges(path: Path) -> list[dict[str, Any]]:
+    """The source's deferred_charges rows, as held_charges shows the warehouse's."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT charge_id, status, updated_at FROM deferred_charges ORDER BY charge_id"
+        ).fetchall()
+    return [
+        {"charge_id": i, "status": s, "updated_at": datetime.fromisoformat(u)} for i, s, u in rows
+    ]
+
+
+@pytest.mark.parametrize("kill", FIRST_SYNC_KILLS)
+def test_a_first_sync_killed_midway_shows_no_partial_table_and_the_next_sync_rebuilds_it(
+    tmp_path: Path, kill: str
+) -> None:
+    # A first sync killed after its tables were created (a table API call each, outside the
+    # transaction) left the current table empty under its real name for readers to take as
+    # the source's, and, of a configuration changed since, in a schema every later sync
+    # refused (SchemaMismatch) until altered by hand. Now the current table appears whole, by
+    # one atomic job, or not at all, and a table no succeeded ledger row vouches for is
+    # rebuilt whole by the next sync.
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    client.kill_when = lambda event: event.startswith(kill)
+    try:
+        with pytest.raises(Killed):
+            sync_table(source, warehouse, charges, date(2026, 11, 20))
+        client.revive()
+        later = BigQueryWarehouse("paylater-prod", "warehouse", client=client)  # a new process
+        first_day = [r for r in source_charges(tmp_path / "src.db") if r["charge_id"] == 1]
+        if later.table_exists("deferred_charges"):
+            assert held_charges(later) == first_day  # whole, never empty or partial
+        with sqlite3.connect(tmp_path / "src.db") as db:
+            db.execute(
+                "UPDATE deferred_charges SET status = 'repaid',"
+                " updated_at = '2026-11-21T05:00:00.000000+00:00' WHERE charge_id = 1"
+            )
+        # The next run comes with a narrower configuration (the killed one may have been wrong).
+        narrower = replace(
+            charges, columns={k: v for k, v in charges.columns.items() if k != "fee_jpy"}
+        )
+        result = sync_table(source, later, narrower, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert (result.status, result.rows_extracted, result.warehouse_rows) == ("succeeded", 2, 2)
+    assert held_charges(later) == source_charges(tmp_path / "src.db")
+    assert later.column_types("deferred_charges") == narrower.columns
+    ledger = later.query_arrow("SELECT as_of, status FROM sync_ledger").to_pylist()
+    assert ledger == [{"as_of": date(2026, 11, 21), "status": "succeeded"}]
+
+
+def test_a_full_table_killed_before_its_first_load_leaves_no_empty_table(tmp_path: Path) -> None:
+    # A full table's first sync created it empty by a table API call, then replaced it by its
+    # WRITE_TRUNCATE load: killed in between, the empty table stood under its name. The load
+    # now creates it, with its rows, in one atomic job.
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    full = replace(charges, mode="full")
+    client.kill_when = lambda event: event == "load paylater-prod.warehouse.deferred_charges"
+    try:
+        with pytest.raises(Killed):
+            sync_table(source, warehouse, full, date(2026, 11, 21))
+        client.revive()
+        assert not warehouse.table_exists("deferred_charges")
+        result = sync_table(source, warehouse, full, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert (result.status, result.warehouse_rows) == ("succeeded", 2)
+    assert held_charges(warehouse) == source_charges(tmp_path / "src.db")
+    assert "deferred_charges" not in {t.table_id for t in client.created}

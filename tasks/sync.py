@@ -55,7 +55,9 @@ matches several), and a NULL key would never match (a new row at every sync). Th
 whose source enforces its key pays nothing for it: the check is not run.
 On BigQuery, load jobs run outside the transaction: a failed check leaves the current table
 as it was, but the as_of partition of `__changes` holds the rejected increment until a rerun
-replaces it, and a full table is replaced by its load before any check can read it.
+replaces it. A full table's rows load into `<table>__staged` (expiring by itself), checked
+there, and replace the table by one atomic job once they passed: a failed check keeps the
+previous copy.
 The warehouse tables a table's first sync creates are created in its transaction: a failed one
 leaves none behind (DuckDB rolls them back; BigQuery's, created by table API calls or jobs, are
 dropped again), so that a configuration corrected after it meets no table of the wrong schema.
@@ -384,23 +386,29 @@ def deletes_gone(spec: TableSpec, reread: bool) -> bool:
     return spec.deletes == "propagate" or reread
 
 
+def staged_table(spec: TableSpec) -> str:
+    """The scratch table BigQuery loads a full table's rows into, to check them before they
+    replace the table (see load_full_staged)."""
+    return f"{spec.name}__staged"
+
+
 @contextlib.contextmanager
 def source_keys_dropped(warehouse: Warehouse, spec: TableSpec) -> Iterator[None]:
-    """Drop the table's source keys (BigQuery, see load_source_keys) once the block, which holds
-    the day's transaction, has ended, committed or not: every source key, left in the dataset,
-    would be a copy nobody reads, billed as storage. Whatever the day's policy: one a killed
-    run left behind goes with the table's next sync, even one that reads no keys."""
+    """Drop the table's scratch table (BigQuery: the source keys of an incremental table, see
+    load_source_keys; a full table's staged rows, see load_full_staged) once the block, which
+    holds the day's transaction, has ended, committed or not: left in the dataset, it would be
+    a copy nobody reads, billed as storage. Whatever the day's policy: one a killed run left
+    behind goes with the table's next sync, even one that reads no keys."""
     try:
         yield
     finally:
         if isinstance(warehouse, BigQueryWarehouse):
+            scratch = staged_table(spec) if spec.mode == "full" else source_keys_table(spec)
             try:
-                warehouse.drop_table(source_keys_table(spec))
+                warehouse.drop_table(scratch)
             except Exception as exc:
                 # The day's outcome stands either way; the next sync replaces the table.
-                log.warning(
-                    "sync of %s: %s not dropped: %s", spec.name, source_keys_table(spec), exc
-                )
+                log.warning("sync of %s: %s not dropped: %s", spec.name, scratch, exc)
 
 
 @contextlib.contextmanager
@@ -842,6 +850,8 @@ def merge_staged(warehouse: Warehouse, spec: TableSpec, staged: str) -> None:
 
 def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: SourceCounts) -> _Counts:
     """Replace the whole table (call in a transaction)."""
+    if isinstance(warehouse, BigQueryWarehouse):
+        return load_full_staged(warehouse, spec, stream, source)
     counts = _Counts()
     warehouse.replace_table(spec.name, stream.reader)
     counts.extracted = stream.rows
@@ -852,6 +862,31 @@ def load_full(warehouse: Warehouse, spec: TableSpec, stream: Any, source: Source
         f"extracted {counts.extracted}, loaded {counts.loaded}, source holds {source.total}",
     )
     check_keys(warehouse, spec, spec.name)
+    return counts
+
+
+def load_full_staged(
+    warehouse: BigQueryWarehouse, spec: TableSpec, stream: Any, source: SourceCounts
+) -> _Counts:
+    """BigQuery: load the rows into a scratch table, check them there, then replace the table
+    whole by one atomic query job (WRITE_TRUNCATE), outside the transaction (call in it).
+
+    A load job cannot join the transaction: loaded straight into the table, rows failing the
+    checks would replace the previous copy for good. The scratch table expires by itself
+    (SOURCE_KEYS_EXPIRE) if a killed run leaves it, and goes after the transaction otherwise
+    (source_keys_dropped).
+    """
+    staged = staged_table(spec)
+    warehouse.load_scratch_table(staged, stream.reader, utc_now() + SOURCE_KEYS_EXPIRE)
+    counts = _Counts(extracted=stream.rows)
+    counts.loaded = counts.warehouse = _count(warehouse, staged)
+    _check(
+        counts.extracted == source.total == counts.loaded,
+        spec.name,
+        f"extracted {counts.extracted}, loaded {counts.loaded}, source holds {source.total}",
+    )
+    check_keys(warehouse, spec, staged)
+    warehouse.replace_table_by_query(spec.name, f"SELECT * FROM {_bq(staged)}")
     return counts
 
 

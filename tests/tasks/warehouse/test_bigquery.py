@@ -733,12 +733,12 @@ def test_a_first_sync_killed_midway_shows_no_partial_table_and_the_next_sync_reb
 
 def test_a_full_table_killed_before_its_first_load_leaves_no_empty_table(tmp_path: Path) -> None:
     # A full table's first sync created it empty by a table API call, then replaced it by its
-    # WRITE_TRUNCATE load: killed in between, the empty table stood under its name. The load
-    # now creates it, with its rows, in one atomic job.
+    # WRITE_TRUNCATE load: killed in between, the empty table stood under its name. It is now
+    # created with its rows by one atomic job, once they have loaded (into a scratch table).
     client = FakeBigQueryClient()
     warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
     full = replace(charges, mode="full")
-    client.kill_when = lambda event: event == "load paylater-prod.warehouse.deferred_charges"
+    client.kill_when = lambda event: event.startswith("load paylater-prod.warehouse.deferred_")
     try:
         with pytest.raises(Killed):
             sync_table(source, warehouse, full, date(2026, 11, 21))
@@ -750,3 +750,33 @@ def test_a_full_table_killed_before_its_first_load_leaves_no_empty_table(tmp_pat
     assert (result.status, result.warehouse_rows) == ("succeeded", 2)
     assert held_charges(warehouse) == source_charges(tmp_path / "src.db")
     assert "deferred_charges" not in {t.table_id for t in client.created}
+
+
+def test_a_full_table_that_fails_its_checks_keeps_its_previous_copy(tmp_path: Path) -> None:
+    # A full table was replaced by its WRITE_TRUNCATE load before any check could read it: a
+    # load that failed its checks (here a repeated key) stayed under the table's name, the
+    # previous copy lost, while the ledger said the day failed. The rows now load into a
+    # scratch table, are checked there, and replace the table by one atomic job only then.
+    from tasks.sync import KeyViolation
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    full = replace(charges, mode="full")
+    try:
+        assert sync_table(source, warehouse, full, date(2026, 11, 21)).status == "succeeded"
+        before = held_charges(warehouse)
+        with sqlite3.connect(tmp_path / "src.db") as db:
+            db.execute("UPDATE deferred_charges SET status = 'repaid' WHERE charge_id = 1")
+        by_user = replace(full, primary_key=("user_id",), key_enforced=False)
+        with pytest.raises(KeyViolation, match="user_id=1 in 2 rows"):
+            sync_table(source, warehouse, by_user, date(2026, 11, 22))
+        assert held_charges(warehouse) == before
+        assert not warehouse.table_exists("deferred_charges__staged")
+        result = sync_table(source, warehouse, full, date(2026, 11, 22))
+    finally:
+        source.close()
+    assert (result.status, result.warehouse_rows) == ("succeeded", 2)
+    assert held_charges(warehouse) == source_charges(tmp_path / "src.db")
+    staged = [t for t in client.created if t.table_id == "deferred_charges__staged"]
+    assert staged and all(t.expires is not None for t in staged)  # a killed run's goes by itself
+    assert not warehouse.table_exists("deferred_charges__staged")

@@ -1083,6 +1083,9 @@ def sync_table(
     try:
         if rebuild:
             drop_unvouched_changes(cast(BigQueryWarehouse, warehouse), spec)
+        # A table the rebuild writes is the run's own, dropped if it fails after writing it; one
+        # already there is never dropped (it may hold rows loaded by other means than the sync).
+        written = [spec.name] if rebuild and not warehouse.table_exists(spec.name) else []
         missing = check_held_columns(warehouse, spec, rebuild)
         # Exited in reverse order: the scratch table goes after the transaction has ended.
         with (
@@ -1090,9 +1093,7 @@ def sync_table(
             source.snapshot() as snapshot,
             warehouse.transaction(bulk=True),
         ):
-            # A rebuild replaces the current table whole, whatever a killed run left under its
-            # name: a failure after that replacement drops it like a table the run created.
-            created = [spec.name, *missing] if rebuild else missing
+            created = [*written, *missing]
             create_tables(warehouse, spec, missing)
             # The counts may still be running: the read is sized by their estimate, and the
             # checks below wait for the figures before anything commits.

@@ -780,3 +780,23 @@ def test_a_full_table_that_fails_its_checks_keeps_its_previous_copy(tmp_path: Pa
     staged = [t for t in client.created if t.table_id == "deferred_charges__staged"]
     assert staged and all(t.expires is not None for t in staged)  # a killed run's goes by itself
     assert not warehouse.table_exists("deferred_charges__staged")
+
+
+def test_a_failed_rebuild_keeps_a_table_it_did_not_create(tmp_path: Path) -> None:
+    # A table no ledger row vouches for may still be one loaded by other means (a migration
+    # before the sync ran): a rebuild that fails its checks leaves it as it was, not dropped.
+    from tasks.sync import KeyViolation
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    warehouse.create_table_if_missing("deferred_charges", charges.arrow_schema())
+    client.db.execute("INSERT INTO deferred_charges (charge_id, status) VALUES (99, 'migrated')")
+    by_user = replace(charges, primary_key=("user_id",), key_enforced=False)
+    try:
+        with pytest.raises(KeyViolation):
+            sync_table(source, warehouse, by_user, date(2026, 11, 21))
+    finally:
+        source.close()
+    held = warehouse.query_arrow("SELECT charge_id, status FROM deferred_charges").to_pylist()
+    assert held == [{"charge_id": 99, "status": "migrated"}]
+    assert not warehouse.table_exists("deferred_charges__changes")  # the run's own: dropped

@@ -32,7 +32,11 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 HOT_PATHS = ["/v1/score", "/v2/score", "/v2/score_batch"]
 MAX_BODY_BYTES = 4 * 1024 * 1024
-LOAD_WAIT_SECONDS = 60.0
+REQUEST_TIMEOUT_SECONDS = 30
+"""BentoML's limit on one request (the service's traffic timeout)."""
+LOAD_WAIT_SECONDS = REQUEST_TIMEOUT_SECONDS - 5
+"""Longest a request waits for a first load still under way before its 503 naming why: inside
+the request timeout, so the caller gets that reason, not BentoML's bare timeout."""
 READY_CHECK_SECONDS = 2.0
 """Longest wait in /readyz for the online table's check: a probe must answer within its own
 timeout (Kubernetes: 1 s by default, often raised), not the lookup's."""
@@ -387,7 +391,7 @@ class ModelInfo(BaseModel):
     name="paylater-scorer",
     # Two workers for two cores, like the gunicorn baseline; more only add contention.
     workers=2,
-    traffic={"timeout": 30},
+    traffic={"timeout": REQUEST_TIMEOUT_SECONDS},
     # Per-request access logs and tracing spans cost more CPU than a score: metrics stay on.
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": HOT_PATHS, "sample_rate": 0.0},

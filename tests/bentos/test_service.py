@@ -663,6 +663,26 @@ def test_an_unresolved_stage_without_a_writable_temporary_directory_still_starts
         service._load_scorer()
 
 
+def test_a_request_waiting_on_a_first_load_gets_its_503_before_the_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first load still under way (a slow model store): the request waits for it, but answers
+    503 naming why before BentoML's own request timeout would cut it off with no reason (the wait
+    was 60 s against a 30 s timeout)."""
+    import asyncio
+
+    from bentos import service
+
+    assert service.LOAD_WAIT_SECONDS < service.REQUEST_TIMEOUT_SECONDS
+    monkeypatch.setattr(service, "LOAD_WAIT_SECONDS", 0.2)
+    engine = service.Engine()
+    started = time.monotonic()
+    with pytest.raises(service.Reply) as reply:
+        asyncio.run(engine.loaded_scorer())
+    assert time.monotonic() - started >= 0.2  # it waited for the load first
+    assert reply.value.status == 503 and reply.value.body["detail"] == "model is loading"
+
+
 def test_load_retries_back_off_to_the_cap_and_lasting_failures_wait_the_cap() -> None:
     from bentos.service import retry_delay
 

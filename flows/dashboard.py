@@ -8,8 +8,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.monitor import Deliveries, alert_on_failure
+from flows.monitor import DELIVERY_BUDGET_SECONDS, Deliveries, alert_on_failure
 from paylater.settings import get_settings
+from tasks.alerts import delivery_pass
 from tasks.dashboard import (
     DailyMonitoring,
     artifact_markdown,
@@ -76,20 +77,22 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
     counted = Deliveries()
     try:
         ensure_incident_table(engine)
-        delivered = reconcile(
-            engine,
-            results,
-            now,
-            deliver=counted,
-            clear_runs=clear_runs,
-            data_day=daily.as_of,
-            # Decided under the incident's lock: two reports read apart both counted one day.
-            admit=lambda result, incident: bool(
-                not_yet_counted([result], [incident] if incident else [], now, daily.as_of)
-            ),
-        )
-        # Told at the first report that cannot measure it: the next one is a day away.
-        delivered += reconcile_unmeasured(engine, results, now, timedelta(0), deliver=counted)
+        # As the monitor's pass: a Slack that does not answer is waited on once, not per notice.
+        with delivery_pass(DELIVERY_BUDGET_SECONDS):
+            delivered = reconcile(
+                engine,
+                results,
+                now,
+                deliver=counted,
+                clear_runs=clear_runs,
+                data_day=daily.as_of,
+                # Decided under the incident's lock: two reports read apart both counted one day.
+                admit=lambda result, incident: bool(
+                    not_yet_counted([result], [incident] if incident else [], now, daily.as_of)
+                ),
+            )
+            # Told at the first report that cannot measure it: the next one is a day away.
+            delivered += reconcile_unmeasured(engine, results, now, timedelta(0), deliver=counted)
     finally:
         engine.dispose()
     if counted.undelivered:

@@ -27,6 +27,12 @@ from tasks.monitoring import (
     utc_now,
 )
 
+DELIVERY_BUDGET_SECONDS = 120.0
+"""The most one pass may spend delivering its notices, well inside its 5-minute schedule: past
+it, the rest are not tried (the next pass resends them), so a slow receiver cannot hold the
+pass's incident locks until the next scheduled runs pile up behind it. A receiver that does not
+answer costs one delivery deadline per pass, not one per notice (tasks.alerts.delivery_pass)."""
+
 
 def alert_on_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """The monitor's own failure pages like any other flow's (tasks.alerts hook)."""
@@ -164,15 +170,19 @@ def update_incidents(
     failure alert (IncidentStateUnavailable: the database, its setting, and the checks judged
     critical or warning, which no incident could carry) and the withheld heartbeat say so.
     """
+    from tasks.alerts import delivery_pass
+
     counted = Deliveries()
     settings = get_settings()
     engine = open_queue_db(settings)
     try:
         ensure_incident_table(engine)
         clear_runs = resolve_after_runs(settings)
-        delivered = reconcile(engine, results, now, deliver=counted, clear_runs=clear_runs)
         after = unknown_alert_after(settings)
-        delivered += reconcile_unmeasured(engine, results, now, after, deliver=counted)
+        with delivery_pass(DELIVERY_BUDGET_SECONDS):
+            ordered = most_urgent_first(results)
+            delivered = reconcile(engine, ordered, now, deliver=counted, clear_runs=clear_runs)
+            delivered += reconcile_unmeasured(engine, ordered, now, after, deliver=counted)
         return delivered, counted.undelivered
     except sa.exc.DBAPIError as exc:
         raise IncidentStateUnavailable(incident_db_failure(settings, exc, results)) from safe_cause(
@@ -180,6 +190,13 @@ def update_incidents(
         )
     finally:
         engine.dispose()
+
+
+def most_urgent_first(results: list[CheckResult]) -> list[CheckResult]:
+    """Critical results first, then warnings (each in check order): a pass that runs out of
+    delivery budget has paged before it spends the rest on Slack-only notices."""
+    rank = {"critical": 0, "warning": 1}
+    return sorted(results, key=lambda r: rank.get(r.level, 2))
 
 
 class IncidentStateUnavailable(RuntimeError):

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -150,13 +151,49 @@ def _held_back(logger: logging.Logger) -> Iterator[None]:
 
 
 class DeliveryTimeout(Exception):
-    """A receiver did not finish answering within DELIVERY_DEADLINE_SECONDS."""
+    """A receiver did not finish answering within DELIVERY_DEADLINE_SECONDS (or was not tried:
+    it timed out earlier in the same delivery pass, or the pass's budget is spent)."""
+
+
+@dataclass
+class _Pass:
+    """One delivery pass: the moment its budget runs out, and the channels that timed out in it."""
+
+    ends: float  # time.monotonic()
+    timed_out: set[str] = field(default_factory=set)
+
+
+_PASS: ContextVar[_Pass | None] = ContextVar("paylater_delivery_pass", default=None)
+
+
+@contextmanager
+def delivery_pass(budget_seconds: float) -> Iterator[None]:
+    """Within it (one monitor pass), deliveries share `budget_seconds`, and a channel that timed
+    out is not waited on again: a receiver that accepts and never answers would otherwise cost
+    one deadline per notice, the pass's incident locks held meanwhile. What is not tried fails
+    as a timeout (the notice undelivered, so the next pass resends it)."""
+    token = _PASS.set(_Pass(time.monotonic() + budget_seconds))
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
 
 
 def _within_deadline(what: str, call: Callable[[], _T]) -> _T:
     """`call()`, or DeliveryTimeout once the deadline passes (the call is left to end on its own,
-    in a daemon thread, when the receiver or the client's own timeout gives up)."""
+    in a daemon thread, when the receiver or the client's own timeout gives up).
+
+    Inside a delivery_pass, `what` (the channel) is not tried again once it timed out, and
+    nothing is tried once the pass's budget is spent."""
     seconds = DELIVERY_DEADLINE_SECONDS
+    current = _PASS.get()
+    if current is not None:
+        if what in current.timed_out:
+            raise DeliveryTimeout(f"{what} not tried: it did not answer earlier in this pass")
+        left = current.ends - time.monotonic()
+        if left <= 0:
+            raise DeliveryTimeout(f"{what} not tried: this pass's delivery budget is spent")
+        seconds = min(seconds, left)
     outcome: dict[str, Any] = {}
     settings = _prefect_settings()
 
@@ -173,6 +210,8 @@ def _within_deadline(what: str, call: Callable[[], _T]) -> _T:
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
+        if current is not None:
+            current.timed_out.add(what)
         raise DeliveryTimeout(f"{what} did not answer within {seconds:g} s")
     if "error" in outcome:
         raise outcome["error"]
@@ -372,9 +411,14 @@ def send_page(
             hide_in_logs(routing_key)
         return routing_key, url
 
+    # A key from the environment needs no API: a Prefect API that timed out earlier in the
+    # pass (loading the Slack block) must not keep it from paging.
+    from_block = bool(
+        settings.alert_pagerduty_routing_key_block or not settings.alert_pagerduty_routing_key
+    )
     try:
         # A block is loaded through the Prefect API: within the deadline, as for Slack's.
-        routing_key, url = _within_deadline("the Prefect API", load)
+        routing_key, url = _within_deadline("the Prefect API", load) if from_block else load()
     except _NoRoutingKey as exc:
         # The Prefect API's error may quote its URL (a proxy's user:password included).
         return Page(False, exc.retryable, redact(f"no PagerDuty routing key: {exc}"))

@@ -950,3 +950,71 @@ def test_an_unreachable_queue_database_fails_the_run_naming_it_and_what_was_judg
     assert f"127.0.0.1:{port}/db" in body and "incident state" in body
     assert "critical: sync_age" in body, body
     assert "Wr0ngSecret" not in body
+
+
+class Silent:
+    """A receiver that accepts connections (the kernel completes each handshake) and never
+    answers: a hung Slack, a proxy that lost its upstream. `connections()` counts those made."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.socket.setblocking(False)  # only drained by connections(), never answered
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}/hook"
+        self.accepted: list[Any] = []
+
+    def connections(self) -> int:
+        """How many connections were made to it so far (each one's handshake done)."""
+        while True:
+            try:
+                self.accepted.append(self.socket.accept()[0])
+            except BlockingIOError:
+                return len(self.accepted)
+
+    def close(self) -> None:
+        """Close every connection and the listening socket."""
+        for conn in self.accepted:
+            conn.close()
+        self.socket.close()
+
+
+def test_a_slack_that_never_answers_is_waited_on_once_per_pass_and_pages_still_go_out(
+    prefect_harness: None,
+    pg_url: str,
+    paylater_home: Path,
+    receiver: Receiver,
+    pagerduty: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each delivery is bounded by the deadline, but a pass delivered its notices one after the
+    other: a Slack accepting connections and never answering held the pass (and its incident
+    locks) for one deadline per notice. Once a channel timed out, the pass's later notices do not
+    wait on it again: they count as not delivered (resent by the next pass), pages still go out."""
+    import tasks.alerts
+    from flows import monitor as monitor_flow
+
+    silent = Silent()
+    try:
+        warehouse_url = point_monitor_at(
+            monkeypatch, pg_url, paylater_home, silent.url, pagerduty.url
+        )
+        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 0.3)
+        monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", f"{receiver.url}/heartbeat")
+        queue_a_late_job(pg_url)  # oldest_queued_age: critical
+        write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # sync_age: warning
+        write_scoring_manifest(paylater_home, datetime.now(UTC) - timedelta(hours=60), pg_url)
+
+        monitor_flow.monitor()
+        assert silent.connections() == 1, "Slack waited on once, not once per notice"
+        paged = sorted(e["dedup_key"] for e in pagerduty.take())
+        assert paged == ["paylater-monitor/feature_build_age", "paylater-monitor/oldest_queued_age"]
+        assert receiver.gets == []  # a notice owed was not delivered: the heartbeat is withheld
+    finally:
+        silent.close()
+
+    # Slack back: the warning the dead Slack kept is resent; the paged incidents stay as they are.
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", receiver.url)
+    monitor_flow.monitor()
+    assert [p["subject"] for p in receiver.take()] == ["[FIRING] paylater warning: sync_age"]
+    assert pagerduty.take() == [] and len(receiver.gets) == 1

@@ -670,3 +670,57 @@ def test_a_deployment_that_cannot_be_read_still_alerts_and_logs_no_api_password(
     assert f"deployment: id {deployment_id}\n" in alert["body"]
     assert any("not read for the alert" in line for line in logged), logged
     assert "Api5ecret" not in "\n".join(logged) + json.dumps(receiver.bodies)
+
+
+def test_in_a_pass_a_silent_prefect_api_is_waited_on_once_and_keeps_no_page_from_going_out(
+    prefect_harness, paylater_home, receiver, pagerduty, monkeypatch
+) -> None:
+    """Within one delivery pass (the monitor's), a Prefect API that stopped answering while the
+    Slack block loaded is not waited on again for the pass's later alerts; a routing key from the
+    environment needs no API, so every critical alert still pages, and the webhook still hears
+    each one."""
+    import socket
+
+    from prefect.blocks.notifications import SlackWebhook
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import tasks.alerts
+    from tasks.alerts import delivery_pass
+
+    slack = f"alerts-{uuid.uuid4().hex[:8]}"
+    SlackWebhook(
+        url=SecretStr(f"json://127.0.0.1:{receiver.port}/slack"), allow_private_urls=True
+    ).save(slack)
+    monkeypatch.setenv("PAYLATER_ALERT_SLACK_BLOCK", slack)
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 0.3)
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # never accepted nor answered
+    try:
+        api = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+        with temporary_settings({PREFECT_API_URL: api}), delivery_pass(60.0):
+            sent = [notify(f"[FIRING] {c}", "b", "critical", f"pm/{c}") for c in "abc"]
+    finally:
+        silent.close()
+    assert sent == [True, True, True]  # paged: the incidents are recorded
+    assert [b["dedup_key"] for b in pagerduty.bodies] == ["pm/a", "pm/b", "pm/c"]
+    assert [b["path"] for b in receiver.bodies] == ["/hook"] * 3
+
+
+def test_a_pass_whose_delivery_budget_is_spent_tries_no_channel(
+    receiver, pagerduty, monkeypatch
+) -> None:
+    """A monitor pass has one delivery budget: once spent, its remaining alerts are not tried
+    (not delivered: the monitor resends them next pass), so slow receivers cannot stretch the
+    pass past its schedule; a new pass has its own budget."""
+    from tasks.alerts import delivery_pass
+
+    monkeypatch.setenv("PAYLATER_ALERT_PAGERDUTY_ROUTING_KEY", FAKE_KEY)
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/hook")
+    with delivery_pass(0.0):
+        assert not notify("[FIRING] q", "b", "critical", "pm/q", retried=True)
+        assert not notify("[FIRING] s", "b", "warning", "pm/s")
+    assert pagerduty.bodies == [] and receiver.bodies == []
+    with delivery_pass(60.0):
+        assert notify("[FIRING] q", "b", "critical", "pm/q", retried=True)
+    assert len(pagerduty.bodies) == 1 and len(receiver.bodies) == 1

@@ -92,7 +92,9 @@ def drift_incidents(daily: DailyMonitoring, now: datetime) -> list[Notification]
                 ),
             )
             # Told at the first report that cannot measure it: the next one is a day away.
-            delivered += reconcile_unmeasured(engine, results, now, timedelta(0), deliver=counted)
+            delivered += reconcile_unmeasured(
+                engine, results, now, timedelta(0), deliver=counted, data_day=daily.as_of
+            )
     finally:
         engine.dispose()
     if counted.undelivered:

@@ -1034,7 +1034,7 @@ data day a drift incident last counted); an older table gets them added (counter
 
 
 def ensure_incident_table(engine: sa.Engine) -> None:
-    """Create monitor_incidents and monitor_unmeasured when missing; add the columns of
+    """Create monitor_incidents, monitor_unmeasured and monitor_judged_days when missing; add the columns of
     INCIDENT_COLUMNS to an incident table made before them (its open incidents then start
     counting at 0, and count their next report whatever its day)."""
     with engine.begin() as conn:
@@ -1042,6 +1042,7 @@ def ensure_incident_table(engine: sa.Engine) -> None:
             conn.execute(sa.text(load_sql("incidents_ddl_lock")))
         conn.execute(sa.text(load_sql("incidents_ddl")))
         conn.execute(sa.text(load_sql("unmeasured_ddl")))
+        conn.execute(sa.text(load_sql("judged_days_ddl")))
         present = {c["name"] for c in sa.inspect(conn).get_columns("monitor_incidents")}
         # IF NOT EXISTS: a monitor racing this one may add them first (SQLite lacks it, and
         # runs one writer at a time).
@@ -1102,7 +1103,9 @@ def reconcile(
 
     `data_day`: the day of the data judged (a monitoring report's snapshot), kept on each
     incident as `counted_day`, so a rerun on the same day can be told apart (see
-    tasks.dashboard.not_yet_counted); None for the monitor's checks, which judge the present.
+    tasks.dashboard.not_yet_counted), and in monitor_judged_days: a check already judged on a
+    later day is left as it is (a backfill's old day neither opens, counts toward nor escalates
+    an incident); None for the monitor's checks, which judge the present.
     `admit(result, incident)`: whether `result` counts, given its incident as it stands (a dict
     of monitor_incidents' columns, None when none is open); read under the check's lock.
 
@@ -1117,6 +1120,8 @@ def reconcile(
             continue
         with engine.connect() as conn, conn.begin() as transaction:
             incident = _locked_incident(conn, result.check, read=admit is not None)
+            if data_day is not None and _judged_later(conn, result.check, data_day):
+                continue  # a backfill: a later day was judged, with or without an incident
             if admit is not None and not admit(result, incident):
                 continue
             notice = _incident_change(conn, result, now, clear_runs, data_day)
@@ -1187,6 +1192,7 @@ def reconcile_unmeasured(
     now: datetime,
     after: timedelta,
     deliver: Callable[[Notification], bool] | None = None,
+    data_day: date | None = None,
 ) -> list[Notification]:
     """Track the checks that could not be measured; return the notifications this run owes.
 
@@ -1194,11 +1200,17 @@ def reconcile_unmeasured(
     measures it again (any level, or too few jobs to judge: its source answered) ends the
     stretch, with a RESOLVED notice when the warning went out. Incidents are not touched.
     `deliver` as for `reconcile`: a notice not delivered undoes its change, the next run resends.
+
+    `data_day`: the day of the data judged (a monitoring report's snapshot; None for the
+    monitor's checks, which judge the present). A check already judged on a later day is left
+    as it is: a backfill's old day, measured or not, says nothing of the present one.
     """
     owed: list[Notification] = []
     with engine.connect() as conn:  # one connection, a transaction per check
         for result in results:
             with conn.begin() as transaction:
+                if data_day is not None and _judged_later(conn, result.check, data_day):
+                    continue
                 notice = _unmeasured_change(conn, result, now, after)
                 if notice is None:
                     continue
@@ -1211,6 +1223,21 @@ def reconcile_unmeasured(
                     continue
                 owed.append(notice)
     return owed
+
+
+def _judged_later(conn: sa.Connection, check: str, data_day: date) -> bool:
+    """Note that `check` was judged on `data_day`; whether a later day was judged already."""
+    params = {"check_name": check, "data_day": data_day}
+    newest = conn.execute(sa.text(load_sql("judged_day_note")), params).scalar_one()
+    if _as_date(newest) > data_day:
+        log.info("%s of %s left as it is: %s was judged already", check, data_day, newest)
+        return True
+    return False
+
+
+def _as_date(value: date | str) -> date:
+    """A date as read back (a date; ISO text from SQLite)."""
+    return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
 
 
 def _unmeasured_change(

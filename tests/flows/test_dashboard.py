@@ -504,6 +504,63 @@ def test_a_backfilled_older_day_is_not_counted_and_a_worse_rerun_escalates(
     assert report(0.50, 3, 5) == ["[ESCALATED] paylater critical: feature_psi_max"]
 
 
+def test_a_backfilled_older_day_opens_no_incident_on_data_a_later_day_superseded(
+    paylater_home: Path, drift_alerting: list[dict]
+) -> None:
+    """An older day's report (a backfill) was kept from counting only when an incident was open:
+    with none, an old day's critical PSI opened one and paged on data a later day had judged
+    clean. A check already judged on a later day is now left as it is."""
+    from flows.dashboard import drift_incidents
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+
+    def report(psi: float, day: int, hour: int) -> list[str]:
+        drift = DriftReport({"txn_count_30d": psi}, None, reference_rows=800, current_rows=800)
+        daily = DailyMonitoring(date(2026, 7, day), drift=drift, reference_day=date(2026, 5, 1))
+        now = datetime(2026, 7, 10, hour, 0, tzinfo=UTC)
+        return [n.subject for n in drift_incidents.fn(daily, now)]
+
+    assert report(0.01, 3, 1) == []
+    assert report(1.50, 1, 2) == []  # a backfill: day 3 was judged clean already
+    assert report(1.50, 4, 3) == ["[FIRING] paylater critical: feature_psi_max"]
+    assert [p["subject"] for p in drift_alerting] == ["[FIRING] paylater critical: feature_psi_max"]
+
+
+def test_a_backfilled_older_day_neither_opens_nor_resolves_the_current_unmeasured_notice(
+    paylater_home: Path, drift_alerting: list[dict]
+) -> None:
+    """monitor_unmeasured kept no data day: a report of an older day (a backfill) was taken for
+    the present, so an old day that could not be measured told Slack [UNMEASURED] while today's
+    was measured, and an old day measured fine RESOLVED today's unmeasured notice while today's
+    still could not be. A report of a day older than the newest judged now leaves both as they
+    are; the same day rerun, and a later day, still count."""
+    from flows.dashboard import drift_incidents
+    from tasks.dashboard import DailyMonitoring
+    from tasks.drift import DriftReport
+
+    def report(day: int, hour: int, measured: bool) -> list[str]:
+        psi = {"txn_count_30d": 0.01} if measured else {}
+        drift = DriftReport(psi, None, reference_rows=800, current_rows=800 if measured else 0)
+        fault = (
+            {} if measured else {"feature_psi_max": f"the scoring snapshot of day {day} is empty"}
+        )
+        daily = DailyMonitoring(
+            date(2026, 7, day), drift=drift, reference_day=date(2026, 5, 1), unmeasured=fault
+        )
+        now = datetime(2026, 7, 10, hour, 0, tzinfo=UTC)
+        return [n.subject for n in drift_incidents.fn(daily, now)]
+
+    unmeasured = "[UNMEASURED] paylater warning: feature_psi_max"
+    again = "[RESOLVED] paylater: feature_psi_max measured again"
+    assert report(3, 1, measured=True) == []
+    assert report(1, 2, measured=False) == []  # a backfill of an unmeasurable old day: silent
+    assert report(4, 3, measured=False) == [unmeasured]  # today's data cannot be measured
+    assert report(2, 4, measured=True) == []  # an old day measured says nothing of today's
+    assert report(4, 5, measured=False) == []  # the same day again: told once
+    assert report(5, 6, measured=True) == [again]
+    assert [p["subject"] for p in drift_alerting] == [unmeasured, again]
+
+
 def test_a_drift_resolve_count_below_1_is_refused_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

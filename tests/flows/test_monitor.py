@@ -999,7 +999,8 @@ def test_a_slack_that_never_answers_is_waited_on_once_per_pass_and_pages_still_g
         warehouse_url = point_monitor_at(
             monkeypatch, pg_url, paylater_home, silent.url, pagerduty.url
         )
-        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 0.3)
+        # Lowered to keep the test short, not so far that a loaded machine's real receivers miss it.
+        monkeypatch.setattr(tasks.alerts, "DELIVERY_DEADLINE_SECONDS", 2.0)
         monkeypatch.setenv("PAYLATER_MONITOR_HEARTBEAT_URL", f"{receiver.url}/heartbeat")
         queue_a_late_job(pg_url)  # oldest_queued_age: critical
         write_ledger(warehouse_url, datetime.now(UTC) - timedelta(hours=40))  # sync_age: warning

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.monitor import DELIVERY_BUDGET_SECONDS, Deliveries, alert_on_failure
 from paylater.settings import get_settings
+from paylater.timeutil import default_as_of
 from tasks.alerts import delivery_pass
 from tasks.dashboard import (
     DailyMonitoring,
@@ -131,7 +132,10 @@ def monitoring_report() -> Path:
     stored = store(daily, return_state=True)
     alerted = drift_incidents(daily, now, return_state=True)
     try:
-        path, summary = build_report(now, daily.as_of or now.date(), daily.notes)
+        # Named by its data day; with no snapshot yet, by the last ended business day, as a
+        # report with data would be (the UTC date is a day ahead of it before 15:00 in Tokyo).
+        day = daily.as_of or default_as_of(now)
+        path, summary = build_report(now, day, daily.notes)
         create_markdown_artifact(
             key="monitoring-dashboard", markdown=summary, description=f"HTML report: {path}"
         )

@@ -676,3 +676,26 @@ def test_a_warehouse_that_cannot_keep_the_days_numbers_still_lets_drift_alert(
     subjects = [p["subject"] for p in w.payloads]
     assert "[FIRING] paylater critical: feature_psi_max" in subjects, subjects
     assert w.incident() is not None
+
+
+def test_a_report_without_data_is_named_for_the_last_ended_business_day(
+    prefect_harness: None,
+    paylater_home: Path,
+    receiver: tuple[str, list[dict]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before any scoring snapshot, the report was named by the UTC date of the run: at 10:00 UTC
+    that is a Tokyo day not yet ended, one day ahead of every report with data (named by its data
+    day), so the list of reports skipped a day and showed one from the future."""
+    import flows.dashboard
+    from flows.dashboard import monitoring_report
+    from registry.testing import empty_mlflow_db
+
+    url, _ = receiver
+    monkeypatch.chdir(paylater_home)
+    monkeypatch.setenv("PAYLATER_SOURCE_URL", f"sqlite:///{paylater_home / 'source.db'}")
+    monkeypatch.setenv("PAYLATER_ALERT_WEBHOOK_URL", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_mlflow_db(paylater_home / "mlflow.db"))
+    monkeypatch.setattr(flows.dashboard, "utc_now", lambda: datetime(2026, 11, 29, 10, tzinfo=UTC))
+    path = monitoring_report()
+    assert path.name == "monitoring-2026-11-28.html"

@@ -10,16 +10,29 @@ visible before the transaction reads it. Load jobs cannot join a transaction; ea
 idempotent on its own, so a crash between the load and the commit is repaired by the rerun.
 A whole table built from a query (a first sync's) is written by one query job with
 WRITE_TRUNCATE, atomic as well, outside the session.
+
+Sessions: BigQuery ends a session only when told (CALL BQ.ABORT_SESSION) or once it has been
+idle 24 hours (7 days at most); a transaction in it stays open until COMMIT, ROLLBACK or that
+end. An open transaction that has mutated a table (DELETE, UPDATE, MERGE) makes every other
+transaction mutating that table be cancelled ("concurrent update"), and DML outside a
+transaction wait. So a process killed inside a transaction would block every later one on those
+tables (the sync's ledger among them) for up to a day. Each session is therefore recorded in
+SESSIONS_TABLE as soon as it is created, before its first statement; a transaction ends every
+recorded session before it begins its own; and each session is ended as soon as its transaction
+has committed or rolled back, its record deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -30,7 +43,25 @@ from paylater.redaction import redact
 from tasks.warehouse.base import WarehouseError
 from tasks.warehouse.duckdb import check_identifier
 
+log = logging.getLogger(__name__)
 _PROJECT = re.compile(r"^[a-z][a-z0-9.:-]*[a-z0-9]$")
+# A session id as BigQuery returns it (URL-safe base64): checked before it is quoted into the
+# CALL, which takes it as a string literal.
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_=+/-]{1,1024}$")
+# The sessions this adapter has begun and not yet ended (see the module docstring).
+SESSIONS_TABLE = "sync_sessions"
+SESSIONS_SCHEMA = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("started_by", pa.string()),
+    ]
+)
+# BigQuery ends every session this long after its creation at the latest: a record older than
+# that is of a session gone, whatever ending it said.
+SESSION_MAX_AGE = timedelta(days=7)
+# BigQuery's words for a transaction cancelled by another one mutating the same table.
+_CONFLICT = re.compile(r"concurrent update", re.IGNORECASE)
 _BQ_TYPES = {
     "int64": "INT64",
     "double": "FLOAT64",
@@ -143,21 +174,102 @@ class BigQueryWarehouse:
             ]
         return config
 
+    def _query(
+        self, sql: str, params: Mapping[str, Any] | None = None, in_session: bool = True
+    ) -> Any:
+        """Run one query job to completion (in the open session unless `in_session` is False)
+        and return it; a transaction cancelled by another is a WarehouseError naming both."""
+        config = self._job_config(params, in_session=in_session)
+        try:
+            # The job's failure comes with result(); a client may raise it when sending the job.
+            job = self.client.query(sql, job_config=config, location=self.location)
+            job.result()
+        except Exception as exc:
+            if in_session and self._session_id and _CONFLICT.search(str(exc)):
+                raise WarehouseError(conflict_message(exc)) from exc
+            raise
+        return job
+
     def _begin_if_wanted(self) -> None:
-        """Open the session and its transaction at the first statement inside transaction()."""
+        """Open the session and its transaction at the first statement inside transaction(),
+        once every session a killed process left has been ended, and record it."""
         if self._transaction_wanted and self._session_id is None:
+            self._end_left_sessions()
             job = self.client.query(
-                "BEGIN TRANSACTION", job_config=self._job_config(create_session=True)
+                "BEGIN TRANSACTION",
+                job_config=self._job_config(create_session=True),
+                location=self.location,
             )
             job.result()
             self._session_id = job.session_info.session_id
+            # Before the transaction's first statement: a session killed before it is recorded
+            # holds a transaction that has changed nothing, which conflicts with none.
+            self._query(
+                f"INSERT INTO {SESSIONS_TABLE} (session_id, started_at, started_by)"
+                " VALUES (@session_id, @started_at, @started_by)",
+                {
+                    "session_id": self._session_id,
+                    "started_at": datetime.now(UTC),
+                    "started_by": f"{socket.gethostname()} pid {os.getpid()}",
+                },
+                in_session=False,
+            )
+
+    def _end_left_sessions(self) -> None:
+        """End every recorded session (left by a killed process: a live one ends its own), so
+        that its open transaction no longer blocks the tables it changed; forget it once ended.
+
+        A session BigQuery no longer knows (ended by hand, idle 24 hours) cannot be aborted:
+        its record stays, with a warning, until SESSION_MAX_AGE has passed, as BigQuery does
+        not say whether the failure was that or something passing.
+        """
+        self.create_table_if_missing(SESSIONS_TABLE, SESSIONS_SCHEMA)
+        left = self._query(
+            f"SELECT session_id, started_at, started_by FROM {SESSIONS_TABLE}", in_session=False
+        ).to_arrow()
+        for row in left.to_pylist():
+            try:
+                self.abort_session(row["session_id"])
+            except Exception as exc:
+                if datetime.now(UTC) - row["started_at"] < SESSION_MAX_AGE:
+                    log.warning(
+                        "BigQuery session %s (begun %s by %s, not ended by it) could not be"
+                        " aborted: %s",
+                        row["session_id"],
+                        row["started_at"],
+                        row["started_by"],
+                        str(exc).splitlines()[0],
+                    )
+                    continue
+            else:
+                log.warning(
+                    "aborted BigQuery session %s, begun %s by %s and not ended by it (killed"
+                    " inside its transaction, or a sync still running): its transaction is"
+                    " rolled back",
+                    row["session_id"],
+                    row["started_at"],
+                    row["started_by"],
+                )
+            self._forget_session(row["session_id"])
+
+    def abort_session(self, session_id: str) -> None:
+        """End a session (CALL BQ.ABORT_SESSION), rolling back its open transaction if any."""
+        if not _SESSION_ID.match(session_id):
+            raise WarehouseError(f"{session_id!r} is not a BigQuery session id")
+        self._query(f"CALL BQ.ABORT_SESSION('{session_id}')", in_session=False)
+
+    def _forget_session(self, session_id: str) -> None:
+        """Delete the record of an ended session."""
+        self._query(
+            f"DELETE FROM {SESSIONS_TABLE} WHERE session_id = @session_id",
+            {"session_id": session_id},
+            in_session=False,
+        )
 
     def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run one query job to completion and return it."""
         self._begin_if_wanted()
-        job = self.client.query(sql, job_config=self._job_config(params), location=self.location)
-        job.result()
-        return job
+        return self._query(sql, params)
 
     def query_arrow(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         """Run a query and return its rows as Arrow."""
@@ -322,20 +434,48 @@ class BigQueryWarehouse:
             self._transaction_wanted = False
 
     def _finish(self, statement: str) -> None:
-        """Commit or roll back the session's transaction.
+        """Commit or roll back the session's transaction, then end the session and delete its
+        record (left idle, BigQuery would keep it a day; ended, nothing of it stays).
 
-        The session is left to expire on its own (BigQuery ends idle sessions) rather than
-        ended with CALL BQ.ABORT_SESSION(), a procedure call no SQL parser here can check.
+        Ending it is housekeeping: once the transaction has ended, a failure there is logged,
+        the record kept for the next transaction to end it.
         """
-        if self._session_id is None:
+        session = self._session_id
+        if session is None:
             return
         try:
-            self.client.query(statement, job_config=self._job_config()).result()
+            self._query(statement)
         finally:
             self._session_id = None
+            try:
+                self.abort_session(session)
+                self._forget_session(session)
+            except Exception as exc:
+                log.warning(
+                    "BigQuery session %s not ended after its transaction (the next transaction"
+                    " ends it): %s",
+                    session,
+                    str(exc).splitlines()[0],
+                )
 
     def close(self) -> None:
         """Close the client's HTTP session."""
         close = getattr(self.client, "close", None)
         if close:
             close()
+
+
+def conflict_message(exc: Exception) -> str:
+    """What a transaction cancelled by another one mutating the same table is to say: BigQuery's
+    words, what holds such a transaction, and how to end it."""
+    said = str(exc).splitlines()[0]
+    return (
+        f"BigQuery cancelled this transaction: {said}. Another open transaction has changed that"
+        " table: another sync running now (let it finish, then rerun this one), or a sync killed"
+        " inside its transaction whose session was not recorded in"
+        f" {SESSIONS_TABLE} or could not be ended (see the warnings logged), which BigQuery keeps"
+        " open until it has been idle 24 hours. To end it now, find it (SELECT session_id,"
+        " creation_time FROM `region-<location>`.INFORMATION_SCHEMA.SESSIONS_BY_USER WHERE"
+        " is_active), run CALL BQ.ABORT_SESSION('<session id>') (its transaction is rolled"
+        " back), then rerun the sync"
+    )

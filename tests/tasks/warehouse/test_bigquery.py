@@ -2,16 +2,21 @@
 
 A fake client stands where google.cloud.bigquery.Client would: it records every query job (SQL and
 QueryJobConfig) and load job (destination and LoadJobConfig), parses every SQL with sqlglot's
-BigQuery dialect (a fallback to an unparsed Command fails the test), and, so that the sync's count
-checks see real numbers, carries the work out on an in-memory DuckDB with BigQuery's load semantics
-(WRITE_TRUNCATE of a table, or of one partition through the `table$YYYYMMDD` decorator).
+BigQuery dialect (a fallback to an unparsed Command fails the test, but for the statements of
+UNPARSED_ALLOWED), and, so that the sync's count checks see real numbers, carries the work out on an
+in-memory DuckDB with BigQuery's load semantics (WRITE_TRUNCATE of a table, or of one partition
+through the `table$YYYYMMDD` decorator). Sessions behave as BigQuery documents them: a process
+killed inside a transaction leaves its session open with the transaction uncommitted (BigQuery
+ends an idle session after 24 hours), and a transaction mutating (DELETE, UPDATE, MERGE) a table
+another open transaction has mutated is cancelled, until that session is aborted.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,14 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlglot
-from google.api_core.exceptions import NotFound
+from google.api_core.exceptions import BadRequest, NotFound
 from google.cloud import bigquery
 from sqlglot import exp
 
 from tasks.extract import Source, open_source
 from tasks.sync import TableSpec, configured_tables, sync_table, validate_tables
 from tasks.warehouse import WarehouseError, open_warehouse
-from tasks.warehouse.bigquery import BigQueryWarehouse
+from tasks.warehouse.bigquery import SESSIONS_SCHEMA, BigQueryWarehouse
 
 ROOT = Path(__file__).resolve().parents[3]
 _DUCK_TYPES = {
@@ -48,6 +53,28 @@ _LEGACY_TYPES = {
     "DATE": "DATE",
     "TIMESTAMP WITH TIME ZONE": "TIMESTAMP",
 }
+
+
+# Statements sqlglot cannot parse (it falls back to a Command), each checked by its own pattern
+# instead; any other Command fails the test. `CALL BQ.ABORT_SESSION('<id>')`: a system procedure
+# call (https://cloud.google.com/bigquery/docs/reference/system-procedures), which sqlglot 30
+# parses as an opaque Command (see test_the_unparsed_allow_list_is_what_sqlglot_cannot_parse).
+ABORT_SESSION = re.compile(r"^CALL BQ\.ABORT_SESSION\('([A-Za-z0-9_=+/-]+)'\)$")
+UNPARSED_ALLOWED = (ABORT_SESSION,)
+
+
+class FakeSession:
+    """One BigQuery session: its transaction runs on a DuckDB cursor of its own, as BigQuery runs
+    it apart from the jobs outside the session; `mutated`: the tables its open transaction has
+    changed by DELETE, UPDATE or MERGE (what makes another transaction on them conflict).
+
+    A plain class, not a dataclass: tests/tasks/test_sync_keys.py loads this module by path,
+    unregistered, where a dataclass cannot resolve its module."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+        self.in_transaction = True
+        self.mutated: set[str] = set()
 
 
 class Killed(BaseException):
@@ -80,14 +107,21 @@ class FakeBigQueryClient:
         self.deleted: list[str] = []
         self.db = duckdb.connect()
         self.db.execute("SET TimeZone = 'UTC'")
-        # The session's transaction runs on a connection of its own, as BigQuery runs it apart
-        # from the jobs outside the session (loads, table API calls, query jobs without it).
-        self.session = self.db.cursor()
+        # Every session not yet ended, by id (a killed process's stays: BigQuery keeps it).
+        self.sessions: dict[str, FakeSession] = {}
+        # The session the running process uses (None: none open).
+        self.current: str | None = None
+        self.aborted: list[str] = []
+        self.begun = 0
         # kill_when(event) -> True: the process dies there (see kill_when); nothing else
         # reaches the client until revive().
         self.kill_when: Any = None
         self.dead = False
-        self.session_open = False
+
+    @property
+    def session_open(self) -> bool:
+        """Whether the running process has a session open."""
+        return self.current is not None
 
     def _table(self, ref: str) -> str:
         assert ref.startswith(self.prefix), ref
@@ -107,13 +141,45 @@ class FakeBigQueryClient:
             raise Killed(event)
 
     def revive(self) -> None:
-        """The killed process's session ends (BigQuery rolls its transaction back); the client
-        serves a new process."""
-        if self.session_open:
-            self.session.execute("ROLLBACK")
-            self.session_open = False
+        """The client serves a new process. The killed one's session stays open, its transaction
+        uncommitted, as BigQuery keeps it until it has been idle 24 hours."""
+        self.current = None
         self.dead = False
         self.kill_when = None
+
+    def _abort(self, session_id: str) -> FakeJob:
+        """CALL BQ.ABORT_SESSION: the session ends, its open transaction rolled back."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            raise BadRequest(f"Session {session_id} not found or already terminated")
+        if session.in_transaction:
+            session.cursor.execute("ROLLBACK")
+        self.aborted.append(session_id)
+        if self.current == session_id:
+            self.current = None
+        return FakeJob()
+
+    def _mutates(self, statements: list[Any]) -> set[str]:
+        """The tables the statements change in place (an INSERT only appends: no conflict)."""
+        kinds = exp.Delete | exp.Update | exp.Merge
+        return {s.this.name for s in statements if isinstance(s, kinds)}
+
+    def _check_conflict(self, session_id: str, statements: list[Any]) -> None:
+        """Cancel this session's transaction (rolled back, as BigQuery does) when it mutates a
+        table another open transaction has mutated."""
+        session = self.sessions[session_id]
+        mutates = self._mutates(statements)
+        for other_id, other in self.sessions.items():
+            clash = sorted(mutates & other.mutated) if other_id != session_id else []
+            if clash and other.in_transaction:
+                session.cursor.execute("ROLLBACK")
+                session.in_transaction = False
+                session.mutated.clear()
+                raise BadRequest(
+                    f"Transaction is aborted due to concurrent update against table"
+                    f" {self.prefix}{clash[0]}. Transaction ID: tx-{session_id}"
+                )
+        session.mutated |= mutates
 
     def get_table(self, ref: str) -> Any:
         self._event(f"get {ref}")
@@ -139,26 +205,43 @@ class FakeBigQueryClient:
 
     def query(self, sql: str, job_config: bigquery.QueryJobConfig, location: Any = None) -> FakeJob:
         self._event(f"query {sql.strip()}")
-        statements = sqlglot.parse(sql, read="bigquery")
-        assert not any(isinstance(s, exp.Command) for s in statements), sql
         self.queries.append((sql, job_config))
         assert job_config.default_dataset.dataset_id == self.prefix.split(".")[1]
+        allowed = [m for m in (p.match(sql) for p in UNPARSED_ALLOWED) if m]
+        if allowed:
+            # Ends any session, the caller's own or one left by another process; never in it.
+            assert not job_config.connection_properties and allowed[0].re is ABORT_SESSION
+            return self._abort(allowed[0].group(1))
+        statements = sqlglot.parse(sql, read="bigquery")
+        assert not any(isinstance(s, exp.Command) for s in statements), sql
         if isinstance(statements[0], exp.Transaction):
             assert job_config.create_session and not self.session_open
-            self.session.execute("BEGIN")
-            self.session_open = True
-            return FakeJob(session_id="session-1")
+            self.begun += 1
+            self.current = f"session-{self.begun}"
+            self.sessions[self.current] = FakeSession(self.db.cursor())
+            self.sessions[self.current].cursor.execute("BEGIN")
+            return FakeJob(session_id=self.current)
         in_session = bool(job_config.connection_properties)
-        # Only a job writing a table of its own may run beside the open session.
-        beside = job_config.destination is not None
+        session_id = job_config.connection_properties[0].value if in_session else None
+        assert session_id is None or session_id == self.current, "a session of another process"
+        # Only a job writing a table of its own, or the adapter's bookkeeping of its sessions
+        # (a table no transaction writes), may run beside the open session.
+        beside = job_config.destination is not None or "sync_sessions" in sql
         assert in_session == self.session_open or beside, "a statement outside the open session"
-        if isinstance(statements[0], exp.Commit | exp.Rollback):
-            self.session.execute("COMMIT" if isinstance(statements[0], exp.Commit) else "ROLLBACK")
-            self.session_open = False
+        if session_id is not None and isinstance(statements[0], exp.Commit | exp.Rollback):
+            session = self.sessions[session_id]
+            if session.in_transaction:
+                commit = isinstance(statements[0], exp.Commit)
+                session.cursor.execute("COMMIT" if commit else "ROLLBACK")
+            session.in_transaction = False
+            session.mutated.clear()
+            self.current = None  # the adapter begins its next transaction in a new session
             return FakeJob()
+        if session_id is not None:
+            self._check_conflict(session_id, statements)
         params = {p.name: p.value for p in job_config.query_parameters}
         duck = ";".join(sqlglot.transpile(sql, read="bigquery", write="duckdb"))
-        db = self.session if in_session else self.db
+        db = self.sessions[session_id].cursor if session_id else self.db
         if job_config.destination is not None:
             # A query job writing its result to a table: WRITE_TRUNCATE replaces it whole when
             # the job completes (created if missing), outside any session.
@@ -286,7 +369,10 @@ def test_sync_through_bigquery_jobs(tmp_path: Path) -> None:
     inside = client.queries[begin + 1 : commit]
     merge_sql, merge_config = next((s, c) for s, c in inside if s.lstrip("-\n ").find("MERGE") >= 0)
     assert isinstance(sqlglot.parse(merge_sql, read="bigquery")[0], exp.Merge)
-    assert merge_config.connection_properties[0].value == "session-1"
+    commit_config = client.queries[commit][1]
+    assert (
+        merge_config.connection_properties[0].value == commit_config.connection_properties[0].value
+    )
     assert [(p.name, p.type_, p.value) for p in merge_config.query_parameters] == [
         ("as_of", "DATE", date(2026, 11, 21))
     ]
@@ -800,3 +886,126 @@ def test_a_failed_rebuild_keeps_a_table_it_did_not_create(tmp_path: Path) -> Non
     held = warehouse.query_arrow("SELECT charge_id, status FROM deferred_charges").to_pylist()
     assert held == [{"charge_id": 99, "status": "migrated"}]
     assert not warehouse.table_exists("deferred_charges__changes")  # the run's own: dropped
+
+
+def killed_mid_transaction(tmp_path: Path) -> tuple[FakeBigQueryClient, Source, TableSpec, str]:
+    """A first day synced, then the second day's sync killed inside its transaction, at its ledger
+    row: its DELETE FROM sync_ledger and MERGE have run, uncommitted; the session it leaves open
+    (its id returned), the client revived for a new process."""
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    assert sync_table(source, warehouse, charges, date(2026, 11, 20)).status == "succeeded"
+    with sqlite3.connect(tmp_path / "src.db") as db:
+        db.execute(
+            "UPDATE deferred_charges SET status = 'repaid',"
+            " updated_at = '2026-11-21T05:00:00.000000+00:00' WHERE charge_id = 1"
+        )
+    client.kill_when = lambda event: event.startswith("query -- The outcome of one table's sync")
+    with pytest.raises(Killed):
+        sync_table(source, warehouse, charges, date(2026, 11, 21))
+    client.revive()
+    (left,) = [i for i, s in client.sessions.items() if s.in_transaction]
+    assert {"sync_ledger", "deferred_charges"} <= client.sessions[left].mutated
+    return client, source, charges, left
+
+
+def test_a_session_left_open_by_a_killed_sync_is_aborted_by_the_next_one(tmp_path: Path) -> None:
+    # A sync killed inside its transaction left its session open, the transaction uncommitted
+    # after its DELETE FROM sync_ledger and MERGE: BigQuery keeps such a session until it has been
+    # idle 24 hours and cancels every other transaction mutating those tables meanwhile, so the
+    # rerun (and every table's next sync, all writing the ledger) failed with a concurrent-update
+    # error for up to a day. The session is now recorded in sync_sessions when it begins, and the
+    # next transaction ends every recorded one (CALL BQ.ABORT_SESSION) before it begins its own.
+    client, source, charges, left = killed_mid_transaction(tmp_path)
+    later = BigQueryWarehouse("paylater-prod", "warehouse", client=client)  # a new process
+    try:
+        result = sync_table(source, later, charges, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert (result.status, result.warehouse_rows) == ("succeeded", 2)
+    assert held_charges(later) == source_charges(tmp_path / "src.db")
+    ledger = later.query_arrow("SELECT as_of, status FROM sync_ledger ORDER BY as_of").to_pylist()
+    assert ledger == [
+        {"as_of": date(2026, 11, 20), "status": "succeeded"},
+        {"as_of": date(2026, 11, 21), "status": "succeeded"},
+    ]
+    sqls = [s for s, _ in client.queries]
+    # Ended before the new transaction began.
+    assert sqls.index(f"CALL BQ.ABORT_SESSION('{left}')") < len(sqls) - sqls[::-1].index(
+        "BEGIN TRANSACTION"
+    )
+    assert left in client.aborted
+    # Each run also ends its own session once its transaction has ended: none is left open,
+    # and the record of sessions is empty again.
+    assert client.sessions == {}
+    assert later.query_arrow("SELECT session_id FROM sync_sessions").num_rows == 0
+
+
+def test_a_conflict_with_a_session_the_sync_cannot_end_names_the_cause_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    # A session the record does not hold (left by a release before it, or its row deleted by
+    # hand) still holds its transaction: the sync fails with an error that says what holds the
+    # tables and how to end it, not BigQuery's bare "concurrent update".
+    client, source, charges, left = killed_mid_transaction(tmp_path)
+    client.db.execute("DELETE FROM sync_sessions")
+    later = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    try:
+        with pytest.raises(WarehouseError) as caught:
+            sync_table(source, later, charges, date(2026, 11, 21))
+    finally:
+        source.close()
+    message = str(caught.value)
+    assert "concurrent update against table paylater-prod.warehouse.deferred_charges" in message
+    assert "killed inside its transaction" in message and "24 hours" in message
+    assert "INFORMATION_SCHEMA.SESSIONS_BY_USER" in message
+    assert "CALL BQ.ABORT_SESSION('<session id>')" in message
+    assert isinstance(caught.value.__cause__, BadRequest)
+    # Ended by hand as the message says, the next sync succeeds.
+    client.query(
+        f"CALL BQ.ABORT_SESSION('{left}')",
+        bigquery.QueryJobConfig(default_dataset="paylater-prod.warehouse"),
+    )
+    source = open_source(f"sqlite:///{tmp_path / 'src.db'}")
+    try:
+        assert sync_table(source, later, charges, date(2026, 11, 21)).status == "succeeded"
+    finally:
+        source.close()
+
+
+def test_the_unparsed_allow_list_is_what_sqlglot_cannot_parse() -> None:
+    # The fake lets through the statements of UNPARSED_ALLOWED unparsed: each must still be one
+    # sqlglot cannot parse (once it can, the fake parses it like any other), and any other
+    # statement sqlglot cannot parse still fails.
+    abort = "CALL BQ.ABORT_SESSION('CgwKCmZvby1wcm9qZWN0EAE')"
+    assert ABORT_SESSION.match(abort)
+    assert isinstance(sqlglot.parse_one(abort, read="bigquery"), exp.Command)
+    client = FakeBigQueryClient()
+    config = bigquery.QueryJobConfig(default_dataset="paylater-prod.warehouse")
+    with pytest.raises(AssertionError):
+        client.query("CALL BQ.JOBS.CANCEL('job-1')", config)
+    with pytest.raises(AssertionError):
+        client.query("CALL BQ.ABORT_SESSION('x'); DROP TABLE sync_ledger", config)
+
+
+@pytest.mark.parametrize("age_days", [1, 8])
+def test_a_recorded_session_bigquery_no_longer_knows_is_forgotten_once_surely_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, age_days: int
+) -> None:
+    # A recorded session the abort fails for (ended by hand, or idle 24 hours) does not fail
+    # the sync: it is named in a warning and its record kept for the next run, until BigQuery's
+    # longest session lifetime (7 days) has passed since it began, when it is surely gone.
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    warehouse.create_table_if_missing("sync_sessions", SESSIONS_SCHEMA)
+    began = datetime.now(UTC) - timedelta(days=age_days)
+    client.db.execute("INSERT INTO sync_sessions VALUES ('gone-session', ?, 'host pid 1')", [began])
+    try:
+        assert sync_table(source, warehouse, charges, date(2026, 11, 20)).status == "succeeded"
+    finally:
+        source.close()
+    left = warehouse.query_arrow("SELECT session_id FROM sync_sessions").to_pylist()
+    assert left == ([{"session_id": "gone-session"}] if age_days < 7 else [])
+    warned = [r.getMessage() for r in caplog.records if "gone-session" in r.getMessage()]
+    assert bool(warned) == (age_days < 7)
+    assert client.sessions == {}

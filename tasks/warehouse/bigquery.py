@@ -17,9 +17,9 @@ end. An open transaction that has mutated a table (DELETE, UPDATE, MERGE) makes 
 transaction mutating that table be cancelled ("concurrent update"), and DML outside a
 transaction wait. So a process killed inside a transaction would block every later one on those
 tables (the sync's ledger among them) for up to a day. Each session is therefore recorded in
-SESSIONS_TABLE as soon as it is created, before its first statement; a transaction ends every
-recorded session before it begins its own; and each session is ended as soon as its transaction
-has committed or rolled back, its record deleted.
+SESSIONS_TABLE as soon as it is created, before its first statement; the adapter's first
+statement is preceded by ending every recorded session; and each session is ended as soon as
+its transaction has committed or rolled back, its record deleted.
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ class BigQueryWarehouse:
         self.location = location
         self._transaction_wanted = False
         self._session_id: str | None = None
+        # Whether the sessions killed processes left have been ended (at the first statement).
+        self._left_ended = False
 
     @classmethod
     def from_url(cls, url: str, client: Any = None) -> BigQueryWarehouse:
@@ -192,9 +194,8 @@ class BigQueryWarehouse:
 
     def _begin_if_wanted(self) -> None:
         """Open the session and its transaction at the first statement inside transaction(),
-        once every session a killed process left has been ended, and record it."""
+        and record it."""
         if self._transaction_wanted and self._session_id is None:
-            self._end_left_sessions()
             job = self.client.query(
                 "BEGIN TRANSACTION",
                 job_config=self._job_config(create_session=True),
@@ -216,13 +217,19 @@ class BigQueryWarehouse:
             )
 
     def _end_left_sessions(self) -> None:
-        """End every recorded session (left by a killed process: a live one ends its own), so
-        that its open transaction no longer blocks the tables it changed; forget it once ended.
+        """At the first statement: end every recorded session (left by a killed process: a
+        live one ends its own), so that its open transaction no longer blocks the tables it
+        changed, and forget it once ended.
+
+        The first statement, not the first of a transaction: DML outside a transaction on such
+        a table (a failed sync's ledger row) would wait behind the left transaction, not fail.
 
         A session BigQuery no longer knows (ended by hand, idle 24 hours) cannot be aborted:
         its record stays, with a warning, until SESSION_MAX_AGE has passed, as BigQuery does
         not say whether the failure was that or something passing.
         """
+        if self._left_ended:
+            return
         self.create_table_if_missing(SESSIONS_TABLE, SESSIONS_SCHEMA)
         left = self._query(
             f"SELECT session_id, started_at, started_by FROM {SESSIONS_TABLE}", in_session=False
@@ -251,6 +258,7 @@ class BigQueryWarehouse:
                     row["started_by"],
                 )
             self._forget_session(row["session_id"])
+        self._left_ended = True
 
     def abort_session(self, session_id: str) -> None:
         """End a session (CALL BQ.ABORT_SESSION), rolling back its open transaction if any."""
@@ -268,6 +276,7 @@ class BigQueryWarehouse:
 
     def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run one query job to completion and return it."""
+        self._end_left_sessions()
         self._begin_if_wanted()
         return self._query(sql, params)
 
@@ -385,6 +394,7 @@ class BigQueryWarehouse:
         """
         from google.cloud import bigquery
 
+        self._end_left_sessions()
         config = self._job_config(
             params,
             in_session=False,

@@ -112,6 +112,7 @@ class FakeBigQueryClient:
         # The session the running process uses (None: none open).
         self.current: str | None = None
         self.aborted: list[str] = []
+        self.queued: list[str] = []
         self.begun = 0
         # kill_when(event) -> True: the process dies there (see kill_when); nothing else
         # reaches the client until revive().
@@ -181,6 +182,16 @@ class FakeBigQueryClient:
                 )
         session.mutated |= mutates
 
+    def _check_queued(self, statements: list[Any]) -> None:
+        """DML outside a session on a table an open transaction has mutated: BigQuery queues it
+        until that transaction ends (up to the session's 24 idle hours); the fake cannot wait,
+        so it fails it, and records it in `queued`."""
+        held = set().union(*(s.mutated for s in self.sessions.values() if s.in_transaction))
+        clash = sorted(self._mutates(statements) & held)
+        if clash:
+            self.queued.append(clash[0])
+            raise BadRequest(f"DML on {self.prefix}{clash[0]} queued behind an open transaction")
+
     def get_table(self, ref: str) -> Any:
         self._event(f"get {ref}")
         table = self._table(ref)
@@ -239,6 +250,8 @@ class FakeBigQueryClient:
             return FakeJob()
         if session_id is not None:
             self._check_conflict(session_id, statements)
+        else:
+            self._check_queued(statements)
         params = {p.name: p.value for p in job_config.query_parameters}
         duck = ";".join(sqlglot.transpile(sql, read="bigquery", write="duckdb"))
         db = self.sessions[session_id].cursor if session_id else self.db
@@ -1009,3 +1022,24 @@ def test_a_recorded_session_bigquery_no_longer_knows_is_forgotten_once_surely_go
     warned = [r.getMessage() for r in caplog.records if "gone-session" in r.getMessage()]
     assert bool(warned) == (age_days < 7)
     assert client.sessions == {}
+
+
+def test_a_sync_failing_before_its_transaction_ends_the_left_session_first(tmp_path: Path) -> None:
+    # The sessions a killed run left were ended at the next transaction's first statement: a
+    # sync failing before it (here its columns differ from the warehouse's) wrote its failed
+    # ledger row by a DELETE outside any transaction, which BigQuery queues behind the left
+    # transaction (holding the ledger) for up to a day. They are now ended at the warehouse's
+    # first statement, whatever it is.
+    from tasks.sync import SchemaMismatch
+
+    client, source, charges, left = killed_mid_transaction(tmp_path)
+    later = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    wider = replace(charges, columns={**charges.columns, "channel": "string"})
+    try:
+        with pytest.raises(SchemaMismatch):
+            sync_table(source, later, wider, date(2026, 11, 21))
+    finally:
+        source.close()
+    assert left in client.aborted and client.queued == []
+    ledger = later.query_arrow("SELECT as_of, status FROM sync_ledger ORDER BY as_of").to_pylist()
+    assert ledger[-1] == {"as_of": date(2026, 11, 21), "status": "failed"}

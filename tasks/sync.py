@@ -1054,6 +1054,9 @@ def sync_table(
     """
     started = time.monotonic()
     watermark_to = refuse_unended(as_of)
+    if isinstance(warehouse, BigQueryWarehouse):
+        # Before any statement: a left transaction would block (or queue) the ledger's DML.
+        warehouse.end_left_sessions()
     ensure_ledger(warehouse)
     rebuild = rebuilds(warehouse, spec)
     start = None if reread else window_start(warehouse, spec, as_of)

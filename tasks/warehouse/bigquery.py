@@ -17,9 +17,10 @@ end. An open transaction that has mutated a table (DELETE, UPDATE, MERGE) makes 
 transaction mutating that table be cancelled ("concurrent update"), and DML outside a
 transaction wait. So a process killed inside a transaction would block every later one on those
 tables (the sync's ledger among them) for up to a day. Each session is therefore recorded in
-SESSIONS_TABLE as soon as it is created, before its first statement; the adapter's first
-statement is preceded by ending every recorded session; and each session is ended as soon as
-its transaction has committed or rolled back, its record deleted.
+SESSIONS_TABLE as soon as it is created, before its first statement; a sync, before its first
+statement, ends every recorded session (end_left_sessions; other connections never do, or a
+report reading the warehouse would end a sync running meanwhile); and each session is ended as
+soon as its transaction has committed or rolled back, its record deleted.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class BigQueryWarehouse:
         self.location = location
         self._transaction_wanted = False
         self._session_id: str | None = None
-        # Whether the sessions killed processes left have been ended (at the first statement).
+        # Whether the sessions killed processes left have been ended (by a sync, at its start).
         self._left_ended = False
+        self._sessions_table_ready = False
 
     @classmethod
     def from_url(cls, url: str, client: Any = None) -> BigQueryWarehouse:
@@ -203,6 +205,7 @@ class BigQueryWarehouse:
             )
             job.result()
             self._session_id = job.session_info.session_id
+            self._ensure_sessions_table()
             # Before the transaction's first statement: a session killed before it is recorded
             # holds a transaction that has changed nothing, which conflicts with none.
             self._query(
@@ -216,13 +219,20 @@ class BigQueryWarehouse:
                 in_session=False,
             )
 
-    def _end_left_sessions(self) -> None:
-        """At the first statement: end every recorded session (left by a killed process: a
-        live one ends its own), so that its open transaction no longer blocks the tables it
-        changed, and forget it once ended.
+    def _ensure_sessions_table(self) -> None:
+        """Create SESSIONS_TABLE unless this connection has already made sure it exists."""
+        if not self._sessions_table_ready:
+            self.create_table_if_missing(SESSIONS_TABLE, SESSIONS_SCHEMA)
+            self._sessions_table_ready = True
 
-        The first statement, not the first of a transaction: DML outside a transaction on such
-        a table (a failed sync's ledger row) would wait behind the left transaction, not fail.
+    def end_left_sessions(self) -> None:
+        """End every recorded session (left by a killed process: a live one ends its own), so
+        that its open transaction no longer blocks the tables it changed, and forget it once
+        ended. Called by a sync before its first statement (tasks.sync.sync_table), not by every
+        connection: a reader (the monitoring report, a feature build) would end a sync running
+        meanwhile. Before the first statement, not the first of a transaction: DML outside a
+        transaction on such a table (a failed sync's ledger row) would wait behind the left
+        transaction, not fail.
 
         A session BigQuery no longer knows (ended by hand, idle 24 hours) cannot be aborted:
         its record stays, with a warning, until SESSION_MAX_AGE has passed, as BigQuery does
@@ -230,7 +240,7 @@ class BigQueryWarehouse:
         """
         if self._left_ended:
             return
-        self.create_table_if_missing(SESSIONS_TABLE, SESSIONS_SCHEMA)
+        self._ensure_sessions_table()
         left = self._query(
             f"SELECT session_id, started_at, started_by FROM {SESSIONS_TABLE}", in_session=False
         ).to_arrow()
@@ -276,7 +286,6 @@ class BigQueryWarehouse:
 
     def _run(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         """Run one query job to completion and return it."""
-        self._end_left_sessions()
         self._begin_if_wanted()
         return self._query(sql, params)
 
@@ -394,7 +403,6 @@ class BigQueryWarehouse:
         """
         from google.cloud import bigquery
 
-        self._end_left_sessions()
         config = self._job_config(
             params,
             in_session=False,

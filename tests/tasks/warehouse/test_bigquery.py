@@ -954,6 +954,23 @@ def test_a_session_left_open_by_a_killed_sync_is_aborted_by_the_next_one(tmp_pat
     assert later.query_arrow("SELECT session_id FROM sync_sessions").num_rows == 0
 
 
+def test_a_reader_never_ends_a_recorded_session_only_a_sync_does(tmp_path: Path) -> None:
+    # Every warehouse connection ended every recorded session at its first statement, and a
+    # recorded session may be a sync still running in another process: the monitoring report or
+    # a feature build reading the warehouse meanwhile rolled that sync back. Readers now leave
+    # recorded sessions alone; the next sync ends them before its first statement.
+    client, source, charges, left = killed_mid_transaction(tmp_path)
+    reader = BigQueryWarehouse("paylater-prod", "warehouse", client=client)  # a report
+    assert reader.query_arrow("SELECT COUNT(*) AS n FROM sync_ledger").num_rows == 1
+    assert left not in client.aborted and left in client.sessions
+    later = BigQueryWarehouse("paylater-prod", "warehouse", client=client)
+    try:
+        assert sync_table(source, later, charges, date(2026, 11, 21)).status == "succeeded"
+    finally:
+        source.close()
+    assert left in client.aborted
+
+
 def test_a_conflict_with_a_session_the_sync_cannot_end_names_the_cause_and_the_fix(
     tmp_path: Path,
 ) -> None:

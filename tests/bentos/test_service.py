@@ -364,8 +364,12 @@ def test_the_bench_counts_each_keep_alive_connection_on_the_worker_holding_it(
 
 
 def attempts(answer: Any) -> int:
-    """The attempt number a 503 while the model cannot be loaded names (0: none named)."""
-    found = re.search(r"model load failed \(attempt (\d+), next in \d+ s\)", str(answer))
+    """The attempt number a 503 while the model cannot be loaded names (0: none named); the
+    next attempt is either counted down or, between the countdown and the attempt's end, under
+    way ("trying again now")."""
+    found = re.search(
+        r"model load failed \(attempt (\d+), (?:next in \d+ s|trying again now)\)", str(answer)
+    )
     return int(found.group(1)) if found else 0
 
 

@@ -1034,9 +1034,9 @@ data day a drift incident last counted); an older table gets them added (counter
 
 
 def ensure_incident_table(engine: sa.Engine) -> None:
-    """Create monitor_incidents, monitor_unmeasured and monitor_judged_days when missing; add the columns of
-    INCIDENT_COLUMNS to an incident table made before them (its open incidents then start
-    counting at 0, and count their next report whatever its day)."""
+    """Create monitor_incidents, monitor_unmeasured and monitor_judged_days when missing; add
+    the columns of INCIDENT_COLUMNS to an incident table made before them (its open incidents
+    then start counting at 0, and count their next report whatever its day)."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":  # a monitor racing this one waits, then finds them
             conn.execute(sa.text(load_sql("incidents_ddl_lock")))

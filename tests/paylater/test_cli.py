@@ -35,14 +35,20 @@ def test_backfill_misconfigured_is_one_error_line(
     assert line.startswith("error: ") and expected in line
 
 
-def test_settings_misconfigured_is_one_error_line(
-    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PAYLATER_SYNC_READERS", "two")
+def settings_refusal(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> str:
+    """`paylater settings` with `variable` set to `value`: exit status 1 and one line, returned."""
+    monkeypatch.setenv(variable, value)
     result = CliRunner().invoke(app, ["settings"])
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1
     (line,) = result.output.splitlines()
+    return line
+
+
+def test_settings_misconfigured_is_one_error_line(
+    paylater_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = settings_refusal(monkeypatch, "PAYLATER_SYNC_READERS", "two")
     assert line.startswith("error: PAYLATER_SYNC_READERS") and "'two'" in line
 
 
@@ -150,10 +156,7 @@ def test_backfill_with_a_date_that_does_not_exist_names_the_flag(
 def test_a_setting_that_is_not_json_names_its_variable_and_value(
     paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
-    monkeypatch.setenv(variable, value)
-    result = CliRunner().invoke(app, ["settings"])
-    assert result.exit_code == 1
-    (line,) = result.output.splitlines()
+    line = settings_refusal(monkeypatch, variable, value)
     assert line.startswith(f"error: {variable}: not valid JSON (")
     assert line.endswith(f"(got {value!r})")
 
@@ -169,10 +172,7 @@ def test_an_invalid_setting_never_prints_the_password_it_holds(
     paylater_home: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
 ) -> None:
     """The value echoed after 'got' was printed as typed, a URL's password included."""
-    monkeypatch.setenv(variable, value)
-    result = CliRunner().invoke(app, ["settings"])
-    assert result.exit_code == 1
-    (line,) = result.output.splitlines()
+    line = settings_refusal(monkeypatch, variable, value)
     assert line.startswith(f"error: {variable}: ")
     assert "Wr0ngSecret" not in line and "postgresql://app:***@db/ops" in line
 
@@ -180,10 +180,7 @@ def test_an_invalid_setting_never_prints_the_password_it_holds(
 def test_an_invalid_boolean_setting_names_the_accepted_values(
     paylater_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PAYLATER_GATE_ALLOW_FEATURE_CHANGES", "maybe")
-    result = CliRunner().invoke(app, ["settings"])
-    assert result.exit_code == 1
-    (line,) = result.output.splitlines()
+    line = settings_refusal(monkeypatch, "PAYLATER_GATE_ALLOW_FEATURE_CHANGES", "maybe")
     assert line.startswith("error: PAYLATER_GATE_ALLOW_FEATURE_CHANGES: ")
     assert "true or false" in line and "(got 'maybe')" in line
 

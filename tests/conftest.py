@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -124,7 +125,14 @@ def prefect_harness(prefect_db_template: Path) -> Iterator[None]:
         utilities.prefect_test_harness(server_startup_timeout=180),
         temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     ):
-        yield
+        try:
+            yield
+        finally:
+            # The harness logs "Stopping temporary server" at INFO through Prefect's console
+            # handler, whose stream a pytest-xdist worker has closed by session teardown: a
+            # "--- Logging error ---" traceback at the end of every parallel run, for a line
+            # nobody needs.
+            logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """daily_sync: copy the operational tables into the warehouse for one business day (`as_of`).
 
 The Embulk/Digdag job of the old system as a Prefect flow: check the configuration against the
-source, then one task per table (incremental MERGE or full replace, each with its ledger row).
+source, then one task per table (incremental MERGE or full replace, each with its ledger row),
+all under the warehouse's sync lock (tasks.sync_lock): a second sync of the same warehouse waits
+for the first to finish.
 A failure alerts through tasks.alerts and leaves every table either synced or untouched.
 """
 
@@ -11,6 +13,7 @@ from datetime import date
 
 from prefect import flow, get_run_logger, task
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
 from paylater.timeutil import resolve_as_of
 from tasks.alerts import alert_on_failure
@@ -22,6 +25,7 @@ from tasks.sync import (
     sync_table_task,
     validate_sync_config,
 )
+from tasks.sync_lock import held_for_sync
 
 
 @task
@@ -50,15 +54,19 @@ def daily_sync(
     """
     day = resolve_as_of(as_of)
     refuse_unended(day)  # said once for the day, not once per table by every table task
-    tables = validate_sync_config()
-    wanted = set(reread or ())
-    unknown = sorted(wanted - {spec.name for spec in tables})
-    if unknown:
-        raise ConfigError(
-            f"reread names table(s) the sync does not copy: {', '.join(unknown)}"
-            f" (configured: {', '.join(spec.name for spec in tables)})"
-        )
-    states = [sync_table_task(spec, day, spec.name in wanted, return_state=True) for spec in tables]
+    # One sync of a warehouse at a time: a second one waits here for the first to finish.
+    with held_for_sync(f"{flow_run.get_name()} as_of {day}", get_run_logger().warning):
+        tables = validate_sync_config()
+        wanted = set(reread or ())
+        unknown = sorted(wanted - {spec.name for spec in tables})
+        if unknown:
+            raise ConfigError(
+                f"reread names table(s) the sync does not copy: {', '.join(unknown)}"
+                f" (configured: {', '.join(spec.name for spec in tables)})"
+            )
+        states = [
+            sync_table_task(spec, day, spec.name in wanted, return_state=True) for spec in tables
+        ]
     report = sync_report(day, states, [spec.name for spec in tables])
     for table in report.tables:
         deleted = (

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
         le=8,
         description="Parallel source readers for a large extract (each reads a slice: of the time window for an incremental day, of an integer key range otherwise).",
     )
+    sync_lock_wait_seconds: float = Field(
+        default=1800.0,
+        ge=0,
+        description=(
+            "How long a sync waits for another sync of the same warehouse to finish before it"
+            " fails naming that sync (syncs of one warehouse run one at a time); 0: fail at once."
+        ),
+    )
     alert_slack_block: str | None = Field(
         default=None,
         description="Name of a Prefect SlackWebhook block that receives every alert.",

@@ -199,3 +199,32 @@ def test_a_setting_that_fails_validation_still_alerts_naming_it(
     (alert,) = alerts_received
     assert alert["subject"].endswith("of 'daily-sync' failed")
     assert "Mars/Olympus_Mons" in alert["body"] or "timezone" in alert["body"], alert["body"]
+
+
+def test_a_sync_waits_for_one_already_running_and_says_whom_it_timed_out_on(
+    prefect_harness, paylater_home: Path, monkeypatch, alerts_received
+) -> None:
+    """The flow holds the warehouse's sync lock for its run: started while another sync holds
+    it, it waits (here: not at all) and fails naming that sync, having written nothing."""
+    from tasks.sync_lock import SyncLockTimeout, sync_lock
+
+    make_source(paylater_home / "source.db")
+    monkeypatch.setenv("PAYLATER_SYNC_LOCK_WAIT_SECONDS", "0")
+    warehouse_url = f"duckdb:///{paylater_home / 'warehouse.duckdb'}"
+    source_url = f"sqlite:///{paylater_home / 'source.db'}"
+    held_by = "held by 'paylater-sync daily-sync/earlier-run"
+    with (
+        sync_lock(source_url, warehouse_url, 0, "daily-sync/earlier-run", print),
+        pytest.raises(SyncLockTimeout, match=held_by),
+    ):
+        daily_sync(as_of=date(2026, 11, 20))
+    (alert,) = alerts_received
+    assert "PAYLATER_SYNC_LOCK_WAIT_SECONDS=0" in alert["text"]
+    warehouse = open_warehouse(warehouse_url)
+    try:
+        assert not warehouse.table_exists("sync_ledger")
+    finally:
+        warehouse.close()
+    # Released, the same sync runs.
+    report = daily_sync(as_of=date(2026, 11, 20), announce=False)
+    assert report.succeeded

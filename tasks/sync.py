@@ -16,7 +16,9 @@ stages in `__changes`. Full tables are replaced whole. On DuckDB the load, the m
 ledger row commit in one transaction, a bulk one: past 1 MiB of changes it is checkpointed into
 the file at commit instead of going through the write-ahead log first.
 
-Checks (a failure rolls the table back and records a failed ledger row), all counted in the
+Checks (a failure rolls the table back and records the failure in the ledger: a failed row, or,
+when a run of the day already succeeded, the error and failed_at of its row, which stays
+succeeded: see record_failure), all counted in the
 same source snapshot as the read:
   rows_extracted == source rows in the window;  rows_loaded == rows_extracted;
   incremental: no source row has a NULL cursor (no window would ever read it);
@@ -166,10 +168,17 @@ LEDGER_SCHEMA = pa.schema(
         ("warning", pa.string()),
         # Likewise: the run re-read the table whole on request (NULL in rows written before it).
         ("reread", pa.bool_()),
+        # Likewise: when the day's latest run failed (see record_failure); NULL when it succeeded.
+        ("failed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 # The columns added to the ledger since its first release, with their BigQuery types.
-LEDGER_ADDED = (("rows_deleted", "INT64"), ("warning", "STRING"), ("reread", "BOOL"))
+LEDGER_ADDED = (
+    ("rows_deleted", "INT64"),
+    ("warning", "STRING"),
+    ("reread", "BOOL"),
+    ("failed_at", "TIMESTAMP"),
+)
 
 
 class SyncIncomplete(SyncError):
@@ -195,7 +204,12 @@ class TableResult(BaseModel):
     )
     duration_seconds: float
     status: Literal["succeeded", "failed"]
-    error: str | None = None
+    error: str | None = Field(
+        default=None,
+        description="Why the day's latest run failed: on a failed row, why it failed; on a"
+        " succeeded one, a later rerun's failure, which rolled back and left the succeeded"
+        " run's rows (see failed_at).",
+    )
     warning: str | None = Field(
         default=None,
         description="What a succeeded sync wants an operator to know: source rows whose change"
@@ -207,6 +221,11 @@ class TableResult(BaseModel):
         " failed or not; watermark_from is None then, as on a first load, which is not one.",
     )
     finished_at: datetime
+    failed_at: datetime | None = Field(
+        default=None,
+        description="When the day's latest run failed (None: it succeeded). On a succeeded row"
+        " every other figure, finished_at included, is still the succeeded run's.",
+    )
 
 
 class SyncReport(BaseModel):
@@ -983,6 +1002,23 @@ def write_ledger(warehouse: Warehouse, result: TableResult) -> TableResult:
     return result
 
 
+def record_failure(warehouse: Warehouse, failed: TableResult) -> None:
+    """Record a failed run in the ledger: as the day's row when no run of the day succeeded;
+    otherwise as the succeeded row's error and failed_at, its status and figures kept.
+
+    The failed run rolled back (DuckDB; on BigQuery its current tables are untouched too), so
+    the warehouse still holds what the succeeded run wrote: marking the day failed would make
+    the feature build and a backfill refuse a day whose data is good.
+    """
+    day = {"table_name": failed.table_name, "as_of": failed.as_of}
+    held = warehouse.query_arrow(sql_text("sync_ledger_day_status.sql"), day).to_pylist()
+    if any(r["status"] == "succeeded" for r in held):
+        attempt = {**day, "error": failed.error, "failed_at": failed.failed_at}
+        warehouse.execute(sql_text("sync_ledger_failed_rerun.sql"), attempt)
+    else:
+        write_ledger(warehouse, failed)
+
+
 def day_deleted(earlier: list[int | None], result: TableResult) -> int | None:
     """The rows a day's runs deleted: the earlier runs' count plus this run's.
 
@@ -1042,7 +1078,8 @@ def refuse_unended(as_of: date) -> datetime:
 def sync_table(
     source: Source, warehouse: Warehouse, spec: TableSpec, as_of: date, reread: bool = False
 ) -> TableResult:
-    """Sync one table for one as_of; on failure roll back, record a failed row, and raise.
+    """Sync one table for one as_of; on failure roll back, record the failure (see
+    record_failure), and raise.
 
     `reread`: read an incremental table's whole history up to as_of's watermark, replace the
     current table's versions of its keys with it and delete the rows whose key the source no
@@ -1063,6 +1100,7 @@ def sync_table(
     window = Window(start, watermark_to)
 
     def result(status: Literal["succeeded", "failed"], counts: _Counts | None, error: str | None):
+        finished = datetime.now(UTC)
         return TableResult(
             table_name=spec.name,
             as_of=as_of,
@@ -1078,7 +1116,8 @@ def sync_table(
             status=status,
             error=error,
             reread=reread,
-            finished_at=datetime.now(UTC),
+            finished_at=finished,
+            failed_at=finished if status == "failed" else None,
         )
 
     stream = None
@@ -1131,7 +1170,7 @@ def sync_table(
         drop_created(warehouse, spec, created)
         # If the warehouse itself is gone the ledger cannot be written; the raised error says why.
         with contextlib.suppress(Exception):
-            write_ledger(warehouse, result("failed", None, message))
+            record_failure(warehouse, result("failed", None, message))
         if cause is not exc:
             # Its cause stays the driver's error; the warehouse's wrapper is the context.
             raise cause  # noqa: B904

@@ -1388,8 +1388,8 @@ def broken(*args: Any) -> None:
 
 def test_reruns_of_a_day_add_up_the_rows_it_deleted(pg_url: str, warehouse, monkeypatch) -> None:
     # Each run of a day deletes what is gone by then, and what an earlier run deleted stays
-    # deleted: the day's ledger row counts them all, a failed rerun included (it deleted nothing,
-    # rolled back, and the earlier deletion still stands).
+    # deleted: the day's ledger row counts them all, through a failed rerun too (it deleted
+    # nothing, rolled back, and the earlier deletion still stands).
     db = SourceDB("postgres", pg_url)
     seed(db)
     sync_all(db, warehouse, D1)
@@ -1407,7 +1407,9 @@ def test_reruns_of_a_day_add_up_the_rows_it_deleted(pg_url: str, warehouse, monk
     finally:
         source.close()
     assert ledger_deleted(warehouse, "card_transactions", D2) == 2
-    assert failed_ledger_error(warehouse, "card_transactions", D2) == "OSError: gone"
+    # The day stays succeeded (the failed rerun rolled back), the attempt recorded on its row.
+    day = ledger_row(warehouse, "card_transactions", D2)
+    assert (day["status"], day["error"]) == ("succeeded", "OSError: gone")
     assert ledger_deleted(warehouse, "card_transactions", D1) is None  # deletes: fail then
 
 
@@ -1812,3 +1814,60 @@ def test_a_table_or_column_gone_from_the_source_after_validation_is_named(
     assert failed_ledger_error(warehouse, "topups", D2) == f"ConfigError: {err.value}"
     warehouse.execute("DELETE FROM sync_ledger WHERE as_of = @d", {"d": D2})
     assert digest(warehouse) == before
+
+
+def ledger_row(wh: Warehouse, table: str, as_of: date) -> dict[str, Any]:
+    """The one ledger row of a table and day."""
+    (row,) = wh.query_arrow(
+        "SELECT * FROM sync_ledger WHERE table_name = @t AND as_of = @d", {"t": table, "d": as_of}
+    ).to_pylist()
+    return row
+
+
+def test_a_failed_rerun_of_a_synced_day_keeps_it_succeeded_and_records_the_attempt(
+    tmp_path: Path, warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failed rerun's ledger row replaced the good one: the day read failed (the feature build
+    # and a backfill refused it) although the rerun rolled back and the warehouse still held the
+    # first run's rows.
+    db = SourceDB("sqlite", f"sqlite:///{tmp_path / 'src.db'}", tmp_path / "src.db")
+    seed(db)
+    sync_all(db, warehouse, D1)
+    good = ledger_row(warehouse, "deferred_charges", D1)
+    held = rows(warehouse, "deferred_charges", "charge_id")
+
+    real_merge = sync.merge_changes
+
+    def killed(wh: Warehouse, spec, as_of: date) -> None:
+        if spec.name == "deferred_charges":
+            raise OSError("disk full half way")
+        real_merge(wh, spec, as_of)
+
+    monkeypatch.setattr(sync, "merge_changes", killed)
+    with pytest.raises(OSError, match="disk full half way"):
+        sync_all(db, warehouse, D1)
+    after = ledger_row(warehouse, "deferred_charges", D1)
+    assert after["status"] == "succeeded"
+    assert after["error"] == "OSError: disk full half way"
+    assert after["failed_at"] is not None and after["failed_at"] > good["finished_at"]
+    # Every figure is still the successful run's, which is what the warehouse holds.
+    unchanged = {k: v for k, v in after.items() if k not in ("error", "failed_at")}
+    assert unchanged == {k: v for k, v in good.items() if k not in ("error", "failed_at")}
+    assert rows(warehouse, "deferred_charges", "charge_id") == held
+    check_ledger(warehouse, D1)  # the feature build's and the backfill's gate
+    assert ledger_watermark(warehouse, D1) == good["watermark_to"]
+
+    # A later day that never succeeded fails as before: nothing good to keep.
+    with pytest.raises(OSError, match="disk full half way"):
+        sync_all(db, warehouse, D2)
+    first_failure = ledger_row(warehouse, "deferred_charges", D2)
+    assert first_failure["status"] == "failed"
+    assert first_failure["failed_at"] == first_failure["finished_at"]
+    with pytest.raises(SyncIncomplete, match="deferred_charges"):
+        check_ledger(warehouse, D2)
+
+    # A successful rerun replaces the row whole: the failed attempt is history.
+    monkeypatch.undo()
+    sync_all(db, warehouse, D1)
+    again = ledger_row(warehouse, "deferred_charges", D1)
+    assert (again["status"], again["error"], again["failed_at"]) == ("succeeded", None, None)

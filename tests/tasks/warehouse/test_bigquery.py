@@ -1060,3 +1060,36 @@ def test_a_sync_failing_before_its_transaction_ends_the_left_session_first(tmp_p
     assert left in client.aborted and client.queued == []
     ledger = later.query_arrow("SELECT as_of, status FROM sync_ledger ORDER BY as_of").to_pylist()
     assert ledger[-1] == {"as_of": date(2026, 11, 21), "status": "failed"}
+
+
+def test_a_failed_rerun_of_a_synced_day_keeps_its_row_succeeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The failed rerun rolled back (its MERGE never committed): the day's row stays the succeeded
+    # run's, the attempt recorded on it by an UPDATE whose parameters BigQuery can type.
+    from tasks import sync
+
+    client = FakeBigQueryClient()
+    warehouse, source, charges = charges_sync(client, tmp_path / "src.db")
+    day = date(2026, 11, 21)
+    try:
+        good = sync_table(source, warehouse, charges, day)
+
+        def killed(*args: Any) -> None:
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(sync, "apply_increment", killed)
+        monkeypatch.setattr(sync, "merge_changes", killed)
+        with pytest.raises(OSError, match="connection reset"):
+            sync_table(source, warehouse, charges, day)
+    finally:
+        source.close()
+    (row,) = warehouse.query_arrow(
+        "SELECT status, error, finished_at, failed_at, warehouse_rows FROM sync_ledger"
+    ).to_pylist()
+    assert (row["status"], row["error"]) == ("succeeded", "OSError: connection reset")
+    assert row["finished_at"] == good.finished_at and row["failed_at"] > good.finished_at
+    assert row["warehouse_rows"] == good.warehouse_rows
+    (update,) = [c for s, c in client.queries if "UPDATE sync_ledger" in s]
+    typed = {p.name: p.type_ for p in update.query_parameters}
+    assert (typed["failed_at"], typed["error"]) == ("TIMESTAMP", "STRING")

@@ -15,7 +15,7 @@ from paylater.settings import get_settings
 from paylater.timeutil import default_as_of, resolve_as_of
 from tasks.alerts import alert_on_failure, alerted_by_caller, root_cause
 from tasks.features import fixed_utc_offset_us
-from tasks.sync import SyncIncomplete, check_ledger
+from tasks.sync import incomplete, ledger_gaps
 from tasks.warehouse import open_warehouse
 
 
@@ -37,16 +37,17 @@ def sync_problem(state: State[Any]) -> str | None:
     return f"ended {state.name}{run}: {state.message}"
 
 
-def _ledger_problem(as_of: date) -> str | None:
-    """What the sync ledger says is missing for `as_of`, None when it is complete."""
+def _ledger_problem(as_of: date, already_said: str = "") -> str | None:
+    """What the sync ledger says is missing for `as_of` beyond what `already_said` (the sync's
+    failure) says, None when nothing: a table whose recorded error the sync's own error quotes
+    is said once, not twice."""
     warehouse = open_warehouse(get_settings().warehouse)
     try:
-        check_ledger(warehouse, as_of)
-    except SyncIncomplete as exc:
-        return str(exc)
+        gaps = ledger_gaps(warehouse, as_of)
     finally:
         warehouse.close()
-    return None
+    unsaid = [gap for gap in gaps if not gap.said_in(already_said)]
+    return str(incomplete(as_of, unsaid)) if unsaid else None
 
 
 def refuse_unended(day: date) -> None:
@@ -67,7 +68,7 @@ def require_complete_sync(as_of: date, sync_failure: str | None = None) -> None:
     `sync_failure`: what `sync_problem` said of the sync's run.
     """
     try:
-        ledger_problem = _ledger_problem(as_of)
+        ledger_problem = _ledger_problem(as_of, sync_failure or "")
     except Exception as exc:  # the warehouse unreachable: still say why the sync failed
         ledger_problem = f"its ledger could not be read ({type(exc).__name__}: {redact(str(exc))})"
     reasons = [f"daily_sync {sync_failure}"] if sync_failure else []

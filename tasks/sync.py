@@ -115,6 +115,7 @@ __all__ = [
     "ConfigError",
     "CountMismatch",
     "KeyViolation",
+    "LedgerGap",
     "SchemaMismatch",
     "SourceLocked",
     "SourceTimeout",
@@ -126,6 +127,7 @@ __all__ = [
     "TableSpec",
     "check_ledger",
     "configured_tables",
+    "ledger_gaps",
     "ledger_watermark",
     "sync_table",
     "validate_tables",
@@ -1237,18 +1239,50 @@ def _ledger_rows(warehouse: Warehouse, as_of: date) -> dict[str, dict[str, Any]]
     return {r["table_name"]: r for r in rows.to_pylist()}
 
 
-def check_ledger(warehouse: Warehouse, as_of: date) -> None:
-    """Raise SyncIncomplete unless every configured table succeeded for `as_of`."""
+@dataclass(frozen=True)
+class LedgerGap:
+    """A configured table the ledger does not show succeeded for a day."""
+
+    table: str
+    status: str | None = None  # None: no row, the table not synced that day
+    error: str | None = None
+
+    def __str__(self) -> str:
+        if self.status is None:
+            return f"{self.table} (not synced)"
+        return f"{self.table} ({self.status}: {self.error})"
+
+    def said_in(self, text: str) -> bool:
+        """Whether `text` (a failed sync's error) already says this table's error: the ledger
+        records it as `Type: message`, the flow's error quotes the message."""
+        if not self.error:
+            return False
+        return self.error in text or self.error.partition(": ")[2] in text
+
+
+def ledger_gaps(warehouse: Warehouse, as_of: date) -> list[LedgerGap]:
+    """The configured tables the ledger does not show succeeded for `as_of`, in order."""
     rows = _ledger_rows(warehouse, as_of)
-    problems = []
+    gaps = []
     for spec in configured_tables():
         row = rows.get(spec.name)
         if row is None:
-            problems.append(f"{spec.name} (not synced)")
+            gaps.append(LedgerGap(spec.name))
         elif row["status"] != "succeeded":
-            problems.append(f"{spec.name} ({row['status']}: {row['error']})")
-    if problems:
-        raise SyncIncomplete(f"sync for as_of {as_of} is incomplete: {'; '.join(problems)}")
+            gaps.append(LedgerGap(spec.name, row["status"], row["error"]))
+    return gaps
+
+
+def incomplete(as_of: date, gaps: list[LedgerGap]) -> SyncIncomplete:
+    """The error naming the gaps of `as_of`'s ledger."""
+    return SyncIncomplete(f"sync for as_of {as_of} is incomplete: {'; '.join(map(str, gaps))}")
+
+
+def check_ledger(warehouse: Warehouse, as_of: date) -> None:
+    """Raise SyncIncomplete unless every configured table succeeded for `as_of`."""
+    gaps = ledger_gaps(warehouse, as_of)
+    if gaps:
+        raise incomplete(as_of, gaps)
 
 
 def ledger_watermark(warehouse: Warehouse, as_of: date) -> datetime:

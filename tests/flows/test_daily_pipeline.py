@@ -88,8 +88,13 @@ def test_pipeline_stops_when_the_sync_fails(
     make_events_table(paylater_home)
     with pytest.raises(SyncNotComplete, match="not started: daily_sync failed") as failure:
         daily_pipeline(as_of=AS_OF)
-    # The ledger, read after the failure, names the table that did not sync.
-    assert "topups (failed" in str(failure.value) or "topups (not synced)" in str(failure.value)
+    # Each thing once: the sync's error (which names topups and why), not that error again as
+    # the ledger's record of the same table.
+    message = str(failure.value)
+    cause = message.split("SyncError: ", 1)[1]
+    reason = cause.split("sync of topups: ", 1)[1]
+    assert message.count(reason) == 1, message
+    assert message.count("topups") == 1, message
     assert not (paylater_home / "datasets").exists()
 
 
@@ -257,3 +262,47 @@ def test_a_failed_feature_build_in_the_pipeline_alerts_once_naming_its_cause_and
     assert alert["body"].startswith("FeatureSqlError: ") and "app_events" in alert["body"]
     assert "in feature-build flow run " in alert["body"]
     assert_failed_run_named(alert["body"], "feature-build")
+
+
+def test_the_ledger_adds_to_a_failed_syncs_error_only_what_it_does_not_say(
+    paylater_home: Path,
+) -> None:
+    # A table the sync's error names with its reason is not named again with the same reason
+    # from the ledger; a table the ledger lacks (never synced) is still named.
+    from datetime import UTC, datetime
+
+    from tasks.sync import TableResult, ensure_ledger, write_ledger
+
+    warehouse = open_warehouse(f"duckdb:///{paylater_home / 'warehouse.duckdb'}")
+    try:
+        ensure_ledger(warehouse)
+        at = datetime(2026, 7, 16, 1, tzinfo=UTC)
+        for table, status, error in [
+            ("card_transactions", "succeeded", None),
+            ("deferred_charges", "succeeded", None),
+            ("topups", "failed", "SchemaMismatch: sync of topups: a bad value"),
+        ]:
+            write_ledger(
+                warehouse,
+                TableResult(
+                    table_name=table,
+                    as_of=AS_OF,
+                    mode="incremental",
+                    watermark_from=None,
+                    watermark_to=at,
+                    duration_seconds=0.1,
+                    status=status,  # type: ignore[arg-type]
+                    error=error,
+                    finished_at=at,
+                ),
+            )
+    finally:
+        warehouse.close()
+    failure = "failed (flow run 1): SyncError: daily sync failed: sync of topups: a bad value"
+    with pytest.raises(SyncNotComplete) as refused:
+        require_complete_sync.fn(AS_OF, failure)
+    message = str(refused.value)
+    assert message == (
+        f"feature build for {AS_OF} not started: daily_sync {failure}; sync for as_of {AS_OF}"
+        " is incomplete: users (not synced)"
+    )

@@ -55,7 +55,7 @@ def daily_sync(
     day = resolve_as_of(as_of)
     refuse_unended(day)  # said once for the day, not once per table by every table task
     # One sync of a warehouse at a time: a second one waits here for the first to finish.
-    with held_for_sync(f"{flow_run.get_name()} as_of {day}", get_run_logger().warning):
+    with held_for_sync(f"{flow_run.get_name()} as_of {day}", get_run_logger().warning) as lock:
         tables = validate_sync_config()
         wanted = set(reread or ())
         unknown = sorted(wanted - {spec.name for spec in tables})
@@ -64,9 +64,10 @@ def daily_sync(
                 f"reread names table(s) the sync does not copy: {', '.join(unknown)}"
                 f" (configured: {', '.join(spec.name for spec in tables)})"
             )
-        states = [
-            sync_table_task(spec, day, spec.name in wanted, return_state=True) for spec in tables
-        ]
+        states = []
+        for spec in tables:
+            lock.confirm()  # a lock lost since the last table: another sync may be writing
+            states.append(sync_table_task(spec, day, spec.name in wanted, return_state=True))
     report = sync_report(day, states, [spec.name for spec in tables])
     for table in report.tables:
         deleted = (

@@ -60,6 +60,35 @@ class SyncLockTimeout(SyncError):
     """Another sync of the same warehouse held the sync lock for longer than the sync waits."""
 
 
+class SyncLockLost(SyncError):
+    """The connection holding the sync lock ended during the sync (the lock went with it)."""
+
+
+class HeldLock:
+    """A sync lock being held; `confirm` before each step that writes the warehouse."""
+
+    def __init__(self, identity: str | None = None, conn: Any = None) -> None:
+        self.identity, self.conn = identity, conn
+
+    def confirm(self) -> None:
+        """SyncLockLost when the lock's PostgreSQL session has ended (terminated by an
+        operator, a failover, a network cut): another sync may have taken the lock since, and
+        this one must not write alongside it. A file lock cannot be lost while its process
+        lives."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.execute("SELECT 1")
+        except Exception as exc:
+            reason = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+            raise SyncLockLost(
+                f"the sync lock of warehouse {redact(self.identity or '')} was lost: its source"
+                f" session ended ({type(exc).__name__}{': ' + reason if reason else ''}), so another"
+                " sync may be running; this one stops before its next table. Rerun it: the"
+                " tables it synced are complete, each with its ledger row"
+            ) from None
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a warehouse's sync lock, as far as the lock can tell."""
@@ -110,7 +139,7 @@ def application_name(label: str) -> str:
     return name.encode()[:APPLICATION_NAME_BYTES].decode(errors="ignore").rstrip("@ ")
 
 
-def held_for_sync(label: str, on_wait: Callable[[str], None]) -> AbstractContextManager[None]:
+def held_for_sync(label: str, on_wait: Callable[[str], None]) -> AbstractContextManager[HeldLock]:
     """The configured warehouse's sync lock, held for the block (see sync_lock)."""
     settings = get_settings()
     return sync_lock(
@@ -124,14 +153,14 @@ def sync_lock(
     wait_seconds: float,
     label: str,
     on_wait: Callable[[str], None],
-) -> AbstractContextManager[None]:
+) -> AbstractContextManager[HeldLock]:
     """Hold the sync lock of the warehouse at `warehouse_url` for the block, waiting at most
     `wait_seconds` for another sync holding it (SyncLockTimeout naming it then); `on_wait` is
     told whom it waits for, and when it got the lock after waiting. `label` names this sync to
     the others (a flow run's name)."""
     identity = warehouse_identity(warehouse_url)
     if identity is None:
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(HeldLock())
     if source_url.partition("://")[0].split("+")[0] in ("postgresql", "postgres"):
         return _advisory_lock(source_url, identity, wait_seconds, label, on_wait)
     return _file_lock(lock_file(warehouse_url, identity), identity, wait_seconds, label, on_wait)
@@ -177,7 +206,7 @@ def _advisory_lock(
     wait_seconds: float,
     label: str,
     on_wait: Callable[[str], None],
-) -> Iterator[None]:
+) -> Iterator[HeldLock]:
     """The PostgreSQL advisory lock of `identity` on a connection of its own, for the block;
     closing the connection releases it."""
     from psycopg import errors
@@ -200,7 +229,7 @@ def _advisory_lock(
             on_wait(
                 f"sync lock of warehouse {redact(identity)} acquired after {time.monotonic() - started:.1f} s"
             )
-        yield
+        yield HeldLock(identity, conn)
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -247,7 +276,7 @@ def _pg_holder(conn: Any, key: int) -> Holder | None:
 @contextlib.contextmanager
 def _file_lock(
     path: Path, identity: str, wait_seconds: float, label: str, on_wait: Callable[[str], None]
-) -> Iterator[None]:
+) -> Iterator[HeldLock]:
     """An exclusive flock on `path` for the block; the file says who holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -268,7 +297,7 @@ def _file_lock(
         os.ftruncate(fd, 0)
         since = datetime.now(UTC).isoformat()
         os.pwrite(fd, f"{application_name(label)}\n{since}\n".encode(), 0)
-        yield
+        yield HeldLock(identity)
     finally:
         os.close(fd)  # releases the flock
 

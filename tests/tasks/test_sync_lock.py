@@ -12,7 +12,13 @@ import psycopg
 import pytest
 
 from tasks.sync import check_ledger
-from tasks.sync_lock import SyncLockTimeout, lock_key, sync_lock, warehouse_identity
+from tasks.sync_lock import (
+    SyncLockLost,
+    SyncLockTimeout,
+    lock_key,
+    sync_lock,
+    warehouse_identity,
+)
 from tasks.warehouse import open_warehouse
 from tests.tasks.test_sync import D1, SourceDB, seed, sync_all
 
@@ -107,9 +113,12 @@ def test_a_sync_whose_wait_times_out_names_the_holder_and_the_setting(
     take(pg_url, url, 0, "daily-sync/next", never_waits)
 
 
-def test_a_holder_whose_connection_is_killed_releases_the_lock(pg_url: str, tmp_path: Path) -> None:
+def test_a_holder_whose_connection_is_killed_releases_the_lock_and_learns_it_lost_it(
+    pg_url: str, tmp_path: Path
+) -> None:
     url = f"duckdb:///{tmp_path / 'wh.duckdb'}"
-    with sync_lock(pg_url, url, 0, "daily-sync/killed-run", never_waits):
+    with sync_lock(pg_url, url, 0, "daily-sync/killed-run", never_waits) as lock:
+        lock.confirm()  # held: nothing to say
         with psycopg.connect(pg_url, autocommit=True) as admin:
             (pid,) = admin.execute(
                 "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
@@ -120,6 +129,10 @@ def test_a_holder_whose_connection_is_killed_releases_the_lock(pg_url: str, tmp_
         said: list[str] = []
         # The killed session's lock goes with its backend, which exits right after the signal.
         take(pg_url, url, 10, "daily-sync/after", said.append)
+        # The killed run, still going, stops before its next table instead of writing beside
+        # whichever sync took the lock since.
+        with pytest.raises(SyncLockLost, match="was lost: its source session ended"):
+            lock.confirm()
     # Leaving the killed holder's block raises nothing: the sync's own outcome is what counts.
 
 

@@ -192,10 +192,10 @@ def timed_out(identity: str, wait_seconds: float, holder: Holder | None) -> Sync
 
 def _waiting(identity: str, wait_seconds: float, holder: Holder | None) -> str:
     """What a sync says when it starts waiting."""
-    by = f" held by {holder}" if holder else ""
+    by = f": {holder}" if holder else ""
     return (
-        f"another sync of warehouse {redact(identity)} is running{by}: waiting for it to"
-        f" finish (at most {wait_seconds:g} s, {SETTING})"
+        f"another sync of warehouse {redact(identity)} holds its sync lock{by}; waiting for it"
+        f" to finish (at most {wait_seconds:g} s, {SETTING})"
     )
 
 

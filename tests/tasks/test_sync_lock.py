@@ -80,7 +80,7 @@ def test_two_syncs_of_one_warehouse_started_together_run_one_after_the_other(
     assert results == {"first": ["succeeded"] * 4, "second": ["succeeded"] * 4}
     assert said["first"] == []
     waiting, acquired = said["second"]
-    assert "held by 'paylater-sync daily-sync/first pid" in waiting, waiting
+    assert "holds its sync lock: 'paylater-sync daily-sync/first pid" in waiting, waiting
     assert "from 127.0.0.1, since " in waiting and "PAYLATER_SYNC_LOCK_WAIT_SECONDS" in waiting
     assert acquired.startswith("sync lock of warehouse duckdb:") and "acquired after" in acquired
     warehouse = open_warehouse(url)
@@ -173,3 +173,60 @@ def test_an_unreachable_source_fails_the_lock_saying_so(
     with pytest.raises(SourceUnavailable, match="unreachable for the sync lock") as failed:
         take(silent_postgres, f"duckdb:///{tmp_path / 'wh.duckdb'}", 0, "x", never_waits)
     assert "secret" not in str(failed.value)
+
+
+HOLDING_PROCESS = """
+import sys
+import duckdb
+from tasks.sync_lock import sync_lock
+
+source, warehouse_url, path = sys.argv[1:4]
+with sync_lock(source, warehouse_url, 0, "daily-sync/other-process", print):
+    warehouse = duckdb.connect(path)  # the file's lock, as a sync in another process holds it
+    print("holding", flush=True)
+    sys.stdin.readline()
+    warehouse.close()
+"""
+
+
+def test_a_sync_waits_for_one_in_another_process_instead_of_failing_on_the_file_lock(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Two processes (the scheduled sync and a manual pipeline): the later one failed at once on
+    # DuckDB's lock of the file the earlier one had open.
+    import subprocess
+    import sys
+
+    db = SourceDB("postgres", pg_url)
+    seed(db)
+    url = f"duckdb:///{tmp_path / 'wh.duckdb'}"
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_PROCESS, pg_url, url, str(tmp_path / "wh.duckdb")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline().strip() == "holding"
+        said: list[str] = []
+
+        def let_go(message: str) -> None:
+            said.append(message)
+            if len(said) == 1:  # waiting: the other sync finishes now
+                assert other.stdin is not None
+                other.stdin.write("done\n")
+                other.stdin.flush()
+
+        with sync_lock(pg_url, url, 30, "daily-sync/this-process", let_go):
+            warehouse = open_warehouse(url)
+            try:
+                assert [r.status for r in sync_all(db, warehouse, D1)] == ["succeeded"] * 4
+            finally:
+                warehouse.close()
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.wait(10)
+    assert "holds its sync lock: 'paylater-sync daily-sync/other-process pid " in said[0], said
+    assert "acquired after" in said[1]

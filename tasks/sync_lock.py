@@ -80,12 +80,13 @@ class HeldLock:
         try:
             self.conn.execute("SELECT 1")
         except Exception as exc:
-            reason = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+            text = str(exc).strip()
+            ended = f"{type(exc).__name__}: {redact(text.splitlines()[0])}" if text else repr(exc)
             raise SyncLockLost(
                 f"the sync lock of warehouse {redact(self.identity or '')} was lost: its source"
-                f" session ended ({type(exc).__name__}{': ' + reason if reason else ''}), so another"
-                " sync may be running; this one stops before its next table. Rerun it: the"
-                " tables it synced are complete, each with its ledger row"
+                f" session ended ({ended}), so another sync may be running; this one stops"
+                " before its next table. Rerun it: the tables it synced are complete, each with"
+                " its ledger row"
             ) from None
 
 

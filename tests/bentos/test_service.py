@@ -111,19 +111,26 @@ def _wait_up(
 
 
 @pytest.fixture(scope="module")
+def bento(serving_env: dict[str, str]) -> str:
+    """paylater-scorer:<production version>, built once for the module's servers (a build locks
+    the bento's packages with uv: seconds, and the same bento each time)."""
+    from bentos.build import build_bento
+
+    return build_bento(serving_env["production_version"])
+
+
+@pytest.fixture(scope="module")
 def served(
     serving_env: dict[str, str],
+    bento: str,
     pg_server_url: str,
     fill_online_features: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SimpleNamespace]:
-    """paylater-scorer:<production version> built and served with online features and a token."""
+    """The production version's bento served with online features and a token."""
     import psycopg
 
-    from bentos.build import build_bento
-
     version = serving_env["production_version"]
-    bento = build_bento(version)
     db = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
@@ -768,7 +775,7 @@ def publish(db_url: str, users: dict[int, dict[str, float | None]], columns: lis
 
 
 def test_an_online_table_without_a_model_column_is_not_ready_naming_it_and_recovers(
-    serving_env: dict[str, str],
+    bento: str,
     pg_url: str,
     catalog: SimpleNamespace,
     tmp_path: Path,
@@ -779,12 +786,9 @@ def test_an_online_table_without_a_model_column_is_not_ready_naming_it_and_recov
     the table and the missing columns, from startup on, and the service recovers by itself once
     the table fits. A republish that only adds columns keeps scoring (a lookup prepared before it
     failed with "cached plan must not change result type")."""
-    from bentos.build import build_bento
-
     users, needed = catalog.users, catalog.user_features
     lacking = [c for c in needed if c != "late_repayments_365d"]
     publish(pg_url, users, lacking)
-    bento = build_bento(serving_env["production_version"])
     env = {"PAYLATER_SOURCE_URL": pg_url, "PAYLATER_API_TOKEN": ""}
     log = tmp_path / "serve.log"
     known, stranger = {"user_id": 1, "amount_jpy": 5_000}, {"user_id": 424242, "amount_jpy": 5_000}

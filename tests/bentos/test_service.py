@@ -106,7 +106,7 @@ def _wait_up(
         except OSError:
             ok = False
         up_in_a_row = up_in_a_row + 1 if ok else 0
-        time.sleep(0.05 if ok else 0.5)
+        time.sleep(0.05 if ok else 0.1)
     return up_in_a_row >= 10
 
 
@@ -386,13 +386,13 @@ def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
     """PAYLATER_SERVE_STAGE naming a version the registry lacks: the service stays up, not ready,
     and each route answers 503 with the reason; /model_info, what an operator asks first,
     answered 500 "an unexpected error has occurred" and logged a traceback per call. The load is
-    tried again (at the cap, 1 s here: waiting cannot make the version appear, someone must act,
+    tried again (at the cap, 0.2 s here: waiting cannot make the version appear, someone must act,
     and the reason says what to do) without a traceback or a log line per attempt."""
     request = {"user_id": 1, "amount_jpy": 5_000}
     env = {
         "PAYLATER_SERVE_STAGE": "999",
         "PAYLATER_API_TOKEN": "",
-        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "1",
+        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "0.2",
     }
     log = tmp_path / "serve.log"
 
@@ -459,7 +459,7 @@ def test_a_service_started_by_alias_keeps_its_version_when_a_worker_restarts_aft
             deadline = time.monotonic() + 60
             while len(loaded()) < 3 and time.monotonic() < deadline:
                 assert "model load failed" not in log.read_text(), log.read_text()[-3000:]
-                time.sleep(0.2)
+                time.sleep(0.1)
             assert loaded() == [first, first, first], log.read_text()[-3000:]
             for _ in range(20):  # whichever worker answers
                 status, answer = call(server.base, "/v2/score", request, token=None)
@@ -613,7 +613,7 @@ def test_a_service_started_while_the_registry_is_out_of_reach_serves_once_it_ans
         "PAYLATER_API_TOKEN": "",
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{relay_port}",  # no way through yet
         "BENTOML_HOME": str(tmp_path / "bentoml"),  # an empty model store: import it
-        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "1",
+        "PAYLATER_SERVE_LOAD_RETRY_MAX_SECONDS": "0.2",
     }
     log = tmp_path / "serve.log"
     request = {"amount_jpy": 20_000, "features": catalog.users[1]}
@@ -636,7 +636,7 @@ def test_a_service_started_while_the_registry_is_out_of_reach_serves_once_it_ans
                     assert time.monotonic() < deadline, log.read_text()[-3000:]
                     ready = call(server.base, "/readyz", token=None)[0] == 200
                     ready_in_a_row = ready_in_a_row + 1 if ready else 0
-                    time.sleep(0.05 if ready else 0.3)
+                    time.sleep(0.05 if ready else 0.1)
                 for _ in range(10):  # whichever worker answers
                     status, answer = call(server.base, "/v2/score", request, token=None)
                     assert (status, answer["model_version"]) == (200, first), answer
@@ -806,7 +806,7 @@ def test_an_online_table_without_a_model_column_is_not_ready_naming_it_and_recov
         while in_a_row < 10:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             in_a_row = in_a_row + 1 if check(base) else 0
-            time.sleep(0.05 if in_a_row else 0.3)
+            time.sleep(0.05 if in_a_row else 0.1)
 
     with serving(bento, env, log, readyz_names("late_repayments_365d")) as server:
         base = server.base

@@ -79,8 +79,19 @@ def test_a_model_that_cannot_be_loaded_is_a_503_naming_why_on_every_route(
         assert "(attempt 2," not in log.read_text(), "the same reason again is not logged"
 
 
+@pytest.fixture(scope="module")
+def production_in_store(serving_env: dict[str, str]) -> str:
+    """The module's model store holding the production version, as on a host that served or
+    built it before (and as in test_service.py, whose bento build imports it). Otherwise the
+    first worker imports it from the registry, MLflow's imports included, while the other waits
+    for the import lock: seconds, where importing in a worker is the out-of-reach test's case."""
+    from bentos.build import ensure_imported
+
+    return ensure_imported(serving_env["production_version"])
+
+
 def test_a_service_started_by_alias_keeps_its_version_when_a_worker_restarts_after_the_alias_moved(
-    serving_env: dict[str, str], catalog: SimpleNamespace, tmp_path: Path
+    serving_env: dict[str, str], production_in_store: str, catalog: SimpleNamespace, tmp_path: Path
 ) -> None:
     """`bentoml serve bentos.service:PaylaterScorer` serving `production`: the alias moves (a
     promotion), then BentoML restarts a worker (killed here, as by the OOM killer). Each worker

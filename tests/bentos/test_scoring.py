@@ -199,33 +199,29 @@ def test_feature_names_listed_out_of_the_models_order_score_like_the_model() -> 
 
 
 class FreezingProxy:
-    """A TCP proxy to PostgreSQL that can stop forwarding on the connections open at the time
-    while keeping them open: a database host gone silent mid-query (a failover, a network
-    partition), not refusing. A connection made while frozen reaches the server, as one to a
-    virtual IP that moved to the new primary does. So psycopg's cancel request after a lookup's
-    timeout is answered at once rather than hanging for psycopg's own 5 s bound on it (which
-    the service does not rely on); psycopg still waits its 5 s for the silent query's end."""
+    """A TCP proxy to PostgreSQL that can stop forwarding while keeping every connection open:
+    a database host gone silent mid-query (a network partition), not refusing. A connection made
+    while frozen is frozen too, so psycopg's cancel request after a lookup's timeout hangs as it
+    would in a partition, and the test also covers psycopg's own bound on it (the service's
+    lookup must still fail, not hang)."""
 
     def __init__(self, host: str, port: int) -> None:
         import socket
         import threading
 
         self.target = (host, port)
-        self.held: list[threading.Event] = []
-        """One per connection, set while that connection is frozen."""
+        self.frozen = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def freeze(self) -> None:
-        """Stop forwarding on every connection open now (each stays open)."""
-        for held in self.held:
-            held.set()
+        """Stop forwarding on every connection, open now or made meanwhile (each stays open)."""
+        self.frozen.set()
 
     def thaw(self) -> None:
         """Forward again on every connection."""
-        for held in self.held:
-            held.clear()
+        self.frozen.clear()
 
     def _accept(self) -> None:
         """Pair each client with an upstream connection, pumped both ways."""
@@ -238,20 +234,18 @@ class FreezingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            held = threading.Event()
-            self.held.append(held)
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst, held), daemon=True).start()
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    def _pump(self, src: Any, dst: Any, held: Any) -> None:
-        """Copy bytes, holding them while `held` is set; the end of either side ends both."""
+    def _pump(self, src: Any, dst: Any) -> None:
+        """Copy bytes, holding them while frozen; the end of either side ends both."""
         import contextlib
         import socket
         import time
 
         try:
             while data := src.recv(65536):
-                while held.is_set():
+                while self.frozen.is_set():
                     time.sleep(0.02)
                 dst.sendall(data)
         except OSError:

@@ -1,5 +1,5 @@
-"""Registry fixtures: a trained good and a deliberately worse candidate (once per module), a fresh
-MLflow store (embedded SQLite, or a real `mlflow server` started once per session)."""
+"""Registry fixtures: a trained good (once per session) and a deliberately worse candidate (once per
+module), a fresh MLflow store (embedded SQLite, or a real `mlflow server` started once per session)."""
 
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ def _train(table: Any, url: str, truth_dir: Path | None, months: int = MONTHS) -
     return Candidate(table, dataset, params, split, booster, evaluation)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def good_candidate(tmp_path_factory: pytest.TempPathFactory) -> Candidate:
-    """A model with real signal, trained on a tiny synthetic dataset."""
+    """A model with real signal, trained on a tiny synthetic dataset: once per session (each of
+    the four modules using it trained it again; nothing changes a candidate)."""
     from registry.testing import synthetic_training_table
 
     root = tmp_path_factory.mktemp("good")

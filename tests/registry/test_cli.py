@@ -181,15 +181,17 @@ def test_promote_and_rollback_say_running_services_keep_their_version(
     registry_home: Path,
     good_candidate: Any,
     register: Callable[..., str],
+    register_copy: Callable[[str], str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
 ) -> None:
     """A service or in-process worker loads its model once, at start: after a promotion or a
     rollback the operator is told to restart them, not left believing the change is live."""
     runner = CliRunner()
-    versions = []
+    versions: list[str] = []
     for _ in range(2):
-        version = register(good_candidate)
+        # The second: another retrain's version of the model logged once.
+        version = register_copy(versions[0]) if versions else register(good_candidate)
         assert gate_and_stage(good_candidate, version).passed
         mark_verified(version)
         result = runner.invoke(

@@ -705,7 +705,7 @@ def test_a_candidate_production_changed_under_is_promoted_only_once_regated(
     any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
-    register: Callable[..., str],
+    register_copy: Callable[[str], str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
 ) -> None:
@@ -716,7 +716,7 @@ def test_a_candidate_production_changed_under_is_promoted_only_once_regated(
     from registry.regate import regate
 
     v1, v2 = releases(good_candidate, 2)
-    candidate = register(good_candidate)
+    candidate = register_copy(v1)  # the next retrain's version (the model logged once)
     staged = gate_and_stage(good_candidate, candidate)
     assert staged.passed and staged.production_version == v2
     assert client().get_model_version(MODEL_NAME, candidate).tags["gate_production_version"] == v2
@@ -746,7 +746,7 @@ def test_a_production_stage_set_in_the_mlflow_ui_stops_promotion_on_an_old_gate(
     any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
-    register: Callable[..., str],
+    register_copy: Callable[[str], str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
 ) -> None:
@@ -756,7 +756,7 @@ def test_a_production_stage_set_in_the_mlflow_ui_stops_promotion_on_an_old_gate(
     from registry.regate import regate
 
     v1, v2 = releases(good_candidate, 2)
-    candidate = register(good_candidate)
+    candidate = register_copy(v1)  # the next retrain's version (the model logged once)
     assert gate_and_stage(good_candidate, candidate).production_version == v2
     mark_verified(candidate)
     with pytest.warns(FutureWarning, match="stages"):  # the UI's button
@@ -999,7 +999,7 @@ def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_curr
     any_registry: str,
     good_candidate: Any,
     releases: Callable[..., list[str]],
-    register: Callable[..., str],
+    register_copy: Callable[[str], str],
     gate_and_stage: Callable[..., Any],
     mark_verified: Callable[[str], None],
 ) -> None:
@@ -1009,7 +1009,7 @@ def test_a_version_put_in_production_in_the_mlflow_ui_is_promoted_only_on_a_curr
     from registry.regate import regate
 
     v1, v2 = releases(good_candidate, 2)
-    candidate = register(good_candidate)
+    candidate = register_copy(v1)  # the next retrain's version (the model logged once)
     assert gate_and_stage(good_candidate, candidate).production_version == v2
     mark_verified(candidate)
     policy.rollback("approval rate dropped", "bob")

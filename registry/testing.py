@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ USER_FEATURES = (
 )
 SQL_HASH = "synthetic-sql-hash"
 _TEMPLATE_DIR = Path(tempfile.gettempdir()) / "paylater-test-templates"
-RAM_DISK = Path("/dev/shm")
-"""Linux's RAM-backed tmpfs: no disk sync on a SQLite commit."""
 
 
 def _fees(amounts: np.ndarray) -> np.ndarray:
@@ -166,25 +163,6 @@ def empty_mlflow_db(target: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, target)
     return f"sqlite:///{target}"
-
-
-@contextmanager
-def ram_scratch(fallback: Path, prefix: str) -> Iterator[Path]:
-    """A fresh folder on RAM_DISK, removed afterwards; `fallback` where there is no RAM_DISK.
-
-    For test SQLite stores (MLflow's): SQLite syncs each commit to disk, 15 ms a commit on a
-    CI-like ext4 disk against 0.1 ms on tmpfs, and a registry test commits hundreds of times.
-    What the tests check never depends on a store surviving a power cut.
-    """
-    if not (RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK)):
-        fallback.mkdir(parents=True, exist_ok=True)
-        yield fallback
-        return
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=RAM_DISK))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stage_as_retrain(version: str) -> None:

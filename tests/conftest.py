@@ -23,6 +23,30 @@ _BACKEND_VARS = (
     "PAYLATER_MLFLOW_TRACKING_URI",
 )
 
+RAM_TMP_ROOT = Path("/dev/shm")
+"""Linux's RAM-backed tmpfs, where the suite's temporary files go when it has room."""
+RAM_TMP_MIN_FREE = 4 << 30
+"""Below this much free space there (a container's default /dev/shm is 64 MiB) they stay on disk."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the suite's temporary files (pytest's tmp_path, every tempfile user, and the servers
+    the tests start, which inherit TMPDIR) on RAM_TMP_ROOT when TMPDIR is not set.
+
+    The suite's SQLite, DuckDB and MLflow stores sync to disk on every commit: 15.6 ms a commit
+    on the development machine's disk against 0.07 ms on tmpfs. Nothing a test checks depends on
+    a file surviving a power cut. A run keeps tens of MB there (pytest keeps its last three
+    runs' folders). Under xdist the workers inherit the controller's TMPDIR.
+    """
+    if os.environ.get("TMPDIR") or not os.access(RAM_TMP_ROOT, os.W_OK):
+        return
+    if shutil.disk_usage(RAM_TMP_ROOT).free < RAM_TMP_MIN_FREE:
+        return
+    folder = RAM_TMP_ROOT / f"paylater-test-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() caches its first answer: ask again
+
 
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
@@ -37,12 +61,18 @@ def pg_server_url() -> str:
 
 @pytest.fixture
 def pg_url(pg_server_url: str) -> Iterator[str]:
-    """A fresh, empty database on the real server, dropped after the test."""
+    """A fresh, empty database on the real server, dropped after the test.
+
+    Its sessions commit without waiting for the WAL's disk flush (synchronous_commit off: 0.25
+    against 3.9 ms a commit on the development machine); a commit is still atomic and visible at
+    once, and only a server crash could lose the last ones, which no test checks.
+    """
     import psycopg
 
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
     base, _, _ = pg_server_url.rpartition("/")
     try:
         yield f"{base}/{name}"

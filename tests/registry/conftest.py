@@ -103,18 +103,14 @@ def older_candidate(
 
 
 @pytest.fixture
-def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off. The home is
-    moved to a RAM folder where there is one (registry.testing.ram_scratch: no disk sync per
-    commit), else it is paylater_home."""
-    from registry.testing import empty_mlflow_db, ram_scratch
+def registry_home(paylater_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PAYLATER_HOME with an empty, migrated MLflow sqlite store; bento builds off."""
+    from registry.testing import empty_mlflow_db
 
-    with ram_scratch(paylater_home, "paylater-registry-home-") as home:
-        monkeypatch.setenv("PAYLATER_HOME", str(home))
-        empty_mlflow_db(home / "mlflow.db")
-        monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
-        monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")  # tiny OOT month: ECE is mostly noise
-        yield home
+    empty_mlflow_db(paylater_home / "mlflow.db")
+    monkeypatch.setenv("PAYLATER_REGISTRY_BUILD_BENTO", "false")
+    monkeypatch.setenv("PAYLATER_GATE_MAX_ECE", "0.05")  # tiny OOT month: ECE is mostly noise
+    return paylater_home
 
 
 @pytest.fixture(scope="session")
@@ -122,15 +118,13 @@ def mlflow_server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """`mlflow server` on loopback at a free port, SQLite backend, proxied artifacts: started once
     per session (~10 s on this machine; it was once per module, paid again by test_cli.py after
     test_policy.py), stopped after; its URL. Each test gets it as a fresh server looks to
-    paylater through `mlflow_server` (see _forget_registry). Its store is in a RAM folder where
-    there is one (registry.testing.ram_scratch), its log in the session's tmp folder."""
+    paylater through `mlflow_server` (see _forget_registry)."""
     from paylater.testing import listen_port
-    from registry.testing import ram_scratch
 
-    port = listen_port()
     server_home = tmp_path_factory.mktemp("mlflow-server")
-    with ram_scratch(server_home / "store", "paylater-mlflow-server-") as store:
-        yield from _serve(port, server_home, store)
+    store = server_home / "store"
+    store.mkdir()
+    yield from _serve(listen_port(), server_home, store)
 
 
 def _serve(port: int, server_home: Path, store: Path) -> Iterator[str]:

@@ -34,23 +34,12 @@ client().search_registered_models(max_results=1)
 """
 
 
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Iterator[Path]:
-    """A folder for a fresh SQLite store: in RAM where there can be (no disk sync per commit)."""
-    from registry.testing import ram_scratch
-
-    with ram_scratch(tmp_path, "paylater-store-") as folder:
-        yield folder
-
-
-def test_concurrent_first_opens_of_a_sqlite_store_all_succeed(
-    tmp_path: Path, store_dir: Path
-) -> None:
+def test_concurrent_first_opens_of_a_sqlite_store_all_succeed(tmp_path: Path) -> None:
     # Without the lock, 3 of 4 such processes failed here (alembic migrations colliding).
     go = tmp_path / "go"
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store_dir / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PYTHONPATH": str(ROOT),
     }
     ready = [tmp_path / f"ready-{i}" for i in range(4)]

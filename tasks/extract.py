@@ -620,12 +620,7 @@ class PostgresSource:
                 raise
             return conn
         except Exception as exc:
-            text = str(exc).strip()
-            reason = redact(text.splitlines()[0]) if text else type(exc).__name__
-            # libpq quotes a URL it cannot parse whole, password included (see safe_cause).
-            raise SourceUnavailable(
-                f"source database {redact(self.url)} unreachable: {reason}"
-            ) from safe_cause(exc)
+            raise SourceUnavailable.connecting(self.url, exc) from safe_cause(exc)
 
     def _catalogue(self, sql: str, table: str) -> list[dict[str, Any]]:
         """Rows of one catalogue query about `table` ($1), leaving no transaction idle."""

@@ -11,6 +11,7 @@ import yaml
 
 from paylater.identifiers import RULE, is_identifier
 from paylater.identifiers import check_identifier as plain_identifier
+from paylater.redaction import redact
 from paylater.settings import get_settings
 
 DEFAULT_CONFIG = Path(__file__).with_name("sync_tables.yaml")
@@ -38,6 +39,15 @@ class ConfigError(SyncError):
 
 class SourceUnavailable(SyncError):
     """The operational database cannot be reached (transient: the task retries it)."""
+
+    @classmethod
+    def connecting(cls, url: str, exc: BaseException, purpose: str = "") -> SourceUnavailable:
+        """The error of a failed connect to `url` (for `purpose`, e.g. " for the sync lock"):
+        the driver's first line, redacted. Raise it `from safe_cause(exc)`: libpq quotes a URL it
+        cannot parse whole, password included."""
+        text = str(exc).strip()
+        reason = redact(text.splitlines()[0]) if text else type(exc).__name__
+        return cls(f"source database {redact(url)} unreachable{purpose}: {reason}")
 
 
 class SourceLocked(SourceUnavailable):

@@ -253,11 +253,9 @@ def _lock_connection(source_url: str, label: str) -> Any:
             libpq_url(source_url), autocommit=True, application_name=application_name(label)
         )
     except OperationalError as exc:
-        text = str(exc).strip()
-        reason = redact(text.splitlines()[0]) if text else type(exc).__name__
-        raise SourceUnavailable(
-            f"source database {redact(source_url)} unreachable for the sync lock: {reason}"
-        ) from safe_cause(exc)
+        raise SourceUnavailable.connecting(source_url, exc, " for the sync lock") from safe_cause(
+            exc
+        )
     conn.execute("SET statement_timeout = 0")
     if conn.info.server_version >= 140000:  # the setting exists from PostgreSQL 14
         conn.execute("SET idle_session_timeout = 0")

@@ -107,15 +107,12 @@ def import_version(version: str) -> str:
     """Fetch registry version `version` (native LightGBM) and save it as paylater-default:<version>."""
     import bentoml
     import bentoml.lightgbm
-    import mlflow.lightgbm
 
-    from registry.store import tracking_uri
+    from registry.runs import load_booster
 
     version = resolve_version(version)
     _require_registry()
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
-    booster = mlflow.lightgbm.load_model(f"models:/{MODEL_NAME}/{version}")
+    booster = load_booster(version)  # its download removed, unlike mlflow's own
     tags = registry_tags(version)
     feature_names = json.loads(tags["feature_names"]) if "feature_names" in tags else None
     feature_names = feature_names or booster.feature_name()

@@ -259,13 +259,18 @@ def warm_up() -> None:
 
 
 def load_booster(version: str) -> lgb.Booster:
-    """The registered version's native LightGBM booster."""
+    """The registered version's native LightGBM booster.
+
+    Downloaded into a folder removed once the booster is in memory: left to itself, MLflow
+    downloads a model from a tracking server into a temporary folder it never removes.
+    """
     import mlflow.lightgbm
 
     configure_mlflow()
-    booster: lgb.Booster = mlflow.lightgbm.load_model(
-        f"models:/{MODEL_NAME}/{normalise_version(version)}"
-    )
+    with tempfile.TemporaryDirectory(prefix="paylater-model-") as scratch:
+        booster: lgb.Booster = mlflow.lightgbm.load_model(
+            f"models:/{MODEL_NAME}/{normalise_version(version)}", dst_path=scratch
+        )
     return booster
 
 

@@ -127,6 +127,7 @@ __all__ = [
     "TableSpec",
     "check_ledger",
     "configured_tables",
+    "incomplete",
     "ledger_gaps",
     "ledger_watermark",
     "sync_table",
@@ -1262,7 +1263,11 @@ class LedgerGap:
 
 def ledger_gaps(warehouse: Warehouse, as_of: date) -> list[LedgerGap]:
     """The configured tables the ledger does not show succeeded for `as_of`, in order."""
-    rows = _ledger_rows(warehouse, as_of)
+    return _gaps(_ledger_rows(warehouse, as_of))
+
+
+def _gaps(rows: dict[str, dict[str, Any]]) -> list[LedgerGap]:
+    """The configured tables a day's ledger rows (by table) do not show succeeded, in order."""
     gaps = []
     for spec in configured_tables():
         row = rows.get(spec.name)
@@ -1287,8 +1292,10 @@ def check_ledger(warehouse: Warehouse, as_of: date) -> None:
 
 def ledger_watermark(warehouse: Warehouse, as_of: date) -> datetime:
     """The watermark_to of `as_of` (every table shares it); SyncIncomplete if not synced."""
-    check_ledger(warehouse, as_of)
-    rows = _ledger_rows(warehouse, as_of)
+    rows = _ledger_rows(warehouse, as_of)  # read once for the check and the watermark
+    gaps = _gaps(rows)
+    if gaps:
+        raise incomplete(as_of, gaps)
     watermarks = {r["watermark_to"] for r in rows.values() if r["status"] == "succeeded"}
     if not watermarks:
         raise SyncIncomplete(f"sync for as_of {as_of}: no table has a watermark")
